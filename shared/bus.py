@@ -1,0 +1,312 @@
+"""The MQTT bus every service uses: paho-mqtt driven by one network thread of our own.
+
+Why paho under our own loop rather than aiomqtt or FastStream (docs/bus.md has the figures): on
+this class of machine paho receives ~40k msgs/s where aiomqtt manages ~9k and FastStream ~3k, and
+ingest's hot path must not be where Outpost loses its speed. :mod:`outpost.aiobus` puts an asyncio
+face on the same client for services that prefer ``async``.
+
+What the loop adds to paho:
+
+* reconnect with capped, fully jittered exponential backoff (a fleet that lost its broker does not
+  reconnect in lock-step);
+* subscriptions (QoS per subscription, shared subscriptions) re-made on every connect;
+* TCP_NODELAY on the socket (paho never sets it; Nagle costs ~40 ms per request/reply);
+* timers run on the network thread, so a service's handlers, flushes and commits share one thread
+  and need no locks;
+* an optional retained status with a last will, and a drain that waits for unacknowledged
+  publishes before disconnecting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from outpost.errors import BrokerError
+from outpost.settings import MqttSettings
+
+log = logging.getLogger("outpost.bus")
+
+Message = paho.MQTTMessage
+Handler = Callable[[Message], None]
+
+
+@dataclass(slots=True)
+class _Subscription:
+    pattern: str
+    handler: Handler
+    qos: int
+
+
+@dataclass(slots=True)
+class _Timer:
+    interval: float
+    fn: Callable[[], None]
+    due: float = field(default=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+def backoff_delays(low: float, high: float, rng: random.Random | None = None) -> Any:
+    """Full-jitter exponential backoff: uniform(0, min(high, low * 2**n)), never below low/2."""
+    rng = rng or random.Random()
+    attempt = 0
+    while True:
+        cap = min(high, low * (2**attempt))
+        yield max(low / 2, rng.uniform(0, cap))
+        attempt = min(attempt + 1, 30)
+
+
+def _filter_of(pattern: str) -> str:
+    """The topic filter messages are matched against: a shared subscription's part after the group."""
+    if pattern.startswith("$share/"):
+        return pattern.split("/", 2)[2]
+    return pattern
+
+
+class Bus:
+    """One MQTT connection with its own network thread. Handlers and timers run on that thread."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        client_id: str,
+        durable: bool = False,
+        manual_ack: bool = False,
+        will: Will | None = None,
+        receive_maximum: int = 1000,
+        tick_s: float = 0.05,
+    ) -> None:
+        """``durable`` keeps the session (subscriptions and unacknowledged messages) on the broker
+        for ``settings.session_expiry_s`` while the client is away, so a restart resumes where it
+        stopped. ``manual_ack`` delays the PUBACK of a received QoS 1 message until :meth:`ack`."""
+        if not client_id:
+            raise ValueError("client_id must not be empty")
+        self.settings = settings
+        self.client_id = client_id
+        self.durable = durable
+        self._tick_s = tick_s
+        self._subs: list[_Subscription] = []
+        self._timers: list[_Timer] = []
+        self._on_connect_hooks: list[Callable[[bool], None]] = []
+        self.on_published: Callable[[int], None] | None = None
+        self._pending: set[int] = set()
+        self._pending_lock = threading.Lock()
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.connects = 0
+        self.dropped_qos0 = 0
+        self._receive_maximum = receive_maximum
+
+        c = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=manual_ack,
+            reconnect_on_failure=False,
+        )
+        c.max_inflight_messages_set(settings.max_inflight)
+        c.max_queued_messages_set(0)
+        if settings.username is not None:
+            pw = settings.password.get_secret_value() if settings.password is not None else None
+            c.username_pw_set(settings.username, pw)
+        if will is not None:
+            c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_publish = self._on_publish
+        c.on_socket_open = self._on_socket_open
+        self.client = c
+
+    # --- configuration (before start) ------------------------------------------------------------
+    def subscribe(self, pattern: str, handler: Handler, *, qos: int = 1) -> None:
+        """Register a handler; ``pattern`` may be a ``$share/{group}/...`` shared subscription."""
+        self._subs.append(_Subscription(pattern, handler, qos))
+        self.client.message_callback_add(_filter_of(pattern), lambda _c, _u, msg: handler(msg))
+        if self._connected.is_set():
+            self.client.subscribe(pattern, qos=qos)
+
+    def every(self, interval_s: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the network thread about every ``interval_s`` seconds."""
+        self._timers.append(_Timer(interval_s, fn, time.monotonic() + interval_s))
+
+    def on_connect(self, hook: Callable[[bool], None]) -> None:
+        """Call ``hook(session_present)`` on the network thread after each (re)connect."""
+        self._on_connect_hooks.append(hook)
+
+    # --- use -------------------------------------------------------------------------------------
+    def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> int:
+        """Queue a publish and return its message id. QoS 1 publishes made while disconnected are
+        kept and sent after reconnect; QoS 0 ones are counted in ``dropped_qos0`` and logged."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0:
+            with self._pending_lock:
+                self._pending.add(info.mid)
+        elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self.dropped_qos0 += 1
+            if self.dropped_qos0 in (1, 10, 100, 1000) or self.dropped_qos0 % 10000 == 0:
+                log.warning("QoS 0 publish dropped", extra={"rc": int(info.rc), "dropped": self.dropped_qos0})
+        return int(info.mid)
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge a received message (``manual_ack`` mode)."""
+        if qos > 0:
+            self.client.ack(mid, qos)
+
+    @property
+    def pending(self) -> int:
+        """QoS 1 publishes not yet acknowledged by the broker."""
+        return len(self._pending)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def start(self, *, wait_s: float | None = 10.0) -> None:
+        """Start the network thread; with ``wait_s``, wait that long for the first connection and
+        raise BrokerError if it does not come (the thread keeps retrying otherwise)."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"bus-{self.client_id}", daemon=True)
+        self._thread.start()
+        if wait_s is not None and not self._connected.wait(wait_s):
+            self.stop(drain_s=0)
+            raise BrokerError(
+                f"cannot connect to MQTT broker {self.settings.host}:{self.settings.port} within {wait_s}s"
+            )
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until every QoS 1 publish has been acknowledged, or the timeout passes."""
+        deadline = time.monotonic() + timeout_s
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.pending == 0
+
+    def stop(self, *, drain_s: float = 5.0, final: list[tuple[str, bytes, bool]] | None = None) -> None:
+        """Drain, publish ``final`` messages (topic, payload, retain) at QoS 1, disconnect, join."""
+        if drain_s > 0 and self.connected:
+            self.drain(drain_s)
+        for topic, payload, retain in final or []:
+            self.publish(topic, payload, qos=1, retain=retain)
+        if final and self.connected:
+            self.drain(min(2.0, max(drain_s, 0.5)))
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        with contextlib.suppress(Exception):
+            self.client.disconnect()
+
+    # --- network thread --------------------------------------------------------------------------
+    def _connect_properties(self) -> Properties:
+        props = Properties(PacketTypes.CONNECT)
+        if self.durable:
+            props.SessionExpiryInterval = self.settings.session_expiry_s
+        props.ReceiveMaximum = self._receive_maximum
+        return props
+
+    def _run(self) -> None:
+        delays = backoff_delays(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
+        first = True
+        while not self._stop.is_set():
+            try:
+                if first:
+                    rc = self.client.connect(
+                        self.settings.host,
+                        self.settings.port,
+                        keepalive=self.settings.keepalive,
+                        clean_start=not self.durable,
+                        properties=self._connect_properties(),
+                    )
+                else:
+                    rc = self.client.reconnect()
+                first = False
+            except (OSError, ValueError) as exc:
+                rc = MQTTErrorCode.MQTT_ERR_NO_CONN
+                log.debug("connect failed", extra={"client": self.client_id, "error": str(exc)})
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._loop_until_disconnected()
+                if self._connected.is_set() or self.connects:
+                    delays = backoff_delays(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
+            if self._stop.is_set():
+                break
+            self._stop.wait(next(delays))
+
+    def _loop_until_disconnected(self) -> None:
+        client = self.client
+        tick = self._tick_s
+        while not self._stop.is_set():
+            rc = client.loop(timeout=tick)
+            if self._timers:
+                self._run_timers()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._connected.clear()
+                return
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        for t in list(self._timers):
+            if now >= t.due:
+                t.due = now + t.interval
+                try:
+                    t.fn()
+                except Exception:
+                    log.exception("timer failed", extra={"client": self.client_id})
+
+    def _on_socket_open(self, _c: paho.Client, _u: Any, sock: Any) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_connect(self, client: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            log.error("broker refused connection", extra={"client": self.client_id, "reason": str(reason)})
+            return
+        self.connects += 1
+        for sub in self._subs:
+            client.subscribe(sub.pattern, qos=sub.qos)
+        self._connected.set()
+        log.info(
+            "connected",
+            extra={"client": self.client_id, "session_present": flags.session_present, "n": self.connects},
+        )
+        for hook in self._on_connect_hooks:
+            try:
+                hook(bool(flags.session_present))
+            except Exception:
+                log.exception("on_connect hook failed")
+
+    def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was and not self._stop.is_set():
+            log.warning("disconnected", extra={"client": self.client_id, "reason": str(reason)})
+
+    def _on_publish(self, _c: paho.Client, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+        with self._pending_lock:
+            self._pending.discard(mid)
+        cb = self.on_published
+        if cb is not None:
+            cb(mid)

@@ -1,0 +1,115 @@
+"""What every service shares: one bus connection, a retained status with a last will, periodic
+metrics, and a clean stop on SIGTERM/SIGINT (drain, flush, checkpoint, status ``offline``).
+
+A service module provides a ``run(settings, stop)`` function that tests call directly, and a thin
+``__main__`` that calls :func:`main`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import orjson
+
+from outpost import __version__
+from outpost.bus import Bus, Will
+from outpost.envelope import SCHEMA_VERSION, new_id, now_ns
+from outpost.log import get_logger
+from outpost.metrics import Metrics
+from outpost.settings import OutpostSettings
+
+log = get_logger("outpost.service")
+
+
+class ServiceRuntime:
+    """The bus, status and metrics of one service process."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: OutpostSettings,
+        *,
+        durable: bool = False,
+        manual_ack: bool = False,
+        receive_maximum: int = 1000,
+        instance: str | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.topics = settings.topics
+        self.metrics = Metrics(name)
+        self.started_ns = now_ns()
+        self.status_topic = self.topics.service_status(name)
+        client_id = f"{settings.prefix}-{settings.site}-{name}" + (f"-{instance}" if instance else "")
+        self.bus = Bus(
+            settings.mqtt,
+            client_id=client_id,
+            durable=durable,
+            manual_ack=manual_ack,
+            will=Will(self.status_topic, self._status("offline", clean=False)),
+            receive_maximum=receive_maximum,
+        )
+        self.extra_status: Callable[[], dict[str, Any]] | None = None
+        self.bus.on_connect(self._announce)
+        self.bus.every(settings.telemetry.metrics_interval_s, self.publish_metrics)
+
+    def _status(self, state: str, *, clean: bool = True) -> bytes:
+        body: dict[str, Any] = {
+            "v": SCHEMA_VERSION,
+            "id": new_id(),
+            "ts": now_ns(),
+            "trace": "",
+            "service": self.name,
+            "state": state,
+            "version": __version__,
+            "config_hash": self.settings.config_hash(),
+            "pid": os.getpid(),
+            "started_ns": self.started_ns,
+        }
+        if not clean:
+            body["reason"] = "connection lost"
+        return orjson.dumps(body)
+
+    def _announce(self, _session_present: bool) -> None:
+        self.bus.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+
+    def publish_metrics(self) -> None:
+        snap = self.metrics.snapshot()
+        snap.update({"v": SCHEMA_VERSION, "id": new_id(), "ts": now_ns(), "trace": ""})
+        snap["counters"]["bus_connects"] = self.bus.connects
+        snap["counters"]["bus_dropped_qos0"] = self.bus.dropped_qos0
+        if self.extra_status is not None:
+            snap["state"] = self.extra_status()
+        self.bus.publish(self.topics.metrics(self.name), orjson.dumps(snap), qos=0)
+
+    def start(self, wait_s: float = 30.0) -> None:
+        self.bus.start(wait_s=wait_s)
+
+    def stop(self, drain_s: float = 5.0) -> None:
+        self.publish_metrics()
+        self.bus.stop(drain_s=drain_s, final=[(self.status_topic, self._status("stopped"), True)])
+
+
+def install_stop_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stop`` (only possible from the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("stop requested", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def wait(stop: threading.Event, tick_s: float = 0.5) -> None:
+    """Block until ``stop`` is set, waking regularly so signals are handled promptly."""
+    while not stop.wait(tick_s):
+        time.sleep(0)

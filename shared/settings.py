@@ -1,0 +1,195 @@
+"""All of Outpost's settings, in one place.
+
+Precedence: defaults < the site file (``outpost.yaml``, path in ``OUTPOST_CONFIG``) < ``OUTPOST_*``
+environment variables (nested with ``__``, e.g. ``OUTPOST_MQTT__PORT``) < explicit arguments.
+Unknown keys and bad values are errors at start (:class:`outpost.errors.ConfigError`), never ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from outpost.errors import ConfigError
+from outpost.topics import SEGMENT_RE, Topics
+
+CONFIG_ENV = "OUTPOST_CONFIG"
+DEFAULT_CONFIG_FILE = "outpost.yaml"
+
+
+class Section(BaseModel):
+    """Base of every settings section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MqttSettings(Section):
+    host: str = Field("127.0.0.1", description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker TCP port.")
+    username: str | None = Field(None, description="User name, when the broker requires auth.")
+    password: SecretStr | None = Field(None, description="Password; never logged or published.")
+    keepalive: int = Field(30, ge=5, le=3600, description="MQTT keepalive in seconds.")
+    reconnect_min_s: float = Field(0.2, gt=0, description="First reconnect delay (jittered).")
+    reconnect_max_s: float = Field(15.0, gt=0, description="Cap of the exponential reconnect delay.")
+    session_expiry_s: int = Field(
+        3600, ge=0, description="How long the broker keeps a durable service's session while it is away."
+    )
+    max_inflight: int = Field(
+        1000, ge=1, le=65000, description="Unacknowledged QoS 1 publishes a client keeps in flight."
+    )
+
+
+class IngestSettings(Section):
+    qos: Literal[0, 1] = Field(1, description="QoS of the telemetry subscription and event publishes.")
+    dlq_qos: Literal[0, 1] = Field(1, description="QoS of dead-letter publishes.")
+    max_payload_bytes: int = Field(2_000_000, ge=256, description="Larger messages are dead-lettered.")
+    max_batch: int = Field(10_000, ge=1, description="Most readings accepted in one message.")
+    max_future_s: float = Field(300.0, ge=0, description="Readings stamped further ahead are rejected.")
+    max_age_s: float = Field(7 * 86400.0, gt=0, description="Readings older than this are rejected.")
+    dedup_window: int = Field(
+        4096, ge=64, le=65536, description="Recent seqs per device remembered to drop duplicates."
+    )
+    rate_per_device: float = Field(1000.0, gt=0, description="Sustained readings/s allowed per device.")
+    burst_per_device: float = Field(20_000.0, gt=0, description="Token-bucket burst per device.")
+    quarantine_after: int = Field(
+        2000, ge=1, description="Rate-limited readings within one second that put a device in quarantine."
+    )
+    quarantine_s: float = Field(30.0, gt=0, description="How long a flooding device stays quarantined.")
+    flush_ms: float = Field(5.0, gt=0, le=1000, description="Longest time a validated event waits.")
+    flush_max: int = Field(500, ge=1, description="Events per device batch that trigger a flush.")
+    commit_ms: float = Field(100.0, gt=0, description="How often confirmed dedup state is committed.")
+    share_group: str | None = Field(
+        None, description="Join a shared subscription so several ingest processes split the load."
+    )
+
+    @field_validator("share_group")
+    @classmethod
+    def _segment(cls, v: str | None) -> str | None:
+        if v is not None and SEGMENT_RE.fullmatch(v) is None:
+            raise ValueError("must match [A-Za-z0-9_-]{1,64}")
+        return v
+
+
+class BrokerSettings(Section):
+    """The Mosquitto that ``outpost up`` starts when no external broker is given."""
+
+    binary: str = Field("mosquitto", description="Mosquitto executable.")
+    port: int = Field(0, ge=0, le=65535, description="Port to listen on; 0 picks a free one.")
+    max_queued_messages: int = Field(1_000_000, ge=0, description="Per-client queue (0 = unlimited).")
+    max_inflight_messages: int = Field(0, ge=0, description="Per-client in-flight QoS 1 (0 = unlimited).")
+    message_size_limit: int = Field(8_000_000, ge=0, description="Largest message the broker accepts.")
+    autosave_interval_s: int = Field(60, ge=1, description="Persistence autosave interval.")
+
+
+class TelemetrySettings(Section):
+    metrics_interval_s: float = Field(5.0, gt=0, description="How often services publish metrics.")
+
+
+class OutpostSettings(BaseSettings):
+    """The root of every setting. ``site`` and ``data_dir`` names are fixed by DESIGN.md."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="OUTPOST_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    site: str = Field("site1", description="Site id, the third topic level.")
+    prefix: str = Field("outpost", description="Topic prefix, so installations can share a broker.")
+    data_dir: Path = Field(Path(".outpost"), description="Durable state lives here.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_json: bool = Field(False, description="Log one JSON object per line instead of text.")
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)  # type: ignore[arg-type]
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)  # type: ignore[arg-type]
+    ingest: IngestSettings = Field(default_factory=IngestSettings)  # type: ignore[arg-type]
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)  # type: ignore[arg-type]
+
+    @field_validator("site", "prefix")
+    @classmethod
+    def _segment(cls, v: str) -> str:
+        if SEGMENT_RE.fullmatch(v) is None:
+            raise ValueError("must match [A-Za-z0-9_-]{1,64}")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_path()
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(site=self.site, prefix=self.prefix)
+
+    def config_hash(self) -> str:
+        """A short hash of the effective settings (secrets included only as their hash input, never
+        shown), published in service status so operators can tell which config a service runs."""
+        data = self.model_dump(mode="json")
+        return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:12]
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings as a dict safe to log or print: secrets are masked by SecretStr."""
+        return self.model_dump(mode="python")
+
+
+def _config_path() -> Path | None:
+    explicit = os.environ.get(CONFIG_ENV)
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"{CONFIG_ENV} points to {path}, which is not a file")
+        return path
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def _known_env_names() -> set[str]:
+    return {f"OUTPOST_{name}".upper() for name in OutpostSettings.model_fields} | {CONFIG_ENV}
+
+
+def _check_env() -> None:
+    """pydantic-settings ignores OUTPOST_* variables that name no setting; a typo there would
+    silently fall back to a default, so it is an error here."""
+    known = _known_env_names()
+    for name in os.environ:
+        if not name.startswith("OUTPOST_"):
+            continue
+        top = name.split("__", 1)[0]
+        if top not in known:
+            raise ConfigError(f"unknown setting in environment: {name}")
+
+
+def load_settings(**overrides: Any) -> OutpostSettings:
+    """Load and check settings; any problem is one ConfigError with every bad field named."""
+    _check_env()
+    try:
+        return OutpostSettings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("invalid settings:\n" + "\n".join(lines)) from None
+    except (OSError, ValueError) as exc:  # YAML syntax errors surface as ValueError subclasses
+        raise ConfigError(f"cannot read settings: {exc}") from None
