@@ -25,6 +25,7 @@ import random
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +108,7 @@ class Bus:
         self._tick_s = tick_s
         self._subs: list[_Subscription] = []
         self._timers: list[_Timer] = []
+        self._calls: deque[Callable[[], None]] = deque()
         self._on_connect_hooks: list[Callable[[bool], None]] = []
         self.on_published: Callable[[int], None] | None = None
         self._pending: set[int] = set()
@@ -220,6 +222,23 @@ class Bus:
         with contextlib.suppress(Exception):
             self.client.disconnect()
 
+    def call(self, fn: Callable[[], None], *, timeout_s: float = 5.0) -> bool:
+        """Run ``fn`` on the network thread and wait for it (for other threads that must touch
+        state the handlers own). Runs it here when the network thread is not running."""
+        if self._thread is None or not self._thread.is_alive():
+            fn()
+            return True
+        done = threading.Event()
+
+        def wrapped() -> None:
+            try:
+                fn()
+            finally:
+                done.set()
+
+        self._calls.append(wrapped)
+        return done.wait(timeout_s)
+
     # --- network thread --------------------------------------------------------------------------
     def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)
@@ -251,6 +270,8 @@ class Bus:
                 self._loop_until_disconnected()
                 if self._connected.is_set() or self.connects:
                     delays = backoff_delays(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
+            while self._calls:
+                self._run_call(self._calls.popleft())
             if self._stop.is_set():
                 break
             self._stop.wait(next(delays))
@@ -262,6 +283,8 @@ class Bus:
             rc = client.loop(timeout=tick)
             if self._timers:
                 self._run_timers()
+            while self._calls:
+                self._run_call(self._calls.popleft())
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._connected.clear()
                 return
@@ -275,6 +298,12 @@ class Bus:
                     t.fn()
                 except Exception:
                     log.exception("timer failed", extra={"client": self.client_id})
+
+    def _run_call(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("call failed", extra={"client": self.client_id})
 
     def _on_socket_open(self, _c: paho.Client, _u: Any, sock: Any) -> None:
         with contextlib.suppress(OSError, AttributeError):

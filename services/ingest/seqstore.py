@@ -1,0 +1,47 @@
+"""Durable per-device sequence state, so duplicates are dropped across restarts.
+
+Only state whose events the broker has confirmed is written: were it written earlier, a crash
+between the write and the confirmation would make the redelivered reading look like a duplicate
+and it would be lost.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from outpost.services.ingest.seqtrack import SeqState
+from outpost.store import Store, Sync
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS seq_state (
+    device TEXT PRIMARY KEY,
+    last INTEGER NOT NULL,
+    last_ts INTEGER NOT NULL,
+    mask BLOB NOT NULL
+);
+"""
+
+
+class SeqStore:
+    def __init__(self, path: Path, window: int, synchronous: Sync = "FULL") -> None:
+        self.window = window
+        self._nbytes = (window + 7) // 8
+        self.store = Store(path, SCHEMA, synchronous=synchronous)
+
+    def load(self) -> dict[str, SeqState]:
+        rows = self.store.query("SELECT device, last, last_ts, mask FROM seq_state")
+        full = (1 << self.window) - 1
+        return {d: SeqState(last, ts, int.from_bytes(m, "little") & full) for d, last, ts, m in rows}
+
+    def save(self, states: dict[str, SeqState]) -> None:
+        if not states:
+            return
+        n = self._nbytes
+        self.store.write_many(
+            "INSERT INTO seq_state(device, last, last_ts, mask) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(device) DO UPDATE SET last=excluded.last, last_ts=excluded.last_ts, mask=excluded.mask",
+            [(d, s.last, s.last_ts, s.mask.to_bytes(n, "little")) for d, s in states.items()],
+        )
+
+    def close(self) -> None:
+        self.store.close()

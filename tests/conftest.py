@@ -1,0 +1,129 @@
+"""Fixtures: a real Mosquitto per test (own port, temp dir, own config), settings pointing at it,
+ingest running in-process, and a collector that subscribes for real."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from outpost.broker import Mosquitto
+from outpost.bus import Bus
+from outpost.services.ingest.service import IngestService, run
+from outpost.settings import MqttSettings, OutpostSettings
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    m = Mosquitto(tmp_path / "broker").start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture
+def site(request: pytest.FixtureRequest) -> str:
+    """A site id unique to the test, so tests never see each other's messages."""
+    return "t" + str(abs(hash(request.node.nodeid)) % 10**10)
+
+
+@pytest.fixture
+def settings(broker: Mosquitto, tmp_path: Path, site: str) -> OutpostSettings:
+    s = OutpostSettings(site=site, data_dir=tmp_path / "data")
+    s.mqtt.port = broker.port
+    s.telemetry.metrics_interval_s = 0.5
+    return s
+
+
+class Collector:
+    """Subscribes with a real client and keeps what arrives, decoded."""
+
+    def __init__(self, mqtt: MqttSettings, pattern: str, *, client_id: str, durable: bool = False) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self.lock = threading.Lock()
+        self.bus = Bus(mqtt, client_id=client_id, durable=durable)
+        self.bus.subscribe(pattern, self._on, qos=1)
+
+    def _on(self, msg: Any) -> None:
+        with self.lock:
+            self.messages.append((msg.topic, msg.payload))
+
+    def start(self) -> Collector:
+        self.bus.start()
+        return self
+
+    def stop(self) -> None:
+        self.bus.stop(drain_s=0)
+
+    def json(self) -> list[Any]:
+        with self.lock:
+            return [orjson.loads(p) for _, p in self.messages]
+
+    def events(self) -> list[dict[str, Any]]:
+        """Flatten event batches (each events message is a JSON list of envelopes)."""
+        out: list[dict[str, Any]] = []
+        for doc in self.json():
+            out.extend(doc if isinstance(doc, list) else [doc])
+        return out
+
+    def wait_for(self, pred: Callable[[Collector], bool], timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred(self):
+                return True
+            time.sleep(0.02)
+        return pred(self)
+
+
+@pytest.fixture
+def collect(settings: OutpostSettings) -> Iterator[Callable[..., Collector]]:
+    made: list[Collector] = []
+
+    def make(pattern: str, **kw: Any) -> Collector:
+        c = Collector(settings.mqtt, pattern, client_id=f"collector-{len(made)}-{settings.site}", **kw)
+        made.append(c.start())
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+class RunningIngest:
+    def __init__(self, settings: OutpostSettings) -> None:
+        self.stop_event = threading.Event()
+        self.result: list[IngestService] = []
+        self.thread = threading.Thread(
+            target=lambda: self.result.append(run(settings, self.stop_event)), daemon=True
+        )
+
+    def stop(self) -> IngestService:
+        self.stop_event.set()
+        self.thread.join(30)
+        return self.result[0]
+
+
+@pytest.fixture
+def ingest(settings: OutpostSettings, broker: Mosquitto) -> Iterator[RunningIngest]:
+    r = RunningIngest(settings)
+    r.thread.start()
+    # ready when its retained status says online
+    probe = Collector(settings.mqtt, settings.topics.service_status("ingest"), client_id="probe-" + settings.site)
+    probe.start()
+    assert probe.wait_for(lambda c: any(d.get("state") == "online" for d in c.json()), 15)
+    probe.stop()
+    yield r
+    if r.thread.is_alive():
+        r.stop()
+
+
+@pytest.fixture
+def publisher(settings: OutpostSettings) -> Iterator[Bus]:
+    b = Bus(settings.mqtt, client_id="pub-" + settings.site)
+    b.start()
+    yield b
+    b.stop()
