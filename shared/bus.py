@@ -180,6 +180,11 @@ class Bus:
         """QoS 1 publishes not yet acknowledged by the broker."""
         return len(self._pending)
 
+    def is_pending(self, mid: int) -> bool:
+        """Whether the QoS 1 publish ``mid`` still waits for the broker's acknowledgement."""
+        with self._pending_lock:
+            return mid in self._pending
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()

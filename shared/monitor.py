@@ -1,0 +1,130 @@
+"""Watch a site from the outside, as an operator would: events, dead letters, service status and
+metrics, all from the broker. Used by ``outpost demo`` and ``outpost status``."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from typing import Any
+
+import orjson
+
+from outpost.bus import Bus, Message
+from outpost.metrics import Histogram
+from outpost.settings import MqttSettings
+from outpost.topics import Topics
+
+
+class SiteMonitor:
+    def __init__(self, mqtt: MqttSettings, topics: Topics, *, client_id: str, watch_events: bool = True) -> None:
+        self.topics = topics
+        self.lock = threading.Lock()
+        self.events = 0
+        self.event_ids: set[str] = set()
+        self.duplicates = 0
+        self.latency = Histogram()
+        self.by_metric: Counter[str] = Counter()
+        self.anomalies = 0
+        self.dlq: Counter[str] = Counter()
+        self.status: dict[str, dict[str, Any]] = {}
+        self.metrics: dict[str, dict[str, Any]] = {}
+        self.devices_online: dict[str, bool] = {}
+        self._window: deque[tuple[float, int]] = deque(maxlen=64)
+        self.bus = Bus(mqtt, client_id=client_id)
+        if watch_events:
+            self.bus.subscribe(topics.all_events, self._on_events, qos=1)
+            self.bus.subscribe(topics.all_dlq, self._on_dlq, qos=1)
+            self.bus.subscribe(topics.all_device_status, self._on_device_status, qos=1)
+        self.bus.subscribe(topics.all_service_status, self._on_status, qos=1)
+        self.bus.subscribe(topics.all_metrics, self._on_metrics, qos=0)
+        self.bus.every(0.5, self._sample)
+
+    def start(self, wait_s: float = 10.0) -> SiteMonitor:
+        self.bus.start(wait_s=wait_s)
+        return self
+
+    def stop(self) -> None:
+        self.bus.stop(drain_s=0)
+
+    def _on_events(self, msg: Message) -> None:
+        now = time.time_ns()
+        try:
+            batch = orjson.loads(msg.payload)
+        except orjson.JSONDecodeError:
+            return
+        with self.lock:
+            for ev in batch if isinstance(batch, list) else [batch]:
+                eid = ev.get("id")
+                if eid in self.event_ids:
+                    self.duplicates += 1
+                    continue
+                self.event_ids.add(eid)
+                self.events += 1
+                self.by_metric[ev.get("metric", "?")] += 1
+                ts = ev.get("ts")
+                if isinstance(ts, int):
+                    self.latency.record_ns(now - ts)
+
+    def _on_dlq(self, msg: Message) -> None:
+        try:
+            reason = orjson.loads(msg.payload).get("reason", "?")
+        except (orjson.JSONDecodeError, AttributeError):
+            reason = "?"
+        with self.lock:
+            self.dlq[str(reason)] += 1
+
+    def _on_device_status(self, msg: Message) -> None:
+        device = msg.topic.split("/")[-2]
+        payload = msg.payload.decode(errors="replace")
+        with self.lock:
+            self.devices_online[device] = "online" in payload
+
+    def _on_status(self, msg: Message) -> None:
+        if not msg.payload:
+            return
+        try:
+            doc = orjson.loads(msg.payload)
+        except orjson.JSONDecodeError:
+            return
+        with self.lock:
+            self.status[str(doc.get("service", msg.topic.split("/")[-2]))] = doc
+
+    def _on_metrics(self, msg: Message) -> None:
+        try:
+            doc = orjson.loads(msg.payload)
+        except orjson.JSONDecodeError:
+            return
+        with self.lock:
+            self.metrics[str(doc.get("service", msg.topic.split("/")[-1]))] = doc
+
+    def _sample(self) -> None:
+        with self.lock:
+            self._window.append((time.monotonic(), self.events))
+
+    def rate(self, span_s: float = 5.0) -> float:
+        """Events per second over about the last ``span_s`` seconds."""
+        with self.lock:
+            if len(self._window) < 2:
+                return 0.0
+            t1, n1 = self._window[-1]
+            for t0, n0 in self._window:
+                if t1 - t0 <= span_s:
+                    return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+            return 0.0
+
+    def summary(self) -> dict[str, Any]:
+        with self.lock:
+            ingest = self.metrics.get("ingest", {}).get("counters", {})
+            return {
+                "validated": self.events,
+                "duplicates_dropped_by_consumer": self.duplicates,
+                "rejected": sum(self.dlq.values()),
+                "rejected_by_reason": dict(self.dlq.most_common()),
+                "latency_ms": {"p50": self.latency.percentile_ms(50), "p99": self.latency.percentile_ms(99)},
+                "by_metric": dict(self.by_metric.most_common()),
+                "devices_online": sum(1 for v in self.devices_online.values() if v),
+                "devices_seen": len(self.devices_online),
+                "ingest_counters": ingest,
+                "services": {k: v.get("state") for k, v in self.status.items()},
+            }

@@ -1,0 +1,79 @@
+"""The whole site on one machine: our own Mosquitto (or a given broker) plus every service,
+supervised. ``outpost up`` and ``outpost demo`` are thin layers over :class:`Stack`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from outpost.broker import Mosquitto
+from outpost.errors import ConfigError
+from outpost.log import get_logger
+from outpost.settings import OutpostSettings
+from outpost.supervisor import Supervisor
+
+log = get_logger("outpost.stack")
+
+
+def parse_broker(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port), with a clear error for anything else."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--broker must be HOST:PORT with a port 1-65535, got {value!r}")
+    return host, int(port)
+
+
+@dataclass
+class Stack:
+    settings: OutpostSettings
+    external_broker: str | None = None
+    broker: Mosquitto | None = None
+    supervisor: Supervisor | None = None
+    services: dict[str, str] | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.settings.data_dir).resolve()
+
+    def start(self) -> None:
+        s = self.settings
+        if self.external_broker:
+            s.mqtt.host, s.mqtt.port = parse_broker(self.external_broker)
+        else:
+            self.broker = Mosquitto(self.data_dir / "mosquitto", settings=s.broker).start()
+            s.mqtt.host, s.mqtt.port = self.broker.host, self.broker.port
+            log.info("broker started", extra={"address": self.broker.address})
+        env = {
+            "OUTPOST_SITE": s.site,
+            "OUTPOST_PREFIX": s.prefix,
+            "OUTPOST_DATA_DIR": str(self.data_dir),
+            "OUTPOST_MQTT__HOST": s.mqtt.host,
+            "OUTPOST_MQTT__PORT": str(s.mqtt.port),
+            "OUTPOST_LOG_LEVEL": s.log_level,
+        }
+        if s.mqtt.username is not None:
+            env["OUTPOST_MQTT__USERNAME"] = s.mqtt.username
+        if s.mqtt.password is not None:
+            env["OUTPOST_MQTT__PASSWORD"] = s.mqtt.password.get_secret_value()
+        kwargs = {} if self.services is None else {"services": self.services}
+        self.supervisor = Supervisor(env=env, log_dir=self.data_dir / "logs", **kwargs)  # type: ignore[arg-type]
+        self.supervisor.start()
+
+    @property
+    def broker_address(self) -> str:
+        return f"{self.settings.mqtt.host}:{self.settings.mqtt.port}"
+
+    def stop(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+
+    def __enter__(self) -> Stack:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
