@@ -143,8 +143,8 @@ class OutpostSettings(BaseSettings):
         return Topics(site=self.site, prefix=self.prefix)
 
     def config_hash(self) -> str:
-        """A short hash of the effective settings (secrets included only as their hash input, never
-        shown), published in service status so operators can tell which config a service runs."""
+        """A short hash of the effective settings, published in service status so operators can
+        tell which config a service runs. Secrets are masked before hashing, so it leaks nothing."""
         data = self.model_dump(mode="json")
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:12]
 

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from outpost.cli import bench, sim, stack
+from outpost.cli import bench, config, sim, stack
 from outpost.errors import OutpostError
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app = typer.Typer(
 stack.register(app)
 sim.register(app)
 bench.register(app)
+config.register(app)
 
 
 def main() -> None:
