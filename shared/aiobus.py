@@ -68,4 +68,9 @@ class AsyncBus:
     def _published(self, mid: int) -> None:
         fut = self._acks.pop(mid, None)
         if fut is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+            self._loop.call_soon_threadsafe(_resolve, fut)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

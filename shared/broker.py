@@ -136,7 +136,9 @@ class Mosquitto:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
                 log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-                raise BrokerError(f"mosquitto exited with {self.proc.returncode}: {err.strip()} {log[-2000:]}")
+                raise BrokerError(
+                    f"mosquitto exited with {self.proc.returncode}: {err.strip()} {log[-2000:]}"
+                )
             if port_open(self.host, self.port):
                 return self
             time.sleep(0.02)

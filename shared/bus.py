@@ -246,7 +246,7 @@ class Bus:
 
     # --- network thread --------------------------------------------------------------------------
     def _connect_properties(self) -> Properties:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if self.durable:
             props.SessionExpiryInterval = self.settings.session_expiry_s
         props.ReceiveMaximum = self._receive_maximum

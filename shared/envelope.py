@@ -14,10 +14,9 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from typing_extensions import TypedDict
-
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
+from typing_extensions import TypedDict
 
 SCHEMA_VERSION = 1
 
@@ -69,7 +68,7 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    v: Literal[1] = SCHEMA_VERSION
+    v: Literal[1] = 1
     id: str = Field(description="Deterministic from (site, device, seq): a re-delivery keeps its id.")
     ts: int = Field(description="The reading's device timestamp, epoch ns.")
     trace: str = Field(description="The id of the reading that started the chain (its own id here).")
@@ -88,7 +87,7 @@ class DeadLetter(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    v: Literal[1] = SCHEMA_VERSION
+    v: Literal[1] = 1
     id: str
     ts: int = Field(description="When it was rejected, epoch ns.")
     trace: str = Field(description="The reading's id when known, else this entry's id.")

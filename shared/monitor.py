@@ -17,7 +17,9 @@ from outpost.topics import Topics
 
 
 class SiteMonitor:
-    def __init__(self, mqtt: MqttSettings, topics: Topics, *, client_id: str, watch_events: bool = True) -> None:
+    def __init__(
+        self, mqtt: MqttSettings, topics: Topics, *, client_id: str, watch_events: bool = True
+    ) -> None:
         self.topics = topics
         self.lock = threading.Lock()
         self.events = 0

@@ -112,7 +112,9 @@ def ingest(settings: OutpostSettings, broker: Mosquitto) -> Iterator[RunningInge
     r = RunningIngest(settings)
     r.thread.start()
     # ready when its retained status says online
-    probe = Collector(settings.mqtt, settings.topics.service_status("ingest"), client_id="probe-" + settings.site)
+    probe = Collector(
+        settings.mqtt, settings.topics.service_status("ingest"), client_id="probe-" + settings.site
+    )
     probe.start()
     assert probe.wait_for(lambda c: any(d.get("state") == "online" for d in c.json()), 15)
     probe.stop()

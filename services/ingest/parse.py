@@ -93,13 +93,13 @@ def parse(raw: bytes, *, max_payload: int, max_batch: int) -> Parsed:
     head = raw[:1]
     try:
         if head == b"{":
-            out.readings.append((0, READING.validate_json(raw)))  # type: ignore[arg-type]
+            out.readings.append((0, READING.validate_json(raw)))
             return out
         if head == b"[":
             items = READINGS.validate_json(raw)
             out.batch = True
             if 0 < len(items) <= max_batch:
-                out.readings = list(enumerate(items))  # type: ignore[arg-type]
+                out.readings = list(enumerate(items))
                 return out
     except ValueError:  # ValidationError is a ValueError; fall through to the precise slow path
         pass
@@ -145,7 +145,7 @@ def _parse_slow(raw: bytes, max_batch: int, out: Parsed) -> Parsed:
             )
             continue
         try:
-            out.readings.append((i, READING.validate_python(item)))  # type: ignore[arg-type]
+            out.readings.append((i, READING.validate_python(item)))
         except ValidationError as exc:
             reason, detail = _reason_of(exc)
             out.rejects.append(Reject(reason, detail, index, item))

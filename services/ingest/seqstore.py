@@ -39,7 +39,8 @@ class SeqStore:
         n = self._nbytes
         self.store.write_many(
             "INSERT INTO seq_state(device, last, last_ts, mask) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(device) DO UPDATE SET last=excluded.last, last_ts=excluded.last_ts, mask=excluded.mask",
+            "ON CONFLICT(device) DO UPDATE SET "
+            "last=excluded.last, last_ts=excluded.last_ts, mask=excluded.mask",
             [(d, s.last, s.last_ts, s.mask.to_bytes(n, "little")) for d, s in states.items()],
         )
 

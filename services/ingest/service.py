@@ -34,7 +34,7 @@ from outpost.service import ServiceRuntime, install_stop_signals, wait
 from outpost.services.ingest.parse import Reject, parse
 from outpost.services.ingest.ratelimit import RateLimiter
 from outpost.services.ingest.seqstore import SeqStore
-from outpost.services.ingest.seqtrack import SeqState, Seen, observe
+from outpost.services.ingest.seqtrack import Seen, SeqState, observe
 from outpost.services.ingest.units import UNITS
 from outpost.settings import OutpostSettings
 from outpost.topics import shared
@@ -99,7 +99,7 @@ class IngestService:
         recv_ns = time.time_ns()
         m = self.metrics.counters
         m["messages"] += 1
-        raw: bytes = msg.payload
+        raw = bytes(msg.payload)
         cycle = self._cycle
         if msg.qos:
             cycle.inputs.append((msg.mid, msg.qos))
@@ -324,8 +324,8 @@ def run(settings: OutpostSettings, stop: threading.Event, *, instance: str | Non
 
 
 def main() -> None:
-    from outpost.settings import load_settings
     from outpost.log import setup_logging
+    from outpost.settings import load_settings
 
     settings = load_settings()
     setup_logging(settings.log_level, json=settings.log_json)

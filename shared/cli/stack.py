@@ -81,8 +81,10 @@ def _flow_table(mon: SiteMonitor, sent: int | None = None) -> Table:
     t.add_row("devices online / seen", f"{s['devices_online']} / {s['devices_seen']}")
     c = s["ingest_counters"]
     if c:
-        t.add_row("ingest: gaps / late / duplicates", f"{c.get('gaps', 0)} / {c.get('late', 0)} / "
-                  f"{c.get('rejected.duplicate', 0)}")
+        t.add_row(
+            "ingest: gaps / late / duplicates",
+            f"{c.get('gaps', 0)} / {c.get('late', 0)} / {c.get('rejected.duplicate', 0)}",
+        )
     return t
 
 
@@ -98,11 +100,17 @@ def up(
     stop = threading.Event()
     install_stop_signals(stop)
     with Stack(settings, external_broker=broker) as stack:
-        mon = SiteMonitor(settings.mqtt, settings.topics, client_id=f"outpost-up-{os.getpid()}", watch_events=False)
+        mon = SiteMonitor(
+            settings.mqtt, settings.topics, client_id=f"outpost-up-{os.getpid()}", watch_events=False
+        )
         mon.start()
         try:
-            with Live(_services_table(stack, mon), console=console, refresh_per_second=2,
-                      auto_refresh=console.is_terminal) as live:
+            with Live(
+                _services_table(stack, mon),
+                console=console,
+                refresh_per_second=2,
+                auto_refresh=console.is_terminal,
+            ) as live:
                 while not stop.wait(0.5):
                     live.update(_services_table(stack, mon))
         finally:
@@ -110,9 +118,22 @@ def up(
     console.print("stopped cleanly")
 
 
-def _run_sim(settings: OutpostSettings, address: str, args: dict[str, Any], log_path: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "outpost.cli.main", "sim", "--broker", address, "--site", settings.site,
-           "--prefix", settings.prefix, "--json"]
+def _run_sim(
+    settings: OutpostSettings, address: str, args: dict[str, Any], log_path: Path
+) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "outpost.cli.main",
+        "sim",
+        "--broker",
+        address,
+        "--site",
+        settings.site,
+        "--prefix",
+        settings.prefix,
+        "--json",
+    ]
     for key, value in args.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     err = log_path.open("ab")
@@ -162,13 +183,24 @@ def demo(
             sim = _run_sim(
                 settings,
                 stack.broker_address,
-                {"scenario": "retail", "devices": devices, "rate": rate, "duration": duration,
-                 "seed": seed, "bad_ratio": bad_ratio},
+                {
+                    "scenario": "retail",
+                    "devices": devices,
+                    "rate": rate,
+                    "duration": duration,
+                    "seed": seed,
+                    "bad_ratio": bad_ratio,
+                },
                 tmp / "sim.log",
             )
             live_on = console.is_terminal and not json_out
-            with Live(Group(_services_table(stack, mon), _flow_table(mon)), console=console,
-                      refresh_per_second=2, auto_refresh=live_on, transient=False) as live:
+            with Live(
+                Group(_services_table(stack, mon), _flow_table(mon)),
+                console=console,
+                refresh_per_second=2,
+                auto_refresh=live_on,
+                transient=False,
+            ) as live:
                 while sim.poll() is None and not stop.wait(0.5):
                     if live_on:
                         live.update(Group(_services_table(stack, mon), _flow_table(mon)))
@@ -189,8 +221,10 @@ def demo(
     if json_out:
         sys.stdout.write(orjson.dumps(summary).decode() + "\n")
     else:
-        console.print(f"[green]demo finished[/]: {summary['sent']:,} sent, {summary['validated']:,} validated, "
-                      f"{summary['rejected']:,} rejected; everything stopped. State was in {tmp}")
+        console.print(
+            f"[green]demo finished[/]: {summary['sent']:,} sent, {summary['validated']:,} validated, "
+            f"{summary['rejected']:,} rejected; everything stopped. State was in {tmp}"
+        )
 
 
 def _settle(mon: SiteMonitor, quiet_s: float = 1.5, limit_s: float = 15.0) -> None:
@@ -220,7 +254,9 @@ def status(
         settings.mqtt.host, settings.mqtt.port = parse_broker(broker)
     if not port_open(settings.mqtt.host, settings.mqtt.port, timeout=2):
         raise BrokerError(f"no broker at {settings.mqtt.host}:{settings.mqtt.port}")
-    mon = SiteMonitor(settings.mqtt, settings.topics, client_id=f"outpost-status-{os.getpid()}", watch_events=False)
+    mon = SiteMonitor(
+        settings.mqtt, settings.topics, client_id=f"outpost-status-{os.getpid()}", watch_events=False
+    )
     mon.start()
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline and (not mon.status or set(mon.status) - set(mon.metrics)):
@@ -233,8 +269,14 @@ def status(
     for name, st in sorted(mon.status.items()):
         counters = mon.metrics.get(name, {}).get("counters", {})
         shown = ", ".join(f"{k}={v}" for k, v in list(counters.items())[:6])
-        t.add_row(name, str(st.get("state")), str(st.get("version")), str(st.get("config_hash")),
-                  str(st.get("pid")), shown)
+        t.add_row(
+            name,
+            str(st.get("state")),
+            str(st.get("version")),
+            str(st.get("config_hash")),
+            str(st.get("pid")),
+            shown,
+        )
         out["services"][name] = {"status": st, "metrics": mon.metrics.get(name)}
     console.print(t if mon.status else "no service has reported on this site")
     if json_out:
