@@ -85,6 +85,7 @@ class IngestService:
         pattern = self.topics.all_telemetry
         if cfg.share_group:
             pattern = shared(cfg.share_group, pattern)
+        self._pattern = pattern
         self.bus.subscribe(pattern, self._on_message, qos=cfg.qos)
         self.bus.every(cfg.flush_ms / 1000.0, self._flush_if_due)
         self.bus.every(cfg.commit_ms / 1000.0, self._commit)
@@ -299,11 +300,11 @@ class IngestService:
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         self.rt.start()
-        log.info("ingest started", extra={"subscription": self.topics.all_telemetry, "qos": self._qos})
+        log.info("ingest started", extra={"subscription": self._pattern, "qos": self._qos})
 
     def stop(self) -> None:
         """Drain: stop intake, flush, wait for confirmations, acknowledge, commit, go offline."""
-        self.bus.client.unsubscribe(self.topics.all_telemetry)
+        self.bus.client.unsubscribe(self._pattern)
         self.bus.call(self.flush, timeout_s=5)
         deadline = time.monotonic() + 10
         while self._cycles and time.monotonic() < deadline:
