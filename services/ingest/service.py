@@ -79,6 +79,7 @@ class IngestService:
         self._to_commit: dict[str, SeqState] = {}
         self._oldest_ns = 0
         self._qos = cfg.qos
+        self._draining = False
         self._lat = self.metrics.histogram("flush_wait")
         self._age = self.metrics.histogram("reading_age")
         self.bus.on_published = self._on_published
@@ -96,7 +97,13 @@ class IngestService:
         }
 
     # --- intake ----------------------------------------------------------------------------------
+    def _start_draining(self) -> None:
+        self._draining = True
+
     def _on_message(self, msg: Message) -> None:
+        if self._draining:
+            self.metrics.counters["left_for_redelivery"] += 1
+            return
         recv_ns = time.time_ns()
         m = self.metrics.counters
         m["messages"] += 1
@@ -304,7 +311,10 @@ class IngestService:
 
     def stop(self) -> None:
         """Drain: stop intake, flush, wait for confirmations, acknowledge, commit, go offline."""
-        self.bus.client.unsubscribe(self._pattern)
+        # No unsubscribe: that would drop the subscription from the durable session and the broker
+        # would not keep what devices send while ingest is down. Messages that arrive from now on
+        # are left unacknowledged; the broker redelivers them when ingest comes back.
+        self.bus.call(self._start_draining, timeout_s=5)
         self.bus.call(self.flush, timeout_s=5)
         deadline = time.monotonic() + 10
         while self._cycles and time.monotonic() < deadline:
