@@ -39,7 +39,10 @@ class ServiceRuntime:
         manual_ack: bool = False,
         receive_maximum: int = 1000,
         instance: str | None = None,
+        tick_s: float = 0.05,
     ) -> None:
+        """``tick_s`` bounds how late a timer can run when no message arrives (the network thread
+        waits that long in select): services with millisecond flush timers pass a small one."""
         self.name = name
         self.settings = settings
         self.topics = settings.topics
@@ -54,6 +57,7 @@ class ServiceRuntime:
             manual_ack=manual_ack,
             will=Will(self.status_topic, self._status("offline", clean=False)),
             receive_maximum=receive_maximum,
+            tick_s=tick_s,
         )
         self.extra_status: Callable[[], dict[str, Any]] | None = None
         self.bus.on_connect(self._announce)

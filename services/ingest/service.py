@@ -57,7 +57,12 @@ class IngestService:
         cfg = self.cfg = settings.ingest
         self.site = settings.site
         self.rt = ServiceRuntime(
-            NAME, settings, durable=cfg.qos > 0, manual_ack=cfg.qos > 0, instance=instance
+            NAME,
+            settings,
+            durable=cfg.qos > 0,
+            manual_ack=cfg.qos > 0,
+            instance=instance,
+            tick_s=min(0.05, cfg.flush_ms / 1000.0),
         )
         self.topics = self.rt.topics
         self.metrics = self.rt.metrics
