@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from outpost.errors import BrokerError
+from outpost.log import get_logger
 from outpost.settings import BrokerSettings
+
+log = get_logger("outpost.broker")
 
 
 def free_port() -> int:
@@ -41,7 +44,7 @@ class Mosquitto:
     """A Mosquitto process with its own config, data and log in ``workdir``."""
 
     workdir: Path
-    settings: BrokerSettings = field(default_factory=BrokerSettings)  # type: ignore[arg-type]
+    settings: BrokerSettings = field(default_factory=BrokerSettings)
     users: dict[str, str] = field(default_factory=dict)
     acl: list[str] | None = None
     extra_conf: list[str] = field(default_factory=list)
@@ -100,24 +103,36 @@ class Mosquitto:
             aclfile = self.workdir / "acl"
             aclfile.write_text("\n".join(self.acl) + "\n")
             lines.append(f"acl_file {aclfile}")
+        if not self._hand_to_broker_user():
+            lines.append("user root")
         lines += self.extra_conf
         conf = self.workdir / "mosquitto.conf"
         conf.write_text("\n".join(line for line in lines if line) + "\n")
-        self._hand_to_broker_user()
         return conf
 
-    def _hand_to_broker_user(self) -> None:
-        """Mosquitto started as root drops to the user ``mosquitto``; without write access to its
-        persistence directory it would log "Permission denied" and run on without persistence."""
+    def _hand_to_broker_user(self) -> bool:
+        """Mosquitto started as root drops to the user ``mosquitto``; without access to its
+        persistence directory it logs "Permission denied" and runs on *without persistence*.
+        Give it the workdir; if a parent folder is closed to it (pytest's and mkdtemp's folders are
+        0700), return False so the broker keeps running as root rather than silently losing data."""
         if os.geteuid() != 0:
-            return
+            return True
         try:
             pw = pwd.getpwnam("mosquitto")
         except KeyError:
-            return
+            return False
+        for parent in self.workdir.parents:
+            st = parent.stat()
+            if not (st.st_mode & 0o001 or (st.st_uid == pw.pw_uid and st.st_mode & 0o100)):
+                log.warning(
+                    "broker runs as root: user mosquitto cannot reach its folder",
+                    extra={"closed_folder": str(parent)},
+                )
+                return False
         for path in [self.workdir, *self.workdir.rglob("*")]:
             with contextlib.suppress(OSError):
                 os.chown(path, pw.pw_uid, pw.pw_gid)
+        return True
 
     def start(self, timeout_s: float = 10.0) -> Mosquitto:
         binary = shutil.which(self.settings.binary)

@@ -78,9 +78,13 @@ class SiteMonitor:
 
     def _on_device_status(self, msg: Message) -> None:
         device = msg.topic.split("/")[-2]
-        payload = msg.payload.decode(errors="replace")
+        try:
+            doc = orjson.loads(msg.payload)
+            online = isinstance(doc, dict) and doc.get("state") == "online"
+        except orjson.JSONDecodeError:
+            online = msg.payload == b"online"
         with self.lock:
-            self.devices_online[device] = "online" in payload
+            self.devices_online[device] = online
 
     def _on_status(self, msg: Message) -> None:
         if not msg.payload:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -73,6 +74,14 @@ class IngestSettings(Section):
         None, description="Join a shared subscription so several ingest processes split the load."
     )
 
+    @field_validator("qos", "dlq_qos", mode="before")
+    @classmethod
+    def _qos_from_text(cls, v: Any) -> Any:
+        # Environment variables arrive as text, and a Literal[0, 1] does not coerce "1" to 1.
+        if isinstance(v, str) and v.strip() in ("0", "1"):
+            return int(v)
+        return v
+
     @field_validator("share_group")
     @classmethod
     def _segment(cls, v: str | None) -> str | None:
@@ -111,10 +120,10 @@ class OutpostSettings(BaseSettings):
     data_dir: Path = Field(Path(".outpost"), description="Durable state lives here.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_json: bool = Field(False, description="Log one JSON object per line instead of text.")
-    mqtt: MqttSettings = Field(default_factory=MqttSettings)  # type: ignore[arg-type]
-    broker: BrokerSettings = Field(default_factory=BrokerSettings)  # type: ignore[arg-type]
-    ingest: IngestSettings = Field(default_factory=IngestSettings)  # type: ignore[arg-type]
-    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)  # type: ignore[arg-type]
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
     @field_validator("site", "prefix")
     @classmethod
@@ -135,7 +144,7 @@ class OutpostSettings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         path = _config_path()
         if path is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+            sources.append(_SiteFileSource(settings_cls, yaml_file=path))
         return tuple(sources)
 
     @property
@@ -151,6 +160,21 @@ class OutpostSettings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """Settings as a dict safe to log or print: secrets are masked by SecretStr."""
         return self.model_dump(mode="python")
+
+
+class _SiteFileSource(YamlConfigSettingsSource):
+    """The site file: a YAML syntax error or a document that is not a mapping is a ConfigError."""
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        try:
+            data = super()._read_file(file_path)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"cannot parse site file {file_path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"site file {file_path} must hold a mapping of settings, not a {type(data).__name__}"
+            )
+        return data
 
 
 def _config_path() -> Path | None:
@@ -173,9 +197,10 @@ def _check_env() -> None:
     silently fall back to a default, so it is an error here."""
     known = _known_env_names()
     for name in os.environ:
-        if not name.startswith("OUTPOST_"):
+        # pydantic-settings matches names case-insensitively, so outpost_foo is checked too
+        if not name.upper().startswith("OUTPOST_"):
             continue
-        top = name.split("__", 1)[0]
+        top = name.upper().split("__", 1)[0]
         if top not in known:
             raise ConfigError(f"unknown setting in environment: {name}")
 

@@ -129,3 +129,50 @@ def publisher(settings: OutpostSettings) -> Iterator[Bus]:
     b.start()
     yield b
     b.stop()
+
+
+# --- additions for the ingest hostile-input and reliability suites ---------------------------------
+
+
+def wait_online(settings: OutpostSettings, timeout: float = 15.0) -> None:
+    """Wait until ingest's retained status says online."""
+    probe = Collector(
+        settings.mqtt, settings.topics.service_status("ingest"), client_id="probe2-" + settings.site
+    )
+    probe.start()
+    try:
+        assert probe.wait_for(lambda c: any(d.get("state") == "online" for d in c.json()), timeout)
+    finally:
+        probe.stop()
+
+
+@pytest.fixture
+def start_ingest(settings: OutpostSettings, broker: Mosquitto) -> Iterator[Callable[[], RunningIngest]]:
+    """Start ingest in-process once the test has adjusted ``settings`` (e.g. small limits)."""
+    started: list[RunningIngest] = []
+
+    def start() -> RunningIngest:
+        r = RunningIngest(settings)
+        r.thread.start()
+        started.append(r)
+        wait_online(settings)
+        return r
+
+    yield start
+    for r in started:
+        if r.thread.is_alive():
+            r.stop()
+
+
+def make_reading(device: str, seq: int, /, *, ts: int | None = None, **fields: Any) -> dict[str, Any]:
+    """A valid reading, stamped now unless ``ts`` is given; ``fields`` override or add fields."""
+    r: dict[str, Any] = {
+        "device": device,
+        "seq": seq,
+        "ts": time.time_ns() if ts is None else ts,
+        "metric": "temperature",
+        "value": 21.5,
+        "unit": "C",
+    }
+    r.update(fields)
+    return r

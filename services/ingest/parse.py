@@ -76,8 +76,12 @@ def _reason_of(exc: ValidationError) -> tuple[str, str]:
     err = exc.errors(include_url=False)[0]
     kind = err["type"]
     loc = ".".join(str(p) for p in err["loc"]) or "reading"
+    value = err.get("input")
     if kind in _TYPE_REASONS:
         reason = _TYPE_REASONS[kind]
+    elif kind == "int_type" and isinstance(value, float) and abs(value) >= 2**63:
+        # orjson reads an integer beyond 64 bits as a float; it is an integer out of range
+        return "out_of_range", f"{loc}: integer beyond 64 bits"
     elif kind.endswith("_type") or kind.endswith("_parsing"):
         reason = "wrong_type"
     else:

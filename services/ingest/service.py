@@ -17,6 +17,7 @@ Everything runs on the bus's network thread, so there are no locks.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import deque
@@ -41,6 +42,16 @@ from outpost.topics import shared
 
 NAME = "ingest"
 log = get_logger("outpost.ingest")
+
+
+def _item_bytes(item: Any, raw: bytes) -> bytes:
+    """One bad batch item, re-encoded for its dead letter. The standard encoder keeps what orjson
+    would change or refuse (NaN and Infinity, integers beyond 64 bits); an item it cannot encode
+    either (nesting too deep) is represented by the whole message."""
+    try:
+        return json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode()
+    except (ValueError, TypeError, RecursionError):
+        return raw
 
 
 @dataclass(slots=True)
@@ -133,7 +144,7 @@ class IngestService:
         cfg = self.cfg
         parsed = parse(raw, max_payload=cfg.max_payload_bytes, max_batch=cfg.max_batch)
         for rej in parsed.rejects:
-            self._reject(rej, topic, raw)
+            self._reject(rej, topic, raw, batch=parsed.batch)
         readings = parsed.readings
         if not readings:
             return
@@ -156,48 +167,69 @@ class IngestService:
             batch = self._batches[device] = []
         before = len(batch)
         states = self.seq
+        state = states.get(device)
+        full = (1 << window) - 1
+        site = self.site
+        record_age = self._age.record_ns
         dup = msg.dup
+        # The hot loop (docs/benchmarks.md has the profile): the checks of _check() and observe()'s
+        # outcome for the next seq are done inline, and only anything else takes the calls.
         for index, r in readings:
-            reject = self._check(r, device, lo_ns, hi_ns)
-            if reject is not None:
-                reject.index, reject.item = index, r
-                self._reject(reject, topic, raw, batch=parsed.batch)
-                continue
-            seq = r["seq"]
-            outcome, gap, new_state = observe(states.get(device), seq, r["ts"], window)
-            if outcome is Seen.DUPLICATE or outcome is Seen.STALE:
-                if outcome is Seen.DUPLICATE and dup:
-                    # The broker redelivered a message we already took (a reconnect raced our ack).
-                    m["duplicates_redelivered"] += 1
+            ts, unit = r["ts"], r["unit"]
+            if r["device"] != device or ts > hi_ns or ts < lo_ns or unit not in UNITS:
+                reject = self._check(r, device, lo_ns, hi_ns)
+                if reject is not None:
+                    reject.index, reject.item = index, r
+                    self._reject(reject, topic, raw, batch=parsed.batch)
                     continue
-                reason = "duplicate" if outcome is Seen.DUPLICATE else "stale_seq"
-                self._reject(
-                    Reject(reason, f"{device} seq {seq} already seen or too old", index, r),
-                    topic,
-                    raw,
-                    batch=parsed.batch,
-                    trace=reading_id(self.site, device, seq),
-                )
-                continue
-            states[device] = new_state
-            cycle.states[device] = new_state
-            if gap:
-                m["gaps"] += 1
-                m["missing"] += gap
-            if outcome is Seen.LATE:
-                m["late"] += 1
-            elif outcome is Seen.RESET:
-                m["seq_resets"] += 1
-            value, unit = r["value"], r["unit"]
+            value = r["value"]
             canonical, scale, offset = UNITS[unit]
             if scale != 1.0 or offset != 0.0:
                 value = value * scale + offset
-            eid = reading_id(self.site, device, seq)
+                if value - value != 0.0:  # a finite value that overflowed to +-inf in conversion
+                    reject = Reject("out_of_range", f"value {r['value']!r} {unit} overflows in {canonical}")
+                    reject.index, reject.item = index, r
+                    self._reject(reject, topic, raw, batch=parsed.batch)
+                    continue
+            seq = r["seq"]
+            if state is not None and seq == state.last + 1:
+                # observe()'s NEW outcome for shift 1, inlined: it is nearly every reading.
+                last_ts = state.last_ts
+                state = SeqState(seq, ts if ts > last_ts else last_ts, ((state.mask << 1) | 1) & full)
+                gap, late = 0, False
+            else:
+                outcome, gap, new_state = observe(state, seq, ts, window)
+                if outcome is Seen.DUPLICATE or outcome is Seen.STALE:
+                    if outcome is Seen.DUPLICATE and dup:
+                        # The broker redelivered a message we already took (a reconnect raced our ack).
+                        m["duplicates_redelivered"] += 1
+                        continue
+                    reason = "duplicate" if outcome is Seen.DUPLICATE else "stale_seq"
+                    self._reject(
+                        Reject(reason, f"{device} seq {seq} already seen or too old", index, r),
+                        topic,
+                        raw,
+                        batch=parsed.batch,
+                        trace=reading_id(site, device, seq),
+                    )
+                    continue
+                state = new_state
+                if gap:
+                    m["gaps"] += 1
+                    m["missing"] += gap
+                late = outcome is Seen.LATE
+                if late:
+                    m["late"] += 1
+                elif outcome is Seen.RESET:
+                    m["seq_resets"] += 1
+            states[device] = state
+            cycle.states[device] = state
+            eid = reading_id(site, device, seq)
             batch.append(
                 {
                     "v": 1,
                     "id": eid,
-                    "ts": r["ts"],
+                    "ts": ts,
                     "trace": eid,
                     "device": device,
                     "seq": seq,
@@ -206,10 +238,10 @@ class IngestService:
                     "unit": canonical,
                     "ingest_ns": recv_ns,
                     "gap": gap,
-                    "late": outcome is Seen.LATE,
+                    "late": late,
                 }
             )
-            self._age.record_ns(recv_ns - r["ts"])
+            record_age(recv_ns - ts)
         n = len(batch)
         if n == 0:
             del self._batches[device]
@@ -243,7 +275,7 @@ class IngestService:
     ) -> None:
         self.metrics.counters["rejected"] += 1
         self.metrics.counters["rejected." + rej.reason] += 1
-        payload = raw if (rej.item is None or not batch) else orjson.dumps(rej.item, default=str)
+        payload = raw if (rej.item is None or not batch) else _item_bytes(rej.item, raw)
         entry = dead_letter(
             stage=NAME,
             reason=rej.reason,

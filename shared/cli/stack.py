@@ -166,6 +166,7 @@ def demo(
     """Start the stack with the retail simulator, show it live, then summarize and stop everything."""
     settings = _settings(site or "demo")
     tmp = Path(tempfile.mkdtemp(prefix="outpost-demo-"))
+    tmp.chmod(0o755)  # the broker drops to the user mosquitto and must reach its data folder
     settings.data_dir = tmp
     stop = threading.Event()
     install_stop_signals(stop)

@@ -1,0 +1,107 @@
+"""Rich tables for the benchmarks' results (the JSON form is the result dict itself)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _n(x: Any, digits: int = 0) -> str:
+    if x is None:
+        return "-"
+    return f"{float(x):,.{digits}f}"
+
+
+def _ms(lat: dict[str, Any], key: str) -> str:
+    v = lat.get(key)
+    return "-" if v is None else f"{float(v):.2f}"
+
+
+def _target(sc: dict[str, Any]) -> str:
+    t = sc.get("target")
+    if not isinstance(t, dict):
+        return ""
+    goal = f">= {t['ratio']:.0%} of raw" if "ratio" in t else f">= {t['readings_per_s']:,.0f}/s"
+    return f"{goal}: " + ("[green]met[/]" if t["met"] else "[red]missed[/]")
+
+
+def ingest_tables(result: dict[str, Any]) -> list[Table]:
+    """Throughput (raw vs ingest per scenario) and latency tables."""
+    thr = Table(title="ingest throughput (readings/s; CPU in % of one core, during the window)")
+    for col in ("scenario", "QoS", "per msg", "raw", "ingest", "ratio", "ingest CPU", "other CPU", "target"):
+        thr.add_column(col, justify="right" if col not in ("scenario", "target") else "left")
+    lat = Table(title="latency: reading ts at publish -> received by a subscriber (ms)")
+    for col in ("phase", "QoS", "offered/s", "received/s", "p50", "p90", "p99", "p99.9", "max", "n"):
+        lat.add_column(col, justify="left" if col == "phase" else "right")
+    for name, sc in result.get("scenarios", {}).items():
+        phases: dict[str, dict[str, Any]] = sc.get("phases", {})
+        if name == "latency":
+            for pname, p in phases.items():
+                la = p.get("latency", {})
+                lat.add_row(
+                    pname,
+                    str(p["qos"]),
+                    _n(p["offered_per_s"]),
+                    _n(p["readings_per_s"]),
+                    *(_ms(la, k) for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms")),
+                    _n(la.get("count")),
+                )
+            continue
+        raws = [p for k, p in phases.items() if k.endswith("_raw")]
+        ing = next((p for k, p in phases.items() if k.endswith("_ingest")), None)
+        raw = raws[0] if raws else None
+        any_p = ing or raw
+        if any_p is None:
+            continue
+        thr.add_row(
+            name,
+            str(any_p["qos"]),
+            str(any_p["batch"]),
+            _n(raw["readings_per_s"]) if raw else "-",
+            _n(ing["readings_per_s"]) if ing else "-",
+            f"{sc['ratio']:.0%}" if "ratio" in sc else "-",
+            _n(ing["cpu_pct"].get("ingest"), 0) if ing else "-",
+            _n(ing["cpu_pct"].get("other"), 0) if ing else "-",
+            _target(sc),
+        )
+        for extra in raws[1:]:
+            thr.add_row(f"  {extra['name']}", str(extra["qos"]), str(extra["batch"]), _n(extra["readings_per_s"]))
+    return [thr, lat]
+
+
+def machine_line(result: dict[str, Any]) -> str:
+    m = result.get("machine", {})
+    return (
+        f"{m.get('cpus')} CPUs ({m.get('cpu_model')}), Python {m.get('python')}, Mosquitto {m.get('mosquitto')}, "
+        f"paho-mqtt {m.get('paho_mqtt')}; load average {m.get('load_avg_1m_before')} before, "
+        f"{m.get('load_avg_1m_after')} after; {result.get('elapsed_s')} s"
+    )
+
+
+def print_ingest(result: dict[str, Any], console: Console) -> None:
+    for table in ingest_tables(result):
+        console.print(table)
+    console.print(machine_line(result))
+
+
+def clients_table(result: dict[str, Any]) -> Table:
+    t = Table(title="MQTT clients: one publisher process -> one subscriber process (msgs/s received)")
+    for col in ("client", "QoS", "msgs/s", "sent", "received", "lost", "sub CPU", "pub CPU", "broker CPU", "note"):
+        t.add_column(col, justify="left" if col in ("client", "note") else "right")
+    for row in result.get("runs", []):
+        cpu = row.get("cpu_pct", {})
+        t.add_row(
+            row["client"],
+            str(row["qos"]),
+            _n(row.get("msgs_per_s")),
+            _n(row.get("sent")),
+            _n(row.get("received")),
+            _n(row.get("lost")),
+            _n(cpu.get("sub")),
+            _n(cpu.get("pub")),
+            _n(cpu.get("mosquitto")),
+            str(row.get("error") or row.get("note") or "")[:80],
+        )
+    return t

@@ -1,0 +1,53 @@
+"""Per-device token buckets and quarantine."""
+
+from __future__ import annotations
+
+from outpost.services.ingest.ratelimit import RateLimiter
+
+
+def test_burst_then_refill() -> None:
+    rl = RateLimiter(rate=10, burst=5, quarantine_after=1000, quarantine_s=30)
+    assert rl.take("d", 3, 0.0) == 3
+    assert rl.take("d", 3, 0.0) == 2
+    assert rl.take("d", 1, 0.0) == 0
+    assert rl.take("d", 1, 0.05) == 0  # half a token
+    assert rl.take("d", 1, 0.1) == 1
+    assert rl.take("d", 100, 10.0) == 5  # refill is capped at the burst
+
+
+def test_devices_have_their_own_buckets() -> None:
+    rl = RateLimiter(rate=1, burst=2, quarantine_after=1000, quarantine_s=30)
+    assert rl.take("a", 10, 0.0) == 2
+    assert rl.take("b", 2, 0.0) == 2
+
+
+def test_quarantine_after_enough_refusals_in_a_second() -> None:
+    rl = RateLimiter(rate=1, burst=2, quarantine_after=10, quarantine_s=30)
+    assert rl.take("flood", 2, 0.0) == 2
+    for i in range(9):
+        assert rl.take("flood", 1, 0.01 * (i + 1)) == 0
+    assert not rl.quarantined("flood", 0.1)
+    assert rl.take("flood", 1, 0.1) == 0  # the 10th refusal within the second
+    assert rl.quarantined("flood", 0.1)
+    assert rl.quarantined("flood", 30.09)
+    assert not rl.quarantined("flood", 30.2)
+    assert rl.quarantines == 1
+    assert rl.quarantined_devices(1.0) == ["flood"]
+    assert rl.quarantined_devices(31.0) == []
+    assert not rl.quarantined("other", 0.1)
+
+
+def test_refusals_spread_out_do_not_quarantine() -> None:
+    rl = RateLimiter(rate=1, burst=1, quarantine_after=5, quarantine_s=30)
+    t = 0.0
+    for _ in range(20):
+        rl.take("slow", 2, t)  # one granted, one refused, every 1.5 s
+        t += 1.5
+    assert rl.quarantines == 0
+    assert not rl.quarantined("slow", t)
+
+
+def test_one_big_batch_over_the_limit_quarantines() -> None:
+    rl = RateLimiter(rate=1, burst=10, quarantine_after=100, quarantine_s=5)
+    assert rl.take("d", 500, 0.0) == 10
+    assert rl.quarantined("d", 0.0)
