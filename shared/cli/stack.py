@@ -219,6 +219,7 @@ def demo(
                 sim.kill()
             mon.stop()
     summary["stopped_cleanly"] = True
+    console.print()  # rich's live view leaves the cursor at the end of its last line
     if json_out:
         sys.stdout.write(orjson.dumps(summary).decode() + "\n")
     else:
