@@ -191,6 +191,7 @@ def demo(
                     "duration": duration,
                     "seed": seed,
                     "bad_ratio": bad_ratio,
+                    "qos": 1,
                 },
                 tmp / "sim.log",
             )
