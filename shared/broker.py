@@ -138,6 +138,12 @@ class Mosquitto:
         binary = shutil.which(self.settings.binary)
         if binary is None:
             raise BrokerError(f"{self.settings.binary} not found: install the Debian package 'mosquitto'")
+        if self.running:
+            return self
+        if port_open(self.host, self.port):
+            # Readiness is "the port accepts connections": with another process already there, a
+            # broker that fails to bind would pass for a started one.
+            raise BrokerError(f"{self.address} is already in use by another process")
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.write_config()
         self.proc = subprocess.Popen(

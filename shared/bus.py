@@ -14,7 +14,11 @@ What the loop adds to paho:
 * timers run on the network thread, so a service's handlers, flushes and commits share one thread
   and need no locks;
 * an optional retained status with a last will, and a drain that waits for unacknowledged
-  publishes before disconnecting.
+  publishes before disconnecting;
+* publishes from any thread: only the network thread writes to the socket. (paho, driven by a loop
+  of its own rather than ``loop_start``, writes a publish from the caller's thread; two writers at
+  once lose packets, and a lost QoS 1 publish is never acknowledged);
+* a handler that raises is logged and counted (``handler_errors``); the network thread lives on.
 """
 
 from __future__ import annotations
@@ -118,6 +122,7 @@ class Bus:
         self._thread: threading.Thread | None = None
         self.connects = 0
         self.dropped_qos0 = 0
+        self.handler_errors = 0
         self._receive_maximum = receive_maximum
 
         c = paho.Client(
@@ -138,13 +143,24 @@ class Bus:
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         c.on_socket_open = self._on_socket_open
+        # With this callback set, paho queues every packet for the network thread's loop (woken
+        # through its socketpair) instead of writing it from whichever thread called publish.
+        c.on_socket_register_write = self._on_socket_register_write
         self.client = c
 
     # --- configuration (before start) ------------------------------------------------------------
     def subscribe(self, pattern: str, handler: Handler, *, qos: int = 1) -> None:
         """Register a handler; ``pattern`` may be a ``$share/{group}/...`` shared subscription."""
         self._subs.append(_Subscription(pattern, handler, qos))
-        self.client.message_callback_add(_filter_of(pattern), lambda _c, _u, msg: handler(msg))
+
+        def dispatch(_c: paho.Client, _u: Any, msg: Message) -> None:
+            try:
+                handler(msg)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("message handler failed", extra={"client": self.client_id})
+
+        self.client.message_callback_add(_filter_of(pattern), dispatch)
         if self._connected.is_set():
             self.client.subscribe(pattern, qos=qos)
 
@@ -162,8 +178,14 @@ class Bus:
         kept and sent after reconnect; QoS 0 ones are counted in ``dropped_qos0`` and logged."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if qos > 0:
-            with self._pending_lock:
-                self._pending.add(info.mid)
+            # The PUBACK may already have been handled (on another thread) by now. paho holds
+            # _out_message_mutex across on_publish and removing the message from _out_messages, so
+            # under it "still in _out_messages" means "on_publish has not run yet".
+            client = self.client
+            with client._out_message_mutex:
+                if info.mid in client._out_messages:
+                    with self._pending_lock:
+                        self._pending.add(info.mid)
         elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self.dropped_qos0 += 1
             if self.dropped_qos0 in (1, 10, 100, 1000) or self.dropped_qos0 % 10000 == 0:
@@ -225,6 +247,8 @@ class Bus:
             self._thread.join(timeout=10)
             self._thread = None
         with contextlib.suppress(Exception):
+            # the network thread is gone: let paho write what is queued and the DISCONNECT itself
+            self.client.on_socket_register_write = None
             self.client.disconnect()
 
     def call(self, fn: Callable[[], None], *, timeout_s: float = 5.0) -> bool:
@@ -337,6 +361,9 @@ class Bus:
         self._connected.clear()
         if was and not self._stop.is_set():
             log.warning("disconnected", extra={"client": self.client_id, "reason": str(reason)})
+
+    def _on_socket_register_write(self, _c: paho.Client, _u: Any, _sock: Any) -> None:
+        """Nothing to do: the network thread's loop selects for writing whenever paho has output."""
 
     def _on_publish(self, _c: paho.Client, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
         with self._pending_lock:

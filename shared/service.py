@@ -88,6 +88,7 @@ class ServiceRuntime:
         snap.update({"v": SCHEMA_VERSION, "id": new_id(), "ts": now_ns(), "trace": ""})
         snap["counters"]["bus_connects"] = self.bus.connects
         snap["counters"]["bus_dropped_qos0"] = self.bus.dropped_qos0
+        snap["counters"]["bus_handler_errors"] = self.bus.handler_errors
         if self.extra_status is not None:
             snap["state"] = self.extra_status()
         self.bus.publish(self.topics.metrics(self.name), orjson.dumps(snap), qos=0)

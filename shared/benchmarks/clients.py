@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import os
 import socket
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import psutil
 from outpost.benchmarks.channels import Channels, spawn_context
 from outpost.benchmarks.load import Fixed, LoadSpec, run_publisher
 from outpost.benchmarks.mqtt import connect, paho_client, subscribe
-from outpost.benchmarks.phase import BenchError, _cpu_s
+from outpost.benchmarks.phase import BenchError, busy_s, cpu_s
 from outpost.broker import Mosquitto
 from outpost.bus import Bus
 from outpost.settings import MqttSettings
@@ -59,7 +60,7 @@ class ClientSpec:
 
 
 def faststream_available() -> bool:
-    return importlib.util.find_spec("faststream") is not None and importlib.util.find_spec("zmqtt") is not None
+    return all(importlib.util.find_spec(m) is not None for m in ("faststream", "zmqtt"))
 
 
 def protocol_of(client: str) -> str:
@@ -95,9 +96,11 @@ def run_client_publisher(spec: ClientSpec, ch: Channels) -> None:
             result["sent"] = asyncio.run(_pub_faststream(spec, ch))
         else:
             raise ValueError(f"unknown client {spec.client!r}")
-    except Exception:
+    except BaseException:  # the parent reports it: a child's traceback alone is easy to miss
         result["error"] = traceback.format_exc()
-    ch.results.put(("load", result))
+        raise
+    finally:
+        ch.results.put(("load", result))
 
 
 def _pub_bus(spec: ClientSpec, ch: Channels) -> int:
@@ -132,6 +135,13 @@ def _nodelay() -> list[tuple[int, int, int]]:
     return [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
+def _quiet_logger() -> logging.Logger:
+    """aiomqtt warns on every publish while more than 10 are pending (the gathered mode)."""
+    logger = logging.getLogger("outpost.bench.aiomqtt")
+    logger.setLevel(logging.ERROR)
+    return logger
+
+
 async def _wait_go(ch: Channels) -> None:
     while not ch.go.value and not ch.stop_pub.value:
         await asyncio.sleep(0.002)
@@ -147,6 +157,7 @@ async def _pub_aiomqtt(spec: ClientSpec, ch: Channels, *, gather: int) -> int:
         spec.host,
         spec.port,
         identifier=f"cmp-pub-{spec.site}",
+        logger=_quiet_logger(),
         socket_options=_nodelay(),
         max_inflight_messages=1000,
     ) as client:
@@ -206,9 +217,11 @@ def run_client_subscriber(spec: ClientSpec, ch: Channels) -> None:
             result["received"] = asyncio.run(_sub_faststream(spec, ch))
         else:
             raise ValueError(f"unknown client {spec.client!r}")
-    except Exception:
+    except BaseException:  # the parent reports it: a child's traceback alone is easy to miss
         result["error"] = traceback.format_exc()
-    ch.results.put(("sink", result))
+        raise
+    finally:
+        ch.results.put(("sink", result))
 
 
 def _sub_paho(spec: ClientSpec, ch: Channels, *, mqtt5: bool) -> int:
@@ -260,7 +273,11 @@ async def _sub_aiomqtt(spec: ClientSpec, ch: Channels) -> int:
     received = ch.received
     n = 0
     async with aiomqtt.Client(
-        spec.host, spec.port, identifier=f"cmp-sub-{spec.site}", socket_options=_nodelay()
+        spec.host,
+        spec.port,
+        identifier=f"cmp-sub-{spec.site}",
+        logger=_quiet_logger(),
+        socket_options=_nodelay(),
     ) as client:
         await client.subscribe(spec.topic, qos=spec.qos)
         ch.sink_ready.set()
@@ -278,7 +295,7 @@ async def _sub_aiomqtt(spec: ClientSpec, ch: Channels) -> int:
 
 
 async def _sub_faststream(spec: ClientSpec, ch: Channels) -> int:
-    from faststream.mqtt import MQTTBroker, QoS
+    from faststream.mqtt import MQTTBroker, MQTTMessage, QoS
 
     received = ch.received
     n = [0]
@@ -287,8 +304,8 @@ async def _sub_faststream(spec: ClientSpec, ch: Channels) -> int:
     )
 
     @broker.subscriber(spec.topic, qos=QoS(spec.qos))
-    async def handle(body: bytes) -> None:
-        del body
+    async def handle(msg: MQTTMessage) -> None:  # the raw message: a bytes body would be JSON-decoded
+        del msg
         n[0] += 1
         received.value += 1
 
@@ -302,7 +319,9 @@ async def _sub_faststream(spec: ClientSpec, ch: Channels) -> int:
 # --- the run ----------------------------------------------------------------------------------------
 
 
-def _wait(what: str, ok: Callable[[], bool], timeout_s: float, procs: list[BaseProcess], ch: Channels) -> None:
+def _wait(
+    what: str, ok: Callable[[], bool], timeout_s: float, procs: list[BaseProcess], ch: Channels
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not ok():
         for p in procs:
@@ -330,9 +349,19 @@ def run_pair(broker: Mosquitto, spec: ClientSpec, *, warmup_s: float, measure_s:
         _wait("publisher", ch.pub_ready.is_set, 30, [sub, pub], ch)
         ch.go.value = 1
         time.sleep(warmup_s)
-        t0, r0, cpu0 = time.perf_counter(), ch.received.value, {k: _cpu_s(p) for k, p in ps.items()}
+        t0, r0, b0, cpu0 = (
+            time.perf_counter(),
+            ch.received.value,
+            busy_s(),
+            {k: cpu_s(p) for k, p in ps.items()},
+        )
         time.sleep(measure_s)
-        t1, r1, cpu1 = time.perf_counter(), ch.received.value, {k: _cpu_s(p) for k, p in ps.items()}
+        t1, r1, b1, cpu1 = (
+            time.perf_counter(),
+            ch.received.value,
+            busy_s(),
+            {k: cpu_s(p) for k, p in ps.items()},
+        )
         ch.stop_pub.value = 1
         pub.join(30)
         sent = ch.sent.value
@@ -349,6 +378,8 @@ def run_pair(broker: Mosquitto, spec: ClientSpec, *, warmup_s: float, measure_s:
                 p.terminate()
                 p.join(5)
     dt = t1 - t0
+    cpu = {k: round(100 * (cpu1[k] - cpu0[k]) / dt, 1) for k in cpu1}
+    cpu["other"] = round(max(0.0, 100 * (b1 - b0) / dt - sum(cpu.values())), 1)
     errors = [f"{role}: {r['error'].strip().splitlines()[-1]}" for role, r in results.items() if "error" in r]
     return {
         "client": spec.client,
@@ -358,7 +389,7 @@ def run_pair(broker: Mosquitto, spec: ClientSpec, *, warmup_s: float, measure_s:
         "sent": sent,
         "received": received,
         "lost": max(0, sent - received),
-        "cpu_pct": {k: round(100 * (cpu1[k] - cpu0[k]) / dt, 1) for k in cpu1},
+        "cpu_pct": cpu,
         "error": "; ".join(errors) or None,
     }
 
@@ -375,28 +406,29 @@ def run_clients_bench(
     from outpost.benchmarks.ingest import machine
 
     say = progress or (lambda _m: None)
-    logging.getLogger("faststream").setLevel(logging.WARNING)
     started = time.monotonic()
     runs: list[dict[str, Any]] = []
     skipped: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="outpost-bench-bus-") as tmp, Mosquitto(Path(tmp) / "b") as broker:
-        for client in clients:
-            if client == "faststream" and not faststream_available():
-                skipped.append("faststream (pip install -e '.[bench]')")
-                continue
-            for qos in qos_levels:
-                spec = ClientSpec(client=client, host=broker.host, port=broker.port, qos=qos, site="x")
-                spec = replace(spec, site=f"cmp-{client}-q{qos}".replace(".", "-"))
-                say(f"{client} QoS {qos} ...")
-                row = run_pair(broker, spec, warmup_s=warmup_s, measure_s=measure_s)
-                say(f"{client} QoS {qos}: {row['msgs_per_s']:,.0f} msgs/s, cpu {row['cpu_pct']}")
-                runs.append(row)
+    with tempfile.TemporaryDirectory(prefix="outpost-bench-bus-") as tmp:
+        os.chmod(tmp, 0o711)  # Mosquitto, started as root, runs as user mosquitto and must reach it
+        with Mosquitto(Path(tmp) / "b") as broker:
+            for client in clients:
+                if client == "faststream" and not faststream_available():
+                    skipped.append("faststream (not installed: pip install -e '.[bench]')")
+                    continue
+                for qos in qos_levels:
+                    site = f"cmp-{client}-q{qos}"
+                    spec = ClientSpec(client=client, host=broker.host, port=broker.port, qos=qos, site=site)
+                    say(f"{client} QoS {qos} ...")
+                    row = run_pair(broker, spec, warmup_s=warmup_s, measure_s=measure_s)
+                    say(f"{client} QoS {qos}: {row['msgs_per_s']:,.0f} msgs/s, cpu {row['cpu_pct']}")
+                    runs.append(row)
     return {
         "bench": "bus",
         "machine": machine(),
         "options": {
             "payload_bytes": PAYLOAD_BYTES,
-            "window": asdict(ClientSpec("", "", 0, 0, ""))["window"],
+            "window": ClientSpec.window,
             "warmup_s": warmup_s,
             "measure_s": measure_s,
         },

@@ -57,9 +57,9 @@ class Fixed:
 
     def __init__(self, topic: str, size: int) -> None:
         self.topics = [topic]
-        self._payload = (b'{"device":"bench-dev-00001","metric":"temperature","value":21.5,"pad":"' + b"x" * size)[
-            : size - 2
-        ] + b'"}'
+        self._payload = (
+            b'{"device":"bench-dev-00001","metric":"temperature","value":21.5,"pad":"' + b"x" * size
+        )[: size - 2] + b'"}'
 
     def make(self, device: int, ts: int) -> bytes:
         del device, ts
@@ -98,9 +98,11 @@ def run_publisher(spec: LoadSpec, ch: Channels) -> None:
     result: dict[str, Any] = {"spec": asdict(spec)}
     try:
         result.update(_publish(spec, ch))
-    except Exception:  # report the failure to the parent instead of dying silently
+    except BaseException:  # the parent reports it: a child's traceback alone is easy to miss
         result["error"] = traceback.format_exc()
-    ch.results.put(("load", result))
+        raise
+    finally:
+        ch.results.put(("load", result))
 
 
 def _publish(spec: LoadSpec, ch: Channels) -> dict[str, Any]:

@@ -60,12 +60,14 @@ class PhaseSpec:
         return self.site or ("b-" + self.name.replace("_", "-"))[:64]
 
 
-def _busy_s() -> float:
+def busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all cores, every process)."""
     t = psutil.cpu_times()
     return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0))
 
 
-def _cpu_s(proc: psutil.Process | None) -> float:
+def cpu_s(proc: psutil.Process | None) -> float:
+    """CPU seconds a process has used (0 once it is gone)."""
     if proc is None:
         return 0.0
     try:
@@ -99,12 +101,14 @@ class _Procs:
             t=time.perf_counter(),
             sent=ch.sent.value,
             received=ch.received.value,
-            cpu={role: _cpu_s(p) for role, p in self.ps.items()},
-            busy=_busy_s(),
+            cpu={role: cpu_s(p) for role, p in self.ps.items()},
+            busy=busy_s(),
         )
 
 
-def start_ingest(port: int, site: str, qos: int, workdir: Path, extra: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_ingest(
+    port: int, site: str, qos: int, workdir: Path, extra: dict[str, str]
+) -> subprocess.Popen[bytes]:
     """``python -m outpost.services.ingest`` with its settings in OUTPOST_* variables, run in
     ``workdir`` so that no ``outpost.yaml`` of the caller's is picked up."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
@@ -294,4 +298,6 @@ def run_phase(broker: Mosquitto, spec: PhaseSpec, workdir: Path) -> dict[str, An
         out["ingest_exit"] = ingest_rc
     if spec.latency:
         out["latency"] = sink_r.pop("latency", {})
+    if spec.rate:
+        out["saturated"] = rate < 0.95 * spec.rate
     return out

@@ -33,7 +33,19 @@ def ingest_tables(result: dict[str, Any]) -> list[Table]:
     for col in ("scenario", "QoS", "per msg", "raw", "ingest", "ratio", "ingest CPU", "other CPU", "target"):
         thr.add_column(col, justify="right" if col not in ("scenario", "target") else "left")
     lat = Table(title="latency: reading ts at publish -> received by a subscriber (ms)")
-    for col in ("phase", "QoS", "offered/s", "received/s", "p50", "p90", "p99", "p99.9", "max", "n"):
+    for col in (
+        "phase",
+        "QoS",
+        "per msg",
+        "offered/s",
+        "received/s",
+        "p50",
+        "p90",
+        "p99",
+        "p99.9",
+        "max",
+        "n",
+    ):
         lat.add_column(col, justify="left" if col == "phase" else "right")
     for name, sc in result.get("scenarios", {}).items():
         phases: dict[str, dict[str, Any]] = sc.get("phases", {})
@@ -41,8 +53,9 @@ def ingest_tables(result: dict[str, Any]) -> list[Table]:
             for pname, p in phases.items():
                 la = p.get("latency", {})
                 lat.add_row(
-                    pname,
+                    pname + (" [red](saturated)[/]" if p.get("saturated") else ""),
                     str(p["qos"]),
+                    str(p["batch"]),
                     _n(p["offered_per_s"]),
                     _n(p["readings_per_s"]),
                     *(_ms(la, k) for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms")),
@@ -67,15 +80,18 @@ def ingest_tables(result: dict[str, Any]) -> list[Table]:
             _target(sc),
         )
         for extra in raws[1:]:
-            thr.add_row(f"  {extra['name']}", str(extra["qos"]), str(extra["batch"]), _n(extra["readings_per_s"]))
+            thr.add_row(
+                f"  {extra['name']}", str(extra["qos"]), str(extra["batch"]), _n(extra["readings_per_s"])
+            )
     return [thr, lat]
 
 
 def machine_line(result: dict[str, Any]) -> str:
     m = result.get("machine", {})
     return (
-        f"{m.get('cpus')} CPUs ({m.get('cpu_model')}), Python {m.get('python')}, Mosquitto {m.get('mosquitto')}, "
-        f"paho-mqtt {m.get('paho_mqtt')}; load average {m.get('load_avg_1m_before')} before, "
+        f"{m.get('cpus')} CPUs ({m.get('cpu_model')}), Python {m.get('python')}, "
+        f"Mosquitto {m.get('mosquitto')}, paho-mqtt {m.get('paho_mqtt')}; "
+        f"load average {m.get('load_avg_1m_before')} before, "
         f"{m.get('load_avg_1m_after')} after; {result.get('elapsed_s')} s"
     )
 
@@ -88,20 +104,31 @@ def print_ingest(result: dict[str, Any], console: Console) -> None:
 
 def clients_table(result: dict[str, Any]) -> Table:
     t = Table(title="MQTT clients: one publisher process -> one subscriber process (msgs/s received)")
-    for col in ("client", "QoS", "msgs/s", "sent", "received", "lost", "sub CPU", "pub CPU", "broker CPU", "note"):
+    for col in (
+        "client",
+        "MQTT",
+        "QoS",
+        "msgs/s",
+        "lost",
+        "sub CPU",
+        "pub CPU",
+        "broker CPU",
+        "other CPU",
+        "note",
+    ):
         t.add_column(col, justify="left" if col in ("client", "note") else "right")
     for row in result.get("runs", []):
         cpu = row.get("cpu_pct", {})
         t.add_row(
             row["client"],
+            row.get("protocol", ""),
             str(row["qos"]),
             _n(row.get("msgs_per_s")),
-            _n(row.get("sent")),
-            _n(row.get("received")),
             _n(row.get("lost")),
             _n(cpu.get("sub")),
             _n(cpu.get("pub")),
             _n(cpu.get("mosquitto")),
+            _n(cpu.get("other")),
             str(row.get("error") or row.get("note") or "")[:80],
         )
     return t

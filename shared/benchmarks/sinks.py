@@ -58,9 +58,11 @@ def _run(role: str, spec: SinkSpec, ch: Channels, body: Any) -> None:
     result: dict[str, Any] = {"spec": asdict(spec)}
     try:
         result.update(body(spec, ch))
-    except Exception:
+    except BaseException:  # the parent reports it: a child's traceback alone is easy to miss
         result["error"] = traceback.format_exc()
-    ch.results.put((role, result))
+        raise
+    finally:
+        ch.results.put((role, result))
 
 
 def _loop_until_stopped(client: Any, ch: Channels) -> None:

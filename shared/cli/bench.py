@@ -1,10 +1,138 @@
-"""`outpost bench` commands (placeholder until implemented)."""
+"""``outpost bench NAME``: the benchmarks, as tables for people or one JSON object for scripts.
+
+The harnesses live in :mod:`outpost.benchmarks` so that ``load-tests/`` scripts, this command and the
+smoke test run the same code; this module only parses options and prints.
+"""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import orjson
 import typer
+from rich.console import Console
+
+from outpost.benchmarks.clients import CLIENTS, run_clients_bench
+from outpost.benchmarks.ingest import IngestBenchOptions, plan, run_ingest_bench
+from outpost.benchmarks.report import clients_table, machine_line, print_ingest
+from outpost.errors import ConfigError
+
+bench_app = typer.Typer(
+    name="bench",
+    help="Benchmarks against a Mosquitto the command starts itself (figures: docs/benchmarks.md).",
+    no_args_is_help=True,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")]
+QuickOpt = Annotated[bool, typer.Option("--quick", help="A short run (about 20 s): fewer, shorter phases.")]
+
+
+def _progress() -> Console:
+    """Progress goes to stderr, so that with --json stdout holds only the JSON object."""
+    return Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+
+
+def _stdout() -> Console:
+    """Tables at least 120 columns wide even when stdout is a file or a pipe (rich assumes 80)."""
+    return Console() if sys.stdout.isatty() else Console(width=140)
+
+
+def _print_json(result: object) -> None:
+    print(orjson.dumps(result).decode(), flush=True)
+
+
+@bench_app.command("ingest")
+def ingest(
+    quick: QuickOpt = False,
+    duration: Annotated[
+        float | None,
+        typer.Option("--duration", min=0.2, help="Measured seconds per phase (6; --quick: 1.2)."),
+    ] = None,
+    warmup: Annotated[
+        float | None,
+        typer.Option("--warmup", min=0.0, help="Seconds of load before each window (1; --quick: 0.4)."),
+    ] = None,
+    devices: Annotated[
+        int, typer.Option("--devices", min=1, help="Devices of the one-reading scenarios.")
+    ] = 100,
+    batch: Annotated[int, typer.Option("--batch", min=2, help="Readings per message when batched.")] = 100,
+    latency_rate: Annotated[
+        float, typer.Option("--latency-rate", min=1.0, help="Readings/s offered for the latency figures.")
+    ] = 5000.0,
+    scenario: Annotated[
+        list[str] | None, typer.Option("--scenario", help="Run only these scenarios (repeatable).")
+    ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option("--profile", help="py-spy ingest during each window; collapsed stacks here."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Raw paho receive rate vs validated events out of ingest, and ingest latency p50/p99.
+
+    One reading and 100 readings a message, QoS 0 and 1; every party runs in its own process.
+    """
+    kw: dict[str, object] = {
+        "devices": devices,
+        "batch": batch,
+        "latency_rate": latency_rate,
+        "profile_dir": profile,
+    }
+    if warmup is not None:
+        kw["warmup_s"] = warmup
+    options = IngestBenchOptions.make(quick=quick, duration_s=duration, **kw)
+    known = set(plan(options))
+    only = set(scenario) if scenario else None
+    if only is not None and not only <= known:
+        raise ConfigError(f"unknown scenario {sorted(only - known)}; known: {sorted(known)}")
+    err = _progress()
+    result = run_ingest_bench(options, progress=lambda m: err.print(f"[dim]{m}[/]"), only=only)
+    if json_out:
+        _print_json(result)
+    else:
+        print_ingest(result, _stdout())
+
+
+@bench_app.command("bus")
+def bus(
+    quick: QuickOpt = False,
+    duration: Annotated[
+        float | None, typer.Option("--duration", min=0.2, help="Measured seconds per run.")
+    ] = None,
+    client: Annotated[
+        list[str] | None,
+        typer.Option("--client", help=f"Only these clients (repeatable): {', '.join(CLIENTS)}."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """paho-mqtt vs Outpost's bus vs aiomqtt vs FastStream, QoS 0 and 1.
+
+    One publisher process -> one subscriber process, the same client at both ends, ~126-byte payloads.
+    """
+    clients = tuple(client) if client else CLIENTS
+    unknown = set(clients) - set(CLIENTS)
+    if unknown:
+        raise ConfigError(f"unknown client {sorted(unknown)}; known: {', '.join(CLIENTS)}")
+    measure = duration if duration is not None else (1.5 if quick else 4.0)
+    err = _progress()
+    result = run_clients_bench(
+        clients=clients,
+        warmup_s=0.5 if quick else 1.0,
+        measure_s=measure,
+        progress=lambda m: err.print(f"[dim]{m}[/]"),
+    )
+    if json_out:
+        _print_json(result)
+    else:
+        out = _stdout()
+        out.print(clients_table(result))
+        out.print(machine_line(result))
+        for s in result.get("skipped", []):
+            out.print(f"skipped: {s}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
-    del app
+    """Add ``outpost bench`` and its commands to the root app."""
+    app.add_typer(bench_app, name="bench")

@@ -208,7 +208,7 @@ def test_assignment_is_validated() -> None:
     with pytest.raises(ValueError, match="port"):
         s.mqtt.port = 0
     with pytest.raises(ValueError, match="unknown"):
-        s.mqtt.unknown = 1
+        s.mqtt.unknown = 1  # type: ignore[attr-defined]
 
 
 def _all_texts(s: OutpostSettings) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from outpost.errors import TopicError
@@ -102,7 +104,7 @@ def test_prefix_is_configurable() -> None:
 
 @pytest.mark.parametrize("value", BAD_SEGMENTS)
 def test_builders_refuse_bad_identifiers(value: str) -> None:
-    builders = [
+    builders: list[Callable[[], str]] = [
         lambda: T.telemetry(value),
         lambda: T.device_status(value),
         lambda: T.device_cmd("d1", value),

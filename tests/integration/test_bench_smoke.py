@@ -1,0 +1,67 @@
+"""The benchmark harnesses run end to end and report what they should. No timing asserts: the figures
+depend on the machine and on whatever else runs on it; only that the parts talk and count."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from outpost.benchmarks.clients import run_clients_bench
+from outpost.benchmarks.ingest import IngestBenchOptions, run_ingest_bench
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SUMMARY_KEYS = {
+    "raw_per_s",
+    "ingest_per_s",
+    "ratio",
+    "batched_raw_per_s",
+    "batched_per_s",
+    "latency_qos0",
+    "targets_met",
+    "all_targets_met",
+}
+
+
+def test_ingest_bench_counts_what_it_sends() -> None:
+    options = IngestBenchOptions(duration_s=0.5, warmup_s=0.3, quick=True, batched_devices=50)
+    result = run_ingest_bench(options, only={"single", "batched", "latency"})
+    orjson.dumps(result)  # the --json form is this dict
+
+    summary = result["summary"]
+    assert set(summary) >= SUMMARY_KEYS
+    for key in ("raw_per_s", "ingest_per_s", "ratio", "batched_raw_per_s", "batched_per_s"):
+        assert summary[key] > 0, key
+    assert summary["latency_qos0"]["count"] > 0
+    assert summary["latency_qos0"]["p99_ms"] >= summary["latency_qos0"]["p50_ms"] > 0
+
+    for name, scenario in result["scenarios"].items():
+        for phase in scenario["phases"].values():
+            assert phase["sent"] > 0 and phase["received"] > 0, (name, phase)
+            if phase["target"] == "ingest":
+                # every generated reading is valid: nothing may be dead-lettered
+                assert phase["sink"]["dlq"] == 0, phase["sink"]
+                assert phase["ingest_exit"] == 0
+
+
+def test_cli_json_is_one_object_on_the_last_line() -> None:
+    cmd = [sys.executable, "-m", "outpost.cli.main", "bench", "ingest", "--quick", "--duration", "0.5"]
+    cmd += ["--warmup", "0.3", "--scenario", "single", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    result = orjson.loads(out.strip().splitlines()[-1])
+    assert result["bench"] == "ingest"
+    assert result["summary"]["raw_per_s"] > 0 and result["summary"]["ingest_per_s"] > 0
+
+
+def test_bus_bench_runs_paho_and_the_bus() -> None:
+    result = run_clients_bench(clients=("paho", "bus"), qos_levels=(0, 1), warmup_s=0.3, measure_s=0.5)
+    rows = {(r["client"], r["qos"]): r for r in result["runs"]}
+    assert set(rows) == {("paho", 0), ("paho", 1), ("bus", 0), ("bus", 1)}
+    for row in rows.values():
+        assert row["error"] is None, row
+        assert row["msgs_per_s"] > 0 and row["received"] > 0, row
+    for qos1 in (rows[("paho", 1)], rows[("bus", 1)]):
+        assert qos1["lost"] == 0, qos1
