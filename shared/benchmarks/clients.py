@@ -25,12 +25,10 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from outpost.benchmarks.channels import Channels, spawn_context
 from outpost.benchmarks.load import Fixed, LoadSpec, run_publisher
 from outpost.benchmarks.mqtt import connect, paho_client, subscribe
-from outpost.benchmarks.phase import BenchError, busy_s, cpu_s
+from outpost.benchmarks.phase import BenchError, Procs, cpu_between, drain
 from outpost.broker import Mosquitto
 from outpost.bus import Bus
 from outpost.settings import MqttSettings
@@ -342,33 +340,21 @@ def run_pair(broker: Mosquitto, spec: ClientSpec, *, warmup_s: float, measure_s:
     try:
         sub.start()
         pub.start()
-        ps = {"sub": psutil.Process(sub.pid), "pub": psutil.Process(pub.pid)}
-        if broker.proc is not None:
-            ps["mosquitto"] = psutil.Process(broker.proc.pid)
+        procs = Procs()
+        procs.add("sub", sub.pid)
+        procs.add("pub", pub.pid)
+        procs.add("mosquitto", broker.proc.pid if broker.proc is not None else None)
         _wait("subscriber", ch.sink_ready.is_set, 30, [sub, pub], ch)
         _wait("publisher", ch.pub_ready.is_set, 30, [sub, pub], ch)
         ch.go.value = 1
         time.sleep(warmup_s)
-        t0, r0, b0, cpu0 = (
-            time.perf_counter(),
-            ch.received.value,
-            busy_s(),
-            {k: cpu_s(p) for k, p in ps.items()},
-        )
+        a = procs.sample(ch)
         time.sleep(measure_s)
-        t1, r1, b1, cpu1 = (
-            time.perf_counter(),
-            ch.received.value,
-            busy_s(),
-            {k: cpu_s(p) for k, p in ps.items()},
-        )
+        b = procs.sample(ch)
         ch.stop_pub.value = 1
         pub.join(30)
         sent = ch.sent.value
-        deadline = time.monotonic() + 5
-        while ch.received.value < sent and time.monotonic() < deadline:
-            time.sleep(0.01)
-        received = ch.received.value
+        received = drain(ch, sent, 30.0)
         ch.stop_sink.value = 1
         results = ch.take_results(2, 20)
         sub.join(10)
@@ -377,19 +363,16 @@ def run_pair(broker: Mosquitto, spec: ClientSpec, *, warmup_s: float, measure_s:
             if p.is_alive():
                 p.terminate()
                 p.join(5)
-    dt = t1 - t0
-    cpu = {k: round(100 * (cpu1[k] - cpu0[k]) / dt, 1) for k in cpu1}
-    cpu["other"] = round(max(0.0, 100 * (b1 - b0) / dt - sum(cpu.values())), 1)
     errors = [f"{role}: {r['error'].strip().splitlines()[-1]}" for role, r in results.items() if "error" in r]
     return {
         "client": spec.client,
         "protocol": protocol_of(spec.client),
         "qos": spec.qos,
-        "msgs_per_s": round((r1 - r0) / dt, 1),
+        "msgs_per_s": round((b.received - a.received) / (b.t - a.t), 1),
         "sent": sent,
         "received": received,
-        "lost": max(0, sent - received),
-        "cpu_pct": cpu,
+        "undelivered": max(0, sent - received),  # when the drain stalled: lost, at QoS 1 a failure
+        "cpu_pct": cpu_between(a, b),
         "error": "; ".join(errors) or None,
     }
 
@@ -407,6 +390,7 @@ def run_clients_bench(
 
     say = progress or (lambda _m: None)
     started = time.monotonic()
+    host = machine()
     runs: list[dict[str, Any]] = []
     skipped: list[str] = []
     with tempfile.TemporaryDirectory(prefix="outpost-bench-bus-") as tmp:
@@ -421,11 +405,13 @@ def run_clients_bench(
                     spec = ClientSpec(client=client, host=broker.host, port=broker.port, qos=qos, site=site)
                     say(f"{client} QoS {qos} ...")
                     row = run_pair(broker, spec, warmup_s=warmup_s, measure_s=measure_s)
-                    say(f"{client} QoS {qos}: {row['msgs_per_s']:,.0f} msgs/s, cpu {row['cpu_pct']}")
+                    cpu = " ".join(f"{k} {v:.0f}%" for k, v in row["cpu_pct"].items())
+                    say(f"{client} QoS {qos}: {row['msgs_per_s']:,.0f} msgs/s; CPU {cpu}")
                     runs.append(row)
+    host["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     return {
         "bench": "bus",
-        "machine": machine(),
+        "machine": host,
         "options": {
             "payload_bytes": PAYLOAD_BYTES,
             "window": ClientSpec.window,

@@ -80,8 +80,8 @@ def plan(o: IngestBenchOptions) -> dict[str, list[PhaseSpec]]:
         "single": [replace(one, name="single_raw"), replace(one, name="single_ingest", target="ingest")],
         "batched": [replace(many, name="batched_raw"), replace(many, name="batched_ingest", target="ingest")],
         "batched_qos1": [
-            replace(many, name="batched_qos1_raw", qos=1, drain_s=5.0),
-            replace(many, name="batched_qos1_ingest", target="ingest", qos=1, drain_s=5.0),
+            replace(many, name="batched_qos1_raw", qos=1, drain_s=15.0),
+            replace(many, name="batched_qos1_ingest", target="ingest", qos=1, drain_s=15.0),
         ],
         "latency": [
             replace(lat, name="latency_ingest", target="ingest"),
@@ -93,8 +93,8 @@ def plan(o: IngestBenchOptions) -> dict[str, list[PhaseSpec]]:
     else:
         phases["single"].insert(1, replace(one, name="single_raw_mqtt5", mqtt5=True))
         phases["single_qos1"] = [
-            replace(one, name="single_qos1_raw", qos=1, drain_s=5.0),
-            replace(one, name="single_qos1_ingest", target="ingest", qos=1, drain_s=5.0),
+            replace(one, name="single_qos1_raw", qos=1, drain_s=15.0),
+            replace(one, name="single_qos1_ingest", target="ingest", qos=1, drain_s=15.0),
         ]
         phases["latency"].insert(0, replace(lat, name="latency_raw"))
         phases["latency"].append(replace(lat, name="latency_qos1_ingest", target="ingest", qos=1))

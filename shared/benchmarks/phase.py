@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Literal
@@ -50,10 +50,10 @@ class PhaseSpec:
     measure_s: float = 5.0
     latency: bool = False
     mqtt5: bool = False  # raw phases: the sink speaks MQTT 5 like the bus (paho's default is 3.1.1)
-    drain_s: float = 3.0  # after the load stops, how long to wait for the sink to catch up
+    drain_s: float = 3.0  # after the load stops, the longest wait for the sink to catch up
     ingest_env: tuple[tuple[str, str], ...] = ()  # extra OUTPOST_* settings for ingest
     profile_dir: Path | None = None  # py-spy ingest during the window, write collapsed stacks here
-    site: str = field(default="")
+    site: str = ""
 
     @property
     def site_id(self) -> str:
@@ -64,6 +64,11 @@ def busy_s() -> float:
     """CPU seconds the whole machine has spent busy (all cores, every process)."""
     t = psutil.cpu_times()
     return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0))
+
+
+def steal_s() -> float:
+    """CPU seconds the hypervisor gave to other guests while this VM wanted to run."""
+    return float(getattr(psutil.cpu_times(), "steal", 0.0))
 
 
 def cpu_s(proc: psutil.Process | None) -> float:
@@ -78,16 +83,17 @@ def cpu_s(proc: psutil.Process | None) -> float:
 
 
 @dataclass
-class _Sample:
+class Sample:
     t: float
     sent: int
     received: int
     cpu: dict[str, float]
     busy: float
+    steal: float
 
 
-class _Procs:
-    """The phase's processes by role, for CPU sampling and for cleanup."""
+class Procs:
+    """A benchmark's processes by role, for CPU sampling."""
 
     def __init__(self) -> None:
         self.ps: dict[str, psutil.Process] = {}
@@ -96,14 +102,41 @@ class _Procs:
         if pid is not None:
             self.ps[role] = psutil.Process(pid)
 
-    def sample(self, ch: Channels) -> _Sample:
-        return _Sample(
+    def sample(self, ch: Channels) -> Sample:
+        return Sample(
             t=time.perf_counter(),
             sent=ch.sent.value,
             received=ch.received.value,
             cpu={role: cpu_s(p) for role, p in self.ps.items()},
             busy=busy_s(),
+            steal=steal_s(),
         )
+
+
+def drain(ch: Channels, sent: int, max_s: float, stall_s: float = 1.0) -> int:
+    """Wait until the sink has everything that was sent, or ``max_s`` passes, or nothing arrived for
+    ``stall_s``; return what it has. A slow pair still draining is waited for, a loss is not."""
+    deadline = time.monotonic() + max_s
+    last, last_change = ch.received.value, time.monotonic()
+    while last < sent:
+        time.sleep(0.01)
+        now, got = time.monotonic(), ch.received.value
+        if got != last:
+            last, last_change = got, now
+        elif now - last_change > stall_s or now > deadline:
+            break
+    return last
+
+
+def cpu_between(a: Sample, b: Sample) -> dict[str, float]:
+    """% of one core per role between two samples; ``other`` is everything else that ran (other
+    people's tests, say), ``steal`` the time the hypervisor ran other guests instead of this one."""
+    dt = b.t - a.t
+    cpu = {role: round(100.0 * (b.cpu[role] - a.cpu.get(role, 0.0)) / dt, 1) for role in b.cpu}
+    busy = 100.0 * (b.busy - a.busy) / dt
+    cpu["other"] = round(max(0.0, busy - sum(cpu.values())), 1)
+    cpu["steal"] = round(100.0 * (b.steal - a.steal) / dt, 1)
+    return cpu
 
 
 def start_ingest(
@@ -210,7 +243,7 @@ def run_phase(broker: Mosquitto, spec: PhaseSpec, workdir: Path) -> dict[str, An
     sink_p: BaseProcess = ctx.Process(target=sink_fn, args=(sink, ch), name="bench-sink", daemon=True)
     pub_p: BaseProcess = ctx.Process(target=run_publisher, args=(load, ch), name="bench-load", daemon=True)
     ingest: subprocess.Popen[bytes] | None = None
-    procs = _Procs()
+    procs = Procs()
     phase_dir = workdir / spec.name
 
     def dead() -> str | None:
@@ -249,10 +282,7 @@ def run_phase(broker: Mosquitto, spec: PhaseSpec, workdir: Path) -> dict[str, An
         ch.stop_pub.value = 1
         pub_p.join(30)
         sent = ch.sent.value
-        deadline = time.monotonic() + spec.drain_s
-        while ch.received.value < sent and time.monotonic() < deadline:
-            time.sleep(0.01)
-        received = ch.received.value
+        received = drain(ch, sent, spec.drain_s)
         ingest_rc = stop_process(ingest)
         ch.stop_sink.value = 1
         results = ch.take_results(2, 20)
@@ -271,9 +301,7 @@ def run_phase(broker: Mosquitto, spec: PhaseSpec, workdir: Path) -> dict[str, An
             raise BenchError(f"phase {spec.name}: the {role} process failed:\n{results[role]['error']}")
     dt = b.t - a.t
     rate = (b.received - a.received) / dt
-    cpu = {role: round(100.0 * (b.cpu[role] - a.cpu.get(role, 0.0)) / dt, 1) for role in b.cpu}
-    busy = 100.0 * (b.busy - a.busy) / dt
-    cpu["other"] = round(max(0.0, busy - sum(cpu.values())), 1)
+    cpu = cpu_between(a, b)
     sink_r = {k: v for k, v in results["sink"].items() if k != "spec"}
     load_r = {k: v for k, v in results["load"].items() if k != "spec"}
     out: dict[str, Any] = {
@@ -289,7 +317,8 @@ def run_phase(broker: Mosquitto, spec: PhaseSpec, workdir: Path) -> dict[str, An
         "offered_per_s": round((b.sent - a.sent) / dt, 1),
         "sent": sent,
         "received": received,
-        "lost": max(0, sent - received),
+        # published but not received when the drain wait ended: still queued (a saturated phase) or lost
+        "undelivered": max(0, sent - received),
         "payload_bytes_mean": round(float(load_r.get("payload_bytes_mean", 0.0)), 1),
         "cpu_pct": cpu,
         "sink": sink_r,

@@ -64,4 +64,4 @@ def test_bus_bench_runs_paho_and_the_bus() -> None:
         assert row["error"] is None, row
         assert row["msgs_per_s"] > 0 and row["received"] > 0, row
     for qos1 in (rows[("paho", 1)], rows[("bus", 1)]):
-        assert qos1["lost"] == 0, qos1
+        assert qos1["undelivered"] == 0, qos1
