@@ -78,6 +78,8 @@ class Mosquitto:
             f"autosave_interval {s.autosave_interval_s}",
             f"max_queued_messages {s.max_queued_messages}",
             f"max_inflight_messages {s.max_inflight_messages}",
+            # MQTT 3.1.1 sessions of services (ingest) must outlive a restart, not accumulate forever
+            "persistent_client_expiration 7d",
             f"max_packet_size {s.message_size_limit + 1024}" if s.message_size_limit else "",
             "set_tcp_nodelay true",
             f"log_dest file {self.log_path}",

@@ -100,10 +100,16 @@ class Bus:
         will: Will | None = None,
         receive_maximum: int = 1000,
         tick_s: float = 0.05,
+        mqtt5: bool = True,
     ) -> None:
         """``durable`` keeps the session (subscriptions and unacknowledged messages) on the broker
         for ``settings.session_expiry_s`` while the client is away, so a restart resumes where it
-        stopped. ``manual_ack`` delays the PUBACK of a received QoS 1 message until :meth:`ack`."""
+        stopped. ``manual_ack`` delays the PUBACK of a received QoS 1 message until :meth:`ack`.
+
+        ``mqtt5=False`` speaks MQTT 3.1.1: paho decodes MQTT 5 properties on every packet, ~10% of
+        a one-reading-per-message hot path (docs/benchmarks.md). A 3.1.1 durable session lasts
+        until the broker's ``persistent_client_expiration``, and the broker's
+        ``max_inflight_messages`` takes the place of ``receive_maximum``."""
         if not client_id:
             raise ValueError("client_id must not be empty")
         self.settings = settings
@@ -124,11 +130,13 @@ class Bus:
         self.dropped_qos0 = 0
         self.handler_errors = 0
         self._receive_maximum = receive_maximum
+        self.mqtt5 = mqtt5
 
         c = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
+            protocol=MQTTProtocolVersion.MQTTv5 if mqtt5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if mqtt5 else not durable,
             manual_ack=manual_ack,
             reconnect_on_failure=False,
         )
@@ -177,6 +185,10 @@ class Bus:
         """Queue a publish and return its message id. QoS 1 publishes made while disconnected are
         kept and sent after reconnect; QoS 0 ones are counted in ``dropped_qos0`` and logged."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0 and info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            # paho's message ids wrap at 65535: with that many publishes unacknowledged, it refuses
+            # the next one. Never let that pass silently.
+            raise BrokerError(f"{self.client_id}: too many unacknowledged publishes ({self.pending})")
         if qos > 0:
             # The PUBACK may already have been handled (on another thread) by now. paho holds
             # _out_message_mutex across on_publish and removing the message from _out_messages, so
@@ -282,13 +294,18 @@ class Bus:
         while not self._stop.is_set():
             try:
                 if first:
-                    rc = self.client.connect(
-                        self.settings.host,
-                        self.settings.port,
-                        keepalive=self.settings.keepalive,
-                        clean_start=not self.durable,
-                        properties=self._connect_properties(),
-                    )
+                    if self.mqtt5:
+                        rc = self.client.connect(
+                            self.settings.host,
+                            self.settings.port,
+                            keepalive=self.settings.keepalive,
+                            clean_start=not self.durable,
+                            properties=self._connect_properties(),
+                        )
+                    else:
+                        rc = self.client.connect(
+                            self.settings.host, self.settings.port, keepalive=self.settings.keepalive
+                        )
                 else:
                     rc = self.client.reconnect()
                 first = False
@@ -310,6 +327,8 @@ class Bus:
         tick = self._tick_s
         while not self._stop.is_set():
             rc = client.loop(timeout=tick)
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                rc = self._read_waiting(client)
             if self._timers:
                 self._run_timers()
             while self._calls:
@@ -317,6 +336,23 @@ class Bus:
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._connected.clear()
                 return
+
+    @staticmethod
+    def _read_waiting(client: paho.Client, limit: int = 256) -> MQTTErrorCode:
+        """Read the packets already waiting on the socket, up to ``limit``.
+
+        paho's ``loop()`` reads one packet per select() when nothing of ours is in flight, so a
+        subscriber paid a select() and a timer pass per message; reading on until the socket is
+        empty is what paho's ``loop_read`` does, minus its cap (mirrors paho 2.2's loop_read)."""
+        for _ in range(limit):
+            if client._sock is None:
+                return MQTTErrorCode.MQTT_ERR_NO_CONN
+            rc = client._packet_read()
+            if rc > 0:
+                return client._loop_rc_handle(rc)
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _run_timers(self) -> None:
         now = time.monotonic()

@@ -40,6 +40,7 @@ class ServiceRuntime:
         receive_maximum: int = 1000,
         instance: str | None = None,
         tick_s: float = 0.05,
+        mqtt5: bool = True,
     ) -> None:
         """``tick_s`` bounds how late a timer can run when no message arrives (the network thread
         waits that long in select): services with millisecond flush timers pass a small one."""
@@ -58,6 +59,7 @@ class ServiceRuntime:
             will=Will(self.status_topic, self._status("offline", clean=False)),
             receive_maximum=receive_maximum,
             tick_s=tick_s,
+            mqtt5=mqtt5,
         )
         self.extra_status: Callable[[], dict[str, Any]] | None = None
         self.bus.on_connect(self._announce)

@@ -70,6 +70,10 @@ class IngestSettings(Section):
     flush_ms: float = Field(5.0, gt=0, le=1000, description="Longest time a validated event waits.")
     flush_max: int = Field(500, ge=1, description="Events per device batch that trigger a flush.")
     commit_ms: float = Field(100.0, gt=0, description="How often confirmed dedup state is committed.")
+    mqtt5: bool = Field(
+        False,
+        description="Speak MQTT 5 instead of 3.1.1 (3.1.1 is ~10% cheaper per message in paho).",
+    )
     share_group: str | None = Field(
         None, description="Join a shared subscription so several ingest processes split the load."
     )
@@ -96,7 +100,9 @@ class BrokerSettings(Section):
     binary: str = Field("mosquitto", description="Mosquitto executable.")
     port: int = Field(0, ge=0, le=65535, description="Port to listen on; 0 picks a free one.")
     max_queued_messages: int = Field(1_000_000, ge=0, description="Per-client queue (0 = unlimited).")
-    max_inflight_messages: int = Field(0, ge=0, description="Per-client in-flight QoS 1 (0 = unlimited).")
+    max_inflight_messages: int = Field(
+        1000, ge=0, description="Per-client unacknowledged QoS 1 deliveries (0 = unlimited)."
+    )
     message_size_limit: int = Field(8_000_000, ge=0, description="Largest message the broker accepts.")
     autosave_interval_s: int = Field(60, ge=1, description="Persistence autosave interval.")
 

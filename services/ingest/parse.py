@@ -42,6 +42,7 @@ REASONS: Final = (
     "stale_seq",
     "rate_limited",
     "quarantined",
+    "internal",
 )
 
 

@@ -88,6 +88,7 @@ class IngestService:
             manual_ack=cfg.qos > 0,
             instance=instance,
             tick_s=min(0.05, cfg.flush_ms / 1000.0),
+            mqtt5=cfg.mqtt5,
         )
         self.topics = self.rt.topics
         self.metrics = self.rt.metrics
@@ -110,6 +111,7 @@ class IngestService:
         self._oldest_ns = 0
         self._qos = cfg.qos
         self._draining = False
+        self._flush_ns = int(cfg.flush_ms * 1e6)
         self._lat = self.metrics.histogram("flush_wait")
         self._age = self.metrics.histograms["reading_age"] = _AgeHistogram()
         self.bus.on_published = self._on_published
@@ -134,6 +136,19 @@ class IngestService:
         if self._draining:
             self.metrics.counters["left_for_redelivery"] += 1
             return
+        try:
+            self._take(msg)
+        except Exception as exc:
+            # A bug here must not lose the reading silently: the message is acknowledged with its
+            # cycle, so it goes to the DLQ with its bytes for a person to look at and replay.
+            log.exception("ingest failed on a message")
+            try:
+                topic = msg.topic
+            except UnicodeDecodeError:
+                topic = "<non-utf8>"
+            self._reject(Reject("internal", f"{type(exc).__name__}: {exc}"), topic, bytes(msg.payload))
+
+    def _take(self, msg: Message) -> None:
         recv_ns = time.time_ns()
         m = self.metrics.counters
         m["messages"] += 1
@@ -286,7 +301,13 @@ class IngestService:
         if self._batched == 0:
             self._oldest_ns = recv_ns
         self._batched += n - before
-        if n >= cfg.flush_max or self._batched >= cfg.flush_max * 4:
+        # The flush timer runs between network reads; under load paho reads many packets per
+        # turn, so the age of the oldest waiting event is checked here too.
+        if (
+            n >= cfg.flush_max
+            or self._batched >= cfg.flush_max * 4
+            or recv_ns - self._oldest_ns >= self._flush_ns
+        ):
             self.flush()
 
     def _check(self, r: ReadingDict, device: str, lo_ns: int, hi_ns: int) -> Reject | None:
