@@ -110,10 +110,16 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def reading_id(site: str, device: str, seq: int) -> str:
+def reading_id_prefix(site: str, device: str, epoch: int = 0) -> bytes:
+    """What :func:`reading_id` hashes before the seq (hot paths seed a hasher with it once)."""
+    return f"{site}/{device}/{epoch}:".encode() if epoch else f"{site}/{device}/".encode()
+
+
+def reading_id(site: str, device: str, seq: int, epoch: int = 0) -> str:
     """The id of a reading: the same (site, device, seq) always gets the same id, so a reading that
-    is delivered twice after a crash comes out twice with one id and consumers drop the copy."""
-    return hashlib.blake2b(f"{site}/{device}/{seq}".encode(), digest_size=12).hexdigest()
+    is delivered twice after a crash comes out twice with one id and consumers drop the copy.
+    ``epoch`` counts the device's counter restarts, so seqs reused after a restart get new ids."""
+    return hashlib.blake2b(reading_id_prefix(site, device, epoch) + b"%d" % seq, digest_size=12).hexdigest()
 
 
 DLQ_PAYLOAD_MAX = 64 * 1024

@@ -17,7 +17,8 @@ CREATE TABLE IF NOT EXISTS seq_state (
     device TEXT PRIMARY KEY,
     last INTEGER NOT NULL,
     last_ts INTEGER NOT NULL,
-    mask BLOB NOT NULL
+    mask BLOB NOT NULL,
+    epoch INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -27,21 +28,26 @@ class SeqStore:
         self.window = window
         self._nbytes = (window + 7) // 8
         self.store = Store(path, SCHEMA, synchronous=synchronous)
+        columns = {row[1] for row in self.store.query("PRAGMA table_info(seq_state)")}
+        if "epoch" not in columns:  # a database from before device counter epochs
+            self.store.db.execute("ALTER TABLE seq_state ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0")
 
     def load(self) -> dict[str, SeqState]:
-        rows = self.store.query("SELECT device, last, last_ts, mask FROM seq_state")
+        rows = self.store.query("SELECT device, last, last_ts, mask, epoch FROM seq_state")
         full = (1 << self.window) - 1
-        return {d: SeqState(last, ts, int.from_bytes(m, "little") & full) for d, last, ts, m in rows}
+        return {
+            d: SeqState(last, ts, int.from_bytes(m, "little") & full, epoch) for d, last, ts, m, epoch in rows
+        }
 
     def save(self, states: dict[str, SeqState]) -> None:
         if not states:
             return
         n = self._nbytes
         self.store.write_many(
-            "INSERT INTO seq_state(device, last, last_ts, mask) VALUES (?, ?, ?, ?) "
+            "INSERT INTO seq_state(device, last, last_ts, mask, epoch) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT(device) DO UPDATE SET "
-            "last=excluded.last, last_ts=excluded.last_ts, mask=excluded.mask",
-            [(d, s.last, s.last_ts, s.mask.to_bytes(n, "little")) for d, s in states.items()],
+            "last=excluded.last, last_ts=excluded.last_ts, mask=excluded.mask, epoch=excluded.epoch",
+            [(d, s.last, s.last_ts, s.mask.to_bytes(n, "little"), s.epoch) for d, s in states.items()],
         )
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ class SeqState:
     last: int
     last_ts: int
     mask: int  # bit i set: seq (last - i) was seen
+    epoch: int = 0  # counter restarts seen; part of the reading id so reused seqs get new ids
 
 
 def observe(state: SeqState | None, seq: int, ts: int, window: int) -> tuple[Seen, int, SeqState]:
@@ -33,13 +34,13 @@ def observe(state: SeqState | None, seq: int, ts: int, window: int) -> tuple[See
     if seq > last:
         shift = seq - last
         mask = 1 if shift >= window else ((state.mask << shift) | 1) & ((1 << window) - 1)
-        return Seen.NEW, shift - 1, SeqState(seq, max(ts, state.last_ts), mask)
+        return Seen.NEW, shift - 1, SeqState(seq, max(ts, state.last_ts), mask, state.epoch)
     age = last - seq
     if age < window:
         bit = 1 << age
         if state.mask & bit:
             return Seen.DUPLICATE, 0, state
-        return Seen.LATE, 0, SeqState(last, state.last_ts, state.mask | bit)
+        return Seen.LATE, 0, SeqState(last, state.last_ts, state.mask | bit, state.epoch)
     if ts > state.last_ts:
-        return Seen.RESET, 0, SeqState(seq, ts, 1)
+        return Seen.RESET, 0, SeqState(seq, ts, 1, state.epoch + 1)
     return Seen.STALE, 0, state

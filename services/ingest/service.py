@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 
 from outpost.bus import Message
-from outpost.envelope import ReadingDict, dead_letter, reading_id
+from outpost.envelope import ReadingDict, dead_letter, reading_id, reading_id_prefix
 from outpost.errors import TopicError
 from outpost.log import get_logger
 from outpost.metrics import _HIGHEST_US, _LOWEST_US, Histogram
@@ -204,7 +204,8 @@ class IngestService:
         record_age = self._age.record_ns_n
         # reading_id(site, device, seq), with the hasher seeded once per message and copied per
         # reading: blake2b's constructor is half of reading_id's cost. Same bytes, same digest.
-        id_base = hashlib.blake2b(f"{site}/{device}/".encode(), digest_size=12)
+        id_epoch = state.epoch if state is not None else 0
+        id_base = hashlib.blake2b(reading_id_prefix(site, device, id_epoch), digest_size=12)
         age_ts, age_n = 0, 0  # a run of accepted readings with one timestamp, recorded as one
         dup = msg.dup
         # The hot loop (docs/benchmarks.md has the profile): the checks of _check() and observe()'s
@@ -234,7 +235,8 @@ class IngestService:
                 gap, late = 0, False
             else:
                 if steps and state is not None:  # n NEW steps of shift 1: mask shifted by n, low n bits set
-                    state = SeqState(last, last_ts, ((state.mask << steps) | ((1 << steps) - 1)) & full)
+                    mask = ((state.mask << steps) | ((1 << steps) - 1)) & full
+                    state = SeqState(last, last_ts, mask, state.epoch)
                     steps = 0
                 outcome, gap, new_state = observe(state, seq, ts, window)
                 if outcome is Seen.DUPLICATE or outcome is Seen.STALE:
@@ -248,7 +250,7 @@ class IngestService:
                         topic,
                         raw,
                         batch=parsed.batch,
-                        trace=reading_id(site, device, seq),
+                        trace=reading_id(site, device, seq, state.epoch if state else 0),
                     )
                     continue
                 state = new_state
@@ -261,6 +263,9 @@ class IngestService:
                     m["late"] += 1
                 elif outcome is Seen.RESET:
                     m["seq_resets"] += 1
+                if state.epoch != id_epoch:
+                    id_epoch = state.epoch
+                    id_base = hashlib.blake2b(reading_id_prefix(site, device, id_epoch), digest_size=12)
             hasher = id_base.copy()
             hasher.update(b"%d" % seq)
             eid = hasher.hexdigest()
@@ -289,7 +294,7 @@ class IngestService:
         if age_n:
             record_age(recv_ns - age_ts, age_n)
         if steps and state is not None:
-            state = SeqState(last, last_ts, ((state.mask << steps) | ((1 << steps) - 1)) & full)
+            state = SeqState(last, last_ts, ((state.mask << steps) | ((1 << steps) - 1)) & full, state.epoch)
         if state is not start_state and state is not None:
             states[device] = state
             cycle.states[device] = state

@@ -419,6 +419,11 @@ def test_device_restarting_its_counter_is_not_a_duplicate(make_rig: Callable[...
         rig.send("dev1", make_reading("dev1", seq, ts=later + seq))
     events = rig.wait_events("dev1", 103)
     assert len(events) == 103
+    # the restarted counter's readings get new ids: consumers that drop copies by id keep them
+    assert len({e["id"] for e in events}) == 103
+    assert {e["id"] for e in events if e["ts"] >= later} == {
+        reading_id(rig.site, "dev1", seq, epoch=1) for seq in range(3)
+    }
     rig.wait_counter("seq_resets", 1)
     assert rig.dead_letters() == []
 

@@ -84,7 +84,7 @@ def test_jump_beyond_window_forgets_the_old_mask() -> None:
 def test_reset_far_below_window_with_newer_ts() -> None:
     out, state = feed([(i, i) for i in range(200)] + [(0, 1000)])
     assert out[-1][0] is Seen.RESET
-    assert state == SeqState(0, 1000, 1)
+    assert state == SeqState(0, 1000, 1, epoch=1)  # a new counter epoch: new ids
     # the device counts on from its new start
     outcome, gap, _ = observe(state, 1, 1001, W)
     assert (outcome, gap) == (Seen.NEW, 0)
@@ -107,3 +107,11 @@ def test_window_mask_is_bounded() -> None:
     _, state = feed([(i, i) for i in range(0, 10 * W, 3)])
     assert state is not None
     assert state.mask < (1 << W)
+
+
+def test_a_counter_restart_starts_a_new_epoch_that_later_readings_keep() -> None:
+    state = SeqState(last=5000, last_ts=100, mask=1, epoch=2)
+    outcome, _, reset = observe(state, 0, 200, 64)
+    assert outcome is Seen.RESET and reset.epoch == 3
+    outcome, _, nxt = observe(reset, 1, 201, 64)
+    assert outcome is Seen.NEW and nxt.epoch == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,20 @@ def test_seqstore_smaller_window_masks_on_load(tmp_path: Path) -> None:
     s = SeqStore(path, 64)
     assert s.load()["d"].mask == (1 << 64) - 1
     s.close()
+
+
+def test_seq_state_keeps_the_epoch_and_upgrades_an_old_database(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE seq_state (device TEXT PRIMARY KEY, last INTEGER NOT NULL, "
+        "last_ts INTEGER NOT NULL, mask BLOB NOT NULL)"
+    )
+    db.execute("INSERT INTO seq_state VALUES ('d1', 7, 70, ?)", (b"\x01" + b"\x00" * 7,))
+    db.commit()
+    db.close()
+    store = SeqStore(path, 64)
+    assert store.load() == {"d1": SeqState(7, 70, 1, 0)}
+    store.save({"d1": SeqState(0, 90, 1, 1)})
+    store.close()
+    assert SeqStore(path, 64).load() == {"d1": SeqState(0, 90, 1, 1)}
