@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -119,4 +118,4 @@ def install_stop_signals(stop: threading.Event) -> None:
 def wait(stop: threading.Event, tick_s: float = 0.5) -> None:
     """Block until ``stop`` is set, waking regularly so signals are handled promptly."""
     while not stop.wait(tick_s):
-        time.sleep(0)
+        pass
