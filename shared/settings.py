@@ -78,9 +78,6 @@ class IngestSettings(Section):
         False,
         description="Speak MQTT 5 instead of 3.1.1 (3.1.1 is ~10% cheaper per message in paho).",
     )
-    share_group: str | None = Field(
-        None, description="Join a shared subscription so several ingest processes split the load."
-    )
 
     @field_validator("qos", "dlq_qos", mode="before")
     @classmethod
@@ -88,13 +85,6 @@ class IngestSettings(Section):
         # Environment variables arrive as text, and a Literal[0, 1] does not coerce "1" to 1.
         if isinstance(v, str) and v.strip() in ("0", "1"):
             return int(v)
-        return v
-
-    @field_validator("share_group")
-    @classmethod
-    def _segment(cls, v: str | None) -> str | None:
-        if v is not None and SEGMENT_RE.fullmatch(v) is None:
-            raise ValueError("must match [A-Za-z0-9_-]{1,64}")
         return v
 
 

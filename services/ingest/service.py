@@ -40,7 +40,6 @@ from outpost.services.ingest.seqstore import SeqStore
 from outpost.services.ingest.seqtrack import Seen, SeqState, observe
 from outpost.services.ingest.units import UNITS
 from outpost.settings import OutpostSettings
-from outpost.topics import shared
 
 NAME = "ingest"
 log = get_logger("outpost.ingest")
@@ -77,7 +76,7 @@ class _Cycle:
 
 
 class IngestService:
-    def __init__(self, settings: OutpostSettings, *, instance: str | None = None) -> None:
+    def __init__(self, settings: OutpostSettings) -> None:
         self.settings = settings
         cfg = self.cfg = settings.ingest
         self.site = settings.site
@@ -86,7 +85,6 @@ class IngestService:
             settings,
             durable=cfg.qos > 0,
             manual_ack=cfg.qos > 0,
-            instance=instance,
             tick_s=min(0.05, cfg.flush_ms / 1000.0),
             mqtt5=cfg.mqtt5,
         )
@@ -96,8 +94,7 @@ class IngestService:
         self.dlq_topic = self.topics.dlq(NAME)
         self.events_root = self.topics.root + "/events/"
         self.dev_root = self.topics.root + "/dev/"
-        db_name = f"ingest-{instance}.db" if instance else "ingest.db"
-        self.seqstore = SeqStore(Path(settings.data_dir) / db_name, cfg.dedup_window)
+        self.seqstore = SeqStore(Path(settings.data_dir) / "ingest.db", cfg.dedup_window)
         self.seq: dict[str, SeqState] = self.seqstore.load()
         self.limiter = RateLimiter(
             cfg.rate_per_device, cfg.burst_per_device, cfg.quarantine_after, cfg.quarantine_s
@@ -114,9 +111,9 @@ class IngestService:
         self._lat = self.metrics.histogram("flush_wait")
         self._age = self.metrics.histograms["reading_age"] = _AgeHistogram()
         self.bus.on_published = self._on_published
+        # One ingest process per site: dedup and gap detection need every reading of a device in
+        # one place, which a shared subscription (spread per message, not per device) would break.
         pattern = self.topics.all_telemetry
-        if cfg.share_group:
-            pattern = shared(cfg.share_group, pattern)
         self._pattern = pattern
         self.bus.subscribe(pattern, self._on_message, qos=cfg.qos)
         self.bus.every(cfg.flush_ms / 1000.0, self._flush_if_due)
@@ -420,9 +417,9 @@ class IngestService:
         log.info("ingest stopped", extra={"counters": dict(self.metrics.counters)})
 
 
-def run(settings: OutpostSettings, stop: threading.Event, *, instance: str | None = None) -> IngestService:
+def run(settings: OutpostSettings, stop: threading.Event) -> IngestService:
     """Run ingest until ``stop`` is set; returns the (stopped) service for inspection."""
-    svc = IngestService(settings, instance=instance)
+    svc = IngestService(settings)
     svc.start()
     wait(stop, 0.2)
     svc.stop()
