@@ -37,7 +37,6 @@ class ServiceRuntime:
         durable: bool = False,
         manual_ack: bool = False,
         receive_maximum: int = 1000,
-        instance: str | None = None,
         tick_s: float = 0.05,
         mqtt5: bool = True,
     ) -> None:
@@ -49,7 +48,7 @@ class ServiceRuntime:
         self.metrics = Metrics(name)
         self.started_ns = now_ns()
         self.status_topic = self.topics.service_status(name)
-        client_id = f"{settings.prefix}-{settings.site}-{name}" + (f"-{instance}" if instance else "")
+        client_id = f"{settings.prefix}-{settings.site}-{name}"
         self.bus = Bus(
             settings.mqtt,
             client_id=client_id,
