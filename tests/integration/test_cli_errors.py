@@ -1,0 +1,83 @@
+"""Bad command lines and settings end with a clear message and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from outpost.broker import free_port
+
+
+def _outpost(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
+    return subprocess.run(
+        [sys.executable, "-m", "outpost.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, **(env or {})},
+        cwd=cwd,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["up", "--broker", "nohost"], "HOST:PORT"),
+        (["status", "--broker", "127.0.0.1:99999"], "HOST:PORT"),
+        (["demo", "--duration", "-1"], "duration"),
+        (["demo", "--bad-ratio", "2"], "bad-ratio"),
+        (["sim", "--devices", "0"], "devices"),
+        (["bench", "nosuch"], "nosuch"),
+        (["nosuch"], "nosuch"),
+    ],
+)
+def test_bad_arguments(args: list[str], says: str, tmp_path: Path) -> None:
+    proc = _outpost(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert says in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_no_broker_is_a_clear_error(tmp_path: Path) -> None:
+    proc = _outpost("status", "--broker", f"127.0.0.1:{free_port()}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "no broker at" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"OUTPOST_MQTT__PORT": "not-a-port"}, "mqtt.port"),
+        ({"OUTPOST_INGEST__BOGUS": "1"}, "bogus"),
+        ({"OUTPOST_SITE": "a/b"}, "site"),
+        ({"OUTPOST_CONFIG": "/nonexistent/outpost.yaml"}, "not a file"),
+    ],
+)
+def test_bad_settings(env: dict[str, str], says: str, tmp_path: Path) -> None:
+    proc = _outpost("config", "show", env=env, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert says in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_site_file(tmp_path: Path) -> None:
+    (tmp_path / "outpost.yaml").write_text("mqtt: {port: [1, 2}\n")
+    proc = _outpost("config", "show", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "outpost.yaml" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_password_never_printed(tmp_path: Path) -> None:
+    proc = _outpost("config", "show", env={"OUTPOST_MQTT__PASSWORD": "hunter2-secret"}, cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "hunter2-secret" not in proc.stdout + proc.stderr
