@@ -1,0 +1,1 @@
+"""Inference: local models (ONNX Runtime, TensorRT) scoring validated events. In progress (issue 3)."""
