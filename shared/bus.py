@@ -295,6 +295,16 @@ class Bus:
         self._calls.append(wrapped)
         return done.wait(timeout_s)
 
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the network thread soon, without waiting: a worker thread hands its
+        results to the handlers' thread this way, so their state needs no locks. Wakes the
+        thread's select() through paho's socketpair, as paho does for its own packets."""
+        self._calls.append(fn)
+        wake = self.client._sockpairW
+        if wake is not None:
+            with contextlib.suppress(OSError):
+                wake.send(b"0")
+
     # --- network thread --------------------------------------------------------------------------
     def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]

@@ -29,6 +29,12 @@ class SiteMonitor:
         self.by_metric: Counter[str] = Counter()
         self.anomalies = 0
         self.dlq: Counter[str] = Counter()
+        self.scores = 0
+        self.score_ids: set[str] = set()
+        self.scores_by_model: Counter[str] = Counter()
+        self.alerts: Counter[str] = Counter()
+        self.labels: Counter[str] = Counter()
+        self.score_latency = Histogram()
         self.status: dict[str, dict[str, Any]] = {}
         self.metrics: dict[str, dict[str, Any]] = {}
         self.devices_online: dict[str, bool] = {}
@@ -38,6 +44,7 @@ class SiteMonitor:
             self.bus.subscribe(topics.all_events, self._on_events, qos=1)
             self.bus.subscribe(topics.all_dlq, self._on_dlq, qos=1)
             self.bus.subscribe(topics.all_device_status, self._on_device_status, qos=1)
+            self.bus.subscribe(topics.all_inference, self._on_scores, qos=1)
         self.bus.subscribe(topics.all_service_status, self._on_status, qos=1)
         self.bus.subscribe(topics.all_metrics, self._on_metrics, qos=0)
         self.bus.every(0.5, self._sample)
@@ -67,6 +74,28 @@ class SiteMonitor:
                 ts = ev.get("ts")
                 if isinstance(ts, int):
                     self.latency.record_ns(now - ts)
+
+    def _on_scores(self, msg: Message) -> None:
+        now = time.time_ns()
+        try:
+            batch = orjson.loads(msg.payload)
+        except orjson.JSONDecodeError:
+            return
+        with self.lock:
+            for sc in batch if isinstance(batch, list) else [batch]:
+                sid = sc.get("id") if isinstance(sc, dict) else None
+                if not isinstance(sid, str) or sid in self.score_ids:
+                    continue
+                self.score_ids.add(sid)
+                self.scores += 1
+                model = f"{sc.get('model')}@{sc.get('version')}"
+                self.scores_by_model[model] += 1
+                self.labels[f"{sc.get('model')}: {sc.get('label')}"] += 1
+                if sc.get("alert"):
+                    self.alerts[str(sc.get("model"))] += 1
+                ts = sc.get("ts")
+                if isinstance(ts, int):
+                    self.score_latency.record_ns(now - ts)
 
     def _on_dlq(self, msg: Message) -> None:
         try:
@@ -132,5 +161,13 @@ class SiteMonitor:
                 "devices_online": sum(1 for v in self.devices_online.values() if v),
                 "devices_seen": len(self.devices_online),
                 "ingest_counters": ingest,
+                "scores": self.scores,
+                "scores_by_model": dict(self.scores_by_model.most_common()),
+                "score_labels": dict(sorted(self.labels.items())),
+                "alerts": dict(self.alerts.most_common()),
+                "score_latency_ms": {
+                    "p50": self.score_latency.percentile_ms(50),
+                    "p99": self.score_latency.percentile_ms(99),
+                },
                 "services": {k: v.get("state") for k, v in self.status.items()},
             }

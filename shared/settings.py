@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from outpost.errors import ConfigError
+from outpost.services.inference.backends.config import AutoConfig, BackendConfig
 from outpost.topics import SEGMENT_RE, Topics
 
 CONFIG_ENV = "OUTPOST_CONFIG"
@@ -88,6 +89,57 @@ class IngestSettings(Section):
         return v
 
 
+class InferenceSettings(Section):
+    """The inference service (docs/inference.md): which models, on which backend, batched how."""
+
+    models_dir: Path | None = Field(
+        None, description="Folder of {name}/{version}/ model folders; default: the models Outpost ships."
+    )
+    models: list[str] = Field(
+        default_factory=list, description="Model names to serve; empty = every model in models_dir."
+    )
+    backend: BackendConfig = Field(
+        default_factory=AutoConfig, description="onnxruntime, tensorrt, or auto (the best that runs here)."
+    )
+    max_batch: int = Field(32, ge=1, le=4096, description="Most requests in one session call.")
+    max_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="Longest a request waits for its batch to fill (Triton's max_queue_delay).",
+    )
+    max_queue: int = Field(
+        10_000,
+        ge=1,
+        description="Requests waiting at most; beyond it events are dead-lettered as overloaded.",
+    )
+    queue_full_wait_ms: float = Field(
+        1000.0,
+        ge=0,
+        le=30_000,
+        description="Backpressure: how long intake waits for room in a full queue (the broker holds what "
+        "follows) before an event is dead-lettered as overloaded; 0 = dead-letter at once.",
+    )
+    qos: Literal[0, 1] = Field(1, description="QoS of the events subscription and score publishes.")
+    reload_s: float = Field(0.5, gt=0, description="How often the registry state is checked for changes.")
+    max_devices: int = Field(100_000, ge=1, description="Devices whose windows are kept (oldest forgotten).")
+
+    @field_validator("qos", mode="before")
+    @classmethod
+    def _qos_from_text(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip() in ("0", "1"):
+            return int(v)
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if SEGMENT_RE.fullmatch(name) is None:
+                raise ValueError(f"model name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
+        return v
+
+
 class BrokerSettings(Section):
     """The Mosquitto that ``outpost up`` starts when no external broker is given."""
 
@@ -123,6 +175,7 @@ class OutpostSettings(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
     @field_validator("site", "prefix")

@@ -23,6 +23,7 @@ log = get_logger("outpost.supervisor")
 # Every service `outpost up` runs: name -> module run with `python -m`.
 SERVICES: dict[str, str] = {
     "ingest": "outpost.services.ingest",
+    "inference": "outpost.services.inference",
 }
 
 BACKOFF_MIN_S = 0.5

@@ -100,6 +100,10 @@ class Topics:
     def inference(self, model: str, device: str) -> str:
         return f"{self.root}/inference/{check_segment(model, 'model')}/{check_segment(device, 'device')}"
 
+    @property
+    def all_inference(self) -> str:
+        return f"{self.root}/inference/+/+"
+
     def decisions(self, agent: str) -> str:
         return f"{self.root}/decisions/{check_segment(agent, 'agent')}"
 

@@ -1,1 +1,1 @@
-"""Inference: local models (ONNX Runtime, TensorRT) scoring validated events. In progress (issue 3)."""
+"""Inference: local models (ONNX Runtime, TensorRT) scoring validated events (docs/inference.md)."""

@@ -133,6 +133,85 @@ def bus(
             out.print(f"skipped: {s}")
 
 
+@bench_app.command("inference")
+def inference(
+    quick: QuickOpt = False,
+    backend: Annotated[
+        str, typer.Option("--backend", help="onnxruntime, tensorrt or auto (as the service's setting).")
+    ] = "onnxruntime",
+    rate: Annotated[
+        float, typer.Option("--rate", min=1.0, help="Events/s offered in the latency phase.")
+    ] = 5000.0,
+    duration: Annotated[
+        float | None,
+        typer.Option("--duration", min=0.5, help="Measured seconds per service phase (8; --quick: 3)."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Raw session.run (batch 1, 32, 256) vs the inference service through the bus: event-to-score
+    p50/p99 at a fixed offered load, and per-row compute when batches fill."""
+    from rich.table import Table
+
+    from outpost.benchmarks.inference import InferenceBenchOptions, run_inference_bench
+
+    if backend not in ("onnxruntime", "tensorrt", "auto"):
+        raise ConfigError(f"--backend must be onnxruntime, tensorrt or auto, got {backend!r}")
+    kw: dict[str, object] = {"backend": backend, "rate": rate}
+    if duration is not None:
+        kw["duration_s"] = duration
+    options = InferenceBenchOptions.make(quick=quick, **kw)
+    err = _progress()
+    result = run_inference_bench(options, progress=lambda m: err.print(f"[dim]{m}[/]"))
+    if json_out:
+        _print_json(result)
+        return
+    out = _stdout()
+    t = Table(title=f"raw session.run: {result['model']} on {result['backend']}")
+    for col in ("batch", "p50 us/call", "p99 us/call", "us/row", "rows/s"):
+        t.add_column(col, justify="right")
+    for b, r in result["raw"].items():
+        t.add_row(
+            str(b),
+            f"{r['p50_us']:.1f}",
+            f"{r['p99_us']:.1f}",
+            f"{r['per_row_us']:.3f}",
+            f"{r['rows_per_s']:,}",
+        )
+    out.print(t)
+    t = Table(title="the service through the bus")
+    for col in (
+        "phase",
+        "offered/s",
+        "scored/s",
+        "p50 ms",
+        "p99 ms",
+        "avg batch",
+        "us/row compute",
+        "overloaded",
+    ):
+        t.add_column(col, justify="right")
+    for name in ("latency", "latency_single", "saturation"):
+        r = result[name]
+        t.add_row(
+            name,
+            f"{r['offered_per_s']:,.0f}",
+            f"{r['scored_per_s']:,}",
+            f"{r['p50_ms']:.2f}",
+            f"{r['p99_ms']:.2f}",
+            f"{r['avg_batch']:.1f}",
+            f"{r['per_row_compute_us']:.3f}",
+            str(r["overloaded"]),
+        )
+    out.print(t)
+    tg = result["targets"]
+    out.print(
+        f"per-row compute vs raw at batch 32: {result['compute_ratio_vs_raw_b32']}x "
+        f"(target <= {tg['compute_ratio_max']}x: {'met' if tg['compute_ratio_met'] else 'MISSED'}); "
+        f"p99 {result['latency']['p99_ms']} ms at {options.rate:,.0f}/s "
+        f"(target < {tg['p99_ms_max']} ms: {'met' if tg['p99_met'] else 'MISSED'})"
+    )
+
+
 def register(app: typer.Typer) -> None:
     """Add ``outpost bench`` and its commands to the root app."""
     app.add_typer(bench_app, name="bench")

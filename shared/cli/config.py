@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Annotated, Any
 
 import orjson
@@ -27,17 +28,26 @@ def reference_markdown() -> str:
         "| --- | --- | --- | --- |",
     ]
 
-    def walk(model: type[BaseModel], path: list[str]) -> None:
+    def walk(model: type[BaseModel], path: list[str], note: str = "") -> None:
         for name, field in model.model_fields.items():
             ann = field.annotation
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 walk(ann, [*path, name])
                 continue
+            variants = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if variants and "type" in variants[0].model_fields:
+                # a discriminated union (e.g. inference.backend): each variant's fields, by its type
+                default = field.get_default(call_default_factory=True)
+                for v in variants:
+                    key = v.model_fields["type"].default
+                    chosen = " (the default)" if isinstance(default, v) else ""
+                    walk(v, [*path, name], note=f"with `type: {key}`{chosen}: ")
+                continue
             dotted = ".".join([*path, name])
             env = "OUTPOST_" + "__".join(p.upper() for p in [*path, name])
             default = field.get_default(call_default_factory=True)
             shown = "" if default is None else str(default)
-            lines.append(f"| `{dotted}` | `{env}` | `{shown}` | {field.description or ''} |")
+            lines.append(f"| `{dotted}` | `{env}` | `{shown}` | {note}{field.description or ''} |")
 
     walk(OutpostSettings, [])
     return "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from outpost.cli import bench, config, sim, stack
+from outpost.cli import bench, config, model, sim, stack
 from outpost.errors import OutpostError
 
 app = typer.Typer(
@@ -20,6 +20,7 @@ stack.register(app)
 sim.register(app)
 bench.register(app)
 config.register(app)
+model.register(app)
 
 
 def main() -> None:

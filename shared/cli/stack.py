@@ -85,6 +85,15 @@ def _flow_table(mon: SiteMonitor, sent: int | None = None) -> Table:
             "ingest: gaps / late / duplicates",
             f"{c.get('gaps', 0)} / {c.get('late', 0)} / {c.get('rejected.duplicate', 0)}",
         )
+    t.add_row("scores (inference)", f"{s['scores']:,}")
+    for model, n in s["scores_by_model"].items():
+        t.add_row(f"  {model}", f"{n:,} ({s['alerts'].get(model.split('@')[0], 0):,} alerts)")
+    for label, n in s["score_labels"].items():
+        t.add_row(f"    {label}", f"{n:,}")
+    t.add_row(
+        "reading -> score p50 / p99 ms",
+        f"{s['score_latency_ms']['p50']:.1f} / {s['score_latency_ms']['p99']:.1f}",
+    )
     return t
 
 
@@ -177,9 +186,14 @@ def demo(
         sim: subprocess.Popen[bytes] | None = None
         try:
             deadline = time.monotonic() + 30
-            while mon.status.get("ingest", {}).get("state") != "online":
+            assert stack.supervisor is not None
+            names = list(stack.supervisor.services)
+            while any(mon.status.get(n, {}).get("state") != "online" for n in names):
                 if time.monotonic() > deadline or stop.is_set():
-                    raise BrokerError("ingest did not come online within 30 s; see " + str(tmp / "logs"))
+                    waiting = [n for n in names if mon.status.get(n, {}).get("state") != "online"]
+                    raise BrokerError(
+                        f"{', '.join(waiting)} did not come online within 30 s; see {tmp / 'logs'}"
+                    )
                 time.sleep(0.1)
             sim = _run_sim(
                 settings,

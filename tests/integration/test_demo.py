@@ -40,6 +40,10 @@ def test_demo_runs_reports_and_stops_everything() -> None:
     assert summary["validated"] == summary["sent"]
     assert summary["rejected"] == sim["bad_total"] > 0
     assert summary["duplicates_dropped_by_consumer"] == 0
-    assert summary["restarts"] == {"ingest": 0}
+    assert summary["restarts"] == {"ingest": 0, "inference": 0}
+    # scores flow, each with its model and version, from both shipped models
+    assert summary["scores"] > 0
+    assert {m.split("@")[0] for m in summary["scores_by_model"]} == {"fridge-anomaly", "shelf-stock"}
+    assert summary["services"]["inference"] == "stopped"
     assert summary["stopped_cleanly"] is True
     assert summary["latency_ms"]["p99"] >= summary["latency_ms"]["p50"] > 0

@@ -1,0 +1,18 @@
+#!/usr/bin/env python3
+"""The inference benchmark: the same code and options as ``outpost bench inference``.
+
+    .venv/bin/python load-tests/inference.py                      # ~40 s on 2 cores, tables
+    .venv/bin/python load-tests/inference.py --quick --json       # ~20 s, one JSON object last
+    .venv/bin/python load-tests/inference.py --backend tensorrt   # on a GPU machine
+
+The harness lives in ``outpost.benchmarks.inference`` (shared/benchmarks/inference.py);
+docs/benchmarks.md records what it measured.
+"""
+
+import sys
+
+from outpost.cli.main import main
+
+if __name__ == "__main__":
+    sys.argv = ["outpost", "bench", "inference", *sys.argv[1:]]
+    main()

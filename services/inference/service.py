@@ -1,0 +1,789 @@
+"""The inference service: ``.../events/{device}`` in, ``.../inference/{model}/{device}`` out.
+
+Three threads, each owning its own state:
+
+* the bus's **network thread** parses events, feeds the per-device windows, builds a request per
+  event that triggers a model, and publishes what the worker hands back (so publish bookkeeping and
+  acknowledgements need no locks, as in ingest);
+* the **worker** collects requests into micro-batches (up to ``max_batch``, or ``max_wait_ms`` after
+  the first one waited: Triton's dynamic batcher), makes one session call per model per batch, and
+  runs the shadow model after the active one's results are on their way;
+* the **loader** polls the registry and loads a new version (checksum, backend, warm-up) beside the
+  one serving, then tells the network thread to use it.
+
+Hot swap without dropping or double-scoring: a request names the version that was active when its
+event arrived, and is scored by exactly that version; the old version is closed only once every
+request that names it has been scored. A score's id is derived from (model, event id), never the
+version, so a redelivered event scored after a swap still carries the id it had.
+
+Delivery: the subscription is QoS 1 with a durable session and manual acknowledgement; an events
+message is acknowledged once every score and dead letter it produced is confirmed by the broker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from outpost.bus import Message
+from outpost.envelope import dead_letter, new_id, now_ns
+from outpost.errors import OutpostError, TopicError
+from outpost.log import get_logger
+from outpost.service import ServiceRuntime, install_stop_signals, wait
+from outpost.services.inference.backends.base import ModelLoadError
+from outpost.services.inference.features import FeatureError, Windows, feature_vector
+from outpost.services.inference.loaded import LoadedModel, load_model
+from outpost.services.inference.registry import PACKAGED_MODELS, Registry
+from outpost.settings import OutpostSettings
+from outpost.topics import check_segment
+
+NAME = "inference"
+log = get_logger("outpost.inference")
+
+MAX_EVENTS_PAYLOAD = 4_000_000
+SWITCH_INTERVAL_S = 0.0005
+RECENT_IDS = 1024
+"""Event ids remembered per device to drop a redelivered event (its score is already out)."""
+
+
+@dataclass(slots=True, eq=False)
+class _Inbound:
+    """One received events message: acknowledged when nothing it produced is unconfirmed."""
+
+    mid: int
+    qos: int
+    pending: int = 0
+    sealed: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    model: LoadedModel
+    shadow: LoadedModel | None
+    row: list[float]
+    shadow_row: list[float] | None
+    device: str
+    event_id: str
+    trace: str
+    event_ts: int
+    origin_ns: int
+    """When the reading reached the site (ingest's ``ingest_ns``), for event-to-score latency."""
+    enq_ns: int
+    inbound: _Inbound | None
+
+
+@dataclass(slots=True, eq=False)
+class _Served:
+    """What the network thread uses for one model name."""
+
+    active: LoadedModel | None = None
+    shadow: LoadedModel | None = None
+    error: str = ""
+
+
+@dataclass(slots=True)
+class _Result:
+    request: Request
+    version: str
+    score: float
+    label: str
+    confidence: float
+    alert: bool
+    queue_ms: float
+    compute_ms: float
+    batch: int
+
+
+@dataclass(slots=True)
+class _Retired:
+    model: LoadedModel
+    at: float = field(default_factory=time.monotonic)
+
+
+def score_id(model: str, event_id: str) -> str:
+    """The id of a score: the same event scored by a model always gets the same id, whichever
+    version scored it, so a consumer drops a redelivered score by id."""
+    return hashlib.blake2b(f"{model}/{event_id}".encode(), digest_size=12).hexdigest()
+
+
+class InferenceService:
+    def __init__(self, settings: OutpostSettings, *, registry: Registry | None = None) -> None:
+        self.settings = settings
+        cfg = self.cfg = settings.inference
+        self.rt = ServiceRuntime(
+            NAME,
+            settings,
+            durable=cfg.qos > 0,
+            manual_ack=cfg.qos > 0,
+            tick_s=0.05,
+            mqtt5=False,
+        )
+        self.topics = self.rt.topics
+        self.metrics = self.rt.metrics
+        self.bus = self.rt.bus
+        data = Path(settings.data_dir) / "inference"
+        self.engine_dir = data / "engines"
+        self.registry = registry or Registry(cfg.models_dir or PACKAGED_MODELS, data / "registry.db")
+        self.names = list(cfg.models) or self.registry.names()
+        self.dlq_topic = self.topics.dlq(NAME)
+        self.reported_topic = self.topics.control(NAME, "reported")
+        self.events_root = self.topics.root + "/events/"
+        self.inference_root = self.topics.root + "/inference/"
+        # network thread
+        self.windows = Windows(1, max_devices=cfg.max_devices)
+        self.served: dict[str, _Served] = {n: _Served() for n in self.names}
+        self._recent: dict[str, tuple[set[str], deque[str]]] = {}
+        self._mid_inbound: dict[int, list[_Inbound]] = {}
+        self._draining = False
+        # worker
+        self.queue: queue.Queue[Request] = queue.Queue(maxsize=cfg.max_queue)
+        self._retired: list[_Retired] = []
+        self._retire_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="inference-worker", daemon=True)
+        self._loader = threading.Thread(target=self._load_loop, name="inference-loader", daemon=True)
+        self._busy = threading.Event()
+        # loader
+        self._loaded: dict[str, tuple[LoadedModel | None, LoadedModel | None]] = {}
+        self._errors: dict[str, str] = {}
+        self._revision = -1
+
+        m = self.metrics
+        self._queue_wait = m.histogram("queue_wait")
+        self._compute = m.histogram("compute")
+        self._e2s = m.histogram("event_to_score")
+        self._shadow_compute = m.histogram("shadow_compute")
+        self.bus.on_published = self._on_published
+        self.bus.subscribe(self.topics.all_events, self._on_message, qos=cfg.qos)
+        self.rt.extra_status = self._status
+
+    # --- status ----------------------------------------------------------------------------------
+    def _status(self) -> dict[str, Any]:
+        c = self.metrics.counters
+        models: dict[str, Any] = {}
+        for name, s in self.served.items():
+            shadow_rows = c[f"shadow_rows.{name}"]
+            models[name] = {
+                "active": s.active.manifest.version if s.active else None,
+                "backend": s.active.backend.name if s.active else None,
+                "shadow": s.shadow.manifest.version if s.shadow else None,
+                "shadow_agreement": round(c[f"shadow_agree.{name}"] / shadow_rows, 4)
+                if shadow_rows
+                else None,
+                "error": s.error or None,
+            }
+        return {"models": models, "queue": self.queue.qsize(), "devices": self.windows.devices}
+
+    def _report(self) -> None:
+        body = {"v": 1, "id": new_id(), "ts": now_ns(), "trace": "", **self._status()}
+        self.bus.publish(self.reported_topic, orjson.dumps(body), qos=1, retain=True)
+
+    # --- loader thread ---------------------------------------------------------------------------
+    def _load_loop(self) -> None:
+        while not self._stop.wait(self.cfg.reload_s):
+            try:
+                self.reconcile()
+            except Exception:
+                log.exception("registry check failed")
+
+    def reconcile(self) -> None:
+        """Load what the registry wants where it differs from what is loaded (loader thread)."""
+        rev = self.registry.revision()
+        if rev == self._revision:
+            return
+        self._revision = rev
+        for name in self.names:
+            self._reconcile_one(name)
+
+    def _load(self, name: str, version: str) -> LoadedModel:
+        return load_model(
+            self.registry,
+            name,
+            version,
+            self.cfg.backend,
+            engine_dir=self.engine_dir,
+            max_batch=self.cfg.max_batch,
+        )
+
+    def _reconcile_one(self, name: str) -> None:
+        state = self.registry.state(name)
+        active, shadow = self._loaded.get(name, (None, None))
+        errors: list[str] = []
+        want = state.active
+        if want is not None and (active is None or active.manifest.version != want):
+            new: LoadedModel | None
+            try:
+                new = self._load(name, want)
+            except OutpostError as exc:
+                errors.append(str(exc))
+                self.metrics.counters["load_failures"] += 1
+                if isinstance(exc, ModelLoadError):  # the version is bad, not the machine
+                    self.registry.mark_bad(name, want, str(exc))
+                log.error(
+                    "model load failed; keeping the last good version",
+                    extra={
+                        "model": name,
+                        "version": want,
+                        "error": str(exc),
+                        "serving": active.ref if active else None,
+                    },
+                )
+                new = self._fallback(name, exclude=want, errors=errors) if active is None else None
+            if new is not None:
+                log.info(
+                    "model loaded",
+                    extra={"model": new.ref, "backend": new.backend.name, "load_ms": round(new.load_ms, 1)},
+                )
+                if active is not None:
+                    self._retire(active)
+                    self.metrics.counters["swaps"] += 1
+                active = new
+        want_shadow = state.shadow
+        if want_shadow is None or (active is not None and want_shadow == active.manifest.version):
+            if shadow is not None:
+                self._retire(shadow)
+            shadow = None
+        elif shadow is None or shadow.manifest.version != want_shadow:
+            try:
+                new_shadow: LoadedModel | None = self._load(name, want_shadow)
+            except OutpostError as exc:
+                errors.append(f"shadow: {exc}")
+                self.metrics.counters["load_failures"] += 1
+                log.error("shadow model load failed", extra={"model": name, "error": str(exc)})
+                new_shadow = None
+            if shadow is not None:
+                self._retire(shadow)
+            shadow = new_shadow
+        with self._retire_lock:
+            self._loaded[name] = (active, shadow)
+        error = "; ".join(errors)
+        self.bus.post(lambda: self._serve(name, active, shadow, error))
+
+    def _fallback(self, name: str, *, exclude: str, errors: list[str]) -> LoadedModel | None:
+        """Nothing serves ``name`` and its chosen version failed: the newest version that loads."""
+        for version in reversed(self.registry.versions(name)):
+            if version == exclude or self.registry.is_bad(name, version):
+                continue
+            try:
+                lm = self._load(name, version)
+            except OutpostError as exc:
+                errors.append(str(exc))
+                if isinstance(exc, ModelLoadError):
+                    self.registry.mark_bad(name, version, str(exc))
+                continue
+            log.warning("serving a fallback version", extra={"model": lm.ref, "wanted": exclude})
+            return lm
+        return None
+
+    def _retire(self, lm: LoadedModel) -> None:
+        with self._retire_lock:
+            self._retired.append(_Retired(lm))
+
+    # --- network thread --------------------------------------------------------------------------
+    def _serve(self, name: str, active: LoadedModel | None, shadow: LoadedModel | None, error: str) -> None:
+        s = self.served[name]
+        s.active, s.shadow, s.error = active, shadow, error
+        size = max(
+            (m.manifest.window for sv in self.served.values() for m in (sv.active, sv.shadow) if m), default=1
+        )
+        self.windows.resize(size)
+        self._report()
+
+    def _on_message(self, msg: Message) -> None:
+        if self._draining:
+            self.metrics.counters["left_for_redelivery"] += 1
+            return
+        inbound = _Inbound(msg.mid, msg.qos) if msg.qos else None
+        try:
+            self._take(msg, inbound)
+        except Exception as exc:
+            log.exception("inference failed on a message")
+            self._reject("internal", f"{type(exc).__name__}: {exc}", _topic(msg), bytes(msg.payload), inbound)
+        if inbound is not None:
+            inbound.sealed = True
+            self._maybe_ack(inbound)
+
+    def _take(self, msg: Message, inbound: _Inbound | None) -> None:
+        c = self.metrics.counters
+        c["messages"] += 1
+        raw = bytes(msg.payload)
+        topic = _topic(msg)
+        if not topic.startswith(self.events_root):
+            self._reject("bad_topic", "not an events topic of this site", topic, raw, inbound)
+            return
+        try:
+            device = check_segment(topic[len(self.events_root) :], "device")
+        except TopicError as exc:
+            self._reject("bad_topic", str(exc), topic, raw, inbound)
+            return
+        if len(raw) > MAX_EVENTS_PAYLOAD:
+            self._reject("too_large", f"{len(raw)} bytes > {MAX_EVENTS_PAYLOAD}", topic, raw, inbound)
+            return
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            self._reject("not_json", f"not JSON: {exc}", topic, raw, inbound)
+            return
+        items = doc if isinstance(doc, list) else [doc]
+        batch = isinstance(doc, list)
+        windows = self.windows
+        served = self.served
+        for index, ev in enumerate(items):
+            problem = _check_event(ev, device)
+            if problem is not None:
+                reason, detail = problem
+                self._reject(
+                    reason,
+                    detail,
+                    topic,
+                    _item_bytes(ev, raw) if batch else raw,
+                    inbound,
+                    index=index if batch else None,
+                )
+                continue
+            c["events"] += 1
+            eid = ev["id"]
+            if self._seen(device, eid):
+                c["duplicates"] += 1
+                continue
+            metric = ev["metric"]
+            windows.add(device, metric, float(ev["value"]))
+            for name, s in served.items():
+                active = s.active
+                if active is None:
+                    c[f"unscored_no_model.{name}"] += 1  # the status says why (error)
+                    continue
+                if not active.manifest.trigger.matches(device, metric):
+                    continue
+                self._request(name, s, active, ev, device, topic, inbound, index if batch else None, raw)
+
+    def _request(
+        self,
+        name: str,
+        s: _Served,
+        active: LoadedModel,
+        ev: dict[str, Any],
+        device: str,
+        topic: str,
+        inbound: _Inbound | None,
+        index: int | None,
+        raw: bytes,
+    ) -> None:
+        c = self.metrics.counters
+        try:
+            row = feature_vector(active.manifest, self.windows, device)
+        except FeatureError as exc:
+            if exc.reason == "warming":
+                c[f"warming.{name}"] += 1
+                return
+            self._reject(
+                exc.reason, f"{name}: {exc.detail}", topic, raw, inbound, index=index, trace=ev.get("trace")
+            )
+            return
+        shadow = s.shadow
+        shadow_row: list[float] | None = None
+        if shadow is not None:
+            if shadow.signature == active.signature:
+                shadow_row = row
+            else:
+                try:
+                    shadow_row = feature_vector(shadow.manifest, self.windows, device)
+                except FeatureError:
+                    shadow = None
+        req = Request(
+            active,
+            shadow,
+            row,
+            shadow_row,
+            device,
+            ev["id"],
+            ev.get("trace") or ev["id"],
+            ev["ts"],
+            ev.get("ingest_ns") or ev["ts"],
+            time.perf_counter_ns(),
+            inbound,
+        )
+        try:
+            self.queue.put_nowait(req)
+        except queue.Full:
+            c["queue_full"] += 1
+            wait_s = self.cfg.queue_full_wait_ms / 1000.0
+            try:
+                # Backpressure: the network thread stops reading while it waits, so the broker
+                # holds what follows (and, at QoS 1, keeps it unacknowledged) instead of this
+                # process buffering without bound. The worker never waits on this thread.
+                if wait_s <= 0:
+                    raise queue.Full
+                self.queue.put(req, timeout=wait_s)
+            except queue.Full:
+                pass
+            else:
+                c["requests"] += 1
+                if inbound is not None:
+                    inbound.pending += 1
+                return
+            c["overloaded"] += 1
+            self._reject(
+                "overloaded",
+                f"{name}: {self.cfg.max_queue} requests already wait",
+                topic,
+                raw,
+                inbound,
+                index=index,
+                trace=req.trace,
+            )
+            return
+        c["requests"] += 1
+        if inbound is not None:
+            inbound.pending += 1
+
+    def _seen(self, device: str, eid: str) -> bool:
+        entry = self._recent.get(device)
+        if entry is None:
+            entry = self._recent[device] = (set(), deque())
+        ids, order = entry
+        if eid in ids:
+            return True
+        ids.add(eid)
+        order.append(eid)
+        if len(order) > RECENT_IDS:
+            ids.discard(order.popleft())
+        return False
+
+    def _reject(
+        self,
+        reason: str,
+        detail: str,
+        topic: str,
+        payload: bytes,
+        inbound: _Inbound | None,
+        *,
+        index: int | None = None,
+        trace: str | None = None,
+    ) -> None:
+        c = self.metrics.counters
+        c["rejected"] += 1
+        c["rejected." + reason] += 1
+        entry = dead_letter(
+            stage=NAME, reason=reason, detail=detail, topic=topic, payload=payload, trace=trace, index=index
+        )
+        mid = self.bus.publish(self.dlq_topic, entry, qos=1)
+        self._track(mid, [inbound] if inbound is not None else [])
+        if inbound is not None:
+            inbound.pending += 1
+
+    def _track(self, mid: int, inbounds: list[_Inbound]) -> None:
+        if inbounds:
+            self._mid_inbound.setdefault(mid, []).extend(inbounds)
+
+    def _on_published(self, mid: int) -> None:
+        for inbound in self._mid_inbound.pop(mid, ()):
+            inbound.pending -= 1
+            self._maybe_ack(inbound)
+
+    def _maybe_ack(self, inbound: _Inbound) -> None:
+        if inbound.sealed and inbound.pending == 0:
+            inbound.pending = -1  # acknowledged once
+            self.bus.ack(inbound.mid, inbound.qos)
+
+    def _publish(self, results: list[_Result]) -> None:
+        """Publish one batch's scores, a JSON list per (model, device) (network thread)."""
+        groups: dict[str, list[_Result]] = {}
+        root = self.inference_root
+        for r in results:
+            groups.setdefault(f"{root}{r.request.model.manifest.name}/{r.request.device}", []).append(r)
+        qos = self.cfg.qos
+        now = time.time_ns()
+        e2s = self._e2s
+        for topic, rs in groups.items():
+            body = []
+            inbounds: list[_Inbound] = []
+            for r in rs:
+                req = r.request
+                m = req.model.manifest
+                body.append(
+                    {
+                        "v": 1,
+                        "id": score_id(m.name, req.event_id),
+                        "ts": req.event_ts,
+                        "trace": req.trace,
+                        "event": req.event_id,
+                        "device": req.device,
+                        "model": m.name,
+                        "version": r.version,
+                        "backend": req.model.backend.name,
+                        "score": r.score,
+                        "label": r.label,
+                        "confidence": r.confidence,
+                        "alert": r.alert,
+                        "queue_ms": r.queue_ms,
+                        "compute_ms": r.compute_ms,
+                        "batch": r.batch,
+                    }
+                )
+                e2s.record_ns(now - req.origin_ns)
+                if req.inbound is not None:
+                    inbounds.append(req.inbound)
+            mid = self.bus.publish(topic, orjson.dumps(body), qos=qos)
+            if qos:
+                self._track(mid, inbounds)
+            else:
+                for inbound in inbounds:
+                    inbound.pending -= 1
+                    self._maybe_ack(inbound)
+        self.metrics.counters["scored"] += len(results)
+
+    # --- worker thread ---------------------------------------------------------------------------
+    def _work(self) -> None:
+        q = self.queue
+        max_batch = self.cfg.max_batch
+        max_wait_ns = int(self.cfg.max_wait_ms * 1e6)
+        while not self._stop.is_set():
+            try:
+                first = q.get(timeout=0.1)
+            except queue.Empty:
+                self._close_retired()
+                continue
+            self._busy.set()
+            batch = [first]
+            deadline = first.enq_ns + max_wait_ns
+            while len(batch) < max_batch:
+                try:
+                    batch.append(q.get_nowait())
+                    continue
+                except queue.Empty:
+                    pass
+                left = deadline - time.perf_counter_ns()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(q.get(timeout=left / 1e9))
+                except queue.Empty:
+                    break
+            try:
+                self._run_batch(batch)
+            except Exception:
+                log.exception("batch failed")
+            finally:
+                self._busy.clear()
+            if q.empty():
+                self._close_retired()
+
+    def _run_batch(self, batch: list[Request]) -> None:
+        by_model: dict[LoadedModel, list[Request]] = {}
+        for req in batch:
+            by_model.setdefault(req.model, []).append(req)
+        c = self.metrics.counters
+        shadows: list[tuple[LoadedModel, list[Request], np.ndarray[Any, Any]]] = []
+        for lm, reqs in by_model.items():
+            m = lm.manifest
+            x = np.asarray([r.row for r in reqs], dtype=np.float32)
+            start = time.perf_counter_ns()
+            cpu_start = time.thread_time_ns()
+            try:
+                probs = lm.probabilities(x)
+            except Exception as exc:
+                log.exception("model call failed", extra={"model": lm.ref})
+                self.bus.post(partial(self._fail, reqs, f"{lm.ref}: {exc}"))
+                continue
+            done = time.perf_counter_ns()
+            compute_ns = done - start
+            c["batches"] += 1
+            c["rows"] += len(reqs)
+            c["compute_ns"] += compute_ns
+            # CPU time of the call on this thread (ORT runs one intra-op thread: the caller): the
+            # model's own cost, without waiting for the GIL or for a core another process holds.
+            c["compute_cpu_ns"] += time.thread_time_ns() - cpu_start
+            self._compute.record_ns(compute_ns)
+            compute_ms = round(compute_ns / 1e6, 4)
+            labels = m.labels
+            normal = m.normal_index
+            threshold = m.threshold
+            best = probs.argmax(axis=1)
+            results: list[_Result] = []
+            for i, r in enumerate(reqs):
+                row = probs[i]
+                k = int(best[i])
+                score = float(1.0 - row[normal])
+                if not math.isfinite(score):
+                    self.bus.post(partial(self._fail, [r], f"{lm.ref}: non-finite output"))
+                    continue
+                queue_ns = start - r.enq_ns
+                self._queue_wait.record_ns(queue_ns)
+                results.append(
+                    _Result(
+                        r,
+                        m.version,
+                        round(score, 6),
+                        labels[k],
+                        round(float(row[k]), 6),
+                        score >= threshold,
+                        round(queue_ns / 1e6, 4),
+                        compute_ms,
+                        len(reqs),
+                    )
+                )
+            self.bus.post(partial(self._publish, results))
+            picked = [i for i, r in enumerate(reqs) if r.shadow is not None and r.shadow_row is not None]
+            if picked:
+                shadows.append((lm, [reqs[i] for i in picked], best[picked]))
+        for lm, reqs, active_best in shadows:
+            self._run_shadow(lm, reqs, active_best)
+
+    def _run_shadow(
+        self, active: LoadedModel, reqs: list[Request], active_best: np.ndarray[Any, Any]
+    ) -> None:
+        """Score the same requests with the shadow model: agreement and latency go to metrics,
+        the scores themselves go nowhere (a candidate is never acted on)."""
+        c = self.metrics.counters
+        name = active.manifest.name
+        by_shadow: dict[LoadedModel, list[Request]] = {}
+        for r in reqs:
+            assert r.shadow is not None
+            by_shadow.setdefault(r.shadow, []).append(r)
+        position = {id(r): i for i, r in enumerate(reqs)}
+        for sm, rs in by_shadow.items():
+            x = np.asarray([r.shadow_row for r in rs], dtype=np.float32)
+            try:
+                start = time.perf_counter_ns()
+                sp = sm.probabilities(x)
+                self._shadow_compute.record_ns(time.perf_counter_ns() - start)
+            except Exception:
+                c[f"shadow_errors.{name}"] += 1
+                log.exception("shadow call failed", extra={"model": sm.ref})
+                continue
+            mine = active_best[[position[id(r)] for r in rs]]
+            agree = int(np.sum(sp.argmax(axis=1) == mine))
+            c[f"shadow_rows.{name}"] += len(rs)
+            c[f"shadow_agree.{name}"] += agree
+
+    def _fail(self, reqs: list[Request], detail: str) -> None:
+        """Requests the model could not score: dead-lettered with their features (network thread)."""
+        for r in reqs:
+            payload = orjson.dumps({"event": r.event_id, "device": r.device, "features": r.row})
+            self._reject(
+                "model_error", detail, self.events_root + r.device, payload, r.inbound, trace=r.trace
+            )
+            if r.inbound is not None:
+                r.inbound.pending -= 1
+                self._maybe_ack(r.inbound)
+
+    def _close_retired(self) -> None:
+        """Close versions no longer served once every request naming them was scored: the queue is
+        empty now, and nothing enqueued before their retirement can still be waiting."""
+        with self._retire_lock:
+            now = time.monotonic()
+            ready = [r for r in self._retired if now - r.at > 0.5]
+            self._retired = [r for r in self._retired if now - r.at <= 0.5]
+            serving = {id(m) for pair in self._loaded.values() for m in pair if m is not None}
+        for r in ready:
+            if id(r.model) not in serving:
+                r.model.close()
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.reconcile()  # the first models load before any event is taken
+        self._worker.start()
+        self._loader.start()
+        self.rt.start()
+        log.info("inference started", extra={"models": self.names, "qos": self.cfg.qos})
+
+    def stop(self) -> None:
+        """Drain: stop intake, score what is queued, wait for confirmations, go offline."""
+        self.bus.call(self._start_draining, timeout_s=5)
+        deadline = time.monotonic() + 10
+        while (not self.queue.empty() or self._busy.is_set()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.bus.call(lambda: None, timeout_s=5)  # the last posted publishes have run
+        self._stop.set()
+        self._worker.join(timeout=5)
+        self._loader.join(timeout=5)
+        self.rt.stop()
+        for active, shadow in self._loaded.values():
+            for lm in (active, shadow):
+                if lm is not None:
+                    lm.close()
+        self.registry.close()
+        log.info("inference stopped", extra={"counters": dict(self.metrics.counters)})
+
+    def _start_draining(self) -> None:
+        self._draining = True
+
+
+def _topic(msg: Message) -> str:
+    try:
+        return msg.topic
+    except UnicodeDecodeError:
+        return "<non-utf8>"
+
+
+def _item_bytes(item: Any, raw: bytes) -> bytes:
+    try:
+        return orjson.dumps(item)
+    except TypeError:
+        return raw
+
+
+def _check_event(ev: Any, device: str) -> tuple[str, str] | None:
+    """Why an event cannot be used (reason, detail), or None. Explicit checks, cheaper than a
+    model validation per event; the event contract is :class:`outpost.envelope.Event`."""
+    if not isinstance(ev, dict):
+        return "wrong_shape", f"an event must be a JSON object, got {type(ev).__name__}"
+    for key, kinds in (("id", str), ("device", str), ("metric", str)):
+        v = ev.get(key)
+        if not isinstance(v, kinds) or not v or len(v) > 128:
+            return "bad_event", f"{key} must be a non-empty string, got {type(v).__name__}"
+    if ev["device"] != device:
+        return "device_mismatch", f"event device {ev['device'][:64]!r} != topic device {device!r}"
+    ts = ev.get("ts")
+    if type(ts) is not int or ts < 0:
+        return "bad_event", f"ts must be a non-negative integer, got {type(ts).__name__}"
+    value = ev.get("value")
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "bad_event", f"value must be a number, got {type(value).__name__}"
+    if not math.isfinite(value):
+        return "not_finite", f"value {value!r} is not finite"
+    trace = ev.get("trace")
+    if trace is not None and not isinstance(trace, str):
+        return "bad_event", "trace must be a string"
+    origin = ev.get("ingest_ns")
+    if origin is not None and type(origin) is not int:
+        return "bad_event", "ingest_ns must be an integer"
+    return None
+
+
+def run(settings: OutpostSettings, stop: threading.Event) -> InferenceService:
+    """Run inference until ``stop`` is set; returns the (stopped) service for inspection."""
+    svc = InferenceService(settings)
+    svc.start()
+    wait(stop, 0.2)
+    svc.stop()
+    return svc
+
+
+def main() -> None:
+    import sys
+
+    from outpost.log import setup_logging
+    from outpost.settings import load_settings
+
+    # The worker holds the GIL only between session calls; after one returns it must win the GIL
+    # back from the network thread, which otherwise keeps it for the default 5 ms switch interval:
+    # that wait, not the model, dominated event-to-score latency (docs/benchmarks.md).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    settings = load_settings()
+    setup_logging(settings.log_level, json=settings.log_json)
+    stop = threading.Event()
+    install_stop_signals(stop)
+    run(settings, stop)

@@ -1,0 +1,1 @@
+"""Training the committed inference models: simulator data sets, the ONNX graph, the training script."""

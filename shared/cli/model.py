@@ -1,0 +1,207 @@
+"""``outpost model``: the model registry (list, verify, activate, shadow, rollback, quantize).
+
+The registry is the folder of model versions (``inference.models_dir``, by default the models
+Outpost ships) plus the state in ``{data_dir}/inference/registry.db``; a running inference service
+picks up every change within ``inference.reload_s`` and swaps between batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from outpost.errors import ConfigError, OutpostError
+from outpost.settings import load_settings
+
+model_app = typer.Typer(
+    help="Model registry: list, verify, activate, shadow, rollback, quantize.", no_args_is_help=True
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")]
+NameArg = Annotated[str, typer.Argument(help="Model name, e.g. fridge-anomaly.")]
+VersionArg = Annotated[str, typer.Argument(help="Version, e.g. 1.1.0.")]
+
+
+def _registry() -> Any:
+    from outpost.services.inference.registry import PACKAGED_MODELS, Registry
+
+    s = load_settings()
+    models_dir = s.inference.models_dir or PACKAGED_MODELS
+    if not models_dir.is_dir():
+        raise ConfigError(f"inference.models_dir {models_dir} is not a folder")
+    return Registry(models_dir, Path(s.data_dir) / "inference" / "registry.db")
+
+
+def _known(reg: Any, name: str, version: str | None = None) -> None:
+    if name not in reg.names():
+        raise ConfigError(
+            f"no model {name!r} in {reg.models_dir} (known: {', '.join(reg.names()) or 'none'})"
+        )
+    if version is not None and version not in reg.versions(name):
+        raise ConfigError(f"no version {version!r} of {name} (known: {', '.join(reg.versions(name))})")
+
+
+def _echo_json(doc: object) -> None:
+    typer.echo(orjson.dumps(doc).decode())
+
+
+@model_app.command("list")
+def list_models(json_out: JsonOpt = False) -> None:
+    """Every model version in the registry, which is active, which shadows, which failed."""
+    reg = _registry()
+    rows: list[dict[str, Any]] = []
+    for name in reg.names():
+        state = reg.state(name)
+        bad = reg.bad_versions(name)
+        for version in reg.versions(name):
+            try:
+                m = reg.manifest(name, version)
+                desc, trigger = m.description, f"{m.trigger.metric} @ {m.trigger.device}"
+            except OutpostError as exc:
+                desc, trigger = f"(unreadable: {exc})", ""
+            rows.append(
+                {
+                    "name": name,
+                    "version": version,
+                    "active": version == state.active,
+                    "shadow": version == state.shadow,
+                    "bad": bad.get(version),
+                    "trigger": trigger,
+                    "description": desc,
+                }
+            )
+    if json_out:
+        _echo_json({"models_dir": str(reg.models_dir), "models": rows})
+        return
+    t = Table(title=f"models in {reg.models_dir}")
+    for col in ("model", "version", "role", "trigger", "description"):
+        t.add_column(col)
+    for r in rows:
+        role = (
+            "active"
+            if r["active"]
+            else "shadow"
+            if r["shadow"]
+            else ("BAD: " + r["bad"][:60])
+            if r["bad"]
+            else ""
+        )
+        t.add_row(r["name"], r["version"], role, r["trigger"], r["description"][:70])
+    Console().print(t)
+
+
+@model_app.command("verify")
+def verify(
+    name: Annotated[str | None, typer.Argument(help="Model name (default: every model).")] = None,
+    version: Annotated[str | None, typer.Argument(help="Version (default: every version).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check manifests and checksums, and load each version on ONNX Runtime (CPU) with a warm-up
+    that checks its shapes against the manifest. Exit code 2 if any version fails."""
+    from outpost.services.inference.backends.config import OrtConfig
+    from outpost.services.inference.loaded import load_model
+
+    reg = _registry()
+    names = [name] if name else reg.names()
+    results: list[dict[str, Any]] = []
+    for n in names:
+        _known(reg, n, version)
+        for v in [version] if version else reg.versions(n):
+            try:
+                lm = load_model(reg, n, v, OrtConfig(), engine_dir=Path("/nonexistent"), max_batch=32)
+                lm.close()
+                results.append(
+                    {"model": n, "version": v, "ok": True, "detail": f"sha256 {lm.manifest.sha256[:12]}"}
+                )
+            except OutpostError as exc:
+                results.append({"model": n, "version": v, "ok": False, "detail": str(exc)})
+    failed = [r for r in results if not r["ok"]]
+    if json_out:
+        _echo_json({"ok": not failed, "results": results})
+    else:
+        for r in results:
+            mark = "[green]ok[/]" if r["ok"] else "[red]FAILED[/]"
+            Console(highlight=False).print(f"{mark} {r['model']}@{r['version']}: {r['detail']}")
+    if failed:
+        raise typer.Exit(2)
+
+
+@model_app.command("activate")
+def activate(name: NameArg, version: VersionArg) -> None:
+    """Make VERSION the active one (verified first; a corrupt file is refused)."""
+    reg = _registry()
+    _known(reg, name, version)
+    before = reg.state(name).active
+    reg.activate(name, version)
+    typer.echo(f"{name}: active {before} -> {version}")
+
+
+@model_app.command("shadow")
+def shadow(
+    name: NameArg,
+    version: Annotated[str | None, typer.Argument(help="Candidate version (omit with --off).")] = None,
+    off: Annotated[bool, typer.Option("--off", help="Stop shadowing.")] = False,
+) -> None:
+    """Score VERSION alongside the active one; agreement and latency go to the service's metrics."""
+    reg = _registry()
+    if off == (version is not None):
+        raise ConfigError("give a VERSION to shadow, or --off to stop shadowing")
+    _known(reg, name, version)
+    reg.set_shadow(name, version)
+    typer.echo(f"{name}: shadow {version or 'off'}")
+
+
+@model_app.command("rollback")
+def rollback(name: NameArg) -> None:
+    """Go back to the version active before the current one (skipping versions that failed)."""
+    reg = _registry()
+    _known(reg, name)
+    before = reg.state(name).active
+    after = reg.rollback(name)
+    typer.echo(f"{name}: active {before} -> {after} (rollback)")
+
+
+@model_app.command("quantize")
+def quantize(
+    name: NameArg,
+    version: VersionArg,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing -int8 version.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Make VERSION-int8 (dynamic INT8 weights) and report size, latency and held-out accuracy
+    against the float model."""
+    from outpost.services.inference.quantize import quantize as run_quantize
+
+    reg = _registry()
+    _known(reg, name, version)
+    report = run_quantize(reg, name, version, overwrite=overwrite).as_dict()
+    if json_out:
+        _echo_json(report)
+        return
+    t = Table(title=f"{report['source']} -> {report['result']}")
+    for col in ("", "float", "int8"):
+        t.add_column(col, justify="right")
+    t.add_row("file bytes", f"{report['float_bytes']:,}", f"{report['int8_bytes']:,}")
+    for b in report["float_us_per_batch"]:
+        t.add_row(
+            f"us per call, batch {b}",
+            str(report["float_us_per_batch"][b]),
+            str(report["int8_us_per_batch"][b]),
+        )
+    t.add_row(
+        f"accuracy ({report['held_out_rows']:,} held-out rows)",
+        f"{report['float_accuracy']:.4f}",
+        f"{report['int8_accuracy']:.4f}",
+    )
+    t.add_row("label agreement with float", "", f"{report['label_agreement']:.4f}")
+    Console().print(t)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(model_app, name="model")

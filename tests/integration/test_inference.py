@@ -1,0 +1,524 @@
+"""The inference service against a real Mosquitto: scores flow with model versions, hostile events
+are dead-lettered, a swap and a rollback under load lose and duplicate nothing, a bad model file
+never replaces the last good one, shadow agreement is measured, and a full queue is counted."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import orjson
+import pytest
+from onnx import TensorProto, helper
+
+from outpost.broker import Mosquitto
+from outpost.bus import Bus
+from outpost.services.inference.manifest import read_manifest, sha256_of, write_manifest
+from outpost.services.inference.registry import PACKAGED_MODELS, Registry
+from outpost.services.inference.service import InferenceService, run, score_id
+from outpost.settings import OutpostSettings
+from tests.conftest import Collector
+
+pytestmark = pytest.mark.integration
+
+FRIDGE = "fridge-anomaly"
+SHELF = "shelf-stock"
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    """A copy of the shipped models that a test may change."""
+    d = tmp_path / "models"
+    shutil.copytree(PACKAGED_MODELS, d)
+    return d
+
+
+@pytest.fixture
+def isettings(settings: OutpostSettings, models_dir: Path) -> OutpostSettings:
+    settings.inference.models_dir = models_dir
+    settings.inference.reload_s = 0.1
+    settings.inference.backend = {"type": "onnxruntime", "providers": ["cpu"]}  # type: ignore[assignment]
+    return settings
+
+
+def registry(s: OutpostSettings) -> Registry:
+    assert s.inference.models_dir is not None
+    return Registry(s.inference.models_dir, Path(s.data_dir) / "inference" / "registry.db")
+
+
+class RunningInference:
+    def __init__(self, settings: OutpostSettings) -> None:
+        self.stop_event = threading.Event()
+        self.result: list[InferenceService] = []
+        self.thread = threading.Thread(
+            target=lambda: self.result.append(run(settings, self.stop_event)), daemon=True
+        )
+
+    def stop(self) -> InferenceService:
+        self.stop_event.set()
+        self.thread.join(30)
+        return self.result[0]
+
+
+@pytest.fixture
+def start_inference(
+    isettings: OutpostSettings, broker: Mosquitto
+) -> Iterator[Callable[[], RunningInference]]:
+    started: list[RunningInference] = []
+
+    def start() -> RunningInference:
+        r = RunningInference(isettings)
+        r.thread.start()
+        started.append(r)
+        probe = Collector(
+            isettings.mqtt,
+            isettings.topics.service_status("inference"),
+            client_id=f"probe-inf-{len(started)}-{isettings.site}",
+        )
+        probe.start()
+        try:
+            assert probe.wait_for(lambda c: any(d.get("state") == "online" for d in c.json()), 20)
+        finally:
+            probe.stop()
+        return r
+
+    yield start
+    for r in started:
+        if r.thread.is_alive():
+            r.stop()
+
+
+@pytest.fixture
+def pub(isettings: OutpostSettings) -> Iterator[Bus]:
+    b = Bus(isettings.mqtt, client_id="pub-" + isettings.site)
+    b.start()
+    yield b
+    b.stop()
+
+
+def event(device: str, seq: int, metric: str, value: Any, **extra: Any) -> dict[str, Any]:
+    """An event as ingest publishes it; ``extra`` overrides or adds fields."""
+    eid = f"{device}-{seq}"
+    ts = time.time_ns()
+    ev = {
+        "v": 1,
+        "id": eid,
+        "ts": ts,
+        "trace": eid,
+        "device": device,
+        "seq": seq,
+        "metric": metric,
+        "value": value,
+        "unit": "kg",
+        "ingest_ns": ts,
+        "gap": 0,
+        "late": False,
+    }
+    ev.update(extra)
+    return ev
+
+
+def fridge_step(device: str, step: int, *, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """One fridge step as ingest would publish it: four events, the trigger (door) last."""
+    base = step * 4
+    return [
+        event(device, base, "temperature", float(4.0 + rng.normal(0, 0.3))),
+        event(device, base + 1, "humidity", float(72 + rng.normal(0, 1))),
+        event(device, base + 2, "vibration", float(2.5 + rng.normal(0, 0.5))),
+        event(device, base + 3, "door", float(rng.random() < 0.05)),
+    ]
+
+
+def scores(c: Collector) -> list[dict[str, Any]]:
+    return c.events()
+
+
+# --- scores flow ----------------------------------------------------------------------------------
+
+
+def test_scores_carry_model_version_trace_and_latency(
+    start_inference: Callable[[], RunningInference],
+    collect: Callable[..., Collector],
+    pub: Bus,
+    isettings: OutpostSettings,
+) -> None:
+    t = isettings.topics
+    out = collect(t.root + "/inference/#")
+    start_inference()
+    manifest = registry(isettings).manifest(SHELF, registry(isettings).state(SHELF).active or "")
+    n = 40
+    for seq in range(n):
+        pub.publish(
+            t.events("shelf-001"),
+            orjson.dumps([event("shelf-001", seq, "shelf_weight", 20.0 - seq * 0.3)]),
+            qos=1,
+        )
+    expected = n - (manifest.min_readings - 1)
+    assert out.wait_for(lambda c: len(scores(c)) >= expected, 15), len(scores(out))
+    got = scores(out)
+    assert len(got) == expected
+    topics = {tp for tp, _ in out.messages}
+    assert topics == {t.inference(SHELF, "shelf-001")}
+    for s in got:
+        assert s["model"] == SHELF and s["version"] == manifest.version
+        assert s["label"] in manifest.labels
+        assert 0.0 <= s["score"] <= 1.0 and 0.0 <= s["confidence"] <= 1.0
+        assert s["alert"] == (s["score"] >= manifest.threshold)
+        assert s["trace"] == s["event"] and s["id"] == score_id(SHELF, s["event"])
+        assert s["queue_ms"] >= 0 and s["compute_ms"] > 0 and s["batch"] >= 1
+        assert s["backend"] == "onnxruntime-cpu"
+    # a falling shelf ends low or empty
+    assert got[-1]["label"] != manifest.normal_label or got[-1]["score"] > got[0]["score"]
+
+
+# --- hostile events -------------------------------------------------------------------------------
+
+HOSTILE: list[tuple[str, str, bytes]] = [
+    ("not_json", "shelf-001", b"{not json"),
+    ("not_json", "shelf-001", b'[{"value": NaN}]'),
+    ("not_json", "shelf-001", b"\xff\xfe\x00"),
+    ("wrong_shape", "shelf-001", b"[1]"),
+    ("wrong_shape", "shelf-001", b'"text"'),
+    ("bad_event", "shelf-001", orjson.dumps([{"id": "x", "device": "shelf-001", "metric": "shelf_weight"}])),
+    ("bad_event", "shelf-001", orjson.dumps([event("shelf-001", 1, "shelf_weight", "heavy")])),
+    ("bad_event", "shelf-001", orjson.dumps([event("shelf-001", 1, "shelf_weight", True)])),
+    ("bad_event", "shelf-001", orjson.dumps([event("shelf-001", 1, "shelf_weight", 1.0, ts=-5)])),
+    ("bad_event", "shelf-001", orjson.dumps([event("shelf-001", 1, "shelf_weight", 1.0, id="")])),
+    ("device_mismatch", "shelf-001", orjson.dumps([event("shelf-002", 1, "shelf_weight", 1.0)])),
+    ("bad_topic", "x" * 65, orjson.dumps([event("x" * 65, 1, "shelf_weight", 1.0)])),
+    ("bad_topic", "a.b", orjson.dumps([event("a.b", 1, "shelf_weight", 1.0)])),
+]
+
+
+def test_hostile_events_are_dead_lettered_and_service_lives_on(
+    start_inference: Callable[[], RunningInference],
+    collect: Callable[..., Collector],
+    pub: Bus,
+    isettings: OutpostSettings,
+) -> None:
+    t = isettings.topics
+    dlq = collect(t.dlq("inference"))
+    out = collect(t.root + "/inference/#")
+    r = start_inference()
+    for _, device, payload in HOSTILE:
+        pub.publish(f"{t.root}/events/{device}", payload, qos=1)
+    # a huge value makes a non-finite statistic: bad_features, not a crash
+    for seq in range(10):
+        pub.publish(
+            t.events("shelf-009"),
+            orjson.dumps([event("shelf-009", seq, "shelf_weight", 1e308 * (-1) ** seq)]),
+            qos=1,
+        )
+    assert dlq.wait_for(lambda c: len(c.json()) >= len(HOSTILE) + 1, 15)
+    reasons = Counter(d["reason"] for d in dlq.json())
+    for reason, n in Counter(h[0] for h in HOSTILE).items():
+        assert reasons[reason] == n, (reason, reasons)
+    assert reasons["bad_features"] >= 1
+    for d in dlq.json():
+        assert d["stage"] == "inference" and d["payload_len"] > 0 and d["detail"]
+    # still scoring
+    for seq in range(10):
+        pub.publish(
+            t.events("shelf-002"), orjson.dumps([event("shelf-002", seq, "shelf_weight", 10.0)]), qos=1
+        )
+    assert out.wait_for(lambda c: any(s["device"] == "shelf-002" for s in scores(c)), 10)
+    svc = r.stop()
+    assert svc.metrics.counters["rejected"] == sum(reasons.values())
+    assert svc.bus.handler_errors == 0
+
+
+# --- hot swap and rollback under load -------------------------------------------------------------
+
+
+def test_swap_and_rollback_under_load_lose_and_duplicate_nothing(
+    start_inference: Callable[[], RunningInference],
+    collect: Callable[..., Collector],
+    pub: Bus,
+    isettings: OutpostSettings,
+) -> None:
+    t = isettings.topics
+    reg = registry(isettings)
+    versions = reg.versions(FRIDGE)
+    assert len(versions) >= 2, versions
+    old, new = versions[0], versions[1]
+    reg.activate(FRIDGE, old)
+    out = collect(t.root + f"/inference/{FRIDGE}/+")
+    dlq = collect(t.dlq("inference"))
+    r = start_inference()
+    devices = [f"fridge-{i:03d}" for i in range(10)]
+    steps = 400
+    rng = np.random.default_rng(5)
+    min_readings = reg.manifest(FRIDGE, old).min_readings
+
+    def load() -> None:
+        for step in range(steps):
+            for d in devices:
+                pub.publish(t.events(d), orjson.dumps(fridge_step(d, step, rng=rng)), qos=1)
+            time.sleep(0.004)  # ~2,500 steps/s offered: 10,000 events/s
+
+    sender = threading.Thread(target=load)
+    sender.start()
+    time.sleep(0.4)
+    reg.activate(FRIDGE, new)
+    time.sleep(0.4)
+    assert reg.rollback(FRIDGE) == old
+    sender.join()
+    expected = {f"{d}-{s * 4 + 3}" for d in devices for s in range(min_readings - 1, steps)}
+    assert out.wait_for(lambda c: {s["event"] for s in scores(c)} >= expected, 30)
+    time.sleep(0.3)
+    got = scores(out)
+    by_event = Counter(s["event"] for s in got)
+    assert set(by_event) == expected
+    assert max(by_event.values()) == 1, "an event was scored twice"
+    used = Counter(s["version"] for s in got)
+    assert used[old] > 0 and used[new] > 0, used
+    # every device's scores switch version at most twice (old -> new -> old): no interleaving
+    for d in devices:
+        seq = [
+            s["version"]
+            for s in sorted(
+                (s for s in got if s["device"] == d), key=lambda s: int(s["event"].rsplit("-", 1)[1])
+            )
+        ]
+        switches = sum(1 for a, b in itertools.pairwise(seq) if a != b)
+        assert switches <= 2, (d, seq)
+    assert dlq.json() == []
+    svc = r.stop()
+    assert svc.metrics.counters["swaps"] == 2
+
+
+# --- bad model files ------------------------------------------------------------------------------
+
+
+def _new_version(
+    models_dir: Path,
+    name: str,
+    src_version: str,
+    version: str,
+    blob: bytes | None = None,
+    model: onnx.ModelProto | None = None,
+) -> None:
+    src = models_dir / name / src_version
+    dst = models_dir / name / version
+    shutil.copytree(src, dst)
+    m = read_manifest(src)
+    path = dst / m.file
+    if blob is not None:
+        path.write_bytes(blob)
+    if model is not None:
+        onnx.save(model, str(path))
+    write_manifest(dst, m.model_copy(update={"version": version, "sha256": sha256_of(path)}))
+
+
+def _wrong_shape_model(features: int) -> onnx.ModelProto:
+    """A valid ONNX model with two output columns where the manifest promises three labels."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [features, 2], [0.01] * features * 2)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["features", "w"], ["z"]),
+            helper.make_node("Softmax", ["z"], ["probabilities"]),
+        ],
+        "wrong",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 2])],
+        initializer=[w],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_bad_model_versions_never_replace_the_last_good_one(
+    start_inference: Callable[[], RunningInference],
+    collect: Callable[..., Collector],
+    pub: Bus,
+    isettings: OutpostSettings,
+    models_dir: Path,
+) -> None:
+    t = isettings.topics
+    reg = registry(isettings)
+    good = reg.state(SHELF).active
+    assert good is not None
+    features = len(reg.manifest(SHELF, good).features)
+    _new_version(models_dir, SHELF, good, "9.0.0", blob=b"this is not an onnx file")
+    _new_version(models_dir, SHELF, good, "9.1.0", model=_wrong_shape_model(features))
+    _new_version(models_dir, SHELF, good, "9.2.0")
+    (models_dir / SHELF / "9.2.0" / "model.onnx").write_bytes(b"tampered after the manifest was written")
+    reported = collect(t.control("inference", "reported"))
+    out = collect(t.root + f"/inference/{SHELF}/+")
+    reg.activate(SHELF, good)
+    start_inference()
+    # a checksum mismatch is refused before it reaches the service
+    from outpost.services.inference.backends.base import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="checksum mismatch"):
+        reg.activate(SHELF, "9.2.0")
+    for bad, why in (("9.0.0", "cannot load"), ("9.1.0", "shape")):
+        reg.activate(SHELF, bad)  # checksum fine; the content is what is wrong
+        assert reported.wait_for(
+            lambda c, why=why: any(why in ((d["models"][SHELF] or {}).get("error") or "") for d in c.json()),
+            10,
+        ), reported.json()[-1:]
+        assert reg.is_bad(SHELF, bad)
+        last = reported.json()[-1]["models"][SHELF]
+        assert last["active"] == good
+        for seq in range(10):
+            pub.publish(
+                t.events("shelf-003"),
+                orjson.dumps([event("shelf-003", seq + (100 if bad == "9.1.0" else 0), "shelf_weight", 5.0)]),
+                qos=1,
+            )
+        assert out.wait_for(lambda c: len(scores(c)) > 0 and scores(c)[-1]["version"] == good, 10)
+    # rollback skips the versions that failed
+    assert reg.rollback(SHELF) == good
+
+
+# --- shadow ---------------------------------------------------------------------------------------
+
+
+def test_shadow_scores_alongside_and_is_never_published(
+    start_inference: Callable[[], RunningInference],
+    collect: Callable[..., Collector],
+    pub: Bus,
+    isettings: OutpostSettings,
+) -> None:
+    t = isettings.topics
+    reg = registry(isettings)
+    old, new = reg.versions(FRIDGE)[:2]
+    reg.activate(FRIDGE, old)
+    reg.set_shadow(FRIDGE, new)
+    out = collect(t.root + f"/inference/{FRIDGE}/+")
+    metrics = collect(t.metrics("inference"))
+    start_inference()
+    rng = np.random.default_rng(1)
+    for step in range(60):
+        pub.publish(t.events("fridge-001"), orjson.dumps(fridge_step("fridge-001", step, rng=rng)), qos=1)
+    assert out.wait_for(lambda c: len(scores(c)) >= 50, 15)
+
+    def shadowed(c: Collector) -> bool:
+        return any(
+            ((d.get("state") or {}).get("models", {}).get(FRIDGE) or {}).get("shadow_agreement") is not None
+            for d in c.json()
+        )
+
+    assert metrics.wait_for(shadowed, 10)
+    docs = [
+        d
+        for d in metrics.json()
+        if ((d.get("state") or {}).get("models", {}).get(FRIDGE) or {}).get("shadow_agreement") is not None
+    ]
+    state = docs[-1]["state"]["models"][FRIDGE]
+    assert state["shadow"] == new and state["active"] == old
+    assert 0.0 <= state["shadow_agreement"] <= 1.0
+    assert {s["version"] for s in scores(out)} == {old}
+    last = metrics.json()[-1]
+    assert last["counters"][f"shadow_rows.{FRIDGE}"] > 0
+    assert last["histograms"]["shadow_compute"]["count"] > 0
+
+
+# --- backpressure ---------------------------------------------------------------------------------
+
+
+def _slow_model(features: int, labels: int, width: int = 1536) -> onnx.ModelProto:
+    """A valid model that takes about a millisecond a row, so the queue surely fills."""
+    rng = np.random.default_rng(0)
+
+    def w(name: str, shape: tuple[int, int]) -> onnx.TensorProto:
+        return helper.make_tensor(
+            name, TensorProto.FLOAT, list(shape), (rng.standard_normal(shape) * 0.01).ravel().tolist()
+        )
+
+    nodes = [
+        helper.make_node("MatMul", ["features", "w1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("MatMul", ["r1", "w2"], ["h2"]),
+        helper.make_node("Relu", ["h2"], ["r2"]),
+        helper.make_node("MatMul", ["r2", "w3"], ["z"]),
+        helper.make_node("Softmax", ["z"], ["probabilities"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", labels])],
+        initializer=[w("w1", (features, width)), w("w2", (width, width)), w("w3", (width, labels))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_full_queue_holds_intake_back_and_loses_nothing(
+    start_inference: Callable[[], RunningInference],
+    collect: Callable[..., Collector],
+    pub: Bus,
+    isettings: OutpostSettings,
+    models_dir: Path,
+) -> None:
+    isettings.inference.max_queue = 4
+    isettings.inference.max_batch = 2
+    reg = registry(isettings)
+    good = reg.state(SHELF).active or ""
+    m = reg.manifest(SHELF, good)
+    _new_version(models_dir, SHELF, good, "9.9.9", model=_slow_model(len(m.features), len(m.labels)))
+    reg.activate(SHELF, "9.9.9")
+    t = isettings.topics
+    out = collect(t.root + "/inference/#")
+    r = start_inference()
+    n = 600
+    pub.publish(
+        t.events("shelf-001"),
+        orjson.dumps([event("shelf-001", i, "shelf_weight", 9.0) for i in range(n)]),
+        qos=1,
+    )
+    warming = (
+        registry(isettings).manifest(SHELF, registry(isettings).state(SHELF).active or "").min_readings - 1
+    )
+    assert out.wait_for(lambda c: len(scores(c)) >= n - warming, 30)
+    svc = r.stop()
+    c = svc.metrics.counters
+    assert c["queue_full"] > 0
+    assert c["overloaded"] == 0
+    assert len({s["event"] for s in scores(out)}) == n - warming
+
+
+def test_with_no_wait_a_full_queue_dead_letters_and_counts(
+    start_inference: Callable[[], RunningInference],
+    collect: Callable[..., Collector],
+    pub: Bus,
+    isettings: OutpostSettings,
+    models_dir: Path,
+) -> None:
+    isettings.inference.max_queue = 4
+    isettings.inference.max_batch = 1
+    isettings.inference.queue_full_wait_ms = 0
+    reg = registry(isettings)
+    good = reg.state(SHELF).active or ""
+    m = reg.manifest(SHELF, good)
+    _new_version(models_dir, SHELF, good, "9.9.9", model=_slow_model(len(m.features), len(m.labels)))
+    reg.activate(SHELF, "9.9.9")
+    t = isettings.topics
+    dlq = collect(t.dlq("inference"))
+    out = collect(t.root + "/inference/#")
+    r = start_inference()
+    n = 2000
+    pub.publish(
+        t.events("shelf-001"),
+        orjson.dumps([event("shelf-001", i, "shelf_weight", 9.0) for i in range(n)]),
+        qos=1,
+    )
+
+    def settled(_: Collector) -> bool:
+        return len(scores(out)) + len(dlq.json()) >= n - 3
+
+    assert out.wait_for(settled, 30)
+    svc = r.stop()
+    c = svc.metrics.counters
+    assert c["overloaded"] > 0
+    assert c["overloaded"] == sum(1 for d in dlq.json() if d["reason"] == "overloaded")
+    assert c["scored"] + c["overloaded"] + c[f"warming.{SHELF}"] == n
+    assert len(scores(out)) == c["scored"]
