@@ -48,8 +48,8 @@ class QuantizeReport:
             "float_bytes": self.float_bytes,
             "int8_bytes": self.int8_bytes,
             "size_ratio": round(self.int8_bytes / self.float_bytes, 3),
-            "float_us_per_batch": self.float_us,
-            "int8_us_per_batch": self.int8_us,
+            "float_us_per_batch": {str(b): us for b, us in self.float_us.items()},
+            "int8_us_per_batch": {str(b): us for b, us in self.int8_us.items()},
             "float_accuracy": round(self.float_accuracy, 4),
             "int8_accuracy": round(self.int8_accuracy, 4),
             "accuracy_change": round(self.int8_accuracy - self.float_accuracy, 4),
@@ -83,6 +83,7 @@ def quantize(
     registry: Registry, name: str, version: str, *, held_out_steps: int = 1500, overwrite: bool = False
 ) -> QuantizeReport:
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from outpost.services.inference.training.datasets import dataset
 
@@ -95,8 +96,11 @@ def quantize(
         raise ModelLoadError(f"{name}@{new_version} exists already (use --overwrite to replace it)")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / manifest.file
+        prepared = Path(tmp) / "prepared.onnx"
         try:
-            quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8)
+            # shape inference and graph clean-up first, as onnxruntime recommends before quantizing
+            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+            quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8)
         except Exception as exc:  # noqa: BLE001 (the quantizer raises untyped errors)
             raise ModelLoadError(f"{manifest.ref}: quantization failed: {exc}") from None
         q_manifest = manifest.model_copy(

@@ -6,6 +6,7 @@ picks up every change within ``inference.reload_s`` and swaps between batches.""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -45,6 +46,11 @@ def _known(reg: Any, name: str, version: str | None = None) -> None:
         raise ConfigError(f"no version {version!r} of {name} (known: {', '.join(reg.versions(name))})")
 
 
+def _console() -> Console:
+    """Tables at least 140 columns wide when stdout is a file or a pipe (rich assumes 80)."""
+    return Console(highlight=False) if sys.stdout.isatty() else Console(width=140, highlight=False)
+
+
 def _echo_json(doc: object) -> None:
     typer.echo(orjson.dumps(doc).decode())
 
@@ -79,19 +85,13 @@ def list_models(json_out: JsonOpt = False) -> None:
         return
     t = Table(title=f"models in {reg.models_dir}")
     for col in ("model", "version", "role", "trigger", "description"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold" if col == "role" else "ellipsis", no_wrap=col != "role")
     for r in rows:
-        role = (
-            "active"
-            if r["active"]
-            else "shadow"
-            if r["shadow"]
-            else ("BAD: " + r["bad"][:60])
-            if r["bad"]
-            else ""
-        )
-        t.add_row(r["name"], r["version"], role, r["trigger"], r["description"][:70])
-    Console().print(t)
+        role = "active" if r["active"] else "shadow" if r["shadow"] else ""
+        if r["bad"]:
+            role = f"failed: {r['bad'][:120]}"
+        t.add_row(r["name"], r["version"], role, r["trigger"], r["description"].split(":")[0][:60])
+    _console().print(t)
 
 
 @model_app.command("verify")
@@ -125,7 +125,7 @@ def verify(
     else:
         for r in results:
             mark = "[green]ok[/]" if r["ok"] else "[red]FAILED[/]"
-            Console(highlight=False).print(f"{mark} {r['model']}@{r['version']}: {r['detail']}")
+            _console().print(f"{mark} {r['model']}@{r['version']}: {r['detail']}")
     if failed:
         raise typer.Exit(2)
 
@@ -200,7 +200,7 @@ def quantize(
         f"{report['int8_accuracy']:.4f}",
     )
     t.add_row("label agreement with float", "", f"{report['label_agreement']:.4f}")
-    Console().print(t)
+    _console().print(t)
 
 
 def register(app: typer.Typer) -> None:

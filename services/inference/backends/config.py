@@ -12,7 +12,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
 Provider = Literal["tensorrt", "cuda", "cpu"]
 
 

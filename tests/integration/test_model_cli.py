@@ -1,0 +1,137 @@
+"""``outpost model`` as an operator runs it: list, verify, activate, shadow, rollback, quantize, and
+clear errors (exit code 2, no traceback) for unknown names, corrupt files and bad arguments."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from outpost.services.inference.registry import PACKAGED_MODELS, Registry
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    models = tmp_path / "models"
+    shutil.copytree(PACKAGED_MODELS, models)
+    e = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
+    e.update(OUTPOST_DATA_DIR=str(tmp_path / "data"), OUTPOST_INFERENCE__MODELS_DIR=str(models))
+    return e
+
+
+def model(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "outpost.cli.main", "model", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def registry(env: dict[str, str]) -> Registry:
+    return Registry(
+        Path(env["OUTPOST_INFERENCE__MODELS_DIR"]),
+        Path(env["OUTPOST_DATA_DIR"]) / "inference" / "registry.db",
+    )
+
+
+def listed(env: dict[str, str]) -> list[dict[str, object]]:
+    p = model(env, "list", "--json")
+    assert p.returncode == 0, p.stderr
+    rows: list[dict[str, object]] = orjson.loads(p.stdout.strip().splitlines()[-1])["models"]
+    return rows
+
+
+def test_list_verify_activate_shadow_rollback(env: dict[str, str]) -> None:
+    rows = listed(env)
+    assert {(r["name"], r["version"]) for r in rows} >= {
+        ("fridge-anomaly", "1.0.0"),
+        ("fridge-anomaly", "1.1.0"),
+        ("shelf-stock", "1.0.0"),
+    }
+    # by default the newest release is active
+    assert {(r["name"], r["version"]) for r in rows if r["active"]} == {
+        ("fridge-anomaly", "1.1.0"),
+        ("shelf-stock", "1.0.0"),
+    }
+    p = model(env, "verify", "--json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert orjson.loads(p.stdout.strip().splitlines()[-1])["ok"] is True
+
+    assert model(env, "activate", "fridge-anomaly", "1.0.0").returncode == 0
+    assert model(env, "shadow", "fridge-anomaly", "1.1.0").returncode == 0
+    state = registry(env).state("fridge-anomaly")
+    assert (state.active, state.shadow) == ("1.0.0", "1.1.0")
+    # a shadow must differ from the active version
+    p = model(env, "shadow", "fridge-anomaly", "1.0.0")
+    assert p.returncode == 2 and "active version" in p.stderr
+    assert model(env, "activate", "fridge-anomaly", "1.1.0").returncode == 0
+    state = registry(env).state("fridge-anomaly")
+    assert (state.active, state.shadow) == ("1.1.0", None)  # the shadow became the active one
+    p = model(env, "rollback", "fridge-anomaly")
+    assert p.returncode == 0 and "1.1.0 -> 1.0.0" in p.stdout
+    assert registry(env).state("fridge-anomaly").active == "1.0.0"
+    assert model(env, "shadow", "fridge-anomaly", "--off").returncode == 0
+
+
+def test_corrupt_file_is_refused_and_reported(env: dict[str, str]) -> None:
+    path = Path(env["OUTPOST_INFERENCE__MODELS_DIR"]) / "fridge-anomaly" / "1.0.0" / "model.onnx"
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    p = model(env, "activate", "fridge-anomaly", "1.0.0")
+    assert p.returncode == 2 and "checksum mismatch" in p.stderr and "Traceback" not in p.stderr
+    assert registry(env).state("fridge-anomaly").active == "1.1.0"
+    p = model(env, "verify", "fridge-anomaly")
+    assert p.returncode == 2
+    assert "FAILED fridge-anomaly@1.0.0" in p.stdout and "ok fridge-anomaly@1.1.0" in p.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("activate", "no-such-model", "1.0.0"), "no model 'no-such-model'"),
+        (("activate", "shelf-stock", "7.7.7"), "no version '7.7.7'"),
+        (("rollback", "shelf-stock"), "no earlier good version"),
+        (("shadow", "shelf-stock"), "give a VERSION"),
+        (("activate", "../../etc", "1.0.0"), "no model"),
+        (("quantize", "shelf-stock", "1.0.0-int8"), "no version"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(env: dict[str, str], args: tuple[str, ...], message: str) -> None:
+    p = model(env, *args)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_broken_manifest_is_listed_not_fatal(env: dict[str, str]) -> None:
+    folder = Path(env["OUTPOST_INFERENCE__MODELS_DIR"]) / "shelf-stock" / "2.0.0"
+    folder.mkdir()
+    (folder / "manifest.yaml").write_text("name: shelf-stock\nversion: [oops\n")
+    rows = {(r["name"], r["version"]): r for r in listed(env)}
+    assert "unreadable" in str(rows[("shelf-stock", "2.0.0")]["description"])
+    p = model(env, "activate", "shelf-stock", "2.0.0")
+    assert p.returncode == 2 and "cannot read manifest" in p.stderr
+
+
+def test_quantize_reports_size_latency_and_accuracy(env: dict[str, str]) -> None:
+    p = model(env, "quantize", "shelf-stock", "1.0.0", "--json")
+    assert p.returncode == 0, p.stderr
+    r = orjson.loads(p.stdout.strip().splitlines()[-1])
+    assert r["result"] == "shelf-stock@1.0.0-int8"
+    assert r["int8_bytes"] < r["float_bytes"]
+    assert set(r["float_us_per_batch"]) == set(r["int8_us_per_batch"]) == {"1", "32", "256"}
+    assert r["held_out_rows"] > 1000
+    assert abs(r["accuracy_change"]) < 0.05 and r["label_agreement"] > 0.95
+    # a new version beside the float one, verified, never the default
+    assert model(env, "verify", "shelf-stock", "1.0.0-int8").returncode == 0
+    assert registry(env).state("shelf-stock").active == "1.0.0"
+    again = model(env, "quantize", "shelf-stock", "1.0.0")
+    assert again.returncode == 2 and "exists already" in again.stderr
