@@ -305,6 +305,12 @@ class Bus:
             with contextlib.suppress(OSError):
                 wake.send(b"0")
 
+    def run_posted(self) -> None:
+        """Run what other threads posted, now (call only on the network thread: a handler that
+        must wait for a worker runs the worker's hand-backs meanwhile, or neither could go on)."""
+        while self._calls:
+            self._run_call(self._calls.popleft())
+
     # --- network thread --------------------------------------------------------------------------
     def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]

@@ -103,22 +103,10 @@ class InferenceSettings(Section):
     )
     max_batch: int = Field(32, ge=1, le=4096, description="Most requests in one session call.")
     max_wait_ms: float = Field(
-        2.0,
+        1.0,
         ge=0,
         le=1000,
         description="Longest a request waits for its batch to fill (Triton's max_queue_delay).",
-    )
-    max_queue: int = Field(
-        10_000,
-        ge=1,
-        description="Requests waiting at most; beyond it events are dead-lettered as overloaded.",
-    )
-    queue_full_wait_ms: float = Field(
-        1000.0,
-        ge=0,
-        le=30_000,
-        description="Backpressure: how long intake waits for room in a full queue (the broker holds what "
-        "follows) before an event is dead-lettered as overloaded; 0 = dead-letter at once.",
     )
     qos: Literal[0, 1] = Field(1, description="QoS of the events subscription and score publishes.")
     reload_s: float = Field(0.5, gt=0, description="How often the registry state is checked for changes.")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +20,6 @@ class LoadedModel:
     manifest: Manifest
     backend: Backend
     load_ms: float
-    signature: tuple[tuple[str, str], ...] = field(init=False)
-    """The features it reads: two versions with one signature can share a feature row."""
-
-    def __post_init__(self) -> None:
-        self.signature = (
-            *tuple((f.metric, f.stat) for f in self.manifest.features),
-            ("window", str(self.manifest.window)),
-            ("min", str(self.manifest.min_readings)),
-        )
 
     @property
     def ref(self) -> str:

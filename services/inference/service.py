@@ -1,19 +1,18 @@
 """The inference service: ``.../events/{device}`` in, ``.../inference/{model}/{device}`` out.
 
-Three threads, each owning its own state:
+Two threads, each owning its own state:
 
-* the bus's **network thread** parses events, feeds the per-device windows, builds a request per
-  event that triggers a model, and publishes what the worker hands back (so publish bookkeeping and
-  acknowledgements need no locks, as in ingest);
-* the **worker** collects requests into micro-batches (up to ``max_batch``, or ``max_wait_ms`` after
-  the first one waited: Triton's dynamic batcher), makes one session call per model per batch, and
-  runs the shadow model after the active one's results are on their way;
+* the bus's **network thread** parses events, feeds the per-device windows, queues a request per
+  event that triggers a model in a micro-batch (up to ``max_batch``, or until the first waited
+  ``max_wait_ms``: Triton's dynamic batcher, :mod:`.batcher`), scores each batch with one session
+  call, publishes the scores and runs the shadow model; all inline, so bookkeeping and
+  acknowledgements need no locks, as in ingest;
 * the **loader** polls the registry and loads a new version (checksum, backend, warm-up) beside the
-  one serving, then tells the network thread to use it.
+  one serving, then hands it to the network thread.
 
 Hot swap without dropping or double-scoring: a request names the version that was active when its
-event arrived, and is scored by exactly that version; the old version is closed only once every
-request that names it has been scored. A score's id is derived from (model, event id), never the
+event arrived and is scored by exactly that version; at a swap the old version's waiting batch is
+scored before the old version is closed. A score's id is derived from (model, event id), never the
 version, so a redelivered event scored after a swap still carries the id it had.
 
 Delivery: the subscription is QoS 1 with a durable session and manual acknowledgement; an events
@@ -24,12 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +39,8 @@ from outpost.errors import OutpostError, TopicError
 from outpost.log import get_logger
 from outpost.service import ServiceRuntime, install_stop_signals, wait
 from outpost.services.inference.backends.base import ModelLoadError
-from outpost.services.inference.features import FeatureError, Windows, feature_vector
+from outpost.services.inference.batcher import MicroBatcher
+from outpost.services.inference.features import FeatureError, Snapshot, Windows, feature_matrix, snapshot
 from outpost.services.inference.loaded import LoadedModel, load_model
 from outpost.services.inference.registry import PACKAGED_MODELS, Registry
 from outpost.settings import OutpostSettings
@@ -52,7 +50,7 @@ NAME = "inference"
 log = get_logger("outpost.inference")
 
 MAX_EVENTS_PAYLOAD = 4_000_000
-SWITCH_INTERVAL_S = 0.0005
+SWITCH_INTERVAL_S = 0.005
 RECENT_IDS = 1024
 """Event ids remembered per device to drop a redelivered event (its score is already out)."""
 
@@ -71,8 +69,8 @@ class _Inbound:
 class Request:
     model: LoadedModel
     shadow: LoadedModel | None
-    row: list[float]
-    shadow_row: list[float] | None
+    snap: Snapshot
+    """The device's windows when the event arrived (the union of what active and shadow read)."""
     device: str
     event_id: str
     trace: str
@@ -90,6 +88,9 @@ class _Served:
     active: LoadedModel | None = None
     shadow: LoadedModel | None = None
     error: str = ""
+    metrics: tuple[str, ...] = ()
+    """The metrics whose windows a request copies, and how many values of each."""
+    window: int = 1
 
 
 @dataclass(slots=True)
@@ -103,12 +104,6 @@ class _Result:
     queue_ms: float
     compute_ms: float
     batch: int
-
-
-@dataclass(slots=True)
-class _Retired:
-    model: LoadedModel
-    at: float = field(default_factory=time.monotonic)
 
 
 def score_id(model: str, event_id: str) -> str:
@@ -126,7 +121,7 @@ class InferenceService:
             settings,
             durable=cfg.qos > 0,
             manual_ack=cfg.qos > 0,
-            tick_s=0.05,
+            tick_s=min(0.05, max(0.0005, cfg.max_wait_ms / 2000.0)),
             mqtt5=False,
         )
         self.topics = self.rt.topics
@@ -146,15 +141,13 @@ class InferenceService:
         self._recent: dict[str, tuple[set[str], deque[str]]] = {}
         self._mid_inbound: dict[int, list[_Inbound]] = {}
         self._draining = False
-        # worker
-        self.queue: queue.Queue[Request] = queue.Queue(maxsize=cfg.max_queue)
-        self._retired: list[_Retired] = []
-        self._retire_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._work, name="inference-worker", daemon=True)
-        self._loader = threading.Thread(target=self._load_loop, name="inference-loader", daemon=True)
-        self._busy = threading.Event()
+        self.batcher: MicroBatcher[LoadedModel, Request] = MicroBatcher(
+            cfg.max_batch, int(cfg.max_wait_ms * 1e6)
+        )
+        self.bus.every(max(0.0005, cfg.max_wait_ms / 2000.0), self._score_due)
         # loader
+        self._stop = threading.Event()
+        self._loader = threading.Thread(target=self._load_loop, name="inference-loader", daemon=True)
         self._loaded: dict[str, tuple[LoadedModel | None, LoadedModel | None]] = {}
         self._errors: dict[str, str] = {}
         self._revision = -1
@@ -183,7 +176,7 @@ class InferenceService:
                 else None,
                 "error": s.error or None,
             }
-        return {"models": models, "queue": self.queue.qsize(), "devices": self.windows.devices}
+        return {"models": models, "waiting": len(self.batcher), "devices": self.windows.devices}
 
     def _report(self) -> None:
         body = {"v": 1, "id": new_id(), "ts": now_ns(), "trace": "", **self._status()}
@@ -246,13 +239,10 @@ class InferenceService:
                     extra={"model": new.ref, "backend": new.backend.name, "load_ms": round(new.load_ms, 1)},
                 )
                 if active is not None:
-                    self._retire(active)
                     self.metrics.counters["swaps"] += 1
                 active = new
         want_shadow = state.shadow
         if want_shadow is None or (active is not None and want_shadow == active.manifest.version):
-            if shadow is not None:
-                self._retire(shadow)
             shadow = None
         elif shadow is None or shadow.manifest.version != want_shadow:
             try:
@@ -262,11 +252,8 @@ class InferenceService:
                 self.metrics.counters["load_failures"] += 1
                 log.error("shadow model load failed", extra={"model": name, "error": str(exc)})
                 new_shadow = None
-            if shadow is not None:
-                self._retire(shadow)
             shadow = new_shadow
-        with self._retire_lock:
-            self._loaded[name] = (active, shadow)
+        self._loaded[name] = (active, shadow)
         error = "; ".join(errors)
         self.bus.post(lambda: self._serve(name, active, shadow, error))
 
@@ -286,14 +273,19 @@ class InferenceService:
             return lm
         return None
 
-    def _retire(self, lm: LoadedModel) -> None:
-        with self._retire_lock:
-            self._retired.append(_Retired(lm))
-
     # --- network thread --------------------------------------------------------------------------
     def _serve(self, name: str, active: LoadedModel | None, shadow: LoadedModel | None, error: str) -> None:
         s = self.served[name]
+        before = [m for m in (s.active, s.shadow) if m is not None]
         s.active, s.shadow, s.error = active, shadow, error
+        for old in before:
+            if old is not active and old is not shadow:
+                # the requests that name it are scored by it, then it is closed
+                self._score(old, self.batcher.take(old))
+                old.close()
+        loaded = [m.manifest for m in (active, shadow) if m is not None]
+        s.metrics = tuple(dict.fromkeys(metric for m in loaded for metric in m.metrics))
+        s.window = max((m.window for m in loaded), default=1)
         size = max(
             (m.manifest.window for sv in self.served.values() for m in (sv.active, sv.shadow) if m), default=1
         )
@@ -382,30 +374,14 @@ class InferenceService:
     ) -> None:
         c = self.metrics.counters
         try:
-            row = feature_vector(active.manifest, self.windows, device)
-        except FeatureError as exc:
-            if exc.reason == "warming":
-                c[f"warming.{name}"] += 1
-                return
-            self._reject(
-                exc.reason, f"{name}: {exc.detail}", topic, raw, inbound, index=index, trace=ev.get("trace")
-            )
+            snap = snapshot(s.metrics, s.window, active.manifest.min_readings, self.windows, device)
+        except FeatureError:
+            c[f"warming.{name}"] += 1
             return
-        shadow = s.shadow
-        shadow_row: list[float] | None = None
-        if shadow is not None:
-            if shadow.signature == active.signature:
-                shadow_row = row
-            else:
-                try:
-                    shadow_row = feature_vector(shadow.manifest, self.windows, device)
-                except FeatureError:
-                    shadow = None
         req = Request(
             active,
-            shadow,
-            row,
-            shadow_row,
+            s.shadow,
+            snap,
             device,
             ev["id"],
             ev.get("trace") or ev["id"],
@@ -414,39 +390,13 @@ class InferenceService:
             time.perf_counter_ns(),
             inbound,
         )
-        try:
-            self.queue.put_nowait(req)
-        except queue.Full:
-            c["queue_full"] += 1
-            wait_s = self.cfg.queue_full_wait_ms / 1000.0
-            try:
-                # Backpressure: the network thread stops reading while it waits, so the broker
-                # holds what follows (and, at QoS 1, keeps it unacknowledged) instead of this
-                # process buffering without bound. The worker never waits on this thread.
-                if wait_s <= 0:
-                    raise queue.Full
-                self.queue.put(req, timeout=wait_s)
-            except queue.Full:
-                pass
-            else:
-                c["requests"] += 1
-                if inbound is not None:
-                    inbound.pending += 1
-                return
-            c["overloaded"] += 1
-            self._reject(
-                "overloaded",
-                f"{name}: {self.cfg.max_queue} requests already wait",
-                topic,
-                raw,
-                inbound,
-                index=index,
-                trace=req.trace,
-            )
-            return
         c["requests"] += 1
         if inbound is not None:
             inbound.pending += 1
+        full = self.batcher.add(active, req, req.enq_ns)
+        if full is not None:
+            c["full_batches"] += 1
+            self._score(active, full)
 
     def _seen(self, device: str, eid: str) -> bool:
         entry = self._recent.get(device)
@@ -544,102 +494,75 @@ class InferenceService:
                     self._maybe_ack(inbound)
         self.metrics.counters["scored"] += len(results)
 
-    # --- worker thread ---------------------------------------------------------------------------
-    def _work(self) -> None:
-        q = self.queue
-        max_batch = self.cfg.max_batch
-        max_wait_ns = int(self.cfg.max_wait_ms * 1e6)
-        while not self._stop.is_set():
-            try:
-                first = q.get(timeout=0.1)
-            except queue.Empty:
-                self._close_retired()
-                continue
-            self._busy.set()
-            batch = [first]
-            deadline = first.enq_ns + max_wait_ns
-            while len(batch) < max_batch:
-                try:
-                    batch.append(q.get_nowait())
-                    continue
-                except queue.Empty:
-                    pass
-                left = deadline - time.perf_counter_ns()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(q.get(timeout=left / 1e9))
-                except queue.Empty:
-                    break
-            try:
-                self._run_batch(batch)
-            except Exception:
-                log.exception("batch failed")
-            finally:
-                self._busy.clear()
-            if q.empty():
-                self._close_retired()
+    # --- scoring (network thread) ----------------------------------------------------------------
+    def _score_due(self) -> None:
+        for lm, reqs in self.batcher.due(time.perf_counter_ns()):
+            self._score(lm, reqs)
 
-    def _run_batch(self, batch: list[Request]) -> None:
-        by_model: dict[LoadedModel, list[Request]] = {}
-        for req in batch:
-            by_model.setdefault(req.model, []).append(req)
+    def _score(self, lm: LoadedModel, all_reqs: list[Request]) -> None:
+        """One session call for a batch of one model version, its scores published, then the
+        shadow model on the same rows."""
+        if not all_reqs:
+            return
         c = self.metrics.counters
-        shadows: list[tuple[LoadedModel, list[Request], np.ndarray[Any, Any]]] = []
-        for lm, reqs in by_model.items():
-            m = lm.manifest
-            x = np.asarray([r.row for r in reqs], dtype=np.float32)
-            start = time.perf_counter_ns()
-            cpu_start = time.thread_time_ns()
-            try:
-                probs = lm.probabilities(x)
-            except Exception as exc:
-                log.exception("model call failed", extra={"model": lm.ref})
-                self.bus.post(partial(self._fail, reqs, f"{lm.ref}: {exc}"))
+        m = lm.manifest
+        x, problems = feature_matrix(m, [r.snap for r in all_reqs])
+        reqs = all_reqs
+        if any(problems):
+            for r, p in zip(all_reqs, problems, strict=True):
+                if p is not None:
+                    self._fail([r], "bad_features", f"{lm.ref}: {r.device}: {p}")
+            keep = [i for i, p in enumerate(problems) if p is None]
+            reqs, x = [all_reqs[i] for i in keep], x[keep]
+            if not reqs:
+                return
+        start = time.perf_counter_ns()
+        cpu_start = time.thread_time_ns()
+        try:
+            probs = lm.probabilities(x)
+        except Exception as exc:
+            log.exception("model call failed", extra={"model": lm.ref})
+            self._fail(reqs, "model_error", f"{lm.ref}: {exc}")
+            return
+        compute_ns = time.perf_counter_ns() - start
+        c["batches"] += 1
+        c["rows"] += len(reqs)
+        c["compute_ns"] += compute_ns
+        # CPU time of the call on this thread (ORT runs one intra-op thread: the caller): the
+        # model's own cost, without the wait for a core that another process holds.
+        c["compute_cpu_ns"] += time.thread_time_ns() - cpu_start
+        self._compute.record_ns(compute_ns)
+        self._queue_wait.record_ns(start - reqs[0].enq_ns)  # the batch's longest wait
+        compute_ms = round(compute_ns / 1e6, 4)
+        labels = m.labels
+        normal = m.normal_index
+        threshold = m.threshold
+        best = probs.argmax(axis=1)
+        results: list[_Result] = []
+        for i, r in enumerate(reqs):
+            row = probs[i]
+            k = int(best[i])
+            score = float(1.0 - row[normal])
+            if not math.isfinite(score):
+                self._fail([r], "model_error", f"{lm.ref}: non-finite output")
                 continue
-            done = time.perf_counter_ns()
-            compute_ns = done - start
-            c["batches"] += 1
-            c["rows"] += len(reqs)
-            c["compute_ns"] += compute_ns
-            # CPU time of the call on this thread (ORT runs one intra-op thread: the caller): the
-            # model's own cost, without waiting for the GIL or for a core another process holds.
-            c["compute_cpu_ns"] += time.thread_time_ns() - cpu_start
-            self._compute.record_ns(compute_ns)
-            compute_ms = round(compute_ns / 1e6, 4)
-            labels = m.labels
-            normal = m.normal_index
-            threshold = m.threshold
-            best = probs.argmax(axis=1)
-            results: list[_Result] = []
-            for i, r in enumerate(reqs):
-                row = probs[i]
-                k = int(best[i])
-                score = float(1.0 - row[normal])
-                if not math.isfinite(score):
-                    self.bus.post(partial(self._fail, [r], f"{lm.ref}: non-finite output"))
-                    continue
-                queue_ns = start - r.enq_ns
-                self._queue_wait.record_ns(queue_ns)
-                results.append(
-                    _Result(
-                        r,
-                        m.version,
-                        round(score, 6),
-                        labels[k],
-                        round(float(row[k]), 6),
-                        score >= threshold,
-                        round(queue_ns / 1e6, 4),
-                        compute_ms,
-                        len(reqs),
-                    )
+            results.append(
+                _Result(
+                    r,
+                    m.version,
+                    round(score, 6),
+                    labels[k],
+                    round(float(row[k]), 6),
+                    score >= threshold,
+                    round((start - r.enq_ns) / 1e6, 4),
+                    compute_ms,
+                    len(reqs),
                 )
-            self.bus.post(partial(self._publish, results))
-            picked = [i for i, r in enumerate(reqs) if r.shadow is not None and r.shadow_row is not None]
-            if picked:
-                shadows.append((lm, [reqs[i] for i in picked], best[picked]))
-        for lm, reqs, active_best in shadows:
-            self._run_shadow(lm, reqs, active_best)
+            )
+        self._publish(results)
+        picked = [i for i, r in enumerate(reqs) if r.shadow is not None]
+        if picked:
+            self._run_shadow(lm, [reqs[i] for i in picked], best[picked])
 
     def _run_shadow(
         self, active: LoadedModel, reqs: list[Request], active_best: np.ndarray[Any, Any]
@@ -653,8 +576,21 @@ class InferenceService:
             assert r.shadow is not None
             by_shadow.setdefault(r.shadow, []).append(r)
         position = {id(r): i for i, r in enumerate(reqs)}
-        for sm, rs in by_shadow.items():
-            x = np.asarray([r.shadow_row for r in rs], dtype=np.float32)
+        for sm, candidates in by_shadow.items():
+            sman = sm.manifest
+            rs = [
+                r
+                for r in candidates
+                if all(len(r.snap.get(k, ())) >= sman.min_readings for k in sman.metrics)
+            ]
+            if not rs:
+                continue
+            x, problems = feature_matrix(sman, [r.snap for r in rs])
+            if any(problems):
+                keep = [i for i, p in enumerate(problems) if p is None]
+                rs, x = [rs[i] for i in keep], x[keep]
+                if not rs:
+                    continue
             try:
                 start = time.perf_counter_ns()
                 sp = sm.probabilities(x)
@@ -668,54 +604,40 @@ class InferenceService:
             c[f"shadow_rows.{name}"] += len(rs)
             c[f"shadow_agree.{name}"] += agree
 
-    def _fail(self, reqs: list[Request], detail: str) -> None:
-        """Requests the model could not score: dead-lettered with their features (network thread)."""
+    def _fail(self, reqs: list[Request], reason: str, detail: str) -> None:
+        """Requests that cannot be scored: dead-lettered with the windows they would have been
+        scored on (network thread)."""
         for r in reqs:
-            payload = orjson.dumps({"event": r.event_id, "device": r.device, "features": r.row})
-            self._reject(
-                "model_error", detail, self.events_root + r.device, payload, r.inbound, trace=r.trace
-            )
+            payload = orjson.dumps({"event": r.event_id, "device": r.device, "windows": r.snap})
+            self._reject(reason, detail, self.events_root + r.device, payload, r.inbound, trace=r.trace)
             if r.inbound is not None:
                 r.inbound.pending -= 1
                 self._maybe_ack(r.inbound)
 
-    def _close_retired(self) -> None:
-        """Close versions no longer served once every request naming them was scored: the queue is
-        empty now, and nothing enqueued before their retirement can still be waiting."""
-        with self._retire_lock:
-            now = time.monotonic()
-            ready = [r for r in self._retired if now - r.at > 0.5]
-            self._retired = [r for r in self._retired if now - r.at <= 0.5]
-            serving = {id(m) for pair in self._loaded.values() for m in pair if m is not None}
-        for r in ready:
-            if id(r.model) not in serving:
-                r.model.close()
-
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        self.reconcile()  # the first models load before any event is taken
-        self._worker.start()
+        self.reconcile()  # the first models load before any event is taken...
+        self.bus.run_posted()  # ...and serve before the bus (not yet running) delivers one
         self._loader.start()
         self.rt.start()
         log.info("inference started", extra={"models": self.names, "qos": self.cfg.qos})
 
     def stop(self) -> None:
-        """Drain: stop intake, score what is queued, wait for confirmations, go offline."""
+        """Drain: stop intake, score what waits, wait for confirmations, go offline."""
         self.bus.call(self._start_draining, timeout_s=5)
-        deadline = time.monotonic() + 10
-        while (not self.queue.empty() or self._busy.is_set()) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        self.bus.call(lambda: None, timeout_s=5)  # the last posted publishes have run
+        self.bus.call(self._score_all, timeout_s=10)
         self._stop.set()
-        self._worker.join(timeout=5)
         self._loader.join(timeout=5)
+        self.bus.call(lambda: None, timeout_s=5)  # a model the loader handed over is served (or closed)
         self.rt.stop()
-        for active, shadow in self._loaded.values():
-            for lm in (active, shadow):
-                if lm is not None:
-                    lm.close()
+        for lm in {id(m): m for s in self.served.values() for m in (s.active, s.shadow) if m}.values():
+            lm.close()
         self.registry.close()
         log.info("inference stopped", extra={"counters": dict(self.metrics.counters)})
+
+    def _score_all(self) -> None:
+        for lm, reqs in self.batcher.drain():
+            self._score(lm, reqs)
 
     def _start_draining(self) -> None:
         self._draining = True

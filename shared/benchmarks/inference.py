@@ -95,7 +95,7 @@ def raw_phase(o: InferenceBenchOptions, engine_dir: Path) -> dict[str, Any]:
                 times.append(time.perf_counter_ns() - t)
             times.sort()
             p50 = statistics.median(times) / 1e3
-            out["batches"][batch] = {
+            out["batches"][str(batch)] = {
                 "calls": calls,
                 "p50_us": round(p50, 2),
                 "p99_us": round(times[int(0.99 * (len(times) - 1))] / 1e3, 2),
@@ -292,7 +292,8 @@ def service_phase(
         "service_rows_per_s": round(rows / o.duration_s),
         "overloaded": after.get("overloaded", 0),
         "rejected": after.get("rejected", 0),
-        "service_totals": {k: after.get(k, 0) for k in ("events", "scored", "queue_full", "duplicates")},
+        "service_totals": {k: after.get(k, 0) for k in ("events", "scored", "full_batches", "duplicates")},
+        "service_histograms": sink.metrics[-1].get("histograms", {}) if sink.metrics else {},
     }
 
 
@@ -312,7 +313,7 @@ def run_inference_bench(o: InferenceBenchOptions, progress: Progress = lambda _:
             saturation = service_phase(o, broker, tmp_path, name="saturation", rate=sat_rate, per_msg=50)
         finally:
             broker.stop()
-    raw32 = raw["batches"][32]["per_row_us"]
+    raw32 = raw["batches"]["32"]["per_row_us"]
     ratio = round(saturation["per_row_compute_cpu_us"] / raw32, 3) if raw32 else 0.0
     ratio_wall = round(saturation["per_row_compute_us"] / raw32, 3) if raw32 else 0.0
     return {

@@ -51,8 +51,11 @@ def test_a_killed_service_is_restarted_counted_and_everything_stops(tmp_path: Pa
                 and mon.status["ingest"].get("pid") not in (None, first_pid)
             )
         )
-        [row] = stack.supervisor.status()
+        rows = {r["service"]: r for r in stack.supervisor.status()}
+        assert set(rows) == {"ingest", "inference"}
+        row = rows["ingest"]
         assert row["state"] == "running" and row["restarts"] == 1 and row["last_exit"] == -signal.SIGKILL
+        assert rows["inference"]["restarts"] == 0  # the others run on
         mon.stop()
     finally:
         address = stack.broker_address
@@ -60,6 +63,7 @@ def test_a_killed_service_is_restarted_counted_and_everything_stops(tmp_path: Pa
     host, port = parse_broker(address)
     assert not port_open(host, port), "the broker the stack started must be stopped"
     assert (data / "logs" / "ingest.log").read_text()
+    assert (data / "logs" / "inference.log").exists()
 
 
 @pytest.mark.parametrize("bad", ["localhost", "host:", ":1883", "host:99999", "host:abc"])
