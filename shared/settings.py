@@ -111,6 +111,12 @@ class InferenceSettings(Section):
     qos: Literal[0, 1] = Field(1, description="QoS of the events subscription and score publishes.")
     reload_s: float = Field(0.5, gt=0, description="How often the registry state is checked for changes.")
     max_devices: int = Field(100_000, ge=1, description="Devices whose windows are kept (oldest forgotten).")
+    checkpoint_s: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="How often changed windows are checkpointed to SQLite (restart resumes).",
+    )
 
     @field_validator("qos", mode="before")
     @classmethod

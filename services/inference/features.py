@@ -37,12 +37,14 @@ class FeatureError(OutpostError):
 class Windows:
     """The last ``size`` values of every (device, metric), bounded in count of devices too."""
 
-    __slots__ = ("_series", "max_devices", "size")
+    __slots__ = ("_series", "dirty", "max_devices", "size")
 
     def __init__(self, size: int, *, max_devices: int = 100_000) -> None:
         self.size = size
         self.max_devices = max_devices
         self._series: dict[str, dict[str, deque[float]]] = {}
+        self.dirty: set[tuple[str, str]] = set()
+        """(device, metric) changed since the last checkpoint (:mod:`.windowstore`)."""
 
     def add(self, device: str, metric: str, value: float) -> None:
         per = self._series.get(device)
@@ -55,6 +57,7 @@ class Windows:
         if d is None:
             d = per[metric] = deque(maxlen=self.size)
         d.append(value)
+        self.dirty.add((device, metric))
 
     def series(self, device: str, metric: str) -> deque[float] | None:
         per = self._series.get(device)

@@ -43,6 +43,7 @@ from outpost.services.inference.batcher import MicroBatcher
 from outpost.services.inference.features import FeatureError, Snapshot, Windows, feature_matrix, snapshot
 from outpost.services.inference.loaded import LoadedModel, load_model
 from outpost.services.inference.registry import PACKAGED_MODELS, Registry
+from outpost.services.inference.windowstore import WindowStore
 from outpost.settings import OutpostSettings
 from outpost.topics import check_segment
 
@@ -137,6 +138,8 @@ class InferenceService:
         self.inference_root = self.topics.root + "/inference/"
         # network thread
         self.windows = Windows(1, max_devices=cfg.max_devices)
+        self.window_store = WindowStore(data / "windows.db")
+        self.bus.every(cfg.checkpoint_s, self._checkpoint)
         self.served: dict[str, _Served] = {n: _Served() for n in self.names}
         self._recent: dict[str, tuple[set[str], deque[str]]] = {}
         self._mid_inbound: dict[int, list[_Inbound]] = {}
@@ -618,9 +621,13 @@ class InferenceService:
     def start(self) -> None:
         self.reconcile()  # the first models load before any event is taken...
         self.bus.run_posted()  # ...and serve before the bus (not yet running) delivers one
+        restored = self.window_store.load(self.windows)
         self._loader.start()
         self.rt.start()
-        log.info("inference started", extra={"models": self.names, "qos": self.cfg.qos})
+        log.info(
+            "inference started",
+            extra={"models": self.names, "qos": self.cfg.qos, "windows_restored": restored},
+        )
 
     def stop(self) -> None:
         """Drain: stop intake, score what waits, wait for confirmations, go offline."""
@@ -630,10 +637,17 @@ class InferenceService:
         self._loader.join(timeout=5)
         self.bus.call(lambda: None, timeout_s=5)  # a model the loader handed over is served (or closed)
         self.rt.stop()
+        self._checkpoint()
+        self.window_store.close()
         for lm in {id(m): m for s in self.served.values() for m in (s.active, s.shadow) if m}.values():
             lm.close()
         self.registry.close()
         log.info("inference stopped", extra={"counters": dict(self.metrics.counters)})
+
+    def _checkpoint(self) -> None:
+        n = self.window_store.save(self.windows)
+        if n:
+            self.metrics.counters["window_checkpoints"] += 1
 
     def _score_all(self) -> None:
         for lm, reqs in self.batcher.drain():

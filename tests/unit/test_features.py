@@ -4,6 +4,7 @@ the models were trained on computes; nothing is filled in; memory stays bounded.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,3 +95,23 @@ def test_std_has_no_cancellation_far_from_zero() -> None:
         w.add("d", "shelf_weight", 1e9 + (k % 2))
     stds = [v for f, v in zip(m.features, feature_vector(m, w, "d"), strict=True) if f.stat == "std"]
     assert stds and all(math.isclose(s, 0.5, rel_tol=1e-6) for s in stds)
+
+
+def test_window_checkpoint_round_trip_and_damaged_rows(tmp_path: Path) -> None:
+    from outpost.services.inference.windowstore import WindowStore
+
+    w = Windows(4)
+    for v in range(6):
+        w.add("d1", "m", float(v))
+    w.add("d2", "m", 1.5)
+    store = WindowStore(tmp_path / "w.db")
+    assert store.save(w) == 2 and store.save(w) == 0  # only what changed is written
+    store.store.db.execute("INSERT INTO windows VALUES ('d3', 'm', x'ff00')")
+    store.close()
+    back = Windows(4)
+    store = WindowStore(tmp_path / "w.db")
+    assert store.load(back) == 2
+    assert list(back.series("d1", "m") or []) == [2.0, 3.0, 4.0, 5.0]
+    assert list(back.series("d2", "m") or []) == [1.5]
+    assert back.series("d3", "m") is None and not back.dirty
+    store.close()

@@ -1,0 +1,172 @@
+"""The inference service as a real process (``python -m outpost.services.inference``) against a real
+Mosquitto with persistence: kill -9 mid-stream and a restart lose no score, a score that comes out
+twice carries the same id both times, and the checkpointed windows let scoring resume at once;
+SIGTERM drains and the retained status says stopped."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import orjson
+import pytest
+
+from outpost.broker import Mosquitto
+from outpost.bus import Bus
+from outpost.services.inference.registry import PACKAGED_MODELS, Registry
+from outpost.settings import OutpostSettings
+from tests.conftest import Collector
+
+pytestmark = pytest.mark.integration
+
+MODEL = "shelf-stock"
+DEVICES = [f"shelf-{i:03d}" for i in range(5)]
+WAIT = 60.0
+
+
+class InferenceProcess:
+    def __init__(self, settings: OutpostSettings, workdir: Path, models: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("OUTPOST_")}
+        env.update(
+            OUTPOST_SITE=settings.site,
+            OUTPOST_DATA_DIR=str(settings.data_dir),
+            OUTPOST_MQTT__PORT=str(settings.mqtt.port),
+            OUTPOST_INFERENCE__MODELS_DIR=str(models),
+            OUTPOST_INFERENCE__MODELS=f'["{MODEL}"]',
+            OUTPOST_INFERENCE__BACKEND__TYPE="onnxruntime",
+            OUTPOST_INFERENCE__CHECKPOINT_S="0.2",
+            OUTPOST_TELEMETRY__METRICS_INTERVAL_S="0.5",
+        )
+        self.env = env
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.runs = 0
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self.runs += 1
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._log = (self.workdir / f"inference-{self.runs}.log").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "outpost.services.inference"],
+            env=self.env,
+            cwd=self.workdir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        return self.proc
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.workdir.glob("*.log")))
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        if self._log is not None:
+            self._log.close()
+
+
+@pytest.fixture
+def proc(settings: OutpostSettings, broker: Mosquitto, tmp_path: Path) -> Iterator[InferenceProcess]:
+    models = tmp_path / "models"
+    shutil.copytree(PACKAGED_MODELS, models)
+    p = InferenceProcess(settings, tmp_path / "run", models)
+    yield p
+    p.close()
+
+
+def start_and_wait(p: InferenceProcess, status: Collector) -> int:
+    pid = p.start().pid
+
+    def online(c: Collector) -> bool:
+        return any(d.get("state") == "online" and d.get("pid") == pid for d in c.json())
+
+    assert status.wait_for(online, WAIT), f"inference did not come online:\n{p.logs()}"
+    return pid
+
+
+def send(pub: Bus, settings: OutpostSettings, device: str, seq: int) -> None:
+    eid = f"{device}-{seq}"
+    ts = time.time_ns()
+    ev = {
+        "v": 1,
+        "id": eid,
+        "ts": ts,
+        "trace": eid,
+        "device": device,
+        "seq": seq,
+        "metric": "shelf_weight",
+        "value": 10.0 + (seq % 17) * 0.5,
+        "unit": "kg",
+        "ingest_ns": ts,
+        "gap": 0,
+        "late": False,
+    }
+    pub.publish(settings.topics.events(device), orjson.dumps([ev]), qos=1)
+
+
+def test_kill_9_mid_stream_loses_no_score_and_never_gives_an_event_two_ids(
+    settings: OutpostSettings, proc: InferenceProcess, tmp_path: Path
+) -> None:
+    t = settings.topics
+    status = Collector(settings.mqtt, t.service_status("inference"), client_id="st-" + settings.site).start()
+    scores = Collector(settings.mqtt, t.root + "/inference/#", client_id="sc-" + settings.site, durable=True)
+    scores.start()
+    dlq = Collector(settings.mqtt, t.dlq("inference"), client_id="dl-" + settings.site).start()
+    pub = Bus(settings.mqtt, client_id="pub-" + settings.site)
+    pub.start()
+    try:
+        first = start_and_wait(proc, status)
+        per_device = 700
+        stop = threading.Event()
+
+        def stream() -> None:
+            for seq in range(per_device):
+                for d in DEVICES:
+                    send(pub, settings, d, seq)
+                time.sleep(0.004)  # ~1,250 events/s
+                if stop.is_set():
+                    return
+
+        sender = threading.Thread(target=stream)
+        sender.start()
+        time.sleep(1.5)  # past the first window checkpoints
+        os.kill(first, signal.SIGKILL)
+        proc.proc.wait(30)  # type: ignore[union-attr]
+        time.sleep(0.5)  # events keep coming while it is down; the broker keeps them
+        start_and_wait(proc, status)
+        sender.join(60)
+        min_readings = Registry(PACKAGED_MODELS, tmp_path / "r.db").manifest(MODEL, "1.0.0").min_readings
+        expected = {f"{d}-{s}" for d in DEVICES for s in range(min_readings - 1, per_device)}
+
+        def all_scored(c: Collector) -> bool:
+            return {s["event"] for s in c.events()} >= expected
+
+        assert scores.wait_for(all_scored, WAIT), (
+            f"missing {len(expected - {s['event'] for s in scores.events()})} scores\n{proc.logs()}"
+        )
+        ids: dict[str, set[str]] = defaultdict(set)
+        for s in scores.events():
+            ids[s["event"]].add(s["id"])
+        assert all(len(v) == 1 for v in ids.values()), "an event got two score ids"
+        assert set(ids) == expected, "scores for events that should have been warming"
+        assert dlq.json() == []
+        # a clean stop: drain, checkpoint, status stopped
+        assert proc.proc is not None
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(60) == 0
+        assert status.wait_for(lambda c: c.json()[-1].get("state") == "stopped", 10)
+    finally:
+        pub.stop()
+        for c in (status, scores, dlq):
+            c.stop()
