@@ -115,9 +115,13 @@ def send(pub: Bus, settings: OutpostSettings, device: str, seq: int) -> None:
     pub.publish(settings.topics.events(device), orjson.dumps([ev]), qos=1)
 
 
-def test_kill_9_mid_stream_loses_no_score_and_never_gives_an_event_two_ids(
-    settings: OutpostSettings, proc: InferenceProcess, tmp_path: Path
+@pytest.mark.parametrize("fault", ["kill-9", "broker-restart"])
+def test_a_fault_mid_stream_loses_no_score_and_never_gives_an_event_two_ids(
+    settings: OutpostSettings, broker: Mosquitto, proc: InferenceProcess, tmp_path: Path, fault: str
 ) -> None:
+    """kill -9 of the service (it restarts on the checkpointed windows), or a restart of Mosquitto
+    (persistence on: sessions and queued messages survive): every event that should be scored is,
+    once in effect."""
     t = settings.topics
     status = Collector(settings.mqtt, t.service_status("inference"), client_id="st-" + settings.site).start()
     scores = Collector(settings.mqtt, t.root + "/inference/#", client_id="sc-" + settings.site, durable=True)
@@ -141,10 +145,14 @@ def test_kill_9_mid_stream_loses_no_score_and_never_gives_an_event_two_ids(
         sender = threading.Thread(target=stream)
         sender.start()
         time.sleep(1.5)  # past the first window checkpoints
-        os.kill(first, signal.SIGKILL)
-        proc.proc.wait(30)  # type: ignore[union-attr]
-        time.sleep(0.5)  # events keep coming while it is down; the broker keeps them
-        start_and_wait(proc, status)
+        if fault == "kill-9":
+            os.kill(first, signal.SIGKILL)
+            proc.proc.wait(30)  # type: ignore[union-attr]
+            time.sleep(0.5)  # events keep coming while it is down; the broker keeps them
+            start_and_wait(proc, status)
+        else:
+            broker.restart()  # SIGTERM: Mosquitto saves sessions and queued messages, starts again
+            assert pub.wait_connected(WAIT)
         sender.join(60)
         min_readings = Registry(PACKAGED_MODELS, tmp_path / "r.db").manifest(MODEL, "1.0.0").min_readings
         expected = {f"{d}-{s}" for d in DEVICES for s in range(min_readings - 1, per_device)}
@@ -161,6 +169,8 @@ def test_kill_9_mid_stream_loses_no_score_and_never_gives_an_event_two_ids(
         assert all(len(v) == 1 for v in ids.values()), "an event got two score ids"
         assert set(ids) == expected, "scores for events that should have been warming"
         assert dlq.json() == []
+        if fault == "broker-restart":
+            assert proc.proc is not None and proc.proc.poll() is None and proc.proc.pid == first
         # a clean stop: drain, checkpoint, status stopped
         assert proc.proc is not None
         proc.proc.send_signal(signal.SIGTERM)
