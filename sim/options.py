@@ -73,7 +73,7 @@ class SimOptions(BaseModel):
     def _host_port(cls, v: str) -> str:
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:1883")
+            raise ValueError("must be HOST:PORT with a port 1-65535, e.g. 127.0.0.1:1883")
         return v
 
     @property

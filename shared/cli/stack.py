@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -224,16 +225,24 @@ def demo(
                     sim.send_signal(signal.SIGTERM)
                 report = _sim_report(sim)
                 _settle(mon)
+                # Stop the services while the monitor listens: each drains and publishes its final
+                # metrics and a retained "stopped", so the summary's service counters are final.
+                stack.supervisor.stop()
+                _wait_for(lambda: all(mon.status.get(n, {}).get("state") == "stopped" for n in names), 15)
                 sent = int(report.get("sent_readings", 0) or 0)
                 live.update(Group(_services_table(stack, mon), _flow_table(mon, sent)))
             summary = {"sent": sent, "sim": report, **mon.summary()}
-            assert stack.supervisor is not None
-            summary["restarts"] = {r["service"]: r["restarts"] for r in stack.supervisor.status()}
+            rows = stack.supervisor.status()
+            summary["restarts"] = {r["service"]: r["restarts"] for r in rows}
+            summary["exit_codes"] = {r["service"]: r["last_exit"] for r in rows}
         finally:
             if sim is not None and sim.poll() is None:
                 sim.kill()
             mon.stop()
-    summary["stopped_cleanly"] = True
+    # clean: every service drained and exited 0 on SIGTERM, and the stack's broker is gone
+    summary["stopped_cleanly"] = bool(summary.get("exit_codes")) and all(
+        code == 0 for code in summary["exit_codes"].values()
+    )
     console.print()  # rich's live view leaves the cursor at the end of its last line
     if json_out:
         sys.stdout.write(orjson.dumps(summary).decode() + "\n")
@@ -242,6 +251,15 @@ def demo(
             f"[green]demo finished[/]: {summary['sent']:,} sent, {summary['validated']:,} validated, "
             f"{summary['rejected']:,} rejected; everything stopped. State was in {tmp}"
         )
+
+
+def _wait_for(pred: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _settle(mon: SiteMonitor, quiet_s: float = 1.5, limit_s: float = 15.0) -> None:
@@ -260,7 +278,10 @@ def _settle(mon: SiteMonitor, quiet_s: float = 1.5, limit_s: float = 15.0) -> No
 
 
 def status(
-    broker: BrokerOpt = None,
+    broker: Annotated[
+        str | None,
+        typer.Option("--broker", help="The site's broker, HOST:PORT (default: the configured one)."),
+    ] = None,
     site: SiteOpt = None,
     wait_s: Annotated[float, typer.Option("--wait", help="Seconds to listen for metrics.", min=0.5)] = 6.0,
     json_out: JsonOpt = False,

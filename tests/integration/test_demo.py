@@ -44,6 +44,9 @@ def test_demo_runs_reports_and_stops_everything() -> None:
     # scores flow, each with its model and version, from both shipped models
     assert summary["scores"] > 0
     assert {m.split("@")[0] for m in summary["scores_by_model"]} == {"fridge-anomaly", "shelf-stock"}
-    assert summary["services"] == {"ingest": "online", "inference": "online"}  # while the simulator ran
+    # the services were stopped before the summary: their final counters are in it
+    assert summary["services"] == {"ingest": "stopped", "inference": "stopped"}
+    assert summary["exit_codes"] == {"ingest": 0, "inference": 0}
+    assert summary["ingest_counters"]["events"] == summary["validated"]
     assert summary["stopped_cleanly"] is True
     assert summary["latency_ms"]["p99"] >= summary["latency_ms"]["p50"] > 0
