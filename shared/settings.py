@@ -101,7 +101,9 @@ class InferenceSettings(Section):
     backend: BackendConfig = Field(
         default_factory=AutoConfig, description="onnxruntime, tensorrt, or auto (the best that runs here)."
     )
-    max_batch: int = Field(32, ge=1, le=4096, description="Most requests in one session call.")
+    max_batch: int = Field(
+        256, ge=1, le=4096, description="Most requests in one session call (batches fill only under load)."
+    )
     max_wait_ms: float = Field(
         1.0,
         ge=0,

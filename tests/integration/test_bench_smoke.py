@@ -65,3 +65,21 @@ def test_bus_bench_runs_paho_and_the_bus() -> None:
         assert row["msgs_per_s"] > 0 and row["received"] > 0, row
     for qos1 in (rows[("paho", 1)], rows[("bus", 1)]):
         assert qos1["undelivered"] == 0, qos1
+
+
+def test_inference_bench_counts_what_it_scores() -> None:
+    from outpost.benchmarks.inference import InferenceBenchOptions, run_inference_bench
+
+    o = InferenceBenchOptions(duration_s=1.0, warmup_s=0.6, raw_calls=100, rate=1000.0, devices=20)
+    result = run_inference_bench(o)
+    orjson.dumps(result)  # the --json form is this dict
+    assert set(result["raw"]) == {"1", "32", "256"}
+    for r in result["raw"].values():
+        assert r["p99_us"] >= r["p50_us"] > 0 and r["rows_per_s"] > 0
+    lat = result["latency"]
+    assert lat["scored_per_s"] > 0 and lat["stamped_in_window_delivered"] > 0
+    assert lat["p99_ms"] >= lat["p50_ms"] > 0 and lat["rejected"] == 0
+    sat = result["saturation"]
+    assert sat["rows"] > 0 and sat["per_row_compute_cpu_us"] > 0
+    assert result["compute_ratio_vs_raw"] > 0
+    assert set(result["targets"]) == {"compute_ratio_max", "compute_ratio_met", "p99_ms_max", "p99_met"}
