@@ -12,7 +12,7 @@ import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
@@ -118,3 +118,34 @@ def wait(stop: threading.Event, tick_s: float = 0.5) -> None:
     """Block until ``stop`` is set, waking regularly so signals are handled promptly."""
     while not stop.wait(tick_s):
         pass
+
+
+class Runnable(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=Runnable)
+
+
+def run_until(svc: S, stop: threading.Event) -> S:
+    """Start ``svc``, wait for ``stop``, stop it (drain, flush, checkpoint) and return it: every
+    service's ``run(settings, stop)``, which tests call in-process."""
+    svc.start()
+    wait(stop, 0.2)
+    svc.stop()
+    return svc
+
+
+def service_main(make: Callable[[OutpostSettings], Runnable]) -> None:
+    """Every service's ``__main__``: settings from the environment and the site file, logging,
+    SIGTERM/SIGINT for a clean stop, then run until stopped."""
+    from outpost.log import setup_logging
+    from outpost.settings import load_settings
+
+    settings = load_settings()
+    setup_logging(settings.log_level, json=settings.log_json)
+    stop = threading.Event()
+    install_stop_signals(stop)
+    run_until(make(settings), stop)

@@ -176,3 +176,26 @@ def make_reading(device: str, seq: int, /, *, ts: int | None = None, **fields: A
     }
     r.update(fields)
     return r
+
+
+def make_event(device: str, seq: int, metric: str, value: Any, **fields: Any) -> dict[str, Any]:
+    """An event as ingest publishes it (id ``{device}-{seq}``, stamped now); ``fields`` override or
+    add fields."""
+    eid = f"{device}-{seq}"
+    ts = time.time_ns()
+    ev: dict[str, Any] = {
+        "v": 1,
+        "id": eid,
+        "ts": ts,
+        "trace": eid,
+        "device": device,
+        "seq": seq,
+        "metric": metric,
+        "value": value,
+        "unit": "kg",
+        "ingest_ns": ts,
+        "gap": 0,
+        "late": False,
+    }
+    ev.update(fields)
+    return ev

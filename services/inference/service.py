@@ -37,7 +37,7 @@ from outpost.bus import Message
 from outpost.envelope import dead_letter, new_id, now_ns
 from outpost.errors import OutpostError, TopicError
 from outpost.log import get_logger
-from outpost.service import ServiceRuntime, install_stop_signals, wait
+from outpost.service import ServiceRuntime, run_until, service_main
 from outpost.services.inference.backends.base import ModelLoadError
 from outpost.services.inference.batcher import MicroBatcher
 from outpost.services.inference.features import FeatureError, Snapshot, Windows, feature_matrix, snapshot
@@ -51,7 +51,6 @@ NAME = "inference"
 log = get_logger("outpost.inference")
 
 MAX_EVENTS_PAYLOAD = 4_000_000
-SWITCH_INTERVAL_S = 0.005
 RECENT_IDS = 1024
 """Event ids remembered per device to drop a redelivered event (its score is already out)."""
 
@@ -701,25 +700,8 @@ def _check_event(ev: Any, device: str) -> tuple[str, str] | None:
 
 def run(settings: OutpostSettings, stop: threading.Event) -> InferenceService:
     """Run inference until ``stop`` is set; returns the (stopped) service for inspection."""
-    svc = InferenceService(settings)
-    svc.start()
-    wait(stop, 0.2)
-    svc.stop()
-    return svc
+    return run_until(InferenceService(settings), stop)
 
 
 def main() -> None:
-    import sys
-
-    from outpost.log import setup_logging
-    from outpost.settings import load_settings
-
-    # The worker holds the GIL only between session calls; after one returns it must win the GIL
-    # back from the network thread, which otherwise keeps it for the default 5 ms switch interval:
-    # that wait, not the model, dominated event-to-score latency (docs/benchmarks.md).
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    settings = load_settings()
-    setup_logging(settings.log_level, json=settings.log_json)
-    stop = threading.Event()
-    install_stop_signals(stop)
-    run(settings, stop)
+    service_main(InferenceService)

@@ -33,7 +33,7 @@ from outpost.envelope import ReadingDict, dead_letter, reading_id, reading_id_pr
 from outpost.errors import TopicError
 from outpost.log import get_logger
 from outpost.metrics import _HIGHEST_US, _LOWEST_US, Histogram
-from outpost.service import ServiceRuntime, install_stop_signals, wait
+from outpost.service import ServiceRuntime, run_until, service_main
 from outpost.services.ingest.parse import Reject, parse
 from outpost.services.ingest.ratelimit import RateLimiter
 from outpost.services.ingest.seqstore import SeqStore
@@ -419,19 +419,8 @@ class IngestService:
 
 def run(settings: OutpostSettings, stop: threading.Event) -> IngestService:
     """Run ingest until ``stop`` is set; returns the (stopped) service for inspection."""
-    svc = IngestService(settings)
-    svc.start()
-    wait(stop, 0.2)
-    svc.stop()
-    return svc
+    return run_until(IngestService(settings), stop)
 
 
 def main() -> None:
-    from outpost.log import setup_logging
-    from outpost.settings import load_settings
-
-    settings = load_settings()
-    setup_logging(settings.log_level, json=settings.log_json)
-    stop = threading.Event()
-    install_stop_signals(stop)
-    run(settings, stop)
+    service_main(IngestService)

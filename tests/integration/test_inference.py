@@ -21,11 +21,12 @@ from onnx import TensorProto, helper
 
 from outpost.broker import Mosquitto
 from outpost.bus import Bus
-from outpost.services.inference.manifest import read_manifest, sha256_of, write_manifest
+from outpost.services.inference.manifest import Manifest, read_manifest, sha256_of, write_manifest
 from outpost.services.inference.registry import PACKAGED_MODELS, Registry
 from outpost.services.inference.service import InferenceService, run, score_id
 from outpost.settings import OutpostSettings
 from tests.conftest import Collector
+from tests.conftest import make_event as event
 
 pytestmark = pytest.mark.integration
 
@@ -102,28 +103,6 @@ def pub(isettings: OutpostSettings) -> Iterator[Bus]:
     b.start()
     yield b
     b.stop()
-
-
-def event(device: str, seq: int, metric: str, value: Any, **extra: Any) -> dict[str, Any]:
-    """An event as ingest publishes it; ``extra`` overrides or adds fields."""
-    eid = f"{device}-{seq}"
-    ts = time.time_ns()
-    ev = {
-        "v": 1,
-        "id": eid,
-        "ts": ts,
-        "trace": eid,
-        "device": device,
-        "seq": seq,
-        "metric": metric,
-        "value": value,
-        "unit": "kg",
-        "ingest_ns": ts,
-        "gap": 0,
-        "late": False,
-    }
-    ev.update(extra)
-    return ev
 
 
 def fridge_step(device: str, step: int, *, rng: np.random.Generator) -> list[dict[str, Any]]:
@@ -452,6 +431,16 @@ def _slow_model(features: int, labels: int, width: int = 1536) -> onnx.ModelProt
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _activate_slow_version(s: OutpostSettings, models_dir: Path) -> Manifest:
+    """Make shelf-stock 9.9.9 a model of the same shape that takes about a millisecond a row."""
+    reg = registry(s)
+    good = reg.state(SHELF).active or ""
+    m = reg.manifest(SHELF, good)
+    _new_version(models_dir, SHELF, good, "9.9.9", model=_slow_model(len(m.features), len(m.labels)))
+    reg.activate(SHELF, "9.9.9")
+    return m
+
+
 def test_a_burst_beyond_what_is_scored_waits_on_the_broker_and_loses_nothing(
     start_inference: Callable[[], RunningInference],
     collect: Callable[..., Collector],
@@ -463,11 +452,7 @@ def test_a_burst_beyond_what_is_scored_waits_on_the_broker_and_loses_nothing(
     far beyond the broker's in-flight window (1,000) is held by the broker, not by the service,
     and every event is scored exactly once, with no dead letter."""
     isettings.inference.max_batch = 8
-    reg = registry(isettings)
-    good = reg.state(SHELF).active or ""
-    m = reg.manifest(SHELF, good)
-    _new_version(models_dir, SHELF, good, "9.9.9", model=_slow_model(len(m.features), len(m.labels)))
-    reg.activate(SHELF, "9.9.9")
+    m = _activate_slow_version(isettings, models_dir)
     t = isettings.topics
     out = collect(t.root + "/inference/#")
     dlq = collect(t.dlq("inference"))

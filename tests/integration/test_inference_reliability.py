@@ -24,7 +24,7 @@ from outpost.broker import Mosquitto
 from outpost.bus import Bus
 from outpost.services.inference.registry import PACKAGED_MODELS, Registry
 from outpost.settings import OutpostSettings
-from tests.conftest import Collector
+from tests.conftest import Collector, make_event
 
 pytestmark = pytest.mark.integration
 
@@ -96,22 +96,7 @@ def start_and_wait(p: InferenceProcess, status: Collector) -> int:
 
 
 def send(pub: Bus, settings: OutpostSettings, device: str, seq: int) -> None:
-    eid = f"{device}-{seq}"
-    ts = time.time_ns()
-    ev = {
-        "v": 1,
-        "id": eid,
-        "ts": ts,
-        "trace": eid,
-        "device": device,
-        "seq": seq,
-        "metric": "shelf_weight",
-        "value": 10.0 + (seq % 17) * 0.5,
-        "unit": "kg",
-        "ingest_ns": ts,
-        "gap": 0,
-        "late": False,
-    }
+    ev = make_event(device, seq, "shelf_weight", 10.0 + (seq % 17) * 0.5)
     pub.publish(settings.topics.events(device), orjson.dumps([ev]), qos=1)
 
 

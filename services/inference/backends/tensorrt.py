@@ -7,7 +7,7 @@ tensorrt or pycuda at module import: a machine without a GPU imports this module
 :func:`unavailable_reason` says why it cannot run.
 
 Lifecycle. The backend owns one CUDA context (``make_context`` on device 0), made current only
-around each call: the service loads a model on one thread and scores on a worker thread, and a
+around each call: the service loads a model on its loader thread and scores on its network thread; a
 driver context is current per thread, so every entry point pushes it and pops it again. One
 execution context, one stream, and device plus pinned host buffers sized for ``max_batch`` are
 allocated once; a larger batch runs in ``max_batch`` chunks. A lock serializes calls (one stream,
