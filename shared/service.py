@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -19,6 +20,7 @@ import orjson
 from outpost import __version__
 from outpost.bus import Bus, Will
 from outpost.envelope import SCHEMA_VERSION, new_id, now_ns
+from outpost.errors import OutpostError
 from outpost.log import get_logger
 from outpost.metrics import Metrics
 from outpost.settings import OutpostSettings
@@ -144,8 +146,13 @@ def service_main(make: Callable[[OutpostSettings], Runnable]) -> None:
     from outpost.log import setup_logging
     from outpost.settings import load_settings
 
-    settings = load_settings()
-    setup_logging(settings.log_level, json=settings.log_json)
-    stop = threading.Event()
-    install_stop_signals(stop)
-    run_until(make(settings), stop)
+    try:
+        settings = load_settings()
+        setup_logging(settings.log_level, json=settings.log_json)
+        stop = threading.Event()
+        install_stop_signals(stop)
+        run_until(make(settings), stop)
+    except OutpostError as exc:  # a bad setting, a broker that never answered, unusable state
+        log.error("cannot run", extra={"error": str(exc)})
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

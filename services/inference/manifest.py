@@ -43,6 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from outpost.services.inference.backends.base import ModelLoadError
 
 MANIFEST_FILE = "manifest.yaml"
+MAX_MANIFEST_BYTES = 256 * 1024
+"""A manifest is a page of YAML; anything bigger (or an alias bomb) is refused before parsing."""
 
 Stat = Literal["last", "mean", "std", "min", "max", "range", "delta", "count"]
 """Window statistics a feature can take: ``delta`` is last minus first, ``range`` max minus min,
@@ -136,6 +138,8 @@ def read_manifest(folder: Path) -> Manifest:
     """Parse and check ``folder/manifest.yaml`` (not the model file: see :func:`verify`)."""
     path = folder / MANIFEST_FILE
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ModelLoadError(f"{path}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: no manifest") from None

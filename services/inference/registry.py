@@ -11,6 +11,7 @@ and is skipped by rollback.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,13 @@ class ModelState:
 class Registry:
     def __init__(self, models_dir: Path, state_path: Path) -> None:
         self.models_dir = models_dir
-        self.store = Store(state_path, _SCHEMA, synchronous="FULL")
+        try:
+            self.store = Store(state_path, _SCHEMA, synchronous="FULL")
+        except sqlite3.DatabaseError as exc:
+            raise ModelLoadError(
+                f"registry state {state_path} cannot be used ({exc}): move it aside to start from the "
+                "default versions"
+            ) from None
 
     def close(self) -> None:
         self.store.close()

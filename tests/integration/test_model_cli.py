@@ -135,3 +135,28 @@ def test_quantize_reports_size_latency_and_accuracy(env: dict[str, str]) -> None
     assert registry(env).state("shelf-stock").active == "1.0.0"
     again = model(env, "quantize", "shelf-stock", "1.0.0")
     assert again.returncode == 2 and "exists already" in again.stderr
+
+
+def test_unusable_state_and_oversized_manifest_are_clear_errors(env: dict[str, str]) -> None:
+    folder = Path(env["OUTPOST_INFERENCE__MODELS_DIR"]) / "shelf-stock" / "3.0.0"
+    folder.mkdir()
+    (folder / "manifest.yaml").write_text("a: &a [" + "x, " * 200_000 + "]\n")
+    p = model(env, "verify", "shelf-stock", "3.0.0")
+    assert p.returncode == 2 and "larger than" in p.stdout
+    state = Path(env["OUTPOST_DATA_DIR"]) / "inference" / "registry.db"
+    for f in state.parent.glob("registry.db*"):
+        f.unlink()
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_bytes(b"this is not a database" * 100)
+    p = model(env, "list")
+    assert p.returncode == 2 and "move it aside" in p.stderr and "Traceback" not in p.stderr
+    # the service itself says the same and exits 2 (the supervisor shows it restarting)
+    svc = subprocess.run(
+        [sys.executable, "-m", "outpost.services.inference"],
+        env={**env, "OUTPOST_MQTT__PORT": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert svc.returncode == 2 and "move it aside" in svc.stderr and "Traceback" not in svc.stderr
