@@ -186,7 +186,7 @@ class Registry:
             shadow=shadow,
             action="activate",
             version=version,
-            detail=f"was {state.active}",
+            detail=state.active or "",  # what it replaced: rollback goes back to it
         )
         return manifest
 
@@ -206,24 +206,30 @@ class Registry:
         )
 
     def rollback(self, name: str) -> str:
-        """Go back to the version that was active before the current one (skipping bad or missing
-        versions); the new active version."""
+        """Go back to the version that was active before the current one, which may have been the
+        default rather than an operator's choice (skipping bad or missing versions); the new
+        active version. Each activation records what it replaced, so rollback walks back through
+        those, newest first."""
         state = self.state(name)
         on_disk = set(self.versions(name))
-        for _, version, action, _ in self.history(name, limit=1000):
-            if action != "activate" or version is None or version == state.active:
+        for _, version, action, replaced in self.history(name, limit=1000):
+            if action not in ("activate", "rollback"):
                 continue
-            if version in on_disk and not self.is_bad(name, version):
-                self.verify(name, version)
+            for candidate in (replaced, version):
+                if not candidate or candidate == state.active or candidate not in on_disk:
+                    continue
+                if self.is_bad(name, candidate):
+                    continue
+                self.verify(name, candidate)
                 self._write(
                     name,
-                    active=version,
-                    shadow=state.shadow if state.shadow != version else None,
-                    action="activate",
-                    version=version,
-                    detail=f"rollback from {state.active}",
+                    active=candidate,
+                    shadow=state.shadow if state.shadow != candidate else None,
+                    action="rollback",
+                    version=candidate,
+                    detail=state.active or "",
                 )
-                return version
+                return candidate
         raise ModelLoadError(f"{name}: no earlier good version to roll back to (active {state.active})")
 
     def mark_bad(self, name: str, version: str, reason: str) -> None:

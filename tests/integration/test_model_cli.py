@@ -83,6 +83,21 @@ def test_list_verify_activate_shadow_rollback(env: dict[str, str]) -> None:
     assert model(env, "shadow", "fridge-anomaly", "--off").returncode == 0
 
 
+def test_rollback_returns_to_the_default_that_was_active(env: dict[str, str]) -> None:
+    # nothing chosen yet: 1.1.0 is active as the newest release; activating 1.0.0 and rolling
+    # back must return to 1.1.0, though no operator ever activated it
+    assert model(env, "activate", "fridge-anomaly", "1.0.0").returncode == 0
+    p = model(env, "rollback", "fridge-anomaly")
+    assert p.returncode == 0 and "1.0.0 -> 1.1.0" in p.stdout, p.stdout + p.stderr
+    # a second rollback toggles back
+    p = model(env, "rollback", "fridge-anomaly")
+    assert p.returncode == 0 and "1.1.0 -> 1.0.0" in p.stdout
+    # a version that failed is skipped
+    registry(env).mark_bad("fridge-anomaly", "1.1.0", "test")
+    p = model(env, "rollback", "fridge-anomaly")
+    assert p.returncode == 2 and "no earlier good version" in p.stderr
+
+
 def test_corrupt_file_is_refused_and_reported(env: dict[str, str]) -> None:
     path = Path(env["OUTPOST_INFERENCE__MODELS_DIR"]) / "fridge-anomaly" / "1.0.0" / "model.onnx"
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
