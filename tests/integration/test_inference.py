@@ -174,6 +174,8 @@ HOSTILE: list[tuple[str, str, bytes]] = [
     ("device_mismatch", "shelf-001", orjson.dumps([event("shelf-002", 1, "shelf_weight", 1.0)])),
     ("bad_topic", "x" * 65, orjson.dumps([event("x" * 65, 1, "shelf_weight", 1.0)])),
     ("bad_topic", "a.b", orjson.dumps([event("a.b", 1, "shelf_weight", 1.0)])),
+    ("too_large", "shelf-001", b"[" + b" " * 4_100_000 + b"]"),
+    ("not_json", "shelf-001", b"[[" * 2000 + b"]]" * 2000),  # nested beyond what orjson parses
 ]
 
 
@@ -203,13 +205,19 @@ def test_hostile_events_are_dead_lettered_and_service_lives_on(
     assert reasons["bad_features"] >= 1
     for d in dlq.json():
         assert d["stage"] == "inference" and d["payload_len"] > 0 and d["detail"]
-    # still scoring
+    # still scoring, and a replayed event (same id) is scored once
     for seq in range(10):
         pub.publish(
             t.events("shelf-002"), orjson.dumps([event("shelf-002", seq, "shelf_weight", 10.0)]), qos=1
         )
-    assert out.wait_for(lambda c: any(s["device"] == "shelf-002" for s in scores(c)), 10)
+    replay = orjson.dumps([event("shelf-002", 9, "shelf_weight", 10.0)])
+    pub.publish(t.events("shelf-002"), replay, qos=1)
+    pub.publish(t.events("shelf-002"), replay, qos=1)
+    assert out.wait_for(lambda c: any(s["event"] == "shelf-002-9" for s in scores(c)), 10)
+    time.sleep(0.5)
     svc = r.stop()
+    assert sum(1 for s in scores(out) if s["event"] == "shelf-002-9") == 1
+    assert svc.metrics.counters["duplicates"] == 2
     assert svc.metrics.counters["rejected"] == sum(reasons.values())
     assert svc.bus.handler_errors == 0
 
