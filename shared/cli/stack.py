@@ -66,13 +66,15 @@ def _services_table(stack: Stack, mon: SiteMonitor) -> Table:
     return t
 
 
-def _flow_table(mon: SiteMonitor, sent: int | None = None) -> Table:
+def _flow_table(mon: SiteMonitor, sent: int | None = None, bad: int | None = None) -> Table:
     s = mon.summary()
     t = Table(title="Flow", expand=False)
     t.add_column("figure")
     t.add_column("value", justify="right")
     if sent is not None:
-        t.add_row("readings sent (simulator)", f"{sent:,}")
+        t.add_row("good readings sent (simulator)", f"{sent:,}")
+    if bad is not None:
+        t.add_row("bad payloads sent (simulator)", f"{bad:,}")
     t.add_row("validated events", f"{s['validated']:,}")
     t.add_row("events/s (last 5 s)", f"{mon.rate():,.0f}")
     t.add_row("rejected (DLQ)", f"{s['rejected']:,}")
@@ -230,7 +232,8 @@ def demo(
                 stack.supervisor.stop()
                 _wait_for(lambda: all(mon.status.get(n, {}).get("state") == "stopped" for n in names), 15)
                 sent = int(report.get("sent_readings", 0) or 0)
-                live.update(Group(_services_table(stack, mon), _flow_table(mon, sent)))
+                bad = int(report.get("bad_total", 0) or 0)
+                live.update(Group(_services_table(stack, mon), _flow_table(mon, sent, bad)))
             summary = {"sent": sent, "sim": report, **mon.summary()}
             rows = stack.supervisor.status()
             summary["restarts"] = {r["service"]: r["restarts"] for r in rows}
