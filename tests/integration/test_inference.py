@@ -409,6 +409,59 @@ def test_shadow_scores_alongside_and_is_never_published(
     assert last["histograms"]["shadow_compute"]["count"] > 0
 
 
+def test_a_shadow_with_other_features_and_window_scores_on_its_own_features(
+    start_inference: Callable[[], RunningInference],
+    collect: Callable[..., Collector],
+    pub: Bus,
+    isettings: OutpostSettings,
+    models_dir: Path,
+) -> None:
+    """A candidate that reads other features over a longer window and warms up later: requests
+    copy the union of both models' windows, each model computes its own rows, and the active
+    model's scores are untouched."""
+    t = isettings.topics
+    reg = registry(isettings)
+    good = reg.state(SHELF).active or ""
+    m = reg.manifest(SHELF, good)
+    dst = models_dir / SHELF / "5.0.0"
+    dst.mkdir()
+    onnx.save(_slow_model(2, len(m.labels), width=8), str(dst / "model.onnx"))
+    feature = type(m.features[0])
+    write_manifest(
+        dst,
+        m.model_copy(
+            update={
+                "version": "5.0.0",
+                "sha256": sha256_of(dst / "model.onnx"),
+                "window": 64,
+                "min_readings": 40,
+                "features": [
+                    feature(metric="shelf_weight", stat="last"),
+                    feature(metric="shelf_weight", stat="count"),
+                ],
+            }
+        ),
+    )
+    reg.activate(SHELF, good)
+    reg.set_shadow(SHELF, "5.0.0")
+    out = collect(t.root + f"/inference/{SHELF}/+")
+    r = start_inference()
+    n = 80
+    for seq in range(n):
+        pub.publish(
+            t.events("shelf-001"),
+            orjson.dumps([event("shelf-001", seq, "shelf_weight", 20.0 - seq * 0.1)]),
+            qos=1,
+        )
+    expected = n - (m.min_readings - 1)
+    assert out.wait_for(lambda c: len(scores(c)) >= expected, 15)
+    svc = r.stop()
+    c = svc.metrics.counters
+    assert len(scores(out)) == expected and {s["version"] for s in scores(out)} == {good}
+    assert c[f"shadow_rows.{SHELF}"] == n - 39  # from the 40th reading on
+    assert c[f"shadow_errors.{SHELF}"] == 0 and c["rejected"] == 0
+
+
 # --- backpressure ---------------------------------------------------------------------------------
 
 
