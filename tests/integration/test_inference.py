@@ -241,7 +241,7 @@ def test_swap_and_rollback_under_load_lose_and_duplicate_nothing(
     dlq = collect(t.dlq("inference"))
     r = start_inference()
     devices = [f"fridge-{i:03d}" for i in range(10)]
-    steps = 400
+    steps = 1000
     rng = np.random.default_rng(5)
     min_readings = reg.manifest(FRIDGE, old).min_readings
 
@@ -253,10 +253,12 @@ def test_swap_and_rollback_under_load_lose_and_duplicate_nothing(
 
     sender = threading.Thread(target=load)
     sender.start()
-    time.sleep(0.4)
+    assert out.wait_for(lambda c: len(scores(c)) > 200, 20)  # scoring under load on the old version
     reg.activate(FRIDGE, new)
-    time.sleep(0.4)
+    assert out.wait_for(lambda c: sum(s["version"] == new for s in scores(c)) > 200, 20)
+    assert sender.is_alive(), "the swaps must happen under load: make the stream longer"
     assert reg.rollback(FRIDGE) == old
+    assert out.wait_for(lambda c: scores(c)[-1]["version"] == old, 20)
     sender.join()
     expected = {f"{d}-{s * 4 + 3}" for d in devices for s in range(min_readings - 1, steps)}
     assert out.wait_for(lambda c: {s["event"] for s in scores(c)} >= expected, 30)
