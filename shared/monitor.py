@@ -161,6 +161,7 @@ class SiteMonitor:
                 "devices_online": sum(1 for v in self.devices_online.values() if v),
                 "devices_seen": len(self.devices_online),
                 "ingest_counters": ingest,
+                "memory_counters": self.metrics.get("memory", {}).get("counters", {}),
                 "scores": self.scores,
                 "scores_by_model": dict(self.scores_by_model.most_common()),
                 "score_labels": dict(sorted(self.labels.items())),

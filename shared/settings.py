@@ -136,6 +136,29 @@ class InferenceSettings(Section):
         return v
 
 
+class MemorySettings(Section):
+    """The memory service's operational log (docs/memory.md)."""
+
+    log_sync: Literal["OFF", "NORMAL", "FULL"] = Field(
+        "FULL", description="SQLite synchronous for the log: FULL survives power loss, NORMAL a crash."
+    )
+    commit_ms: float = Field(
+        50.0, gt=0, le=10_000, description="Longest an entry waits for its batch commit."
+    )
+    commit_max: int = Field(1000, ge=1, description="Entries that trigger a commit at once.")
+    retention_s: float = Field(
+        7 * 86400.0,
+        gt=0,
+        description="Entries older than this go at compaction (unless not yet acknowledged).",
+    )
+    budget_mb: int = Field(
+        1024,
+        ge=1,
+        description="Disk budget of the log; past it the oldest go, unacknowledged ones too (counted).",
+    )
+    compact_s: float = Field(60.0, gt=0, description="How often retention runs.")
+
+
 class BrokerSettings(Section):
     """The Mosquitto that ``outpost up`` starts when no external broker is given."""
 
@@ -172,6 +195,7 @@ class OutpostSettings(BaseSettings):
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
     @field_validator("site", "prefix")

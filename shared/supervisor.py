@@ -24,6 +24,7 @@ log = get_logger("outpost.supervisor")
 SERVICES: dict[str, str] = {
     "ingest": "outpost.services.ingest",
     "inference": "outpost.services.inference",
+    "memory": "outpost.services.memory",
 }
 
 BACKOFF_MIN_S = 0.5

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from outpost.cli import bench, config, model, sim, stack
+from outpost.cli import bench, config, log, model, sim, stack
 from outpost.errors import OutpostError
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ sim.register(app)
 bench.register(app)
 config.register(app)
 model.register(app)
+log.register(app)
 
 
 def main() -> None:

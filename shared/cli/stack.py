@@ -97,6 +97,9 @@ def _flow_table(mon: SiteMonitor, sent: int | None = None, bad: int | None = Non
         "reading -> score p50 / p99 ms",
         f"{s['score_latency_ms']['p50']:.1f} / {s['score_latency_ms']['p99']:.1f}",
     )
+    mem = s["memory_counters"]
+    if mem:
+        t.add_row("logged entries (memory; outpost log)", f"{mem.get('entries', 0):,}")
     return t
 
 

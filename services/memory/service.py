@@ -1,0 +1,186 @@
+"""The memory service, first part: the operational log of the site.
+
+It subscribes to what the other services publish (events, scores, dead letters) at QoS 1 with a
+durable session and manual acknowledgement, appends one log entry per event, score or dead letter,
+and commits in batches (``memory.commit_ms`` or ``memory.commit_max``, whichever comes first). A
+message is acknowledged only after the batch holding it is committed: kill -9 at any point leaves
+the unacknowledged messages on the broker, which redelivers them, so nothing published is missing
+from the log (a redelivered message may be logged twice, with the same trace and body; readers that
+care drop it by the body's ``id``). Everything runs on the bus's network thread, as in ingest.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from outpost.bus import Message
+from outpost.envelope import dead_letter
+from outpost.log import get_logger
+from outpost.service import ServiceRuntime, run_until, service_main
+from outpost.services.memory.oplog import OpLog, Record
+from outpost.settings import OutpostSettings
+
+NAME = "memory"
+log = get_logger("outpost.memory")
+
+MAX_PAYLOAD = 4_000_000
+
+
+class MemoryService:
+    def __init__(self, settings: OutpostSettings) -> None:
+        self.settings = settings
+        cfg = self.cfg = settings.memory
+        self.rt = ServiceRuntime(
+            NAME,
+            settings,
+            durable=True,
+            manual_ack=True,
+            tick_s=min(0.05, cfg.commit_ms / 2000.0),
+            mqtt5=False,
+        )
+        self.metrics = self.rt.metrics
+        self.bus = self.rt.bus
+        t = self.topics = self.rt.topics
+        self.oplog = OpLog(Path(settings.data_dir) / "memory" / "oplog.db", synchronous=cfg.log_sync)
+        self._pending: list[Record] = []
+        self._acks: list[tuple[int, int]] = []
+        self._oldest = 0.0
+        self._dlq_topic = t.dlq(NAME)
+        kinds = (("event", t.all_events), ("score", t.all_inference), ("dlq", t.all_dlq))
+        for kind, pattern in kinds:
+            self.bus.subscribe(pattern, self._handler(kind), qos=1)
+        self.bus.every(cfg.commit_ms / 2000.0, self._commit_if_due)
+        self.bus.every(cfg.compact_s, self.compact)
+        self._commit_hist = self.metrics.histogram("commit")
+        self.rt.extra_status = lambda: {
+            "last_offset": self.oplog.last_offset,
+            "entries": self.oplog.count(),
+            "bytes": self.oplog.size_bytes(),
+            "forced_total": self.oplog.forced_total(),
+        }
+
+    def _handler(self, kind: str) -> Any:
+        def on_message(msg: Message) -> None:
+            self._take(kind, msg)
+
+        return on_message
+
+    def _take(self, kind: str, msg: Message) -> None:
+        c = self.metrics.counters
+        c["messages"] += 1
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            topic = "<non-utf8>"
+        raw = bytes(msg.payload)
+        if not self._pending and not self._acks:
+            self._oldest = time.monotonic()
+        if msg.qos:
+            self._acks.append((msg.mid, msg.qos))
+        records = self._records(kind, topic, raw)
+        if records is None:
+            return
+        self._pending.extend(records)
+        c[f"appended.{kind}"] += len(records)
+        if len(self._pending) >= self.cfg.commit_max:
+            self.commit()
+
+    def _records(self, kind: str, topic: str, raw: bytes) -> list[Record] | None:
+        now = time.time_ns()
+        if len(raw) > MAX_PAYLOAD:
+            self._reject("too_large", f"{len(raw)} bytes > {MAX_PAYLOAD}", topic, raw)
+            return None
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            if kind == "dlq":  # a dead letter that is not JSON is still what happened: keep its bytes
+                return [Record(now, kind, "", topic, raw)]
+            self._reject("not_json", f"not JSON: {exc}", topic, raw)
+            return None
+        items = doc if isinstance(doc, list) else [doc]
+        out: list[Record] = []
+        for item in items:
+            if not isinstance(item, dict):
+                self._reject("wrong_shape", f"a {kind} must be a JSON object", topic, raw)
+                continue
+            ts = item.get("ts")
+            trace = item.get("trace") or item.get("id") or ""
+            out.append(
+                Record(
+                    ts if type(ts) is int and ts >= 0 else now,
+                    kind,
+                    trace if isinstance(trace, str) else str(trace)[:128],
+                    topic[:512],
+                    orjson.dumps(item) if len(items) > 1 else raw,
+                )
+            )
+        return out
+
+    def _reject(self, reason: str, detail: str, topic: str, raw: bytes) -> None:
+        self.metrics.counters["rejected"] += 1
+        self.metrics.counters["rejected." + reason] += 1
+        entry = dead_letter(stage=NAME, reason=reason, detail=detail, topic=topic, payload=raw)
+        self.bus.publish(self._dlq_topic, entry, qos=1)
+
+    def _commit_if_due(self) -> None:
+        if (self._acks or self._pending) and (time.monotonic() - self._oldest) * 1000.0 >= self.cfg.commit_ms:
+            self.commit()
+
+    def commit(self) -> None:
+        """Append what waits in one transaction, then acknowledge the messages it came from."""
+        records, self._pending = self._pending, []
+        acks, self._acks = self._acks, []
+        start = time.perf_counter_ns()
+        try:
+            self.oplog.append(records)
+        except Exception:
+            # Not acknowledged: the broker redelivers them after a restart. Keep them for the next
+            # try in this process too, so a transient error (disk full, locked) loses nothing.
+            log.exception("log commit failed; will retry")
+            self.metrics.counters["commit_failures"] += 1
+            self._pending = records + self._pending
+            self._acks = acks + self._acks
+            return
+        self._commit_hist.record_ns(time.perf_counter_ns() - start)
+        c = self.metrics.counters
+        c["commits"] += 1
+        c["entries"] += len(records)
+        for mid, qos in acks:
+            self.bus.ack(mid, qos)
+
+    def compact(self) -> None:
+        cfg = self.cfg
+        result = self.oplog.compact(max_age_s=cfg.retention_s, max_bytes=cfg.budget_mb * 1024 * 1024)
+        c = self.metrics.counters
+        c["compacted"] += result.removed
+        if result.forced:
+            c["forced"] += result.forced
+            log.warning(
+                "disk budget forced removal of unacknowledged log entries",
+                extra={"forced": result.forced, "budget_mb": cfg.budget_mb},
+            )
+
+    def start(self) -> None:
+        self.rt.start()
+        log.info("memory started", extra={"last_offset": self.oplog.last_offset})
+
+    def stop(self) -> None:
+        """Drain: commit what waits (and acknowledge it), go offline, close the log."""
+        self.bus.call(self.commit, timeout_s=10)
+        self.rt.stop()
+        self.oplog.close()
+        log.info("memory stopped", extra={"counters": dict(self.metrics.counters)})
+
+
+def run(settings: OutpostSettings, stop: threading.Event) -> MemoryService:
+    """Run memory until ``stop`` is set; returns the (stopped) service for inspection."""
+    return run_until(MemoryService(settings), stop)
+
+
+def main() -> None:
+    service_main(MemoryService)

@@ -1,0 +1,160 @@
+"""``outpost log``: read the operational log (``{data_dir}/memory/oplog.db``) that the memory
+service writes: the newest entries, a replay by offset, time or trace, and the audit of one
+reading ("everything that happened because of it"). Reads only; safe beside the running service."""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from outpost.errors import ConfigError
+from outpost.settings import load_settings
+
+log_app = typer.Typer(help="The operational log: tail, replay, trace.", no_args_is_help=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per entry, one per line.")]
+KindOpt = Annotated[str | None, typer.Option("--kind", help="Only entries of this kind: event, score, dlq.")]
+
+
+def _open() -> Any:
+    from outpost.services.memory.oplog import OpLog
+
+    path = Path(load_settings().data_dir) / "memory" / "oplog.db"
+    if not path.is_file():
+        raise ConfigError(f"no operational log at {path} (is the memory service running with this data_dir?)")
+    return OpLog(path, synchronous="NORMAL")
+
+
+def _time(value: str | None, what: str) -> int | None:
+    """Epoch nanoseconds from an ISO 8601 time (UTC unless it says otherwise) or an integer."""
+    if value is None:
+        return None
+    if value.isdigit():
+        return int(value)
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(
+            f"{what} must be ISO 8601 (2026-12-01T20:00:00) or epoch ns, got {value!r}"
+        ) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1e9)
+
+
+def _doc(entry: Any) -> dict[str, Any]:
+    try:
+        body: Any = orjson.loads(entry.body)
+    except orjson.JSONDecodeError:
+        body = entry.body.decode("utf-8", "replace")
+    return {
+        "offset": entry.offset,
+        "ts": entry.ts,
+        "at": entry.at,
+        "kind": entry.kind,
+        "trace": entry.trace,
+        "topic": entry.topic,
+        "body": body,
+    }
+
+
+def _show(entries: list[Any], json_out: bool, title: str) -> None:
+    if json_out:
+        for e in entries:
+            sys.stdout.write(orjson.dumps(_doc(e)).decode() + "\n")
+        return
+    t = Table(title=f"{title} ({len(entries)} entries)")
+    for col in ("offset", "time (UTC)", "kind", "trace", "topic", "body"):
+        t.add_column(col, no_wrap=col != "body", overflow="ellipsis")
+    for e in entries:
+        when = datetime.fromtimestamp(e.ts / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        t.add_row(
+            str(e.offset),
+            when,
+            e.kind,
+            e.trace[:24],
+            e.topic.split("/", 3)[-1],
+            e.body[:90].decode("utf-8", "replace"),
+        )
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
+
+
+@log_app.command("tail")
+def tail(
+    n: Annotated[int, typer.Option("-n", "--lines", min=1, max=100_000, help="How many entries.")] = 20,
+    kind: KindOpt = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new entries (Ctrl-C stops).")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """The newest entries."""
+    oplog = _open()
+    entries = oplog.tail(n, kind)
+    _show(entries, json_out, "newest")
+    if not follow:
+        return
+    last = entries[-1].offset if entries else oplog.last_offset
+    try:
+        while True:
+            time.sleep(0.5)
+            batch = oplog.read(last, limit=10_000)
+            if batch:
+                last = batch[-1].offset
+            new = [e for e in batch if kind is None or e.kind == kind]
+            if new:
+                _show(new, json_out, "new")
+    except KeyboardInterrupt:
+        return
+
+
+@log_app.command("replay")
+def replay(
+    from_offset: Annotated[int | None, typer.Option("--from", min=1, help="First offset.")] = None,
+    to_offset: Annotated[int | None, typer.Option("--to", min=1, help="Last offset.")] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="From this origin time (ISO 8601 UTC or epoch ns).")
+    ] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Before this origin time.")] = None,
+    trace: Annotated[str | None, typer.Option("--trace", help="Only this trace id.")] = None,
+    kind: KindOpt = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many entries.")] = 10_000,
+    json_out: JsonOpt = False,
+) -> None:
+    """Entries by offset range, origin-time range, trace and kind, in offset order."""
+    if from_offset is not None and to_offset is not None and to_offset < from_offset:
+        raise ConfigError(f"--to {to_offset} is before --from {from_offset}")
+    entries = _open().replay(
+        from_offset=from_offset,
+        to_offset=to_offset,
+        since_ns=_time(since, "--since"),
+        until_ns=_time(until, "--until"),
+        trace=trace,
+        kind=kind,
+        limit=limit,
+    )
+    _show(entries, json_out, "replay")
+
+
+@log_app.command("trace")
+def trace(
+    trace_id: Annotated[str, typer.Argument(help="The id of a reading (an event's trace).")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Everything that happened because of one reading: its event, its scores, any dead letter."""
+    entries = _open().trace(trace_id)
+    if not entries:
+        raise ConfigError(f"nothing in the log carries trace {trace_id!r}")
+    _show(entries, json_out, f"trace {trace_id}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(log_app, name="log")
