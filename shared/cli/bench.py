@@ -221,6 +221,40 @@ def inference(
     )
 
 
+@bench_app.command("memory")
+def memory(
+    quick: QuickOpt = False,
+    sync: Annotated[
+        str, typer.Option("--sync", help="SQLite synchronous: FULL (default), NORMAL, OFF.")
+    ] = "FULL",
+    json_out: JsonOpt = False,
+) -> None:
+    """Durable appends/s to the operational log (batches of 1, 100, 1,000) next to raw SQLite
+    inserts of the same rows with the same durability."""
+    from rich.table import Table
+
+    from outpost.benchmarks.memory import run_memory_bench
+
+    if sync not in ("FULL", "NORMAL", "OFF"):
+        raise ConfigError(f"--sync must be FULL, NORMAL or OFF, got {sync!r}")
+    result = run_memory_bench(quick=quick, sync=sync)  # type: ignore[arg-type]
+    if json_out:
+        _print_json(result)
+        return
+    t = Table(title=f"operational log appends, synchronous={sync}, {result['body_bytes']}-byte bodies")
+    for col in ("batch", "records", "raw SQLite /s", "oplog /s", "ratio"):
+        t.add_column(col, justify="right")
+    for b, r in result["log"].items():
+        t.add_row(b, f"{r['records']:,}", f"{r['raw_per_s']:,}", f"{r['oplog_per_s']:,}", f"{r['ratio']:.2f}")
+    out = _stdout()
+    out.print(t)
+    tg = result["targets"]
+    out.print(
+        f"batched (1,000): {result['log']['1000']['oplog_per_s']:,} durable appends/s "
+        f"(target >= {tg['appends_per_s_min']:,.0f}: {'met' if tg['appends_met'] else 'MISSED'})"
+    )
+
+
 def register(app: typer.Typer) -> None:
     """Add ``outpost bench`` and its commands to the root app."""
     app.add_typer(bench_app, name="bench")

@@ -83,3 +83,13 @@ def test_inference_bench_counts_what_it_scores() -> None:
     assert sat["rows"] > 0 and sat["per_row_compute_cpu_us"] > 0
     assert result["compute_ratio_vs_raw"] > 0
     assert set(result["targets"]) == {"compute_ratio_max", "compute_ratio_met", "p99_ms_max", "p99_met"}
+
+
+def test_memory_bench_counts_what_it_appends() -> None:
+    from outpost.benchmarks.memory import run_memory_bench
+
+    result = run_memory_bench(quick=True)
+    orjson.dumps(result)
+    assert set(result["log"]) == {"1", "100", "1000"}
+    for r in result["log"].values():
+        assert r["raw_per_s"] > 0 and r["oplog_per_s"] > 0 and r["records"] > 0
