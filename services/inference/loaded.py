@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from outpost.services.inference.backends.base import Backend, FloatArray, ModelLoadError
-from outpost.services.inference.backends.config import BackendConfig
+from outpost.services.inference.backends.config import BackendConfig, OrtConfig
 from outpost.services.inference.backends.factory import build_backend
 from outpost.services.inference.manifest import Manifest
 from outpost.services.inference.registry import Registry
@@ -35,14 +35,13 @@ class LoadedModel:
         self.backend.close()
 
 
-def load_model(
-    registry: Registry, name: str, version: str, backend: BackendConfig, *, engine_dir: Path, max_batch: int
+def build_and_warm(
+    manifest: Manifest, path: Path, backend: BackendConfig, *, engine_dir: Path, max_batch: int
 ) -> LoadedModel:
-    """Verify the file against its manifest, build the backend, and run a warm-up batch of 1 and of
-    ``max_batch`` rows that also checks the model's shapes against the manifest. ModelLoadError or
-    BackendUnavailable when any of it fails, so a bad version never reaches the scoring path."""
+    """Build the backend for a checked file and run a warm-up batch of 1 and of ``max_batch`` rows
+    that also checks the model's shapes against the manifest. ModelLoadError or BackendUnavailable
+    when any of it fails, so a bad version never reaches the scoring path."""
     t0 = time.perf_counter()
-    manifest, path = registry.verify(name, version)
     b = build_backend(backend, path, model_sha256=manifest.sha256, engine_dir=engine_dir)
     lm = LoadedModel(manifest, b, 0.0)
     width, labels = len(manifest.features), len(manifest.labels)
@@ -68,3 +67,17 @@ def load_model(
         raise
     lm.load_ms = (time.perf_counter() - t0) * 1000.0
     return lm
+
+
+def check_loads(manifest: Manifest, path: Path) -> None:
+    """What ``outpost model activate`` runs before it writes the state: the file loads on ONNX
+    Runtime (CPU) and its warm-up fits the manifest. ModelLoadError otherwise."""
+    build_and_warm(manifest, path, OrtConfig(), engine_dir=Path("/nonexistent"), max_batch=32).close()
+
+
+def load_model(
+    registry: Registry, name: str, version: str, backend: BackendConfig, *, engine_dir: Path, max_batch: int
+) -> LoadedModel:
+    """Verify the file against its manifest, then :func:`build_and_warm`."""
+    manifest, path = registry.verify(name, version)
+    return build_and_warm(manifest, path, backend, engine_dir=engine_dir, max_batch=max_batch)

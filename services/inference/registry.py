@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,8 +70,18 @@ class ModelState:
 
 
 class Registry:
-    def __init__(self, models_dir: Path, state_path: Path) -> None:
+    def __init__(
+        self,
+        models_dir: Path,
+        state_path: Path,
+        *,
+        check_load: Callable[[Manifest, Path], None] | None = None,
+    ) -> None:
+        """``check_load`` runs on every version an operator chooses (activate, shadow, rollback)
+        after its checksum: ``outpost model`` loads it for real there, so a file that cannot load
+        is refused before the state changes."""
         self.models_dir = models_dir
+        self.check_load = check_load
         try:
             self.store = Store(state_path, _SCHEMA, synchronous="FULL")
         except sqlite3.DatabaseError as exc:
@@ -108,6 +119,13 @@ class Registry:
         """The manifest and the checked model file; ModelLoadError saying what is wrong."""
         manifest = self.manifest(name, version)
         return manifest, verify(self.folder(name, version), manifest)
+
+    def _chosen(self, name: str, version: str) -> Manifest:
+        """A version an operator chooses: checked, and loaded when a check_load is given."""
+        manifest, path = self.verify(name, version)
+        if self.check_load is not None:
+            self.check_load(manifest, path)
+        return manifest
 
     # --- state -----------------------------------------------------------------------------------
     def revision(self) -> int:
@@ -176,7 +194,7 @@ class Registry:
 
     def activate(self, name: str, version: str) -> Manifest:
         """Make ``version`` the active one (checked first: a corrupt file is refused here)."""
-        manifest, _ = self.verify(name, version)
+        manifest = self._chosen(name, version)
         state = self.state(name)
         shadow = None if state.shadow == version else state.shadow
         self.store.db.execute("DELETE FROM bad WHERE name = ? AND version = ?", (name, version))
@@ -194,9 +212,9 @@ class Registry:
         """Score ``version`` alongside the active one (None stops shadowing)."""
         state = self.state(name)
         if version is not None:
-            self.verify(name, version)
             if version == state.active:
                 raise ModelLoadError(f"{name}@{version} is the active version; a shadow must be another")
+            self._chosen(name, version)
         self._write(
             name,
             active=state.active if state.explicit else None,
@@ -220,7 +238,7 @@ class Registry:
                     continue
                 if self.is_bad(name, candidate):
                     continue
-                self.verify(name, candidate)
+                self._chosen(name, candidate)
                 self._write(
                     name,
                     active=candidate,

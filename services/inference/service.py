@@ -21,6 +21,7 @@ message is acknowledged once every score and dead letter it produced is confirme
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import threading
@@ -35,13 +36,14 @@ import orjson
 
 from outpost.bus import Message
 from outpost.envelope import dead_letter, new_id, now_ns
-from outpost.errors import OutpostError, TopicError
+from outpost.errors import ConfigError, OutpostError, TopicError
 from outpost.log import get_logger
 from outpost.service import ServiceRuntime, run_until, service_main
 from outpost.services.inference.backends.base import ModelLoadError
 from outpost.services.inference.batcher import MicroBatcher
 from outpost.services.inference.features import FeatureError, Snapshot, Windows, feature_matrix, snapshot
 from outpost.services.inference.loaded import LoadedModel, load_model
+from outpost.services.inference.manifest import Trigger
 from outpost.services.inference.registry import PACKAGED_MODELS, Registry
 from outpost.services.inference.windowstore import WindowStore
 from outpost.settings import OutpostSettings
@@ -91,6 +93,8 @@ class _Served:
     metrics: tuple[str, ...] = ()
     """The metrics whose windows a request copies, and how many values of each."""
     window: int = 1
+    trigger: Trigger | None = None
+    """While nothing serves the model: its manifest's trigger, so unscored events are counted."""
 
 
 @dataclass(slots=True)
@@ -130,7 +134,14 @@ class InferenceService:
         data = Path(settings.data_dir) / "inference"
         self.engine_dir = data / "engines"
         self.registry = registry or Registry(cfg.models_dir or PACKAGED_MODELS, data / "registry.db")
-        self.names = list(cfg.models) or self.registry.names()
+        known = self.registry.names()
+        unknown = sorted(set(cfg.models) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"inference.models names {unknown}, which {self.registry.models_dir} does not hold "
+                f"(it has: {', '.join(known) or 'nothing'})"
+            )
+        self.names = list(cfg.models) or known
         self.dlq_topic = self.topics.dlq(NAME)
         self.reported_topic = self.topics.control(NAME, "reported")
         self.events_root = self.topics.root + "/events/"
@@ -152,7 +163,7 @@ class InferenceService:
         self._loader = threading.Thread(target=self._load_loop, name="inference-loader", daemon=True)
         self._loaded: dict[str, tuple[LoadedModel | None, LoadedModel | None]] = {}
         self._errors: dict[str, str] = {}
-        self._revision = -1
+        self._revision: tuple[int, tuple[tuple[str, ...], ...]] = (-1, ())
 
         m = self.metrics
         self._queue_wait = m.histogram("queue_wait")
@@ -194,7 +205,9 @@ class InferenceService:
 
     def reconcile(self) -> None:
         """Load what the registry wants where it differs from what is loaded (loader thread)."""
-        rev = self.registry.revision()
+        # the state's revision (an operator's choice) and the versions on disk (a new release
+        # dropped into the folder becomes the default): either change means look again
+        rev = (self.registry.revision(), tuple(tuple(self.registry.versions(n)) for n in self.names))
         if rev == self._revision:
             return
         self._revision = rev
@@ -226,7 +239,9 @@ class InferenceService:
                 if isinstance(exc, ModelLoadError):  # the version is bad, not the machine
                     self.registry.mark_bad(name, want, str(exc))
                 log.error(
-                    "model load failed; keeping the last good version",
+                    "model load failed; keeping the last good version"
+                    if active is not None
+                    else "model load failed; looking for another version that loads",
                     extra={
                         "model": name,
                         "version": want,
@@ -252,12 +267,19 @@ class InferenceService:
             except OutpostError as exc:
                 errors.append(f"shadow: {exc}")
                 self.metrics.counters["load_failures"] += 1
+                if isinstance(exc, ModelLoadError):
+                    self.registry.mark_bad(name, want_shadow, str(exc))
                 log.error("shadow model load failed", extra={"model": name, "error": str(exc)})
                 new_shadow = None
             shadow = new_shadow
         self._loaded[name] = (active, shadow)
-        error = "; ".join(errors)
-        self.bus.post(lambda: self._serve(name, active, shadow, error))
+        error = "; ".join(dict.fromkeys(errors))  # a backend that cannot run fails every version alike
+        trigger = None
+        if active is None:
+            log.error("nothing serves this model", extra={"model": name, "error": error})
+            with contextlib.suppress(OutpostError):
+                trigger = self.registry.manifest(name, want).trigger if want else None
+        self.bus.post(lambda: self._serve(name, active, shadow, error, trigger))
 
     def _fallback(self, name: str, *, exclude: str, errors: list[str]) -> LoadedModel | None:
         """Nothing serves ``name`` and its chosen version failed: the newest version that loads."""
@@ -276,10 +298,17 @@ class InferenceService:
         return None
 
     # --- network thread --------------------------------------------------------------------------
-    def _serve(self, name: str, active: LoadedModel | None, shadow: LoadedModel | None, error: str) -> None:
+    def _serve(
+        self,
+        name: str,
+        active: LoadedModel | None,
+        shadow: LoadedModel | None,
+        error: str,
+        trigger: Trigger | None = None,
+    ) -> None:
         s = self.served[name]
         before = [m for m in (s.active, s.shadow) if m is not None]
-        s.active, s.shadow, s.error = active, shadow, error
+        s.active, s.shadow, s.error, s.trigger = active, shadow, error, trigger
         for old in before:
             if old is not active and old is not shadow:
                 # the requests that name it are scored by it, then it is closed
@@ -356,7 +385,8 @@ class InferenceService:
             for name, s in served.items():
                 active = s.active
                 if active is None:
-                    c[f"unscored_no_model.{name}"] += 1  # the status says why (error)
+                    if s.trigger is None or s.trigger.matches(device, metric):
+                        c[f"unscored_no_model.{name}"] += 1  # the status says why (error)
                     continue
                 if not active.manifest.trigger.matches(device, metric):
                     continue

@@ -34,7 +34,9 @@ def _registry() -> Any:
     models_dir = s.inference.models_dir or PACKAGED_MODELS
     if not models_dir.is_dir():
         raise ConfigError(f"inference.models_dir {models_dir} is not a folder")
-    return Registry(models_dir, Path(s.data_dir) / "inference" / "registry.db")
+    from outpost.services.inference.loaded import check_loads
+
+    return Registry(models_dir, Path(s.data_dir) / "inference" / "registry.db", check_load=check_loads)
 
 
 def _known(reg: Any, name: str, version: str | None = None) -> None:
@@ -85,11 +87,12 @@ def list_models(json_out: JsonOpt = False) -> None:
         return
     t = Table(title=f"models in {reg.models_dir}")
     for col in ("model", "version", "role", "trigger", "description"):
-        t.add_column(col, overflow="fold" if col == "role" else "ellipsis", no_wrap=col != "role")
+        t.add_column(col, overflow="ellipsis", no_wrap=True, max_width=70 if col == "role" else None)
     for r in rows:
         role = "active" if r["active"] else "shadow" if r["shadow"] else ""
         if r["bad"]:
-            role = f"failed: {r['bad'][:120]}"
+            # chosen but failed to load: the service serves the last good version meanwhile
+            role = (f"{role}, " if role else "") + f"FAILED: {r['bad'][:60]}"
         t.add_row(r["name"], r["version"], role, r["trigger"], r["description"].split(":")[0][:60])
     _console().print(t)
 
@@ -135,9 +138,10 @@ def activate(name: NameArg, version: VersionArg) -> None:
     """Make VERSION the active one (verified first; a corrupt file is refused)."""
     reg = _registry()
     _known(reg, name, version)
-    before = reg.state(name).active
+    before = reg.state(name)
     reg.activate(name, version)
-    typer.echo(f"{name}: active {before} -> {version}")
+    note = " (it was the shadow: shadowing stopped)" if before.shadow == version else ""
+    typer.echo(f"{name}: active {before.active} -> {version}{note}")
 
 
 @model_app.command("shadow")
@@ -160,9 +164,10 @@ def rollback(name: NameArg) -> None:
     """Go back to the version active before the current one (skipping versions that failed)."""
     reg = _registry()
     _known(reg, name)
-    before = reg.state(name).active
+    before = reg.state(name)
     after = reg.rollback(name)
-    typer.echo(f"{name}: active {before} -> {after} (rollback)")
+    note = "; it was the shadow: shadowing stopped" if before.shadow == after else ""
+    typer.echo(f"{name}: active {before.active} -> {after} (rollback{note})")
 
 
 @model_app.command("quantize")

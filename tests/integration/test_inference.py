@@ -284,6 +284,37 @@ def test_swap_and_rollback_under_load_lose_and_duplicate_nothing(
     assert svc.metrics.counters["swaps"] == 2
 
 
+def test_a_new_release_dropped_into_the_folder_is_served_without_a_restart(
+    start_inference: Callable[[], RunningInference],
+    collect: Callable[..., Collector],
+    pub: Bus,
+    isettings: OutpostSettings,
+    models_dir: Path,
+) -> None:
+    t = isettings.topics
+    out = collect(t.root + f"/inference/{SHELF}/+")
+    start_inference()
+    reg = registry(isettings)
+    good = reg.state(SHELF).active or ""
+
+    def send(start: int) -> None:
+        for seq in range(start, start + 10):
+            pub.publish(
+                t.events("shelf-005"), orjson.dumps([event("shelf-005", seq, "shelf_weight", 4.0)]), qos=1
+            )
+
+    send(0)
+    assert out.wait_for(lambda c: len(scores(c)) > 0, 10)
+    _new_version(models_dir, SHELF, good, "8.0.0")  # the newest release on disk: the default
+    deadline = time.monotonic() + 15
+    seq = 10
+    while time.monotonic() < deadline and not any(s["version"] == "8.0.0" for s in scores(out)):
+        send(seq)
+        seq += 10
+        time.sleep(0.3)
+    assert any(s["version"] == "8.0.0" for s in scores(out))
+
+
 # --- bad model files ------------------------------------------------------------------------------
 
 

@@ -175,3 +175,31 @@ def test_unusable_state_and_oversized_manifest_are_clear_errors(env: dict[str, s
         check=False,
     )
     assert svc.returncode == 2 and "move it aside" in svc.stderr and "Traceback" not in svc.stderr
+
+
+def test_activate_refuses_a_file_that_does_not_load_even_with_the_right_checksum(env: dict[str, str]) -> None:
+    from outpost.services.inference.manifest import read_manifest, sha256_of, write_manifest
+
+    models = Path(env["OUTPOST_INFERENCE__MODELS_DIR"])
+    src, dst = models / "fridge-anomaly" / "1.0.0", models / "fridge-anomaly" / "0.9.0"
+    shutil.copytree(src, dst)
+    (dst / "model.onnx").write_bytes(os.urandom(4096))
+    m = read_manifest(src)
+    write_manifest(dst, m.model_copy(update={"version": "0.9.0", "sha256": sha256_of(dst / "model.onnx")}))
+    for args in (("activate", "fridge-anomaly", "0.9.0"), ("shadow", "fridge-anomaly", "0.9.0")):
+        p = model(env, *args)
+        assert p.returncode == 2 and "cannot load" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    state = registry(env).state("fridge-anomaly")
+    assert (state.active, state.explicit, state.shadow) == ("1.1.0", False, None)  # nothing was written
+
+
+def test_unknown_model_names_in_the_settings_stop_the_service_with_a_clear_error(env: dict[str, str]) -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", "outpost.services.inference"],
+        env={**env, "OUTPOST_INFERENCE__MODELS": '["nope"]', "OUTPOST_MQTT__PORT": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert p.returncode == 2 and "inference.models names ['nope']" in p.stderr and "Traceback" not in p.stderr
