@@ -1,2 +1,2 @@
-"""Memory: the append-only operational log (this release); short-term context, long-term vector
-memory and checkpoints build on it (issue 4)."""
+"""Memory: the append-only operational log (with its service), short-term context and checkpoints;
+long-term vector memory, the MQTT API and sync are still to come (issue 4, docs/memory.md)."""
