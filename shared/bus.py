@@ -184,12 +184,21 @@ class Bus:
         self._on_connect_hooks.append(hook)
 
     # --- use -------------------------------------------------------------------------------------
-    def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> int:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> int:
         """Queue a publish and return its message id. QoS 1 publishes made while disconnected are
-        kept and sent after reconnect; QoS 0 ones are counted in ``dropped_qos0`` and logged."""
+        kept and sent after reconnect; QoS 0 ones are counted in ``dropped_qos0`` and logged.
+        ``properties`` (MQTT 5 only): e.g. a request's response topic and correlation data."""
         client = self.client
         if qos == 0:
-            info = client.publish(topic, payload, qos=0, retain=retain)
+            info = client.publish(topic, payload, qos=0, retain=retain, properties=properties)
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self.dropped_qos0 += 1
                 if self.dropped_qos0 in (1, 10, 100, 1000) or self.dropped_qos0 % 10000 == 0:
@@ -202,7 +211,7 @@ class Bus:
             if client.on_publish is None:
                 client.on_publish = self._on_publish
         try:
-            info = client.publish(topic, payload, qos=qos, retain=retain)
+            info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
             if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
                 # paho's message ids wrap at 65535: with that many publishes unacknowledged, it
                 # refuses the next one. Never let that pass silently.

@@ -157,6 +157,9 @@ class MemorySettings(Section):
         description="Disk budget of the log; past it the oldest go, unacknowledged ones too (counted).",
     )
     compact_s: float = Field(60.0, gt=0, description="How often retention runs.")
+    context_max_entries: int = Field(
+        100_000, ge=1, description="Short-term context entries kept at most (least recently used go first)."
+    )
 
 
 class BrokerSettings(Section):

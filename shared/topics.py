@@ -104,6 +104,18 @@ class Topics:
     def all_inference(self) -> str:
         return f"{self.root}/inference/+/+"
 
+    def memory_request(self, op: str) -> str:
+        """Requests to the memory service (MQTT 5: the answer goes to the response topic)."""
+        return f"{self.root}/memory/req/{check_segment(op, 'operation')}"
+
+    @property
+    def all_memory_requests(self) -> str:
+        return f"{self.root}/memory/req/+"
+
+    def memory_response(self, client: str) -> str:
+        """Where a memory client wants its answers (it says so in each request)."""
+        return f"{self.root}/memory/resp/{check_segment(client, 'client')}"
+
     def decisions(self, agent: str) -> str:
         return f"{self.root}/decisions/{check_segment(agent, 'agent')}"
 

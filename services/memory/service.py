@@ -17,11 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from outpost.bus import Message
 from outpost.envelope import dead_letter
 from outpost.log import get_logger
 from outpost.service import ServiceRuntime, run_until, service_main
+from outpost.services.memory.api import MemoryApi
+from outpost.services.memory.checkpoints import Checkpoints
+from outpost.services.memory.context import ShortTermContext
 from outpost.services.memory.oplog import OpLog, Record
 from outpost.settings import OutpostSettings
 
@@ -41,7 +46,7 @@ class MemoryService:
             durable=True,
             manual_ack=True,
             tick_s=min(0.05, cfg.commit_ms / 2000.0),
-            mqtt5=False,
+            mqtt5=True,  # the request API needs response topics and correlation data
         )
         self.metrics = self.rt.metrics
         self.bus = self.rt.bus
@@ -51,6 +56,12 @@ class MemoryService:
         self._acks: list[tuple[int, int]] = []
         self._oldest = 0.0
         self._dlq_topic = t.dlq(NAME)
+        self.context = ShortTermContext(max_entries=cfg.context_max_entries)
+        self.checkpoints = Checkpoints(Path(settings.data_dir) / "memory" / "checkpoints.db")
+        self.api = MemoryApi(self.context, self.checkpoints, self.oplog)
+        self._req_root = t.root + "/memory/req/"
+        self.bus.subscribe(t.all_memory_requests, self._on_request, qos=1)
+        self.bus.every(5.0, lambda: self.metrics.inc("context_expired", self.context.sweep()))
         kinds = (("event", t.all_events), ("score", t.all_inference), ("dlq", t.all_dlq))
         for kind, pattern in kinds:
             self.bus.subscribe(pattern, self._handler(kind), qos=1)
@@ -63,6 +74,30 @@ class MemoryService:
             "bytes": self.oplog.size_bytes(),
             "forced_total": self.oplog.forced_total(),
         }
+
+    def _on_request(self, msg: Message) -> None:
+        """One API request (MQTT 5): answered on its response topic with its correlation data; a
+        refused request without a response topic goes to the DLQ. Acknowledged once answered."""
+        c = self.metrics.counters
+        c["requests"] += 1
+        topic = msg.topic
+        op = topic[len(self._req_root) :] if topic.startswith(self._req_root) else ""
+        answer = self.api.handle(op, bytes(msg.payload))
+        if not answer["ok"]:
+            c["requests_refused"] += 1
+            c["requests_refused." + answer["error"]] += 1
+        props = getattr(msg, "properties", None)
+        reply_to = getattr(props, "ResponseTopic", None)
+        if reply_to:
+            out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            corr = getattr(props, "CorrelationData", None)
+            if corr is not None:
+                out.CorrelationData = corr
+            self.bus.publish(str(reply_to), orjson.dumps(answer), qos=1, properties=out)
+        elif not answer["ok"]:
+            self._reject(answer["error"], answer["detail"], topic, bytes(msg.payload))
+        if msg.qos:
+            self.bus.ack(msg.mid, msg.qos)
 
     def _handler(self, kind: str) -> Any:
         def on_message(msg: Message) -> None:
@@ -174,6 +209,7 @@ class MemoryService:
         self.bus.call(self.commit, timeout_s=10)
         self.rt.stop()
         self.oplog.close()
+        self.checkpoints.close()
         log.info("memory stopped", extra={"counters": dict(self.metrics.counters)})
 
 

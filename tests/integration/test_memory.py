@@ -238,3 +238,55 @@ def test_outpost_log_tail_replay_trace_and_bad_arguments(settings: OutpostSettin
     ):
         p = cli(settings, *args)
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+
+
+def test_the_request_api_over_mqtt5_answers_refuses_and_times_out(
+    settings: OutpostSettings, pub: Bus
+) -> None:
+    from outpost.services.memory.client import MemoryClient, MemoryRequestError, MemoryTimeout
+
+    t = settings.topics
+    with MemoryClient(settings, "agent-1") as mem:
+        # nothing serves yet: a clear timeout, not a hang
+        with pytest.raises(MemoryTimeout):
+            mem.request("context-get", {"scope": "s", "key": "k"}, timeout_s=0.5)
+        r = RunningMemory(settings)
+        r.thread.start()
+        wait_online(settings)
+        assert mem.request("context-put", {"scope": "task-7", "key": "step", "value": 3}) is True
+        assert mem.request("context-get", {"scope": "task-7", "key": "step"}) == 3
+        assert (
+            mem.request(
+                "checkpoint-save", {"task": "task-7", "step": "fetch", "state": {"n": 1}, "expect": 0}
+            )
+            == 1
+        )
+        with pytest.raises(MemoryRequestError) as e:
+            mem.request("checkpoint-save", {"task": "task-7", "step": "fetch", "state": {}, "expect": 0})
+        assert e.value.reason == "conflict"
+        with pytest.raises(MemoryRequestError) as e:
+            mem.request("context-get", {"scope": "task-7", "key": "step", "huh": 1})
+        assert e.value.reason == "bad_request"
+        with pytest.raises(MemoryRequestError) as e:
+            mem.request("nope", {})
+        assert e.value.reason == "unknown_op"
+        pub.publish(t.events("d9"), orjson.dumps([make_event("d9", 1, "temperature", 1.0)]), qos=1)
+        assert wait_count(settings, 1)
+        chain = mem.request("log-trace", {"trace": "d9-1"})
+        assert [e["kind"] for e in chain] == ["event"]
+        # a refused request with no response topic goes to the DLQ
+        dlq = Collector(settings.mqtt, t.dlq("memory"), client_id="dq-" + settings.site).start()
+        pub.publish(t.memory_request("context-get"), b"{not json", qos=1)
+        assert dlq.wait_for(lambda c: any(d["reason"] == "not_json" for d in c.json()), 10)
+        dlq.stop()
+        svc = r.stop()
+        c = svc.metrics.counters
+        assert c["requests_refused.conflict"] == 1 and c["requests_refused.unknown_op"] == 1
+        # after a restart the checkpoint is there, the short-term context is not (by design)
+        r2 = RunningMemory(settings)
+        r2.thread.start()
+        wait_online(settings)
+        loaded = mem.request("checkpoint-load", {"task": "task-7"})
+        assert loaded["version"] == 1 and loaded["state"] == {"n": 1}
+        assert mem.request("context-get", {"scope": "task-7", "key": "step"}) is None
+        r2.stop()

@@ -1,0 +1,144 @@
+"""The memory request API, as pure logic: an operation name and a JSON body in, a JSON answer out.
+
+The memory service serves it over MQTT 5 (``.../memory/req/{op}``, the answer on the request's
+response topic with its correlation data; :mod:`.client` is the caller's side); code in the same
+process can call :meth:`MemoryApi.handle` directly. Every request is checked against a strict
+model (unknown fields, wrong types, huge values are refused) and every refusal is an answer with a
+machine-readable ``error`` and a ``detail``, never an exception out of the handler.
+
+Operations (body fields):
+
+* ``context-put`` (scope, key, value, ttl_s?), ``context-get`` (scope, key), ``context-scope``
+  (scope), ``context-complete`` (scope);
+* ``checkpoint-save`` (task, step, state, expect?), ``checkpoint-load`` (task, version?);
+* ``log-trace`` (trace, limit?): every log entry of one reading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from outpost.errors import OutpostError
+from outpost.services.memory.checkpoints import CheckpointConflict, Checkpoints
+from outpost.services.memory.context import ShortTermContext
+from outpost.services.memory.oplog import OpLog
+
+MAX_REQUEST_BYTES = 256 * 1024
+Scope = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ContextPut(_Req):
+    scope: Scope
+    key: str = Field(min_length=1, max_length=256)
+    value: Any
+    ttl_s: float | None = Field(None, gt=0, le=7 * 86400)
+
+
+class ContextKey(_Req):
+    scope: Scope
+    key: str = Field(min_length=1, max_length=256)
+
+
+class ContextScope(_Req):
+    scope: Scope
+
+
+class CheckpointSave(_Req):
+    task: str = Field(min_length=1, max_length=256)
+    step: str = Field(max_length=256)
+    state: Any
+    expect: int | None = Field(None, ge=0)
+
+
+class CheckpointLoad(_Req):
+    task: str = Field(min_length=1, max_length=256)
+    version: int | None = Field(None, ge=1)
+
+
+class LogTrace(_Req):
+    trace: str = Field(min_length=1, max_length=128)
+    limit: int = Field(1000, ge=1, le=10_000)
+
+
+def _error(reason: str, detail: str) -> dict[str, Any]:
+    return {"ok": False, "error": reason, "detail": detail[:1000]}
+
+
+def _ok(result: Any) -> dict[str, Any]:
+    return {"ok": True, "result": result}
+
+
+class MemoryApi:
+    def __init__(self, context: ShortTermContext, checkpoints: Checkpoints, oplog: OpLog | None) -> None:
+        self.context = context
+        self.checkpoints = checkpoints
+        self.oplog = oplog
+        self._ops: dict[str, tuple[type[_Req], Callable[[Any], Any]]] = {
+            "context-put": (ContextPut, self._context_put),
+            "context-get": (ContextKey, lambda r: self.context.get(r.scope, r.key)),
+            "context-scope": (ContextScope, lambda r: self.context.scope(r.scope)),
+            "context-complete": (ContextScope, lambda r: self.context.complete(r.scope)),
+            "checkpoint-save": (CheckpointSave, self._checkpoint_save),
+            "checkpoint-load": (CheckpointLoad, self._checkpoint_load),
+            "log-trace": (LogTrace, self._log_trace),
+        }
+
+    @property
+    def operations(self) -> list[str]:
+        return sorted(self._ops)
+
+    def handle(self, op: str, body: bytes) -> dict[str, Any]:
+        """The answer to one request: ``{"ok": true, "result": ...}`` or
+        ``{"ok": false, "error": reason, "detail": ...}``."""
+        entry = self._ops.get(op)
+        if entry is None:
+            return _error("unknown_op", f"no operation {op[:64]!r}; known: {', '.join(self.operations)}")
+        if len(body) > MAX_REQUEST_BYTES:
+            return _error("too_large", f"{len(body)} bytes > {MAX_REQUEST_BYTES}")
+        model, fn = entry
+        try:
+            req = model.model_validate_json(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(body)"
+            kind = "not_json" if first["type"] == "json_invalid" else "bad_request"
+            return _error(kind, f"{where}: {first['msg']}")
+        try:
+            return _ok(fn(req))
+        except CheckpointConflict as exc:
+            return _error("conflict", str(exc))
+        except (OutpostError, ValueError) as exc:
+            return _error("bad_request", str(exc))
+
+    def _context_put(self, r: ContextPut) -> bool:
+        self.context.put(r.scope, r.key, r.value, ttl_s=r.ttl_s)
+        return True
+
+    def _checkpoint_save(self, r: CheckpointSave) -> int:
+        return self.checkpoints.save(r.task, r.step, r.state, expect=r.expect)
+
+    def _checkpoint_load(self, r: CheckpointLoad) -> dict[str, Any] | None:
+        cp = self.checkpoints.load(r.task, r.version)
+        if cp is None:
+            return None
+        return {"task": cp.task, "version": cp.version, "step": cp.step, "state": cp.state, "at_ns": cp.at_ns}
+
+    def _log_trace(self, r: LogTrace) -> list[dict[str, Any]]:
+        if self.oplog is None:
+            raise OutpostError("this memory has no operational log")
+        out = []
+        for e in self.oplog.replay(trace=r.trace, limit=r.limit):
+            try:
+                body: Any = orjson.loads(e.body)
+            except orjson.JSONDecodeError:
+                body = e.body.decode("utf-8", "replace")
+            out.append({"offset": e.offset, "ts": e.ts, "kind": e.kind, "topic": e.topic, "body": body})
+        return out

@@ -1,0 +1,68 @@
+"""The memory request API as pure logic: every operation, and every bad request answered with a
+reason instead of an exception."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from outpost.services.memory.api import MemoryApi
+from outpost.services.memory.checkpoints import Checkpoints
+from outpost.services.memory.context import ShortTermContext
+from outpost.services.memory.oplog import OpLog, Record
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> MemoryApi:
+    log = OpLog(tmp_path / "log.db")
+    log.append([Record(1, "event", "T1", "t", b'{"id":"T1"}'), Record(2, "score", "T1", "t", b"[1]")])
+    return MemoryApi(ShortTermContext(), Checkpoints(tmp_path / "cp.db"), log)
+
+
+def call(api: MemoryApi, op: str, body: object) -> dict[str, object]:
+    return api.handle(op, body if isinstance(body, bytes) else orjson.dumps(body))
+
+
+def test_every_operation(api: MemoryApi) -> None:
+    assert call(api, "context-put", {"scope": "task-1", "key": "k", "value": [1, 2]}) == {
+        "ok": True,
+        "result": True,
+    }
+    assert call(api, "context-get", {"scope": "task-1", "key": "k"})["result"] == [1, 2]
+    assert call(api, "context-scope", {"scope": "task-1"})["result"] == {"k": [1, 2]}
+    assert call(api, "context-complete", {"scope": "task-1"})["result"] == 1
+    assert call(api, "context-get", {"scope": "task-1", "key": "k"})["result"] is None
+    assert (
+        call(api, "checkpoint-save", {"task": "t", "step": "a", "state": {"n": 1}, "expect": 0})["result"]
+        == 1
+    )
+    assert call(api, "checkpoint-load", {"task": "t"})["result"]["state"] == {"n": 1}  # type: ignore[index]
+    assert call(api, "checkpoint-load", {"task": "none"})["result"] is None
+    assert [e["kind"] for e in call(api, "log-trace", {"trace": "T1"})["result"]] == ["event", "score"]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("op", "body", "error"),
+    [
+        ("nope", {}, "unknown_op"),
+        ("context-get", b"{not json", "not_json"),
+        ("context-get", b"[1,2]", "bad_request"),
+        ("context-get", {"scope": "task-1"}, "bad_request"),  # missing key
+        ("context-get", {"scope": "a/b", "key": "k"}, "bad_request"),  # a topic separator
+        ("context-get", {"scope": "+", "key": "k"}, "bad_request"),  # a wildcard
+        ("context-get", {"scope": "s", "key": "k", "extra": 1}, "bad_request"),
+        ("context-put", {"scope": "s", "key": "k", "value": 1, "ttl_s": "10"}, "bad_request"),  # wrong type
+        ("context-put", {"scope": "s", "key": "k", "value": 1, "ttl_s": -1}, "bad_request"),
+        ("context-put", {"scope": "s", "key": "k", "value": "x" * 100_000}, "bad_request"),  # over 64 KB
+        ("context-put", b'{"scope":"s","key":"k","value":' + b'"' + b"x" * 300_000 + b'"}', "too_large"),
+        ("checkpoint-save", {"task": "t", "step": "a", "state": 1, "expect": 5}, "conflict"),
+        ("checkpoint-save", {"task": "", "step": "a", "state": 1}, "bad_request"),
+        ("checkpoint-load", {"task": "t", "version": 0}, "bad_request"),
+        ("log-trace", {"trace": "T1", "limit": 10**9}, "bad_request"),
+    ],
+)
+def test_bad_requests_get_a_reason(api: MemoryApi, op: str, body: object, error: str) -> None:
+    answer = call(api, op, body)
+    assert answer["ok"] is False and answer["error"] == error and answer["detail"], answer
