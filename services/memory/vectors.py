@@ -1,0 +1,295 @@
+"""Long-term memory: items with a vector, retrieved by similarity, on the device.
+
+SQLite (WAL, ``synchronous=FULL``) is the source of truth: every item's metadata, payload and
+vector. A usearch HNSW index (cosine) answers the similarity queries; it is saved beside the
+database and, when it is missing, damaged or behind the database after a crash, rebuilt from the
+vectors in SQLite at open, so the index never has to be trusted more than the file it came from.
+docs/memory.md says why usearch (measured against sqlite-vec on this machine).
+
+* ``namespace`` separates kinds of memory (``sensor-situations``, ``notes``...) and is a filter of
+  every query; ``subject`` says whom an item is about (a device, a customer) so that a privacy
+  request deletes everything of one subject; ``meta`` holds flat fields that queries filter on by
+  equality.
+* Retention: a TTL per item, and :meth:`evict` by age, by count budget (least recently used first:
+  a query touches what it returns) and by subject. Every removal leaves the index and SQLite
+  together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+from usearch.index import Index
+
+from outpost.errors import OutpostError
+from outpost.store import Store
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    key INTEGER PRIMARY KEY AUTOINCREMENT,
+    namespace TEXT NOT NULL,
+    subject TEXT NOT NULL DEFAULT '',
+    meta BLOB NOT NULL,
+    payload BLOB NOT NULL,
+    vector BLOB NOT NULL,
+    created_ns INTEGER NOT NULL,
+    used_ns INTEGER NOT NULL,
+    expires_ns INTEGER
+);
+CREATE INDEX IF NOT EXISTS items_ns ON items (namespace);
+CREATE INDEX IF NOT EXISTS items_subject ON items (subject);
+CREATE INDEX IF NOT EXISTS items_used ON items (used_ns);
+"""
+
+MAX_PAYLOAD_BYTES = 64 * 1024
+Vector = npt.NDArray[np.float32]
+
+
+class VectorMemoryError(OutpostError):
+    """A long-term memory request is invalid, or its files cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    key: int
+    score: float
+    """Cosine similarity, 1 for the same direction."""
+    namespace: str
+    subject: str
+    meta: dict[str, Any]
+    payload: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Eviction:
+    expired: int
+    aged: int
+    over_budget: int
+
+
+class LongTermMemory:
+    def __init__(self, folder: Path, *, dim: int, expansion_search: int = 64) -> None:
+        if not 1 <= dim <= 4096:
+            raise VectorMemoryError(f"dim must be 1..4096, got {dim}")
+        self.dim = dim
+        self.folder = folder
+        self.index_path = folder / "vectors.usearch"
+        self._lock = threading.RLock()
+        try:
+            self.store = Store(folder / "vectors.db", _SCHEMA, synchronous="FULL")
+        except sqlite3.DatabaseError as exc:
+            raise VectorMemoryError(
+                f"long-term memory {folder / 'vectors.db'} cannot be used ({exc})"
+            ) from None
+        self.db = self.store.db
+        self._expansion_search = expansion_search
+        self.rebuilt = False
+        """Whether opening rebuilt the index from SQLite (missing, damaged or stale file)."""
+        self.index = self._open_index()
+
+    # --- index -----------------------------------------------------------------------------------
+    def _new_index(self) -> Index:
+        return Index(ndim=self.dim, metric="cos", dtype="f32", expansion_search=self._expansion_search)
+
+    def _open_index(self) -> Index:
+        count = int(self.db.execute("SELECT count(*) FROM items").fetchone()[0])
+        index = self._new_index()
+        if self.index_path.is_file():
+            try:
+                index.load(str(self.index_path))
+            except Exception:  # noqa: BLE001 (usearch raises RuntimeError and others for a bad file)
+                index = self._new_index()
+        if len(index) != count or index.ndim != self.dim:
+            index = self._rebuild()
+        return index
+
+    def _rebuild(self) -> Index:
+        """The index from the vectors in SQLite (after a crash, or a lost or damaged index file)."""
+        index = self._new_index()
+        rows = self.db.execute("SELECT key, vector FROM items").fetchall()
+        if rows:
+            keys = np.array([r[0] for r in rows], dtype=np.uint64)
+            vectors = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+            if vectors.shape[1] != self.dim:
+                raise VectorMemoryError(f"stored vectors have {vectors.shape[1]} dimensions, not {self.dim}")
+            index.add(keys, vectors)
+        self.rebuilt = True
+        return index
+
+    def save(self) -> None:
+        """Write the index beside the database (atomically: temporary file, then rename)."""
+        with self._lock:
+            tmp = self.index_path.with_suffix(".tmp")
+            self.index.save(str(tmp))
+            tmp.replace(self.index_path)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.save()
+        self.store.close()
+
+    # --- writing ---------------------------------------------------------------------------------
+    def _vector(self, v: Any) -> Vector:
+        try:
+            arr = np.asarray(v, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError) as exc:
+            raise VectorMemoryError(f"a vector must be {self.dim} numbers: {exc}") from None
+        if arr.shape != (self.dim,):
+            raise VectorMemoryError(f"a vector must have {self.dim} dimensions, got {arr.shape[0]}")
+        if not np.all(np.isfinite(arr)):
+            raise VectorMemoryError("a vector must be finite (no NaN or infinity)")
+        norm = float(np.linalg.norm(arr))
+        if norm == 0.0:
+            raise VectorMemoryError("a vector must not be all zeros (it has no direction)")
+        return arr / norm
+
+    def add(
+        self,
+        namespace: str,
+        vector: Any,
+        payload: Any,
+        *,
+        subject: str = "",
+        meta: dict[str, str | int | float | bool] | None = None,
+        ttl_s: float | None = None,
+    ) -> int:
+        """Store an item; its key."""
+        v = self._vector(vector)
+        try:
+            body = orjson.dumps(payload)
+            meta_blob = orjson.dumps(meta or {})
+        except TypeError as exc:
+            raise VectorMemoryError(f"payload and meta must be JSON: {exc}") from None
+        if len(body) > MAX_PAYLOAD_BYTES:
+            raise VectorMemoryError(f"the payload is {len(body)} bytes, more than {MAX_PAYLOAD_BYTES}")
+        if meta and not all(isinstance(x, str | int | float | bool) for x in meta.values()):
+            raise VectorMemoryError("meta values must be flat (str, int, float, bool)")
+        now = time.time_ns()
+        expires = now + int(ttl_s * 1e9) if ttl_s is not None else None
+        with self._lock:
+            cur = self.db.execute(
+                "INSERT INTO items (namespace, subject, meta, payload, vector, created_ns, used_ns, "
+                "expires_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (namespace, subject, meta_blob, body, v.tobytes(), now, now, expires),
+            )
+            key = int(cur.lastrowid or 0)
+            self.index.add(np.uint64(key), v)
+            return key
+
+    def delete(self, key: int) -> bool:
+        with self._lock:
+            n = self.db.execute("DELETE FROM items WHERE key = ?", (key,)).rowcount
+            if n:
+                self.index.remove(key)
+            return bool(n)
+
+    def delete_subject(self, subject: str) -> int:
+        """A privacy request: every item about ``subject`` goes, from SQLite and from the index."""
+        if not subject:
+            raise VectorMemoryError("a subject is needed to delete by subject")
+        return self._delete_where("subject = ?", (subject,))
+
+    def _delete_where(self, where: str, args: tuple[Any, ...]) -> int:
+        with self._lock:
+            keys = [int(r[0]) for r in self.db.execute(f"SELECT key FROM items WHERE {where}", args)]
+            if not keys:
+                return 0
+            self.db.execute(f"DELETE FROM items WHERE {where}", args)
+            self.index.remove(np.array(keys, dtype=np.uint64))
+            return len(keys)
+
+    def evict(self, *, max_age_s: float | None = None, max_items: int | None = None) -> Eviction:
+        """Retention: expired items, items older than ``max_age_s``, then the least recently used
+        beyond ``max_items``."""
+        now = time.time_ns()
+        expired = self._delete_where("expires_ns IS NOT NULL AND expires_ns <= ?", (now,))
+        aged = 0
+        if max_age_s is not None:
+            aged = self._delete_where("created_ns < ?", (now - int(max_age_s * 1e9),))
+        over = 0
+        if max_items is not None:
+            with self._lock:
+                count = int(self.db.execute("SELECT count(*) FROM items").fetchone()[0])
+                if count > max_items:
+                    over = self._delete_where(
+                        "key IN (SELECT key FROM items ORDER BY used_ns ASC, key ASC LIMIT ?)",
+                        (count - max_items,),
+                    )
+        return Eviction(expired, aged, over)
+
+    # --- reading ---------------------------------------------------------------------------------
+    def search(
+        self,
+        namespace: str,
+        vector: Any,
+        *,
+        k: int = 10,
+        subject: str | None = None,
+        where: dict[str, str | int | float | bool] | None = None,
+    ) -> list[Hit]:
+        """The ``k`` most similar live items of ``namespace`` (and ``subject``, and whose meta has
+        every field of ``where``), best first."""
+        if not 1 <= k <= 1000:
+            raise VectorMemoryError(f"k must be 1..1000, got {k}")
+        q = self._vector(vector)
+        now = time.time_ns()
+        with self._lock:
+            total = len(self.index)
+            if total == 0:
+                return []
+            want = min(total, k * 4)
+            while True:
+                matches = self.index.search(q, want)
+                keys = [int(x) for x in matches.keys]
+                dists = {int(x): float(d) for x, d in zip(matches.keys, matches.distances, strict=True)}
+                hits = self._filtered(keys, dists, namespace, subject, where, now)
+                if len(hits) >= k or want >= total:
+                    break
+                want = min(total, want * 4)  # filters left too few: look wider
+            hits = hits[:k]
+            if hits:
+                self.db.executemany(
+                    "UPDATE items SET used_ns = ? WHERE key = ?", [(now, h.key) for h in hits]
+                )
+            return hits
+
+    def _filtered(
+        self,
+        keys: list[int],
+        dists: dict[int, float],
+        namespace: str,
+        subject: str | None,
+        where: dict[str, Any] | None,
+        now: int,
+    ) -> list[Hit]:
+        if not keys:
+            return []
+        marks = ",".join("?" * len(keys))
+        rows = self.db.execute(
+            f"SELECT key, namespace, subject, meta, payload, expires_ns FROM items WHERE key IN ({marks})",
+            keys,
+        ).fetchall()
+        out = []
+        for key, ns, subj, meta_blob, payload, expires in rows:
+            if ns != namespace or (subject is not None and subj != subject):
+                continue
+            if expires is not None and expires <= now:
+                continue
+            meta = orjson.loads(meta_blob)
+            if where and any(meta.get(f) != v for f, v in where.items()):
+                continue
+            out.append(Hit(int(key), 1.0 - dists[int(key)], ns, subj, meta, orjson.loads(payload)))
+        out.sort(key=lambda h: -h.score)
+        return out
+
+    def __len__(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM items").fetchone()[0])
