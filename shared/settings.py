@@ -157,6 +157,13 @@ class MemorySettings(Section):
         description="Disk budget of the log; past it the oldest go, unacknowledged ones too (counted).",
     )
     compact_s: float = Field(60.0, gt=0, description="How often retention runs.")
+    vector_dim: int = Field(384, ge=1, le=4096, description="Dimensions of long-term memory vectors.")
+    ltm_max_items: int = Field(
+        1_000_000, ge=1, description="Long-term memory items kept at most (least recently used go first)."
+    )
+    ltm_max_age_s: float = Field(
+        365 * 86400.0, gt=0, description="Long-term memory items older than this go."
+    )
     context_max_entries: int = Field(
         100_000, ge=1, description="Short-term context entries kept at most (least recently used go first)."
     )

@@ -11,7 +11,9 @@ Operations (body fields):
 * ``context-put`` (scope, key, value, ttl_s?), ``context-get`` (scope, key), ``context-scope``
   (scope), ``context-complete`` (scope);
 * ``checkpoint-save`` (task, step, state, expect?), ``checkpoint-load`` (task, version?);
-* ``log-trace`` (trace, limit?): every log entry of one reading.
+* ``log-trace`` (trace, limit?): every log entry of one reading;
+* ``ltm-add`` (namespace, vector, payload, subject?, meta?, ttl_s?), ``ltm-search`` (namespace,
+  vector, k?, subject?, where?), ``ltm-forget-subject`` (subject): long-term memory.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from outpost.errors import OutpostError
 from outpost.services.memory.checkpoints import CheckpointConflict, Checkpoints
 from outpost.services.memory.context import ShortTermContext
 from outpost.services.memory.oplog import OpLog
+from outpost.services.memory.vectors import LongTermMemory
 
 MAX_REQUEST_BYTES = 256 * 1024
 Scope = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -63,6 +66,30 @@ class CheckpointLoad(_Req):
     version: int | None = Field(None, ge=1)
 
 
+Flat = str | int | float | bool
+
+
+class LtmAdd(_Req):
+    namespace: Scope
+    vector: list[float] = Field(min_length=1, max_length=4096)
+    payload: Any
+    subject: str = Field("", max_length=128)
+    meta: dict[str, Flat] = Field(default_factory=dict, max_length=32)
+    ttl_s: float | None = Field(None, gt=0)
+
+
+class LtmSearch(_Req):
+    namespace: Scope
+    vector: list[float] = Field(min_length=1, max_length=4096)
+    k: int = Field(10, ge=1, le=1000)
+    subject: str | None = Field(None, max_length=128)
+    where: dict[str, Flat] = Field(default_factory=dict, max_length=32)
+
+
+class LtmForget(_Req):
+    subject: str = Field(min_length=1, max_length=128)
+
+
 class LogTrace(_Req):
     trace: str = Field(min_length=1, max_length=128)
     limit: int = Field(1000, ge=1, le=10_000)
@@ -77,10 +104,17 @@ def _ok(result: Any) -> dict[str, Any]:
 
 
 class MemoryApi:
-    def __init__(self, context: ShortTermContext, checkpoints: Checkpoints, oplog: OpLog | None) -> None:
+    def __init__(
+        self,
+        context: ShortTermContext,
+        checkpoints: Checkpoints,
+        oplog: OpLog | None,
+        ltm: LongTermMemory | None = None,
+    ) -> None:
         self.context = context
         self.checkpoints = checkpoints
         self.oplog = oplog
+        self.ltm = ltm
         self._ops: dict[str, tuple[type[_Req], Callable[[Any], Any]]] = {
             "context-put": (ContextPut, self._context_put),
             "context-get": (ContextKey, lambda r: self.context.get(r.scope, r.key)),
@@ -89,6 +123,9 @@ class MemoryApi:
             "checkpoint-save": (CheckpointSave, self._checkpoint_save),
             "checkpoint-load": (CheckpointLoad, self._checkpoint_load),
             "log-trace": (LogTrace, self._log_trace),
+            "ltm-add": (LtmAdd, self._ltm_add),
+            "ltm-search": (LtmSearch, self._ltm_search),
+            "ltm-forget-subject": (LtmForget, lambda r: self._need_ltm().delete_subject(r.subject)),
         }
 
     @property
@@ -130,6 +167,29 @@ class MemoryApi:
         if cp is None:
             return None
         return {"task": cp.task, "version": cp.version, "step": cp.step, "state": cp.state, "at_ns": cp.at_ns}
+
+    def _need_ltm(self) -> LongTermMemory:
+        if self.ltm is None:
+            raise OutpostError("this memory has no long-term store")
+        return self.ltm
+
+    def _ltm_add(self, r: LtmAdd) -> int:
+        return self._need_ltm().add(
+            r.namespace, r.vector, r.payload, subject=r.subject, meta=r.meta, ttl_s=r.ttl_s
+        )
+
+    def _ltm_search(self, r: LtmSearch) -> list[dict[str, Any]]:
+        hits = self._need_ltm().search(r.namespace, r.vector, k=r.k, subject=r.subject, where=r.where or None)
+        return [
+            {
+                "key": h.key,
+                "score": round(h.score, 6),
+                "subject": h.subject,
+                "meta": h.meta,
+                "payload": h.payload,
+            }
+            for h in hits
+        ]
 
     def _log_trace(self, r: LogTrace) -> list[dict[str, Any]]:
         if self.oplog is None:

@@ -28,6 +28,7 @@ from outpost.services.memory.api import MemoryApi
 from outpost.services.memory.checkpoints import Checkpoints
 from outpost.services.memory.context import ShortTermContext
 from outpost.services.memory.oplog import OpLog, Record
+from outpost.services.memory.vectors import LongTermMemory
 from outpost.settings import OutpostSettings
 
 NAME = "memory"
@@ -58,7 +59,8 @@ class MemoryService:
         self._dlq_topic = t.dlq(NAME)
         self.context = ShortTermContext(max_entries=cfg.context_max_entries)
         self.checkpoints = Checkpoints(Path(settings.data_dir) / "memory" / "checkpoints.db")
-        self.api = MemoryApi(self.context, self.checkpoints, self.oplog)
+        self.ltm = LongTermMemory(Path(settings.data_dir) / "memory" / "ltm", dim=cfg.vector_dim)
+        self.api = MemoryApi(self.context, self.checkpoints, self.oplog, self.ltm)
         self._req_root = t.root + "/memory/req/"
         self.bus.subscribe(t.all_memory_requests, self._on_request, qos=1)
         self.bus.every(5.0, lambda: self.metrics.inc("context_expired", self.context.sweep()))
@@ -190,6 +192,8 @@ class MemoryService:
 
     def compact(self) -> None:
         cfg = self.cfg
+        ev = self.ltm.evict(max_age_s=cfg.ltm_max_age_s, max_items=cfg.ltm_max_items)
+        self.metrics.counters["ltm_evicted"] += ev.expired + ev.aged + ev.over_budget
         result = self.oplog.compact(max_age_s=cfg.retention_s, max_bytes=cfg.budget_mb * 1024 * 1024)
         c = self.metrics.counters
         c["compacted"] += result.removed
@@ -210,6 +214,7 @@ class MemoryService:
         self.rt.stop()
         self.oplog.close()
         self.checkpoints.close()
+        self.ltm.close()
         log.info("memory stopped", extra={"counters": dict(self.metrics.counters)})
 
 

@@ -185,6 +185,53 @@ class LongTermMemory:
             self.index.add(np.uint64(key), v)
             return key
 
+    def add_many(
+        self,
+        namespace: str,
+        vectors: Any,
+        payloads: list[Any],
+        *,
+        subject: str = "",
+        ttl_s: float | None = None,
+    ) -> list[int]:
+        """Store many items of one namespace in one transaction (one fsync) and one index call."""
+        arr = np.asarray(vectors, dtype=np.float32)
+        if arr.ndim != 2 or arr.shape[1] != self.dim or arr.shape[0] != len(payloads):
+            raise VectorMemoryError(f"vectors must be ({len(payloads)}, {self.dim}), got {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise VectorMemoryError("vectors must be finite (no NaN or infinity)")
+        norms = np.linalg.norm(arr, axis=1, keepdims=True)
+        if np.any(norms == 0.0):
+            raise VectorMemoryError("a vector must not be all zeros (it has no direction)")
+        arr = arr / norms
+        bodies = [orjson.dumps(p) for p in payloads]
+        if any(len(b) > MAX_PAYLOAD_BYTES for b in bodies):
+            raise VectorMemoryError(f"a payload is more than {MAX_PAYLOAD_BYTES} bytes")
+        now = time.time_ns()
+        expires = now + int(ttl_s * 1e9) if ttl_s is not None else None
+        with self._lock:
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                first = int(db.execute("SELECT coalesce(max(key), 0) FROM items").fetchone()[0]) + 1
+                seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
+                first = max(first, int(seq[0]) + 1 if seq else 1)
+                keys = list(range(first, first + len(bodies)))
+                db.executemany(
+                    "INSERT INTO items (key, namespace, subject, meta, payload, vector, created_ns, used_ns, "
+                    "expires_ns) VALUES (?, ?, ?, '{}', ?, ?, ?, ?, ?)",
+                    [
+                        (k, namespace, subject, b, arr[i].tobytes(), now, now, expires)
+                        for i, (k, b) in enumerate(zip(keys, bodies, strict=True))
+                    ],
+                )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            self.index.add(np.array(keys, dtype=np.uint64), arr)
+            return keys
+
     def delete(self, key: int) -> bool:
         with self._lock:
             n = self.db.execute("DELETE FROM items WHERE key = ?", (key,)).rowcount

@@ -253,6 +253,12 @@ def memory(
         f"batched (1,000): {result['log']['1000']['oplog_per_s']:,} durable appends/s "
         f"(target >= {tg['appends_per_s_min']:,.0f}: {'met' if tg['appends_met'] else 'MISSED'})"
     )
+    v = result["vectors"]
+    out.print(
+        f"long-term memory, {v['items']:,} x {v['dim']}: built in {v['build_s']} s, top-10 query "
+        f"p50 {v['query_p50_ms']} ms, p99 {v['query_p99_ms']} ms, recall@10 {v['recall_at_10']} "
+        f"(target p99 < {tg['query_p99_ms_max']} ms at 100,000: {'met' if tg['query_met'] else 'MISSED'})"
+    )
 
 
 def register(app: typer.Typer) -> None:

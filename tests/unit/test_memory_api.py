@@ -12,13 +12,16 @@ from outpost.services.memory.api import MemoryApi
 from outpost.services.memory.checkpoints import Checkpoints
 from outpost.services.memory.context import ShortTermContext
 from outpost.services.memory.oplog import OpLog, Record
+from outpost.services.memory.vectors import LongTermMemory
 
 
 @pytest.fixture
 def api(tmp_path: Path) -> MemoryApi:
     log = OpLog(tmp_path / "log.db")
     log.append([Record(1, "event", "T1", "t", b'{"id":"T1"}'), Record(2, "score", "T1", "t", b"[1]")])
-    return MemoryApi(ShortTermContext(), Checkpoints(tmp_path / "cp.db"), log)
+    return MemoryApi(
+        ShortTermContext(), Checkpoints(tmp_path / "cp.db"), log, LongTermMemory(tmp_path / "ltm", dim=4)
+    )
 
 
 def call(api: MemoryApi, op: str, body: object) -> dict[str, object]:
@@ -41,6 +44,22 @@ def test_every_operation(api: MemoryApi) -> None:
     assert call(api, "checkpoint-load", {"task": "t"})["result"]["state"] == {"n": 1}  # type: ignore[index]
     assert call(api, "checkpoint-load", {"task": "none"})["result"] is None
     assert [e["kind"] for e in call(api, "log-trace", {"trace": "T1"})["result"]] == ["event", "score"]  # type: ignore[union-attr]
+    add = {
+        "namespace": "notes",
+        "vector": [1, 0, 0, 0],
+        "payload": {"n": 1},
+        "subject": "alice",
+        "meta": {"x": 1},
+    }
+    assert call(api, "ltm-add", add)["ok"] is True
+    call(api, "ltm-add", {**add, "vector": [0, 1, 0, 0], "payload": {"n": 2}, "subject": "bob"})
+    hits = call(api, "ltm-search", {"namespace": "notes", "vector": [1, 0.1, 0, 0], "k": 2})["result"]
+    assert [h["payload"]["n"] for h in hits] == [1, 2]  # type: ignore[union-attr,index]
+    assert call(api, "ltm-forget-subject", {"subject": "alice"})["result"] == 1
+    hits = call(api, "ltm-search", {"namespace": "notes", "vector": [1, 0, 0, 0], "where": {"x": 1}})[
+        "result"
+    ]
+    assert [h["payload"]["n"] for h in hits] == [2]  # type: ignore[union-attr,index]
 
 
 @pytest.mark.parametrize(
@@ -61,6 +80,11 @@ def test_every_operation(api: MemoryApi) -> None:
         ("checkpoint-save", {"task": "", "step": "a", "state": 1}, "bad_request"),
         ("checkpoint-load", {"task": "t", "version": 0}, "bad_request"),
         ("log-trace", {"trace": "T1", "limit": 10**9}, "bad_request"),
+        ("ltm-add", {"namespace": "n", "vector": [1, 2], "payload": 1}, "bad_request"),  # wrong dimension
+        ("ltm-add", {"namespace": "n", "vector": [0, 0, 0, 0], "payload": 1}, "bad_request"),
+        ("ltm-add", {"namespace": "n", "vector": ["a", 1, 1, 1], "payload": 1}, "bad_request"),
+        ("ltm-search", {"namespace": "n", "vector": [1, 0, 0, 0], "k": 0}, "bad_request"),
+        ("ltm-forget-subject", {"subject": ""}, "bad_request"),
     ],
 )
 def test_bad_requests_get_a_reason(api: MemoryApi, op: str, body: object, error: str) -> None:

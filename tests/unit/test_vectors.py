@@ -104,3 +104,13 @@ def test_bad_payloads_and_queries_are_refused(mem: LongTermMemory) -> None:
         mem.add("n", vec(1), {}, meta={"x": [1]})  # type: ignore[dict-item]
     with pytest.raises(VectorMemoryError, match="k must"):
         mem.search("n", vec(1), k=0)
+
+
+def test_add_many_in_one_transaction(mem: LongTermMemory) -> None:
+    keys = mem.add_many("bulk", np.stack([vec(i) for i in range(300)]), [{"i": i} for i in range(300)])
+    assert len(set(keys)) == 300 and len(mem) == len(mem.index) == 300
+    assert mem.search("bulk", vec(42), k=1)[0].payload == {"i": 42}
+    one = mem.add("bulk", vec(999), "after")
+    assert one > max(keys)
+    with pytest.raises(VectorMemoryError):
+        mem.add_many("bulk", np.zeros((2, DIM)), [1, 2])
