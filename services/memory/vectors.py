@@ -94,6 +94,8 @@ class LongTermMemory:
         self._expansion_search = expansion_search
         self.rebuilt = False
         """Whether opening rebuilt the index from SQLite (missing, damaged or stale file)."""
+        self._touched: dict[int, int] = {}
+        """When each item was last returned, not yet written to SQLite (see :meth:`flush_usage`)."""
         self.index = self._open_index()
 
     # --- index -----------------------------------------------------------------------------------
@@ -133,6 +135,7 @@ class LongTermMemory:
             tmp.replace(self.index_path)
 
     def close(self) -> None:
+        self.flush_usage()
         with contextlib.suppress(OSError):
             self.save()
         self.store.close()
@@ -254,9 +257,20 @@ class LongTermMemory:
             self.index.remove(np.array(keys, dtype=np.uint64))
             return len(keys)
 
+    def flush_usage(self) -> None:
+        """Write when items were last returned (one transaction); eviction and close do it."""
+        with self._lock:
+            if not self._touched:
+                return
+            touched, self._touched = self._touched, {}
+            self.store.write_many(
+                "UPDATE items SET used_ns = ? WHERE key = ?", [(t, k) for k, t in touched.items()]
+            )
+
     def evict(self, *, max_age_s: float | None = None, max_items: int | None = None) -> Eviction:
         """Retention: expired items, items older than ``max_age_s``, then the least recently used
         beyond ``max_items``."""
+        self.flush_usage()
         now = time.time_ns()
         expired = self._delete_where("expires_ns IS NOT NULL AND expires_ns <= ?", (now,))
         aged = 0
@@ -303,10 +317,8 @@ class LongTermMemory:
                     break
                 want = min(total, want * 4)  # filters left too few: look wider
             hits = hits[:k]
-            if hits:
-                self.db.executemany(
-                    "UPDATE items SET used_ns = ? WHERE key = ?", [(now, h.key) for h in hits]
-                )
+            for h in hits:  # written in one go before eviction: a write (an fsync) per query
+                self._touched[h.key] = now  # would be most of a query's time
             return hits
 
     def _filtered(
