@@ -80,6 +80,15 @@ def backoff_delays(low: float, high: float, rng: random.Random | None = None) ->
         attempt = min(attempt + 1, 30)
 
 
+def topic_of(msg: Message) -> str:
+    """A received message's topic; ``<non-utf8>`` for one whose topic bytes are not UTF-8 (paho
+    decodes lazily and raises), so a handler can still dead-letter it with something to show."""
+    try:
+        return msg.topic
+    except UnicodeDecodeError:
+        return "<non-utf8>"
+
+
 def _filter_of(pattern: str) -> str:
     """The topic filter messages are matched against: a shared subscription's part after the group."""
     if pattern.startswith("$share/"):
@@ -356,8 +365,7 @@ class Bus:
                 self._loop_until_disconnected()
                 if self._connected.is_set() or self.connects:
                     delays = backoff_delays(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
-            while self._calls:
-                self._run_call(self._calls.popleft())
+            self.run_posted()
             if self._stop.is_set():
                 break
             self._stop.wait(next(delays))
@@ -371,8 +379,8 @@ class Bus:
                 rc = self._read_waiting(client)
             if self._timers:
                 self._run_timers()
-            while self._calls:
-                self._run_call(self._calls.popleft())
+            if self._calls:
+                self.run_posted()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._connected.clear()
                 return

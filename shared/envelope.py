@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -123,6 +124,16 @@ def reading_id(site: str, device: str, seq: int, epoch: int = 0) -> str:
 
 
 DLQ_PAYLOAD_MAX = 64 * 1024
+
+
+def item_bytes(item: Any, raw: bytes) -> bytes:
+    """One bad item of a batch, re-encoded for its dead letter. The standard encoder keeps what
+    orjson would change or refuse (NaN and Infinity, integers beyond 64 bits); an item it cannot
+    encode either (nesting too deep) is represented by the whole message."""
+    try:
+        return json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode()
+    except (ValueError, TypeError, RecursionError):
+        return raw
 
 
 def dead_letter(

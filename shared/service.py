@@ -19,7 +19,7 @@ import orjson
 
 from outpost import __version__
 from outpost.bus import Bus, Will
-from outpost.envelope import SCHEMA_VERSION, new_id, now_ns
+from outpost.envelope import SCHEMA_VERSION, dead_letter, new_id, now_ns
 from outpost.errors import OutpostError
 from outpost.log import get_logger
 from outpost.metrics import Metrics
@@ -50,6 +50,7 @@ class ServiceRuntime:
         self.metrics = Metrics(name)
         self.started_ns = now_ns()
         self.status_topic = self.topics.service_status(name)
+        self.dlq_topic = self.topics.dlq(name)
         client_id = f"{settings.prefix}-{settings.site}-{name}"
         self.bus = Bus(
             settings.mqtt,
@@ -94,6 +95,33 @@ class ServiceRuntime:
         if self.extra_status is not None:
             snap["state"] = self.extra_status()
         self.bus.publish(self.topics.metrics(self.name), orjson.dumps(snap), qos=0)
+
+    def dead_letter(
+        self,
+        reason: str,
+        detail: str,
+        topic: str,
+        payload: bytes,
+        *,
+        trace: str | None = None,
+        index: int | None = None,
+        qos: int = 1,
+    ) -> int:
+        """Count a rejection (``rejected`` and ``rejected.{reason}``) and publish its dead letter
+        on ``.../dlq/{service}``; the publish's message id, for services that wait for it."""
+        c = self.metrics.counters
+        c["rejected"] += 1
+        c["rejected." + reason] += 1
+        entry = dead_letter(
+            stage=self.name,
+            reason=reason,
+            detail=detail,
+            topic=topic,
+            payload=payload,
+            trace=trace,
+            index=index,
+        )
+        return self.bus.publish(self.dlq_topic, entry, qos=qos)
 
     def start(self, wait_s: float = 30.0) -> None:
         self.bus.start(wait_s=wait_s)

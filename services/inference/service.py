@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from outpost.bus import Message
-from outpost.envelope import dead_letter, new_id, now_ns
+from outpost.bus import Message, topic_of
+from outpost.envelope import item_bytes, new_id, now_ns
 from outpost.errors import ConfigError, OutpostError, TopicError
 from outpost.log import get_logger
 from outpost.service import ServiceRuntime, run_until, service_main
@@ -142,7 +142,6 @@ class InferenceService:
                 f"(it has: {', '.join(known) or 'nothing'})"
             )
         self.names = list(cfg.models) or known
-        self.dlq_topic = self.topics.dlq(NAME)
         self.reported_topic = self.topics.control(NAME, "reported")
         self.events_root = self.topics.root + "/events/"
         self.inference_root = self.topics.root + "/inference/"
@@ -332,7 +331,9 @@ class InferenceService:
             self._take(msg, inbound)
         except Exception as exc:
             log.exception("inference failed on a message")
-            self._reject("internal", f"{type(exc).__name__}: {exc}", _topic(msg), bytes(msg.payload), inbound)
+            self._reject(
+                "internal", f"{type(exc).__name__}: {exc}", topic_of(msg), bytes(msg.payload), inbound
+            )
         if inbound is not None:
             inbound.sealed = True
             self._maybe_ack(inbound)
@@ -341,7 +342,7 @@ class InferenceService:
         c = self.metrics.counters
         c["messages"] += 1
         raw = bytes(msg.payload)
-        topic = _topic(msg)
+        topic = topic_of(msg)
         if not topic.startswith(self.events_root):
             self._reject("bad_topic", "not an events topic of this site", topic, raw, inbound)
             return
@@ -370,7 +371,7 @@ class InferenceService:
                     reason,
                     detail,
                     topic,
-                    _item_bytes(ev, raw) if batch else raw,
+                    item_bytes(ev, raw) if batch else raw,
                     inbound,
                     index=index if batch else None,
                 )
@@ -454,13 +455,7 @@ class InferenceService:
         index: int | None = None,
         trace: str | None = None,
     ) -> None:
-        c = self.metrics.counters
-        c["rejected"] += 1
-        c["rejected." + reason] += 1
-        entry = dead_letter(
-            stage=NAME, reason=reason, detail=detail, topic=topic, payload=payload, trace=trace, index=index
-        )
-        mid = self.bus.publish(self.dlq_topic, entry, qos=1)
+        mid = self.rt.dead_letter(reason, detail, topic, payload, trace=trace, index=index)
         self._track(mid, [inbound] if inbound is not None else [])
         if inbound is not None:
             inbound.pending += 1
@@ -684,20 +679,6 @@ class InferenceService:
 
     def _start_draining(self) -> None:
         self._draining = True
-
-
-def _topic(msg: Message) -> str:
-    try:
-        return msg.topic
-    except UnicodeDecodeError:
-        return "<non-utf8>"
-
-
-def _item_bytes(item: Any, raw: bytes) -> bytes:
-    try:
-        return orjson.dumps(item)
-    except TypeError:
-        return raw
 
 
 def _check_event(ev: Any, device: str) -> tuple[str, str] | None:

@@ -18,7 +18,6 @@ Everything runs on the bus's network thread, so there are no locks.
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import time
 from collections import deque
@@ -28,8 +27,8 @@ from typing import Any
 
 import orjson
 
-from outpost.bus import Message
-from outpost.envelope import ReadingDict, dead_letter, reading_id, reading_id_prefix
+from outpost.bus import Message, topic_of
+from outpost.envelope import ReadingDict, item_bytes, reading_id, reading_id_prefix
 from outpost.errors import TopicError
 from outpost.log import get_logger
 from outpost.metrics import _HIGHEST_US, _LOWEST_US, Histogram
@@ -43,16 +42,6 @@ from outpost.settings import OutpostSettings
 
 NAME = "ingest"
 log = get_logger("outpost.ingest")
-
-
-def _item_bytes(item: Any, raw: bytes) -> bytes:
-    """One bad batch item, re-encoded for its dead letter. The standard encoder keeps what orjson
-    would change or refuse (NaN and Infinity, integers beyond 64 bits); an item it cannot encode
-    either (nesting too deep) is represented by the whole message."""
-    try:
-        return json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode()
-    except (ValueError, TypeError, RecursionError):
-        return raw
 
 
 class _AgeHistogram(Histogram):
@@ -91,7 +80,6 @@ class IngestService:
         self.topics = self.rt.topics
         self.metrics = self.rt.metrics
         self.bus = self.rt.bus
-        self.dlq_topic = self.topics.dlq(NAME)
         self.events_root = self.topics.root + "/events/"
         self.dev_root = self.topics.root + "/dev/"
         self.seqstore = SeqStore(Path(settings.data_dir) / "ingest.db", cfg.dedup_window)
@@ -138,11 +126,9 @@ class IngestService:
             # A bug here must not lose the reading silently: the message is acknowledged with its
             # cycle, so it goes to the DLQ with its bytes for a person to look at and replay.
             log.exception("ingest failed on a message")
-            try:
-                topic = msg.topic
-            except UnicodeDecodeError:
-                topic = "<non-utf8>"
-            self._reject(Reject("internal", f"{type(exc).__name__}: {exc}"), topic, bytes(msg.payload))
+            self._reject(
+                Reject("internal", f"{type(exc).__name__}: {exc}"), topic_of(msg), bytes(msg.payload)
+            )
 
     def _take(self, msg: Message) -> None:
         recv_ns = time.time_ns()
@@ -328,19 +314,16 @@ class IngestService:
         batch: bool = False,
         trace: str | None = None,
     ) -> None:
-        self.metrics.counters["rejected"] += 1
-        self.metrics.counters["rejected." + rej.reason] += 1
-        payload = raw if (rej.item is None or not batch) else _item_bytes(rej.item, raw)
-        entry = dead_letter(
-            stage=NAME,
-            reason=rej.reason,
-            detail=rej.detail,
-            topic=topic,
-            payload=payload,
+        payload = raw if (rej.item is None or not batch) else item_bytes(rej.item, raw)
+        mid = self.rt.dead_letter(
+            rej.reason,
+            rej.detail,
+            topic,
+            payload,
             trace=trace,
             index=rej.index if batch else None,
+            qos=self.cfg.dlq_qos,
         )
-        mid = self.bus.publish(self.dlq_topic, entry, qos=self.cfg.dlq_qos)
         if self.cfg.dlq_qos:
             self._cycle.outgoing.add(mid)
             self._mid_cycle[mid] = self._cycle

@@ -20,8 +20,7 @@ import orjson
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from outpost.bus import Message
-from outpost.envelope import dead_letter
+from outpost.bus import Message, topic_of
 from outpost.log import get_logger
 from outpost.service import ServiceRuntime, run_until, service_main
 from outpost.services.memory.api import MemoryApi
@@ -56,7 +55,6 @@ class MemoryService:
         self._pending: list[Record] = []
         self._acks: list[tuple[int, int]] = []
         self._oldest = 0.0
-        self._dlq_topic = t.dlq(NAME)
         self.context = ShortTermContext(max_entries=cfg.context_max_entries)
         self.checkpoints = Checkpoints(Path(settings.data_dir) / "memory" / "checkpoints.db")
         self.ltm = LongTermMemory(Path(settings.data_dir) / "memory" / "ltm", dim=cfg.vector_dim)
@@ -72,7 +70,6 @@ class MemoryService:
         self._commit_hist = self.metrics.histogram("commit")
         self.rt.extra_status = lambda: {
             "last_offset": self.oplog.last_offset,
-            "entries": self.oplog.count(),
             "bytes": self.oplog.size_bytes(),
             "forced_total": self.oplog.forced_total(),
         }
@@ -97,7 +94,7 @@ class MemoryService:
                 out.CorrelationData = corr
             self.bus.publish(str(reply_to), orjson.dumps(answer), qos=1, properties=out)
         elif not answer["ok"]:
-            self._reject(answer["error"], answer["detail"], topic, bytes(msg.payload))
+            self.rt.dead_letter(answer["error"], answer["detail"], topic, bytes(msg.payload))
         if msg.qos:
             self.bus.ack(msg.mid, msg.qos)
 
@@ -110,10 +107,7 @@ class MemoryService:
     def _take(self, kind: str, msg: Message) -> None:
         c = self.metrics.counters
         c["messages"] += 1
-        try:
-            topic = msg.topic
-        except UnicodeDecodeError:
-            topic = "<non-utf8>"
+        topic = topic_of(msg)
         raw = bytes(msg.payload)
         if not self._pending and not self._acks:
             self._oldest = time.monotonic()
@@ -130,20 +124,20 @@ class MemoryService:
     def _records(self, kind: str, topic: str, raw: bytes) -> list[Record] | None:
         now = time.time_ns()
         if len(raw) > MAX_PAYLOAD:
-            self._reject("too_large", f"{len(raw)} bytes > {MAX_PAYLOAD}", topic, raw)
+            self.rt.dead_letter("too_large", f"{len(raw)} bytes > {MAX_PAYLOAD}", topic, raw)
             return None
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             if kind == "dlq":  # a dead letter that is not JSON is still what happened: keep its bytes
                 return [Record(now, kind, "", topic, raw)]
-            self._reject("not_json", f"not JSON: {exc}", topic, raw)
+            self.rt.dead_letter("not_json", f"not JSON: {exc}", topic, raw)
             return None
         items = doc if isinstance(doc, list) else [doc]
         out: list[Record] = []
         for item in items:
             if not isinstance(item, dict):
-                self._reject("wrong_shape", f"a {kind} must be a JSON object", topic, raw)
+                self.rt.dead_letter("wrong_shape", f"a {kind} must be a JSON object", topic, raw)
                 continue
             ts = item.get("ts")
             trace = item.get("trace") or item.get("id") or ""
@@ -157,12 +151,6 @@ class MemoryService:
                 )
             )
         return out
-
-    def _reject(self, reason: str, detail: str, topic: str, raw: bytes) -> None:
-        self.metrics.counters["rejected"] += 1
-        self.metrics.counters["rejected." + reason] += 1
-        entry = dead_letter(stage=NAME, reason=reason, detail=detail, topic=topic, payload=raw)
-        self.bus.publish(self._dlq_topic, entry, qos=1)
 
     def _commit_if_due(self) -> None:
         if (self._acks or self._pending) and (time.monotonic() - self._oldest) * 1000.0 >= self.cfg.commit_ms:

@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import orjson
 import typer
 from rich.console import Console
 
 from outpost.benchmarks.clients import CLIENTS, run_clients_bench
 from outpost.benchmarks.ingest import IngestBenchOptions, plan, run_ingest_bench
 from outpost.benchmarks.report import clients_table, machine_line, print_ingest
+from outpost.cli.output import print_json, stdout_console
 from outpost.errors import ConfigError
 
 bench_app = typer.Typer(
@@ -32,15 +32,6 @@ QuickOpt = Annotated[bool, typer.Option("--quick", help="A short run (about 20 s
 def _progress() -> Console:
     """Progress goes to stderr, so that with --json stdout holds only the JSON object."""
     return Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
-
-
-def _stdout() -> Console:
-    """Tables at least 120 columns wide even when stdout is a file or a pipe (rich assumes 80)."""
-    return Console() if sys.stdout.isatty() else Console(width=140)
-
-
-def _print_json(result: object) -> None:
-    print(orjson.dumps(result).decode(), flush=True)
 
 
 @bench_app.command("ingest")
@@ -90,9 +81,9 @@ def ingest(
     err = _progress()
     result = run_ingest_bench(options, progress=lambda m: err.print(f"[dim]{m}[/]"), only=only)
     if json_out:
-        _print_json(result)
+        print_json(result)
     else:
-        print_ingest(result, _stdout())
+        print_ingest(result, stdout_console())
 
 
 @bench_app.command("bus")
@@ -124,9 +115,9 @@ def bus(
         progress=lambda m: err.print(f"[dim]{m}[/]"),
     )
     if json_out:
-        _print_json(result)
+        print_json(result)
     else:
-        out = _stdout()
+        out = stdout_console()
         out.print(clients_table(result))
         out.print(machine_line(result))
         for s in result.get("skipped", []):
@@ -166,9 +157,9 @@ def inference(
     err = _progress()
     result = run_inference_bench(options, progress=lambda m: err.print(f"[dim]{m}[/]"))
     if json_out:
-        _print_json(result)
+        print_json(result)
         return
-    out = _stdout()
+    out = stdout_console()
     t = Table(title=f"raw session.run: {result['model']} on {result['backend']}")
     for col in ("batch", "p50 us/call", "p99 us/call", "us/row", "rows/s"):
         t.add_column(col, justify="right")
@@ -239,14 +230,14 @@ def memory(
         raise ConfigError(f"--sync must be FULL, NORMAL or OFF, got {sync!r}")
     result = run_memory_bench(quick=quick, sync=sync)  # type: ignore[arg-type]
     if json_out:
-        _print_json(result)
+        print_json(result)
         return
     t = Table(title=f"operational log appends, synchronous={sync}, {result['body_bytes']}-byte bodies")
     for col in ("batch", "records", "raw SQLite /s", "oplog /s", "ratio"):
         t.add_column(col, justify="right")
     for b, r in result["log"].items():
         t.add_row(b, f"{r['records']:,}", f"{r['raw_per_s']:,}", f"{r['oplog_per_s']:,}", f"{r['ratio']:.2f}")
-    out = _stdout()
+    out = stdout_console()
     out.print(t)
     tg = result["targets"]
     out.print(

@@ -12,9 +12,9 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from outpost.cli.output import stdout_console
 from outpost.errors import ConfigError
 from outpost.settings import load_settings
 
@@ -84,7 +84,7 @@ def _show(entries: list[Any], json_out: bool, title: str) -> None:
             e.topic.split("/", 3)[-1],
             e.body[:90].decode("utf-8", "replace"),
         )
-    Console(width=None if sys.stdout.isatty() else 160).print(t)
+    stdout_console().print(t)
 
 
 @log_app.command("tail")

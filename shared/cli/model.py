@@ -6,15 +6,13 @@ picks up every change within ``inference.reload_s`` and swaps between batches.""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import orjson
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from outpost.cli.output import print_json, stdout_console
 from outpost.errors import ConfigError, OutpostError
 from outpost.settings import load_settings
 
@@ -48,15 +46,6 @@ def _known(reg: Any, name: str, version: str | None = None) -> None:
         raise ConfigError(f"no version {version!r} of {name} (known: {', '.join(reg.versions(name))})")
 
 
-def _console() -> Console:
-    """Tables at least 140 columns wide when stdout is a file or a pipe (rich assumes 80)."""
-    return Console(highlight=False) if sys.stdout.isatty() else Console(width=140, highlight=False)
-
-
-def _echo_json(doc: object) -> None:
-    typer.echo(orjson.dumps(doc).decode())
-
-
 @model_app.command("list")
 def list_models(json_out: JsonOpt = False) -> None:
     """Every model version in the registry, which is active, which shadows, which failed."""
@@ -83,7 +72,7 @@ def list_models(json_out: JsonOpt = False) -> None:
                 }
             )
     if json_out:
-        _echo_json({"models_dir": str(reg.models_dir), "models": rows})
+        print_json({"models_dir": str(reg.models_dir), "models": rows})
         return
     t = Table(title=f"models in {reg.models_dir}")
     for col in ("model", "version", "role", "trigger", "description"):
@@ -94,7 +83,7 @@ def list_models(json_out: JsonOpt = False) -> None:
             # chosen but failed to load: the service serves the last good version meanwhile
             role = (f"{role}, " if role else "") + f"FAILED: {r['bad'][:60]}"
         t.add_row(r["name"], r["version"], role, r["trigger"], r["description"].split(":")[0][:60])
-    _console().print(t)
+    stdout_console().print(t)
 
 
 @model_app.command("verify")
@@ -124,11 +113,11 @@ def verify(
                 results.append({"model": n, "version": v, "ok": False, "detail": str(exc)})
     failed = [r for r in results if not r["ok"]]
     if json_out:
-        _echo_json({"ok": not failed, "results": results})
+        print_json({"ok": not failed, "results": results})
     else:
         for r in results:
             mark = "[green]ok[/]" if r["ok"] else "[red]FAILED[/]"
-            _console().print(f"{mark} {r['model']}@{r['version']}: {r['detail']}")
+            stdout_console().print(f"{mark} {r['model']}@{r['version']}: {r['detail']}")
     if failed:
         raise typer.Exit(2)
 
@@ -187,7 +176,7 @@ def quantize(
     _known(reg, name, version)
     report = run_quantize(reg, name, version, overwrite=overwrite).as_dict()
     if json_out:
-        _echo_json(report)
+        print_json(report)
         return
     t = Table(title=f"{report['source']} -> {report['result']}")
     for col in ("", "float", "int8"):
@@ -205,7 +194,7 @@ def quantize(
         f"{report['int8_accuracy']:.4f}",
     )
     t.add_row("label agreement with float", "", f"{report['label_agreement']:.4f}")
-    _console().print(t)
+    stdout_console().print(t)
 
 
 def register(app: typer.Typer) -> None:
