@@ -3,11 +3,15 @@ ingest running in-process, and a collector that subscribes for real."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 import pytest
@@ -199,3 +203,69 @@ def make_event(device: str, seq: int, metric: str, value: Any, **fields: Any) ->
     }
     ev.update(fields)
     return ev
+
+
+def kill_9_after(script: str, arg: str, acked_at_least: int) -> int:
+    """Run ``script`` (Python source) with ``arg``; it prints, one a line, the number of what it
+    has committed. Once that reaches ``acked_at_least``, kill -9 it; the last number it printed."""
+    proc = subprocess.Popen([sys.executable, "-c", script, arg], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    acked = 0
+    for line in proc.stdout:
+        acked = int(line)
+        if acked >= acked_at_least:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    return acked
+
+
+class ServiceProcess:
+    """A service run as a real process (``python -m MODULE``) configured only through the
+    environment, its output kept a log file per run under ``workdir``."""
+
+    def __init__(self, module: str, name: str, env: dict[str, str], workdir: Path) -> None:
+        self.module = module
+        self.name = name
+        self.env = {k: v for k, v in os.environ.items() if not k.upper().startswith("OUTPOST_")} | env
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.runs = 0
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self.runs += 1
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self._log is not None:
+            self._log.close()
+        self._log = (self.workdir / f"{self.name}-{self.runs}.log").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module],
+            env=self.env,
+            cwd=self.workdir,  # no outpost.yaml here
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        return self.proc
+
+    def logs(self) -> str:
+        return "\n".join(
+            p.read_text(errors="replace")[-3000:] for p in sorted(self.workdir.glob(f"{self.name}-*.log"))
+        )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        if self._log is not None:
+            self._log.close()

@@ -9,7 +9,7 @@ import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,15 @@ def fridge_step(device: str, step: int, *, rng: np.random.Generator) -> list[dic
     ]
 
 
+def send_shelf(
+    pub: Bus, s: OutpostSettings, device: str, seqs: Iterable[int], value: float | Callable[[int], float]
+) -> None:
+    """One shelf_weight event a message at QoS 1, as ingest publishes a device's events at a low rate."""
+    for seq in seqs:
+        v = value(seq) if callable(value) else value
+        pub.publish(s.topics.events(device), orjson.dumps([event(device, seq, "shelf_weight", v)]), qos=1)
+
+
 def scores(c: Collector) -> list[dict[str, Any]]:
     return c.events()
 
@@ -134,12 +143,7 @@ def test_scores_carry_model_version_trace_and_latency(
     start_inference()
     manifest = registry(isettings).manifest(SHELF, registry(isettings).state(SHELF).active or "")
     n = 40
-    for seq in range(n):
-        pub.publish(
-            t.events("shelf-001"),
-            orjson.dumps([event("shelf-001", seq, "shelf_weight", 20.0 - seq * 0.3)]),
-            qos=1,
-        )
+    send_shelf(pub, isettings, "shelf-001", range(n), lambda seq: 20.0 - seq * 0.3)
     expected = n - (manifest.min_readings - 1)
     assert out.wait_for(lambda c: len(scores(c)) >= expected, 15), len(scores(out))
     got = scores(out)
@@ -192,12 +196,7 @@ def test_hostile_events_are_dead_lettered_and_service_lives_on(
     for _, device, payload in HOSTILE:
         pub.publish(f"{t.root}/events/{device}", payload, qos=1)
     # a huge value makes a non-finite statistic: bad_features, not a crash
-    for seq in range(10):
-        pub.publish(
-            t.events("shelf-009"),
-            orjson.dumps([event("shelf-009", seq, "shelf_weight", 1e308 * (-1) ** seq)]),
-            qos=1,
-        )
+    send_shelf(pub, isettings, "shelf-009", range(10), lambda seq: 1e308 * (-1) ** seq)
     assert dlq.wait_for(lambda c: len(c.json()) >= len(HOSTILE) + 1, 15)
     reasons = Counter(d["reason"] for d in dlq.json())
     for reason, n in Counter(h[0] for h in HOSTILE).items():
@@ -206,10 +205,7 @@ def test_hostile_events_are_dead_lettered_and_service_lives_on(
     for d in dlq.json():
         assert d["stage"] == "inference" and d["payload_len"] > 0 and d["detail"]
     # still scoring, and a replayed event (same id) is scored once
-    for seq in range(10):
-        pub.publish(
-            t.events("shelf-002"), orjson.dumps([event("shelf-002", seq, "shelf_weight", 10.0)]), qos=1
-        )
+    send_shelf(pub, isettings, "shelf-002", range(10), 10.0)
     replay = orjson.dumps([event("shelf-002", 9, "shelf_weight", 10.0)])
     pub.publish(t.events("shelf-002"), replay, qos=1)
     pub.publish(t.events("shelf-002"), replay, qos=1)
@@ -298,10 +294,7 @@ def test_a_new_release_dropped_into_the_folder_is_served_without_a_restart(
     good = reg.state(SHELF).active or ""
 
     def send(start: int) -> None:
-        for seq in range(start, start + 10):
-            pub.publish(
-                t.events("shelf-005"), orjson.dumps([event("shelf-005", seq, "shelf_weight", 4.0)]), qos=1
-            )
+        send_shelf(pub, isettings, "shelf-005", range(start, start + 10), 4.0)
 
     send(0)
     assert out.wait_for(lambda c: len(scores(c)) > 0, 10)
@@ -388,12 +381,8 @@ def test_bad_model_versions_never_replace_the_last_good_one(
         assert reg.is_bad(SHELF, bad)
         last = reported.json()[-1]["models"][SHELF]
         assert last["active"] == good
-        for seq in range(10):
-            pub.publish(
-                t.events("shelf-003"),
-                orjson.dumps([event("shelf-003", seq + (100 if bad == "9.1.0" else 0), "shelf_weight", 5.0)]),
-                qos=1,
-            )
+        first = 100 if bad == "9.1.0" else 0
+        send_shelf(pub, isettings, "shelf-003", range(first, first + 10), 5.0)
         assert out.wait_for(lambda c: len(scores(c)) > 0 and scores(c)[-1]["version"] == good, 10)
     # rollback skips the versions that failed
     assert reg.rollback(SHELF) == good
@@ -480,12 +469,7 @@ def test_a_shadow_with_other_features_and_window_scores_on_its_own_features(
     out = collect(t.root + f"/inference/{SHELF}/+")
     r = start_inference()
     n = 80
-    for seq in range(n):
-        pub.publish(
-            t.events("shelf-001"),
-            orjson.dumps([event("shelf-001", seq, "shelf_weight", 20.0 - seq * 0.1)]),
-            qos=1,
-        )
+    send_shelf(pub, isettings, "shelf-001", range(n), lambda seq: 20.0 - seq * 0.1)
     expected = n - (m.min_readings - 1)
     assert out.wait_for(lambda c: len(scores(c)) >= expected, 15)
     svc = r.stop()
@@ -552,8 +536,7 @@ def test_a_burst_beyond_what_is_scored_waits_on_the_broker_and_loses_nothing(
     dlq = collect(t.dlq("inference"))
     r = start_inference()
     n = 2500
-    for i in range(n):
-        pub.publish(t.events("shelf-001"), orjson.dumps([event("shelf-001", i, "shelf_weight", 9.0)]), qos=1)
+    send_shelf(pub, isettings, "shelf-001", range(n), 9.0)
     expected = n - (m.min_readings - 1)
     assert out.wait_for(lambda c: len(scores(c)) >= expected, 60), len(scores(out))
     svc = r.stop()

@@ -8,14 +8,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import orjson
 import pytest
@@ -24,7 +21,7 @@ from outpost.broker import Mosquitto
 from outpost.bus import Bus
 from outpost.services.inference.registry import PACKAGED_MODELS, Registry
 from outpost.settings import OutpostSettings
-from tests.conftest import Collector, make_event
+from tests.conftest import Collector, ServiceProcess, make_event
 
 pytestmark = pytest.mark.integration
 
@@ -33,47 +30,19 @@ DEVICES = [f"shelf-{i:03d}" for i in range(5)]
 WAIT = 60.0
 
 
-class InferenceProcess:
+class InferenceProcess(ServiceProcess):
     def __init__(self, settings: OutpostSettings, workdir: Path, models: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("OUTPOST_")}
-        env.update(
-            OUTPOST_SITE=settings.site,
-            OUTPOST_DATA_DIR=str(settings.data_dir),
-            OUTPOST_MQTT__PORT=str(settings.mqtt.port),
-            OUTPOST_INFERENCE__MODELS_DIR=str(models),
-            OUTPOST_INFERENCE__MODELS=f'["{MODEL}"]',
-            OUTPOST_INFERENCE__BACKEND__TYPE="onnxruntime",
-            OUTPOST_INFERENCE__CHECKPOINT_S="0.2",
-            OUTPOST_TELEMETRY__METRICS_INTERVAL_S="0.5",
-        )
-        self.env = env
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.runs = 0
-        self._log: IO[bytes] | None = None
-
-    def start(self) -> subprocess.Popen[bytes]:
-        self.runs += 1
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._log = (self.workdir / f"inference-{self.runs}.log").open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "outpost.services.inference"],
-            env=self.env,
-            cwd=self.workdir,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        return self.proc
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.workdir.glob("*.log")))
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-        if self._log is not None:
-            self._log.close()
+        env = {
+            "OUTPOST_SITE": settings.site,
+            "OUTPOST_DATA_DIR": str(settings.data_dir),
+            "OUTPOST_MQTT__PORT": str(settings.mqtt.port),
+            "OUTPOST_INFERENCE__MODELS_DIR": str(models),
+            "OUTPOST_INFERENCE__MODELS": f'["{MODEL}"]',
+            "OUTPOST_INFERENCE__BACKEND__TYPE": "onnxruntime",
+            "OUTPOST_INFERENCE__CHECKPOINT_S": "0.2",
+            "OUTPOST_TELEMETRY__METRICS_INTERVAL_S": "0.5",
+        }
+        super().__init__("outpost.services.inference", "inference", env, workdir)
 
 
 @pytest.fixture

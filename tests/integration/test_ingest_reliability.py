@@ -5,16 +5,12 @@ Mosquitto with persistence: kill -9 and broker restarts mid-stream lose nothing 
 from __future__ import annotations
 
 import base64
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 import pytest
@@ -23,7 +19,7 @@ from outpost.broker import Mosquitto
 from outpost.bus import Bus
 from outpost.envelope import reading_id
 from outpost.settings import OutpostSettings
-from tests.conftest import Collector, make_reading
+from tests.conftest import Collector, ServiceProcess, make_reading
 
 pytestmark = pytest.mark.integration
 
@@ -31,58 +27,18 @@ WAIT = 60.0
 DEVICES = ("dev-a", "dev-b", "dev-c", "dev-d")
 
 
-class IngestProcess:
+class IngestProcess(ServiceProcess):
     """``python -m outpost.services.ingest`` configured only through the fixed environment names."""
 
     def __init__(self, settings: OutpostSettings, workdir: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("OUTPOST_")}
-        env.update(
-            OUTPOST_SITE=settings.site,
-            OUTPOST_DATA_DIR=str(settings.data_dir),
-            OUTPOST_MQTT__PORT=str(settings.mqtt.port),
-            OUTPOST_INGEST__QOS="1",
-            OUTPOST_TELEMETRY__METRICS_INTERVAL_S="0.5",
-        )
-        self.env = env
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.runs = 0
-        self._log: IO[bytes] | None = None
-
-    def start(self) -> subprocess.Popen[bytes]:
-        self.runs += 1
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._log = (self.workdir / f"ingest-{self.runs}.log").open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "outpost.services.ingest"],
-            env=self.env,
-            cwd=self.workdir,  # no outpost.yaml here
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        return self.proc
-
-    def logs(self) -> str:
-        return "\n".join(
-            p.read_text(errors="replace")[-3000:] for p in sorted(self.workdir.glob("ingest-*.log"))
-        )
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def terminate(self, timeout: float = 60.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-        if self._log is not None:
-            self._log.close()
+        env = {
+            "OUTPOST_SITE": settings.site,
+            "OUTPOST_DATA_DIR": str(settings.data_dir),
+            "OUTPOST_MQTT__PORT": str(settings.mqtt.port),
+            "OUTPOST_INGEST__QOS": "1",
+            "OUTPOST_TELEMETRY__METRICS_INTERVAL_S": "0.5",
+        }
+        super().__init__("outpost.services.ingest", "ingest", env, workdir)
 
 
 @pytest.fixture

@@ -3,10 +3,6 @@ compare-and-set, kept history, kill -9 safe)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -15,6 +11,7 @@ import pytest
 from outpost.errors import TopicError
 from outpost.services.memory.checkpoints import CheckpointConflict, CheckpointError, Checkpoints
 from outpost.services.memory.context import ContextError, ShortTermContext
+from tests.conftest import kill_9_after
 
 
 class Clock:
@@ -127,15 +124,7 @@ while True:
 
 def test_kill_9_during_saves_leaves_the_last_acknowledged_checkpoint_whole(tmp_path: Path) -> None:
     path = tmp_path / "crash.db"
-    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    acked = 0
-    for line in proc.stdout:
-        acked = int(line)
-        if acked >= 300:
-            break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
+    acked = kill_9_after(SAVER, str(path), 300)
     cp = Checkpoints(path)
     last = cp.load("job")
     assert last is not None and last.version >= acked

@@ -4,16 +4,13 @@ budget forces it, and kill -9 during appends loses nothing that was acknowledged
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from outpost.services.memory.oplog import LogError, OpLog, Record
+from tests.conftest import kill_9_after
 
 
 def rec(i: int, *, trace: str | None = None, kind: str = "event", ts: int | None = None) -> Record:
@@ -131,17 +128,7 @@ while True:
 
 def test_kill_9_during_appends_loses_nothing_that_was_acknowledged(tmp_path: Path) -> None:
     path = tmp_path / "crash.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=dict(os.environ)
-    )
-    assert proc.stdout is not None
-    acked = 0
-    for line in proc.stdout:
-        acked = int(line)
-        if acked >= 20_000:
-            break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
+    acked = kill_9_after(WRITER, str(path), 20_000)
     log = OpLog(path)
     offsets = [e.offset for e in log.read(0, limit=10**7)]
     assert len(offsets) >= acked and offsets[:acked] == list(range(1, acked + 1))
