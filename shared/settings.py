@@ -137,7 +137,7 @@ class InferenceSettings(Section):
 
 
 class MemorySettings(Section):
-    """The memory service's operational log (docs/memory.md)."""
+    """The memory service: operational log, short-term context, long-term memory (docs/memory.md)."""
 
     log_sync: Literal["OFF", "NORMAL", "FULL"] = Field(
         "FULL", description="SQLite synchronous for the log: FULL survives power loss, NORMAL a crash."
@@ -167,6 +167,17 @@ class MemorySettings(Section):
     context_max_entries: int = Field(
         100_000, ge=1, description="Short-term context entries kept at most (least recently used go first)."
     )
+    text_embeddings: bool = Field(
+        True, description="Embed texts for long-term memory (ltm-add/ltm-search with text, embed)."
+    )
+    embedder_dir: str = Field(
+        "",
+        description="A sentence-transformers BERT folder to embed with; empty: the bundled all-MiniLM-L6-v2.",
+    )
+    embedder_cache: str = Field(
+        "", description="Where the encoder's ONNX file is built once; empty: {data_dir}/memory/embedder."
+    )
+    embed_threads: int = Field(1, ge=1, le=64, description="onnxruntime threads of the text encoder.")
 
 
 class BrokerSettings(Section):

@@ -22,6 +22,20 @@ from outpost.services.ingest.service import IngestService, run
 from outpost.settings import MqttSettings, OutpostSettings
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_embedder_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The text encoder's ONNX file is built once per test run (about 2 s and 90 MB), not once per
+    memory service started: every service in the run, subprocesses too, reads it from here."""
+    key = "OUTPOST_MEMORY__EMBEDDER_CACHE"
+    old = os.environ.get(key)
+    os.environ[key] = str(tmp_path_factory.mktemp("embedder"))
+    yield
+    if old is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = old
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     m = Mosquitto(tmp_path / "broker").start()

@@ -12,8 +12,11 @@ Operations (body fields):
   (scope), ``context-complete`` (scope);
 * ``checkpoint-save`` (task, step, state, expect?), ``checkpoint-load`` (task, version?);
 * ``log-trace`` (trace, limit?): every log entry of one reading;
-* ``ltm-add`` (namespace, vector, payload, subject?, meta?, ttl_s?), ``ltm-search`` (namespace,
-  vector, k?, subject?, where?), ``ltm-forget-subject`` (subject): long-term memory.
+* ``ltm-add`` (namespace, vector or text, payload?, subject?, meta?, ttl_s?), ``ltm-search``
+  (namespace, vector or text, k?, subject?, where?), ``ltm-forget-subject`` (subject): long-term
+  memory. With ``text`` the service embeds it (:mod:`.embedding`); an item added by text keeps the
+  text as its payload unless one is given;
+* ``embed`` (texts): the vectors of up to 64 texts, for callers that keep their own index.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from outpost.errors import OutpostError
 from outpost.services.memory.checkpoints import CheckpointConflict, Checkpoints
 from outpost.services.memory.context import ShortTermContext
+from outpost.services.memory.embedding.embedder import TextEmbedder
 from outpost.services.memory.oplog import OpLog
 from outpost.services.memory.vectors import LongTermMemory
 
@@ -67,23 +71,39 @@ class CheckpointLoad(_Req):
 
 
 Flat = str | int | float | bool
+MAX_TEXT_CHARS = 10_000
+"""Far past what the encoder reads (256 tokens): a longer text is a mistake, not a memory."""
+Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
 
 
-class LtmAdd(_Req):
+class _VectorOrText(_Req):
+    vector: list[float] | None = Field(None, min_length=1, max_length=4096)
+    text: Text | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> _VectorOrText:
+        if (self.vector is None) == (self.text is None):
+            raise ValueError("give exactly one of vector and text")
+        return self
+
+
+class LtmAdd(_VectorOrText):
     namespace: Scope
-    vector: list[float] = Field(min_length=1, max_length=4096)
-    payload: Any
+    payload: Any = None
     subject: str = Field("", max_length=128)
     meta: dict[str, Flat] = Field(default_factory=dict, max_length=32)
     ttl_s: float | None = Field(None, gt=0)
 
 
-class LtmSearch(_Req):
+class LtmSearch(_VectorOrText):
     namespace: Scope
-    vector: list[float] = Field(min_length=1, max_length=4096)
     k: int = Field(10, ge=1, le=1000)
     subject: str | None = Field(None, max_length=128)
     where: dict[str, Flat] = Field(default_factory=dict, max_length=32)
+
+
+class Embed(_Req):
+    texts: list[Text] = Field(min_length=1, max_length=64)
 
 
 class LtmForget(_Req):
@@ -93,6 +113,10 @@ class LtmForget(_Req):
 class LogTrace(_Req):
     trace: str = Field(min_length=1, max_length=128)
     limit: int = Field(1000, ge=1, le=10_000)
+
+
+class NoEmbedderError(OutpostError):
+    """A text operation on a memory that has no text encoder (not installed, or turned off)."""
 
 
 def _error(reason: str, detail: str) -> dict[str, Any]:
@@ -110,11 +134,16 @@ class MemoryApi:
         checkpoints: Checkpoints,
         oplog: OpLog | None,
         ltm: LongTermMemory | None = None,
+        embedder: TextEmbedder | None = None,
+        *,
+        no_embedder: str = "this memory embeds no texts",
     ) -> None:
         self.context = context
         self.checkpoints = checkpoints
         self.oplog = oplog
         self.ltm = ltm
+        self.embedder = embedder
+        self._no_embedder = no_embedder
         self._ops: dict[str, tuple[type[_Req], Callable[[Any], Any]]] = {
             "context-put": (ContextPut, self._context_put),
             "context-get": (ContextKey, lambda r: self.context.get(r.scope, r.key)),
@@ -126,6 +155,7 @@ class MemoryApi:
             "ltm-add": (LtmAdd, self._ltm_add),
             "ltm-search": (LtmSearch, self._ltm_search),
             "ltm-forget-subject": (LtmForget, lambda r: self._need_ltm().delete_subject(r.subject)),
+            "embed": (Embed, lambda r: self._need_embedder().embed(r.texts).tolist()),
         }
 
     @property
@@ -152,6 +182,8 @@ class MemoryApi:
             return _ok(fn(req))
         except CheckpointConflict as exc:
             return _error("conflict", str(exc))
+        except NoEmbedderError as exc:
+            return _error("no_embedder", str(exc))
         except (OutpostError, ValueError) as exc:
             return _error("bad_request", str(exc))
 
@@ -173,13 +205,24 @@ class MemoryApi:
             raise OutpostError("this memory has no long-term store")
         return self.ltm
 
+    def _need_embedder(self) -> TextEmbedder:
+        if self.embedder is None:
+            raise NoEmbedderError(self._no_embedder)
+        return self.embedder
+
+    def _vector(self, r: _VectorOrText) -> Any:
+        if r.text is not None:
+            return self._need_embedder().embed_one(r.text)
+        return r.vector
+
     def _ltm_add(self, r: LtmAdd) -> int:
-        return self._need_ltm().add(
-            r.namespace, r.vector, r.payload, subject=r.subject, meta=r.meta, ttl_s=r.ttl_s
-        )
+        ltm = self._need_ltm()
+        payload = r.text if r.payload is None and r.text is not None else r.payload
+        return ltm.add(r.namespace, self._vector(r), payload, subject=r.subject, meta=r.meta, ttl_s=r.ttl_s)
 
     def _ltm_search(self, r: LtmSearch) -> list[dict[str, Any]]:
-        hits = self._need_ltm().search(r.namespace, r.vector, k=r.k, subject=r.subject, where=r.where or None)
+        ltm = self._need_ltm()
+        hits = ltm.search(r.namespace, self._vector(r), k=r.k, subject=r.subject, where=r.where or None)
         return [
             {
                 "key": h.key,

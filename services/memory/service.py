@@ -26,6 +26,7 @@ from outpost.service import ServiceRuntime, run_until, service_main
 from outpost.services.memory.api import MemoryApi
 from outpost.services.memory.checkpoints import Checkpoints
 from outpost.services.memory.context import ShortTermContext
+from outpost.services.memory.embedding.embedder import embedder_for
 from outpost.services.memory.oplog import OpLog, Record
 from outpost.services.memory.vectors import LongTermMemory
 from outpost.settings import OutpostSettings
@@ -58,7 +59,10 @@ class MemoryService:
         self.context = ShortTermContext(max_entries=cfg.context_max_entries)
         self.checkpoints = Checkpoints(Path(settings.data_dir) / "memory" / "checkpoints.db")
         self.ltm = LongTermMemory(Path(settings.data_dir) / "memory" / "ltm", dim=cfg.vector_dim)
-        self.api = MemoryApi(self.context, self.checkpoints, self.oplog, self.ltm)
+        self.embedder, no_embedder = embedder_for(settings)
+        self.api = MemoryApi(
+            self.context, self.checkpoints, self.oplog, self.ltm, self.embedder, no_embedder=no_embedder
+        )
         self._req_root = t.root + "/memory/req/"
         self.bus.subscribe(t.all_memory_requests, self._on_request, qos=1)
         self.bus.every(5.0, lambda: self.metrics.inc("context_expired", self.context.sweep()))
@@ -72,6 +76,7 @@ class MemoryService:
             "last_offset": self.oplog.last_offset,
             "bytes": self.oplog.size_bytes(),
             "forced_total": self.oplog.forced_total(),
+            "text_embeddings": self.embedder is not None,
         }
 
     def _on_request(self, msg: Message) -> None:

@@ -27,6 +27,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+# onnxruntime must be loaded before usearch: usearch's extension carries its own static libstdc++,
+# and onnxruntime loaded after it crashes (SIGSEGV in std::codecvt at import, usearch 2.26.6 with
+# onnxruntime 1.32.0). The memory service uses both (text embeddings); tests/unit/test_vectors.py
+# checks the order holds.
+import onnxruntime  # noqa: F401
 import orjson
 from usearch.index import Index
 

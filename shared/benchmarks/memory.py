@@ -88,6 +88,7 @@ def run_memory_bench(*, quick: bool = False, sync: Sync = "FULL") -> dict[str, A
                 "ratio": round(log / raw, 3),
             }
         out["vectors"] = _vectors(d / "ltm", 5_000 if quick else 100_000, 300 if quick else 1000)
+        out["text"] = _text(d / "embedder", 100 if quick else 500)
     best = out["log"]["1000"]["oplog_per_s"]
     p99 = out["vectors"]["query_p99_ms"]
     out["targets"] = {
@@ -148,3 +149,86 @@ def _vectors(folder: Path, n: int, queries: int, dim: int = 384) -> dict[str, An
         "query_p99_ms": round(times[int(0.99 * (len(times) - 1))] / 1e6, 3),
         "recall_at_10": round(recall, 4),
     }
+
+
+_WORDS = [
+    "fridge",
+    "door",
+    "open",
+    "shelf",
+    "weight",
+    "dropped",
+    "till",
+    "printer",
+    "jammed",
+    "compressor",
+    "warm",
+    "customer",
+    "restocked",
+    "cereal",
+    "milk",
+    "aisle",
+    "seal",
+    "alarm",
+    "morning",
+    "shift",
+    "lunch",
+    "rush",
+    "receipt",
+    "vibration",
+]
+
+
+def _text(cache: Path, n: int) -> dict[str, Any]:
+    """The text encoder (all-MiniLM-L6-v2): texts/s and per-text latency, one at a time and in
+    batches of 32, through :class:`TextEmbedder` (tokenising included) next to the raw
+    ``session.run`` on the same, already tokenised, inputs."""
+    import numpy as np
+
+    from outpost.services.memory.embedding.embedder import TextEmbedder, default_model_folder
+
+    rng = np.random.default_rng(2)
+    texts = [" ".join(rng.choice(_WORDS, int(rng.integers(6, 20)))) for _ in range(n)]
+    emb = TextEmbedder(default_model_folder(), cache)
+    encs = emb.tokenizer.encode_batch(texts)
+    feeds = [
+        {
+            "input_ids": np.array([e.ids], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask], dtype=np.int64),
+        }
+        for e in encs
+    ]
+    for f in feeds[:10]:
+        emb.session.run(None, f)
+
+    # raw and ours alternate text by text, so both see the same machine state
+    raw1: list[int] = []
+    ours1: list[int] = []
+    for f, text in zip(feeds, texts, strict=True):
+        t0 = time.perf_counter_ns()
+        emb.session.run(None, f)
+        t1 = time.perf_counter_ns()
+        emb.embed_one(text)
+        raw1.append(t1 - t0)
+        ours1.append(time.perf_counter_ns() - t1)
+    raw1.sort()
+    ours1.sort()
+    batches = [texts[i : i + 32] for i in range(0, n, 32)]
+    t = time.perf_counter()
+    for b in batches:
+        emb.embed(b)
+    batch_s = time.perf_counter() - t
+    return {
+        "model": "all-MiniLM-L6-v2",
+        "texts": n,
+        "raw_run_p50_ms": _pct_ms(raw1, 0.5),
+        "raw_run_p99_ms": _pct_ms(raw1, 0.99),
+        "embed_one_p50_ms": _pct_ms(ours1, 0.5),
+        "embed_one_p99_ms": _pct_ms(ours1, 0.99),
+        "batch32_texts_per_s": round(n / batch_s),
+        "one_at_a_time_texts_per_s": round(n / (sum(ours1) / 1e9)),
+    }
+
+
+def _pct_ms(sorted_ns: list[int], q: float) -> float:
+    return round(sorted_ns[int(q * (len(sorted_ns) - 1))] / 1e6, 3)

@@ -221,7 +221,8 @@ def memory(
     json_out: JsonOpt = False,
 ) -> None:
     """Durable appends/s to the operational log (batches of 1, 100, 1,000) next to raw SQLite
-    inserts of the same rows with the same durability."""
+    inserts of the same rows with the same durability; long-term memory queries at 100,000 items;
+    text embedding latency and throughput next to the raw session.run."""
     from rich.table import Table
 
     from outpost.benchmarks.memory import run_memory_bench
@@ -249,6 +250,13 @@ def memory(
         f"long-term memory, {v['items']:,} x {v['dim']}: built in {v['build_s']} s, top-10 query "
         f"p50 {v['query_p50_ms']} ms, p99 {v['query_p99_ms']} ms, recall@10 {v['recall_at_10']} "
         f"(target p99 < {tg['query_p99_ms_max']} ms at 100,000: {'met' if tg['query_met'] else 'MISSED'})"
+    )
+    x = result["text"]
+    out.print(
+        f"text embeddings ({x['model']}, {x['texts']} texts): one at a time p50 {x['embed_one_p50_ms']} ms, "
+        f"p99 {x['embed_one_p99_ms']} ms (raw session.run p50 {x['raw_run_p50_ms']} ms, "
+        f"p99 {x['raw_run_p99_ms']} ms); {x['batch32_texts_per_s']:,} texts/s in batches of 32, "
+        f"{x['one_at_a_time_texts_per_s']:,} one at a time"
     )
 
 

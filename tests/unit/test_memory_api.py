@@ -85,6 +85,18 @@ def test_every_operation(api: MemoryApi) -> None:
         ("ltm-add", {"namespace": "n", "vector": ["a", 1, 1, 1], "payload": 1}, "bad_request"),
         ("ltm-search", {"namespace": "n", "vector": [1, 0, 0, 0], "k": 0}, "bad_request"),
         ("ltm-forget-subject", {"subject": ""}, "bad_request"),
+        # text or vector, exactly one; this memory has no text encoder
+        ("ltm-add", {"namespace": "n", "payload": 1}, "bad_request"),
+        ("ltm-add", {"namespace": "n", "vector": [1, 0, 0, 0], "text": "hi", "payload": 1}, "bad_request"),
+        ("ltm-add", {"namespace": "n", "text": ""}, "bad_request"),
+        ("ltm-add", {"namespace": "n", "text": "x" * 10_001}, "bad_request"),
+        ("ltm-add", {"namespace": "n", "text": 42}, "bad_request"),
+        ("ltm-add", {"namespace": "n", "text": "door left open"}, "no_embedder"),
+        ("ltm-search", {"namespace": "n", "text": "door"}, "no_embedder"),
+        ("embed", {"texts": ["a"]}, "no_embedder"),
+        ("embed", {"texts": []}, "bad_request"),
+        ("embed", {"texts": ["a"] * 65}, "bad_request"),
+        ("embed", {"texts": "a"}, "bad_request"),
     ],
 )
 def test_bad_requests_get_a_reason(api: MemoryApi, op: str, body: object, error: str) -> None:

@@ -4,6 +4,8 @@ index from SQLite when its file is lost or damaged."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -114,3 +116,18 @@ def test_add_many_in_one_transaction(mem: LongTermMemory) -> None:
     assert one > max(keys)
     with pytest.raises(VectorMemoryError):
         mem.add_many("bulk", np.zeros((2, DIM)), [1, 2])
+
+
+def test_onnxruntime_loads_beside_the_index() -> None:
+    """usearch loaded before onnxruntime crashes the process (see vectors.py): a fresh interpreter
+    that imports long-term memory first, then the text encoder, runs both."""
+    code = (
+        "from outpost.services.memory.vectors import LongTermMemory\n"
+        "import onnxruntime, tempfile, pathlib\n"
+        "m = LongTermMemory(pathlib.Path(tempfile.mkdtemp()), dim=2)\n"
+        "m.add('n', [1.0, 0.0], 1)\n"
+        "print(onnxruntime.get_available_providers()[-1], len(m.search('n', [1.0, 0.0])))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    assert p.stdout.split() == ["CPUExecutionProvider", "1"]
