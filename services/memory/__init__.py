@@ -1,2 +1,2 @@
-"""Memory: the append-only operational log (with its service), short-term context and checkpoints;
-long-term vector memory, the MQTT API and sync are still to come (issue 4, docs/memory.md)."""
+"""Memory: the append-only operational log (with its service), short-term context, checkpoints,
+long-term vector memory with text embeddings, and the MQTT 5 request API (docs/memory.md)."""
