@@ -20,7 +20,8 @@ from pathlib import Path
 
 from outpost.errors import BrokerError
 from outpost.log import get_logger
-from outpost.settings import BrokerSettings
+from outpost.settings import BrokerSettings, UplinkSettings
+from outpost.topics import Topics
 
 log = get_logger("outpost.broker")
 
@@ -37,6 +38,40 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
             return True
     except OSError:
         return False
+
+
+def uplink_bridge(topics: Topics, uplink: UplinkSettings) -> list[str]:
+    """Mosquitto config lines for the site's store-and-forward bridge to the cloud broker.
+
+    ``up/#`` goes out and ``down/#`` comes in at QoS 1; the bridge's session is persistent
+    (``cleansession false``), so this broker queues for it while the link is down and the cloud
+    broker queues what comes down. Mosquitto reports the link, retained, on
+    :meth:`Topics.uplink_state` (``1`` up, ``0`` down) on this broker only. A PUBACK on either side
+    is not delivery (a broker can lose what it acknowledged): whoever needs end-to-end delivery
+    waits for the other end's own acknowledgement, as memory sync does.
+    """
+    if not uplink.cloud:
+        return []
+    name = f"{topics.prefix}-{topics.site}-uplink"
+    lines = [
+        f"connection {name}",
+        f"address {uplink.cloud}",
+        f"remote_clientid {name}",
+        "cleansession false",
+        "notifications true",
+        "notifications_local_only true",
+        "bridge_protocol_version mqttv311",
+        "try_private false",
+        "keepalive_interval 10",
+        "restart_timeout 1 15",
+        f"topic {topics.all_up} out 1",
+        f"topic {topics.all_down} in 1",
+    ]
+    if uplink.username:
+        lines.append(f"remote_username {uplink.username}")
+    if uplink.password is not None:
+        lines.append(f"remote_password {uplink.password.get_secret_value()}")
+    return lines
 
 
 @dataclass
@@ -109,6 +144,8 @@ class Mosquitto:
             lines.append("user root")
         lines += self.extra_conf
         conf = self.workdir / "mosquitto.conf"
+        conf.touch(mode=0o600)  # it may hold the uplink's password
+        conf.chmod(0o600)
         conf.write_text("\n".join(line for line in lines if line) + "\n")
         return conf
 

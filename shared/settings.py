@@ -178,6 +178,19 @@ class MemorySettings(Section):
         "", description="Where the encoder's ONNX file is built once; empty: {data_dir}/memory/embedder."
     )
     embed_threads: int = Field(1, ge=1, le=64, description="onnxruntime threads of the text encoder.")
+    sync: Literal["uplink", "always", "off"] = Field(
+        "uplink",
+        description="Replicate long-term memory and log summaries to the cloud: while the uplink "
+        "bridge reports itself connected, always, or never.",
+    )
+    sync_batch: int = Field(200, ge=1, le=10_000, description="Sync records per message up.")
+    sync_window: int = Field(
+        2000, ge=1, description="Sync records sent but not yet acknowledged by the cloud, at most."
+    )
+    sync_resend_s: float = Field(
+        10.0, gt=0, description="No acknowledgement for this long: resend from the last acknowledged."
+    )
+    summary_s: float = Field(60.0, gt=0, description="How often the log is summarised for the cloud.")
 
 
 class BrokerSettings(Section):
@@ -191,6 +204,28 @@ class BrokerSettings(Section):
     )
     message_size_limit: int = Field(8_000_000, ge=0, description="Largest message the broker accepts.")
     autosave_interval_s: int = Field(60, ge=1, description="Persistence autosave interval.")
+
+
+class UplinkSettings(Section):
+    """The store-and-forward bridge from the edge broker to the cloud broker (docs/memory.md#sync).
+
+    ``outpost up`` writes it into the Mosquitto it starts: ``{root}/up/#`` goes out and
+    ``{root}/down/#`` comes in, at QoS 1 with a persistent session, so the edge broker queues what
+    goes up while the link is down. An external broker needs the same bridge in its own config.
+    """
+
+    cloud: str = Field("", description="HOST:PORT of the cloud broker; empty: no uplink.")
+    username: str | None = Field(None, description="User on the cloud broker.")
+    password: SecretStr | None = Field(None, description="Its password; never logged or published.")
+
+    @field_validator("cloud")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        if v:
+            host, sep, port = v.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"must be HOST:PORT with a port 1-65535, got {v!r}")
+        return v
 
 
 class TelemetrySettings(Section):
@@ -218,6 +253,7 @@ class OutpostSettings(BaseSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    uplink: UplinkSettings = Field(default_factory=UplinkSettings)
 
     @field_validator("site", "prefix")
     @classmethod

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from outpost.broker import Mosquitto
+from outpost.broker import Mosquitto, uplink_bridge
 from outpost.errors import ConfigError
 from outpost.log import get_logger
 from outpost.settings import OutpostSettings
@@ -40,9 +40,13 @@ class Stack:
         if self.external_broker:
             s.mqtt.host, s.mqtt.port = parse_broker(self.external_broker)
         else:
-            self.broker = Mosquitto(self.data_dir / "mosquitto", settings=s.broker).start()
+            bridge = uplink_bridge(s.topics, s.uplink)
+            self.broker = Mosquitto(self.data_dir / "mosquitto", settings=s.broker, extra_conf=bridge).start()
             s.mqtt.host, s.mqtt.port = self.broker.host, self.broker.port
-            log.info("broker started", extra={"address": self.broker.address})
+            log.info(
+                "broker started",
+                extra={"address": self.broker.address, "uplink": s.uplink.cloud or "none"},
+            )
         env = {
             "OUTPOST_SITE": s.site,
             "OUTPOST_PREFIX": s.prefix,

@@ -116,6 +116,32 @@ class Topics:
         """Where a memory client wants its answers (it says so in each request)."""
         return f"{self.root}/memory/resp/{check_segment(client, 'client')}"
 
+    # --- uplink: what crosses to and from the cloud (the edge broker's bridge carries up/ and down/)
+    def up(self, part: str, stream: str) -> str:
+        """What a part of the site sends to the cloud (memory sync: ``up/memory/{stream}``)."""
+        return f"{self.root}/up/{check_segment(part, 'part')}/{check_segment(stream, 'stream')}"
+
+    def down(self, part: str, name: str) -> str:
+        """What the cloud sends to a part of the site (memory sync: ``down/memory/ack``)."""
+        return f"{self.root}/down/{check_segment(part, 'part')}/{check_segment(name, 'name')}"
+
+    @property
+    def all_up(self) -> str:
+        return f"{self.root}/up/#"
+
+    @property
+    def all_down(self) -> str:
+        return f"{self.root}/down/#"
+
+    def every_site_up(self, part: str) -> str:
+        """The cloud's view: ``up/{part}/+`` of every site of this installation."""
+        return f"{self.prefix}/{VERSION}/+/up/{check_segment(part, 'part')}/+"
+
+    def uplink_state(self) -> str:
+        """Where Mosquitto reports its bridge to the cloud up (``1``) or down (``0``), retained: the
+        bridge's client id is ``{prefix}-{site}-uplink`` (:mod:`outpost.broker`)."""
+        return f"$SYS/broker/connection/{self.prefix}-{self.site}-uplink/state"
+
     def decisions(self, agent: str) -> str:
         return f"{self.root}/decisions/{check_segment(agent, 'agent')}"
 

@@ -174,6 +174,31 @@ class OpLog:
         """Everything that happened because of one reading: every entry that carries its trace."""
         return self.replay(trace=trace_id)
 
+    def summary(self, after: int, upto: int) -> dict[str, object]:
+        """What the entries in (``after``, ``upto``] amount to, without reading their bodies: how
+        many of each kind, and of each topic (a device's events, a model's scores per device, a
+        stage's dead letters), and the origin-time span. What goes to the cloud instead of the
+        log itself."""
+        rows = self.db.execute(
+            'SELECT kind, topic, count(*), min(ts), max(ts) FROM log WHERE "offset" > ? AND '
+            '"offset" <= ? GROUP BY kind, topic',
+            (after, upto),
+        ).fetchall()
+        by_kind: dict[str, int] = {}
+        by_topic: dict[str, int] = {}
+        for kind, topic, n, _, _ in rows:
+            by_kind[kind] = by_kind.get(kind, 0) + int(n)
+            by_topic[topic] = by_topic.get(topic, 0) + int(n)
+        return {
+            "from_offset": after,
+            "to_offset": upto,
+            "entries": sum(by_kind.values()),
+            "first_ts": min((int(r[3]) for r in rows), default=None),
+            "last_ts": max((int(r[4]) for r in rows), default=None),
+            "by_kind": by_kind,
+            "by_topic": by_topic,
+        }
+
     @property
     def last_offset(self) -> int:
         row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'log'").fetchone()

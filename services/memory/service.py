@@ -28,6 +28,7 @@ from outpost.services.memory.checkpoints import Checkpoints
 from outpost.services.memory.context import ShortTermContext
 from outpost.services.memory.embedding.embedder import embedder_for
 from outpost.services.memory.oplog import OpLog, Record
+from outpost.services.memory.sync import start_sync
 from outpost.services.memory.vectors import LongTermMemory
 from outpost.settings import OutpostSettings
 
@@ -58,7 +59,9 @@ class MemoryService:
         self._oldest = 0.0
         self.context = ShortTermContext(max_entries=cfg.context_max_entries)
         self.checkpoints = Checkpoints(Path(settings.data_dir) / "memory" / "checkpoints.db")
-        self.ltm = LongTermMemory(Path(settings.data_dir) / "memory" / "ltm", dim=cfg.vector_dim)
+        self.ltm = LongTermMemory(
+            Path(settings.data_dir) / "memory" / "ltm", dim=cfg.vector_dim, track_changes=cfg.sync != "off"
+        )
         self.embedder, no_embedder = embedder_for(settings)
         self.api = MemoryApi(
             self.context, self.checkpoints, self.oplog, self.ltm, self.embedder, no_embedder=no_embedder
@@ -72,11 +75,13 @@ class MemoryService:
         self.bus.every(cfg.commit_ms / 2000.0, self._commit_if_due)
         self.bus.every(cfg.compact_s, self.compact)
         self._commit_hist = self.metrics.histogram("commit")
+        self.sync = start_sync(self.rt, self.oplog, self.ltm, Path(settings.data_dir) / "memory")
         self.rt.extra_status = lambda: {
             "last_offset": self.oplog.last_offset,
             "bytes": self.oplog.size_bytes(),
             "forced_total": self.oplog.forced_total(),
             "text_embeddings": self.embedder is not None,
+            **(self.sync.status() if self.sync else {"sync": "off"}),
         }
 
     def _on_request(self, msg: Message) -> None:
@@ -188,6 +193,8 @@ class MemoryService:
         ev = self.ltm.evict(max_age_s=cfg.ltm_max_age_s, max_items=cfg.ltm_max_items)
         self.metrics.counters["ltm_evicted"] += ev.expired + ev.aged + ev.over_budget
         result = self.oplog.compact(max_age_s=cfg.retention_s, max_bytes=cfg.budget_mb * 1024 * 1024)
+        if self.sync is not None:
+            self.sync.compact()
         c = self.metrics.counters
         c["compacted"] += result.removed
         if result.forced:
@@ -207,6 +214,8 @@ class MemoryService:
         self.rt.stop()
         self.oplog.close()
         self.checkpoints.close()
+        if self.sync is not None:
+            self.sync.close()
         self.ltm.close()
         log.info("memory stopped", extra={"counters": dict(self.metrics.counters)})
 

@@ -17,6 +17,7 @@ docs/memory.md says why usearch (measured against sqlite-vec on this machine).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import sqlite3
 import threading
@@ -54,6 +55,26 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS items_ns ON items (namespace);
 CREATE INDEX IF NOT EXISTS items_subject ON items (subject);
 CREATE INDEX IF NOT EXISTS items_used ON items (used_ns);
+CREATE TABLE IF NOT EXISTS changes (
+    "offset" INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL,
+    key INTEGER NOT NULL
+);
+"""
+
+# Every insert and delete of an item leaves a change, in the same transaction (a trigger), so the
+# cloud replica (sync.py) follows the device's long-term memory exactly, evictions and privacy
+# deletions included, and resumes from an offset. Without sync the triggers are not there.
+_TRACK = """
+CREATE TRIGGER IF NOT EXISTS items_added AFTER INSERT ON items
+BEGIN INSERT INTO changes (op, key) VALUES ('add', new.key); END;
+CREATE TRIGGER IF NOT EXISTS items_removed AFTER DELETE ON items
+BEGIN INSERT INTO changes (op, key) VALUES ('del', old.key); END;
+"""
+_UNTRACK = """
+DROP TRIGGER IF EXISTS items_added;
+DROP TRIGGER IF EXISTS items_removed;
+DELETE FROM changes;
 """
 
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -83,7 +104,9 @@ class Eviction:
 
 
 class LongTermMemory:
-    def __init__(self, folder: Path, *, dim: int, expansion_search: int = 64) -> None:
+    def __init__(
+        self, folder: Path, *, dim: int, expansion_search: int = 64, track_changes: bool = False
+    ) -> None:
         if not 1 <= dim <= 4096:
             raise VectorMemoryError(f"dim must be 1..4096, got {dim}")
         self.dim = dim
@@ -97,6 +120,7 @@ class LongTermMemory:
                 f"long-term memory {folder / 'vectors.db'} cannot be used ({exc})"
             ) from None
         self.db = self.store.db
+        self.db.executescript(_TRACK if track_changes else _UNTRACK)
         self._expansion_search = expansion_search
         self.rebuilt = False
         """Whether opening rebuilt the index from SQLite (missing, damaged or stale file)."""
@@ -292,6 +316,45 @@ class LongTermMemory:
                         (count - max_items,),
                     )
         return Eviction(expired, aged, over)
+
+    # --- changes, for the cloud replica ------------------------------------------------------------
+    def changes_after(self, offset: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        """The changes after ``offset``, oldest first, as sync records: ``add`` with the whole item
+        (the vector as base64 float32), ``del``, or ``gone`` for an add whose item was removed
+        since (its ``del`` follows)."""
+        rows = self.db.execute(
+            'SELECT c."offset", c.op, c.key, i.namespace, i.subject, i.meta, i.payload, i.vector, '
+            "i.created_ns, i.expires_ns FROM changes c LEFT JOIN items i ON c.op = 'add' AND "
+            'i.key = c.key WHERE c."offset" > ? ORDER BY c."offset" LIMIT ?',
+            (offset, limit),
+        ).fetchall()
+        out: list[tuple[int, dict[str, Any]]] = []
+        for off, op, key, ns, subject, meta, payload, vector, created, expires in rows:
+            if op == "add" and ns is not None:
+                body: dict[str, Any] = {
+                    "op": "add",
+                    "key": key,
+                    "namespace": ns,
+                    "subject": subject,
+                    "meta": orjson.loads(meta),
+                    "payload": orjson.loads(payload),
+                    "vector": base64.b64encode(vector).decode(),
+                    "created_ns": created,
+                    "expires_ns": expires,
+                }
+            else:
+                body = {"op": "gone" if op == "add" else "del", "key": key}
+            out.append((int(off), body))
+        return out
+
+    def trim_changes(self, upto: int) -> int:
+        """Forget the changes the cloud has acknowledged."""
+        with self._lock:
+            return self.db.execute('DELETE FROM changes WHERE "offset" <= ?', (upto,)).rowcount
+
+    def last_change(self) -> int:
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        return int(row[0]) if row else 0
 
     # --- reading ---------------------------------------------------------------------------------
     def search(

@@ -274,7 +274,7 @@ def test_the_request_api_over_mqtt5_answers_refuses_and_times_out(
         for note in ("fridge 2 door seal replaced", "till 3 receipt printer jammed"):
             mem.request("ltm-add", {"namespace": "notes", "text": note, "subject": "shift-a"})
         hits = mem.request("ltm-search", {"namespace": "notes", "text": "refrigerator door", "k": 2})
-        assert [h["payload"] for h in hits][0] == "fridge 2 door seal replaced"
+        assert hits[0]["payload"] == "fridge 2 door seal replaced"
         assert mem.request("ltm-forget-subject", {"subject": "shift-a"}) == 2
         assert mem.request("ltm-search", {"namespace": "notes", "text": "refrigerator door"}) == []
         pub.publish(t.events("d9"), orjson.dumps([make_event("d9", 1, "temperature", 1.0)]), qos=1)

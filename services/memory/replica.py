@@ -1,0 +1,288 @@
+"""Memory sync, the cloud's side: a replica of every site's long-term memory and log summaries.
+
+It runs beside the cloud broker (``outpost memory replica``), subscribes to ``up/memory/+`` of every
+site of the installation (QoS 1, persistent session, acknowledged only after the SQLite commit),
+and for each message of a site's stream applies, in one transaction, the records that follow the
+last one it holds (``prev`` must match: a gap means a message was lost on the way, and everything
+after it waits for the site to resend), skips those it already holds (a replay is harmless), and
+then answers on that site's ``down/memory/ack`` with the last offset it has stored, always, so the
+site can forget what is safe in the cloud and resend what is not (see :mod:`.sync`).
+
+Its state (``{data_dir}/replica.db``): per site and stream the last offset, the long-term memory
+items (vector included), and the log summaries. A message that is not a valid sync message is
+dead-lettered on the replica's own ``dlq/replica``.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from outpost.bus import Message
+from outpost.errors import TopicError
+from outpost.log import get_logger
+from outpost.service import ServiceRuntime, run_until, service_main
+from outpost.services.memory.sync import PART
+from outpost.settings import OutpostSettings
+from outpost.store import Store
+from outpost.topics import Topics, check_segment
+
+NAME = "replica"
+log = get_logger("outpost.memory.replica")
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS streams (
+    site TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    last INTEGER NOT NULL,
+    PRIMARY KEY (site, stream)
+);
+CREATE TABLE IF NOT EXISTS items (
+    site TEXT NOT NULL,
+    key INTEGER NOT NULL,
+    namespace TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    meta BLOB NOT NULL,
+    payload BLOB NOT NULL,
+    vector BLOB NOT NULL,
+    created_ns INTEGER NOT NULL,
+    expires_ns INTEGER,
+    PRIMARY KEY (site, key)
+);
+CREATE TABLE IF NOT EXISTS summaries (
+    site TEXT NOT NULL,
+    "offset" INTEGER NOT NULL,
+    from_offset INTEGER NOT NULL,
+    to_offset INTEGER NOT NULL,
+    entries INTEGER NOT NULL,
+    doc BLOB NOT NULL,
+    PRIMARY KEY (site, "offset")
+);
+"""
+
+Segment = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class _Add(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    op: Literal["add"]
+    key: int = Field(ge=1)
+    namespace: Segment
+    subject: str = Field(max_length=128)
+    meta: dict[str, str | int | float | bool]
+    payload: Any
+    vector: str = Field(max_length=64 * 1024)
+    created_ns: int = Field(ge=0)
+    expires_ns: int | None
+
+
+class _Remove(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    op: Literal["del", "gone"]
+    key: int = Field(ge=1)
+
+
+class _Summary(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    from_offset: int = Field(ge=0)
+    to_offset: int = Field(ge=0)
+    entries: int = Field(ge=0)
+
+
+class SyncMessage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    v: Literal[1]
+    id: str = Field(max_length=256)
+    site: Segment
+    stream: Literal["ltm", "log"]
+    prev: int = Field(ge=0)
+    records: list[tuple[int, dict[str, Any]]] = Field(min_length=1, max_length=10_000)
+
+
+@dataclass
+class Applied:
+    """What one message did: the last offset now held, records applied, duplicates skipped,
+    whether a gap stopped it, and the records refused (offset, why)."""
+
+    last: int
+    applied: int = 0
+    duplicates: int = 0
+    gap: bool = False
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+
+
+class ReplicaStore:
+    """The replica's SQLite state; :meth:`apply` is the whole protocol."""
+
+    def __init__(self, path: Path) -> None:
+        self.store = Store(path, _SCHEMA, synchronous="FULL")
+        self.db = self.store.db
+
+    def last(self, site: str, stream: str) -> int:
+        row = self.db.execute(
+            "SELECT last FROM streams WHERE site = ? AND stream = ?", (site, stream)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def apply(self, m: SyncMessage) -> Applied:
+        """Apply what follows the last record held, in one transaction. A record that cannot be
+        applied is skipped and reported (the caller dead-letters it), so one bad record never
+        blocks its stream; offsets that do not grow make the whole message invalid."""
+        db = self.db
+        out = Applied(self.last(m.site, m.stream))
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            prev = m.prev
+            for offset, body in m.records:
+                if offset <= prev:
+                    raise ValueError(f"offsets must grow: {offset} after {prev}")
+                if offset <= out.last:
+                    out.duplicates += 1
+                elif prev == out.last:
+                    try:
+                        db.execute("SAVEPOINT record")
+                        self._apply_one(m.site, m.stream, offset, body)
+                        db.execute("RELEASE record")
+                        out.applied += 1
+                    except (ValidationError, ValueError) as exc:
+                        db.execute("ROLLBACK TO record")
+                        db.execute("RELEASE record")
+                        out.rejected.append((offset, str(exc)[:500]))
+                    out.last = offset
+                else:
+                    out.gap = True
+                    break
+                prev = offset
+            db.execute(
+                "INSERT INTO streams (site, stream, last) VALUES (?, ?, ?) "
+                "ON CONFLICT(site, stream) DO UPDATE SET last = excluded.last",
+                (m.site, m.stream, out.last),
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return out
+
+    def _apply_one(self, site: str, stream: str, offset: int, body: dict[str, Any]) -> None:
+        if stream == "log":
+            s = _Summary.model_validate(body)
+            self.db.execute(
+                'INSERT OR REPLACE INTO summaries (site, "offset", from_offset, to_offset, entries, doc) '
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (site, offset, s.from_offset, s.to_offset, s.entries, orjson.dumps(body)),
+            )
+            return
+        if body.get("op") == "add":
+            a = _Add.model_validate(body)
+            try:
+                vector = base64.b64decode(a.vector, validate=True)
+            except ValueError as exc:
+                raise ValueError(f"record {offset}: the vector is not base64: {exc}") from None
+            if not vector or len(vector) % 4:
+                raise ValueError(f"record {offset}: the vector is not float32 bytes")
+            self.db.execute(
+                "INSERT OR REPLACE INTO items (site, key, namespace, subject, meta, payload, vector, "
+                "created_ns, expires_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    site,
+                    a.key,
+                    a.namespace,
+                    a.subject,
+                    orjson.dumps(a.meta),
+                    orjson.dumps(a.payload),
+                    vector,
+                    a.created_ns,
+                    a.expires_ns,
+                ),
+            )
+        else:
+            r = _Remove.model_validate(body)
+            if r.op == "del":
+                self.db.execute("DELETE FROM items WHERE site = ? AND key = ?", (site, r.key))
+
+    # --- what the cloud reads ---------------------------------------------------------------------
+    def items(self, site: str) -> dict[int, dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT key, namespace, subject, meta, payload FROM items WHERE site = ? ORDER BY key", (site,)
+        )
+        return {
+            int(k): {"namespace": ns, "subject": sub, "meta": orjson.loads(meta), "payload": orjson.loads(p)}
+            for k, ns, sub, meta, p in rows
+        }
+
+    def summaries(self, site: str) -> list[dict[str, Any]]:
+        rows = self.db.execute('SELECT doc FROM summaries WHERE site = ? ORDER BY "offset"', (site,))
+        return [orjson.loads(d) for (d,) in rows]
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class CloudReplica:
+    def __init__(self, settings: OutpostSettings) -> None:
+        self.settings = settings
+        self.rt = ServiceRuntime(NAME, settings, durable=True, manual_ack=True, mqtt5=False)
+        self.bus = self.rt.bus
+        self.metrics = self.rt.metrics
+        self.store = ReplicaStore(Path(settings.data_dir) / "replica.db")
+        self.bus.subscribe(settings.topics.every_site_up(PART), self._on_message, qos=1)
+
+    def _site_stream(self, topic: str) -> tuple[str, str]:
+        # {prefix}/v1/{site}/up/memory/{stream}
+        parts = topic.split("/")
+        if len(parts) != 6:
+            raise TopicError(f"not a memory sync topic: {topic[:200]!r}")
+        return check_segment(parts[2], "site"), parts[5]
+
+    def _on_message(self, msg: Message) -> None:
+        c = self.metrics.counters
+        c["messages"] += 1
+        raw = bytes(msg.payload)
+        try:
+            if len(raw) > MAX_MESSAGE_BYTES:
+                raise ValueError(f"{len(raw)} bytes > {MAX_MESSAGE_BYTES}")
+            site, stream = self._site_stream(msg.topic)
+            m = SyncMessage.model_validate_json(raw)
+            if (m.site, m.stream) != (site, stream):
+                raise ValueError(f"the message says {m.site}/{m.stream}, its topic {site}/{stream}")
+            done = self.store.apply(m)
+        except (ValidationError, ValueError, TopicError) as exc:
+            reason = (
+                "not_json" if isinstance(exc, ValidationError) and "json_invalid" in str(exc) else "bad_sync"
+            )
+            self.rt.dead_letter(reason, str(exc)[:1000], msg.topic, raw)
+        else:
+            c[f"applied.{stream}"] += done.applied
+            c["duplicates"] += done.duplicates
+            c["gaps"] += done.gap
+            for offset, why in done.rejected:
+                self.rt.dead_letter("bad_record", f"{site}/{stream} record {offset}: {why}", msg.topic, raw)
+            ack = orjson.dumps({"stream": stream, "offset": done.last})
+            self.bus.publish(Topics(site=site, prefix=self.settings.prefix).down(PART, "ack"), ack, qos=1)
+        if msg.qos:
+            self.bus.ack(msg.mid, msg.qos)
+
+    def start(self) -> None:
+        self.rt.start()
+        log.info("replica started", extra={"db": str(self.store.store.path)})
+
+    def stop(self) -> None:
+        self.rt.stop()
+        self.store.close()
+
+
+def run(settings: OutpostSettings, stop: threading.Event) -> CloudReplica:
+    return run_until(CloudReplica(settings), stop)
+
+
+def main() -> None:
+    service_main(CloudReplica)

@@ -1,0 +1,346 @@
+"""Memory sync for real: an edge Mosquitto bridged to a cloud Mosquitto (the uplink), the memory
+service on the edge, the replica on the cloud. Long-term memory and the log's summaries reach the
+cloud; the link is cut by stopping the cloud broker and comes back; the memory service is killed
+with SIGKILL mid-sync; old messages are replayed. The cloud ends up holding exactly what the site
+holds, with nothing lost and nothing applied twice."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from outpost.broker import Mosquitto, uplink_bridge
+from outpost.bus import Bus
+from outpost.services.memory.client import MemoryClient
+from outpost.services.memory.oplog import OpLog
+from outpost.services.memory.replica import CloudReplica, ReplicaStore
+from outpost.services.memory.replica import run as run_replica
+from outpost.services.memory.service import run as run_memory
+from outpost.settings import MqttSettings, OutpostSettings, UplinkSettings
+from tests.conftest import Collector, make_event
+from tests.integration.test_memory import wait_online
+
+pytestmark = pytest.mark.integration
+
+
+class InThread:
+    """A service's ``run(settings, stop)`` in a thread."""
+
+    def __init__(
+        self, run: Callable[[OutpostSettings, threading.Event], Any], settings: OutpostSettings
+    ) -> None:
+        self.stop_event = threading.Event()
+        self.result: list[Any] = []
+        self.thread = threading.Thread(
+            target=lambda: self.result.append(run(settings, self.stop_event)), daemon=True
+        )
+        self.thread.start()
+
+    def stop(self) -> Any:
+        self.stop_event.set()
+        self.thread.join(30)
+        return self.result[0]
+
+
+@pytest.fixture
+def cloud(tmp_path: Path) -> Iterator[Mosquitto]:
+    m = Mosquitto(tmp_path / "cloud-broker").start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture
+def edge_settings(tmp_path: Path, site: str, cloud: Mosquitto) -> Iterator[OutpostSettings]:
+    s = OutpostSettings(site=site, data_dir=tmp_path / "edge-data")
+    s.uplink = UplinkSettings(cloud=cloud.address)
+    edge = Mosquitto(tmp_path / "edge-broker", extra_conf=uplink_bridge(s.topics, s.uplink)).start()
+    s.mqtt.port = edge.port
+    s.telemetry.metrics_interval_s = 0.5
+    m = s.memory
+    m.summary_s, m.sync_resend_s, m.sync_batch, m.sync_window, m.commit_ms = 0.3, 1.0, 50, 400, 20
+    yield s
+    edge.stop()
+
+
+@pytest.fixture
+def replica(tmp_path: Path, cloud: Mosquitto) -> Iterator[tuple[OutpostSettings, InThread]]:
+    s = OutpostSettings(site="cloud", data_dir=tmp_path / "cloud-data")
+    s.mqtt.port = cloud.port
+    r = InThread(run_replica, s)
+    probe = Collector(s.mqtt, s.topics.service_status("replica"), client_id="replica-probe").start()
+    assert probe.wait_for(lambda c: any(d.get("state") == "online" for d in c.json()), 30)
+    probe.stop()
+    yield s, r
+    if r.thread.is_alive():
+        r.stop()
+
+
+def edge_items(settings: OutpostSettings) -> dict[int, dict[str, Any]]:
+    db = sqlite3.connect(Path(settings.data_dir) / "memory" / "ltm" / "vectors.db")
+    try:
+        rows = db.execute("SELECT key, namespace, subject, meta, payload FROM items ORDER BY key").fetchall()
+    finally:
+        db.close()
+    return {
+        int(k): {"namespace": ns, "subject": sub, "meta": orjson.loads(meta), "payload": orjson.loads(p)}
+        for k, ns, sub, meta, p in rows
+    }
+
+
+def edge_log(settings: OutpostSettings) -> tuple[int, int]:
+    log = OpLog(Path(settings.data_dir) / "memory" / "oplog.db", synchronous="NORMAL")
+    try:
+        return log.last_offset, log.count()
+    finally:
+        log.close()
+
+
+def in_cloud(
+    cloud_settings: OutpostSettings, site: str
+) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    store = ReplicaStore(Path(cloud_settings.data_dir) / "replica.db")
+    try:
+        return store.items(site), store.summaries(site)
+    finally:
+        store.close()
+
+
+def converged(edge: OutpostSettings, cloud_settings: OutpostSettings, timeout: float = 60.0) -> bool:
+    """The cloud holds exactly the site's items, and summaries of its whole log, back to back."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        items, summaries = in_cloud(cloud_settings, edge.site)
+        last, _ = edge_log(edge)
+        to = summaries[-1]["to_offset"] if summaries else 0
+        if items == edge_items(edge) and to == last:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def add_items(mem: MemoryClient, start: int, n: int, subjects: int = 3) -> None:
+    rng = np.random.default_rng(start)
+    for i in range(start, start + n):
+        v = rng.standard_normal(384).astype(np.float32).tolist()
+        mem.request(
+            "ltm-add",
+            {
+                "namespace": "notes",
+                "vector": v,
+                "payload": {"n": i},
+                "subject": f"s{i % subjects}",
+                "meta": {"i": i},
+            },
+        )
+
+
+def publish_events(settings: OutpostSettings, device: str, seqs: range) -> None:
+    pub = Bus(settings.mqtt, client_id=f"pub-{device}-{settings.site}")
+    pub.start()
+    try:
+        for seq in seqs:
+            pub.publish(
+                settings.topics.events(device),
+                orjson.dumps([make_event(device, seq, "temperature", 4.0)]),
+                qos=1,
+            )
+    finally:
+        pub.stop(drain_s=5)
+
+
+def check_summaries(summaries: list[dict[str, Any]], edge: OutpostSettings) -> None:
+    """Back to back from offset 0 to the log's end, each entry counted once."""
+    last, count = edge_log(edge)
+    assert summaries[0]["from_offset"] == 0
+    for a, b in itertools.pairwise(summaries):
+        assert b["from_offset"] == a["to_offset"]
+    assert summaries[-1]["to_offset"] == last
+    assert sum(s["entries"] for s in summaries) == count
+    assert sum(s["by_kind"].get("event", 0) for s in summaries) == count
+
+
+@pytest.mark.parametrize("mode", ["uplink", "always"])
+def test_sync_reaches_the_cloud_and_catches_up_after_the_link_is_cut(
+    edge_settings: OutpostSettings,
+    cloud: Mosquitto,
+    replica: tuple[OutpostSettings, InThread],
+    mode: str,
+) -> None:
+    """``uplink``: nothing is sent while the bridge reports the link down. ``always``: the site
+    keeps sending into the edge broker's queue for the bridge and resends what goes unacknowledged,
+    so the cloud sees old, repeated and out-of-order messages when the link returns."""
+    cloud_settings, _ = replica
+    edge_settings.memory.sync = mode  # type: ignore[assignment]
+    up = Collector(
+        MqttSettings(port=cloud.port), edge_settings.topics.root + "/up/memory/+", client_id="up-tap"
+    )
+    up.start()
+    mem_service = InThread(run_memory, edge_settings)
+    wait_online(edge_settings)
+    with MemoryClient(edge_settings, "agent") as mem:
+        add_items(mem, 0, 30)
+        publish_events(edge_settings, "fridge-1", range(1, 101))
+        assert converged(edge_settings, cloud_settings)
+        assert len(in_cloud(cloud_settings, edge_settings.site)[0]) == 30
+
+        # the link goes down for real: the cloud broker stops
+        cloud.stop()
+        add_items(mem, 30, 30)
+        assert mem.request("ltm-forget-subject", {"subject": "s1"}) == 20  # a privacy request, offline
+        publish_events(edge_settings, "fridge-2", range(1, 101))
+        time.sleep(1.5)
+        status = mem.request("log-trace", {"trace": "fridge-2-1"})
+        assert status and status[0]["kind"] == "event"  # the site works on without the cloud
+        cloud.start()
+        assert converged(edge_settings, cloud_settings)
+        items, summaries = in_cloud(cloud_settings, edge_settings.site)
+        assert len(items) == 40 and not any(i["subject"] == "s1" for i in items.values())
+        check_summaries(summaries, edge_settings)
+
+        # replaying what went up changes nothing in the cloud
+        assert up.wait_for(lambda c: len(c.messages) >= 2, 10)
+        replay = Bus(MqttSettings(port=cloud.port), client_id="replayer")
+        replay.start()
+        for topic, payload in list(up.messages)[:5]:
+            replay.publish(topic, payload, qos=1)
+        replay.stop(drain_s=5)
+        time.sleep(1.0)
+        assert in_cloud(cloud_settings, edge_settings.site) == (items, summaries)
+    up.stop()
+    svc = mem_service.stop()
+    c = svc.metrics.counters
+    if mode == "uplink":
+        assert c["uplink_changes"] >= 3  # up, down, up
+    else:
+        assert c["sync_resends"] >= 1  # nothing acknowledged while the cloud was away
+    status = svc.sync.status()
+    assert status["sync_ltm"]["backlog"] == 0 and status["sync_log"]["backlog"] == 0
+    rep: CloudReplica = replica[1].stop()
+    assert rep.metrics.counters["duplicates"] >= 1 and rep.metrics.counters["rejected"] == 0
+
+
+def test_sigkill_mid_sync_resumes_from_the_last_acknowledged_offset(
+    edge_settings: OutpostSettings,
+    replica: tuple[OutpostSettings, InThread],
+) -> None:
+    cloud_settings, _ = replica
+    env = {
+        **os.environ,
+        "OUTPOST_SITE": edge_settings.site,
+        "OUTPOST_DATA_DIR": str(edge_settings.data_dir),
+        "OUTPOST_MQTT__PORT": str(edge_settings.mqtt.port),
+        "OUTPOST_MEMORY__SUMMARY_S": "0.3",
+        "OUTPOST_MEMORY__SYNC_RESEND_S": "1",
+        "OUTPOST_MEMORY__SYNC_BATCH": "20",
+        "OUTPOST_MEMORY__SYNC_WINDOW": "100",
+        "OUTPOST_TELEMETRY__METRICS_INTERVAL_S": "0.5",
+    }
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "outpost.services.memory"], env=env, stderr=subprocess.DEVNULL
+        )
+
+    proc = start()
+    wait_online(edge_settings, proc.pid)
+    try:
+        with MemoryClient(edge_settings, "agent") as mem:
+            add_items(mem, 0, 200, subjects=7)
+            publish_events(edge_settings, "till-1", range(1, 301))
+            os.kill(proc.pid, signal.SIGKILL)  # while the changes are still going up
+            proc.wait(10)
+            proc = start()
+            wait_online(edge_settings, proc.pid)
+            add_items(mem, 200, 50, subjects=7)
+            mem.request("ltm-forget-subject", {"subject": "s3"})
+            assert converged(edge_settings, cloud_settings)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    items, summaries = in_cloud(cloud_settings, edge_settings.site)
+    assert len(items) == 250 - sum(1 for i in range(250) if i % 7 == 3)
+    check_summaries(summaries, edge_settings)
+
+
+def test_hostile_sync_messages_and_acks_are_dead_lettered(
+    edge_settings: OutpostSettings,
+    cloud: Mosquitto,
+    replica: tuple[OutpostSettings, InThread],
+) -> None:
+    cloud_settings, _ = replica
+    site = "forger"  # not the edge's site: what lands on a site's up/ is taken as that site's (ACLs guard it)
+    cloud_mqtt = MqttSettings(port=cloud.port)
+    cloud_dlq = Collector(cloud_mqtt, cloud_settings.topics.dlq("replica"), client_id="cloud-dlq").start()
+    good = {"v": 1, "id": "x", "site": site, "stream": "ltm", "prev": 0}
+    hostile: list[tuple[str, bytes, str]] = [
+        (f"outpost/v1/{site}/up/memory/ltm", b"{not json", "not_json"),
+        (f"outpost/v1/{site}/up/memory/ltm", b"\xff\xfe", "not_json"),
+        (f"outpost/v1/{site}/up/memory/ltm", orjson.dumps({**good, "records": "x"}), "bad_sync"),
+        (
+            f"outpost/v1/{site}/up/memory/ltm",
+            orjson.dumps({**good, "site": "elsewhere", "records": [[1, {}]]}),
+            "bad_sync",
+        ),
+        (f"outpost/v1/{site}/up/memory/log", orjson.dumps({**good, "records": [[1, {}]]}), "bad_sync"),
+        (
+            "outpost/v1/a.b/up/memory/ltm",
+            orjson.dumps({**good, "site": "a.b", "records": [[1, {}]]}),
+            "bad_sync",
+        ),
+        (f"outpost/v1/{site}/up/memory/ltm", b"[" * 100_000 + b"]" * 100_000, "not_json"),
+        (
+            f"outpost/v1/{site}/up/memory/ltm",
+            orjson.dumps({**good, "records": [[1, {"op": "add", "key": 1}]]}),
+            "bad_record",
+        ),
+    ]
+    pub = Bus(cloud_mqtt, client_id="hostile-cloud")
+    pub.start()
+    for topic, payload, _ in hostile:
+        pub.publish(topic, payload, qos=1)
+    pub.stop(drain_s=5)
+    cloud_dlq.wait_for(lambda c: len(c.json()) >= len(hostile), 20)
+    reasons = sorted(d["reason"] for d in cloud_dlq.json())
+    assert reasons == sorted(r for _, _, r in hostile)
+    cloud_dlq.stop()
+
+    # acknowledgements the site did not ask for
+    mem_service = InThread(run_memory, edge_settings)
+    wait_online(edge_settings)
+    edge_dlq = Collector(edge_settings.mqtt, edge_settings.topics.dlq("memory"), client_id="edge-dlq").start()
+    acks = [
+        b"nope",
+        b'{"stream": "secrets", "offset": 1}',
+        b'{"stream": "ltm", "offset": -1}',
+        b'{"stream": "ltm", "offset": 999999}',
+        b'{"stream": "ltm", "offset": "1"}',
+    ]
+    pub = Bus(edge_settings.mqtt, client_id="hostile-edge")
+    pub.start()
+    for a in acks:
+        pub.publish(edge_settings.topics.down("memory", "ack"), a, qos=1)
+    pub.stop(drain_s=5)
+    assert edge_dlq.wait_for(lambda c: len(c.json()) >= len(acks), 20)
+    assert {d["reason"] for d in edge_dlq.json()} == {"bad_ack"}
+    edge_dlq.stop()
+    # and the site still syncs
+    with MemoryClient(edge_settings, "agent") as mem:
+        add_items(mem, 0, 5)
+    assert converged(edge_settings, cloud_settings)
+    assert len(in_cloud(cloud_settings, edge_settings.site)[0]) == 5
+    svc = mem_service.stop()
+    assert svc.bus.handler_errors == 0
+    assert replica[1].stop().bus.handler_errors == 0
