@@ -206,6 +206,14 @@ class BrokerSettings(Section):
     autosave_interval_s: int = Field(60, ge=1, description="Persistence autosave interval.")
 
 
+def parse_host_port(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port); ValueError saying what is wrong otherwise."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT with a port 1-65535, got {value!r}")
+    return host, int(port)
+
+
 class UplinkSettings(Section):
     """The store-and-forward bridge from the edge broker to the cloud broker (docs/memory.md#sync).
 
@@ -222,9 +230,7 @@ class UplinkSettings(Section):
     @classmethod
     def _host_port(cls, v: str) -> str:
         if v:
-            host, sep, port = v.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"must be HOST:PORT with a port 1-65535, got {v!r}")
+            parse_host_port(v)
         return v
 
 

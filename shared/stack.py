@@ -9,7 +9,7 @@ from pathlib import Path
 from outpost.broker import Mosquitto, uplink_bridge
 from outpost.errors import ConfigError
 from outpost.log import get_logger
-from outpost.settings import OutpostSettings
+from outpost.settings import OutpostSettings, parse_host_port
 from outpost.supervisor import Supervisor
 
 log = get_logger("outpost.stack")
@@ -17,10 +17,10 @@ log = get_logger("outpost.stack")
 
 def parse_broker(value: str) -> tuple[str, int]:
     """``HOST:PORT`` -> (host, port), with a clear error for anything else."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--broker must be HOST:PORT with a port 1-65535, got {value!r}")
-    return host, int(port)
+    try:
+        return parse_host_port(value)
+    except ValueError as exc:
+        raise ConfigError(f"--broker {exc}") from None
 
 
 @dataclass

@@ -223,6 +223,23 @@ class ReplicaStore:
         rows = self.db.execute('SELECT doc FROM summaries WHERE site = ? ORDER BY "offset"', (site,))
         return [orjson.loads(d) for (d,) in rows]
 
+    def overview(self) -> dict[str, dict[str, int]]:
+        """Per site: items held, log summaries, log entries they cover, last offset per stream."""
+        out: dict[str, dict[str, int]] = {}
+        for site, stream, last in self.db.execute("SELECT site, stream, last FROM streams ORDER BY site"):
+            d = out.setdefault(
+                site, {"items": 0, "summaries": 0, "entries": 0, "ltm_offset": 0, "log_offset": 0}
+            )
+            d[f"{stream}_offset"] = int(last)
+        for site, n in self.db.execute("SELECT site, count(*) FROM items GROUP BY site"):
+            out.setdefault(site, {"items": 0, "summaries": 0, "entries": 0, "ltm_offset": 0, "log_offset": 0})
+            out[site]["items"] = int(n)
+        for site, n, entries in self.db.execute(
+            "SELECT site, count(*), sum(entries) FROM summaries GROUP BY site"
+        ):
+            out[site]["summaries"], out[site]["entries"] = int(n), int(entries or 0)
+        return out
+
     def close(self) -> None:
         self.store.close()
 

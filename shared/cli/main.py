@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from outpost.cli import bench, config, log, model, sim, stack
+from outpost.cli import bench, config, log, memory, model, sim, stack
 from outpost.errors import OutpostError
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ bench.register(app)
 config.register(app)
 model.register(app)
 log.register(app)
+memory.register(app)
 
 
 def main() -> None:

@@ -118,9 +118,14 @@ def in_cloud(
         store.close()
 
 
-def converged(edge: OutpostSettings, cloud_settings: OutpostSettings, timeout: float = 60.0) -> bool:
-    """The cloud holds exactly the site's items, and summaries of its whole log, back to back."""
+def converged(
+    edge: OutpostSettings, cloud_settings: OutpostSettings, *, logged: int = 0, timeout: float = 60.0
+) -> bool:
+    """The site's log holds at least ``logged`` entries, and the cloud exactly the site's items and
+    summaries of its whole log, back to back."""
     deadline = time.monotonic() + timeout
+    while edge_log(edge)[1] < logged and time.monotonic() < deadline:
+        time.sleep(0.1)
     while time.monotonic() < deadline:
         items, summaries = in_cloud(cloud_settings, edge.site)
         last, _ = edge_log(edge)
@@ -193,7 +198,7 @@ def test_sync_reaches_the_cloud_and_catches_up_after_the_link_is_cut(
     with MemoryClient(edge_settings, "agent") as mem:
         add_items(mem, 0, 30)
         publish_events(edge_settings, "fridge-1", range(1, 101))
-        assert converged(edge_settings, cloud_settings)
+        assert converged(edge_settings, cloud_settings, logged=100)
         assert len(in_cloud(cloud_settings, edge_settings.site)[0]) == 30
 
         # the link goes down for real: the cloud broker stops
@@ -205,7 +210,7 @@ def test_sync_reaches_the_cloud_and_catches_up_after_the_link_is_cut(
         status = mem.request("log-trace", {"trace": "fridge-2-1"})
         assert status and status[0]["kind"] == "event"  # the site works on without the cloud
         cloud.start()
-        assert converged(edge_settings, cloud_settings)
+        assert converged(edge_settings, cloud_settings, logged=200)
         items, summaries = in_cloud(cloud_settings, edge_settings.site)
         assert len(items) == 40 and not any(i["subject"] == "s1" for i in items.values())
         check_summaries(summaries, edge_settings)
@@ -232,13 +237,15 @@ def test_sync_reaches_the_cloud_and_catches_up_after_the_link_is_cut(
     assert rep.metrics.counters["duplicates"] >= 1 and rep.metrics.counters["rejected"] == 0
 
 
-def test_sigkill_mid_sync_resumes_from_the_last_acknowledged_offset(
-    edge_settings: OutpostSettings,
-    replica: tuple[OutpostSettings, InThread],
+def test_sigkill_on_either_side_mid_sync_loses_and_doubles_nothing(
+    edge_settings: OutpostSettings, cloud: Mosquitto, tmp_path: Path
 ) -> None:
-    cloud_settings, _ = replica
-    env = {
-        **os.environ,
+    """The memory service and the replica (``outpost memory replica``) run as processes; each is
+    killed with SIGKILL while changes are going up, and restarted: the site resumes from the last
+    offset the cloud acknowledged, the replica from what it had committed."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_") or "EMBEDDER" in k}
+    edge_env = {
+        **base,
         "OUTPOST_SITE": edge_settings.site,
         "OUTPOST_DATA_DIR": str(edge_settings.data_dir),
         "OUTPOST_MQTT__PORT": str(edge_settings.mqtt.port),
@@ -248,31 +255,70 @@ def test_sigkill_mid_sync_resumes_from_the_last_acknowledged_offset(
         "OUTPOST_MEMORY__SYNC_WINDOW": "100",
         "OUTPOST_TELEMETRY__METRICS_INTERVAL_S": "0.5",
     }
+    cloud_settings = OutpostSettings(site="cloud", data_dir=tmp_path / "cloud-data")
+    cloud_settings.mqtt.port = cloud.port
+    cloud_env = {**base, "OUTPOST_SITE": "cloud", "OUTPOST_TELEMETRY__METRICS_INTERVAL_S": "0.5"}
+    replica_cmd = [
+        sys.executable, "-m", "outpost.cli.main", "memory", "replica",
+        "--broker", cloud.address, "--data-dir", str(cloud_settings.data_dir),
+    ]  # fmt: skip
 
-    def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "outpost.services.memory"], env=env, stderr=subprocess.DEVNULL
+    def start_memory() -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "outpost.services.memory"], env=edge_env, stderr=subprocess.DEVNULL
         )
+        wait_online(edge_settings, p.pid)
+        return p
 
-    proc = start()
-    wait_online(edge_settings, proc.pid)
+    def start_replica() -> subprocess.Popen[str]:
+        p = subprocess.Popen(
+            replica_cmd, env=cloud_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        probe = Collector(
+            cloud_settings.mqtt, cloud_settings.topics.service_status("replica"), client_id=f"rp{p.pid}"
+        )
+        assert probe.start().wait_for(
+            lambda c: any(d.get("pid") == p.pid and d["state"] == "online" for d in c.json())
+        )
+        probe.stop()
+        return p
+
+    memory, replica = start_memory(), start_replica()
     try:
         with MemoryClient(edge_settings, "agent") as mem:
-            add_items(mem, 0, 200, subjects=7)
+            add_items(mem, 0, 150, subjects=7)
             publish_events(edge_settings, "till-1", range(1, 301))
-            os.kill(proc.pid, signal.SIGKILL)  # while the changes are still going up
-            proc.wait(10)
-            proc = start()
-            wait_online(edge_settings, proc.pid)
+            os.kill(memory.pid, signal.SIGKILL)  # while changes are still going up
+            memory.wait(10)
+            memory = start_memory()
+            add_items(mem, 150, 50, subjects=7)
+            os.kill(replica.pid, signal.SIGKILL)  # and the cloud side, mid-stream
+            replica.wait(10)
             add_items(mem, 200, 50, subjects=7)
+            replica = start_replica()
             mem.request("ltm-forget-subject", {"subject": "s3"})
-            assert converged(edge_settings, cloud_settings)
+            publish_events(edge_settings, "till-2", range(1, 101))
+            assert converged(edge_settings, cloud_settings, logged=400)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        memory.send_signal(signal.SIGTERM)
+        memory.wait(30)
+        replica.send_signal(signal.SIGTERM)
+        out, err = replica.communicate(timeout=30)
+    assert replica.returncode == 0, err[-2000:]
+    assert "stopped:" in out and "0 refused" in out
     items, summaries = in_cloud(cloud_settings, edge_settings.site)
     assert len(items) == 250 - sum(1 for i in range(250) if i % 7 == 3)
+    assert sorted(i["payload"]["n"] for i in items.values()) == [i for i in range(250) if i % 7 != 3]
     check_summaries(summaries, edge_settings)
+    # what the operator sees of it
+    cmd = [sys.executable, "-m", "outpost.cli.main", "memory", "cloud", "--json"]
+    shown = subprocess.run(
+        [*cmd, "--data-dir", str(cloud_settings.data_dir)],
+        env=cloud_env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    site = orjson.loads(shown.stdout.strip().splitlines()[-1])["sites"][edge_settings.site]
+    assert site["items"] == len(items) and site["entries"] == edge_log(edge_settings)[1]
 
 
 def test_hostile_sync_messages_and_acks_are_dead_lettered(

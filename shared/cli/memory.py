@@ -1,0 +1,104 @@
+"""``outpost memory``: the cloud side of memory sync.
+
+``outpost memory replica`` runs beside the cloud broker and keeps a replica of every site's
+long-term memory and log summaries (``services/memory/replica.py``); ``outpost memory cloud``
+shows what it holds per site. The site side needs nothing started: its memory service syncs
+through the uplink bridge that ``outpost up`` configures from ``uplink.cloud``.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from outpost.cli.output import print_json, stdout_console
+from outpost.errors import ConfigError
+from outpost.settings import OutpostSettings, load_settings
+
+memory_app = typer.Typer(
+    help="Memory sync, the cloud side: run the replica, see what it holds.", no_args_is_help=True
+)
+
+BrokerOpt = Annotated[
+    str | None, typer.Option("--broker", help="HOST:PORT of the cloud broker (default: mqtt.host/port).")
+]
+DataOpt = Annotated[
+    Path | None, typer.Option("--data-dir", help="Where the replica keeps replica.db (default: data_dir).")
+]
+
+
+def _settings(broker: str | None, data_dir: Path | None) -> OutpostSettings:
+    from outpost.stack import parse_broker
+
+    s = load_settings()
+    if broker:
+        s.mqtt.host, s.mqtt.port = parse_broker(broker)
+    if data_dir is not None:
+        s.data_dir = data_dir
+    return s
+
+
+@memory_app.command("replica")
+def replica(broker: BrokerOpt = None, data_dir: DataOpt = None) -> None:
+    """Run the cloud replica until Ctrl-C or SIGTERM: it applies every site's sync messages and
+    acknowledges what it has stored."""
+    from outpost.service import install_stop_signals, run_until
+    from outpost.services.memory.replica import CloudReplica
+
+    settings = _settings(broker, data_dir)
+    stop = threading.Event()
+    install_stop_signals(stop)
+    rep = CloudReplica(settings)
+    stdout_console().print(
+        f"replica on {settings.mqtt.host}:{settings.mqtt.port}, state in {rep.store.store.path}"
+    )
+    run_until(rep, stop)
+    c = rep.metrics.counters
+    stdout_console().print(
+        f"stopped: {c['messages']:,} messages, {c['applied.ltm']:,} memory changes and "
+        f"{c['applied.log']:,} log summaries applied, {c['duplicates']:,} duplicates, "
+        f"{c['rejected']:,} refused"
+    )
+
+
+@memory_app.command("cloud")
+def cloud(
+    data_dir: DataOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object on the last line.")] = False,
+) -> None:
+    """What the replica holds per site: items, log summaries, entries summarised, last offsets."""
+    from outpost.services.memory.replica import ReplicaStore
+
+    folder = data_dir or Path(load_settings().data_dir)
+    path = folder / "replica.db"
+    if not path.is_file():
+        raise ConfigError(f"no replica at {path} (run `outpost memory replica` there first)")
+    store = ReplicaStore(path)
+    try:
+        sites = store.overview()
+    finally:
+        store.close()
+    if json_out:
+        print_json({"sites": sites})
+        return
+    t = Table(title=f"cloud replica {path}")
+    for col in ("site", "items", "summaries", "log entries", "ltm offset", "log offset"):
+        t.add_column(col, justify="right" if col != "site" else "left")
+    for site, d in sites.items():
+        t.add_row(
+            site,
+            f"{d['items']:,}",
+            f"{d['summaries']:,}",
+            f"{d['entries']:,}",
+            str(d["ltm_offset"]),
+            str(d["log_offset"]),
+        )
+    stdout_console().print(t)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(memory_app, name="memory")
