@@ -29,7 +29,7 @@ def test_long_term_memory_records_every_change_when_tracking(tmp_path: Path) -> 
     assert [b["op"] for _, b in changes] == ["add", "gone", "gone", "gone", "del", "del", "del"]
     first = changes[0][1]
     assert first["key"] == k1 and first["payload"] == {"a": 1} and first["meta"] == {"x": 1}
-    assert np.frombuffer(__import__("base64").b64decode(first["vector"]), dtype=np.float32).tolist() == [
+    assert np.frombuffer(base64.b64decode(first["vector"]), dtype=np.float32).tolist() == [
         1,
         0,
         0,
