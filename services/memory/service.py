@@ -1,6 +1,7 @@
-"""The memory service, first part: the operational log of the site.
+"""The memory service: the site's operational log, and the home of short-term context, checkpoints,
+long-term memory (with text embeddings), the MQTT 5 request API and sync to the cloud (docs/memory.md).
 
-It subscribes to what the other services publish (events, scores, dead letters) at QoS 1 with a
+For the log, it subscribes to what the other services publish (events, scores, dead letters) at QoS 1 with a
 durable session and manual acknowledgement, appends one log entry per event, score or dead letter,
 and commits in batches (``memory.commit_ms`` or ``memory.commit_max``, whichever comes first). A
 message is acknowledged only after the batch holding it is committed: kill -9 at any point leaves
