@@ -178,10 +178,11 @@ class MemorySettings(Section):
         "", description="Where the encoder's ONNX file is built once; empty: {data_dir}/memory/embedder."
     )
     embed_threads: int = Field(1, ge=1, le=64, description="onnxruntime threads of the text encoder.")
-    sync: Literal["uplink", "always", "off"] = Field(
-        "uplink",
-        description="Replicate long-term memory and log summaries to the cloud: while the uplink "
-        "bridge reports itself connected, always, or never.",
+    sync: Literal["auto", "uplink", "always", "off"] = Field(
+        "auto",
+        description="Replicate long-term memory and log summaries to the cloud: auto (when "
+        "uplink.cloud is set) and uplink send while the uplink bridge reports itself connected; "
+        "always sends regardless; off keeps nothing for the cloud.",
     )
     sync_batch: int = Field(200, ge=1, le=10_000, description="Sync records per message up.")
     sync_window: int = Field(

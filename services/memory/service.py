@@ -29,7 +29,7 @@ from outpost.services.memory.checkpoints import Checkpoints
 from outpost.services.memory.context import ShortTermContext
 from outpost.services.memory.embedding.embedder import embedder_for
 from outpost.services.memory.oplog import OpLog, Record
-from outpost.services.memory.sync import start_sync
+from outpost.services.memory.sync import start_sync, sync_mode
 from outpost.services.memory.vectors import LongTermMemory
 from outpost.settings import OutpostSettings
 
@@ -61,7 +61,9 @@ class MemoryService:
         self.context = ShortTermContext(max_entries=cfg.context_max_entries)
         self.checkpoints = Checkpoints(Path(settings.data_dir) / "memory" / "checkpoints.db")
         self.ltm = LongTermMemory(
-            Path(settings.data_dir) / "memory" / "ltm", dim=cfg.vector_dim, track_changes=cfg.sync != "off"
+            Path(settings.data_dir) / "memory" / "ltm",
+            dim=cfg.vector_dim,
+            track_changes=sync_mode(settings) != "off",
         )
         self.embedder, no_embedder = embedder_for(settings)
         self.api = MemoryApi(

@@ -19,9 +19,10 @@ acknowledged. At most ``memory.sync_window`` offsets are in flight; with no ackn
 ``memory.sync_resend_s``, or when the uplink comes back, sending starts again from the last
 acknowledged offset (go-back-N), which is also where a restarted service resumes.
 
-"When the uplink is there": with ``memory.sync: uplink`` (the default) records are sent only while
-the edge broker's bridge reports itself connected (:meth:`Topics.uplink_state`); ``always`` sends
-regardless (a cloud broker reached some other way); ``off`` keeps no changes at all.
+"When the uplink is there": with ``memory.sync: uplink`` records are sent only while the edge
+broker's bridge reports itself connected (:meth:`Topics.uplink_state`); ``auto`` (the default) is
+``uplink`` when ``uplink.cloud`` is set and ``off`` when it is not; ``always`` sends regardless (a
+cloud broker reached some other way); ``off`` keeps nothing for the cloud.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -39,6 +40,7 @@ from outpost.log import get_logger
 from outpost.service import ServiceRuntime
 from outpost.services.memory.oplog import OpLog
 from outpost.services.memory.vectors import LongTermMemory
+from outpost.settings import OutpostSettings
 from outpost.store import Store
 
 log = get_logger("outpost.memory.sync")
@@ -66,6 +68,7 @@ class Source(Protocol):
     def after(self, offset: int, limit: int) -> list[tuple[int, dict[str, Any]]]: ...
     def trim(self, upto: int) -> None: ...
     def last(self) -> int: ...
+    def expire(self, before_ns: int) -> int: ...
 
 
 @dataclass
@@ -80,6 +83,9 @@ class _LtmSource:
 
     def last(self) -> int:
         return self.ltm.last_change()
+
+    def expire(self, before_ns: int) -> int:
+        return self.ltm.expire_changes(before_ns)
 
 
 @dataclass
@@ -99,6 +105,9 @@ class _SummarySource:
     def last(self) -> int:
         row = self.store.query("SELECT seq FROM sqlite_sequence WHERE name = 'summaries'")
         return int(row[0][0]) if row else 0
+
+    def expire(self, before_ns: int) -> int:
+        return self.store.db.execute("DELETE FROM summaries WHERE made_ns < ?", (before_ns,)).rowcount
 
 
 @dataclass
@@ -137,11 +146,12 @@ class MemorySync:
             name: _Stream(name, src, acked.get(name, 0), acked.get(name, 0), now)
             for name, src in sources.items()
         }
-        self.link_up = cfg.sync == "always"
+        mode = sync_mode(rt.settings)
+        self.link_up = mode == "always"
         self._final: dict[str, Any] | None = None
         self._root = self.topics.root + "/"
         self.bus.subscribe(self.topics.down(PART, "ack"), self._on_ack, qos=1)
-        if cfg.sync == "uplink":
+        if mode == "uplink":
             self.bus.subscribe(self.topics.uplink_state(), self._on_link, qos=1)
         self.bus.every(min(0.2, cfg.sync_resend_s / 4), self.pump)
         self.bus.every(cfg.summary_s, self.summarize)
@@ -249,13 +259,16 @@ class MemorySync:
             self.bus.ack(msg.mid, msg.qos)
 
     def compact(self) -> None:
-        """Summaries the cloud has not taken within ``memory.retention_s`` go (counted): a site
-        whose uplink never comes keeps a bounded backlog, like its log."""
+        """Records the cloud has not taken within ``memory.retention_s`` go (counted and logged): a
+        site whose uplink stays down keeps a bounded backlog, like its log."""
         cutoff = time.time_ns() - int(self.cfg.retention_s * 1e9)
-        n = self.store.db.execute("DELETE FROM summaries WHERE made_ns < ?", (cutoff,)).rowcount
-        if n:
-            self.metrics.counters["sync_expired.log"] += n
-            log.warning("log summaries expired before the cloud took them", extra={"summaries": n})
+        for st in self.streams.values():
+            n = st.source.expire(cutoff)
+            if n:  # the replica misses these: counted and logged, as the log's forced removals are
+                self.metrics.counters[f"sync_expired.{st.name}"] += n
+                log.warning(
+                    "sync records expired before the cloud took them", extra={"stream": st.name, "records": n}
+                )
 
     def status(self) -> dict[str, Any]:
         """What the service's status shows: the link, and per stream the backlog not yet in the cloud."""
@@ -274,8 +287,16 @@ class MemorySync:
         self.store.close()
 
 
+def sync_mode(settings: OutpostSettings) -> Literal["uplink", "always", "off"]:
+    """``memory.sync`` with ``auto`` resolved: a site without an uplink keeps nothing for a cloud."""
+    mode = settings.memory.sync
+    if mode == "auto":
+        return "uplink" if settings.uplink.cloud else "off"
+    return mode
+
+
 def start_sync(rt: ServiceRuntime, oplog: OpLog, ltm: LongTermMemory, folder: Path) -> MemorySync | None:
-    """The sync of this memory, or None with ``memory.sync: off``."""
-    if rt.settings.memory.sync == "off":
+    """The sync of this memory, or None when it is off."""
+    if sync_mode(rt.settings) == "off":
         return None
     return MemorySync(rt, oplog, ltm, folder)

@@ -58,7 +58,8 @@ CREATE INDEX IF NOT EXISTS items_used ON items (used_ns);
 CREATE TABLE IF NOT EXISTS changes (
     "offset" INTEGER PRIMARY KEY AUTOINCREMENT,
     op TEXT NOT NULL,
-    key INTEGER NOT NULL
+    key INTEGER NOT NULL,
+    at_s INTEGER NOT NULL
 );
 """
 
@@ -67,9 +68,9 @@ CREATE TABLE IF NOT EXISTS changes (
 # deletions included, and resumes from an offset. Without sync the triggers are not there.
 _TRACK = """
 CREATE TRIGGER IF NOT EXISTS items_added AFTER INSERT ON items
-BEGIN INSERT INTO changes (op, key) VALUES ('add', new.key); END;
+BEGIN INSERT INTO changes (op, key, at_s) VALUES ('add', new.key, unixepoch()); END;
 CREATE TRIGGER IF NOT EXISTS items_removed AFTER DELETE ON items
-BEGIN INSERT INTO changes (op, key) VALUES ('del', old.key); END;
+BEGIN INSERT INTO changes (op, key, at_s) VALUES ('del', old.key, unixepoch()); END;
 """
 _UNTRACK = """
 DROP TRIGGER IF EXISTS items_added;
@@ -351,6 +352,13 @@ class LongTermMemory:
         """Forget the changes the cloud has acknowledged."""
         with self._lock:
             return self.db.execute('DELETE FROM changes WHERE "offset" <= ?', (upto,)).rowcount
+
+    def expire_changes(self, before_ns: int) -> int:
+        """Forget changes recorded before ``before_ns`` that the cloud never took (a long outage)."""
+        with self._lock:
+            return self.db.execute(
+                "DELETE FROM changes WHERE at_s < ?", (before_ns // 1_000_000_000,)
+            ).rowcount
 
     def last_change(self) -> int:
         row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()

@@ -249,6 +249,7 @@ def test_sigkill_on_either_side_mid_sync_loses_and_doubles_nothing(
         "OUTPOST_SITE": edge_settings.site,
         "OUTPOST_DATA_DIR": str(edge_settings.data_dir),
         "OUTPOST_MQTT__PORT": str(edge_settings.mqtt.port),
+        "OUTPOST_UPLINK__CLOUD": cloud.address,
         "OUTPOST_MEMORY__SUMMARY_S": "0.3",
         "OUTPOST_MEMORY__SYNC_RESEND_S": "1",
         "OUTPOST_MEMORY__SYNC_BATCH": "20",

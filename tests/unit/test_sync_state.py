@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 
 from outpost.broker import Mosquitto, uplink_bridge
 from outpost.services.memory.oplog import OpLog, Record
+from outpost.services.memory.sync import sync_mode
 from outpost.services.memory.vectors import LongTermMemory
 from outpost.settings import OutpostSettings, UplinkSettings
 
@@ -82,3 +84,23 @@ def test_the_uplink_bridge_config(tmp_path: Path) -> None:
 def test_a_bad_uplink_address_is_a_clear_error(bad: str) -> None:
     with pytest.raises(ValidationError, match="HOST:PORT"):
         UplinkSettings(cloud=bad)
+
+
+def test_sync_is_on_where_there_is_an_uplink(tmp_path: Path) -> None:
+    s = OutpostSettings(site="shop-1", data_dir=tmp_path)
+    assert sync_mode(s) == "off"  # auto, and no uplink: nothing is kept for a cloud
+    s.uplink.cloud = "cloud:1883"
+    assert sync_mode(s) == "uplink"
+    for mode in ("uplink", "always", "off"):
+        s.memory.sync = mode  # type: ignore[assignment]
+        assert sync_mode(s) == mode
+
+
+def test_changes_the_cloud_never_took_expire(tmp_path: Path) -> None:
+    ltm = LongTermMemory(tmp_path / "ltm", dim=2, track_changes=True)
+    ltm.add("n", [1, 0], 1)
+    ltm.db.execute("UPDATE changes SET at_s = at_s - 100")
+    ltm.add("n", [0, 1], 2)
+    assert ltm.expire_changes(time.time_ns() - 50 * 1_000_000_000) == 1
+    assert [b["payload"] for _, b in ltm.changes_after(0, 10)] == [2]
+    ltm.close()
