@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any, Protocol, TypeVar
 
@@ -63,6 +63,7 @@ class ServiceRuntime:
             mqtt5=mqtt5,
         )
         self.extra_status: Callable[[], dict[str, Any]] | None = None
+        self._problems: tuple[str, ...] = ()
         self.bus.on_connect(self._announce)
         self.bus.every(settings.telemetry.metrics_interval_s, self.publish_metrics)
 
@@ -81,7 +82,23 @@ class ServiceRuntime:
         }
         if not clean:
             body["reason"] = "connection lost"
+        elif state == "online":
+            body["health"] = "degraded" if self._problems else "ok"
+            body["problems"] = list(self._problems)
         return orjson.dumps(body)
+
+    def set_problems(self, problems: Sequence[str]) -> None:
+        """What keeps the service from doing all of its job while it runs on (a model that cannot
+        load, a missing text encoder): the retained status says ``health: degraded`` with them,
+        or ``ok``, republished when they change. Any thread may call it."""
+        new = tuple(p[:300] for p in problems[:10])
+        if new == self._problems:
+            return
+        self._problems = new
+        if new:
+            log.warning("degraded", extra={"service": self.name, "problems": list(new)})
+        if self.bus.connected:
+            self.bus.publish(self.status_topic, self._status("online"), qos=1, retain=True)
 
     def _announce(self, _session_present: bool) -> None:
         self.bus.publish(self.status_topic, self._status("online"), qos=1, retain=True)

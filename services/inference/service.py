@@ -161,7 +161,8 @@ class InferenceService:
         self._stop = threading.Event()
         self._loader = threading.Thread(target=self._load_loop, name="inference-loader", daemon=True)
         self._loaded: dict[str, tuple[LoadedModel | None, LoadedModel | None]] = {}
-        self._errors: dict[str, str] = {}
+        self._problems: dict[str, str] = {}
+        """Per model, why nothing serves it (loader thread): the status says degraded with them."""
         self._revision: tuple[int, tuple[tuple[str, ...], ...]] = (-1, ())
 
         m = self.metrics
@@ -212,6 +213,7 @@ class InferenceService:
         self._revision = rev
         for name in self.names:
             self._reconcile_one(name)
+        self.rt.set_problems([f"{n}: nothing serves it: {e}" for n, e in self._problems.items() if e])
 
     def _load(self, name: str, version: str) -> LoadedModel:
         return load_model(
@@ -274,6 +276,7 @@ class InferenceService:
         self._loaded[name] = (active, shadow)
         error = "; ".join(dict.fromkeys(errors))  # a backend that cannot run fails every version alike
         trigger = None
+        self._problems[name] = (error or "no version loads") if active is None else ""
         if active is None:
             log.error("nothing serves this model", extra={"model": name, "error": error})
             with contextlib.suppress(OutpostError):

@@ -66,6 +66,8 @@ class MemoryService:
             track_changes=sync_mode(settings) != "off",
         )
         self.embedder, no_embedder = embedder_for(settings)
+        if self.embedder is None and cfg.text_embeddings:
+            self.rt.set_problems([no_embedder])  # everything else serves; text requests are refused
         self.api = MemoryApi(
             self.context, self.checkpoints, self.oplog, self.ltm, self.embedder, no_embedder=no_embedder
         )

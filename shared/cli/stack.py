@@ -313,9 +313,12 @@ def status(
     for name, st in sorted(mon.status.items()):
         counters = mon.metrics.get(name, {}).get("counters", {})
         shown = ", ".join(f"{k}={v}" for k, v in list(counters.items())[:6])
+        state = str(st.get("state"))
+        if st.get("health") == "degraded":
+            state += " (degraded: " + "; ".join(st.get("problems") or []) + ")"
         t.add_row(
             name,
-            str(st.get("state")),
+            state,
             str(st.get("version")),
             str(st.get("config_hash")),
             str(st.get("pid")),
