@@ -311,6 +311,16 @@ class _SiteFileSource(YamlConfigSettingsSource):
             raise ConfigError(
                 f"site file {file_path} must hold a mapping of settings, not a {type(data).__name__}"
             )
+        # a section given as a scalar would be merged away silently by an OUTPOST_{SECTION}__*
+        # variable (the environment wins key by key): refuse it here, whatever the environment says
+        for key, value in data.items():
+            field = OutpostSettings.model_fields.get(str(key))
+            kind = field.annotation if field is not None else None
+            if isinstance(kind, type) and issubclass(kind, BaseModel) and not isinstance(value, dict):
+                raise ConfigError(
+                    f"site file {file_path}: {key} must be a mapping of settings, not {type(value).__name__} "
+                    f"{str(value)[:40]!r}"
+                )
         return data
 
 

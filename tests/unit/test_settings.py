@@ -258,3 +258,16 @@ def test_config_hash_is_stable_and_tracks_settings() -> None:
     assert a.config_hash() == b.config_hash()
     assert len(a.config_hash()) == 12
     assert load_settings(site="other").config_hash() != a.config_hash()
+
+
+@pytest.mark.parametrize("env", [{}, {"OUTPOST_INFERENCE__MAX_BATCH": "5"}])
+def test_a_section_given_as_a_scalar_is_refused_even_beside_env(
+    site_file: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
+    """The environment merges key by key into the site file's sections: without this check
+    ``inference: nope`` was silently replaced by the variable's section."""
+    site_file("inference: nope\n")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match="inference must be a mapping of settings, not str 'nope'"):
+        load_settings()
