@@ -115,6 +115,13 @@ def up(
     stop = threading.Event()
     install_stop_signals(stop)
     with Stack(settings, external_broker=broker) as stack:
+        # said at once and plainly, so a stack run in the background (output to a file) tells
+        # where its broker listens; the live table below refreshes only on a terminal
+        console.print(
+            f"Outpost site {settings.site!r}: broker {settings.mqtt.host}:{settings.mqtt.port}, "
+            f"data in {stack.data_dir}, uplink {settings.uplink.cloud or 'none'}; Ctrl-C or SIGTERM stops it",
+            soft_wrap=True,
+        )
         mon = SiteMonitor(
             settings.mqtt, settings.topics, client_id=f"outpost-up-{os.getpid()}", watch_events=False
         )
@@ -130,7 +137,7 @@ def up(
                     live.update(_services_table(stack, mon))
         finally:
             mon.stop()
-    console.print("stopped cleanly")
+    console.print("\nstopped cleanly")
 
 
 def _run_sim(

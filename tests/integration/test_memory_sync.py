@@ -391,3 +391,50 @@ def test_hostile_sync_messages_and_acks_are_dead_lettered(
     svc = mem_service.stop()
     assert svc.bus.handler_errors == 0
     assert replica[1].stop().bus.handler_errors == 0
+
+
+def test_outpost_up_bridges_to_the_cloud_and_memory_arrives_there(
+    cloud: Mosquitto, replica: tuple[OutpostSettings, InThread], tmp_path: Path, site: str
+) -> None:
+    """What the README says: ``uplink.cloud`` set, ``outpost up``, and the site's memory reaches the
+    replica on the cloud broker."""
+    cloud_settings, _ = replica
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_") or "EMBEDDER" in k}
+    env |= {
+        "OUTPOST_SITE": site,
+        "OUTPOST_DATA_DIR": str(tmp_path / "site"),
+        "OUTPOST_UPLINK__CLOUD": cloud.address,
+        "OUTPOST_MEMORY__SUMMARY_S": "0.5",
+    }
+    up = subprocess.Popen(
+        [sys.executable, "-m", "outpost.cli.main", "up"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert up.stdout is not None
+        first = up.stdout.readline()
+        assert f"Outpost site {site!r}: broker 127.0.0.1:" in first and f"uplink {cloud.address}" in first
+        port = int(first.split("broker 127.0.0.1:")[1].split(",")[0])
+        conf = (tmp_path / "site" / "mosquitto" / "mosquitto.conf").read_text()
+        assert f"address {cloud.address}" in conf and f"topic outpost/v1/{site}/up/# out 1" in conf
+        edge = OutpostSettings(site=site, data_dir=tmp_path / "site")
+        edge.mqtt.port = port
+        wait_online(edge)
+        with MemoryClient(edge, "readme") as mem:
+            mem.request(
+                "ltm-add",
+                {"namespace": "notes", "text": "fridge 2 door seal replaced", "subject": "fridge-2"},
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not in_cloud(cloud_settings, site)[0]:
+            time.sleep(0.2)
+        items, _ = in_cloud(cloud_settings, site)
+        assert [i["payload"] for i in items.values()] == ["fridge 2 door seal replaced"]
+    finally:
+        up.send_signal(signal.SIGTERM)
+        out, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err[-2000:]
+    assert "stopped cleanly" in out
