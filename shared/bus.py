@@ -133,6 +133,9 @@ class Bus:
         self._pending: set[int] = set()
         self._pending_lock = threading.Lock()
         self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        """Set when the broker has acknowledged every subscription made at the last connect."""
+        self._suback_waiting: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.connects = 0
@@ -158,6 +161,7 @@ class Bus:
             c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
         # on_publish is set only while QoS 1 publishes wait for their PUBACK (see publish()): for
         # every QoS 0 publish paho would otherwise build a ReasonCode and a Properties object to
         # call it, which cost ingest ~20% of its one-reading-per-message throughput.
@@ -262,14 +266,23 @@ class Bus:
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self, *, wait_s: float | None = 10.0) -> None:
         """Start the network thread; with ``wait_s``, wait that long for the first connection and
-        raise BrokerError if it does not come (the thread keeps retrying otherwise)."""
+        for the broker to acknowledge the subscriptions made before start, and raise BrokerError
+        if they do not come (the thread keeps retrying otherwise). Once it returns, a message
+        published by anyone reaches this bus's handlers: without the SUBACK, what another client
+        publishes right after the CONNACK can reach the broker before the subscription does."""
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name=f"bus-{self.client_id}", daemon=True)
         self._thread.start()
-        if wait_s is not None and not self._connected.wait(wait_s):
+        if wait_s is None:
+            return
+        deadline = time.monotonic() + wait_s
+        if not self._connected.wait(wait_s) or not self._subscribed.wait(
+            max(0.0, deadline - time.monotonic())
+        ):
             self.stop(drain_s=0)
+            what = "connect to" if not self._connected.is_set() else "get its subscriptions acknowledged by"
             raise BrokerError(
-                f"cannot connect to MQTT broker {self.settings.host}:{self.settings.port} within {wait_s}s"
+                f"cannot {what} MQTT broker {self.settings.host}:{self.settings.port} within {wait_s}s"
             )
 
     def drain(self, timeout_s: float) -> bool:
@@ -427,8 +440,14 @@ class Bus:
             log.error("broker refused connection", extra={"client": self.client_id, "reason": str(reason)})
             return
         self.connects += 1
+        self._subscribed.clear()
+        self._suback_waiting = set()
         for sub in self._subs:
-            client.subscribe(sub.pattern, qos=sub.qos)
+            _rc, mid = client.subscribe(sub.pattern, qos=sub.qos)
+            if mid is not None:
+                self._suback_waiting.add(mid)
+        if not self._suback_waiting:
+            self._subscribed.set()
         self._connected.set()
         log.info(
             "connected",
@@ -439,6 +458,14 @@ class Bus:
                 hook(bool(flags.session_present))
             except Exception:
                 log.exception("on_connect hook failed")
+
+    def _on_subscribe(self, _c: paho.Client, _u: Any, mid: int, reasons: Any, _p: Any) -> None:
+        refused = [str(r) for r in reasons or [] if getattr(r, "is_failure", False)]
+        if refused:  # an ACL that denies the filter, say: the handler will never be called
+            log.error("broker refused a subscription", extra={"client": self.client_id, "reasons": refused})
+        self._suback_waiting.discard(mid)
+        if not self._suback_waiting:
+            self._subscribed.set()
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         was = self._connected.is_set()

@@ -71,7 +71,7 @@ class Collector:
             self.messages.append((msg.topic, msg.payload))
 
     def start(self) -> Collector:
-        self.bus.start()
+        self.bus.start(wait_s=30)  # returns once subscribed: what is published after it arrives
         return self
 
     def stop(self) -> None:
@@ -88,7 +88,9 @@ class Collector:
             out.extend(doc if isinstance(doc, list) else [doc])
         return out
 
-    def wait_for(self, pred: Callable[[Collector], bool], timeout: float = 10.0) -> bool:
+    def wait_for(self, pred: Callable[[Collector], bool], timeout: float = 30.0) -> bool:
+        """Poll ``pred`` until it holds or ``timeout`` passes (generous: it returns as soon as the
+        predicate holds, and CI machines are small and loaded)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if pred(self):
@@ -134,7 +136,7 @@ def ingest(settings: OutpostSettings, broker: Mosquitto) -> Iterator[RunningInge
         settings.mqtt, settings.topics.service_status("ingest"), client_id="probe-" + settings.site
     )
     probe.start()
-    assert probe.wait_for(lambda c: any(d.get("state") == "online" for d in c.json()), 15)
+    assert probe.wait_for(lambda c: any(d.get("state") == "online" for d in c.json()), 30)
     probe.stop()
     yield r
     if r.thread.is_alive():
@@ -152,7 +154,7 @@ def publisher(settings: OutpostSettings) -> Iterator[Bus]:
 # --- additions for the ingest hostile-input and reliability suites ---------------------------------
 
 
-def wait_online(settings: OutpostSettings, timeout: float = 15.0) -> None:
+def wait_online(settings: OutpostSettings, timeout: float = 30.0) -> None:
     """Wait until ingest's retained status says online."""
     probe = Collector(
         settings.mqtt, settings.topics.service_status("ingest"), client_id="probe2-" + settings.site

@@ -111,7 +111,7 @@ def test_shared_subscription_splits_messages(settings: OutpostSettings, buses: C
         b = buses(f"member-{name}")
         b.subscribe(shared("workers", topic), keep(name), qos=1)
         b.start()
-    time.sleep(0.2)  # both SUBSCRIBEs processed before the first publish
+        # start() returns once the broker acknowledged the SUBSCRIBE: both members get a share
     pub = buses("pub")
     pub.start()
     n = 400
@@ -222,3 +222,27 @@ def test_start_fails_clearly_without_a_broker(settings: OutpostSettings, broker:
     b = Bus(settings.mqtt, client_id=f"nobroker-{settings.site}")
     with pytest.raises(Exception, match="cannot connect"):
         b.start(wait_s=1.0)
+
+
+def test_start_returns_once_the_broker_has_the_subscriptions(
+    settings: OutpostSettings, buses: Callable[..., Bus]
+) -> None:
+    """What another client publishes right after ``start()`` returns reaches the handlers: start
+    waits for the SUBACK, not only the CONNACK (without it a loaded machine lost a third here)."""
+    topic = settings.topics.root + "/t/right-after"
+    pub = buses("pub")
+    pub.start()
+    for attempt in range(5):
+        got: list[bytes] = []
+        sub = buses(f"sub{attempt}")
+        sub.subscribe(topic, lambda m, got=got: got.append(bytes(m.payload)), qos=1)
+        sub.subscribe(topic + "/other", lambda m: None, qos=1)
+        sub.start()
+        assert sub._subscribed.is_set()
+        for i in range(50):
+            pub.publish(topic, b"%d" % i, qos=1)
+        deadline = time.monotonic() + WAIT
+        while len(got) < 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got == [b"%d" % i for i in range(50)]
+        sub.stop(drain_s=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from outpost.broker import free_port, port_open
 
 pytestmark = pytest.mark.integration
 COMPOSE = Path(__file__).resolve().parents[2] / "compose" / "mosquitto"
+WAIT = 30.0  # generous: every wait returns as soon as what it waits for happens
 
 
 @pytest.fixture
@@ -32,9 +34,8 @@ def compose_broker(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[bytes
         subprocess.run(["mosquitto_passwd", "-b", str(tmp_path / "passwd"), user, "pw"], check=True)
     (tmp_path / "m.conf").write_text(conf)
     proc = subprocess.Popen(["mosquitto", "-c", str(tmp_path / "m.conf")])
-    for _ in range(200):
-        if port_open("127.0.0.1", port):
-            break
+    deadline = time.monotonic() + WAIT
+    while not port_open("127.0.0.1", port) and time.monotonic() < deadline:
         threading.Event().wait(0.02)
     yield port, proc
     proc.terminate()
@@ -60,15 +61,14 @@ def test_device_writes_only_its_own_telemetry(compose_broker: tuple[int, subproc
     svc.on_connect = lambda c, *_: c.subscribe("outpost/#", qos=1)
     svc.connect("127.0.0.1", port)
     svc.loop_start()
-    assert ready.wait(5)
+    assert ready.wait(WAIT)
     dev = _client(port, "fridge-1")
-    dev.publish("outpost/v1/s/dev/fridge-1/telemetry", b"{}", qos=1).wait_for_publish(5)
-    dev.publish("outpost/v1/s/dev/fridge-2/telemetry", b"{}", qos=1).wait_for_publish(5)
-    dev.publish("outpost/v1/s/events/fridge-1", b"[]", qos=1).wait_for_publish(5)
-    dev.publish("outpost/v1/s/dev/fridge-1/telemetry", b"{}", qos=1).wait_for_publish(5)
-    for _ in range(100):
-        if len(got) >= 2:
-            break
+    dev.publish("outpost/v1/s/dev/fridge-1/telemetry", b"{}", qos=1).wait_for_publish(WAIT)
+    dev.publish("outpost/v1/s/dev/fridge-2/telemetry", b"{}", qos=1).wait_for_publish(WAIT)
+    dev.publish("outpost/v1/s/events/fridge-1", b"[]", qos=1).wait_for_publish(WAIT)
+    dev.publish("outpost/v1/s/dev/fridge-1/telemetry", b"{}", qos=1).wait_for_publish(WAIT)
+    deadline = time.monotonic() + WAIT
+    while len(got) < 2 and time.monotonic() < deadline:
         threading.Event().wait(0.05)
     threading.Event().wait(0.3)
     assert got == ["outpost/v1/s/dev/fridge-1/telemetry"] * 2

@@ -129,7 +129,7 @@ def test_a_fault_mid_stream_loses_no_score_and_never_gives_an_event_two_ids(
         assert proc.proc is not None
         proc.proc.send_signal(signal.SIGTERM)
         assert proc.proc.wait(60) == 0
-        assert status.wait_for(lambda c: c.json()[-1].get("state") == "stopped", 10)
+        assert status.wait_for(lambda c: c.json()[-1].get("state") == "stopped", WAIT)
     finally:
         pub.stop()
         for c in (status, scores, dlq):

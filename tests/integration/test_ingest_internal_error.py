@@ -5,7 +5,6 @@ unit, which is how a real bug in the hot path would show up."""
 from __future__ import annotations
 
 import base64
-import time
 from collections.abc import Callable
 
 import orjson
@@ -14,7 +13,7 @@ import pytest
 from outpost.bus import Bus
 from outpost.services.ingest import service as ingest_service
 from outpost.settings import OutpostSettings
-from tests.conftest import Collector, RunningIngest, make_reading
+from tests.conftest import Collector, RunningIngest, make_reading, wait_online
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +37,9 @@ def test_a_failing_message_is_dead_lettered_and_ingest_lives_on(
     running = RunningIngest(settings)
     running.thread.start()
     try:
-        time.sleep(0.5)
+        # its durable session is new: what is published before it has subscribed is lost, so wait
+        # for its online status (published after its SUBSCRIBE), not a fixed time
+        wait_online(settings)
         topic = settings.topics.telemetry("meter-1")
         bad = orjson.dumps(make_reading("meter-1", 1, metric="energy", value=2.0, unit="kWh"))
         publisher.publish(topic, bad, qos=1)

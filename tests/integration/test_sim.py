@@ -91,8 +91,8 @@ def test_ingest_turns_good_readings_into_events_and_bad_ones_into_dead_letters(
     dlq = collect(settings.topics.all_dlq)
     report = run(_options(settings, devices=8, readings=2400, batch=6, bad_ratio=0.2, seed=5))
     assert report.bad_total > 300 and set(report.bad_payloads) == {str(k) for k in BadKind}
-    assert events.wait_for(lambda c: len(c.events()) >= report.sent_readings, 20)
-    assert dlq.wait_for(lambda c: len(c.messages) >= report.bad_total, 20)
+    assert events.wait_for(lambda c: len(c.events()) >= report.sent_readings, 30)
+    assert dlq.wait_for(lambda c: len(c.messages) >= report.bad_total, 30)
     ids = [e["id"] for e in events.events()]
     assert len(ids) == len(set(ids)) == report.sent_readings
     reasons = Counter(d["reason"] for d in dlq.json())
