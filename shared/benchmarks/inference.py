@@ -126,12 +126,23 @@ def raw_phase(o: InferenceBenchOptions, engine_dir: Path) -> dict[str, Any]:
 
 
 def _publisher(
-    port: int, site: str, rate: float, per_msg: int, devices: int, seconds: float, start_seq: int, done: Any
+    port: int,
+    site: str,
+    rate: float,
+    per_msg: int,
+    devices: int,
+    seconds: float,
+    start_seq: int,
+    done: Any,
+    ready: Any,
 ) -> None:
-    """Open-loop paced publisher (its own process): message k leaves at start + k / msg_rate."""
+    """Open-loop paced publisher (its own process): message k leaves at start + k / msg_rate.
+    ``ready`` is set when it is connected and its clock starts (spawning it takes a second or more
+    on a loaded machine: the warm-up must not start before it does)."""
     c = paho_client(f"bench-pub-{os.getpid()}")
     c.max_inflight_messages_set(0)
     connect(c, "127.0.0.1", port)
+    ready.set()
     root = f"outpost/v1/{site}/events/"
     msg_rate = rate / per_msg
     seq = start_seq
@@ -261,21 +272,26 @@ def service_phase(
                 )
             time.sleep(0.1)
         ctx = mp.get_context("spawn")
-        done = ctx.Event()
+        done, ready = ctx.Event(), ctx.Event()
         seconds = o.warmup_s + o.duration_s
         p = ctx.Process(
-            target=_publisher, args=(broker.port, site, rate, per_msg, o.devices, seconds, 0, done)
+            target=_publisher, args=(broker.port, site, rate, per_msg, o.devices, seconds, 0, done, ready)
         )
         p.start()
+        if not ready.wait(60):
+            raise RuntimeError("the bench publisher did not connect within 60 s")
         time.sleep(o.warmup_s)
         arrived0 = sink.arrived
         start = time.time_ns()
         sink.window = (start, start + int(o.duration_s * 1e9))
         time.sleep(o.duration_s)
-        after_window = sink.in_window
         arrived = sink.arrived - arrived0
         p.join(30)
+        # scores of events stamped in the window that arrive up to a second after it still count
+        # as delivered (late, and their latency says so); counted at the window's close they were
+        # lost to a service a second behind
         time.sleep(1.0)
+        after_window = sink.in_window
         # SIGTERM: the service drains and publishes its final metrics, which the sink still hears
         proc.terminate()
         proc.wait(30)

@@ -284,7 +284,7 @@ def test_the_request_api_over_mqtt5_answers_refuses_and_times_out(
         # a refused request with no response topic goes to the DLQ
         dlq = Collector(settings.mqtt, t.dlq("memory"), client_id="dq-" + settings.site).start()
         pub.publish(t.memory_request("context-get"), b"{not json", qos=1)
-        assert dlq.wait_for(lambda c: any(d["reason"] == "not_json" for d in c.json()), 10)
+        assert dlq.wait_for(lambda c: any(d["reason"] == "not_json" for d in c.json()), 30)
         dlq.stop()
         svc = r.stop()
         c = svc.metrics.counters
