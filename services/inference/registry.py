@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS bad (
     version TEXT NOT NULL,
     reason TEXT NOT NULL,
     at_ns INTEGER NOT NULL,
+    files TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (name, version)
 );
 CREATE TABLE IF NOT EXISTS meta (
@@ -89,6 +90,9 @@ class Registry:
                 f"registry state {state_path} cannot be used ({exc}): move it aside to start from the "
                 "default versions"
             ) from None
+        columns = {str(r[1]) for r in self.store.query("PRAGMA table_info(bad)")}
+        if "files" not in columns:  # a state file from before fingerprints: its bad marks stay bad
+            self.store.db.execute("ALTER TABLE bad ADD COLUMN files TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         self.store.close()
@@ -145,13 +149,34 @@ class Registry:
         pick = releases or versions
         return pick[-1] if pick else None
 
+    def fingerprint(self, name: str, version: str) -> str:
+        """The version folder's files as they are now (names, sizes, modification times): a
+        version found bad is bad for these files only. A release copied into the folder file by
+        file can be seen half-written and fail; once its files change it is tried again."""
+        folder = self.folder(name, version)
+        try:
+            parts = [
+                f"{p.name}:{st.st_size}:{st.st_mtime_ns}"
+                for p in sorted(folder.iterdir())
+                if p.is_file() and (st := p.stat())
+            ]
+        except OSError:
+            return ""
+        return "|".join(parts)
+
+    def on_disk(self, name: str) -> tuple[str, ...]:
+        """Every version of ``name`` with its fingerprint: what the service watches for changes."""
+        return tuple(f"{v}={self.fingerprint(name, v)}" for v in self.versions(name))
+
     def is_bad(self, name: str, version: str) -> bool:
-        return bool(self.store.query("SELECT 1 FROM bad WHERE name = ? AND version = ?", (name, version)))
+        rows = self.store.query("SELECT files FROM bad WHERE name = ? AND version = ?", (name, version))
+        return bool(rows) and rows[0][0] in ("", self.fingerprint(name, version))
 
     def bad_versions(self, name: str) -> dict[str, str]:
         return {
             str(v): str(r)
             for v, r in self.store.query("SELECT version, reason FROM bad WHERE name = ?", (name,))
+            if self.is_bad(name, str(v))
         }
 
     def history(self, name: str, limit: int = 50) -> list[tuple[int, str | None, str, str]]:
@@ -254,9 +279,10 @@ class Registry:
         """Record that ``version`` failed to load, so rollback and the default skip it."""
         now = time.time_ns()
         self.store.db.execute(
-            "INSERT INTO bad (name, version, reason, at_ns) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(name, version) DO UPDATE SET reason = excluded.reason, at_ns = excluded.at_ns",
-            (name, version, reason[:1000], now),
+            "INSERT INTO bad (name, version, reason, at_ns, files) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(name, version) DO UPDATE SET reason = excluded.reason, at_ns = excluded.at_ns, "
+            "files = excluded.files",
+            (name, version, reason[:1000], now, self.fingerprint(name, version) or "?"),
         )
         self.store.db.execute(
             "INSERT INTO history (name, version, action, at_ns, detail) VALUES (?, ?, 'failed', ?, ?)",

@@ -207,7 +207,7 @@ class InferenceService:
         """Load what the registry wants where it differs from what is loaded (loader thread)."""
         # the state's revision (an operator's choice) and the versions on disk (a new release
         # dropped into the folder becomes the default): either change means look again
-        rev = (self.registry.revision(), tuple(tuple(self.registry.versions(n)) for n in self.names))
+        rev = (self.registry.revision(), tuple(self.registry.on_disk(n) for n in self.names))
         if rev == self._revision:
             return
         self._revision = rev

@@ -325,6 +325,40 @@ def test_a_new_release_dropped_into_the_folder_is_served_without_a_restart(
     assert any(s["version"] == "8.0.0" for s in scores(out))
 
 
+def test_a_release_copied_file_by_file_is_served_once_complete(
+    start_inference: Callable[[], RunningInference],
+    collect: Callable[..., Collector],
+    pub: Bus,
+    isettings: OutpostSettings,
+    models_dir: Path,
+) -> None:
+    """``cp -r`` into a running site: the service sees the manifest before the model file, fails
+    to load it and marks it bad; once the file is there (the folder's files changed) it tries
+    again and serves it."""
+    t = isettings.topics
+    out = collect(t.root + f"/inference/{SHELF}/+")
+    start_inference()
+    reg = registry(isettings)
+    good = reg.state(SHELF).active or ""
+    src, dst = models_dir / SHELF / good, models_dir / SHELF / "8.1.0"
+    m = read_manifest(src)
+    dst.mkdir()
+    write_manifest(dst, m.model_copy(update={"version": "8.1.0"}))  # the manifest first...
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline and not reg.is_bad(SHELF, "8.1.0"):
+        time.sleep(0.1)
+    assert reg.is_bad(SHELF, "8.1.0")  # seen half-copied
+    time.sleep(0.05)  # a modification time that differs on coarse clocks too
+    shutil.copy(src / m.file, dst / m.file)  # ...then the model
+    seq = 0
+    while time.monotonic() < deadline + WAIT and not any(s["version"] == "8.1.0" for s in scores(out)):
+        send_shelf(pub, isettings, "shelf-006", range(seq, seq + 10), 4.0)
+        seq += 10
+        time.sleep(0.3)
+    assert any(s["version"] == "8.1.0" for s in scores(out))
+    assert not reg.is_bad(SHELF, "8.1.0") and "8.1.0" not in reg.bad_versions(SHELF)
+
+
 # --- bad model files ------------------------------------------------------------------------------
 
 
