@@ -6,7 +6,9 @@ and for each message of a site's stream applies, in one transaction, the records
 last one it holds (``prev`` must match: a gap means a message was lost on the way, and everything
 after it waits for the site to resend), skips those it already holds (a replay is harmless), and
 then answers on that site's ``down/memory/ack`` with the last offset it has stored, always, so the
-site can forget what is safe in the cloud and resend what is not (see :mod:`.sync`).
+site can forget what is safe in the cloud and resend what is not (see :mod:`.sync`). A message
+that goes on from a history the replica does not hold (a new sync state of the site must start
+from offset 0) is answered ``unknown``: the site then sends that stream again from its start.
 
 Its state (``{data_dir}/replica.db``): per site and stream the last offset, the long-term memory
 items (vector included), and the log summaries. A message that is not a valid sync message is
@@ -43,6 +45,7 @@ CREATE TABLE IF NOT EXISTS streams (
     site TEXT NOT NULL,
     stream TEXT NOT NULL,
     last INTEGER NOT NULL,
+    epoch TEXT NOT NULL,
     PRIMARY KEY (site, stream)
 );
 CREATE TABLE IF NOT EXISTS items (
@@ -59,12 +62,13 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE TABLE IF NOT EXISTS summaries (
     site TEXT NOT NULL,
+    epoch TEXT NOT NULL,
     "offset" INTEGER NOT NULL,
     from_offset INTEGER NOT NULL,
     to_offset INTEGER NOT NULL,
     entries INTEGER NOT NULL,
     doc BLOB NOT NULL,
-    PRIMARY KEY (site, "offset")
+    PRIMARY KEY (site, epoch, "offset")
 );
 """
 
@@ -102,6 +106,7 @@ class SyncMessage(BaseModel):
     v: Literal[1]
     id: str = Field(max_length=256)
     site: Segment
+    epoch: str = Field(min_length=1, max_length=64)
     stream: Literal["ltm", "log"]
     prev: int = Field(ge=0)
     records: list[tuple[int, dict[str, Any]]] = Field(min_length=1, max_length=10_000)
@@ -117,6 +122,11 @@ class Applied:
     duplicates: int = 0
     gap: bool = False
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    reset: bool = False
+    """The site's sync state was new: what was held of this stream was dropped."""
+    unknown: bool = False
+    """The message goes on from a history this replica does not hold (its state was lost, or the
+    first message was): the site must send this stream again from its start."""
 
 
 class ReplicaStore:
@@ -137,9 +147,21 @@ class ReplicaStore:
         applied is skipped and reported (the caller dead-letters it), so one bad record never
         blocks its stream; offsets that do not grow make the whole message invalid."""
         db = self.db
-        out = Applied(self.last(m.site, m.stream))
         db.execute("BEGIN IMMEDIATE")
         try:
+            row = db.execute(
+                "SELECT last, epoch FROM streams WHERE site = ? AND stream = ?", (m.site, m.stream)
+            ).fetchone()
+            if row is None or row[1] != m.epoch:
+                # a site (or a sync state of it: wiped, replaced, sync was off) new to this replica
+                if m.prev != 0:  # it goes on from records this replica never had: say so
+                    db.execute("ROLLBACK")
+                    return Applied(0, unknown=True)
+                out = Applied(0, reset=row is not None)
+                if row is not None and m.stream == "ltm":  # its memory comes again, whole
+                    db.execute("DELETE FROM items WHERE site = ?", (m.site,))
+            else:
+                out = Applied(int(row[0]))
             prev = m.prev
             for offset, body in m.records:
                 if offset <= prev:
@@ -149,7 +171,7 @@ class ReplicaStore:
                 elif prev == out.last:
                     try:
                         db.execute("SAVEPOINT record")
-                        self._apply_one(m.site, m.stream, offset, body)
+                        self._apply_one(m.site, m.epoch, m.stream, offset, body)
                         db.execute("RELEASE record")
                         out.applied += 1
                     except (ValidationError, ValueError) as exc:
@@ -162,9 +184,9 @@ class ReplicaStore:
                     break
                 prev = offset
             db.execute(
-                "INSERT INTO streams (site, stream, last) VALUES (?, ?, ?) "
-                "ON CONFLICT(site, stream) DO UPDATE SET last = excluded.last",
-                (m.site, m.stream, out.last),
+                "INSERT INTO streams (site, stream, last, epoch) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(site, stream) DO UPDATE SET last = excluded.last, epoch = excluded.epoch",
+                (m.site, m.stream, out.last, m.epoch),
             )
         except BaseException:
             db.execute("ROLLBACK")
@@ -172,13 +194,13 @@ class ReplicaStore:
         db.execute("COMMIT")
         return out
 
-    def _apply_one(self, site: str, stream: str, offset: int, body: dict[str, Any]) -> None:
+    def _apply_one(self, site: str, epoch: str, stream: str, offset: int, body: dict[str, Any]) -> None:
         if stream == "log":
             s = _Summary.model_validate(body)
             self.db.execute(
-                'INSERT OR REPLACE INTO summaries (site, "offset", from_offset, to_offset, entries, doc) '
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (site, offset, s.from_offset, s.to_offset, s.entries, orjson.dumps(body)),
+                'INSERT OR REPLACE INTO summaries (site, epoch, "offset", from_offset, to_offset, entries, '
+                "doc) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (site, epoch, offset, s.from_offset, s.to_offset, s.entries, orjson.dumps(body)),
             )
             return
         if body.get("op") == "add":
@@ -220,7 +242,11 @@ class ReplicaStore:
         }
 
     def summaries(self, site: str) -> list[dict[str, Any]]:
-        rows = self.db.execute('SELECT doc FROM summaries WHERE site = ? ORDER BY "offset"', (site,))
+        rows = self.db.execute(
+            "SELECT doc FROM summaries s WHERE site = ? AND epoch = (SELECT epoch FROM streams "
+            "WHERE site = s.site AND stream = 'log') ORDER BY \"offset\"",
+            (site,),
+        )
         return [orjson.loads(d) for (d,) in rows]
 
     def overview(self) -> dict[str, dict[str, int]]:
@@ -283,7 +309,11 @@ class CloudReplica:
             c["gaps"] += done.gap
             for offset, why in done.rejected:
                 self.rt.dead_letter("bad_record", f"{site}/{stream} record {offset}: {why}", msg.topic, raw)
-            ack = orjson.dumps({"stream": stream, "offset": done.last})
+            c["resets"] += done.reset
+            c["unknown"] += done.unknown
+            ack = orjson.dumps(
+                {"stream": stream, "offset": done.last, "epoch": m.epoch, "unknown": done.unknown}
+            )
             self.bus.publish(Topics(site=site, prefix=self.settings.prefix).down(PART, "ack"), ack, qos=1)
         if msg.qos:
             self.bus.ack(msg.mid, msg.qos)

@@ -28,6 +28,7 @@ cloud broker reached some other way); ``off`` keeps nothing for the cloud.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -53,6 +54,10 @@ CREATE TABLE IF NOT EXISTS acked (
     stream TEXT PRIMARY KEY,
     "offset" INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS summaries (
     "offset" INTEGER PRIMARY KEY AUTOINCREMENT,
     log_to INTEGER NOT NULL,
@@ -69,6 +74,7 @@ class Source(Protocol):
     def trim(self, upto: int) -> None: ...
     def last(self) -> int: ...
     def expire(self, before_ns: int) -> int: ...
+    def snapshot(self) -> int: ...
 
 
 @dataclass
@@ -86,6 +92,9 @@ class _LtmSource:
 
     def expire(self, before_ns: int) -> int:
         return self.ltm.expire_changes(before_ns)
+
+    def snapshot(self) -> int:
+        return self.ltm.snapshot_changes()
 
 
 @dataclass
@@ -109,6 +118,9 @@ class _SummarySource:
     def expire(self, before_ns: int) -> int:
         return self.store.db.execute("DELETE FROM summaries WHERE made_ns < ?", (before_ns,)).rowcount
 
+    def snapshot(self) -> int:
+        return 0  # a summary the cloud acknowledged was forgotten: it cannot be made again
+
 
 @dataclass
 class _Stream:
@@ -125,6 +137,9 @@ class Ack(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     stream: str = Field(max_length=16)
     offset: int = Field(ge=0)
+    epoch: str = Field(max_length=64)
+    unknown: bool = False
+    """The replica holds nothing of this stream's history (it lost its state): send it all again."""
 
 
 class MemorySync:
@@ -139,6 +154,7 @@ class MemorySync:
         self.oplog = oplog
         self.store = Store(folder / "sync.db", _SCHEMA, synchronous="FULL")
         oplog.register(LOG_CONSUMER)
+        self.epoch = self._epoch(ltm)
         acked = {str(s): int(o) for s, o in self.store.query('SELECT stream, "offset" FROM acked')}
         now = time.monotonic()
         sources: dict[str, Source] = {"ltm": _LtmSource(ltm), "log": _SummarySource(self.store)}
@@ -155,6 +171,22 @@ class MemorySync:
             self.bus.subscribe(self.topics.uplink_state(), self._on_link, qos=1)
         self.bus.every(min(0.2, cfg.sync_resend_s / 4), self.pump)
         self.bus.every(cfg.summary_s, self.summarize)
+
+    def _epoch(self, ltm: LongTermMemory) -> str:
+        """This sync state's id, sent with every message. A new one (and the whole of long-term
+        memory queued again) when there was no sync state, or long-term memory was not recording
+        its changes (sync was off): the replica then drops what it held of this site's long-term
+        memory and takes the new history from its start, so a wiped or replaced gateway, or one
+        whose sync was off for a while, never leaves the cloud holding a different memory."""
+        row = self.store.query("SELECT value FROM meta WHERE key = 'epoch'")
+        if row and not ltm.tracking_started:
+            return str(row[0][0])
+        epoch = uuid.uuid4().hex
+        self.store.db.execute("DELETE FROM acked")
+        self.store.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
+        n = ltm.snapshot_changes()
+        log.info("sync starts afresh", extra={"epoch": epoch, "items_to_replicate": n})
+        return epoch
 
     # --- the log's summaries --------------------------------------------------------------------
     def summarize(self) -> None:
@@ -201,6 +233,7 @@ class MemorySync:
             "id": f"{self.topics.site}-{st.name}-{first}-{last}",
             "ts": time.time_ns(),
             "site": self.topics.site,
+            "epoch": self.epoch,
             "stream": st.name,
             "prev": st.sent,
             "records": records,
@@ -219,16 +252,38 @@ class MemorySync:
             st = self.streams.get(ack.stream)
             if st is None:
                 raise ValueError(f"unknown stream {ack.stream[:16]!r}")
-            if ack.offset > st.source.last():
+            if ack.epoch != self.epoch:  # about a sync state this site no longer has: harmless
+                self.metrics.counters["sync_stale_acks"] += 1
+                st = None
+            elif ack.offset > st.source.last():
                 raise ValueError(
                     f"{ack.stream}: offset {ack.offset} was never sent (last {st.source.last()})"
                 )
         except (ValidationError, ValueError) as exc:
             self.rt.dead_letter("bad_ack", str(exc)[:500], msg.topic, raw)
         else:
-            self._acknowledged(st, ack.offset)
+            if st is not None and ack.unknown:
+                self._again(st)
+            elif st is not None:
+                self._acknowledged(st, ack.offset)
         if msg.qos:
             self.bus.ack(msg.mid, msg.qos)
+
+    def _again(self, st: _Stream) -> None:
+        """The replica lost this stream's history: send it again from the start (long-term memory
+        whole, as a snapshot; summaries that were already acknowledged and forgotten are gone)."""
+        if st.acked == 0:
+            st.sent = 0  # nothing was forgotten here: resending from the start is enough
+            return
+        n = st.source.snapshot()
+        self.store.db.execute("DELETE FROM acked WHERE stream = ?", (st.name,))
+        log.warning(
+            "the cloud replica lost this stream: sending it again from its start",
+            extra={"stream": st.name, "was_acked": st.acked, "items_again": n},
+        )
+        st.acked = st.sent = 0
+        st.progress_at = time.monotonic()
+        self.metrics.counters[f"sync_again.{st.name}"] += 1
 
     def _acknowledged(self, st: _Stream, offset: int) -> None:
         if offset <= st.acked:

@@ -121,6 +121,12 @@ class LongTermMemory:
                 f"long-term memory {folder / 'vectors.db'} cannot be used ({exc})"
             ) from None
         self.db = self.store.db
+        tracked = self.db.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name = 'items_added'"
+        ).fetchone()[0]
+        self.tracking_started = track_changes and not tracked
+        """Changes were not recorded until now (a new store, or sync was off): what the cloud
+        holds, if anything, is not this store's history (see :meth:`snapshot_changes`)."""
         self.db.executescript(_TRACK if track_changes else _UNTRACK)
         self._expansion_search = expansion_search
         self.rebuilt = False
@@ -347,6 +353,24 @@ class LongTermMemory:
                 body = {"op": "gone" if op == "add" else "del", "key": key}
             out.append((int(off), body))
         return out
+
+    def snapshot_changes(self) -> int:
+        """Replace the recorded changes with one ``add`` for every item there is: the whole store
+        for a replica that starts from nothing. The number of items."""
+        with self._lock:
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM changes")
+                n = db.execute(
+                    "INSERT INTO changes (op, key, at_s) "
+                    "SELECT 'add', key, unixepoch() FROM items ORDER BY key"
+                ).rowcount
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return int(n)
 
     def trim_changes(self, upto: int) -> int:
         """Forget the changes the cloud has acknowledged."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -331,7 +332,7 @@ def test_hostile_sync_messages_and_acks_are_dead_lettered(
     site = "forger"  # not the edge's site: what lands on a site's up/ is taken as that site's (ACLs guard it)
     cloud_mqtt = MqttSettings(port=cloud.port)
     cloud_dlq = Collector(cloud_mqtt, cloud_settings.topics.dlq("replica"), client_id="cloud-dlq").start()
-    good = {"v": 1, "id": "x", "site": site, "stream": "ltm", "prev": 0}
+    good = {"v": 1, "id": "x", "site": site, "epoch": "e1", "stream": "ltm", "prev": 0}
     hostile: list[tuple[str, bytes, str]] = [
         (f"outpost/v1/{site}/up/memory/ltm", b"{not json", "not_json"),
         (f"outpost/v1/{site}/up/memory/ltm", b"\xff\xfe", "not_json"),
@@ -438,3 +439,64 @@ def test_outpost_up_bridges_to_the_cloud_and_memory_arrives_there(
         out, err = up.communicate(timeout=60)
     assert up.returncode == 0, err[-2000:]
     assert "stopped cleanly" in out
+
+
+def test_the_cloud_follows_a_wiped_gateway_a_paused_sync_and_its_own_lost_state(
+    edge_settings: OutpostSettings, cloud: Mosquitto, tmp_path: Path
+) -> None:
+    """The replica mirrors the site's long-term memory whatever happened in between: sync turned
+    off for a while (items added then were never recorded as changes), the gateway's data wiped
+    (same site id, a new memory), and the replica's own database lost."""
+    cloud_settings = OutpostSettings(site="cloud", data_dir=tmp_path / "cloud-data")
+    cloud_settings.mqtt.port = cloud.port
+
+    def start_replica() -> InThread:
+        r = InThread(run_replica, cloud_settings)
+        probe = Collector(
+            cloud_settings.mqtt, cloud_settings.topics.service_status("replica"), client_id="rp"
+        ).start()
+        assert probe.wait_for(lambda c: any(d.get("state") == "online" for d in c.json()))
+        probe.stop()
+        return r
+
+    def phase(sync: str, start: int, n: int) -> None:
+        edge_settings.memory.sync = sync  # type: ignore[assignment]
+        svc = InThread(run_memory, edge_settings)
+        wait_online(edge_settings)
+        with MemoryClient(edge_settings, "agent") as mem:
+            add_items(mem, start, n)
+        if sync != "off":
+            assert converged(edge_settings, cloud_settings)
+        svc.stop()
+
+    replica = start_replica()
+    phase("auto", 0, 10)
+    phase("off", 10, 5)  # not recorded for the cloud
+    assert len(in_cloud(cloud_settings, edge_settings.site)[0]) == 10
+    phase("auto", 15, 1)  # sync back on: the whole memory again
+    assert sorted(
+        i["payload"]["n"] for i in in_cloud(cloud_settings, edge_settings.site)[0].values()
+    ) == list(range(16))
+    shutil.rmtree(edge_settings.data_dir)  # a wiped (or replaced) gateway, same site id
+    phase("auto", 100, 3)
+    assert sorted(i["payload"]["n"] for i in in_cloud(cloud_settings, edge_settings.site)[0].values()) == [
+        100,
+        101,
+        102,
+    ]
+    # the replica loses its database: the site notices and sends its memory again
+    rep = replica.stop()
+    assert rep.metrics.counters["resets"] >= 1
+    (cloud_settings.data_dir / "replica.db").unlink()
+    for leftover in cloud_settings.data_dir.glob("replica.db-*"):
+        leftover.unlink()
+    replica = start_replica()
+    phase("auto", 200, 2)
+    assert sorted(i["payload"]["n"] for i in in_cloud(cloud_settings, edge_settings.site)[0].values()) == [
+        100,
+        101,
+        102,
+        200,
+        201,
+    ]
+    assert replica.stop().metrics.counters["unknown"] >= 1

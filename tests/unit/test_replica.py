@@ -29,9 +29,19 @@ def add(key: int, subject: str = "s") -> dict[str, Any]:
     }
 
 
-def msg(prev: int, records: list[tuple[int, dict[str, Any]]], stream: str = "ltm") -> SyncMessage:
+def msg(
+    prev: int, records: list[tuple[int, dict[str, Any]]], stream: str = "ltm", epoch: str = "e1"
+) -> SyncMessage:
     return SyncMessage.model_validate(
-        {"v": 1, "id": "x", "site": "shop-1", "stream": stream, "prev": prev, "records": records}
+        {
+            "v": 1,
+            "id": "x",
+            "site": "shop-1",
+            "epoch": epoch,
+            "stream": stream,
+            "prev": prev,
+            "records": records,
+        }
     )
 
 
@@ -52,6 +62,28 @@ def test_records_apply_in_order_and_a_replay_changes_nothing(store: ReplicaStore
     assert store.apply(msg(4, overlap)) == Applied(7, applied=1, duplicates=2)
     assert sorted(store.items("shop-1")) == [1, 4, 7]
     assert store.items("other-site") == {}
+
+
+def test_history_the_replica_never_had_is_asked_for_again(store: ReplicaStore) -> None:
+    # the site trimmed 1..40 (this replica's state was lost, or the first message was): not taken
+    assert store.apply(msg(40, [(41, add(41))])) == Applied(0, unknown=True)
+    assert store.items("shop-1") == {} and store.last("shop-1", "ltm") == 0
+    # the site sends the stream again from its start
+    assert store.apply(msg(0, [(41, add(41)), (42, add(42))])) == Applied(42, applied=2)
+    # a new sync state that does not start at 0 is not taken either
+    assert store.apply(msg(7, [(8, add(8))], epoch="e2")) == Applied(0, unknown=True)
+    assert sorted(store.items("shop-1")) == [41, 42]
+
+
+def test_a_new_sync_state_of_the_site_replaces_its_memory(store: ReplicaStore) -> None:
+    store.apply(msg(0, [(1, add(1)), (2, add(2)), (3, add(3))]))
+    store.apply(msg(0, [(1, {"from_offset": 0, "to_offset": 5, "entries": 5})], stream="log"))
+    # the gateway was wiped (or sync was off): a new epoch, its memory from the start again
+    assert store.apply(msg(0, [(1, add(7))], epoch="e2")) == Applied(1, applied=1, reset=True)
+    assert sorted(store.items("shop-1")) == [7]
+    store.apply(msg(0, [(1, {"from_offset": 0, "to_offset": 2, "entries": 2})], stream="log", epoch="e2"))
+    assert [s["to_offset"] for s in store.summaries("shop-1")] == [2]  # the current history
+    assert store.overview()["shop-1"]["summaries"] == 2  # the old one is kept
 
 
 def test_a_gap_stops_what_follows_until_it_is_resent(store: ReplicaStore) -> None:
@@ -86,13 +118,46 @@ def test_log_summaries_are_kept_per_site(store: ReplicaStore) -> None:
 @pytest.mark.parametrize(
     "doc",
     [
-        {"v": 2, "id": "x", "site": "shop-1", "stream": "ltm", "prev": 0, "records": [[1, {}]]},
-        {"v": 1, "id": "x", "site": "shop/1", "stream": "ltm", "prev": 0, "records": [[1, {}]]},
-        {"v": 1, "id": "x", "site": "shop-1", "stream": "secrets", "prev": 0, "records": [[1, {}]]},
-        {"v": 1, "id": "x", "site": "shop-1", "stream": "ltm", "prev": -1, "records": [[1, {}]]},
-        {"v": 1, "id": "x", "site": "shop-1", "stream": "ltm", "prev": 0, "records": []},
-        {"v": 1, "id": "x", "site": "shop-1", "stream": "ltm", "prev": 0, "records": [["1", {}]]},
-        {"v": 1, "id": "x", "site": "shop-1", "stream": "ltm", "prev": 0, "records": [[1, {}]] * 10_001},
+        {"v": 2, "id": "x", "site": "shop-1", "epoch": "e", "stream": "ltm", "prev": 0, "records": [[1, {}]]},
+        {"v": 1, "id": "x", "site": "shop-1", "stream": "ltm", "prev": 0, "records": [[1, {}]]},  # no epoch
+        {"v": 1, "id": "x", "site": "shop/1", "epoch": "e", "stream": "ltm", "prev": 0, "records": [[1, {}]]},
+        {
+            "v": 1,
+            "id": "x",
+            "site": "shop-1",
+            "epoch": "e",
+            "stream": "secrets",
+            "prev": 0,
+            "records": [[1, {}]],
+        },
+        {
+            "v": 1,
+            "id": "x",
+            "site": "shop-1",
+            "epoch": "e",
+            "stream": "ltm",
+            "prev": -1,
+            "records": [[1, {}]],
+        },
+        {"v": 1, "id": "x", "site": "shop-1", "epoch": "e", "stream": "ltm", "prev": 0, "records": []},
+        {
+            "v": 1,
+            "id": "x",
+            "site": "shop-1",
+            "epoch": "e",
+            "stream": "ltm",
+            "prev": 0,
+            "records": [["1", {}]],
+        },
+        {
+            "v": 1,
+            "id": "x",
+            "site": "shop-1",
+            "epoch": "e",
+            "stream": "ltm",
+            "prev": 0,
+            "records": [[1, {}]] * 10_001,
+        },
     ],
 )
 def test_malformed_messages_are_refused(doc: dict[str, Any]) -> None:
