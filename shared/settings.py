@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,9 +32,10 @@ DEFAULT_CONFIG_FILE = "outpost.yaml"
 
 
 class Section(BaseModel):
-    """Base of every settings section: unknown keys are errors, values are checked on assignment."""
+    """Base of every settings section: unknown keys are errors, values are checked on assignment,
+    and a refused value is not repeated in the error (it may be a password)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
 
 
 class MqttSettings(Section):
@@ -207,12 +209,30 @@ class BrokerSettings(Section):
     autosave_interval_s: int = Field(60, ge=1, description="Persistence autosave interval.")
 
 
+_HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})")
+_CONF_SAFE_RE = re.compile(r"[!-~]{1,256}")
+"""What may go into a line of a generated Mosquitto config: printable ASCII, no spaces (Mosquitto
+splits its lines on them) and no line breaks (a value must never become a config line of its own)."""
+
+
 def parse_host_port(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` -> (host, port); ValueError saying what is wrong otherwise."""
+    """``HOST:PORT`` -> (host, port), the host a name or an IPv4 address; ValueError saying what is
+    wrong otherwise. Strict, because it also goes into the broker's config (the uplink bridge)."""
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"must be HOST:PORT with a port 1-65535, got {value!r}")
+        raise ValueError(f"must be HOST:PORT with a port 1-65535, got {value[:100]!r}")
+    if _HOST_RE.fullmatch(host) is None:
+        raise ValueError(
+            f"the host must be a name or an IPv4 address (letters, digits, '.', '-'), got {host[:100]!r}"
+        )
     return host, int(port)
+
+
+def conf_safe(value: str, what: str) -> str:
+    """``value`` if it can be written into a Mosquitto config line as one token; ValueError otherwise."""
+    if _CONF_SAFE_RE.fullmatch(value) is None:
+        raise ValueError(f"{what} must be 1-256 printable characters without spaces or line breaks")
+    return value
 
 
 class UplinkSettings(Section):
@@ -234,6 +254,18 @@ class UplinkSettings(Section):
             parse_host_port(v)
         return v
 
+    @field_validator("username")
+    @classmethod
+    def _username(cls, v: str | None) -> str | None:
+        return None if v is None else conf_safe(v, "the username")
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            conf_safe(v.get_secret_value(), "the password")  # the message never shows it
+        return v
+
 
 class TelemetrySettings(Section):
     metrics_interval_s: float = Field(5.0, gt=0, description="How often services publish metrics.")
@@ -247,6 +279,7 @@ class OutpostSettings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         validate_assignment=True,
+        hide_input_in_errors=True,
     )
 
     site: str = Field("site1", description="Site id, the third topic level.")

@@ -80,10 +80,36 @@ def test_the_uplink_bridge_config(tmp_path: Path) -> None:
     assert stat.S_IMODE(conf.stat().st_mode) == 0o600
 
 
-@pytest.mark.parametrize("bad", ["cloud", "cloud:", ":1883", "cloud:0", "cloud:99999", "cloud:x"])
-def test_a_bad_uplink_address_is_a_clear_error(bad: str) -> None:
-    with pytest.raises(ValidationError, match="HOST:PORT"):
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("cloud", "HOST:PORT"),
+        ("cloud:", "HOST:PORT"),
+        (":1883", "HOST:PORT"),
+        ("cloud:0", "HOST:PORT"),
+        ("cloud:99999", "HOST:PORT"),
+        ("cloud:x", "HOST:PORT"),
+        # each of these went into the broker's config as written, some bridging elsewhere
+        ("127.0.0.1 :1", "name or an IPv4"),  # Mosquitto read a list: it bridged to :1883
+        ("a b:1", "name or an IPv4"),
+        ("http://127.0.0.1:1", "name or an IPv4"),
+        ("127.0.0.1:1:2", "name or an IPv4"),
+        ("[::1]:1", "name or an IPv4"),
+        ("127.0.0.1:1\ntopic # both 0\naddress 127.0.0.1:1", "name or an IPv4"),
+    ],
+)
+def test_a_bad_uplink_address_is_a_clear_error(bad: str, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
         UplinkSettings(cloud=bad)
+
+
+@pytest.mark.parametrize("field", ["username", "password"])
+@pytest.mark.parametrize("bad", ["u\ntopic # both 0", "two words", "", "x" * 257, "tab\there"])
+def test_uplink_credentials_cannot_add_config_lines(field: str, bad: str) -> None:
+    with pytest.raises(ValidationError, match="without spaces or line breaks") as e:
+        UplinkSettings(cloud="cloud:1883", **{field: bad})  # type: ignore[arg-type]
+    if field == "password" and bad:
+        assert bad not in str(e.value)  # a refused password is not shown either
 
 
 def test_sync_is_on_where_there_is_an_uplink(tmp_path: Path) -> None:
@@ -104,3 +130,9 @@ def test_changes_the_cloud_never_took_expire(tmp_path: Path) -> None:
     assert ltm.expire_changes(time.time_ns() - 50 * 1_000_000_000) == 1
     assert [b["payload"] for _, b in ltm.changes_after(0, 10)] == [2]
     ltm.close()
+
+
+def test_a_refused_password_is_not_repeated_by_the_whole_settings() -> None:
+    with pytest.raises(ValidationError) as e:
+        OutpostSettings(uplink={"cloud": "cloud:1883", "password": "two words"})  # type: ignore[arg-type]
+    assert "two words" not in str(e.value)
