@@ -140,11 +140,13 @@ class ServiceRuntime:
         )
         return self.bus.publish(self.dlq_topic, entry, qos=qos)
 
-    def start(self, wait_s: float = 30.0) -> None:
+    def start(self, wait_s: float | None = 30.0) -> None:
+        """Connect; ``wait_s`` None: return at once and keep trying in the background."""
         self.bus.start(wait_s=wait_s)
 
     def stop(self, drain_s: float = 5.0) -> None:
-        self.publish_metrics()
+        if self.bus.connected:  # offline, there is no one to tell (and no QoS 0 publish to drop)
+            self.publish_metrics()
         self.bus.stop(drain_s=drain_s, final=[(self.status_topic, self._status("stopped"), True)])
 
 

@@ -20,7 +20,7 @@ def parse_broker(value: str) -> tuple[str, int]:
     try:
         return parse_host_port(value)
     except ValueError as exc:
-        raise ConfigError(f"--broker {exc}") from None
+        raise ConfigError(f"--broker: {exc}") from None
 
 
 @dataclass

@@ -73,7 +73,8 @@ class CheckpointLoad(_Req):
 Flat = str | int | float | bool
 MAX_TEXT_CHARS = 10_000
 """Far past what the encoder reads (256 tokens): a longer text is a mistake, not a memory."""
-Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
+Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS, pattern=r"\S")]
+"""Something to embed: at least one character that is not white space."""
 
 
 class _VectorOrText(_Req):

@@ -18,6 +18,7 @@ dead-lettered on the replica's own ``dlq/replica``.
 from __future__ import annotations
 
 import base64
+import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from outpost.bus import Message
-from outpost.errors import TopicError
+from outpost.errors import OutpostError, TopicError
 from outpost.log import get_logger
 from outpost.service import ServiceRuntime, run_until, service_main
 from outpost.services.memory.sync import PART
@@ -129,12 +130,32 @@ class Applied:
     first message was): the site must send this stream again from its start."""
 
 
+class ReplicaError(OutpostError):
+    """The replica's database cannot be used."""
+
+
 class ReplicaStore:
     """The replica's SQLite state; :meth:`apply` is the whole protocol."""
 
-    def __init__(self, path: Path) -> None:
-        self.store = Store(path, _SCHEMA, synchronous="FULL")
-        self.db = self.store.db
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        """``readonly``: for what only looks (``outpost memory cloud``): the file must already be a
+        replica's, and nothing is written to it."""
+        self.path = path
+        self.store: Store | None = None
+        try:
+            if readonly:
+                self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+                tables = {
+                    r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                }
+                if not {"streams", "items", "summaries"} <= tables:
+                    self.db.close()
+                    raise ReplicaError(f"{path} is not a memory replica's database")
+            else:
+                self.store = Store(path, _SCHEMA, synchronous="FULL")
+                self.db = self.store.db
+        except sqlite3.DatabaseError as exc:
+            raise ReplicaError(f"replica state {path} cannot be used ({exc})") from None
 
     def last(self, site: str, stream: str) -> int:
         row = self.db.execute(
@@ -267,7 +288,10 @@ class ReplicaStore:
         return out
 
     def close(self) -> None:
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
+        else:
+            self.db.close()
 
 
 class CloudReplica:
@@ -319,8 +343,13 @@ class CloudReplica:
             self.bus.ack(msg.mid, msg.qos)
 
     def start(self) -> None:
-        self.rt.start()
-        log.info("replica started", extra={"db": str(self.store.store.path)})
+        """Returns at once and keeps trying the cloud broker (it may come up later); a stop
+        request is heard meanwhile."""
+        self.rt.start(wait_s=None)
+        mqtt = self.settings.mqtt
+        log.info("replica started", extra={"db": str(self.store.path), "broker": f"{mqtt.host}:{mqtt.port}"})
+        if not self.bus.wait_connected(5.0):
+            log.warning("no cloud broker answers yet; retrying", extra={"broker": f"{mqtt.host}:{mqtt.port}"})
 
     def stop(self) -> None:
         self.rt.stop()

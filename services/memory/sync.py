@@ -301,14 +301,14 @@ class MemorySync:
 
     def _on_link(self, msg: Message) -> None:
         up = bytes(msg.payload).strip() == b"1"
-        if up and not self.link_up:
+        was, self.link_up = self.link_up, up
+        if up and not was:
             for st in self.streams.values():  # what was sent while the link flapped may be lost
                 st.sent = st.acked
                 st.progress_at = time.monotonic()
             log.info("uplink up: syncing from the last acknowledged offsets", extra=self.status())
-        elif not up and self.link_up:
+        elif not up and was:
             log.info("uplink down: sync waits", extra=self.status())
-        self.link_up = up
         self.metrics.counters["uplink_changes"] += 1
         if msg.qos:
             self.bus.ack(msg.mid, msg.qos)

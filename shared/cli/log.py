@@ -24,12 +24,30 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per entry
 KindOpt = Annotated[str | None, typer.Option("--kind", help="Only entries of this kind: event, score, dlq.")]
 
 
+_where: dict[str, Path] = {}
+
+
+@log_app.callback()
+def _options(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="The site's data folder (default: OUTPOST_DATA_DIR, then .outpost)."),
+    ] = None,
+) -> None:
+    if data_dir is not None:
+        _where["data_dir"] = data_dir
+
+
 def _open() -> Any:
     from outpost.services.memory.oplog import OpLog
 
-    path = Path(load_settings().data_dir) / "memory" / "oplog.db"
+    folder = _where.get("data_dir") or Path(load_settings().data_dir)
+    path = folder / "memory" / "oplog.db"
     if not path.is_file():
-        raise ConfigError(f"no operational log at {path} (is the memory service running with this data_dir?)")
+        raise ConfigError(
+            f"no operational log at {path} (give the data folder `outpost up` printed: --data-dir DIR "
+            "or OUTPOST_DATA_DIR)"
+        )
     return OpLog(path, synchronous="NORMAL")
 
 
@@ -80,7 +98,7 @@ def _show(entries: list[Any], json_out: bool, title: str) -> None:
             str(e.offset),
             when,
             e.kind,
-            e.trace[:24],
+            e.trace,
             e.topic.split("/", 3)[-1],
             e.body[:90].decode("utf-8", "replace"),
         )

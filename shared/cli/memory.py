@@ -53,9 +53,7 @@ def replica(broker: BrokerOpt = None, data_dir: DataOpt = None) -> None:
     stop = threading.Event()
     install_stop_signals(stop)
     rep = CloudReplica(settings)
-    stdout_console().print(
-        f"replica on {settings.mqtt.host}:{settings.mqtt.port}, state in {rep.store.store.path}"
-    )
+    stdout_console().print(f"replica on {settings.mqtt.host}:{settings.mqtt.port}, state in {rep.store.path}")
     run_until(rep, stop)
     c = rep.metrics.counters
     stdout_console().print(
@@ -77,7 +75,7 @@ def cloud(
     path = folder / "replica.db"
     if not path.is_file():
         raise ConfigError(f"no replica at {path} (run `outpost memory replica` there first)")
-    store = ReplicaStore(path)
+    store = ReplicaStore(path, readonly=True)
     try:
         sites = store.overview()
     finally:

@@ -81,3 +81,32 @@ def test_password_never_printed(tmp_path: Path) -> None:
     proc = _outpost("config", "show", env={"OUTPOST_MQTT__PASSWORD": "hunter2-secret"}, cwd=tmp_path)
     assert proc.returncode == 0
     assert "hunter2-secret" not in proc.stdout + proc.stderr
+
+
+def test_memory_commands_on_bad_files_say_so_and_change_nothing(tmp_path: Path) -> None:
+    """``memory cloud`` and ``memory replica`` on a file that is not a replica's database, and
+    ``log`` on a folder without a log: exit 2 and a message, no traceback, no file touched."""
+    import sqlite3
+
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "replica.db").write_bytes(b"this is not a database at all" * 10)
+    other = tmp_path / "other"
+    other.mkdir()
+    db = sqlite3.connect(other / "replica.db")
+    db.execute("CREATE TABLE log (x)")
+    db.commit()
+    db.close()
+    before = (other / "replica.db").read_bytes()
+    port = str(free_port())
+    for args, says in (
+        (["memory", "cloud", "--data-dir", str(junk)], "cannot be used"),
+        (["memory", "cloud", "--data-dir", str(other)], "is not a memory replica's database"),
+        (["memory", "replica", "--broker", f"127.0.0.1:{port}", "--data-dir", str(junk)], "cannot be used"),
+        (["log", "--data-dir", str(tmp_path / "none"), "tail"], "no operational log at"),
+        (["memory", "replica", "--broker", "127.0.0.1 :1"], "name or an IPv4"),
+    ):
+        proc = _outpost(*args, cwd=tmp_path)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert says in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+    assert (other / "replica.db").read_bytes() == before

@@ -112,7 +112,7 @@ def edge_log(settings: OutpostSettings) -> tuple[int, int]:
 def in_cloud(
     cloud_settings: OutpostSettings, site: str
 ) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
-    store = ReplicaStore(Path(cloud_settings.data_dir) / "replica.db")
+    store = ReplicaStore(Path(cloud_settings.data_dir) / "replica.db", readonly=True)
     try:
         return store.items(site), store.summaries(site)
     finally:

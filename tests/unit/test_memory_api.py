@@ -89,6 +89,7 @@ def test_every_operation(api: MemoryApi) -> None:
         ("ltm-add", {"namespace": "n", "payload": 1}, "bad_request"),
         ("ltm-add", {"namespace": "n", "vector": [1, 0, 0, 0], "text": "hi", "payload": 1}, "bad_request"),
         ("ltm-add", {"namespace": "n", "text": ""}, "bad_request"),
+        ("ltm-add", {"namespace": "n", "text": " \n\t "}, "bad_request"),  # nothing to embed
         ("ltm-add", {"namespace": "n", "text": "x" * 10_001}, "bad_request"),
         ("ltm-add", {"namespace": "n", "text": 42}, "bad_request"),
         ("ltm-add", {"namespace": "n", "text": "door left open"}, "no_embedder"),
