@@ -52,4 +52,6 @@ def test_demo_runs_reports_and_stops_everything() -> None:
     logged = summary["memory_counters"]["entries"]
     assert logged >= summary["validated"] + summary["scores"] + summary["rejected"]
     assert summary["stopped_cleanly"] is True
+    # a clean demo leaves no state folder behind (and says so)
+    assert summary["state_dir"] is None
     assert summary["latency_ms"]["p99"] >= summary["latency_ms"]["p50"] > 0
