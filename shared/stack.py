@@ -3,7 +3,7 @@ supervised. ``outpost up`` and ``outpost demo`` are thin layers over :class:`Sta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from outpost.broker import Mosquitto, uplink_bridge
@@ -30,6 +30,8 @@ class Stack:
     broker: Mosquitto | None = None
     supervisor: Supervisor | None = None
     services: dict[str, str] | None = None
+    final_status: list[dict[str, object]] = field(default_factory=list)
+    """The services' states and exit codes as the stop left them."""
 
     @property
     def data_dir(self) -> Path:
@@ -70,6 +72,7 @@ class Stack:
     def stop(self) -> None:
         if self.supervisor is not None:
             self.supervisor.stop()
+            self.final_status = self.supervisor.status()
             self.supervisor = None
         if self.broker is not None:
             self.broker.stop()

@@ -138,7 +138,14 @@ def up(
                     live.update(_services_table(stack, mon))
         finally:
             mon.stop()
-    console.print("\nstopped cleanly")
+    # the live table above shows the last moment before the stop; say how each service ended
+    exits = {str(r["service"]): r["last_exit"] for r in stack.final_status}
+    if all(code == 0 for code in exits.values()):
+        console.print(f"\nstopped cleanly ({', '.join(f'{n} exit 0' for n in exits) or 'nothing ran'})")
+    else:
+        shown = ", ".join(f"{n} exit {code}" for n, code in exits.items())
+        console.print(f"\nstopped, not cleanly: {shown} (logs in {stack.data_dir / 'logs'})")
+        raise typer.Exit(1)
 
 
 def _run_sim(
