@@ -71,11 +71,7 @@ def uplink_bridge(topics: Topics, uplink: UplinkSettings) -> list[str]:
         lines.append(f"remote_username {uplink.username}")
     if uplink.password is not None:
         lines.append(f"remote_password {uplink.password.get_secret_value()}")
-    # the settings check these values already; a config line must still never carry a second one
-    # (a value with a line break would add its own directives, say bridging every topic)
-    if any("\n" in line or "\r" in line or "\0" in line for line in lines):
-        raise BrokerError("an uplink setting holds a line break: refusing to write it into the broker config")
-    return lines
+    return lines  # every value was checked by UplinkSettings: one token each, no line breaks
 
 
 @dataclass

@@ -58,13 +58,9 @@ class SiteMonitor:
 
     def _on_events(self, msg: Message) -> None:
         now = time.time_ns()
-        try:
-            batch = orjson.loads(msg.payload)
-        except orjson.JSONDecodeError:
-            return
         with self.lock:
-            for ev in batch if isinstance(batch, list) else [batch]:
-                eid = ev.get("id")
+            for ev in _objects(msg.payload):
+                eid: Any = ev.get("id")
                 if eid in self.event_ids:
                     self.duplicates += 1
                     continue
@@ -77,13 +73,9 @@ class SiteMonitor:
 
     def _on_scores(self, msg: Message) -> None:
         now = time.time_ns()
-        try:
-            batch = orjson.loads(msg.payload)
-        except orjson.JSONDecodeError:
-            return
         with self.lock:
-            for sc in batch if isinstance(batch, list) else [batch]:
-                sid = sc.get("id") if isinstance(sc, dict) else None
+            for sc in _objects(msg.payload):
+                sid = sc.get("id")
                 if not isinstance(sid, str) or sid in self.score_ids:
                     continue
                 self.score_ids.add(sid)
@@ -172,3 +164,13 @@ class SiteMonitor:
                 },
                 "services": {k: v.get("state") for k, v in self.status.items()},
             }
+
+
+def _objects(payload: bytes | bytearray) -> list[dict[str, Any]]:
+    """The JSON objects of a message that holds one or a list of them (events, scores); nothing
+    for one that is not JSON: the monitor watches, the services dead-letter."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return []
+    return [d for d in (doc if isinstance(doc, list) else [doc]) if isinstance(d, dict)]

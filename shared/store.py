@@ -8,11 +8,32 @@ survives a process crash and is faster.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 Sync = Literal["OFF", "NORMAL", "FULL"]
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction (``BEGIN IMMEDIATE``: the write lock at once, so it never has to be
+    upgraded mid-way), committed when the block ends, rolled back if it raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def sequence(db: sqlite3.Connection, table: str) -> int:
+    """The last key an AUTOINCREMENT ``table`` handed out (0 before the first): it never goes
+    back, also when rows are deleted, which is what makes offsets monotonic."""
+    row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+    return int(row[0]) if row else 0
 
 
 class Store:
@@ -32,13 +53,8 @@ class Store:
 
     def write_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """Write rows in one transaction: one fsync for the lot."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            self.db.executemany(sql, rows)
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with transaction(self.db) as db:
+            db.executemany(sql, rows)
 
     def close(self) -> None:
         self.db.close()

@@ -25,7 +25,7 @@ from outpost.services.inference.manifest import (
     verify,
     version_key,
 )
-from outpost.store import Store
+from outpost.store import Store, transaction
 
 PACKAGED_MODELS = Path(__file__).parent / "models"
 """The models the project trains and ships (services/inference/models/)."""
@@ -198,9 +198,7 @@ class Registry:
         detail: str = "",
     ) -> None:
         now = time.time_ns()
-        db = self.store.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.store.db) as db:
             db.execute(
                 "INSERT INTO state (name, active, shadow, updated_ns) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET active = excluded.active, shadow = excluded.shadow, "
@@ -212,10 +210,6 @@ class Registry:
                 (name, version, action, now, detail),
             )
             db.execute("UPDATE meta SET value = value + 1 WHERE key = 'revision'")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     def activate(self, name: str, version: str) -> Manifest:
         """Make ``version`` the active one (checked first: a corrupt file is refused here)."""

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from outpost.errors import OutpostError
-from outpost.store import Store
+from outpost.store import Store, transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -80,9 +80,7 @@ class Checkpoints:
             raise CheckpointError(f"the state must be JSON: {exc}") from None
         if len(blob) > MAX_STATE_BYTES:
             raise CheckpointError(f"the state is {len(blob)} bytes, more than {MAX_STATE_BYTES}")
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.db) as db:
             row = db.execute("SELECT max(version) FROM checkpoints WHERE task = ?", (task,)).fetchone()
             current = int(row[0]) if row[0] is not None else 0
             if expect is not None and expect != current:
@@ -93,10 +91,6 @@ class Checkpoints:
                 (task, version, step, blob, time.time_ns()),
             )
             db.execute("DELETE FROM checkpoints WHERE task = ? AND version <= ?", (task, version - self.keep))
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
         return version
 
     def load(self, task: str, version: int | None = None) -> Checkpoint | None:

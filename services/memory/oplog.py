@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from outpost.errors import OutpostError
-from outpost.store import Store
+from outpost.store import Store, sequence, transaction
 
 Sync = Literal["OFF", "NORMAL", "FULL"]
 
@@ -111,18 +111,12 @@ class OpLog:
         if not records:
             return (0, 0)
         now = time.time_ns()
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.db) as db:
             db.executemany(
                 "INSERT INTO log (ts, at, kind, trace, topic, body) VALUES (?, ?, ?, ?, ?, ?)",
                 [(r.ts, now, r.kind, r.trace, r.topic, r.body) for r in records],
             )
-            last = int(db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'log'").fetchone()[0])
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            last = sequence(db, "log")
         return (last - len(records) + 1, last)
 
     # --- reading ---------------------------------------------------------------------------------
@@ -201,8 +195,7 @@ class OpLog:
 
     @property
     def last_offset(self) -> int:
-        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'log'").fetchone()
-        return int(row[0]) if row else 0
+        return sequence(self.db, "log")
 
     def count(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM log").fetchone()[0])

@@ -33,7 +33,7 @@ from outpost.log import get_logger
 from outpost.service import ServiceRuntime, run_until, service_main
 from outpost.services.memory.sync import PART
 from outpost.settings import OutpostSettings
-from outpost.store import Store
+from outpost.store import Store, transaction
 from outpost.topics import Topics, check_segment
 
 NAME = "replica"
@@ -167,17 +167,14 @@ class ReplicaStore:
         """Apply what follows the last record held, in one transaction. A record that cannot be
         applied is skipped and reported (the caller dead-letters it), so one bad record never
         blocks its stream; offsets that do not grow make the whole message invalid."""
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.db) as db:
             row = db.execute(
                 "SELECT last, epoch FROM streams WHERE site = ? AND stream = ?", (m.site, m.stream)
             ).fetchone()
             if row is None or row[1] != m.epoch:
                 # a site (or a sync state of it: wiped, replaced, sync was off) new to this replica
                 if m.prev != 0:  # it goes on from records this replica never had: say so
-                    db.execute("ROLLBACK")
-                    return Applied(0, unknown=True)
+                    return Applied(0, unknown=True)  # nothing was written
                 out = Applied(0, reset=row is not None)
                 if row is not None and m.stream == "ltm":  # its memory comes again, whole
                     db.execute("DELETE FROM items WHERE site = ?", (m.site,))
@@ -209,10 +206,6 @@ class ReplicaStore:
                 "ON CONFLICT(site, stream) DO UPDATE SET last = excluded.last, epoch = excluded.epoch",
                 (m.site, m.stream, out.last, m.epoch),
             )
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
         return out
 
     def _apply_one(self, site: str, epoch: str, stream: str, offset: int, body: dict[str, Any]) -> None:

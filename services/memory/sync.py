@@ -42,7 +42,7 @@ from outpost.service import ServiceRuntime
 from outpost.services.memory.oplog import OpLog
 from outpost.services.memory.vectors import LongTermMemory
 from outpost.settings import OutpostSettings
-from outpost.store import Store
+from outpost.store import Store, sequence
 
 log = get_logger("outpost.memory.sync")
 
@@ -112,8 +112,7 @@ class _SummarySource:
         self.store.db.execute('DELETE FROM summaries WHERE "offset" <= ?', (upto,))
 
     def last(self) -> int:
-        row = self.store.query("SELECT seq FROM sqlite_sequence WHERE name = 'summaries'")
-        return int(row[0][0]) if row else 0
+        return sequence(self.store.db, "summaries")
 
     def expire(self, before_ns: int) -> int:
         return self.store.db.execute("DELETE FROM summaries WHERE made_ns < ?", (before_ns,)).rowcount
@@ -249,25 +248,27 @@ class MemorySync:
         raw = bytes(msg.payload)
         try:
             ack = Ack.model_validate_json(raw)
-            st = self.streams.get(ack.stream)
-            if st is None:
-                raise ValueError(f"unknown stream {ack.stream[:16]!r}")
-            if ack.epoch != self.epoch:  # about a sync state this site no longer has: harmless
-                self.metrics.counters["sync_stale_acks"] += 1
-                st = None
-            elif ack.offset > st.source.last():
-                raise ValueError(
-                    f"{ack.stream}: offset {ack.offset} was never sent (last {st.source.last()})"
-                )
+            st = self._stream_of(ack)
         except (ValidationError, ValueError) as exc:
             self.rt.dead_letter("bad_ack", str(exc)[:500], msg.topic, raw)
         else:
-            if st is not None and ack.unknown:
+            if ack.epoch != self.epoch:  # about a sync state this site no longer has: harmless
+                self.metrics.counters["sync_stale_acks"] += 1
+            elif ack.unknown:
                 self._again(st)
-            elif st is not None:
+            else:
                 self._acknowledged(st, ack.offset)
         if msg.qos:
             self.bus.ack(msg.mid, msg.qos)
+
+    def _stream_of(self, ack: Ack) -> _Stream:
+        """The stream an acknowledgement is about; ValueError for one this site never sent."""
+        st = self.streams.get(ack.stream)
+        if st is None:
+            raise ValueError(f"unknown stream {ack.stream[:16]!r}")
+        if ack.epoch == self.epoch and ack.offset > st.source.last():
+            raise ValueError(f"{ack.stream}: offset {ack.offset} was never sent (last {st.source.last()})")
+        return st
 
     def _again(self, st: _Stream) -> None:
         """The replica lost this stream's history: send it again from the start (long-term memory

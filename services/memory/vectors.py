@@ -38,7 +38,7 @@ import orjson
 from usearch.index import Index
 
 from outpost.errors import OutpostError
-from outpost.store import Store
+from outpost.store import Store, sequence, transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -250,12 +250,9 @@ class LongTermMemory:
         now = time.time_ns()
         expires = now + int(ttl_s * 1e9) if ttl_s is not None else None
         with self._lock:
-            db = self.db
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self.db) as db:
                 first = int(db.execute("SELECT coalesce(max(key), 0) FROM items").fetchone()[0]) + 1
-                seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
-                first = max(first, int(seq[0]) + 1 if seq else 1)
+                first = max(first, sequence(db, "items") + 1)
                 keys = list(range(first, first + len(bodies)))
                 db.executemany(
                     "INSERT INTO items (key, namespace, subject, meta, payload, vector, created_ns, used_ns, "
@@ -265,10 +262,6 @@ class LongTermMemory:
                         for i, (k, b) in enumerate(zip(keys, bodies, strict=True))
                     ],
                 )
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
             self.index.add(np.array(keys, dtype=np.uint64), arr)
             return keys
 
@@ -357,20 +350,12 @@ class LongTermMemory:
     def snapshot_changes(self) -> int:
         """Replace the recorded changes with one ``add`` for every item there is: the whole store
         for a replica that starts from nothing. The number of items."""
-        with self._lock:
-            db = self.db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.execute("DELETE FROM changes")
-                n = db.execute(
-                    "INSERT INTO changes (op, key, at_s) "
-                    "SELECT 'add', key, unixepoch() FROM items ORDER BY key"
-                ).rowcount
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            return int(n)
+        with self._lock, transaction(self.db) as db:
+            db.execute("DELETE FROM changes")
+            n = db.execute(
+                "INSERT INTO changes (op, key, at_s) SELECT 'add', key, unixepoch() FROM items ORDER BY key"
+            ).rowcount
+        return int(n)
 
     def trim_changes(self, upto: int) -> int:
         """Forget the changes the cloud has acknowledged."""
@@ -385,8 +370,7 @@ class LongTermMemory:
             ).rowcount
 
     def last_change(self) -> int:
-        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
-        return int(row[0]) if row else 0
+        return sequence(self.db, "changes")
 
     # --- reading ---------------------------------------------------------------------------------
     def search(

@@ -24,7 +24,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per entry
 KindOpt = Annotated[str | None, typer.Option("--kind", help="Only entries of this kind: event, score, dlq.")]
 
 
-_where: dict[str, Path] = {}
+_where: dict[str, Path | None] = {"data_dir": None}
+"""The group's ``--data-dir`` for the command that follows it (set anew on every invocation)."""
 
 
 @log_app.callback()
@@ -34,14 +35,13 @@ def _options(
         typer.Option("--data-dir", help="The site's data folder (default: OUTPOST_DATA_DIR, then .outpost)."),
     ] = None,
 ) -> None:
-    if data_dir is not None:
-        _where["data_dir"] = data_dir
+    _where["data_dir"] = data_dir
 
 
 def _open() -> Any:
     from outpost.services.memory.oplog import OpLog
 
-    folder = _where.get("data_dir") or Path(load_settings().data_dir)
+    folder = _where["data_dir"] or Path(load_settings().data_dir)
     path = folder / "memory" / "oplog.db"
     if not path.is_file():
         raise ConfigError(

@@ -6,9 +6,9 @@ Any folder with the same files (``config.json``, ``model.safetensors``, ``tokeni
 ``sentence_bert_config.json``) works too, through ``memory.embedder_dir``.
 
 The ONNX graph is built once from the weights (:mod:`.graph`) and cached beside the site's data,
-keyed by the weights' sha256 and the graph's version, so a restart loads it in well under a
-second and a changed model is never served from a stale file. Tokenising is Hugging Face's
-``tokenizers`` (Rust), with the model's own ``tokenizer.json``.
+keyed by the weights file (path, size, modification time) and the graph's version, so a restart
+loads it in well under a second and a changed model is never served from a stale file.
+Tokenising is Hugging Face's ``tokenizers`` (Rust), with the model's own ``tokenizer.json``.
 """
 
 from __future__ import annotations
@@ -52,12 +52,11 @@ def default_model_folder() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+def _weights_key(path: Path) -> str:
+    """Which weights a cached graph was built from, without reading their 90 MB at every start:
+    a changed file has a new size or modification time, and so a new key."""
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
 
 
 def cached_graph(folder: Path, cache_dir: Path, *, rebuild: bool = False) -> Path:
@@ -66,7 +65,7 @@ def cached_graph(folder: Path, cache_dir: Path, *, rebuild: bool = False) -> Pat
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise EmbeddingModelError(f"{folder}: no model.safetensors")
-    path = cache_dir / f"encoder-{_sha256(weights)[:16]}-g{GRAPH_VERSION}.onnx"
+    path = cache_dir / f"encoder-{_weights_key(weights)[:16]}-g{GRAPH_VERSION}.onnx"
     if path.is_file() and not rebuild:
         return path
     log.info("building the text encoder's ONNX graph from %s (once)", weights)
