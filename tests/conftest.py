@@ -3,6 +3,7 @@ ingest running in-process, and a collector that subscribes for real."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Generic, TypeVar
 
 import orjson
 import pytest
@@ -113,31 +114,76 @@ def collect(settings: OutpostSettings) -> Iterator[Callable[..., Collector]]:
         c.stop()
 
 
-class RunningIngest:
-    def __init__(self, settings: OutpostSettings) -> None:
+OUTPOST = [sys.executable, "-m", "outpost.cli.main"]
+"""The ``outpost`` command, run by the tests' own interpreter."""
+
+
+def outpost(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``outpost ARGS`` to its end, as an operator would, output captured as text."""
+    return subprocess.run(
+        [*OUTPOST, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+S = TypeVar("S")
+
+
+class ServiceThread(Generic[S]):
+    """A service's ``run(settings, stop)`` on a thread of the test process: every service's tests
+    run it in-process this way. ``stop()`` drains it and returns the stopped service."""
+
+    def __init__(
+        self, run: Callable[[OutpostSettings, threading.Event], S], settings: OutpostSettings
+    ) -> None:
         self.stop_event = threading.Event()
-        self.result: list[IngestService] = []
+        self.result: list[S] = []
         self.thread = threading.Thread(
             target=lambda: self.result.append(run(settings, self.stop_event)), daemon=True
         )
 
-    def stop(self) -> IngestService:
+    def start(self) -> ServiceThread[S]:
+        self.thread.start()
+        return self
+
+    def stop(self) -> S:
         self.stop_event.set()
         self.thread.join(30)
         return self.result[0]
 
 
+RunningIngest = ServiceThread[IngestService]
+_probes = itertools.count()
+
+
+def wait_status(
+    settings: OutpostSettings,
+    service: str,
+    *,
+    pid: int | None = None,
+    state: str = "online",
+    timeout: float = 30.0,
+) -> None:
+    """Wait until ``service``'s retained status says ``state`` (from process ``pid``, if given).
+    A service says online after it has subscribed, so what is published next reaches it."""
+    probe = Collector(
+        settings.mqtt,
+        settings.topics.service_status(service),
+        client_id=f"probe-{service}-{next(_probes)}-{settings.site}",
+    ).start()
+    try:
+        assert probe.wait_for(
+            lambda c: any(d.get("state") == state and pid in (None, d.get("pid")) for d in c.json()), timeout
+        ), f"{service} never said {state}"
+    finally:
+        probe.stop()
+
+
 @pytest.fixture
 def ingest(settings: OutpostSettings, broker: Mosquitto) -> Iterator[RunningIngest]:
-    r = RunningIngest(settings)
-    r.thread.start()
-    # ready when its retained status says online
-    probe = Collector(
-        settings.mqtt, settings.topics.service_status("ingest"), client_id="probe-" + settings.site
-    )
-    probe.start()
-    assert probe.wait_for(lambda c: any(d.get("state") == "online" for d in c.json()), 30)
-    probe.stop()
+    r = ServiceThread(run, settings).start()
+    wait_status(settings, "ingest")
     yield r
     if r.thread.is_alive():
         r.stop()
@@ -154,28 +200,15 @@ def publisher(settings: OutpostSettings) -> Iterator[Bus]:
 # --- additions for the ingest hostile-input and reliability suites ---------------------------------
 
 
-def wait_online(settings: OutpostSettings, timeout: float = 30.0) -> None:
-    """Wait until ingest's retained status says online."""
-    probe = Collector(
-        settings.mqtt, settings.topics.service_status("ingest"), client_id="probe2-" + settings.site
-    )
-    probe.start()
-    try:
-        assert probe.wait_for(lambda c: any(d.get("state") == "online" for d in c.json()), timeout)
-    finally:
-        probe.stop()
-
-
 @pytest.fixture
 def start_ingest(settings: OutpostSettings, broker: Mosquitto) -> Iterator[Callable[[], RunningIngest]]:
     """Start ingest in-process once the test has adjusted ``settings`` (e.g. small limits)."""
     started: list[RunningIngest] = []
 
     def start() -> RunningIngest:
-        r = RunningIngest(settings)
-        r.thread.start()
+        r = ServiceThread(run, settings).start()
         started.append(r)
-        wait_online(settings)
+        wait_status(settings, "ingest")
         return r
 
     yield start

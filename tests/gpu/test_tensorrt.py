@@ -41,8 +41,9 @@ but TensorRT does not promise deterministic tactics, and a wrong row is off by f
 Array = npt.NDArray[np.float32]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _needs_tensorrt() -> None:
+    """First of the module's fixtures: the engines below are never built where TensorRT is absent."""
     why = unavailable_reason()
     if why is not None:
         pytest.skip(f"TensorRT cannot run here: {why}")
@@ -112,22 +113,20 @@ def engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("engines")
 
 
-@pytest.fixture(scope="module")
-def fp16_backend(model: tuple[Path, str], engine_dir: Path) -> Iterator[TensorRTBackend]:
-    if unavailable_reason() is not None:
-        pytest.skip(f"TensorRT cannot run here: {unavailable_reason()}")
-    b = TensorRTBackend(model[0], TensorRTConfig(fp16=True), model_sha256=model[1], cache_dir=engine_dir)
+def _trt(model: tuple[Path, str], engine_dir: Path, *, fp16: bool) -> Iterator[TensorRTBackend]:
+    b = TensorRTBackend(model[0], TensorRTConfig(fp16=fp16), model_sha256=model[1], cache_dir=engine_dir)
     yield b
     b.close()
+
+
+@pytest.fixture(scope="module")
+def fp16_backend(model: tuple[Path, str], engine_dir: Path) -> Iterator[TensorRTBackend]:
+    yield from _trt(model, engine_dir, fp16=True)
 
 
 @pytest.fixture(scope="module")
 def fp32_backend(model: tuple[Path, str], engine_dir: Path) -> Iterator[TensorRTBackend]:
-    if unavailable_reason() is not None:
-        pytest.skip(f"TensorRT cannot run here: {unavailable_reason()}")
-    b = TensorRTBackend(model[0], TensorRTConfig(fp16=False), model_sha256=model[1], cache_dir=engine_dir)
-    yield b
-    b.close()
+    yield from _trt(model, engine_dir, fp16=False)
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,12 @@ depend on the machine and on whatever else runs on it; only that the parts talk 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import orjson
 import pytest
 
 from outpost.benchmarks.clients import run_clients_bench
 from outpost.benchmarks.ingest import IngestBenchOptions, run_ingest_bench
+from tests.conftest import outpost
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,9 +46,11 @@ def test_ingest_bench_counts_what_it_sends() -> None:
 
 
 def test_cli_json_is_one_object_on_the_last_line() -> None:
-    cmd = [sys.executable, "-m", "outpost.cli.main", "bench", "ingest", "--quick", "--duration", "0.5"]
-    cmd += ["--warmup", "0.3", "--scenario", "single", "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    p = outpost(
+        "bench", "ingest", "--quick", "--duration", "0.5", "--warmup", "0.3", "--scenario", "single", "--json"
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = p.stdout
     result = orjson.loads(out.strip().splitlines()[-1])
     assert result["bench"] == "ingest"
     assert result["summary"]["raw_per_s"] > 0 and result["summary"]["ingest_per_s"] > 0

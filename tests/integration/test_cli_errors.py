@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from outpost.broker import free_port
+from tests.conftest import outpost
 
 
 def _outpost(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
-    return subprocess.run(
-        [sys.executable, "-m", "outpost.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**clean, **(env or {})},
-        cwd=cwd,
-        check=False,
-    )
+    return outpost(*args, env={**clean, **(env or {})}, cwd=cwd, timeout=60)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import pytest
 from outpost.services.inference.service import run as run_inference
 from outpost.services.memory.service import run as run_memory
 from outpost.settings import OutpostSettings
-from tests.conftest import Collector
+from tests.conftest import Collector, ServiceThread
 from tests.integration.test_inference import PACKAGED_MODELS
 
 pytestmark = pytest.mark.integration
@@ -24,13 +23,6 @@ def latest(c: Collector) -> dict[str, Any]:
     return docs[-1] if docs else {}
 
 
-def run_in_thread(run: Any, settings: OutpostSettings) -> tuple[threading.Event, threading.Thread]:
-    stop = threading.Event()
-    t = threading.Thread(target=run, args=(settings, stop), daemon=True)
-    t.start()
-    return stop, t
-
-
 def test_inference_without_a_backend_that_runs_is_degraded(settings: OutpostSettings, tmp_path: Path) -> None:
     shutil.copytree(PACKAGED_MODELS, tmp_path / "models")
     settings.inference.models_dir = tmp_path / "models"
@@ -38,7 +30,7 @@ def test_inference_without_a_backend_that_runs_is_degraded(settings: OutpostSett
     # asked for CUDA on a machine without it: an error, never a silent fallback to the CPU
     settings.inference.backend = {"type": "onnxruntime", "providers": ["cuda"]}  # type: ignore[assignment]
     status = Collector(settings.mqtt, settings.topics.service_status("inference"), client_id="st-inf").start()
-    stop, t = run_in_thread(run_inference, settings)
+    svc = ServiceThread(run_inference, settings).start()
     try:
         assert status.wait_for(lambda c: latest(c).get("health") == "degraded")
         doc = latest(status)
@@ -46,8 +38,7 @@ def test_inference_without_a_backend_that_runs_is_degraded(settings: OutpostSett
         assert {p.split(":")[0] for p in doc["problems"]} == {"fridge-anomaly", "shelf-stock"}
         assert all("nothing serves it" in p and "not ['cuda']" in p for p in doc["problems"]), doc["problems"]
     finally:
-        stop.set()
-        t.join(30)
+        svc.stop()
     assert latest(status)["state"] == "stopped"
     status.stop()
 
@@ -57,7 +48,7 @@ def test_memory_without_its_text_encoder_is_degraded_and_serves_the_rest(
 ) -> None:
     settings.memory.embedder_dir = str(tmp_path / "no-model-here")
     status = Collector(settings.mqtt, settings.topics.service_status("memory"), client_id="st-mem").start()
-    stop, t = run_in_thread(run_memory, settings)
+    svc = ServiceThread(run_memory, settings).start()
     try:
         assert status.wait_for(lambda c: latest(c).get("state") == "online")
         doc = latest(status)
@@ -70,18 +61,16 @@ def test_memory_without_its_text_encoder_is_degraded_and_serves_the_rest(
                 mem.request("ltm-search", {"namespace": "n", "text": "hello"})
             assert e.value.reason == "no_embedder" and "no such model folder" in e.value.detail
     finally:
-        stop.set()
-        t.join(30)
+        svc.stop()
     status.stop()
 
 
 def test_a_healthy_service_says_ok(settings: OutpostSettings) -> None:
     status = Collector(settings.mqtt, settings.topics.service_status("memory"), client_id="st-ok").start()
-    stop, t = run_in_thread(run_memory, settings)
+    svc = ServiceThread(run_memory, settings).start()
     try:
         assert status.wait_for(lambda c: latest(c).get("state") == "online")
         assert latest(status)["health"] == "ok" and latest(status)["problems"] == []
     finally:
-        stop.set()
-        t.join(30)
+        svc.stop()
     status.stop()

@@ -25,7 +25,7 @@ from outpost.services.inference.manifest import Manifest, read_manifest, sha256_
 from outpost.services.inference.registry import PACKAGED_MODELS, Registry
 from outpost.services.inference.service import InferenceService, run, score_id
 from outpost.settings import OutpostSettings
-from tests.conftest import Collector
+from tests.conftest import Collector, ServiceThread, wait_status
 from tests.conftest import make_event as event
 
 pytestmark = pytest.mark.integration
@@ -56,18 +56,7 @@ def registry(s: OutpostSettings) -> Registry:
     return Registry(s.inference.models_dir, Path(s.data_dir) / "inference" / "registry.db")
 
 
-class RunningInference:
-    def __init__(self, settings: OutpostSettings) -> None:
-        self.stop_event = threading.Event()
-        self.result: list[InferenceService] = []
-        self.thread = threading.Thread(
-            target=lambda: self.result.append(run(settings, self.stop_event)), daemon=True
-        )
-
-    def stop(self) -> InferenceService:
-        self.stop_event.set()
-        self.thread.join(30)
-        return self.result[0]
+RunningInference = ServiceThread[InferenceService]
 
 
 @pytest.fixture
@@ -77,33 +66,15 @@ def start_inference(
     started: list[RunningInference] = []
 
     def start() -> RunningInference:
-        r = RunningInference(isettings)
-        r.thread.start()
+        r = ServiceThread(run, isettings).start()
         started.append(r)
-        probe = Collector(
-            isettings.mqtt,
-            isettings.topics.service_status("inference"),
-            client_id=f"probe-inf-{len(started)}-{isettings.site}",
-        )
-        probe.start()
-        try:
-            assert probe.wait_for(lambda c: any(d.get("state") == "online" for d in c.json()), WAIT)
-        finally:
-            probe.stop()
+        wait_status(isettings, "inference", timeout=WAIT)
         return r
 
     yield start
     for r in started:
         if r.thread.is_alive():
             r.stop()
-
-
-@pytest.fixture
-def pub(isettings: OutpostSettings) -> Iterator[Bus]:
-    b = Bus(isettings.mqtt, client_id="pub-" + isettings.site)
-    b.start()
-    yield b
-    b.stop()
 
 
 def fridge_step(device: str, step: int, *, rng: np.random.Generator) -> list[dict[str, Any]]:
@@ -118,12 +89,18 @@ def fridge_step(device: str, step: int, *, rng: np.random.Generator) -> list[dic
 
 
 def send_shelf(
-    pub: Bus, s: OutpostSettings, device: str, seqs: Iterable[int], value: float | Callable[[int], float]
+    publisher: Bus,
+    s: OutpostSettings,
+    device: str,
+    seqs: Iterable[int],
+    value: float | Callable[[int], float],
 ) -> None:
     """One shelf_weight event a message at QoS 1, as ingest publishes a device's events at a low rate."""
     for seq in seqs:
         v = value(seq) if callable(value) else value
-        pub.publish(s.topics.events(device), orjson.dumps([event(device, seq, "shelf_weight", v)]), qos=1)
+        publisher.publish(
+            s.topics.events(device), orjson.dumps([event(device, seq, "shelf_weight", v)]), qos=1
+        )
 
 
 def scores(c: Collector) -> list[dict[str, Any]]:
@@ -136,7 +113,7 @@ def scores(c: Collector) -> list[dict[str, Any]]:
 def test_scores_carry_model_version_trace_and_latency(
     start_inference: Callable[[], RunningInference],
     collect: Callable[..., Collector],
-    pub: Bus,
+    publisher: Bus,
     isettings: OutpostSettings,
 ) -> None:
     t = isettings.topics
@@ -144,7 +121,7 @@ def test_scores_carry_model_version_trace_and_latency(
     start_inference()
     manifest = registry(isettings).manifest(SHELF, registry(isettings).state(SHELF).active or "")
     n = 40
-    send_shelf(pub, isettings, "shelf-001", range(n), lambda seq: 20.0 - seq * 0.3)
+    send_shelf(publisher, isettings, "shelf-001", range(n), lambda seq: 20.0 - seq * 0.3)
     expected = n - (manifest.min_readings - 1)
     assert out.wait_for(lambda c: len(scores(c)) >= expected, WAIT), len(scores(out))
     got = scores(out)
@@ -187,7 +164,7 @@ HOSTILE: list[tuple[str, str, bytes]] = [
 def test_hostile_events_are_dead_lettered_and_service_lives_on(
     start_inference: Callable[[], RunningInference],
     collect: Callable[..., Collector],
-    pub: Bus,
+    publisher: Bus,
     isettings: OutpostSettings,
 ) -> None:
     t = isettings.topics
@@ -196,9 +173,9 @@ def test_hostile_events_are_dead_lettered_and_service_lives_on(
     metrics = collect(t.metrics("inference"))
     r = start_inference()
     for _, device, payload in HOSTILE:
-        pub.publish(f"{t.root}/events/{device}", payload, qos=1)
+        publisher.publish(f"{t.root}/events/{device}", payload, qos=1)
     # a huge value makes a non-finite statistic: bad_features, not a crash
-    send_shelf(pub, isettings, "shelf-009", range(10), lambda seq: 1e308 * (-1) ** seq)
+    send_shelf(publisher, isettings, "shelf-009", range(10), lambda seq: 1e308 * (-1) ** seq)
     want = Counter(h[0] for h in HOSTILE)
 
     def all_dead_lettered(c: Collector) -> bool:
@@ -215,10 +192,10 @@ def test_hostile_events_are_dead_lettered_and_service_lives_on(
     for d in dlq.json():
         assert d["stage"] == "inference" and d["payload_len"] > 0 and d["detail"]
     # still scoring, and a replayed event (same id) is scored once
-    send_shelf(pub, isettings, "shelf-002", range(10), 10.0)
+    send_shelf(publisher, isettings, "shelf-002", range(10), 10.0)
     replay = orjson.dumps([event("shelf-002", 9, "shelf_weight", 10.0)])
-    pub.publish(t.events("shelf-002"), replay, qos=1)
-    pub.publish(t.events("shelf-002"), replay, qos=1)
+    publisher.publish(t.events("shelf-002"), replay, qos=1)
+    publisher.publish(t.events("shelf-002"), replay, qos=1)
     assert out.wait_for(lambda c: any(s["event"] == "shelf-002-9" for s in scores(c)), WAIT)
 
     def replays_taken(c: Collector) -> bool:
@@ -241,7 +218,7 @@ def test_hostile_events_are_dead_lettered_and_service_lives_on(
 def test_swap_and_rollback_under_load_lose_and_duplicate_nothing(
     start_inference: Callable[[], RunningInference],
     collect: Callable[..., Collector],
-    pub: Bus,
+    publisher: Bus,
     isettings: OutpostSettings,
 ) -> None:
     t = isettings.topics
@@ -261,7 +238,7 @@ def test_swap_and_rollback_under_load_lose_and_duplicate_nothing(
     def load() -> None:
         for step in range(steps):
             for d in devices:
-                pub.publish(t.events(d), orjson.dumps(fridge_step(d, step, rng=rng)), qos=1)
+                publisher.publish(t.events(d), orjson.dumps(fridge_step(d, step, rng=rng)), qos=1)
             time.sleep(0.004)  # ~2,500 steps/s offered: 10,000 events/s
 
     sender = threading.Thread(target=load)
@@ -300,7 +277,7 @@ def test_swap_and_rollback_under_load_lose_and_duplicate_nothing(
 def test_a_new_release_dropped_into_the_folder_is_served_without_a_restart(
     start_inference: Callable[[], RunningInference],
     collect: Callable[..., Collector],
-    pub: Bus,
+    publisher: Bus,
     isettings: OutpostSettings,
     models_dir: Path,
 ) -> None:
@@ -311,7 +288,7 @@ def test_a_new_release_dropped_into_the_folder_is_served_without_a_restart(
     good = reg.state(SHELF).active or ""
 
     def send(start: int) -> None:
-        send_shelf(pub, isettings, "shelf-005", range(start, start + 10), 4.0)
+        send_shelf(publisher, isettings, "shelf-005", range(start, start + 10), 4.0)
 
     send(0)
     assert out.wait_for(lambda c: len(scores(c)) > 0, WAIT)
@@ -328,7 +305,7 @@ def test_a_new_release_dropped_into_the_folder_is_served_without_a_restart(
 def test_a_release_copied_file_by_file_is_served_once_complete(
     start_inference: Callable[[], RunningInference],
     collect: Callable[..., Collector],
-    pub: Bus,
+    publisher: Bus,
     isettings: OutpostSettings,
     models_dir: Path,
 ) -> None:
@@ -352,7 +329,7 @@ def test_a_release_copied_file_by_file_is_served_once_complete(
     shutil.copy(src / m.file, dst / m.file)  # ...then the model
     seq = 0
     while time.monotonic() < deadline + WAIT and not any(s["version"] == "8.1.0" for s in scores(out)):
-        send_shelf(pub, isettings, "shelf-006", range(seq, seq + 10), 4.0)
+        send_shelf(publisher, isettings, "shelf-006", range(seq, seq + 10), 4.0)
         seq += 10
         time.sleep(0.3)
     assert any(s["version"] == "8.1.0" for s in scores(out))
@@ -406,7 +383,7 @@ def _wrong_shape_model(features: int) -> onnx.ModelProto:
 def test_bad_model_versions_never_replace_the_last_good_one(
     start_inference: Callable[[], RunningInference],
     collect: Callable[..., Collector],
-    pub: Bus,
+    publisher: Bus,
     isettings: OutpostSettings,
     models_dir: Path,
 ) -> None:
@@ -438,7 +415,7 @@ def test_bad_model_versions_never_replace_the_last_good_one(
         last = reported.json()[-1]["models"][SHELF]
         assert last["active"] == good
         first = 100 if bad == "9.1.0" else 0
-        send_shelf(pub, isettings, "shelf-003", range(first, first + 10), 5.0)
+        send_shelf(publisher, isettings, "shelf-003", range(first, first + 10), 5.0)
         assert out.wait_for(lambda c: len(scores(c)) > 0 and scores(c)[-1]["version"] == good, WAIT)
     # rollback skips the versions that failed
     assert reg.rollback(SHELF) == good
@@ -450,7 +427,7 @@ def test_bad_model_versions_never_replace_the_last_good_one(
 def test_shadow_scores_alongside_and_is_never_published(
     start_inference: Callable[[], RunningInference],
     collect: Callable[..., Collector],
-    pub: Bus,
+    publisher: Bus,
     isettings: OutpostSettings,
 ) -> None:
     t = isettings.topics
@@ -463,7 +440,9 @@ def test_shadow_scores_alongside_and_is_never_published(
     start_inference()
     rng = np.random.default_rng(1)
     for step in range(60):
-        pub.publish(t.events("fridge-001"), orjson.dumps(fridge_step("fridge-001", step, rng=rng)), qos=1)
+        publisher.publish(
+            t.events("fridge-001"), orjson.dumps(fridge_step("fridge-001", step, rng=rng)), qos=1
+        )
     assert out.wait_for(lambda c: len(scores(c)) >= 50, WAIT)
 
     def shadowed(c: Collector) -> bool:
@@ -490,7 +469,7 @@ def test_shadow_scores_alongside_and_is_never_published(
 def test_a_shadow_with_other_features_and_window_scores_on_its_own_features(
     start_inference: Callable[[], RunningInference],
     collect: Callable[..., Collector],
-    pub: Bus,
+    publisher: Bus,
     isettings: OutpostSettings,
     models_dir: Path,
 ) -> None:
@@ -525,7 +504,7 @@ def test_a_shadow_with_other_features_and_window_scores_on_its_own_features(
     out = collect(t.root + f"/inference/{SHELF}/+")
     r = start_inference()
     n = 80
-    send_shelf(pub, isettings, "shelf-001", range(n), lambda seq: 20.0 - seq * 0.1)
+    send_shelf(publisher, isettings, "shelf-001", range(n), lambda seq: 20.0 - seq * 0.1)
     expected = n - (m.min_readings - 1)
     assert out.wait_for(lambda c: len(scores(c)) >= expected, WAIT)
     svc = r.stop()
@@ -578,7 +557,7 @@ def _activate_slow_version(s: OutpostSettings, models_dir: Path) -> Manifest:
 def test_a_burst_beyond_what_is_scored_waits_on_the_broker_and_loses_nothing(
     start_inference: Callable[[], RunningInference],
     collect: Callable[..., Collector],
-    pub: Bus,
+    publisher: Bus,
     isettings: OutpostSettings,
     models_dir: Path,
 ) -> None:
@@ -592,7 +571,7 @@ def test_a_burst_beyond_what_is_scored_waits_on_the_broker_and_loses_nothing(
     dlq = collect(t.dlq("inference"))
     r = start_inference()
     n = 2500
-    send_shelf(pub, isettings, "shelf-001", range(n), 9.0)
+    send_shelf(publisher, isettings, "shelf-001", range(n), 9.0)
     expected = n - (m.min_readings - 1)
     assert out.wait_for(lambda c: len(scores(c)) >= expected, 60), len(scores(out))
     svc = r.stop()

@@ -13,7 +13,7 @@ import pytest
 from outpost.bus import Bus
 from outpost.services.ingest import service as ingest_service
 from outpost.settings import OutpostSettings
-from tests.conftest import Collector, RunningIngest, make_reading, wait_online
+from tests.conftest import Collector, ServiceThread, make_reading, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -34,12 +34,11 @@ def test_a_failing_message_is_dead_lettered_and_ingest_lives_on(
     monkeypatch.setattr(ingest_service, "UNITS", _ExplodingUnits(ingest_service.UNITS))
     events = collect(settings.topics.all_events)
     dlq = collect(settings.topics.dlq("ingest"))
-    running = RunningIngest(settings)
-    running.thread.start()
+    running = ServiceThread(ingest_service.run, settings).start()
     try:
         # its durable session is new: what is published before it has subscribed is lost, so wait
         # for its online status (published after its SUBSCRIBE), not a fixed time
-        wait_online(settings)
+        wait_status(settings, "ingest")
         topic = settings.topics.telemetry("meter-1")
         bad = orjson.dumps(make_reading("meter-1", 1, metric="energy", value=2.0, unit="kWh"))
         publisher.publish(topic, bad, qos=1)

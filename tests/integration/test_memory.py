@@ -10,59 +10,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 
-from outpost.broker import Mosquitto
 from outpost.bus import Bus
 from outpost.envelope import dead_letter
 from outpost.services.memory.oplog import OpLog
-from outpost.services.memory.service import MemoryService, run
+from outpost.services.memory.service import run
 from outpost.settings import OutpostSettings
-from tests.conftest import Collector, make_event
+from tests.conftest import Collector, ServiceThread, make_event, outpost, wait_status
 
 pytestmark = pytest.mark.integration
-
-
-class RunningMemory:
-    def __init__(self, settings: OutpostSettings) -> None:
-        self.stop_event = threading.Event()
-        self.result: list[MemoryService] = []
-        self.thread = threading.Thread(
-            target=lambda: self.result.append(run(settings, self.stop_event)), daemon=True
-        )
-
-    def stop(self) -> MemoryService:
-        self.stop_event.set()
-        self.thread.join(30)
-        return self.result[0]
-
-
-def wait_online(settings: OutpostSettings, pid: int | None = None) -> None:
-    probe = Collector(
-        settings.mqtt, settings.topics.service_status("memory"), client_id=f"pm{pid}-{settings.site}"
-    )
-    probe.start()
-    try:
-        assert probe.wait_for(
-            lambda c: any(
-                d.get("state") == "online" and (pid is None or d.get("pid") == pid) for d in c.json()
-            ),
-            30,
-        )
-    finally:
-        probe.stop()
-
-
-@pytest.fixture
-def pub(settings: OutpostSettings, broker: Mosquitto) -> Iterator[Bus]:
-    b = Bus(settings.mqtt, client_id="pub-" + settings.site)
-    b.start()
-    yield b
-    b.stop()
 
 
 def oplog(settings: OutpostSettings) -> OpLog:
@@ -99,26 +59,25 @@ def score(device: str, eid: str) -> dict[str, object]:
 
 
 def test_the_log_holds_what_happened_and_trace_returns_all_a_reading_caused(
-    settings: OutpostSettings, pub: Bus, tmp_path: Path
+    settings: OutpostSettings, publisher: Bus, tmp_path: Path
 ) -> None:
     t = settings.topics
     dlq = Collector(settings.mqtt, t.dlq("memory"), client_id="dm-" + settings.site).start()
-    r = RunningMemory(settings)
-    r.thread.start()
-    wait_online(settings)
+    r = ServiceThread(run, settings).start()
+    wait_status(settings, "memory")
     events = [make_event("shelf-001", i, "shelf_weight", 5.0 + i) for i in range(50)]
-    pub.publish(t.events("shelf-001"), orjson.dumps(events), qos=1)
-    pub.publish(
+    publisher.publish(t.events("shelf-001"), orjson.dumps(events), qos=1)
+    publisher.publish(
         t.inference("shelf-stock", "shelf-001"), orjson.dumps([score("shelf-001", "shelf-001-7")]), qos=1
     )
-    pub.publish(
+    publisher.publish(
         t.dlq("ingest"),
         dead_letter(
             stage="ingest", reason="duplicate", detail="seen", topic="x", payload=b"{}", trace="shelf-001-7"
         ),
         qos=1,
     )
-    pub.publish(t.events("shelf-002"), b"{not json", qos=1)
+    publisher.publish(t.events("shelf-002"), b"{not json", qos=1)
     # 50 events, a score, a dead letter from ingest and the memory service's own dead letter
     assert wait_count(settings, 53)
     svc = r.stop()
@@ -147,7 +106,9 @@ def memory_env(settings: OutpostSettings) -> dict[str, str]:
     return env
 
 
-def test_kill_9_mid_stream_loses_nothing_that_was_published(settings: OutpostSettings, pub: Bus) -> None:
+def test_kill_9_mid_stream_loses_nothing_that_was_published(
+    settings: OutpostSettings, publisher: Bus
+) -> None:
     t = settings.topics
     env = memory_env(settings)
 
@@ -158,7 +119,7 @@ def test_kill_9_mid_stream_loses_nothing_that_was_published(settings: OutpostSet
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_online(settings, p.pid)
+        wait_status(settings, "memory", pid=p.pid)
         return p
 
     proc = start()
@@ -168,7 +129,7 @@ def test_kill_9_mid_stream_loses_nothing_that_was_published(settings: OutpostSet
     def stream() -> None:
         for i in range(n):
             ev = make_event(f"dev-{i % 5}", i, "temperature", 20.0)
-            pub.publish(t.events(ev["device"]), orjson.dumps([ev]), qos=1)
+            publisher.publish(t.events(ev["device"]), orjson.dumps([ev]), qos=1)
             sent.append(ev["id"])
             if i % 100 == 0:
                 time.sleep(0.01)
@@ -198,27 +159,18 @@ def test_kill_9_mid_stream_loses_nothing_that_was_published(settings: OutpostSet
 
 
 def cli(settings: OutpostSettings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = memory_env(settings)
-    return subprocess.run(
-        [sys.executable, "-m", "outpost.cli.main", "log", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return outpost("log", *args, env=memory_env(settings), timeout=60)
 
 
-def test_outpost_log_tail_replay_trace_and_bad_arguments(settings: OutpostSettings, pub: Bus) -> None:
+def test_outpost_log_tail_replay_trace_and_bad_arguments(settings: OutpostSettings, publisher: Bus) -> None:
     t = settings.topics
     assert cli(settings, "tail").returncode == 2  # no log yet: a clear error
-    r = RunningMemory(settings)
-    r.thread.start()
-    wait_online(settings)
-    pub.publish(
+    r = ServiceThread(run, settings).start()
+    wait_status(settings, "memory")
+    publisher.publish(
         t.events("d1"), orjson.dumps([make_event("d1", i, "temperature", 1.0) for i in range(10)]), qos=1
     )
-    pub.publish(t.inference("m", "d1"), orjson.dumps([score("d1", "d1-3")]), qos=1)
+    publisher.publish(t.inference("m", "d1"), orjson.dumps([score("d1", "d1-3")]), qos=1)
     assert wait_count(settings, 11)
     r.stop()
     p = cli(settings, "trace", "d1-3", "--json")
@@ -241,7 +193,7 @@ def test_outpost_log_tail_replay_trace_and_bad_arguments(settings: OutpostSettin
 
 
 def test_the_request_api_over_mqtt5_answers_refuses_and_times_out(
-    settings: OutpostSettings, pub: Bus
+    settings: OutpostSettings, publisher: Bus
 ) -> None:
     from outpost.services.memory.client import MemoryClient, MemoryRequestError, MemoryTimeout
 
@@ -250,9 +202,8 @@ def test_the_request_api_over_mqtt5_answers_refuses_and_times_out(
         # nothing serves yet: a clear timeout, not a hang
         with pytest.raises(MemoryTimeout):
             mem.request("context-get", {"scope": "s", "key": "k"}, timeout_s=0.5)
-        r = RunningMemory(settings)
-        r.thread.start()
-        wait_online(settings)
+        r = ServiceThread(run, settings).start()
+        wait_status(settings, "memory")
         assert mem.request("context-put", {"scope": "task-7", "key": "step", "value": 3}) is True
         assert mem.request("context-get", {"scope": "task-7", "key": "step"}) == 3
         assert (
@@ -277,22 +228,21 @@ def test_the_request_api_over_mqtt5_answers_refuses_and_times_out(
         assert hits[0]["payload"] == "fridge 2 door seal replaced"
         assert mem.request("ltm-forget-subject", {"subject": "shift-a"}) == 2
         assert mem.request("ltm-search", {"namespace": "notes", "text": "refrigerator door"}) == []
-        pub.publish(t.events("d9"), orjson.dumps([make_event("d9", 1, "temperature", 1.0)]), qos=1)
+        publisher.publish(t.events("d9"), orjson.dumps([make_event("d9", 1, "temperature", 1.0)]), qos=1)
         assert wait_count(settings, 1)
         chain = mem.request("log-trace", {"trace": "d9-1"})
         assert [e["kind"] for e in chain] == ["event"]
         # a refused request with no response topic goes to the DLQ
         dlq = Collector(settings.mqtt, t.dlq("memory"), client_id="dq-" + settings.site).start()
-        pub.publish(t.memory_request("context-get"), b"{not json", qos=1)
+        publisher.publish(t.memory_request("context-get"), b"{not json", qos=1)
         assert dlq.wait_for(lambda c: any(d["reason"] == "not_json" for d in c.json()), 30)
         dlq.stop()
         svc = r.stop()
         c = svc.metrics.counters
         assert c["requests_refused.conflict"] == 1 and c["requests_refused.unknown_op"] == 1
         # after a restart the checkpoint is there, the short-term context is not (by design)
-        r2 = RunningMemory(settings)
-        r2.thread.start()
-        wait_online(settings)
+        r2 = ServiceThread(run, settings).start()
+        wait_status(settings, "memory")
         loaded = mem.request("checkpoint-load", {"task": "task-7"})
         assert loaded["version"] == 1 and loaded["state"] == {"n": 1}
         assert mem.request("context-get", {"scope": "task-7", "key": "step"}) is None

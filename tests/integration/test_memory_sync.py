@@ -13,9 +13,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,29 +30,9 @@ from outpost.services.memory.replica import CloudReplica, ReplicaStore
 from outpost.services.memory.replica import run as run_replica
 from outpost.services.memory.service import run as run_memory
 from outpost.settings import MqttSettings, OutpostSettings, UplinkSettings
-from tests.conftest import Collector, make_event
-from tests.integration.test_memory import wait_online
+from tests.conftest import OUTPOST, Collector, ServiceThread, make_event, outpost, wait_status
 
 pytestmark = pytest.mark.integration
-
-
-class InThread:
-    """A service's ``run(settings, stop)`` in a thread."""
-
-    def __init__(
-        self, run: Callable[[OutpostSettings, threading.Event], Any], settings: OutpostSettings
-    ) -> None:
-        self.stop_event = threading.Event()
-        self.result: list[Any] = []
-        self.thread = threading.Thread(
-            target=lambda: self.result.append(run(settings, self.stop_event)), daemon=True
-        )
-        self.thread.start()
-
-    def stop(self) -> Any:
-        self.stop_event.set()
-        self.thread.join(30)
-        return self.result[0]
 
 
 @pytest.fixture
@@ -77,13 +56,13 @@ def edge_settings(tmp_path: Path, site: str, cloud: Mosquitto) -> Iterator[Outpo
 
 
 @pytest.fixture
-def replica(tmp_path: Path, cloud: Mosquitto) -> Iterator[tuple[OutpostSettings, InThread]]:
+def replica(
+    tmp_path: Path, cloud: Mosquitto
+) -> Iterator[tuple[OutpostSettings, ServiceThread[CloudReplica]]]:
     s = OutpostSettings(site="cloud", data_dir=tmp_path / "cloud-data")
     s.mqtt.port = cloud.port
-    r = InThread(run_replica, s)
-    probe = Collector(s.mqtt, s.topics.service_status("replica"), client_id="replica-probe").start()
-    assert probe.wait_for(lambda c: any(d.get("state") == "online" for d in c.json()), 30)
-    probe.stop()
+    r = ServiceThread(run_replica, s).start()
+    wait_status(s, "replica")
     yield s, r
     if r.thread.is_alive():
         r.stop()
@@ -182,7 +161,7 @@ def check_summaries(summaries: list[dict[str, Any]], edge: OutpostSettings) -> N
 def test_sync_reaches_the_cloud_and_catches_up_after_the_link_is_cut(
     edge_settings: OutpostSettings,
     cloud: Mosquitto,
-    replica: tuple[OutpostSettings, InThread],
+    replica: tuple[OutpostSettings, ServiceThread[CloudReplica]],
     mode: str,
 ) -> None:
     """``uplink``: nothing is sent while the bridge reports the link down. ``always``: the site
@@ -194,8 +173,8 @@ def test_sync_reaches_the_cloud_and_catches_up_after_the_link_is_cut(
         MqttSettings(port=cloud.port), edge_settings.topics.root + "/up/memory/+", client_id="up-tap"
     )
     up.start()
-    mem_service = InThread(run_memory, edge_settings)
-    wait_online(edge_settings)
+    mem_service = ServiceThread(run_memory, edge_settings).start()
+    wait_status(edge_settings, "memory")
     with MemoryClient(edge_settings, "agent") as mem:
         add_items(mem, 0, 30)
         publish_events(edge_settings, "fridge-1", range(1, 101))
@@ -261,28 +240,27 @@ def test_sigkill_on_either_side_mid_sync_loses_and_doubles_nothing(
     cloud_settings.mqtt.port = cloud.port
     cloud_env = {**base, "OUTPOST_SITE": "cloud", "OUTPOST_TELEMETRY__METRICS_INTERVAL_S": "0.5"}
     replica_cmd = [
-        sys.executable, "-m", "outpost.cli.main", "memory", "replica",
-        "--broker", cloud.address, "--data-dir", str(cloud_settings.data_dir),
-    ]  # fmt: skip
+        *OUTPOST,
+        "memory",
+        "replica",
+        "--broker",
+        cloud.address,
+        "--data-dir",
+        str(cloud_settings.data_dir),
+    ]
 
     def start_memory() -> subprocess.Popen[bytes]:
         p = subprocess.Popen(
             [sys.executable, "-m", "outpost.services.memory"], env=edge_env, stderr=subprocess.DEVNULL
         )
-        wait_online(edge_settings, p.pid)
+        wait_status(edge_settings, "memory", pid=p.pid)
         return p
 
     def start_replica() -> subprocess.Popen[str]:
         p = subprocess.Popen(
             replica_cmd, env=cloud_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        probe = Collector(
-            cloud_settings.mqtt, cloud_settings.topics.service_status("replica"), client_id=f"rp{p.pid}"
-        )
-        assert probe.start().wait_for(
-            lambda c: any(d.get("pid") == p.pid and d["state"] == "online" for d in c.json())
-        )
-        probe.stop()
+        wait_status(cloud_settings, "replica", pid=p.pid)
         return p
 
     memory, replica = start_memory(), start_replica()
@@ -313,11 +291,7 @@ def test_sigkill_on_either_side_mid_sync_loses_and_doubles_nothing(
     assert sorted(i["payload"]["n"] for i in items.values()) == [i for i in range(250) if i % 7 != 3]
     check_summaries(summaries, edge_settings)
     # what the operator sees of it
-    cmd = [sys.executable, "-m", "outpost.cli.main", "memory", "cloud", "--json"]
-    shown = subprocess.run(
-        [*cmd, "--data-dir", str(cloud_settings.data_dir)],
-        env=cloud_env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    shown = outpost("memory", "cloud", "--json", "--data-dir", str(cloud_settings.data_dir), env=cloud_env)
     assert shown.returncode == 0, shown.stderr
     site = orjson.loads(shown.stdout.strip().splitlines()[-1])["sites"][edge_settings.site]
     assert site["items"] == len(items) and site["entries"] == edge_log(edge_settings)[1]
@@ -326,7 +300,7 @@ def test_sigkill_on_either_side_mid_sync_loses_and_doubles_nothing(
 def test_hostile_sync_messages_and_acks_are_dead_lettered(
     edge_settings: OutpostSettings,
     cloud: Mosquitto,
-    replica: tuple[OutpostSettings, InThread],
+    replica: tuple[OutpostSettings, ServiceThread[CloudReplica]],
 ) -> None:
     cloud_settings, _ = replica
     site = "forger"  # not the edge's site: what lands on a site's up/ is taken as that site's (ACLs guard it)
@@ -366,8 +340,8 @@ def test_hostile_sync_messages_and_acks_are_dead_lettered(
     cloud_dlq.stop()
 
     # acknowledgements the site did not ask for
-    mem_service = InThread(run_memory, edge_settings)
-    wait_online(edge_settings)
+    mem_service = ServiceThread(run_memory, edge_settings).start()
+    wait_status(edge_settings, "memory")
     edge_dlq = Collector(edge_settings.mqtt, edge_settings.topics.dlq("memory"), client_id="edge-dlq").start()
     acks = [
         b"nope",
@@ -395,7 +369,7 @@ def test_hostile_sync_messages_and_acks_are_dead_lettered(
 
 
 def test_outpost_up_bridges_to_the_cloud_and_memory_arrives_there(
-    cloud: Mosquitto, replica: tuple[OutpostSettings, InThread], tmp_path: Path, site: str
+    cloud: Mosquitto, replica: tuple[OutpostSettings, ServiceThread[CloudReplica]], tmp_path: Path, site: str
 ) -> None:
     """What the README says: ``uplink.cloud`` set, ``outpost up``, and the site's memory reaches the
     replica on the cloud broker."""
@@ -408,7 +382,7 @@ def test_outpost_up_bridges_to_the_cloud_and_memory_arrives_there(
         "OUTPOST_MEMORY__SUMMARY_S": "0.5",
     }
     up = subprocess.Popen(
-        [sys.executable, "-m", "outpost.cli.main", "up"],
+        [*OUTPOST, "up"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -423,7 +397,7 @@ def test_outpost_up_bridges_to_the_cloud_and_memory_arrives_there(
         assert f"address {cloud.address}" in conf and f"topic outpost/v1/{site}/up/# out 1" in conf
         edge = OutpostSettings(site=site, data_dir=tmp_path / "site")
         edge.mqtt.port = port
-        wait_online(edge)
+        wait_status(edge, "memory")
         with MemoryClient(edge, "readme") as mem:
             mem.request(
                 "ltm-add",
@@ -450,19 +424,15 @@ def test_the_cloud_follows_a_wiped_gateway_a_paused_sync_and_its_own_lost_state(
     cloud_settings = OutpostSettings(site="cloud", data_dir=tmp_path / "cloud-data")
     cloud_settings.mqtt.port = cloud.port
 
-    def start_replica() -> InThread:
-        r = InThread(run_replica, cloud_settings)
-        probe = Collector(
-            cloud_settings.mqtt, cloud_settings.topics.service_status("replica"), client_id="rp"
-        ).start()
-        assert probe.wait_for(lambda c: any(d.get("state") == "online" for d in c.json()))
-        probe.stop()
+    def start_replica() -> ServiceThread[CloudReplica]:
+        r = ServiceThread(run_replica, cloud_settings).start()
+        wait_status(cloud_settings, "replica")
         return r
 
     def phase(sync: str, start: int, n: int) -> None:
         edge_settings.memory.sync = sync  # type: ignore[assignment]
-        svc = InThread(run_memory, edge_settings)
-        wait_online(edge_settings)
+        svc = ServiceThread(run_memory, edge_settings).start()
+        wait_status(edge_settings, "memory")
         with MemoryClient(edge_settings, "agent") as mem:
             add_items(mem, start, n)
         if sync != "off":

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from outpost.services.inference.registry import PACKAGED_MODELS, Registry
+from tests.conftest import outpost
 
 pytestmark = pytest.mark.integration
 
@@ -27,14 +28,7 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 def model(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "outpost.cli.main", "model", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return outpost("model", *args, env=env)
 
 
 def registry(env: dict[str, str]) -> Registry:
