@@ -22,7 +22,7 @@ class AsyncBus:
         self._queue_size = queue_size
         self._loop: asyncio.AbstractEventLoop | None = None
         self._acks: dict[int, asyncio.Future[None]] = {}
-        bus.on_published = self._published
+        bus.add_publish_listener(self._published)
 
     async def start(self, wait_s: float = 10.0) -> None:
         self._loop = asyncio.get_running_loop()

@@ -18,7 +18,13 @@ What the loop adds to paho:
 * publishes from any thread: only the network thread writes to the socket. (paho, driven by a loop
   of its own rather than ``loop_start``, writes a publish from the caller's thread; two writers at
   once lose packets, and a lost QoS 1 publish is never acknowledged);
-* a handler that raises is logged and counted (``handler_errors``); the network thread lives on.
+* a handler that raises is logged and counted (``handler_errors``); the network thread lives on;
+* a read gate: while it says no (a service's worker queue is full), the thread stops reading new
+  packets but still writes, pings and runs timers and posted calls; unacknowledged QoS 1 messages
+  then wait on the broker (backpressure);
+* any number of publish-confirmation listeners.
+
+paho's private attributes are used only through :mod:`outpost.paho_internals`.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from outpost import paho_internals as internals
 from outpost.errors import BrokerError
 from outpost.settings import MqttSettings
 
@@ -129,7 +136,9 @@ class Bus:
         self._timers: list[_Timer] = []
         self._calls: deque[Callable[[], None]] = deque()
         self._on_connect_hooks: list[Callable[[bool], None]] = []
-        self.on_published: Callable[[int], None] | None = None
+        self._publish_listeners: list[Callable[[int], None]] = []
+        self._read_gate: Callable[[], bool] | None = None
+        self._wake = threading.Event()
         self._pending: set[int] = set()
         self._pending_lock = threading.Lock()
         self._connected = threading.Event()
@@ -196,6 +205,14 @@ class Bus:
         """Call ``hook(session_present)`` on the network thread after each (re)connect."""
         self._on_connect_hooks.append(hook)
 
+    def add_publish_listener(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(mid)`` when the broker confirms a QoS 1 publish (on the network thread)."""
+        self._publish_listeners.append(listener)
+
+    def set_read_gate(self, gate: Callable[[], bool] | None) -> None:
+        """While ``gate()`` is False the network thread reads no new packets (backpressure)."""
+        self._read_gate = gate
+
     # --- use -------------------------------------------------------------------------------------
     def publish(
         self,
@@ -229,11 +246,9 @@ class Bus:
                 # paho's message ids wrap at 65535: with that many publishes unacknowledged, it
                 # refuses the next one. Never let that pass silently.
                 raise BrokerError(f"{self.client_id}: too many unacknowledged publishes ({self.pending})")
-            # The PUBACK may already have been handled (on another thread) by now. paho holds
-            # _out_message_mutex across on_publish and removing the message from _out_messages, so
-            # under it "still in _out_messages" means "on_publish has not run yet".
-            with client._out_message_mutex:
-                if info.mid in client._out_messages:
+            # The PUBACK may already have been handled (on another thread) by now.
+            with internals.outgoing_locked(client):
+                if internals.is_outgoing(client, info.mid):
                     with self._pending_lock:
                         self._pending.add(info.mid)
         finally:
@@ -245,6 +260,15 @@ class Bus:
         """Acknowledge a received message (``manual_ack`` mode)."""
         if qos > 0:
             self.client.ack(mid, qos)
+
+    def stats(self) -> dict[str, int]:
+        """Connects so far, QoS 0 publishes dropped while disconnected, handlers that raised."""
+        return {
+            "connects": self.connects,
+            "dropped_qos0": self.dropped_qos0,
+            "handler_errors": self.handler_errors,
+            "pending": len(self._pending),
+        }
 
     @property
     def pending(self) -> int:
@@ -331,10 +355,8 @@ class Bus:
         results to the handlers' thread this way, so their state needs no locks. Wakes the
         thread's select() through paho's socketpair, as paho does for its own packets."""
         self._calls.append(fn)
-        wake = self.client._sockpairW
-        if wake is not None:
-            with contextlib.suppress(OSError):
-                wake.send(b"0")
+        internals.wake(self.client)
+        self._wake.set()
 
     def run_posted(self) -> None:
         """Run what other threads posted, now (call only on the network thread: a handler that
@@ -387,9 +409,13 @@ class Bus:
         client = self.client
         tick = self._tick_s
         while not self._stop.is_set():
-            rc = client.loop(timeout=tick)
-            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                rc = self._read_waiting(client)
+            gate = self._read_gate
+            if gate is None or gate():
+                rc = client.loop(timeout=tick)
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    rc = internals.read_waiting(client)
+            else:
+                rc = self._loop_without_reading(client, tick)
             if self._timers:
                 self._run_timers()
             if self._calls:
@@ -398,22 +424,15 @@ class Bus:
                 self._connected.clear()
                 return
 
-    @staticmethod
-    def _read_waiting(client: paho.Client, limit: int = 256) -> MQTTErrorCode:
-        """Read the packets already waiting on the socket, up to ``limit``.
-
-        paho's ``loop()`` reads one packet per select() when nothing of ours is in flight, so a
-        subscriber paid a select() and a timer pass per message; reading on until the socket is
-        empty is what paho's ``loop_read`` does, minus its cap (mirrors paho 2.2's loop_read)."""
-        for _ in range(limit):
-            if client._sock is None:
-                return MQTTErrorCode.MQTT_ERR_NO_CONN
-            rc = client._packet_read()
-            if rc > 0:
-                return client._loop_rc_handle(rc)
-            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
-                return MQTTErrorCode.MQTT_ERR_SUCCESS
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
+    def _loop_without_reading(self, client: paho.Client, tick: float) -> MQTTErrorCode:
+        """One turn while the read gate is closed: write what is queued, keep the connection alive,
+        and wait for a posted call (a worker finishing) rather than for the socket."""
+        rc = client.loop_write()
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            rc = client.loop_misc()
+        self._wake.wait(tick)
+        self._wake.clear()
+        return rc
 
     def _run_timers(self) -> None:
         now = time.monotonic()
@@ -480,9 +499,11 @@ class Bus:
         with self._pending_lock:
             self._pending.discard(mid)
             # paho pops ``mid`` from _out_messages after this callback returns
-            waiting = len(client._out_messages) - (mid in client._out_messages)
+            waiting = internals.outgoing_count(client) - internals.is_outgoing(client, mid)
             if not self._pending and not self._publishing and not waiting:
                 client.on_publish = None
-        cb = self.on_published
-        if cb is not None:
-            cb(mid)
+        for listener in self._publish_listeners:
+            try:
+                listener(mid)
+            except Exception:
+                log.exception("publish listener failed", extra={"client": self.client_id})

@@ -1,53 +1,157 @@
-"""What every service shares: one bus connection, a retained status with a last will, periodic
-metrics, and a clean stop on SIGTERM/SIGINT (drain, flush, checkpoint, status ``offline``).
+"""The service kit: what every service stands on, so that a service's own file is its business
+logic alone (docs/architecture.md, "Writing a service", has a complete small example).
+
+A service declares its **subscriptions**: a topic pattern, the contract its messages must fit, a
+handler, and an acknowledgement policy (:class:`Ack`). For every message the kit then:
+
+1. parses the topic (``topic_key``: a TopicError is a ``bad_topic`` dead letter),
+2. decodes the payload with the contract (a payload that does not fit is dead-lettered with one of
+   :data:`outpost.contracts.DECODE_REASONS`; one bad item of a batch is refused alone),
+3. calls the handler with an :class:`Inbound` holding the good items; a handler that raises
+   :class:`Rejected` dead-letters the message with that reason, and any other exception is logged
+   and dead-lettered as ``internal`` with the message's bytes (never lost, never a crash),
+4. counts (``messages``, ``rejected``, ``rejected.{reason}``), and acknowledges the message when its
+   policy says it is safe (:mod:`outpost.acks`): dead letters always hold it until the broker has
+   confirmed them, so bad input always reaches the DLQ.
+
+Blocking work (HTTP, a database) goes to :meth:`ServiceRuntime.submit`, which runs it on the kit's
+worker threads with a bounded queue that stops the bus reading while it is full (backpressure to
+the broker; :mod:`outpost.worker`). Timers (:meth:`ServiceRuntime.every`), the state folder
+(:meth:`ServiceRuntime.state_dir`), a retained status with a last will, periodic metrics and the
+drain on SIGTERM (stop intake, the service's ``drain``, wait for what is held, status ``stopped``)
+come from the kit too.
 
 A service module provides a ``run(settings, stop)`` function that tests call directly, and a thin
-``__main__`` that calls :func:`main`.
+``__main__`` that calls :func:`service_main`.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from outpost import __version__
-from outpost.bus import Bus, Will
-from outpost.envelope import SCHEMA_VERSION, dead_letter, new_id, now_ns
-from outpost.errors import OutpostError
+from outpost.acks import AckTracker, Turn
+from outpost.bus import Bus, Message, Will, topic_of
+from outpost.contracts import DECODE_REASONS, Contract, Reject, dead_letter, header, item_bytes, now_ns
+from outpost.errors import OutpostError, TopicError
 from outpost.log import get_logger
 from outpost.metrics import Metrics
 from outpost.settings import OutpostSettings
+from outpost.worker import Worker
 
 log = get_logger("outpost.service")
 
+KIT_REASONS = (*DECODE_REASONS, "bad_topic", "internal")
+"""The dead-letter reasons the kit itself gives; a service adds its own business reasons."""
+
+T = TypeVar("T")
+
+
+class Ack(enum.Enum):
+    """When a received QoS 1 message is acknowledged (the broker redelivers it until then)."""
+
+    AFTER_OUTPUTS = "after_outputs"
+    """Once the handler has returned and every publish made for it (``for_=inbound.turn``), every
+    dead letter and every piece of work it holds is confirmed: a service that turns each message
+    into outputs (inference's scores, a reply)."""
+    AFTER_COMMIT = "after_commit"
+    """Once the service's next :meth:`ServiceRuntime.committed` (a flush, a database commit) has
+    run and what that batch holds is confirmed: a service that batches many messages into one
+    commit (ingest's flush, memory's log)."""
+    AT_ONCE = "at_once"
+    """When the handler returns (its dead letters confirmed): the handler's work is done and safe
+    when it returns (a synchronous commit), or losing the message costs nothing."""
+
+
+class Rejected(OutpostError):
+    """Raised by a handler to dead-letter its whole message with ``reason``."""
+
+    def __init__(self, reason: str, detail: str, *, trace: str | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.trace = trace
+
+
+@dataclass(slots=True, eq=False)
+class Inbound(Generic[T]):
+    """One received message, decoded."""
+
+    topic: str
+    raw: bytes
+    key: str
+    """What ``topic_key`` made of the topic (a device id, an operation); '' without one."""
+    items: list[tuple[int, T]]
+    """(index, item) of what fits the contract; [(0, raw)] for a subscription without one."""
+    batch: bool
+    turn: Turn
+    msg: Message
+
+    @property
+    def dup(self) -> bool:
+        """The broker says this is a redelivery."""
+        return bool(self.msg.dup)
+
+
+Handler = Callable[[Inbound[Any]], None]
+
+
+@dataclass(slots=True)
+class Subscription:
+    pattern: str
+    handler: Handler
+    contract: Contract[Any] | None
+    ack: Ack
+    qos: int
+    topic_key: Callable[[str], str] | None
+    max_bytes: int
+    max_items: int
+    lenient: bool
+    invalid_reason: str | None
+    counter: str
+
 
 class ServiceRuntime:
-    """The bus, status and metrics of one service process."""
+    """The kit of one service process: its bus, subscriptions, acknowledgements, worker, timers,
+    status, metrics and dead letters."""
 
     def __init__(
         self,
         name: str,
         settings: OutpostSettings,
         *,
+        reasons: Sequence[str] = (),
         durable: bool = False,
-        manual_ack: bool = False,
         receive_maximum: int = 1000,
         tick_s: float = 0.05,
         mqtt5: bool = True,
+        worker_threads: int = 1,
+        worker_bound: int = 64,
     ) -> None:
-        """``tick_s`` bounds how late a timer can run when no message arrives (the network thread
-        waits that long in select): services with millisecond flush timers pass a small one."""
+        """``reasons``: the service's own dead-letter reasons, beside :data:`KIT_REASONS`.
+        ``durable`` keeps the broker session (subscriptions and unacknowledged messages) across a
+        restart. ``tick_s`` bounds how late a timer can run when no message arrives: services with
+        millisecond flush timers pass a small one. ``mqtt5=False`` speaks MQTT 3.1.1 (cheaper to
+        decode on a hot path; no response topics)."""
         self.name = name
         self.settings = settings
         self.topics = settings.topics
         self.metrics = Metrics(name)
+        self.reasons = frozenset((*KIT_REASONS, *reasons))
         self.started_ns = now_ns()
         self.status_topic = self.topics.service_status(name)
         self.dlq_topic = self.topics.dlq(name)
@@ -56,30 +160,233 @@ class ServiceRuntime:
             settings.mqtt,
             client_id=client_id,
             durable=durable,
-            manual_ack=manual_ack,
+            manual_ack=True,
             will=Will(self.status_topic, self._status("offline", clean=False)),
             receive_maximum=receive_maximum,
             tick_s=tick_s,
             mqtt5=mqtt5,
         )
+        self.acks = AckTracker(self.bus.ack)
+        self.bus.add_publish_listener(self.acks.published)
+        self.worker = Worker(name, self.bus.post, threads=worker_threads, bound=worker_bound)
+        self.bus.set_read_gate(lambda: self.worker.has_room)
         self.extra_status: Callable[[], dict[str, Any]] | None = None
         self._problems: tuple[str, ...] = ()
+        self._draining = False
         self.bus.on_connect(self._announce)
         self.bus.every(settings.telemetry.metrics_interval_s, self.publish_metrics)
 
+    # --- declaring -------------------------------------------------------------------------------
+    def subscribe(
+        self,
+        pattern: str,
+        handler: Callable[[Inbound[T]], None],
+        *,
+        contract: Contract[T] | None = None,
+        ack: Ack = Ack.AFTER_OUTPUTS,
+        qos: int = 1,
+        topic_key: Callable[[str], str] | None = None,
+        max_bytes: int = 4_000_000,
+        max_items: int = 10_000,
+        lenient: bool = False,
+        invalid_reason: str | None = None,
+        counter: str = "messages",
+    ) -> None:
+        """Deliver messages on ``pattern`` (a ``$share/{group}/...`` filter too) to ``handler``.
+
+        ``contract`` decodes the payload (without one the handler gets the raw bytes as its only
+        item). ``invalid_reason`` names every schema violation with one reason of the service's
+        (inference says ``bad_event``) instead of the precise one; ``lenient`` reads NaN and
+        Infinity so they are refused as ``not_finite``. ``counter`` counts the messages."""
+        sub = Subscription(
+            pattern,
+            handler,  # type: ignore[arg-type]
+            contract,
+            ack,
+            qos,
+            topic_key,
+            max_bytes,
+            max_items,
+            lenient,
+            invalid_reason,
+            counter,
+        )
+        self.bus.subscribe(pattern, lambda msg: self._deliver(sub, msg), qos=qos)
+
+    def every(self, interval_s: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the network thread about every ``interval_s`` seconds."""
+        self.bus.every(interval_s, fn)
+
+    def state_dir(self, *parts: str) -> Path:
+        """The service's folder under the data directory (created), for its SQLite state."""
+        path = Path(self.settings.data_dir).joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # --- the path of one message -----------------------------------------------------------------
+    def _deliver(self, sub: Subscription, msg: Message) -> None:
+        c = self.metrics.counters
+        if self._draining:
+            # left unacknowledged: the broker redelivers it when the service is back
+            c["left_for_redelivery"] += 1
+            return
+        c[sub.counter] += 1
+        qos = msg.qos
+        turn = self.acks.batched(msg.mid, qos) if sub.ack is Ack.AFTER_COMMIT else self.acks.single(msg.mid, qos)
+        raw = msg.payload
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            self.dead_letter("bad_topic", "topic is not valid UTF-8", "<non-utf8>", bytes(raw), for_=turn)
+            self._handled(sub, turn)
+            return
+        try:
+            self._handle(sub, msg, topic, raw, turn)
+        except Rejected as exc:
+            self.dead_letter(exc.reason, exc.detail, topic, bytes(raw), trace=exc.trace, for_=turn)
+        except TopicError as exc:
+            self.dead_letter("bad_topic", str(exc), topic, bytes(raw), for_=turn)
+        except Exception as exc:
+            # A bug must not lose the message silently: it goes to the DLQ with its bytes, for a
+            # person to look at and replay, and the service goes on.
+            log.exception("handler failed on a message", extra={"service": self.name, "topic": topic[:200]})
+            self.dead_letter("internal", f"{type(exc).__name__}: {exc}", topic, bytes(raw), for_=turn)
+        self._handled(sub, turn)
+
+    def _handle(self, sub: Subscription, msg: Message, topic: str, raw: bytes, turn: Turn) -> None:
+        key = sub.topic_key(topic) if sub.topic_key is not None else ""
+        contract = sub.contract
+        if contract is None:
+            if len(raw) > sub.max_bytes:
+                raise Rejected("too_large", f"{len(raw)} bytes > limit {sub.max_bytes}")
+            sub.handler(Inbound(topic, raw, key, [(0, raw)], False, turn, msg))
+            return
+        decoded = contract.decode(raw, max_bytes=sub.max_bytes, max_items=sub.max_items, lenient=sub.lenient)
+        inbound = Inbound(topic, raw, key, decoded.items, decoded.batch, turn, msg)
+        for rej in decoded.rejects:
+            if sub.invalid_reason is not None and rej.reason not in ("too_large", "not_json", "not_utf8", "wrong_shape"):
+                rej.reason = sub.invalid_reason
+            self.reject(inbound, rej)
+        if decoded.items:
+            sub.handler(inbound)
+
+    def _handled(self, sub: Subscription, turn: Turn) -> None:
+        if sub.ack is not Ack.AFTER_COMMIT:
+            self.acks.seal(turn)
+
+    # --- what a handler does ---------------------------------------------------------------------
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        for_: Turn | Iterable[Turn] | None = None,
+        properties: Properties | None = None,
+    ) -> int:
+        """Publish; with ``for_`` (and QoS 1) the turns wait for the broker's confirmation."""
+        mid = self.bus.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if for_ is not None and qos:
+            self.acks.track(mid, for_)
+        return mid
+
+    def reply(self, inbound: Inbound[Any], payload: bytes) -> bool:
+        """Answer an MQTT 5 request on its response topic with its correlation data (the reply
+        holds the request's turn); False when the request named no response topic."""
+        props = getattr(inbound.msg, "properties", None)
+        reply_to = getattr(props, "ResponseTopic", None)
+        if not reply_to:
+            return False
+        out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        corr = getattr(props, "CorrelationData", None)
+        if corr is not None:
+            out.CorrelationData = corr
+        self.publish(str(reply_to), payload, for_=inbound.turn, properties=out)
+        return True
+
+    def dead_letter(
+        self,
+        reason: str,
+        detail: str,
+        topic: str,
+        payload: bytes,
+        *,
+        trace: str | None = None,
+        index: int | None = None,
+        for_: Turn | Iterable[Turn] | None = None,
+    ) -> int:
+        """Count a rejection (``rejected`` and ``rejected.{reason}``) and publish its dead letter on
+        ``.../dlq/{service}`` at QoS 1; ``for_`` turns wait for the broker's confirmation."""
+        if reason not in self.reasons:
+            log.error("dead letter with an undeclared reason", extra={"service": self.name, "reason": reason})
+        c = self.metrics.counters
+        c["rejected"] += 1
+        c["rejected." + reason] += 1
+        entry = dead_letter(
+            stage=self.name, reason=reason, detail=detail, topic=topic, payload=payload, trace=trace, index=index
+        )
+        return self.publish(self.dlq_topic, entry, for_=for_)
+
+    def reject(self, inbound: Inbound[Any], rej: Reject, *, trace: str | None = None) -> None:
+        """Dead-letter one item of a message (its own bytes when it came in a batch) or all of it."""
+        one = inbound.batch and rej.item is not None
+        self.dead_letter(
+            rej.reason,
+            rej.detail,
+            inbound.topic,
+            item_bytes(rej.item, inbound.raw) if one else inbound.raw,
+            trace=trace,
+            index=rej.index if inbound.batch else None,
+            for_=inbound.turn,
+        )
+
+    def hold(self, turn: Turn) -> None:
+        """Keep ``turn`` unacknowledged until :meth:`release` (work in progress for it)."""
+        self.acks.hold(turn)
+
+    def release(self, turn: Turn) -> None:
+        self.acks.release(turn)
+
+    def committed(self, on_done: Callable[[], None] | None = None) -> None:
+        """The service's commit (or flush) has made what ``AFTER_COMMIT`` messages caused safe: they
+        are acknowledged once what they hold is confirmed; ``on_done`` runs then."""
+        self.acks.seal_batch(on_done)
+
+    def submit(
+        self,
+        fn: Callable[[], T],
+        done: Callable[[T | BaseException], None],
+        *,
+        for_: Turn | None = None,
+    ) -> None:
+        """Run blocking ``fn`` on the kit's worker; ``done(result or exception)`` runs on the
+        network thread after it, then ``for_`` is released."""
+        if for_ is None:
+            self.worker.submit(fn, done)
+            return
+        turn = for_
+        self.acks.hold(turn)
+
+        def finish(result: T | BaseException) -> None:
+            try:
+                done(result)
+            finally:
+                self.acks.release(turn)
+
+        self.worker.submit(fn, finish)
+
+    # --- status and metrics ----------------------------------------------------------------------
     def _status(self, state: str, *, clean: bool = True) -> bytes:
-        body: dict[str, Any] = {
-            "v": SCHEMA_VERSION,
-            "id": new_id(),
-            "ts": now_ns(),
-            "trace": "",
-            "service": self.name,
-            "state": state,
-            "version": __version__,
-            "config_hash": self.settings.config_hash(),
-            "pid": os.getpid(),
-            "started_ns": self.started_ns,
-        }
+        body = header()
+        body.update(
+            service=self.name,
+            state=state,
+            version=__version__,
+            config_hash=self.settings.config_hash(),
+            pid=os.getpid(),
+            started_ns=self.started_ns,
+        )
         if not clean:
             body["reason"] = "connection lost"
         elif state == "online":
@@ -105,49 +412,44 @@ class ServiceRuntime:
 
     def publish_metrics(self) -> None:
         snap = self.metrics.snapshot()
-        snap.update({"v": SCHEMA_VERSION, "id": new_id(), "ts": now_ns(), "trace": ""})
-        snap["counters"]["bus_connects"] = self.bus.connects
-        snap["counters"]["bus_dropped_qos0"] = self.bus.dropped_qos0
-        snap["counters"]["bus_handler_errors"] = self.bus.handler_errors
+        snap.update(header())
+        counters = snap["counters"]
+        bus = self.bus.stats()
+        counters["bus_connects"] = bus["connects"]
+        counters["bus_dropped_qos0"] = bus["dropped_qos0"]
+        counters["bus_handler_errors"] = bus["handler_errors"]
+        counters["acknowledged"] = self.acks.acknowledged
+        state: dict[str, Any] = {**self.acks.stats(), "worker_queued": self.worker.queued}
         if self.extra_status is not None:
-            snap["state"] = self.extra_status()
+            state.update(self.extra_status())
+        snap["state"] = state
         self.bus.publish(self.topics.metrics(self.name), orjson.dumps(snap), qos=0)
 
-    def dead_letter(
-        self,
-        reason: str,
-        detail: str,
-        topic: str,
-        payload: bytes,
-        *,
-        trace: str | None = None,
-        index: int | None = None,
-        qos: int = 1,
-    ) -> int:
-        """Count a rejection (``rejected`` and ``rejected.{reason}``) and publish its dead letter
-        on ``.../dlq/{service}``; the publish's message id, for services that wait for it."""
-        c = self.metrics.counters
-        c["rejected"] += 1
-        c["rejected." + reason] += 1
-        entry = dead_letter(
-            stage=self.name,
-            reason=reason,
-            detail=detail,
-            topic=topic,
-            payload=payload,
-            trace=trace,
-            index=index,
-        )
-        return self.bus.publish(self.dlq_topic, entry, qos=qos)
-
+    # --- lifecycle -------------------------------------------------------------------------------
     def start(self, wait_s: float | None = 30.0) -> None:
         """Connect; ``wait_s`` None: return at once and keep trying in the background."""
         self.bus.start(wait_s=wait_s)
 
-    def stop(self, drain_s: float = 5.0) -> None:
+    def stop(self, drain: Callable[[], None] | None = None, *, drain_s: float = 10.0) -> None:
+        """Stop intake (what arrives from now on is left for redelivery), run ``drain`` on the
+        network thread (flush, score, commit what waits), wait up to ``drain_s`` for what is held
+        to be confirmed and acknowledged, finish the worker's jobs, then go offline."""
+        self.bus.call(self._stop_intake, timeout_s=5)
+        if drain is not None:
+            self.bus.call(drain, timeout_s=drain_s)
+        deadline = time.monotonic() + drain_s
+        while time.monotonic() < deadline and (self.worker.queued or self._held()):
+            time.sleep(0.01)
+        self.worker.stop()
         if self.bus.connected:  # offline, there is no one to tell (and no QoS 0 publish to drop)
             self.publish_metrics()
-        self.bus.stop(drain_s=drain_s, final=[(self.status_topic, self._status("stopped"), True)])
+        self.bus.stop(drain_s=5.0, final=[(self.status_topic, self._status("stopped"), True)])
+
+    def _stop_intake(self) -> None:
+        self._draining = True
+
+    def _held(self) -> bool:
+        return self.acks.waiting > 0
 
 
 def install_stop_signals(stop: threading.Event) -> None:

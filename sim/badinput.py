@@ -26,7 +26,7 @@ from typing import Any, Final
 
 import orjson
 
-from outpost.envelope import ReadingDict
+from outpost.contracts import ReadingDict
 
 
 class BadKind(StrEnum):

@@ -34,7 +34,7 @@ import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
-from outpost.envelope import SCHEMA_VERSION, new_id, now_ns
+from outpost.contracts import SCHEMA_VERSION, new_id, now_ns
 from outpost.errors import BrokerError
 from outpost.sim.churn import Churn
 from outpost.sim.options import SimOptions

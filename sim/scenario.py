@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from outpost.envelope import ReadingDict
+from outpost.contracts import ReadingDict
 from outpost.sim.profiles import PROFILES, Profile
 
 Scenario = Literal["retail", "generic"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from outpost.envelope import ReadingDict
+from outpost.contracts import ReadingDict
 from outpost.sim.badinput import ALL_KINDS, MESSAGE_LEVEL, BadKind, Injector, make_bad
 from outpost.sim.scenario import SimDevice
 

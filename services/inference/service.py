@@ -35,7 +35,7 @@ import numpy as np
 import orjson
 
 from outpost.bus import Message, topic_of
-from outpost.envelope import item_bytes, new_id, now_ns
+from outpost.contracts import item_bytes, new_id, now_ns
 from outpost.errors import ConfigError, OutpostError, TopicError
 from outpost.log import get_logger
 from outpost.service import ServiceRuntime, run_until, service_main
@@ -686,7 +686,7 @@ class InferenceService:
 
 def _check_event(ev: Any, device: str) -> tuple[str, str] | None:
     """Why an event cannot be used (reason, detail), or None. Explicit checks, cheaper than a
-    model validation per event; the event contract is :class:`outpost.envelope.Event`."""
+    model validation per event; the event contract is :class:`outpost.contracts.Event`."""
     if not isinstance(ev, dict):
         return "wrong_shape", f"an event must be a JSON object, got {type(ev).__name__}"
     for key, kinds in (("id", str), ("device", str), ("metric", str)):

@@ -14,7 +14,7 @@ from typing import Any, Final
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from outpost.envelope import READING, ReadingDict, _ReadingTD
+from outpost.contracts import READING, ReadingDict, _ReadingTD
 
 READINGS: Final = TypeAdapter(list[_ReadingTD])
 

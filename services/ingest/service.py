@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from outpost.bus import Message, topic_of
-from outpost.envelope import ReadingDict, item_bytes, reading_id, reading_id_prefix
+from outpost.contracts import ReadingDict, item_bytes, reading_id, reading_id_prefix
 from outpost.errors import TopicError
 from outpost.log import get_logger
 from outpost.metrics import _HIGHEST_US, _LOWEST_US, Histogram

@@ -17,7 +17,7 @@ import pytest
 
 from outpost.broker import Mosquitto
 from outpost.bus import Bus
-from outpost.envelope import reading_id
+from outpost.contracts import reading_id
 from outpost.settings import OutpostSettings
 from tests.conftest import Collector, ServiceProcess, make_reading
 

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from outpost.bus import Bus
-from outpost.envelope import dead_letter
+from outpost.contracts import dead_letter
 from outpost.services.memory.oplog import OpLog
 from outpost.services.memory.service import run
 from outpost.settings import OutpostSettings

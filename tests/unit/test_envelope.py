@@ -8,7 +8,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from outpost.envelope import (
+from outpost.contracts import (
     DLQ_PAYLOAD_MAX,
     READING,
     SCHEMA_VERSION,

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from outpost.envelope import READING
+from outpost.contracts import READING
 from outpost.services.ingest.parse import parse
 from outpost.services.ingest.seqtrack import Seen, SeqState, observe
 from outpost.services.ingest.units import UNITS

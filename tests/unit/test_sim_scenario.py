@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from outpost.envelope import READING
+from outpost.contracts import READING
 from outpost.services.ingest.units import UNITS, normalize
 from outpost.sim import SimDevice, build_fleet, fleet_specs
 from outpost.sim.profiles import PROFILES, Fridge, ShelfWeight, Temperature

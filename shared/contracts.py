@@ -1,0 +1,648 @@
+"""Every message on the bus, as one typed contract: its shape, its schema version, a validating
+decoder and an encoder that writes the envelope header.
+
+Every published message carries ``v`` (schema version), ``id`` (unique), ``ts`` (UTC epoch ns of
+the origin) and ``trace`` (the id of the reading that started the chain); :func:`header` writes
+them, so no service spells them out by hand. The pydantic models document the shapes and are what
+``docs/contracts/*.schema.json`` is generated from (``outpost contracts`` / :func:`json_schemas`);
+the hot paths decode with :class:`Contract`, whose TypedDict adapters validate straight from JSON
+bytes to plain dicts (about a microsecond a reading; docs/benchmarks.md).
+
+Which topic carries which contract is in :mod:`outpost.topics` (builders and parsers side by side)
+and in docs/topics.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Final, Generic, Literal, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from typing_extensions import TypedDict
+
+SCHEMA_VERSION: Final = 1
+
+Segment = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+"""An identifier that becomes a topic level (site, device, model, agent, connector, ...)."""
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Unit = Annotated[str, StringConstraints(min_length=1, max_length=16)]
+Id = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+EpochNs = Annotated[int, Field(ge=0, lt=2**63)]
+
+
+# --- the envelope -----------------------------------------------------------------------------------
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def new_id() -> str:
+    """A random unique id (for things with no natural key)."""
+    return uuid.uuid4().hex
+
+
+def header(trace: str = "", *, id: str | None = None, ts: int | None = None) -> dict[str, Any]:
+    """The envelope header every published message starts with. ``id`` defaults to a new random
+    id (pass a deterministic one where a redelivery must keep it), ``ts`` to now."""
+    return {
+        "v": SCHEMA_VERSION,
+        "id": id or new_id(),
+        "ts": now_ns() if ts is None else ts,
+        "trace": trace,
+    }
+
+
+def encode(trace: str = "", /, **body: Any) -> bytes:
+    """One message: the envelope header, then ``body``."""
+    return orjson.dumps({**header(trace), **body})
+
+
+class Envelope(BaseModel):
+    """The header every message a service publishes starts with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[1] = Field(1, description="Schema version of this contract.")
+    id: Id = Field(description="Unique id of this message (deterministic where a redelivery keeps it).")
+    ts: EpochNs = Field(description="UTC epoch nanoseconds of the origin.")
+    trace: str = Field(
+        max_length=128, description="The id of the reading that started the chain ('' when none did)."
+    )
+
+
+def reading_id_prefix(site: str, device: str, epoch: int = 0) -> bytes:
+    """What :func:`reading_id` hashes before the seq (hot paths seed a hasher with it once)."""
+    return f"{site}/{device}/{epoch}:".encode() if epoch else f"{site}/{device}/".encode()
+
+
+def reading_id(site: str, device: str, seq: int, epoch: int = 0) -> str:
+    """The id of a reading: the same (site, device, seq) always gets the same id, so a reading that
+    is delivered twice after a crash comes out twice with one id and consumers drop the copy.
+    ``epoch`` counts the device's counter restarts, so seqs reused after a restart get new ids."""
+    return hashlib.blake2b(reading_id_prefix(site, device, epoch) + b"%d" % seq, digest_size=12).hexdigest()
+
+
+def derived_id(*parts: str) -> str:
+    """A deterministic id from the parts (a score's from its model and event): a redelivered input
+    produces an output with the id it had the first time, so consumers drop the copy by id."""
+    return hashlib.blake2b("/".join(parts).encode(), digest_size=12).hexdigest()
+
+
+# --- devices -> ingest ------------------------------------------------------------------------------
+class Reading(BaseModel):
+    """One measurement from one device, as the device sends it on ``.../dev/{device}/telemetry``
+    (one reading, or a JSON list of them). No envelope: devices are not Outpost services."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    device: Segment = Field(description="Device id; must equal the topic's device level.")
+    seq: int = Field(ge=0, lt=2**63, description="Per-device monotonic sequence number.")
+    ts: int = Field(ge=0, lt=2**63, description="UTC epoch nanoseconds at the device.")
+    metric: Segment = Field(description="What was measured, e.g. temperature, shelf_weight.")
+    value: FiniteFloat = Field(description="The measured value; NaN and Infinity are refused.")
+    unit: Unit = Field(description="Unit as sent; normalized by ingest (docs/units.md).")
+
+
+class ReadingDict(TypedDict):
+    device: str
+    seq: int
+    ts: int
+    metric: str
+    value: float
+    unit: str
+
+
+class _ReadingTD(TypedDict):
+    """The same contract as :class:`Reading`, as a TypedDict so validation returns plain dicts."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid", strict=True)  # type: ignore[misc]
+    device: Segment
+    seq: Annotated[int, Field(ge=0, lt=2**63)]
+    ts: Annotated[int, Field(ge=0, lt=2**63)]
+    metric: Segment
+    value: Annotated[float, Field(allow_inf_nan=False)]
+    unit: Unit
+
+
+# --- ingest -> everyone -----------------------------------------------------------------------------
+class Event(Envelope):
+    """A validated, normalized reading, as ingest publishes it on ``.../events/{device}`` (a JSON
+    list of events of one device)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    device: Segment
+    seq: int = Field(ge=0, lt=2**63)
+    metric: Segment
+    value: FiniteFloat
+    unit: Unit = Field(description="Canonical unit after normalization (docs/units.md).")
+    ingest_ns: EpochNs = Field(description="When ingest received the reading, epoch ns.")
+    gap: int = Field(0, ge=0, description="Readings missing just before this one (seq jumped by gap+1).")
+    late: bool = Field(False, description="Arrived after a higher seq from the same device.")
+
+
+class EventDict(TypedDict):
+    v: int
+    id: str
+    ts: int
+    trace: str
+    device: str
+    seq: int
+    metric: str
+    value: float
+    unit: str
+    ingest_ns: int
+    gap: int
+    late: bool
+
+
+class _EventTD(TypedDict, total=False):
+    __pydantic_config__ = ConfigDict(extra="forbid", strict=True)  # type: ignore[misc]
+    v: Literal[1]
+    id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    ts: Annotated[int, Field(ge=0, lt=2**63)]
+    trace: Annotated[str, StringConstraints(max_length=128)]
+    device: Segment
+    seq: Annotated[int, Field(ge=0, lt=2**63)]
+    metric: Segment
+    value: Annotated[float, Field(allow_inf_nan=False)]
+    unit: Unit
+    ingest_ns: Annotated[int, Field(ge=0, lt=2**63)]
+    gap: Annotated[int, Field(ge=0)]
+    late: bool
+
+
+_EVENT_REQUIRED: Final = ("id", "ts", "device", "metric", "value")
+
+
+# --- inference --------------------------------------------------------------------------------------
+class Score(Envelope):
+    """One model's verdict on one event, on ``.../inference/{model}/{device}`` (a JSON list). Its id
+    is derived from (model, event id), so a redelivered event scored again keeps it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    event: Id = Field(description="The scored event's id.")
+    device: Segment
+    model: Segment
+    version: str = Field(max_length=64, description="The model version that scored it.")
+    backend: str = Field(max_length=64, description="onnxruntime-cpu, tensorrt, ...")
+    score: float = Field(ge=0, le=1, description="1 - P(normal label).")
+    label: str = Field(max_length=64, description="The most likely label.")
+    confidence: float = Field(ge=0, le=1, description="The probability of that label.")
+    alert: bool = Field(description="score >= the model's threshold.")
+    queue_ms: float = Field(ge=0, description="Time the request waited for its batch.")
+    compute_ms: float = Field(ge=0, description="The batch's model call.")
+    batch: int = Field(ge=1, description="Rows in that model call.")
+
+
+# --- agents -----------------------------------------------------------------------------------------
+class Decision(Envelope):
+    """What an agent decided, and why, on ``.../decisions/{agent}``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    agent: Segment
+    task: Id = Field(description="The decision loop's task (checkpointed under this name).")
+    kind: Literal["act", "escalate", "ignore", "halt"] = Field(
+        description="act: request an action; escalate: ask a person; ignore: nothing to do; halt: "
+        "a supervisor stopped the agent."
+    )
+    capability: str | None = Field(None, max_length=128, description="What it wants done, e.g. notify.staff.")
+    args: dict[str, Any] = Field(default_factory=dict, description="The capability's input.")
+    confidence: float = Field(ge=0, le=1)
+    reason: str = Field(max_length=2000, description="Why, in words a person reads.")
+    dry_run: bool = Field(False, description="Decided and logged, never acted on.")
+
+
+class Escalation(Envelope):
+    """A decision an agent will not take alone, on ``.../escalations/{agent}``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    agent: Segment
+    decision: Segment = Field(description="The decision's id; replies go to .../{decision}/reply.")
+    question: str = Field(max_length=2000)
+    options: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(
+        min_length=1, max_length=16
+    )
+    expires_ns: EpochNs = Field(description="After this the agent takes its default (or none).")
+
+
+class EscalationReply(Envelope):
+    """A person's answer, on ``.../escalations/{agent}/{decision}/reply``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    choice: str = Field(min_length=1, max_length=64, description="One of the escalation's options.")
+    by: str = Field(min_length=1, max_length=128, description="Who answered.")
+    note: str = Field("", max_length=2000)
+
+
+# --- connectors -------------------------------------------------------------------------------------
+class ActionRequest(Envelope):
+    """A side effect an agent asks for, on ``.../actions/{connector}``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    key: Id = Field(description="Idempotency key: the same key has its effect once.")
+    agent: Segment
+    capability: str = Field(min_length=1, max_length=128)
+    args: dict[str, Any] = Field(default_factory=dict)
+    deadline_ns: EpochNs | None = Field(None, description="Not attempted after this.")
+
+
+class ActionResult(Envelope):
+    """What came of a request, on ``.../actions/{connector}/results``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    key: Id
+    request: Id = Field(description="The request's id.")
+    outcome: Literal["done", "failed", "duplicate", "expired", "refused"]
+    detail: str = Field("", max_length=2000)
+    result: Any = None
+    attempts: int = Field(ge=0)
+    cost: float = Field(0.0, ge=0)
+
+
+# --- every service ----------------------------------------------------------------------------------
+class DeadLetter(Envelope):
+    """A rejected input, on ``.../dlq/{stage}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str = Field(description="The service that refused it.")
+    reason: str = Field(description="Machine-readable reason, one of a fixed set per stage.")
+    detail: str = Field(description="Human-readable explanation.")
+    topic: str = Field(description="Topic the input arrived on (truncated to 512 characters).")
+    index: int | None = Field(None, description="Position in the batch, for one bad item of many.")
+    payload_b64: str = Field(description="The original bytes (or the bad batch item), base64.")
+    payload_len: int = Field(description="Length of the original bytes.")
+    truncated: bool = Field(False, description="payload_b64 holds only a prefix (oversize input).")
+
+
+class Status(Envelope):
+    """A service's retained status (and last will) on ``.../svc/{service}/status``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    service: str
+    state: Literal["online", "offline", "stopped"]
+    version: str
+    config_hash: str
+    pid: int
+    started_ns: int
+    health: Literal["ok", "degraded"] | None = None
+    problems: list[str] | None = None
+    reason: str | None = Field(None, description="Why offline (the last will says 'connection lost').")
+
+
+class HistogramSummary(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    count: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+class MetricsBatch(Envelope):
+    """A service's counters and latency histograms, on ``.../metrics/{service}`` (docs/metrics.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    service: str
+    counters: dict[str, int]
+    histograms: dict[str, HistogramSummary]
+    state: dict[str, Any] | None = Field(None, description="What the service says of itself.")
+
+
+# --- memory's request API ---------------------------------------------------------------------------
+class MemoryResponse(BaseModel):
+    """The answer to a request on ``.../memory/req/{op}`` (its body is the operation's model in
+    services/memory/api.py), sent to the request's MQTT 5 response topic with its correlation data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ok: bool
+    result: Any = None
+    error: str | None = Field(None, description="Machine-readable reason when not ok.")
+    detail: str | None = None
+
+
+# --- offset streams across the uplink (memory sync; outpost.streams) --------------------------------
+class StreamBatch(BaseModel):
+    """Records of one offset stream, on ``.../up/{part}/{stream}``: the records after ``prev``."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    v: Literal[1]
+    id: str = Field(max_length=256)
+    site: Segment
+    epoch: str = Field(min_length=1, max_length=64, description="The sender's stream history id.")
+    stream: Segment
+    prev: int = Field(ge=0, description="The offset just before the first record.")
+    records: list[tuple[int, dict[str, Any]]] = Field(min_length=1, max_length=10_000)
+
+
+class StreamAck(BaseModel):
+    """The receiver's acknowledgement on ``.../down/{part}/ack``: all of ``stream`` up to ``offset``
+    is committed there."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    stream: str = Field(max_length=16)
+    offset: int = Field(ge=0)
+    epoch: str = Field(max_length=64)
+    unknown: bool = Field(False, description="The receiver holds nothing of this history: resend all.")
+
+
+# --- decoding ---------------------------------------------------------------------------------------
+DECODE_REASONS: Final = (
+    "too_large",
+    "not_utf8",
+    "not_json",
+    "wrong_shape",
+    "empty_batch",
+    "batch_too_large",
+    "missing_field",
+    "extra_field",
+    "wrong_type",
+    "not_finite",
+    "out_of_range",
+    "bad_identifier",
+    "invalid",
+)
+"""Why a payload does not fit its contract: the reasons every service's DLQ shares."""
+
+_TYPE_REASONS: Final = {
+    "missing": "missing_field",
+    "extra_forbidden": "extra_field",
+    "finite_number": "not_finite",
+    "string_pattern_mismatch": "bad_identifier",
+    "greater_than_equal": "out_of_range",
+    "greater_than": "out_of_range",
+    "less_than": "out_of_range",
+    "less_than_equal": "out_of_range",
+    "string_too_long": "invalid",
+    "string_too_short": "invalid",
+}
+
+
+@dataclass(slots=True)
+class Reject:
+    """Why an input (or one item of a batch) was refused."""
+
+    reason: str
+    detail: str
+    index: int | None = None
+    """Position in a batch; None for the whole message."""
+    item: Any = None
+    """The bad batch item (re-encoded for its dead letter); None: the original bytes are shown."""
+
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Decoded(Generic[T]):
+    items: list[tuple[int, T]] = field(default_factory=list)
+    """(index, item) of what fits the contract; index 0 for a single object."""
+    rejects: list[Reject] = field(default_factory=list)
+    batch: bool = False
+    """The payload was a JSON list (rejects then name the item's index)."""
+
+
+def reason_of(exc: ValidationError) -> tuple[str, str]:
+    """A validation error as one of :data:`DECODE_REASONS` and a detail naming the field."""
+    err = exc.errors(include_url=False)[0]
+    kind = err["type"]
+    loc = ".".join(str(p) for p in err["loc"]) or "(body)"
+    value = err.get("input")
+    if kind in _TYPE_REASONS:
+        reason = _TYPE_REASONS[kind]
+    elif kind == "int_type" and isinstance(value, float) and abs(value) >= 2**63:
+        # orjson reads an integer beyond 64 bits as a float; it is an integer out of range
+        return "out_of_range", f"{loc}: integer beyond 64 bits"
+    elif kind == "json_invalid":
+        reason = "not_json"
+    elif kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error":
+        reason = "wrong_type"
+    else:
+        reason = "invalid"
+    return reason, f"{loc}: {err['msg']}"
+
+
+class Contract(Generic[T]):
+    """A message shape on the wire: its documenting model and a fast decoder.
+
+    ``decode`` takes one object or (``batches``) a JSON list of them. The fast path validates the
+    whole payload from bytes; only when that fails does it parse again item by item, so one bad
+    item of a batch is refused alone (with its index and a precise reason) and the rest go on."""
+
+    def __init__(
+        self,
+        name: str,
+        model: type[BaseModel],
+        item: Any,
+        *,
+        batches: bool,
+        required: tuple[str, ...] = (),
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.batches = batches
+        self._one: TypeAdapter[T] = TypeAdapter(item)
+        self._many: TypeAdapter[list[T]] = TypeAdapter(list[item])  # type: ignore[valid-type]
+        self._required = required
+        """Keys a ``total=False`` TypedDict (optional defaults) must still have."""
+
+    def validate(self, item: Any) -> T:
+        """One item (a parsed JSON object) checked against the contract."""
+        out = self._one.validate_python(item)
+        if self._required:
+            self._check_required(out, item)
+        return out
+
+    def _check_required(self, out: Any, item: Any) -> None:
+        for key in self._required:
+            if key not in out:
+                raise ValidationError.from_exception_data(
+                    self.name, [{"type": "missing", "loc": (key,), "input": item}]
+                )
+
+    def decode(self, raw: bytes, *, max_bytes: int, max_items: int = 10_000, lenient: bool = False) -> Decoded[T]:
+        """``lenient``: NaN, Infinity and 1e999 (not JSON, but what some devices send) are read
+        and refused as ``not_finite`` rather than as ``not_json``."""
+        out: Decoded[T] = Decoded()
+        if len(raw) > max_bytes:
+            out.rejects.append(Reject("too_large", f"{len(raw)} bytes > limit {max_bytes}"))
+            return out
+        head = raw[:1]
+        try:
+            if head == b"{":
+                one = self._one.validate_json(raw)
+                if self._required:
+                    self._check_required(one, None)
+                out.items.append((0, one))
+                return out
+            if head == b"[" and self.batches:
+                items = self._many.validate_json(raw)
+                out.batch = True
+                if 0 < len(items) <= max_items:
+                    if self._required:
+                        for it in items:
+                            self._check_required(it, None)
+                    out.items = list(enumerate(items))
+                    return out
+        except ValueError:  # ValidationError is a ValueError; the slow path says precisely why
+            pass
+        return self._decode_slow(raw, max_items, lenient, out)
+
+    def _decode_slow(self, raw: bytes, max_items: int, lenient: bool, out: Decoded[T]) -> Decoded[T]:
+        out.items.clear()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            out.rejects.append(Reject("not_utf8" if lenient else "not_json", f"invalid UTF-8 at byte {exc.start}"))
+            return out
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            if not lenient:
+                out.rejects.append(Reject("not_json", f"not JSON: {str(exc)[:200]}"))
+                return out
+            try:  # the standard parser reads NaN and Infinity: report them as what they are
+                doc = json.loads(raw)
+            except (ValueError, RecursionError):
+                out.rejects.append(Reject("not_json", str(exc)[:200]))
+                return out
+        if isinstance(doc, dict):
+            items: list[Any] = [doc]
+        elif isinstance(doc, list) and self.batches:
+            out.batch = True
+            items = doc
+            if not items:
+                out.rejects.append(Reject("empty_batch", "a batch must hold at least one item"))
+                return out
+            if len(items) > max_items:
+                out.rejects.append(Reject("batch_too_large", f"{len(items)} items > limit {max_items}"))
+                return out
+        else:
+            want = "an object or a list" if self.batches else "an object"
+            out.rejects.append(Reject("wrong_shape", f"expected {want}, got {type(doc).__name__}"))
+            return out
+        for i, item in enumerate(items):
+            index = i if out.batch else None
+            if not isinstance(item, dict):
+                out.rejects.append(
+                    Reject("wrong_shape", f"{self.name} must be an object, got {type(item).__name__}", index, item)
+                )
+                continue
+            try:
+                out.items.append((i, self.validate(item)))
+            except ValidationError as exc:
+                reason, detail = reason_of(exc)
+                out.rejects.append(Reject(reason, detail, index, item))
+        return out
+
+
+READING: Final[Contract[ReadingDict]] = Contract("reading", Reading, _ReadingTD, batches=True)
+EVENT: Final[Contract[EventDict]] = Contract("event", Event, _EventTD, batches=True, required=_EVENT_REQUIRED)
+
+
+def model_contract(model: type[BaseModel], *, batches: bool = False) -> Contract[Any]:
+    """A contract whose items are validated by the model itself (messages off the hot path)."""
+    return Contract(model.__name__, model, model, batches=batches)
+
+
+SCORE: Final = model_contract(Score, batches=True)
+DECISION: Final = model_contract(Decision)
+ESCALATION: Final = model_contract(Escalation)
+ESCALATION_REPLY: Final = model_contract(EscalationReply)
+ACTION_REQUEST: Final = model_contract(ActionRequest)
+ACTION_RESULT: Final = model_contract(ActionResult)
+DEAD_LETTER: Final = model_contract(DeadLetter)
+STATUS: Final = model_contract(Status)
+METRICS: Final = model_contract(MetricsBatch)
+MEMORY_RESPONSE: Final = model_contract(MemoryResponse)
+STREAM_BATCH: Final = model_contract(StreamBatch)
+STREAM_ACK: Final = model_contract(StreamAck)
+
+CONTRACTS: Final[dict[str, tuple[Contract[Any], str]]] = {
+    "reading": (READING, "outpost/v1/{site}/dev/{device}/telemetry"),
+    "event": (EVENT, "outpost/v1/{site}/events/{device}"),
+    "score": (SCORE, "outpost/v1/{site}/inference/{model}/{device}"),
+    "decision": (DECISION, "outpost/v1/{site}/decisions/{agent}"),
+    "escalation": (ESCALATION, "outpost/v1/{site}/escalations/{agent}"),
+    "escalation-reply": (ESCALATION_REPLY, "outpost/v1/{site}/escalations/{agent}/{decision}/reply"),
+    "action-request": (ACTION_REQUEST, "outpost/v1/{site}/actions/{connector}"),
+    "action-result": (ACTION_RESULT, "outpost/v1/{site}/actions/{connector}/results"),
+    "dead-letter": (DEAD_LETTER, "outpost/v1/{site}/dlq/{stage}"),
+    "status": (STATUS, "outpost/v1/{site}/svc/{service}/status"),
+    "metrics": (METRICS, "outpost/v1/{site}/metrics/{service}"),
+    "memory-response": (MEMORY_RESPONSE, "(the request's MQTT 5 response topic)"),
+    "stream-batch": (STREAM_BATCH, "outpost/v1/{site}/up/{part}/{stream}"),
+    "stream-ack": (STREAM_ACK, "outpost/v1/{site}/down/{part}/ack"),
+}
+"""Every contract by name, with the topic that carries it (docs/contracts/ is generated from it)."""
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema of every contract, by name, for people who read the wire and not Python."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, (contract, topic) in CONTRACTS.items():
+        schema = contract.model.model_json_schema()
+        schema["$id"] = f"https://outpost.dev/contracts/v{SCHEMA_VERSION}/{name}.schema.json"
+        schema["x-topic"] = topic
+        schema["x-batches"] = contract.batches
+        out[name] = schema
+    return out
+
+
+# --- dead letters -----------------------------------------------------------------------------------
+DLQ_PAYLOAD_MAX: Final = 64 * 1024
+
+
+def item_bytes(item: Any, raw: bytes) -> bytes:
+    """One bad item of a batch, re-encoded for its dead letter. The standard encoder keeps what
+    orjson would change or refuse (NaN and Infinity, integers beyond 64 bits); an item it cannot
+    encode either (nesting too deep) is represented by the whole message."""
+    try:
+        return json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode()
+    except (ValueError, TypeError, RecursionError):
+        return raw
+
+
+def dead_letter(
+    *,
+    stage: str,
+    reason: str,
+    detail: str,
+    topic: str,
+    payload: bytes,
+    trace: str | None = None,
+    index: int | None = None,
+) -> bytes:
+    """Serialize a DLQ entry. Oversize payloads keep a prefix (flagged ``truncated``)."""
+    entry_id = new_id()
+    body = header(trace or entry_id, id=entry_id)
+    body.update(
+        stage=stage,
+        reason=reason,
+        detail=detail[:1000],
+        topic=topic[:512],
+        index=index,
+        payload_b64=base64.b64encode(payload[:DLQ_PAYLOAD_MAX]).decode(),
+        payload_len=len(payload),
+        truncated=len(payload) > DLQ_PAYLOAD_MAX,
+    )
+    return orjson.dumps(body)
+
+
