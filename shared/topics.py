@@ -1,14 +1,19 @@
-"""Every topic Outpost uses, defined once.
+"""Every topic Outpost uses, defined once: builders, subscription patterns and parsers side by side.
 
 Topics are versioned and site-scoped: ``{prefix}/v1/{site}/...``. Each level has one meaning, so a
 wildcard can filter on any level. Identifiers that come from input (site, device, service, ...) must
 match ``[A-Za-z0-9_-]{1,64}``; anything else is refused here and never escaped.
+
+The parsers (``event_device``, ``score_of``, ...) take a topic a message arrived on and return its
+identifiers, or raise :class:`TopicError` saying why the topic is not one of theirs (another site,
+a missing or extra level, an identifier that is not a segment: a wildcard, NUL, 65 characters).
+They run on hot paths: a ``startswith`` against a head built once, a slice and the segment check.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from outpost.errors import TopicError
 
@@ -37,20 +42,64 @@ def is_segment(value: str) -> bool:
     return SEGMENT_RE.fullmatch(value) is not None
 
 
+def _shown(topic: str) -> str:
+    return repr(topic[:200] + ("..." if len(topic) > 200 else ""))
+
+
+def _level(value: str, what: str, topic: str) -> str:
+    """``value``, one level of ``topic``, if it is a valid segment; else TopicError naming the topic."""
+    if SEGMENT_RE.fullmatch(value) is not None:
+        return value
+    if "/" in value:
+        raise TopicError(f"{what} topic has extra levels: {_shown(topic)}", segment=None)
+    try:
+        check_segment(value, what)
+    except TopicError as exc:
+        raise TopicError(f"{exc} (in topic {_shown(topic)})", segment=exc.segment) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_NOT_SET = ""
+
+
 @dataclass(frozen=True, slots=True)
 class Topics:
     """Topic builders and subscription patterns for one installation (prefix) and one site."""
 
     site: str
     prefix: str = "outpost"
+    # the heads the parsers match, built once (not part of the value: no init, repr or compare)
+    _root: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
+    _installation: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
+    _events: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
+    _inference: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
+    _memory_req: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
+    _decisions: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
+    _escalations: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
+    _actions: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_segment(self.prefix, "prefix")
         check_segment(self.site, "site")
+        root = f"{self.prefix}/{VERSION}/{self.site}"
+        for name, value in (
+            ("_root", root),
+            ("_installation", f"{self.prefix}/{VERSION}/"),
+            ("_events", f"{root}/events/"),
+            ("_inference", f"{root}/inference/"),
+            ("_memory_req", f"{root}/memory/req/"),
+            ("_decisions", f"{root}/decisions/"),
+            ("_escalations", f"{root}/escalations/"),
+            ("_actions", f"{root}/actions/"),
+        ):
+            object.__setattr__(self, name, value)
 
     @property
     def root(self) -> str:
-        return f"{self.prefix}/{VERSION}/{self.site}"
+        return self._root
+
+    def _not_ours(self, kind: str, topic: str) -> TopicError:
+        return TopicError(f"not {kind} topic of site {self.site!r}: {_shown(topic)}")
 
     # --- devices ---------------------------------------------------------------------------------
     def telemetry(self, device: str) -> str:
@@ -90,6 +139,12 @@ class Topics:
     def all_events(self) -> str:
         return f"{self.root}/events/+"
 
+    def event_device(self, topic: str) -> str:
+        """The device of an ``.../events/{device}`` topic."""
+        if not topic.startswith(self._events):
+            raise self._not_ours("an events", topic)
+        return _level(topic[len(self._events) :], "device", topic)
+
     def dlq(self, stage: str) -> str:
         return f"{self.root}/dlq/{check_segment(stage, 'stage')}"
 
@@ -104,6 +159,15 @@ class Topics:
     def all_inference(self) -> str:
         return f"{self.root}/inference/+/+"
 
+    def score_of(self, topic: str) -> tuple[str, str]:
+        """(model, device) of an ``.../inference/{model}/{device}`` topic."""
+        if not topic.startswith(self._inference):
+            raise self._not_ours("an inference", topic)
+        model, sep, device = topic[len(self._inference) :].partition("/")
+        if not sep:
+            raise TopicError(f"inference topic has no device level: {_shown(topic)}")
+        return _level(model, "model", topic), _level(device, "device", topic)
+
     def memory_request(self, op: str) -> str:
         """Requests to the memory service (MQTT 5: the answer goes to the response topic)."""
         return f"{self.root}/memory/req/{check_segment(op, 'operation')}"
@@ -111,6 +175,12 @@ class Topics:
     @property
     def all_memory_requests(self) -> str:
         return f"{self.root}/memory/req/+"
+
+    def memory_op(self, topic: str) -> str:
+        """The operation of a ``.../memory/req/{op}`` topic."""
+        if not topic.startswith(self._memory_req):
+            raise self._not_ours("a memory request", topic)
+        return _level(topic[len(self._memory_req) :], "operation", topic)
 
     def memory_response(self, client: str) -> str:
         """Where a memory client wants its answers (it says so in each request)."""
@@ -137,16 +207,98 @@ class Topics:
         """The cloud's view: ``up/{part}/+`` of every site of this installation."""
         return f"{self.prefix}/{VERSION}/+/up/{check_segment(part, 'part')}/+"
 
+    def site_up_of(self, topic: str) -> tuple[str, str, str]:
+        """(site, part, stream) of ``{prefix}/v1/{site}/up/{part}/{stream}`` for any site of this
+        installation (the cloud's view, what :meth:`every_site_up` receives)."""
+        if not topic.startswith(self._installation):
+            raise TopicError(f"not a topic of installation {self.prefix!r}: {_shown(topic)}")
+        levels = topic[len(self._installation) :].split("/")
+        if len(levels) != 4 or levels[1] != "up":
+            raise TopicError(f"not an {{site}}/up/{{part}}/{{stream}} topic: {_shown(topic)}")
+        return (
+            _level(levels[0], "site", topic),
+            _level(levels[2], "part", topic),
+            _level(levels[3], "stream", topic),
+        )
+
     def uplink_state(self) -> str:
         """Where Mosquitto reports its bridge to the cloud up (``1``) or down (``0``), retained: the
         bridge's client id is ``{prefix}-{site}-uplink`` (:mod:`outpost.broker`)."""
         return f"$SYS/broker/connection/{self.prefix}-{self.site}-uplink/state"
 
+    # --- agents and connectors -------------------------------------------------------------------
     def decisions(self, agent: str) -> str:
         return f"{self.root}/decisions/{check_segment(agent, 'agent')}"
 
+    @property
+    def all_decisions(self) -> str:
+        return f"{self.root}/decisions/+"
+
+    def decision_agent(self, topic: str) -> str:
+        """The agent of a ``.../decisions/{agent}`` topic."""
+        if not topic.startswith(self._decisions):
+            raise self._not_ours("a decisions", topic)
+        return _level(topic[len(self._decisions) :], "agent", topic)
+
+    def escalations(self, agent: str) -> str:
+        """What an agent asks a person (its replies: :meth:`escalation_reply`)."""
+        return f"{self.root}/escalations/{check_segment(agent, 'agent')}"
+
+    @property
+    def all_escalations(self) -> str:
+        return f"{self.root}/escalations/+"
+
+    def escalation_reply(self, agent: str, decision: str) -> str:
+        return (
+            f"{self.root}/escalations/{check_segment(agent, 'agent')}/"
+            f"{check_segment(decision, 'decision')}/reply"
+        )
+
+    @property
+    def all_escalation_replies(self) -> str:
+        return f"{self.root}/escalations/+/+/reply"
+
+    def escalation_replies(self, agent: str) -> str:
+        """The pattern of the replies to ``agent``'s escalations (what an agent subscribes to)."""
+        return f"{self.root}/escalations/{check_segment(agent, 'agent')}/+/reply"
+
+    def escalation_reply_of(self, topic: str) -> tuple[str, str]:
+        """(agent, decision) of an ``.../escalations/{agent}/{decision}/reply`` topic."""
+        if not topic.startswith(self._escalations) or not topic.endswith("/reply"):
+            raise self._not_ours("an escalation reply", topic)
+        agent, sep, decision = topic[len(self._escalations) : -len("/reply")].partition("/")
+        if not sep:
+            raise TopicError(f"escalation reply topic has no decision level: {_shown(topic)}")
+        return _level(agent, "agent", topic), _level(decision, "decision", topic)
+
     def actions(self, connector: str) -> str:
         return f"{self.root}/actions/{check_segment(connector, 'connector')}"
+
+    @property
+    def all_actions(self) -> str:
+        return f"{self.root}/actions/+"
+
+    def action_connector(self, topic: str) -> str:
+        """The connector of an ``.../actions/{connector}`` (request) topic; a results topic is refused
+        (:meth:`action_results_connector`)."""
+        if not topic.startswith(self._actions):
+            raise self._not_ours("an action request", topic)
+        return _level(topic[len(self._actions) :], "connector", topic)
+
+    def action_results(self, connector: str) -> str:
+        return f"{self.root}/actions/{check_segment(connector, 'connector')}/results"
+
+    @property
+    def all_action_results(self) -> str:
+        return f"{self.root}/actions/+/results"
+
+    def action_results_connector(self, topic: str) -> str:
+        """The connector of an ``.../actions/{connector}/results`` topic."""
+        if not topic.startswith(self._actions) or not topic.endswith("/results"):
+            raise self._not_ours("an action results", topic)
+        return _level(topic[len(self._actions) : -len("/results")], "connector", topic)
+
+    # --- every service ---------------------------------------------------------------------------
 
     def metrics(self, service: str) -> str:
         return f"{self.root}/metrics/{check_segment(service, 'service')}"
