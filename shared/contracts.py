@@ -19,7 +19,6 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Generic, Literal, TypeVar
 
@@ -463,7 +462,7 @@ class Contract(Generic[T]):
         self._required = required
         """Keys a ``total=False`` TypedDict (optional defaults) must still have."""
 
-    def validate(self, item: Any) -> T:
+    def validate_python(self, item: Any) -> T:
         """One item (a parsed JSON object) checked against the contract."""
         out = self._one.validate_python(item)
         if self._required:
@@ -477,7 +476,9 @@ class Contract(Generic[T]):
                     self.name, [{"type": "missing", "loc": (key,), "input": item}]
                 )
 
-    def decode(self, raw: bytes, *, max_bytes: int, max_items: int = 10_000, lenient: bool = False) -> Decoded[T]:
+    def decode(
+        self, raw: bytes, *, max_bytes: int, max_items: int = 10_000, lenient: bool = False
+    ) -> Decoded[T]:
         """``lenient``: NaN, Infinity and 1e999 (not JSON, but what some devices send) are read
         and refused as ``not_finite`` rather than as ``not_json``."""
         out: Decoded[T] = Decoded()
@@ -510,7 +511,9 @@ class Contract(Generic[T]):
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            out.rejects.append(Reject("not_utf8" if lenient else "not_json", f"invalid UTF-8 at byte {exc.start}"))
+            out.rejects.append(
+                Reject("not_utf8" if lenient else "not_json", f"invalid UTF-8 at byte {exc.start}")
+            )
             return out
         try:
             doc = orjson.loads(raw)
@@ -542,11 +545,16 @@ class Contract(Generic[T]):
             index = i if out.batch else None
             if not isinstance(item, dict):
                 out.rejects.append(
-                    Reject("wrong_shape", f"{self.name} must be an object, got {type(item).__name__}", index, item)
+                    Reject(
+                        "wrong_shape",
+                        f"{self.name} must be an object, got {type(item).__name__}",
+                        index,
+                        item,
+                    )
                 )
                 continue
             try:
-                out.items.append((i, self.validate(item)))
+                out.items.append((i, self.validate_python(item)))
             except ValidationError as exc:
                 reason, detail = reason_of(exc)
                 out.rejects.append(Reject(reason, detail, index, item))
@@ -644,5 +652,3 @@ def dead_letter(
         truncated=len(payload) > DLQ_PAYLOAD_MAX,
     )
     return orjson.dumps(body)
-
-

@@ -45,7 +45,7 @@ from paho.mqtt.properties import Properties
 
 from outpost import __version__
 from outpost.acks import AckTracker, Turn
-from outpost.bus import Bus, Message, Will, topic_of
+from outpost.bus import Bus, Message, Will
 from outpost.contracts import DECODE_REASONS, Contract, Reject, dead_letter, header, item_bytes, now_ns
 from outpost.errors import OutpostError, TopicError
 from outpost.log import get_logger
@@ -77,7 +77,7 @@ class Ack(enum.Enum):
     when it returns (a synchronous commit), or losing the message costs nothing."""
 
 
-class Rejected(OutpostError):
+class Rejected(OutpostError):  # noqa: N818 - a control-flow outcome, not a failure
     """Raised by a handler to dead-letter its whole message with ``reason``."""
 
     def __init__(self, reason: str, detail: str, *, trace: str | None = None) -> None:
@@ -141,17 +141,20 @@ class ServiceRuntime:
         mqtt5: bool = True,
         worker_threads: int = 1,
         worker_bound: int = 64,
+        dlq_qos: int = 1,
     ) -> None:
         """``reasons``: the service's own dead-letter reasons, beside :data:`KIT_REASONS`.
         ``durable`` keeps the broker session (subscriptions and unacknowledged messages) across a
         restart. ``tick_s`` bounds how late a timer can run when no message arrives: services with
         millisecond flush timers pass a small one. ``mqtt5=False`` speaks MQTT 3.1.1 (cheaper to
-        decode on a hot path; no response topics)."""
+        decode on a hot path; no response topics). ``dlq_qos`` 0 trades the dead letters' delivery
+        guarantee for speed (they then hold nothing)."""
         self.name = name
         self.settings = settings
         self.topics = settings.topics
         self.metrics = Metrics(name)
         self.reasons = frozenset((*KIT_REASONS, *reasons))
+        self.dlq_qos = dlq_qos
         self.started_ns = now_ns()
         self.status_topic = self.topics.service_status(name)
         self.dlq_topic = self.topics.dlq(name)
@@ -232,7 +235,9 @@ class ServiceRuntime:
             return
         c[sub.counter] += 1
         qos = msg.qos
-        turn = self.acks.batched(msg.mid, qos) if sub.ack is Ack.AFTER_COMMIT else self.acks.single(msg.mid, qos)
+        turn = (
+            self.acks.batched(msg.mid, qos) if sub.ack is Ack.AFTER_COMMIT else self.acks.single(msg.mid, qos)
+        )
         raw = msg.payload
         try:
             topic = msg.topic
@@ -264,7 +269,12 @@ class ServiceRuntime:
         decoded = contract.decode(raw, max_bytes=sub.max_bytes, max_items=sub.max_items, lenient=sub.lenient)
         inbound = Inbound(topic, raw, key, decoded.items, decoded.batch, turn, msg)
         for rej in decoded.rejects:
-            if sub.invalid_reason is not None and rej.reason not in ("too_large", "not_json", "not_utf8", "wrong_shape"):
+            if sub.invalid_reason is not None and rej.reason not in (
+                "too_large",
+                "not_json",
+                "not_utf8",
+                "wrong_shape",
+            ):
                 rej.reason = sub.invalid_reason
             self.reject(inbound, rej)
         if decoded.items:
@@ -317,16 +327,22 @@ class ServiceRuntime:
         for_: Turn | Iterable[Turn] | None = None,
     ) -> int:
         """Count a rejection (``rejected`` and ``rejected.{reason}``) and publish its dead letter on
-        ``.../dlq/{service}`` at QoS 1; ``for_`` turns wait for the broker's confirmation."""
+        ``.../dlq/{service}``; ``for_`` turns wait for the broker's confirmation."""
         if reason not in self.reasons:
             log.error("dead letter with an undeclared reason", extra={"service": self.name, "reason": reason})
         c = self.metrics.counters
         c["rejected"] += 1
         c["rejected." + reason] += 1
         entry = dead_letter(
-            stage=self.name, reason=reason, detail=detail, topic=topic, payload=payload, trace=trace, index=index
+            stage=self.name,
+            reason=reason,
+            detail=detail,
+            topic=topic,
+            payload=payload,
+            trace=trace,
+            index=index,
         )
-        return self.publish(self.dlq_topic, entry, for_=for_)
+        return self.publish(self.dlq_topic, entry, qos=self.dlq_qos, for_=for_)
 
     def reject(self, inbound: Inbound[Any], rej: Reject, *, trace: str | None = None) -> None:
         """Dead-letter one item of a message (its own bytes when it came in a batch) or all of it."""

@@ -13,8 +13,8 @@ the network thread while the gate closes) is queued all the same.
 from __future__ import annotations
 
 import queue
-import time
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -102,7 +102,7 @@ class Worker:
             result: Any
             try:
                 result = job.fn()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - handed to done(), which decides
                 result = exc
             self.busy_ns += time.perf_counter_ns() - start
             self._post(self._finisher(job, result))

@@ -33,7 +33,7 @@ def test_single_reading() -> None:
     out = p(enc(reading()))
     assert out.rejects == []
     assert out.batch is False
-    assert out.readings == [(0, reading())]
+    assert out.items == [(0, reading())]
 
 
 def test_batch() -> None:
@@ -41,18 +41,18 @@ def test_batch() -> None:
     out = p(enc(items))
     assert out.rejects == []
     assert out.batch is True
-    assert out.readings == list(enumerate(items))
+    assert out.items == list(enumerate(items))
 
 
 def test_leading_whitespace_is_fine() -> None:
     out = p(b"  \n" + enc(reading()))
     assert out.rejects == []
-    assert len(out.readings) == 1
+    assert len(out.items) == 1
 
 
 def only_reason(raw: bytes, **kw: Any) -> tuple[str, Any]:
     out = p(raw, **kw)
-    assert out.readings == []
+    assert out.items == []
     assert len(out.rejects) == 1, out.rejects
     rej = out.rejects[0]
     assert rej.reason in REASONS
@@ -87,7 +87,7 @@ def test_wrong_shape(raw: bytes) -> None:
 
 def test_list_of_numbers_is_wrong_shape_per_item() -> None:
     out = p(b"[1, 2, 3]")
-    assert out.readings == []
+    assert out.items == []
     assert [(r.reason, r.index, r.item) for r in out.rejects] == [
         ("wrong_shape", 0, 1),
         ("wrong_shape", 1, 2),
@@ -102,7 +102,7 @@ def test_empty_batch() -> None:
 def test_batch_too_large() -> None:
     raw = enc([reading(seq=i) for i in range(6)])
     assert only_reason(raw, max_batch=5) == ("batch_too_large", None)
-    assert len(p(raw, max_batch=6).readings) == 6
+    assert len(p(raw, max_batch=6).items) == 6
 
 
 @pytest.mark.parametrize("field", ["device", "seq", "ts", "metric", "value", "unit"])
@@ -167,7 +167,7 @@ def test_one_bad_reading_in_a_batch() -> None:
     items[4] = "not a reading"
     out = p(enc(items))
     assert out.batch is True
-    assert [i for i, _ in out.readings] == [0, 1, 3]
+    assert [i for i, _ in out.items] == [0, 1, 3]
     assert [(r.reason, r.index) for r in out.rejects] == [("extra_field", 2), ("wrong_shape", 4)]
     assert out.rejects[0].item == items[2]
     assert out.rejects[1].item == "not a reading"
@@ -176,7 +176,7 @@ def test_one_bad_reading_in_a_batch() -> None:
 def test_nan_in_a_batch_is_rejected_alone() -> None:
     raw = b"[" + enc(reading(seq=1)) + b"," + enc(reading(seq=2)).replace(b"21.5", b"NaN") + b"]"
     out = p(raw)
-    assert [i for i, _ in out.readings] == [0]
+    assert [i for i, _ in out.items] == [0]
     assert [(r.reason, r.index) for r in out.rejects] == [("not_finite", 1)]
 
 

@@ -46,7 +46,7 @@ class MiniIngest:
         parsed = parse(payload, max_payload=CFG.max_payload_bytes, max_batch=CFG.max_batch)
         for rej in parsed.rejects:
             self.rejected[rej.reason] += 1
-        for _, r in parsed.readings:
+        for _, r in parsed.items:
             reason = self.check(topic_device, dict(r), now_ns)
             if reason is not None:
                 self.rejected[reason] += 1
