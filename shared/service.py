@@ -50,7 +50,7 @@ from outpost.contracts import DECODE_REASONS, Contract, Reject, dead_letter, hea
 from outpost.errors import OutpostError, TopicError
 from outpost.log import get_logger
 from outpost.metrics import Metrics
-from outpost.settings import OutpostSettings
+from outpost.settings import CoreSettings, load_settings
 from outpost.worker import Worker
 
 log = get_logger("outpost.service")
@@ -59,6 +59,12 @@ KIT_REASONS = (*DECODE_REASONS, "bad_topic", "internal")
 """The dead-letter reasons the kit itself gives; a service adds its own business reasons."""
 
 T = TypeVar("T")
+
+_SHAPE_REASONS = frozenset(
+    ("too_large", "not_utf8", "not_json", "wrong_shape", "empty_batch", "batch_too_large")
+)
+"""Decode reasons about the message as a whole, kept when a subscription names schema violations
+with an ``invalid_reason`` of its own."""
 
 
 class Ack(enum.Enum):
@@ -132,7 +138,7 @@ class ServiceRuntime:
     def __init__(
         self,
         name: str,
-        settings: OutpostSettings,
+        settings: CoreSettings,
         *,
         reasons: Sequence[str] = (),
         durable: bool = False,
@@ -269,12 +275,7 @@ class ServiceRuntime:
         decoded = contract.decode(raw, max_bytes=sub.max_bytes, max_items=sub.max_items, lenient=sub.lenient)
         inbound = Inbound(topic, raw, key, decoded.items, decoded.batch, turn, msg)
         for rej in decoded.rejects:
-            if sub.invalid_reason is not None and rej.reason not in (
-                "too_large",
-                "not_json",
-                "not_utf8",
-                "wrong_shape",
-            ):
+            if sub.invalid_reason is not None and rej.reason not in _SHAPE_REASONS:
                 rej.reason = sub.invalid_reason
             self.reject(inbound, rej)
         if decoded.items:
@@ -494,6 +495,7 @@ class Runnable(Protocol):
 
 
 S = TypeVar("S", bound=Runnable)
+SettingsT = TypeVar("SettingsT", bound=CoreSettings)
 
 
 def run_until(svc: S, stop: threading.Event) -> S:
@@ -505,14 +507,13 @@ def run_until(svc: S, stop: threading.Event) -> S:
     return svc
 
 
-def service_main(make: Callable[[OutpostSettings], Runnable]) -> None:
-    """Every service's ``__main__``: settings from the environment and the site file, logging,
-    SIGTERM/SIGINT for a clean stop, then run until stopped."""
+def service_main(make: Callable[[SettingsT], Runnable], settings_cls: type[SettingsT]) -> None:
+    """Every service's ``__main__``: settings (of ``settings_cls``) from the environment and the
+    site file, logging, SIGTERM/SIGINT for a clean stop, then run until stopped."""
     from outpost.log import setup_logging
-    from outpost.settings import load_settings
 
     try:
-        settings = load_settings()
+        settings = load_settings(settings_cls)
         setup_logging(settings.log_level, json=settings.log_json)
         stop = threading.Event()
         install_stop_signals(stop)

@@ -15,30 +15,29 @@ event arrived and is scored by exactly that version; at a swap the old version's
 scored before the old version is closed. A score's id is derived from (model, event id), never the
 version, so a redelivered event scored after a swap still carries the id it had.
 
-Delivery: the subscription is QoS 1 with a durable session and manual acknowledgement; an events
-message is acknowledged once every score and dead letter it produced is confirmed by the broker.
+Delivery: the subscription is QoS 1 with a durable session; the kit decodes each events message
+against the event contract and acknowledges it (``Ack.AFTER_OUTPUTS``) once every score and dead
+letter it produced is confirmed by the broker: each request it queued holds its turn until scored.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
-from outpost.bus import Message, topic_of
-from outpost.contracts import item_bytes, new_id, now_ns
-from outpost.errors import ConfigError, OutpostError, TopicError
+from outpost.acks import Turn
+from outpost.contracts import EVENT, SCHEMA_VERSION, EventDict, Reject, derived_id, encode
+from outpost.errors import ConfigError, OutpostError
 from outpost.log import get_logger
-from outpost.service import ServiceRuntime, run_until, service_main
+from outpost.service import Ack, Inbound, ServiceRuntime, run_until, service_main
 from outpost.services.inference.backends.base import ModelLoadError
 from outpost.services.inference.batcher import MicroBatcher
 from outpost.services.inference.features import FeatureError, Snapshot, Windows, feature_matrix, snapshot
@@ -46,8 +45,7 @@ from outpost.services.inference.loaded import LoadedModel, load_model
 from outpost.services.inference.manifest import Trigger
 from outpost.services.inference.registry import PACKAGED_MODELS, Registry
 from outpost.services.inference.windowstore import WindowStore
-from outpost.settings import OutpostSettings
-from outpost.topics import check_segment
+from outpost.services.registry import OutpostSettings
 
 NAME = "inference"
 log = get_logger("outpost.inference")
@@ -55,16 +53,6 @@ log = get_logger("outpost.inference")
 MAX_EVENTS_PAYLOAD = 4_000_000
 RECENT_IDS = 1024
 """Event ids remembered per device to drop a redelivered event (its score is already out)."""
-
-
-@dataclass(slots=True, eq=False)
-class _Inbound:
-    """One received events message: acknowledged when nothing it produced is unconfirmed."""
-
-    mid: int
-    qos: int
-    pending: int = 0
-    sealed: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -80,7 +68,8 @@ class Request:
     origin_ns: int
     """When the reading reached the site (ingest's ``ingest_ns``), for event-to-score latency."""
     enq_ns: int
-    inbound: _Inbound | None
+    turn: Turn
+    """The events message's turn, held until this request is scored or dead-lettered."""
 
 
 @dataclass(slots=True, eq=False)
@@ -110,10 +99,15 @@ class _Result:
     batch: int
 
 
+REASONS = ("bad_event", "device_mismatch", "bad_features", "model_error")
+"""Inference's own dead-letter reasons, beside the kit's (an event that does not fit the contract
+is ``bad_event``, with the precise field in the detail)."""
+
+
 def score_id(model: str, event_id: str) -> str:
     """The id of a score: the same event scored by a model always gets the same id, whichever
     version scored it, so a consumer drops a redelivered score by id."""
-    return hashlib.blake2b(f"{model}/{event_id}".encode(), digest_size=12).hexdigest()
+    return derived_id(model, event_id)
 
 
 class InferenceService:
@@ -123,15 +117,15 @@ class InferenceService:
         self.rt = ServiceRuntime(
             NAME,
             settings,
+            reasons=REASONS,
             durable=cfg.qos > 0,
-            manual_ack=cfg.qos > 0,
             tick_s=min(0.05, max(0.0005, cfg.max_wait_ms / 2000.0)),
             mqtt5=False,
         )
         self.topics = self.rt.topics
         self.metrics = self.rt.metrics
         self.bus = self.rt.bus
-        data = Path(settings.data_dir) / "inference"
+        data = self.rt.state_dir("inference")
         self.engine_dir = data / "engines"
         self.registry = registry or Registry(cfg.models_dir or PACKAGED_MODELS, data / "registry.db")
         known = self.registry.names()
@@ -143,20 +137,17 @@ class InferenceService:
             )
         self.names = list(cfg.models) or known
         self.reported_topic = self.topics.control(NAME, "reported")
-        self.events_root = self.topics.root + "/events/"
         self.inference_root = self.topics.root + "/inference/"
         # network thread
         self.windows = Windows(1, max_devices=cfg.max_devices)
         self.window_store = WindowStore(data / "windows.db")
-        self.bus.every(cfg.checkpoint_s, self._checkpoint)
+        self.rt.every(cfg.checkpoint_s, self._checkpoint)
         self.served: dict[str, _Served] = {n: _Served() for n in self.names}
         self._recent: dict[str, tuple[set[str], deque[str]]] = {}
-        self._mid_inbound: dict[int, list[_Inbound]] = {}
-        self._draining = False
         self.batcher: MicroBatcher[LoadedModel, Request] = MicroBatcher(
             cfg.max_batch, int(cfg.max_wait_ms * 1e6)
         )
-        self.bus.every(max(0.0005, cfg.max_wait_ms / 2000.0), self._score_due)
+        self.rt.every(max(0.0005, cfg.max_wait_ms / 2000.0), self._score_due)
         # loader
         self._stop = threading.Event()
         self._loader = threading.Thread(target=self._load_loop, name="inference-loader", daemon=True)
@@ -170,8 +161,17 @@ class InferenceService:
         self._compute = m.histogram("compute")
         self._e2s = m.histogram("event_to_score")
         self._shadow_compute = m.histogram("shadow_compute")
-        self.bus.on_published = self._on_published
-        self.bus.subscribe(self.topics.all_events, self._on_message, qos=cfg.qos)
+        self.rt.subscribe(
+            self.topics.all_events,
+            self._on_events,
+            contract=EVENT,
+            ack=Ack.AFTER_OUTPUTS,
+            qos=cfg.qos,
+            topic_key=self.topics.event_device,
+            max_bytes=MAX_EVENTS_PAYLOAD,
+            max_items=100_000,
+            invalid_reason="bad_event",
+        )
         self.rt.extra_status = self._status
 
     # --- status ----------------------------------------------------------------------------------
@@ -192,8 +192,7 @@ class InferenceService:
         return {"models": models, "waiting": len(self.batcher), "devices": self.windows.devices}
 
     def _report(self) -> None:
-        body = {"v": 1, "id": new_id(), "ts": now_ns(), "trace": "", **self._status()}
-        self.bus.publish(self.reported_topic, orjson.dumps(body), qos=1, retain=True)
+        self.rt.publish(self.reported_topic, encode(**self._status()), retain=True)
 
     # --- loader thread ---------------------------------------------------------------------------
     def _load_loop(self) -> None:
@@ -325,59 +324,18 @@ class InferenceService:
         self.windows.resize(size)
         self._report()
 
-    def _on_message(self, msg: Message) -> None:
-        if self._draining:
-            self.metrics.counters["left_for_redelivery"] += 1
-            return
-        inbound = _Inbound(msg.mid, msg.qos) if msg.qos else None
-        try:
-            self._take(msg, inbound)
-        except Exception as exc:
-            log.exception("inference failed on a message")
-            self._reject(
-                "internal", f"{type(exc).__name__}: {exc}", topic_of(msg), bytes(msg.payload), inbound
-            )
-        if inbound is not None:
-            inbound.sealed = True
-            self._maybe_ack(inbound)
-
-    def _take(self, msg: Message, inbound: _Inbound | None) -> None:
+    def _on_events(self, msg: Inbound[EventDict]) -> None:
+        """The events of one message that fit the contract: windows fed, a request queued for each
+        model whose trigger matches (each holds the message until its score is confirmed)."""
         c = self.metrics.counters
-        c["messages"] += 1
-        raw = bytes(msg.payload)
-        topic = topic_of(msg)
-        if not topic.startswith(self.events_root):
-            self._reject("bad_topic", "not an events topic of this site", topic, raw, inbound)
-            return
-        try:
-            device = check_segment(topic[len(self.events_root) :], "device")
-        except TopicError as exc:
-            self._reject("bad_topic", str(exc), topic, raw, inbound)
-            return
-        if len(raw) > MAX_EVENTS_PAYLOAD:
-            self._reject("too_large", f"{len(raw)} bytes > {MAX_EVENTS_PAYLOAD}", topic, raw, inbound)
-            return
-        try:
-            doc = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            self._reject("not_json", f"not JSON: {exc}", topic, raw, inbound)
-            return
-        items = doc if isinstance(doc, list) else [doc]
-        batch = isinstance(doc, list)
+        device = msg.key
         windows = self.windows
         served = self.served
-        for index, ev in enumerate(items):
-            problem = _check_event(ev, device)
-            if problem is not None:
-                reason, detail = problem
-                self._reject(
-                    reason,
-                    detail,
-                    topic,
-                    item_bytes(ev, raw) if batch else raw,
-                    inbound,
-                    index=index if batch else None,
-                )
+        batch = msg.batch
+        for index, ev in msg.items:
+            if ev["device"] != device:
+                detail = f"event device {ev['device'][:64]!r} != topic device {device!r}"
+                self.rt.reject(msg, Reject("device_mismatch", detail, index if batch else None, ev))
                 continue
             c["events"] += 1
             eid = ev["id"]
@@ -394,19 +352,16 @@ class InferenceService:
                     continue
                 if not active.manifest.trigger.matches(device, metric):
                     continue
-                self._request(name, s, active, ev, device, topic, inbound, index if batch else None, raw)
+                self._request(name, s, active, ev, device, msg.turn)
 
     def _request(
         self,
         name: str,
         s: _Served,
         active: LoadedModel,
-        ev: dict[str, Any],
+        ev: EventDict,
         device: str,
-        topic: str,
-        inbound: _Inbound | None,
-        index: int | None,
-        raw: bytes,
+        turn: Turn,
     ) -> None:
         c = self.metrics.counters
         try:
@@ -424,11 +379,10 @@ class InferenceService:
             ev["ts"],
             ev.get("ingest_ns") or ev["ts"],
             time.perf_counter_ns(),
-            inbound,
+            turn,
         )
         c["requests"] += 1
-        if inbound is not None:
-            inbound.pending += 1
+        self.rt.hold(turn)
         full = self.batcher.add(active, req, req.enq_ns)
         if full is not None:
             c["full_batches"] += 1
@@ -447,36 +401,6 @@ class InferenceService:
             ids.discard(order.popleft())
         return False
 
-    def _reject(
-        self,
-        reason: str,
-        detail: str,
-        topic: str,
-        payload: bytes,
-        inbound: _Inbound | None,
-        *,
-        index: int | None = None,
-        trace: str | None = None,
-    ) -> None:
-        mid = self.rt.dead_letter(reason, detail, topic, payload, trace=trace, index=index)
-        self._track(mid, [inbound] if inbound is not None else [])
-        if inbound is not None:
-            inbound.pending += 1
-
-    def _track(self, mid: int, inbounds: list[_Inbound]) -> None:
-        if inbounds:
-            self._mid_inbound.setdefault(mid, []).extend(inbounds)
-
-    def _on_published(self, mid: int) -> None:
-        for inbound in self._mid_inbound.pop(mid, ()):
-            inbound.pending -= 1
-            self._maybe_ack(inbound)
-
-    def _maybe_ack(self, inbound: _Inbound) -> None:
-        if inbound.sealed and inbound.pending == 0:
-            inbound.pending = -1  # acknowledged once
-            self.bus.ack(inbound.mid, inbound.qos)
-
     def _publish(self, results: list[_Result]) -> None:
         """Publish one batch's scores, a JSON list per (model, device) (network thread)."""
         groups: dict[str, list[_Result]] = {}
@@ -486,15 +410,15 @@ class InferenceService:
         qos = self.cfg.qos
         now = time.time_ns()
         e2s = self._e2s
+        release = self.rt.release
         for topic, rs in groups.items():
             body = []
-            inbounds: list[_Inbound] = []
             for r in rs:
                 req = r.request
                 m = req.model.manifest
                 body.append(
                     {
-                        "v": 1,
+                        "v": SCHEMA_VERSION,
                         "id": score_id(m.name, req.event_id),
                         "ts": req.event_ts,
                         "trace": req.trace,
@@ -513,15 +437,10 @@ class InferenceService:
                     }
                 )
                 e2s.record_ns(now - req.origin_ns)
-                if req.inbound is not None:
-                    inbounds.append(req.inbound)
-            mid = self.bus.publish(topic, orjson.dumps(body), qos=qos)
-            if qos:
-                self._track(mid, inbounds)
-            else:
-                for inbound in inbounds:
-                    inbound.pending -= 1
-                    self._maybe_ack(inbound)
+            turns = [r.request.turn for r in rs]
+            self.rt.publish(topic, orjson.dumps(body), qos=qos, for_=turns)
+            for turn in turns:  # the publish holds them now, until the broker confirms it
+                release(turn)
         self.metrics.counters["scored"] += len(results)
 
     # --- scoring (network thread) ----------------------------------------------------------------
@@ -639,10 +558,10 @@ class InferenceService:
         scored on (network thread)."""
         for r in reqs:
             payload = orjson.dumps({"event": r.event_id, "device": r.device, "windows": r.snap})
-            self._reject(reason, detail, self.events_root + r.device, payload, r.inbound, trace=r.trace)
-            if r.inbound is not None:
-                r.inbound.pending -= 1
-                self._maybe_ack(r.inbound)
+            self.rt.dead_letter(
+                reason, detail, self.topics.events(r.device), payload, trace=r.trace, for_=r.turn
+            )
+            self.rt.release(r.turn)
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -658,12 +577,9 @@ class InferenceService:
 
     def stop(self) -> None:
         """Drain: stop intake, score what waits, wait for confirmations, go offline."""
-        self.bus.call(self._start_draining, timeout_s=5)
-        self.bus.call(self._score_all, timeout_s=10)
         self._stop.set()
-        self._loader.join(timeout=5)
-        self.bus.call(lambda: None, timeout_s=5)  # a model the loader handed over is served (or closed)
-        self.rt.stop()
+        self._loader.join(timeout=5)  # a model the loader handed over is served (or closed) in the drain
+        self.rt.stop(self._score_all)
         self._checkpoint()
         self.window_store.close()
         for lm in {id(m): m for s in self.served.values() for m in (s.active, s.shadow) if m}.values():
@@ -680,37 +596,6 @@ class InferenceService:
         for lm, reqs in self.batcher.drain():
             self._score(lm, reqs)
 
-    def _start_draining(self) -> None:
-        self._draining = True
-
-
-def _check_event(ev: Any, device: str) -> tuple[str, str] | None:
-    """Why an event cannot be used (reason, detail), or None. Explicit checks, cheaper than a
-    model validation per event; the event contract is :class:`outpost.contracts.Event`."""
-    if not isinstance(ev, dict):
-        return "wrong_shape", f"an event must be a JSON object, got {type(ev).__name__}"
-    for key, kinds in (("id", str), ("device", str), ("metric", str)):
-        v = ev.get(key)
-        if not isinstance(v, kinds) or not v or len(v) > 128:
-            return "bad_event", f"{key} must be a non-empty string, got {type(v).__name__}"
-    if ev["device"] != device:
-        return "device_mismatch", f"event device {ev['device'][:64]!r} != topic device {device!r}"
-    ts = ev.get("ts")
-    if type(ts) is not int or ts < 0:
-        return "bad_event", f"ts must be a non-negative integer, got {type(ts).__name__}"
-    value = ev.get("value")
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return "bad_event", f"value must be a number, got {type(value).__name__}"
-    if not math.isfinite(value):
-        return "not_finite", f"value {value!r} is not finite"
-    trace = ev.get("trace")
-    if trace is not None and not isinstance(trace, str):
-        return "bad_event", "trace must be a string"
-    origin = ev.get("ingest_ns")
-    if origin is not None and type(origin) is not int:
-        return "bad_event", "ingest_ns must be an integer"
-    return None
-
 
 def run(settings: OutpostSettings, stop: threading.Event) -> InferenceService:
     """Run inference until ``stop`` is set; returns the (stopped) service for inspection."""
@@ -718,4 +603,4 @@ def run(settings: OutpostSettings, stop: threading.Event) -> InferenceService:
 
 
 def main() -> None:
-    service_main(InferenceService)
+    service_main(InferenceService, OutpostSettings)

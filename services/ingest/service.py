@@ -29,13 +29,13 @@ import orjson
 from outpost.contracts import READING, SCHEMA_VERSION, ReadingDict, Reject, reading_id, reading_id_prefix
 from outpost.log import get_logger
 from outpost.metrics import _HIGHEST_US, _LOWEST_US, Histogram
+from outpost.ratelimit import RateLimiter
 from outpost.service import Ack, Inbound, Rejected, ServiceRuntime, run_until, service_main
 from outpost.services.ingest.parse import OWN_REASONS
-from outpost.services.ingest.ratelimit import RateLimiter
 from outpost.services.ingest.seqstore import SeqStore
 from outpost.services.ingest.seqtrack import Seen, SeqState, observe
 from outpost.services.ingest.units import UNITS
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 
 NAME = "ingest"
 log = get_logger("outpost.ingest")
@@ -312,4 +312,4 @@ def run(settings: OutpostSettings, stop: threading.Event) -> IngestService:
 
 
 def main() -> None:
-    service_main(IngestService)
+    service_main(IngestService, OutpostSettings)
