@@ -97,11 +97,19 @@ def test_an_exception_comes_back_through_done(loop: Loop, worker: Worker) -> Non
 def test_has_room_goes_false_at_the_bound_and_true_again(loop: Loop, worker: Worker) -> None:
     gate = threading.Event()
     got: list[Any] = []
+
+    def blocked(i: int) -> Callable[[], int]:
+        def fn() -> int:
+            gate.wait(5)
+            return i
+
+        return fn
+
     assert worker.has_room
     for i in range(2):
-        worker.submit(lambda i=i: gate.wait(5) and i, got.append)
+        worker.submit(blocked(i), got.append)
         assert worker.has_room
-    worker.submit(lambda: gate.wait(5) and 2, got.append)
+    worker.submit(blocked(2), got.append)
     assert not worker.has_room  # three waiting: the bound
     assert worker.queued == 3
     worker.submit(lambda: 3, got.append)  # beyond the bound: queued all the same, never dropped
