@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import socket
 import threading
 import time
@@ -46,6 +45,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from outpost import paho_internals as internals
+from outpost.backoff import backoff_delays
 from outpost.errors import BrokerError
 from outpost.settings import MqttSettings
 
@@ -75,16 +75,6 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
-
-
-def backoff_delays(low: float, high: float, rng: random.Random | None = None) -> Any:
-    """Full-jitter exponential backoff: uniform(0, min(high, low * 2**n)), never below low/2."""
-    rng = rng or random.Random()
-    attempt = 0
-    while True:
-        cap = min(high, low * (2**attempt))
-        yield max(low / 2, rng.uniform(0, cap))
-        attempt = min(attempt + 1, 30)
 
 
 def topic_of(msg: Message) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import random
 
-from outpost.bus import _filter_of, backoff_delays
+from outpost.backoff import backoff_delays
+from outpost.bus import _filter_of
 
 
 def test_backoff_grows_and_is_capped() -> None:
