@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from outpost.services.ingest.ratelimit import RateLimiter
+from outpost.ratelimit import RateLimiter
 
 
 def test_burst_then_refill() -> None:
