@@ -1,14 +1,15 @@
 """Memory sync, the cloud's side: a replica of every site's long-term memory and log summaries.
 
 It runs beside the cloud broker (``outpost memory replica``), subscribes to ``up/memory/+`` of every
-site of the installation (QoS 1, persistent session, acknowledged only after the SQLite commit),
-and for each message of a site's stream applies, in one transaction, the records that follow the
-last one it holds (``prev`` must match: a gap means a message was lost on the way, and everything
-after it waits for the site to resend), skips those it already holds (a replay is harmless), and
-then answers on that site's ``down/memory/ack`` with the last offset it has stored, always, so the
-site can forget what is safe in the cloud and resend what is not (see :mod:`.sync`). A message
-that goes on from a history the replica does not hold (a new sync state of the site must start
-from offset 0) is answered ``unknown``: the site then sends that stream again from its start.
+site of the installation (QoS 1, persistent session), and for each message of a site's stream
+applies, in one transaction, the records that follow the last one it holds (``prev`` must match: a
+gap means a message was lost on the way, and everything after it waits for the site to resend),
+skips those it already holds (a replay is harmless), and then answers on that site's
+``down/memory/ack`` with the last offset it has stored, always, so the site can forget what is safe
+in the cloud and resend what is not. A message that goes on from a history the replica does not
+hold (a new sync state of the site must start from offset 0) is answered ``unknown``: the site then
+sends that stream again from its start. The protocol is :mod:`outpost.streams`' (its receiving
+side); what is memory's here is what a record does (an item added or removed, a log summary).
 
 Its state (``{data_dir}/replica.db``): per site and stream the last offset, the long-term memory
 items (vector included), and the log summaries. A message that is not a valid sync message is
@@ -20,35 +21,32 @@ from __future__ import annotations
 import base64
 import sqlite3
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from outpost.bus import Message
+from outpost.contracts import StreamBatch, model_contract
 from outpost.errors import OutpostError, TopicError
 from outpost.log import get_logger
-from outpost.service import ServiceRuntime, run_until, service_main
+from outpost.service import Ack, Inbound, Rejected, ServiceRuntime, run_until, service_main
 from outpost.services.memory.sync import PART
 from outpost.settings import OutpostSettings
-from outpost.store import Store, transaction
-from outpost.topics import Topics, check_segment
+from outpost.store import Store
+from outpost.streams import RECEIVER_SCHEMA, Applied, ReceivedStreams, answer
+from outpost.topics import Topics
+
+__all__ = ["Applied", "CloudReplica", "ReplicaError", "ReplicaStore", "SyncMessage", "main", "run"]
 
 NAME = "replica"
 log = get_logger("outpost.memory.replica")
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS streams (
-    site TEXT NOT NULL,
-    stream TEXT NOT NULL,
-    last INTEGER NOT NULL,
-    epoch TEXT NOT NULL,
-    PRIMARY KEY (site, stream)
-);
+_SCHEMA = (
+    RECEIVER_SCHEMA
+    + """
 CREATE TABLE IF NOT EXISTS items (
     site TEXT NOT NULL,
     key INTEGER NOT NULL,
@@ -72,6 +70,7 @@ CREATE TABLE IF NOT EXISTS summaries (
     PRIMARY KEY (site, epoch, "offset")
 );
 """
+)
 
 Segment = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
@@ -102,32 +101,13 @@ class _Summary(BaseModel):
     entries: int = Field(ge=0)
 
 
-class SyncMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-    v: Literal[1]
-    id: str = Field(max_length=256)
-    site: Segment
-    epoch: str = Field(min_length=1, max_length=64)
+class SyncMessage(StreamBatch):
+    """A :class:`~outpost.contracts.StreamBatch` of one of memory's two streams."""
+
     stream: Literal["ltm", "log"]
-    prev: int = Field(ge=0)
-    records: list[tuple[int, dict[str, Any]]] = Field(min_length=1, max_length=10_000)
 
 
-@dataclass
-class Applied:
-    """What one message did: the last offset now held, records applied, duplicates skipped,
-    whether a gap stopped it, and the records refused (offset, why)."""
-
-    last: int
-    applied: int = 0
-    duplicates: int = 0
-    gap: bool = False
-    rejected: list[tuple[int, str]] = field(default_factory=list)
-    reset: bool = False
-    """The site's sync state was new: what was held of this stream was dropped."""
-    unknown: bool = False
-    """The message goes on from a history this replica does not hold (its state was lost, or the
-    first message was): the site must send this stream again from its start."""
+SYNC_MESSAGE = model_contract(SyncMessage)
 
 
 class ReplicaError(OutpostError):
@@ -156,65 +136,30 @@ class ReplicaStore:
                 self.db = self.store.db
         except sqlite3.DatabaseError as exc:
             raise ReplicaError(f"replica state {path} cannot be used ({exc})") from None
+        self.streams = ReceivedStreams(self.db)
 
     def last(self, site: str, stream: str) -> int:
-        row = self.db.execute(
-            "SELECT last FROM streams WHERE site = ? AND stream = ?", (site, stream)
-        ).fetchone()
-        return int(row[0]) if row else 0
+        return self.streams.last(site, stream)
 
     def apply(self, m: SyncMessage) -> Applied:
-        """Apply what follows the last record held, in one transaction. A record that cannot be
-        applied is skipped and reported (the caller dead-letters it), so one bad record never
-        blocks its stream; offsets that do not grow make the whole message invalid."""
-        with transaction(self.db) as db:
-            row = db.execute(
-                "SELECT last, epoch FROM streams WHERE site = ? AND stream = ?", (m.site, m.stream)
-            ).fetchone()
-            if row is None or row[1] != m.epoch:
-                # a site (or a sync state of it: wiped, replaced, sync was off) new to this replica
-                if m.prev != 0:  # it goes on from records this replica never had: say so
-                    return Applied(0, unknown=True)  # nothing was written
-                out = Applied(0, reset=row is not None)
-                if row is not None and m.stream == "ltm":  # its memory comes again, whole
-                    db.execute("DELETE FROM items WHERE site = ?", (m.site,))
-            else:
-                out = Applied(int(row[0]))
-            prev = m.prev
-            for offset, body in m.records:
-                if offset <= prev:
-                    raise ValueError(f"offsets must grow: {offset} after {prev}")
-                if offset <= out.last:
-                    out.duplicates += 1
-                elif prev == out.last:
-                    try:
-                        db.execute("SAVEPOINT record")
-                        self._apply_one(m.site, m.epoch, m.stream, offset, body)
-                        db.execute("RELEASE record")
-                        out.applied += 1
-                    except (ValidationError, ValueError) as exc:
-                        db.execute("ROLLBACK TO record")
-                        db.execute("RELEASE record")
-                        out.rejected.append((offset, str(exc)[:500]))
-                    out.last = offset
-                else:
-                    out.gap = True
-                    break
-                prev = offset
-            db.execute(
-                "INSERT INTO streams (site, stream, last, epoch) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(site, stream) DO UPDATE SET last = excluded.last, epoch = excluded.epoch",
-                (m.site, m.stream, out.last, m.epoch),
-            )
-        return out
+        """Apply what follows the last record held, in one transaction (:meth:`ReceivedStreams.apply`):
+        a bad record is refused alone, offsets that do not grow refuse the whole message."""
+        return self.streams.apply(m, self._apply_one, reset=self._reset)
 
-    def _apply_one(self, site: str, epoch: str, stream: str, offset: int, body: dict[str, Any]) -> None:
-        if stream == "log":
+    @staticmethod
+    def _reset(db: sqlite3.Connection, m: StreamBatch) -> None:
+        if m.stream == "ltm":  # a new sync state of the site: its memory comes again, whole
+            db.execute("DELETE FROM items WHERE site = ?", (m.site,))
+
+    @staticmethod
+    def _apply_one(db: sqlite3.Connection, m: StreamBatch, offset: int, body: dict[str, Any]) -> None:
+        site = m.site
+        if m.stream == "log":
             s = _Summary.model_validate(body)
-            self.db.execute(
+            db.execute(
                 'INSERT OR REPLACE INTO summaries (site, epoch, "offset", from_offset, to_offset, entries, '
                 "doc) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (site, epoch, offset, s.from_offset, s.to_offset, s.entries, orjson.dumps(body)),
+                (site, m.epoch, offset, s.from_offset, s.to_offset, s.entries, orjson.dumps(body)),
             )
             return
         if body.get("op") == "add":
@@ -225,7 +170,7 @@ class ReplicaStore:
                 raise ValueError(f"record {offset}: the vector is not base64: {exc}") from None
             if not vector or len(vector) % 4:
                 raise ValueError(f"record {offset}: the vector is not float32 bytes")
-            self.db.execute(
+            db.execute(
                 "INSERT OR REPLACE INTO items (site, key, namespace, subject, meta, payload, vector, "
                 "created_ns, expires_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -243,7 +188,7 @@ class ReplicaStore:
         else:
             r = _Remove.model_validate(body)
             if r.op == "del":
-                self.db.execute("DELETE FROM items WHERE site = ? AND key = ?", (site, r.key))
+                db.execute("DELETE FROM items WHERE site = ? AND key = ?", (site, r.key))
 
     # --- what the cloud reads ---------------------------------------------------------------------
     def items(self, site: str) -> dict[int, dict[str, Any]]:
@@ -290,50 +235,57 @@ class ReplicaStore:
 class CloudReplica:
     def __init__(self, settings: OutpostSettings) -> None:
         self.settings = settings
-        self.rt = ServiceRuntime(NAME, settings, durable=True, manual_ack=True, mqtt5=False)
+        self.rt = ServiceRuntime(
+            NAME, settings, reasons=("bad_sync", "bad_record"), durable=True, mqtt5=False
+        )
         self.bus = self.rt.bus
         self.metrics = self.rt.metrics
+        self.topics = settings.topics
         self.store = ReplicaStore(Path(settings.data_dir) / "replica.db")
-        self.bus.subscribe(settings.topics.every_site_up(PART), self._on_message, qos=1)
+        # A message is applied and committed (SQLite, synchronous=FULL) before its handler returns,
+        # and its answer to the site is an output it waits for (AFTER_OUTPUTS): acknowledged only
+        # once the cloud broker holds that answer. A crash between the commit and the answer then
+        # has the broker redeliver the message, which the replica already holds and answers again
+        # at once (duplicates); acknowledged at once, the answer would be lost and the site would
+        # learn where the replica stands only after memory.sync_resend_s, by resending a window of
+        # records across the uplink.
+        self.rt.subscribe(
+            self.topics.every_site_up(PART),
+            self._on_message,
+            contract=SYNC_MESSAGE,
+            ack=Ack.AFTER_OUTPUTS,
+            invalid_reason="bad_sync",
+            max_bytes=MAX_MESSAGE_BYTES,
+        )
 
-    def _site_stream(self, topic: str) -> tuple[str, str]:
-        # {prefix}/v1/{site}/up/memory/{stream}
-        parts = topic.split("/")
-        if len(parts) != 6:
-            raise TopicError(f"not a memory sync topic: {topic[:200]!r}")
-        return check_segment(parts[2], "site"), parts[5]
-
-    def _on_message(self, msg: Message) -> None:
-        c = self.metrics.counters
-        c["messages"] += 1
-        raw = bytes(msg.payload)
+    def _on_message(self, inbound: Inbound[SyncMessage]) -> None:
+        m = inbound.items[0][1]
         try:
-            if len(raw) > MAX_MESSAGE_BYTES:
-                raise ValueError(f"{len(raw)} bytes > {MAX_MESSAGE_BYTES}")
-            site, stream = self._site_stream(msg.topic)
-            m = SyncMessage.model_validate_json(raw)
-            if (m.site, m.stream) != (site, stream):
-                raise ValueError(f"the message says {m.site}/{m.stream}, its topic {site}/{stream}")
+            site, _part, stream = self.topics.site_up_of(inbound.topic)
+        except TopicError as exc:
+            raise Rejected("bad_sync", str(exc)) from None
+        if (m.site, m.stream) != (site, stream):
+            raise Rejected("bad_sync", f"the message says {m.site}/{m.stream}, its topic {site}/{stream}")
+        try:
             done = self.store.apply(m)
-        except (ValidationError, ValueError, TopicError) as exc:
-            reason = (
-                "not_json" if isinstance(exc, ValidationError) and "json_invalid" in str(exc) else "bad_sync"
+        except ValueError as exc:
+            raise Rejected("bad_sync", str(exc)[:1000]) from None
+        c = self.metrics.counters
+        c[f"applied.{stream}"] += done.applied
+        c["duplicates"] += done.duplicates
+        c["gaps"] += done.gap
+        for offset, why in done.rejected:
+            self.rt.dead_letter(
+                "bad_record",
+                f"{site}/{stream} record {offset}: {why}",
+                inbound.topic,
+                inbound.raw,
+                for_=inbound.turn,
             )
-            self.rt.dead_letter(reason, str(exc)[:1000], msg.topic, raw)
-        else:
-            c[f"applied.{stream}"] += done.applied
-            c["duplicates"] += done.duplicates
-            c["gaps"] += done.gap
-            for offset, why in done.rejected:
-                self.rt.dead_letter("bad_record", f"{site}/{stream} record {offset}: {why}", msg.topic, raw)
-            c["resets"] += done.reset
-            c["unknown"] += done.unknown
-            ack = orjson.dumps(
-                {"stream": stream, "offset": done.last, "epoch": m.epoch, "unknown": done.unknown}
-            )
-            self.bus.publish(Topics(site=site, prefix=self.settings.prefix).down(PART, "ack"), ack, qos=1)
-        if msg.qos:
-            self.bus.ack(msg.mid, msg.qos)
+        c["resets"] += done.reset
+        c["unknown"] += done.unknown
+        to = Topics(site=site, prefix=self.settings.prefix).down(PART, "ack")
+        self.rt.publish(to, answer(m, done), for_=inbound.turn)
 
     def start(self) -> None:
         """Returns at once and keeps trying the cloud broker (it may come up later); a stop
@@ -354,4 +306,4 @@ def run(settings: OutpostSettings, stop: threading.Event) -> CloudReplica:
 
 
 def main() -> None:
-    service_main(CloudReplica)
+    service_main(CloudReplica, OutpostSettings)

@@ -1,0 +1,399 @@
+"""Offset streams, resent until the far end acknowledges them: what crosses an unreliable link
+(the uplink to the cloud) without loss and without doubles, whatever restarts on either side.
+
+A **stream** is a sequence of records whose offsets only grow, kept in durable state (a
+:class:`Source`) until the receiver has acknowledged them. The sender (:class:`OffsetStreams`)
+sends what follows the last acknowledged offset as :class:`~outpost.contracts.StreamBatch`
+messages on ``{root}/up/{part}/{stream}`` (QoS 1, ``batch`` records a message, each message saying
+the offset before its first record, ``prev``), at most ``window`` offsets in flight. The receiver
+(:class:`ReceivedStreams`) applies a record only if it follows the last one it holds, skips what
+it holds already (replays are harmless), stops at a gap, and answers on ``{root}/down/{part}/ack``
+(:class:`~outpost.contracts.StreamAck`) with the last offset it has *committed*: a PUBACK from a
+broker or a bridge is not taken as delivery. The sender then forgets what was acknowledged. With
+no acknowledgement for ``resend_s``, or when the link comes back, it sends again from the last
+acknowledged offset (go-back-N), which is also where a restarted sender resumes.
+
+An **epoch** names one history of the sender's streams. A sender that starts afresh (no state, or
+state it cannot vouch for) takes a new epoch and offers each source the chance to queue all it has
+again (:meth:`Source.snapshot`); a receiver that sees a new epoch starts the stream from offset 0
+(its ``reset`` hook drops what it held), and one asked to go on from a history it does not hold
+answers ``unknown``, upon which the sender sends that stream again from its start.
+
+"While the link is up": the sender sends only while :meth:`OffsetStreams.link` says so; with
+``link_topic`` it follows the retained up (``1``) / down state there (the edge broker's bridge
+reports itself so, :meth:`outpost.topics.Topics.uplink_state`), without one the link is taken as up.
+
+Memory sync (services/memory/sync.py, replica.py) is the first user; the uplink and the connector
+outbox are meant to be the next.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+from pydantic import ValidationError
+
+from outpost.contracts import StreamAck, StreamBatch, encode, header
+from outpost.log import get_logger
+from outpost.service import Ack, Inbound, Rejected, ServiceRuntime
+from outpost.store import Store, transaction
+
+log = get_logger("outpost.streams")
+
+REASONS = ("bad_ack",)
+"""The dead-letter reason the sender gives (an acknowledgement it cannot take)."""
+
+SENDER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS acked (
+    stream TEXT PRIMARY KEY,
+    "offset" INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+"""The sender's own state (in the store it is given, beside the sources' tables)."""
+
+RECEIVER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS streams (
+    site TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    last INTEGER NOT NULL,
+    epoch TEXT NOT NULL,
+    PRIMARY KEY (site, stream)
+);
+"""
+"""The receiver's ledger: per sender (site) and stream, the last offset held and its epoch."""
+
+Records = list[tuple[int, dict[str, Any]]]
+
+
+class Source(Protocol):
+    """A stream's records, from durable state."""
+
+    def after(self, offset: int, limit: int) -> Records:
+        """Up to ``limit`` records after ``offset``, in order."""
+        ...
+
+    def trim(self, upto: int) -> None:
+        """Forget what is acknowledged (offsets up to ``upto``)."""
+        ...
+
+    def last(self) -> int:
+        """The last offset handed out (0 before the first)."""
+        ...
+
+    def expire(self, before_ns: int) -> int:
+        """Drop records made before ``before_ns`` (never sent in time); how many went."""
+        ...
+
+    def snapshot(self) -> int:
+        """Queue all the source holds again, as new records (a new epoch, or a receiver that lost
+        the stream); how many. 0 where what was forgotten cannot be made again."""
+        ...
+
+
+@dataclass
+class Stream:
+    name: str
+    source: Source
+    acked: int
+    """The last offset the receiver acknowledged."""
+    sent: int
+    """The last offset sent (go-back-N sets it back to ``acked``)."""
+    progress_at: float
+    """monotonic time of the last progress (or of the first send after none was in flight)."""
+
+
+class OffsetStreams:
+    """The sending side, on a service's kit: its subscriptions (the acknowledgements, the link
+    state), timers (send, resend) and metrics (``{prefix}_sent.{stream}``, ``{prefix}_messages``,
+    ``{prefix}_resends``, ``{prefix}_acked.{stream}``, ``{prefix}_again.{stream}``,
+    ``{prefix}_stale_acks``, ``{prefix}_expired.{stream}``, ``uplink_changes``). Every call is made
+    on the service's network thread."""
+
+    def __init__(
+        self,
+        rt: ServiceRuntime,
+        store: Store,
+        sources: Mapping[str, Source],
+        *,
+        part: str,
+        window: int,
+        batch: int,
+        resend_s: float,
+        link_topic: str | None,
+        afresh: bool = False,
+        counter_prefix: str = "sync",
+    ) -> None:
+        """``store`` holds the sender's state (apply :data:`SENDER_SCHEMA` to it). ``afresh``: the
+        caller cannot vouch that the sources recorded everything since the stored epoch began (a
+        new epoch is taken then, as when there is none)."""
+        self.rt = rt
+        self.store = store
+        self.part = part
+        self.window = window
+        self.batch = batch
+        self.resend_s = resend_s
+        self._c = rt.metrics.counters
+        self._p = counter_prefix
+        self.epoch = self._epoch(sources, afresh)
+        acked = {str(s): int(o) for s, o in store.query('SELECT stream, "offset" FROM acked')}
+        now = time.monotonic()
+        self.streams = {
+            name: Stream(name, src, acked.get(name, 0), acked.get(name, 0), now)
+            for name, src in sources.items()
+        }
+        self.link_up = link_topic is None
+        self._final: dict[str, Any] | None = None
+        topics = rt.topics
+        self._topic = {name: topics.up(part, name) for name in self.streams}
+        # An acknowledgement is taken (sync.db written, synchronous=FULL) before its handler returns,
+        # and the link state changes nothing durable: AT_ONCE is "after its commit" for both.
+        rt.subscribe(
+            topics.down(part, "ack"), self._on_ack, ack=Ack.AT_ONCE, counter=f"{counter_prefix}_acks"
+        )
+        if link_topic is not None:
+            rt.subscribe(link_topic, self._on_link, ack=Ack.AT_ONCE, counter="uplink_messages")
+        rt.every(min(0.2, resend_s / 4), self.pump)
+
+    def _epoch(self, sources: Mapping[str, Source], afresh: bool) -> str:
+        row = self.store.query("SELECT value FROM meta WHERE key = 'epoch'")
+        if row and not afresh:
+            return str(row[0][0])
+        epoch = uuid.uuid4().hex
+        self.store.db.execute("DELETE FROM acked")
+        self.store.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
+        again = {name: src.snapshot() for name, src in sources.items()}
+        log.info("streams start afresh", extra={"part": self.part, "epoch": epoch, "records_again": again})
+        return epoch
+
+    # --- sending ---------------------------------------------------------------------------------
+    def pump(self) -> None:
+        """Send what the window allows; go back to the last acknowledged offset on a timeout."""
+        if not self.link_up:
+            return
+        now = time.monotonic()
+        for st in self.streams.values():
+            if st.sent > st.acked and now - st.progress_at > self.resend_s:
+                st.sent = st.acked
+                st.progress_at = now
+                self._c[f"{self._p}_resends"] += 1
+            while (room := self.window - (st.sent - st.acked)) > 0:
+                records = st.source.after(st.sent, min(self.batch, room))
+                if not records:
+                    break
+                if st.sent == st.acked:
+                    st.progress_at = now  # the clock for an answer starts with the first in flight
+                self._send(st, records)
+
+    def _send(self, st: Stream, records: Records) -> None:
+        first, last = records[0][0], records[-1][0]
+        site = self.rt.topics.site
+        msg = header(id=f"{site}-{st.name}-{first}-{last}")
+        msg.update(site=site, epoch=self.epoch, stream=st.name, prev=st.sent, records=records)
+        self.rt.publish(self._topic[st.name], orjson.dumps(msg))
+        st.sent = last
+        self._c[f"{self._p}_sent.{st.name}"] += len(records)
+        self._c[f"{self._p}_messages"] += 1
+
+    # --- what comes back -------------------------------------------------------------------------
+    def _on_ack(self, inbound: Inbound[bytes]) -> None:
+        try:
+            ack = StreamAck.model_validate_json(inbound.raw)
+            st = self._stream_of(ack)
+        except (ValidationError, ValueError) as exc:
+            raise Rejected("bad_ack", str(exc)[:500]) from None
+        self.take(st, ack)
+
+    def _stream_of(self, ack: StreamAck) -> Stream:
+        """The stream an acknowledgement is about; ValueError for one this sender never sent."""
+        st = self.streams.get(ack.stream)
+        if st is None:
+            raise ValueError(f"unknown stream {ack.stream[:16]!r}")
+        if ack.epoch == self.epoch and ack.offset > st.source.last():
+            raise ValueError(f"{ack.stream}: offset {ack.offset} was never sent (last {st.source.last()})")
+        return st
+
+    def take(self, st: Stream, ack: StreamAck) -> None:
+        if ack.epoch != self.epoch:  # about a history this sender no longer has: harmless
+            self._c[f"{self._p}_stale_acks"] += 1
+        elif ack.unknown:
+            self._again(st)
+        else:
+            self._acknowledged(st, ack.offset)
+
+    def _again(self, st: Stream) -> None:
+        """The receiver lost this stream's history: send it again from the start (what the source
+        can make again as a snapshot; what was acknowledged and forgotten otherwise is gone)."""
+        if st.acked == 0:
+            st.sent = 0  # nothing was forgotten here: resending from the start is enough
+            return
+        n = st.source.snapshot()
+        self.store.db.execute("DELETE FROM acked WHERE stream = ?", (st.name,))
+        log.warning(
+            "the receiver lost this stream: sending it again from its start",
+            extra={"part": self.part, "stream": st.name, "was_acked": st.acked, "records_again": n},
+        )
+        st.acked = st.sent = 0
+        st.progress_at = time.monotonic()
+        self._c[f"{self._p}_again.{st.name}"] += 1
+
+    def _acknowledged(self, st: Stream, offset: int) -> None:
+        if offset <= st.acked:
+            return  # an old or repeated acknowledgement
+        self.store.db.execute(
+            'INSERT INTO acked (stream, "offset") VALUES (?, ?) ON CONFLICT(stream) DO UPDATE SET '
+            '"offset" = max("offset", excluded."offset")',
+            (st.name, offset),
+        )
+        st.source.trim(offset)
+        self._c[f"{self._p}_acked.{st.name}"] += offset - st.acked
+        st.acked = offset
+        st.sent = max(st.sent, offset)
+        st.progress_at = time.monotonic()
+
+    def _on_link(self, inbound: Inbound[bytes]) -> None:
+        self.link(inbound.raw.strip() == b"1")
+
+    def link(self, up: bool) -> None:
+        """The link went up or down."""
+        was, self.link_up = self.link_up, up
+        if up and not was:
+            for st in self.streams.values():  # what was sent while the link flapped may be lost
+                st.sent = st.acked
+                st.progress_at = time.monotonic()
+            log.info("link up: sending from the last acknowledged offsets", extra=self.status())
+        elif not up and was:
+            log.info("link down: sending waits", extra=self.status())
+        self._c["uplink_changes"] += 1
+
+    # --- upkeep ----------------------------------------------------------------------------------
+    def expire(self, max_age_s: float) -> None:
+        """Records the receiver has not taken within ``max_age_s`` go (counted and logged): a sender
+        whose link stays down keeps a bounded backlog."""
+        cutoff = time.time_ns() - int(max_age_s * 1e9)
+        for st in self.streams.values():
+            n = st.source.expire(cutoff)
+            if n:
+                self._c[f"{self._p}_expired.{st.name}"] += n
+                log.warning(
+                    "stream records expired before the receiver took them",
+                    extra={"part": self.part, "stream": st.name, "records": n},
+                )
+
+    def status(self) -> dict[str, Any]:
+        """The link, and per stream the acknowledged offset and the backlog not yet taken."""
+        if self._final is not None:
+            return self._final
+        return {
+            "uplink": self.link_up,
+            **{
+                f"{self._p}_{st.name}": {"acked": st.acked, "backlog": st.source.last() - st.acked}
+                for st in self.streams.values()
+            },
+        }
+
+    def close(self) -> None:
+        """Keep the last status readable (the sources' state may close after this)."""
+        self._final = self.status()
+
+
+# --- the receiving side -------------------------------------------------------------------------------
+@dataclass
+class Applied:
+    """What one message did: the last offset now held, records applied, duplicates skipped,
+    whether a gap stopped it, and the records refused (offset, why)."""
+
+    last: int
+    applied: int = 0
+    duplicates: int = 0
+    gap: bool = False
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    reset: bool = False
+    """The sender's epoch was new here: what was held of this stream was dropped."""
+    unknown: bool = False
+    """The message goes on from a history this receiver does not hold (its state was lost, or the
+    first message was): the sender must send this stream again from its start."""
+
+
+ApplyOne = Callable[[sqlite3.Connection, StreamBatch, int, dict[str, Any]], None]
+"""Apply one record (db, message, offset, body); ValidationError or ValueError refuses it alone."""
+
+
+class ReceivedStreams:
+    """The receiving side's protocol on its SQLite database (with :data:`RECEIVER_SCHEMA`)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def last(self, site: str, stream: str) -> int:
+        row = self.db.execute(
+            "SELECT last FROM streams WHERE site = ? AND stream = ?", (site, stream)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def apply(
+        self,
+        m: StreamBatch,
+        apply_one: ApplyOne,
+        *,
+        reset: Callable[[sqlite3.Connection, StreamBatch], None] | None = None,
+    ) -> Applied:
+        """Apply what follows the last record held, in one transaction. A record that cannot be
+        applied is skipped and reported (the caller dead-letters it), so one bad record never
+        blocks its stream; offsets that do not grow make the whole message invalid (ValueError,
+        nothing written). ``reset`` drops what was held of a stream whose sender took a new epoch."""
+        with transaction(self.db) as db:
+            row = db.execute(
+                "SELECT last, epoch FROM streams WHERE site = ? AND stream = ?", (m.site, m.stream)
+            ).fetchone()
+            if row is None or row[1] != m.epoch:
+                # a sender (or a history of it: wiped, replaced, paused) new to this receiver
+                if m.prev != 0:  # it goes on from records this receiver never had: say so
+                    return Applied(0, unknown=True)  # nothing was written
+                out = Applied(0, reset=row is not None)
+                if row is not None and reset is not None:
+                    reset(db, m)
+            else:
+                out = Applied(int(row[0]))
+            prev = m.prev
+            for offset, body in m.records:
+                if offset <= prev:
+                    raise ValueError(f"offsets must grow: {offset} after {prev}")
+                if offset <= out.last:
+                    out.duplicates += 1
+                elif prev == out.last:
+                    try:
+                        db.execute("SAVEPOINT record")
+                        apply_one(db, m, offset, body)
+                        db.execute("RELEASE record")
+                        out.applied += 1
+                    except (ValidationError, ValueError) as exc:
+                        db.execute("ROLLBACK TO record")
+                        db.execute("RELEASE record")
+                        out.rejected.append((offset, str(exc)[:500]))
+                    out.last = offset
+                else:
+                    out.gap = True
+                    break
+                prev = offset
+            db.execute(
+                "INSERT INTO streams (site, stream, last, epoch) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(site, stream) DO UPDATE SET last = excluded.last, epoch = excluded.epoch",
+                (m.site, m.stream, out.last, m.epoch),
+            )
+        return out
+
+
+def answer(m: StreamBatch, done: Applied) -> bytes:
+    """The acknowledgement of one message: where the receiver stands on its stream, always (a lost
+    acknowledgement costs one resend), ``unknown`` when it holds nothing of that history."""
+    return encode("", stream=m.stream, offset=done.last, epoch=m.epoch, unknown=done.unknown)
