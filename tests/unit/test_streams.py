@@ -1,0 +1,125 @@
+"""The sending side of outpost.streams without a broker: the window, go-back-N after resend_s or
+when the link comes back, acknowledgements that trim, stale and bogus ones, an unknown history
+sent again, and a new epoch when the sender starts afresh."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, cast
+
+import orjson
+import pytest
+
+from outpost.contracts import StreamAck
+from outpost.service import ServiceRuntime
+from outpost.store import Store
+from outpost.streams import SENDER_SCHEMA, OffsetStreams, Records
+from outpost.topics import Topics
+
+
+class ListSource:
+    def __init__(self, n: int) -> None:
+        self.records: Records = [(i, {"n": i}) for i in range(1, n + 1)]
+        self.snapshots = 0
+
+    def after(self, offset: int, limit: int) -> Records:
+        return [r for r in self.records if r[0] > offset][:limit]
+
+    def trim(self, upto: int) -> None:
+        self.records = [r for r in self.records if r[0] > upto]
+
+    def last(self) -> int:
+        return self.records[-1][0] if self.records else 0
+
+    def expire(self, before_ns: int) -> int:
+        return 0
+
+    def snapshot(self) -> int:
+        self.snapshots += 1
+        return 0
+
+
+class FakeRuntime:
+    def __init__(self) -> None:
+        self.topics = Topics(site="shop-1")
+        self.metrics = type("M", (), {"counters": Counter()})()
+        self.sent: list[dict[str, Any]] = []
+        self.subscribed: list[str] = []
+
+    def subscribe(self, pattern: str, handler: Any, **_: Any) -> None:
+        self.subscribed.append(pattern)
+
+    def every(self, _interval_s: float, _fn: Any) -> None:
+        pass
+
+    def publish(self, topic: str, payload: bytes, **_: Any) -> int:
+        assert topic == self.topics.up("memory", orjson.loads(payload)["stream"])
+        self.sent.append(orjson.loads(payload))
+        return 1
+
+
+def make(tmp_path: Path, src: ListSource, *, afresh: bool = False) -> tuple[OffsetStreams, FakeRuntime]:
+    rt = FakeRuntime()
+    store = Store(tmp_path / "sync.db", SENDER_SCHEMA)
+    s = OffsetStreams(
+        cast(ServiceRuntime, rt),
+        store,
+        {"ltm": src},
+        part="memory",
+        window=4,
+        batch=3,
+        resend_s=10.0,
+        link_topic=rt.topics.uplink_state(),
+        afresh=afresh,
+    )
+    return s, rt
+
+
+def test_window_acks_resend_and_link(tmp_path: Path) -> None:
+    src = ListSource(10)
+    s, rt = make(tmp_path, src)
+    assert rt.subscribed == [rt.topics.down("memory", "ack"), rt.topics.uplink_state()]
+    s.pump()
+    assert rt.sent == []  # the link is down until the bridge says up
+    s.link(True)
+    s.pump()
+    assert [(m["prev"], [o for o, _ in m["records"]]) for m in rt.sent] == [(0, [1, 2, 3]), (3, [4])]
+    assert rt.sent[0]["id"] == "shop-1-ltm-1-3" and rt.sent[0]["v"] == 1 and rt.sent[0]["epoch"] == s.epoch
+    st = s.streams["ltm"]
+    s.take(st, StreamAck(stream="ltm", offset=3, epoch=s.epoch))
+    assert st.acked == 3 and src.after(0, 100)[0][0] == 4  # trimmed
+    rt.sent.clear()
+    s.pump()
+    assert [[o for o, _ in m["records"]] for m in rt.sent] == [[5, 6, 7]]
+    # no progress for resend_s: back to the last acknowledged offset
+    st.progress_at -= 11
+    rt.sent.clear()
+    s.pump()
+    assert rt.metrics.counters["sync_resends"] == 1 and rt.sent[0]["prev"] == 3
+    # stale (another epoch) and repeated acknowledgements change nothing
+    s.take(st, StreamAck(stream="ltm", offset=9, epoch="old"))
+    s.take(st, StreamAck(stream="ltm", offset=2, epoch=s.epoch))
+    assert st.acked == 3 and rt.metrics.counters["sync_stale_acks"] == 1
+    with pytest.raises(ValueError, match="never sent"):
+        s._stream_of(StreamAck(stream="ltm", offset=99, epoch=s.epoch))
+    with pytest.raises(ValueError, match="unknown stream"):
+        s._stream_of(StreamAck(stream="nope", offset=1, epoch=s.epoch))
+    # the receiver lost the history: a snapshot, and everything again from 0
+    s.take(st, StreamAck(stream="ltm", offset=0, epoch=s.epoch, unknown=True))
+    assert src.snapshots == 2 and (st.acked, st.sent) == (0, 0)  # one at the first start
+    assert s.status()["sync_ltm"] == {"acked": 0, "backlog": 10}
+
+
+def test_the_epoch_survives_a_restart_unless_afresh(tmp_path: Path) -> None:
+    s, _ = make(tmp_path, ListSource(3))
+    s.take(s.streams["ltm"], StreamAck(stream="ltm", offset=2, epoch=s.epoch))
+    epoch = s.epoch
+    s.store.close()
+    again, _ = make(tmp_path, ListSource(3))
+    assert again.epoch == epoch and again.streams["ltm"].acked == 2
+    again.store.close()
+    src = ListSource(3)
+    fresh, _ = make(tmp_path, src, afresh=True)
+    assert fresh.epoch != epoch and fresh.streams["ltm"].acked == 0 and src.snapshots == 1
+    fresh.store.close()
