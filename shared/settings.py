@@ -1,8 +1,14 @@
-"""All of Outpost's settings, in one place.
+"""The core's settings and the machinery that loads every setting.
 
 Precedence: defaults < the site file (``outpost.yaml``, path in ``OUTPOST_CONFIG``) < ``OUTPOST_*``
 environment variables (nested with ``__``, e.g. ``OUTPOST_MQTT__PORT``) < explicit arguments.
 Unknown keys and bad values are errors at start (:class:`outpost.errors.ConfigError`), never ignored.
+
+Here are the sections the core itself uses (MQTT, the broker, the uplink, telemetry) and
+:class:`CoreSettings`, the root a site's settings derive from. Each service's section lives in the
+service's own folder (``services/{name}/settings.py``), and the composed root, ``OutpostSettings``
+with one field per service, is built by the service registry (:mod:`outpost.services.registry`):
+the core never imports a service. :func:`load_settings` loads whichever root it is given.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import orjson
 import yaml
@@ -24,7 +30,6 @@ from pydantic_settings import (
 )
 
 from outpost.errors import ConfigError
-from outpost.services.inference.backends.config import AutoConfig, BackendConfig
 from outpost.topics import SEGMENT_RE, Topics
 
 CONFIG_ENV = "OUTPOST_CONFIG"
@@ -56,144 +61,6 @@ class MqttSettings(Section):
         description="QoS 1 publishes in flight at once; 0 = no limit (paho rescans its in-flight list "
         "on every acknowledgement when a limit is set: 1000 in flight cut QoS 1 publishing to ~4k/s).",
     )
-
-
-class IngestSettings(Section):
-    qos: Literal[0, 1] = Field(1, description="QoS of the telemetry subscription and event publishes.")
-    dlq_qos: Literal[0, 1] = Field(1, description="QoS of dead-letter publishes.")
-    max_payload_bytes: int = Field(2_000_000, ge=256, description="Larger messages are dead-lettered.")
-    max_batch: int = Field(10_000, ge=1, description="Most readings accepted in one message.")
-    max_future_s: float = Field(300.0, ge=0, description="Readings stamped further ahead are rejected.")
-    max_age_s: float = Field(7 * 86400.0, gt=0, description="Readings older than this are rejected.")
-    dedup_window: int = Field(
-        4096, ge=64, le=65536, description="Recent seqs per device remembered to drop duplicates."
-    )
-    rate_per_device: float = Field(1000.0, gt=0, description="Sustained readings/s allowed per device.")
-    burst_per_device: float = Field(20_000.0, gt=0, description="Token-bucket burst per device.")
-    quarantine_after: int = Field(
-        2000, ge=1, description="Rate-limited readings within one second that put a device in quarantine."
-    )
-    quarantine_s: float = Field(30.0, gt=0, description="How long a flooding device stays quarantined.")
-    flush_ms: float = Field(5.0, gt=0, le=1000, description="Longest time a validated event waits.")
-    flush_max: int = Field(500, ge=1, description="Events per device batch that trigger a flush.")
-    commit_ms: float = Field(100.0, gt=0, description="How often confirmed dedup state is committed.")
-    mqtt5: bool = Field(
-        False,
-        description="Speak MQTT 5 instead of 3.1.1 (3.1.1 is ~10% cheaper per message in paho).",
-    )
-
-    @field_validator("qos", "dlq_qos", mode="before")
-    @classmethod
-    def _qos_from_text(cls, v: Any) -> Any:
-        # Environment variables arrive as text, and a Literal[0, 1] does not coerce "1" to 1.
-        if isinstance(v, str) and v.strip() in ("0", "1"):
-            return int(v)
-        return v
-
-
-class InferenceSettings(Section):
-    """The inference service (docs/inference.md): which models, on which backend, batched how."""
-
-    models_dir: Path | None = Field(
-        None, description="Folder of {name}/{version}/ model folders; default: the models Outpost ships."
-    )
-    models: list[str] = Field(
-        default_factory=list, description="Model names to serve; empty = every model in models_dir."
-    )
-    backend: BackendConfig = Field(
-        default_factory=AutoConfig, description="onnxruntime, tensorrt, or auto (the best that runs here)."
-    )
-    max_batch: int = Field(
-        256, ge=1, le=4096, description="Most requests in one session call (batches fill only under load)."
-    )
-    max_wait_ms: float = Field(
-        1.0,
-        ge=0,
-        le=1000,
-        description="Longest a request waits for its batch to fill (Triton's max_queue_delay).",
-    )
-    qos: Literal[0, 1] = Field(1, description="QoS of the events subscription and score publishes.")
-    reload_s: float = Field(0.5, gt=0, description="How often the registry state is checked for changes.")
-    max_devices: int = Field(100_000, ge=1, description="Devices whose windows are kept (oldest forgotten).")
-    checkpoint_s: float = Field(
-        1.0,
-        gt=0,
-        le=3600,
-        description="How often changed windows are checkpointed to SQLite (restart resumes).",
-    )
-
-    @field_validator("qos", mode="before")
-    @classmethod
-    def _qos_from_text(cls, v: Any) -> Any:
-        if isinstance(v, str) and v.strip() in ("0", "1"):
-            return int(v)
-        return v
-
-    @field_validator("models")
-    @classmethod
-    def _names(cls, v: list[str]) -> list[str]:
-        for name in v:
-            if SEGMENT_RE.fullmatch(name) is None:
-                raise ValueError(f"model name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
-        return v
-
-
-class MemorySettings(Section):
-    """The memory service: operational log, short-term context, long-term memory (docs/memory.md)."""
-
-    log_sync: Literal["OFF", "NORMAL", "FULL"] = Field(
-        "FULL", description="SQLite synchronous for the log: FULL survives power loss, NORMAL a crash."
-    )
-    commit_ms: float = Field(
-        50.0, gt=0, le=10_000, description="Longest an entry waits for its batch commit."
-    )
-    commit_max: int = Field(1000, ge=1, description="Entries that trigger a commit at once.")
-    retention_s: float = Field(
-        7 * 86400.0,
-        gt=0,
-        description="Entries older than this go at compaction (unless not yet acknowledged).",
-    )
-    budget_mb: int = Field(
-        1024,
-        ge=1,
-        description="Disk budget of the log; past it the oldest go, unacknowledged ones too (counted).",
-    )
-    compact_s: float = Field(60.0, gt=0, description="How often retention runs.")
-    vector_dim: int = Field(384, ge=1, le=4096, description="Dimensions of long-term memory vectors.")
-    ltm_max_items: int = Field(
-        1_000_000, ge=1, description="Long-term memory items kept at most (least recently used go first)."
-    )
-    ltm_max_age_s: float = Field(
-        365 * 86400.0, gt=0, description="Long-term memory items older than this go."
-    )
-    context_max_entries: int = Field(
-        100_000, ge=1, description="Short-term context entries kept at most (least recently used go first)."
-    )
-    text_embeddings: bool = Field(
-        True, description="Embed texts for long-term memory (ltm-add/ltm-search with text, embed)."
-    )
-    embedder_dir: str = Field(
-        "",
-        description="A sentence-transformers BERT folder to embed with; empty: the bundled all-MiniLM-L6-v2.",
-    )
-    embedder_cache: str = Field(
-        "", description="Where the encoder's ONNX file is built once; empty: {data_dir}/memory/embedder."
-    )
-    embed_threads: int = Field(1, ge=1, le=64, description="onnxruntime threads of the text encoder.")
-    sync: Literal["auto", "uplink", "always", "off"] = Field(
-        "auto",
-        description="Replicate long-term memory and log summaries to the cloud: auto (when "
-        "uplink.cloud is set) and uplink send while the uplink bridge reports itself connected; "
-        "always sends regardless; off keeps nothing for the cloud.",
-    )
-    sync_batch: int = Field(200, ge=1, le=10_000, description="Sync records per message up.")
-    sync_window: int = Field(
-        2000, ge=1, description="Sync records sent but not yet acknowledged by the cloud, at most."
-    )
-    sync_resend_s: float = Field(
-        10.0, gt=0, description="No acknowledgement for this long: resend from the last acknowledged."
-    )
-    summary_s: float = Field(60.0, gt=0, description="How often the log is summarised for the cloud.")
 
 
 class BrokerSettings(Section):
@@ -271,8 +138,10 @@ class TelemetrySettings(Section):
     metrics_interval_s: float = Field(5.0, gt=0, description="How often services publish metrics.")
 
 
-class OutpostSettings(BaseSettings):
-    """The root of every setting. ``site`` and ``data_dir`` names are fixed by DESIGN.md."""
+class CoreSettings(BaseSettings):
+    """The root of every setting the core uses. A site's settings class derives from it and adds one
+    field per service section (the service registry's ``OutpostSettings``). ``site`` and
+    ``data_dir`` names are fixed by DESIGN.md."""
 
     model_config = SettingsConfigDict(
         env_prefix="OUTPOST_",
@@ -282,6 +151,11 @@ class OutpostSettings(BaseSettings):
         hide_input_in_errors=True,
     )
 
+    SERVICES: ClassVar[dict[str, str]] = {}
+    """The services this settings class configures, name -> module run with ``python -m``, in the
+    order they start; what :class:`outpost.stack.Stack` supervises. None in the core; the service
+    registry's class names its own."""
+
     site: str = Field("site1", description="Site id, the third topic level.")
     prefix: str = Field("outpost", description="Topic prefix, so installations can share a broker.")
     data_dir: Path = Field(Path(".outpost"), description="Durable state lives here.")
@@ -289,9 +163,6 @@ class OutpostSettings(BaseSettings):
     log_json: bool = Field(False, description="Log one JSON object per line instead of text.")
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
-    ingest: IngestSettings = Field(default_factory=IngestSettings)
-    inference: InferenceSettings = Field(default_factory=InferenceSettings)
-    memory: MemorySettings = Field(default_factory=MemorySettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     uplink: UplinkSettings = Field(default_factory=UplinkSettings)
 
@@ -335,6 +206,10 @@ class OutpostSettings(BaseSettings):
 class _SiteFileSource(YamlConfigSettingsSource):
     """The site file: a YAML syntax error or a document that is not a mapping is a ConfigError."""
 
+    def __init__(self, settings_cls: type[BaseSettings], yaml_file: Path) -> None:
+        self._root = settings_cls  # the file is read while the base class initialises
+        super().__init__(settings_cls, yaml_file=yaml_file)
+
     def _read_file(self, file_path: Any) -> dict[str, Any]:
         try:
             data = super()._read_file(file_path)
@@ -347,7 +222,7 @@ class _SiteFileSource(YamlConfigSettingsSource):
         # a section given as a scalar would be merged away silently by an OUTPOST_{SECTION}__*
         # variable (the environment wins key by key): refuse it here, whatever the environment says
         for key, value in data.items():
-            field = OutpostSettings.model_fields.get(str(key))
+            field = self._root.model_fields.get(str(key))
             kind = field.annotation if field is not None else None
             if isinstance(kind, type) and issubclass(kind, BaseModel) and not isinstance(value, dict):
                 raise ConfigError(
@@ -368,14 +243,14 @@ def _config_path() -> Path | None:
     return default if default.is_file() else None
 
 
-def _known_env_names() -> set[str]:
-    return {f"OUTPOST_{name}".upper() for name in OutpostSettings.model_fields} | {CONFIG_ENV}
+def _known_env_names(settings_cls: type[BaseSettings]) -> set[str]:
+    return {f"OUTPOST_{name}".upper() for name in settings_cls.model_fields} | {CONFIG_ENV}
 
 
-def _check_env() -> None:
+def _check_env(settings_cls: type[BaseSettings]) -> None:
     """pydantic-settings ignores OUTPOST_* variables that name no setting; a typo there would
     silently fall back to a default, so it is an error here."""
-    known = _known_env_names()
+    known = _known_env_names(settings_cls)
     for name in os.environ:
         # pydantic-settings matches names case-insensitively, so outpost_foo is checked too
         if not name.upper().startswith("OUTPOST_"):
@@ -385,11 +260,17 @@ def _check_env() -> None:
             raise ConfigError(f"unknown setting in environment: {name}")
 
 
-def load_settings(**overrides: Any) -> OutpostSettings:
-    """Load and check settings; any problem is one ConfigError with every bad field named."""
-    _check_env()
+S = TypeVar("S", bound=CoreSettings)
+
+
+def load_settings(settings_cls: type[S], /, **overrides: Any) -> S:
+    """Load and check settings of ``settings_cls`` (:class:`CoreSettings` or a class composed from
+    it, e.g. the service registry's ``OutpostSettings``, whose ``load_settings`` calls this); any
+    problem is one ConfigError with every bad field named. A section ``settings_cls`` has no field
+    for is an unknown key like any other, so a site's processes load the composed class."""
+    _check_env(settings_cls)
     try:
-        return OutpostSettings(**overrides)
+        return settings_cls(**overrides)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

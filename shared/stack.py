@@ -1,5 +1,8 @@
 """The whole site on one machine: our own Mosquitto (or a given broker) plus every service,
-supervised. ``outpost up`` and ``outpost demo`` are thin layers over :class:`Stack`."""
+supervised. ``outpost up`` and ``outpost demo`` are thin layers over :class:`Stack`.
+
+The services are those of the settings' class (``SERVICES``: the service registry's
+``OutpostSettings`` names every service) unless the caller gives its own; the core knows none."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from pathlib import Path
 from outpost.broker import Mosquitto, uplink_bridge
 from outpost.errors import ConfigError
 from outpost.log import get_logger
-from outpost.settings import OutpostSettings, parse_host_port
+from outpost.settings import CoreSettings, parse_host_port
 from outpost.supervisor import Supervisor
 
 log = get_logger("outpost.stack")
@@ -25,11 +28,12 @@ def parse_broker(value: str) -> tuple[str, int]:
 
 @dataclass
 class Stack:
-    settings: OutpostSettings
+    settings: CoreSettings
     external_broker: str | None = None
     broker: Mosquitto | None = None
     supervisor: Supervisor | None = None
     services: dict[str, str] | None = None
+    """name -> module run with ``python -m``; None: ``type(settings).SERVICES``."""
     final_status: list[dict[str, object]] = field(default_factory=list)
     """The services' states and exit codes as the stop left them."""
 
@@ -61,8 +65,8 @@ class Stack:
             env["OUTPOST_MQTT__USERNAME"] = s.mqtt.username
         if s.mqtt.password is not None:
             env["OUTPOST_MQTT__PASSWORD"] = s.mqtt.password.get_secret_value()
-        kwargs = {} if self.services is None else {"services": self.services}
-        self.supervisor = Supervisor(env=env, log_dir=self.data_dir / "logs", **kwargs)  # type: ignore[arg-type]
+        services = dict(type(s).SERVICES if self.services is None else self.services)
+        self.supervisor = Supervisor(env=env, log_dir=self.data_dir / "logs", services=services)
         self.supervisor.start()
 
     @property

@@ -3,6 +3,9 @@
 A service that crashes is restarted after 0.5 s, then 1 s, 2 s, ... up to 30 s; a run that lasted a
 minute resets the backoff. Stopping sends SIGTERM (the services drain and checkpoint) and SIGKILL
 only to a child that has not exited within the grace period.
+
+Which services is the caller's to say (name -> module run with ``python -m``): the core knows none;
+``outpost up`` takes them from the service registry (:mod:`outpost.services.registry`).
 """
 
 from __future__ import annotations
@@ -19,13 +22,6 @@ from pathlib import Path
 from outpost.log import get_logger
 
 log = get_logger("outpost.supervisor")
-
-# Every service `outpost up` runs: name -> module run with `python -m`.
-SERVICES: dict[str, str] = {
-    "ingest": "outpost.services.ingest",
-    "inference": "outpost.services.inference",
-    "memory": "outpost.services.memory",
-}
 
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -63,7 +59,8 @@ class Child:
 class Supervisor:
     env: dict[str, str]
     log_dir: Path
-    services: dict[str, str] = field(default_factory=lambda: dict(SERVICES))
+    services: dict[str, str]
+    """name -> module run with ``python -m``, started in this order."""
     children: dict[str, Child] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from outpost.settings import OutpostSettings
+from outpost.settings import CoreSettings
 from outpost.sim.badinput import ALL_KINDS, BadKind
 from outpost.sim.scenario import DEFAULT_ANOMALY_RATE
 from outpost.topics import SEGMENT_RE
@@ -85,7 +85,7 @@ class SimOptions(BaseModel):
         return int(self.broker.rpartition(":")[2])
 
     @classmethod
-    def from_settings(cls, settings: OutpostSettings, **overrides: object) -> SimOptions:
+    def from_settings(cls, settings: CoreSettings, **overrides: object) -> SimOptions:
         """Options aimed at the broker, site, prefix and credentials of ``settings``."""
         base: dict[str, object] = {
             "broker": f"{settings.mqtt.host}:{settings.mqtt.port}",

@@ -20,7 +20,8 @@ import pytest
 from outpost.broker import Mosquitto
 from outpost.bus import Bus
 from outpost.services.ingest.service import IngestService, run
-from outpost.settings import MqttSettings, OutpostSettings
+from outpost.services.registry import OutpostSettings
+from outpost.settings import MqttSettings
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,5 +1,4 @@
-"""Ingest: raw device readings in, validated and normalized events out, everything else dead-lettered."""
+"""Ingest: raw device readings in, validated and normalized events out, everything else dead-lettered.
 
-from outpost.services.ingest.service import IngestService, run
-
-__all__ = ["IngestService", "run"]
+Kept free of imports: the service registry imports this package's settings, and the service imports
+the registry (:mod:`outpost.services.ingest.service` has ``IngestService`` and ``run``)."""

@@ -22,7 +22,7 @@ from paho.mqtt.properties import Properties
 
 from outpost.bus import Bus, Message
 from outpost.errors import OutpostError
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 
 
 class MemoryRequestError(OutpostError):

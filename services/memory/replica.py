@@ -32,7 +32,7 @@ from outpost.errors import OutpostError, TopicError
 from outpost.log import get_logger
 from outpost.service import Ack, Inbound, Rejected, ServiceRuntime, run_until, service_main
 from outpost.services.memory.sync import PART
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 from outpost.store import Store
 from outpost.streams import RECEIVER_SCHEMA, Applied, ReceivedStreams, answer
 from outpost.topics import Topics

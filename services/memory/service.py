@@ -30,7 +30,7 @@ from outpost.services.memory.embedding.embedder import embedder_for
 from outpost.services.memory.oplog import OpLog, Record
 from outpost.services.memory.sync import start_sync, sync_mode
 from outpost.services.memory.vectors import LongTermMemory
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 from outpost.streams import REASONS as STREAM_REASONS
 
 NAME = "memory"

@@ -39,7 +39,7 @@ from outpost.log import get_logger
 from outpost.service import ServiceRuntime
 from outpost.services.memory.oplog import OpLog
 from outpost.services.memory.vectors import LongTermMemory
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 from outpost.store import Store, sequence
 from outpost.streams import SENDER_SCHEMA, OffsetStreams, Records
 

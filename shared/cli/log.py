@@ -16,7 +16,7 @@ from rich.table import Table
 
 from outpost.cli.output import stdout_console
 from outpost.errors import ConfigError
-from outpost.settings import load_settings
+from outpost.services.registry import load_settings
 
 log_app = typer.Typer(help="The operational log: tail, replay, trace.", no_args_is_help=True)
 

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from outpost.cli.output import print_json, stdout_console
 from outpost.errors import ConfigError
-from outpost.settings import OutpostSettings, load_settings
+from outpost.services.registry import OutpostSettings, load_settings
 
 memory_app = typer.Typer(
     help="Memory sync, the cloud side: run the replica, see what it holds.", no_args_is_help=True

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from outpost.cli.output import print_json, stdout_console
 from outpost.errors import ConfigError, OutpostError
-from outpost.settings import load_settings
+from outpost.services.registry import load_settings
 
 model_app = typer.Typer(
     help="Model registry: list, verify, activate, shadow, rollback, quantize.", no_args_is_help=True

@@ -22,7 +22,7 @@ from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
 from outpost.errors import ConfigError
-from outpost.settings import load_settings
+from outpost.services.registry import load_settings
 
 
 class ScenarioName(StrEnum):

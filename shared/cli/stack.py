@@ -26,7 +26,7 @@ from outpost.errors import BrokerError
 from outpost.log import setup_logging
 from outpost.monitor import SiteMonitor
 from outpost.service import install_stop_signals
-from outpost.settings import OutpostSettings, load_settings
+from outpost.services.registry import OutpostSettings, load_settings
 from outpost.stack import Stack, parse_broker
 
 console = Console()

@@ -8,7 +8,7 @@ import pytest
 
 from outpost.aiobus import AsyncBus
 from outpost.bus import Bus
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 
 pytestmark = pytest.mark.integration
 

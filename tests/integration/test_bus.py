@@ -13,7 +13,7 @@ import pytest
 
 from outpost.broker import Mosquitto
 from outpost.bus import Bus, Message
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 from outpost.topics import shared
 from tests.conftest import Collector
 

@@ -11,7 +11,7 @@ import pytest
 
 from outpost.services.inference.service import run as run_inference
 from outpost.services.memory.service import run as run_memory
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 from tests.conftest import Collector, ServiceThread
 from tests.integration.test_inference import PACKAGED_MODELS
 

@@ -24,7 +24,7 @@ from outpost.bus import Bus
 from outpost.services.inference.manifest import Manifest, read_manifest, sha256_of, write_manifest
 from outpost.services.inference.registry import PACKAGED_MODELS, Registry
 from outpost.services.inference.service import InferenceService, run, score_id
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 from tests.conftest import Collector, ServiceThread, wait_status
 from tests.conftest import make_event as event
 

@@ -20,7 +20,7 @@ import pytest
 from outpost.broker import Mosquitto
 from outpost.bus import Bus
 from outpost.services.inference.registry import PACKAGED_MODELS, Registry
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 from tests.conftest import Collector, ServiceProcess, make_event
 
 pytestmark = pytest.mark.integration

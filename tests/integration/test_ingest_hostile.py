@@ -22,7 +22,7 @@ import pytest
 from outpost.broker import Mosquitto
 from outpost.bus import Bus
 from outpost.contracts import DLQ_PAYLOAD_MAX, DeadLetter, Event, reading_id
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 from tests.conftest import Collector, RunningIngest, make_reading
 
 pytestmark = pytest.mark.integration

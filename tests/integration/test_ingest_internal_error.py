@@ -12,7 +12,7 @@ import pytest
 
 from outpost.bus import Bus
 from outpost.services.ingest import service as ingest_service
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 from tests.conftest import Collector, ServiceThread, make_reading, wait_status
 
 pytestmark = pytest.mark.integration

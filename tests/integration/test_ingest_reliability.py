@@ -18,7 +18,7 @@ import pytest
 from outpost.broker import Mosquitto
 from outpost.bus import Bus
 from outpost.contracts import reading_id
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 from tests.conftest import Collector, ServiceProcess, make_reading
 
 pytestmark = pytest.mark.integration

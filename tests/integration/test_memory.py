@@ -19,7 +19,7 @@ from outpost.bus import Bus
 from outpost.contracts import dead_letter
 from outpost.services.memory.oplog import OpLog
 from outpost.services.memory.service import run
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 from tests.conftest import Collector, ServiceThread, make_event, outpost, wait_status
 
 pytestmark = pytest.mark.integration

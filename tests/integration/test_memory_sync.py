@@ -29,7 +29,8 @@ from outpost.services.memory.oplog import OpLog
 from outpost.services.memory.replica import CloudReplica, ReplicaStore
 from outpost.services.memory.replica import run as run_replica
 from outpost.services.memory.service import run as run_memory
-from outpost.settings import MqttSettings, OutpostSettings, UplinkSettings
+from outpost.services.registry import OutpostSettings
+from outpost.settings import MqttSettings, UplinkSettings
 from tests.conftest import OUTPOST, Collector, ServiceThread, make_event, outpost, wait_status
 
 pytestmark = pytest.mark.integration

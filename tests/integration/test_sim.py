@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from outpost.cli.main import app
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 from outpost.sim import EXPECTED_REASON, BadKind, SimOptions, SimReport, run
 from outpost.topics import Topics
 

@@ -12,7 +12,7 @@ import pytest
 from outpost.broker import port_open
 from outpost.errors import ConfigError
 from outpost.monitor import SiteMonitor
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 from outpost.stack import Stack, parse_broker
 
 pytestmark = pytest.mark.integration

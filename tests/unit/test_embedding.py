@@ -18,7 +18,7 @@ from outpost.services.memory.context import ShortTermContext
 from outpost.services.memory.embedding.embedder import TextEmbedder, default_model_folder, embedder_for
 from outpost.services.memory.embedding.graph import EmbeddingModelError, build_from_folder
 from outpost.services.memory.vectors import LongTermMemory
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 
 REFERENCE = orjson.loads((Path(__file__).parent.parent / "data" / "minilm_reference.json").read_bytes())
 

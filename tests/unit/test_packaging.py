@@ -4,8 +4,11 @@ absent from the wheel (the memory service's ``embedding`` once was)."""
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from pathlib import Path
+
+from outpost.services.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,3 +22,12 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
             rel = init.parent.relative_to(ROOT / folder)
             found.add(".".join([name, *rel.parts]))
     assert found == set(cfg["packages"])
+
+
+def test_every_registered_service_is_a_listed_package_that_runs() -> None:
+    """`outpost up` runs each registry row's module with ``python -m``: it must be a package of the
+    wheel with a ``__main__``."""
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for row in REGISTRY:
+        assert row.module in cfg["packages"], row
+        assert importlib.util.find_spec(f"{row.module}.__main__") is not None, row

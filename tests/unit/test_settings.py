@@ -11,7 +11,9 @@ import orjson
 import pytest
 
 from outpost.errors import ConfigError
-from outpost.settings import OutpostSettings, load_settings
+from outpost.services.registry import REGISTRY, OutpostSettings, Service, check_registry, load_settings
+from outpost.settings import CoreSettings, Section
+from outpost.settings import load_settings as core_load_settings
 
 SECRET = "hunter2-Sup3rSecret"
 
@@ -271,3 +273,36 @@ def test_a_section_given_as_a_scalar_is_refused_even_beside_env(
         monkeypatch.setenv(k, v)
     with pytest.raises(ConfigError, match="inference must be a mapping of settings, not str 'nope'"):
         load_settings()
+
+
+def test_the_registry_composes_the_settings_and_the_services_to_run() -> None:
+    """One row per service: its section is a field of OutpostSettings and its module is what
+    ``outpost up`` supervises, in the table's order; the core alone knows no service."""
+    assert [s.name for s in REGISTRY] == ["ingest", "inference", "memory"]
+    for row in REGISTRY:
+        assert OutpostSettings.model_fields[row.name].annotation is row.settings
+        assert row.name not in CoreSettings.model_fields
+    assert {s.name: s.module for s in REGISTRY} == OutpostSettings.SERVICES
+    assert list(OutpostSettings.SERVICES) == [s.name for s in REGISTRY]
+    assert CoreSettings.SERVICES == {}
+
+
+def test_a_registry_row_without_its_field_is_refused() -> None:
+    """The table and the typed fields are checked to agree when the registry is imported."""
+    extra = (*REGISTRY, Service("extra", Section, "outpost.services.extra"))
+    with pytest.raises(TypeError, match="extra"):
+        check_registry(extra, OutpostSettings)
+    with pytest.raises(TypeError, match="a name twice"):
+        check_registry((*REGISTRY, REGISTRY[0]), OutpostSettings)
+    check_registry(REGISTRY, OutpostSettings)
+
+
+def test_core_settings_load_alone_and_refuse_a_service_section(site_file: Callable[[str], Path]) -> None:
+    """The core loads its own root without a service; a service's section is a key only the
+    composed class knows, so the core refuses it like any unknown key."""
+    s = core_load_settings(CoreSettings, site="coresite")
+    assert type(s) is CoreSettings and s.site == "coresite"
+    site_file("ingest:\n  max_batch: 5\n")
+    with pytest.raises(ConfigError, match="ingest"):
+        core_load_settings(CoreSettings)
+    assert load_settings().ingest.max_batch == 5

@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from outpost.contracts import READING
 from outpost.services.ingest.parse import parse
 from outpost.services.ingest.seqtrack import Seen, SeqState, observe
+from outpost.services.ingest.settings import IngestSettings
 from outpost.services.ingest.units import UNITS
-from outpost.settings import IngestSettings
 from outpost.sim import (
     ALL_KINDS,
     EXPECTED_REASON,

@@ -12,7 +12,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 from outpost.sim import SimOptions, SimReport
 from outpost.sim.churn import Churn
 from outpost.sim.pacing import Pacer

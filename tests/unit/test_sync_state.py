@@ -18,7 +18,8 @@ from outpost.broker import Mosquitto, uplink_bridge
 from outpost.services.memory.oplog import OpLog, Record
 from outpost.services.memory.sync import sync_mode
 from outpost.services.memory.vectors import LongTermMemory
-from outpost.settings import OutpostSettings, UplinkSettings
+from outpost.services.registry import OutpostSettings
+from outpost.settings import UplinkSettings
 
 
 def test_long_term_memory_records_every_change_when_tracking(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from tokenizers import Tokenizer
 from outpost.errors import ConfigError
 from outpost.log import get_logger
 from outpost.services.memory.embedding.graph import GRAPH_VERSION, EmbeddingModelError, build_from_folder
-from outpost.settings import OutpostSettings
+from outpost.services.registry import OutpostSettings
 
 log = get_logger("outpost.memory.embedding")
 
