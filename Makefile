@@ -27,6 +27,7 @@ typecheck: deps
 	@rm -rf build/typecheck && mkdir -p build/typecheck/outpost
 	@for f in shared/*; do ln -s "$$PWD/$$f" build/typecheck/outpost/; done
 	@ln -s "$$PWD/services" build/typecheck/outpost/services && ln -s "$$PWD/sim" build/typecheck/outpost/sim
+	@ln -s "$$PWD/load-tests/benchmarks" build/typecheck/outpost/benchmarks
 	MYPYPATH=build/typecheck $(BIN)/mypy -p outpost
 
 format: deps

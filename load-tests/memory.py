@@ -5,7 +5,7 @@
     .venv/bin/python load-tests/memory.py --json     # one JSON object on the last line
     .venv/bin/python load-tests/memory.py --sync NORMAL
 
-The harness lives in ``outpost.benchmarks.memory`` (shared/benchmarks/memory.py); docs/benchmarks.md
+The harness lives in ``outpost.benchmarks.memory`` (load-tests/benchmarks/memory.py); docs/benchmarks.md
 records what it measured.
 """
 
