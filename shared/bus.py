@@ -118,9 +118,9 @@ class Bus:
         ``max_inflight_messages`` takes the place of ``receive_maximum``."""
         if not client_id:
             raise ValueError("client_id must not be empty")
-        self.settings = settings
+        self._settings = settings
         self.client_id = client_id
-        self.durable = durable
+        self._durable = durable
         self._tick_s = tick_s
         self._subs: list[_Subscription] = []
         self._timers: list[_Timer] = []
@@ -137,11 +137,11 @@ class Bus:
         self._suback_waiting: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.connects = 0
-        self.dropped_qos0 = 0
-        self.handler_errors = 0
+        self._connects = 0
+        self._dropped_qos0 = 0
+        self._handler_errors = 0
         self._receive_maximum = receive_maximum
-        self.mqtt5 = mqtt5
+        self._mqtt5 = mqtt5
 
         c = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -169,7 +169,7 @@ class Bus:
         # With this callback set, paho queues every packet for the network thread's loop (woken
         # through its socketpair) instead of writing it from whichever thread called publish.
         c.on_socket_register_write = self._on_socket_register_write
-        self.client = c
+        self._client = c
 
     # --- configuration (before start) ------------------------------------------------------------
     def subscribe(self, pattern: str, handler: Handler, *, qos: int = 1) -> None:
@@ -180,12 +180,12 @@ class Bus:
             try:
                 handler(msg)
             except Exception:
-                self.handler_errors += 1
+                self._handler_errors += 1
                 log.exception("message handler failed", extra={"client": self.client_id})
 
-        self.client.message_callback_add(_filter_of(pattern), dispatch)
+        self._client.message_callback_add(_filter_of(pattern), dispatch)
         if self._connected.is_set():
-            self.client.subscribe(pattern, qos=qos)
+            self._client.subscribe(pattern, qos=qos)
 
     def every(self, interval_s: float, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the network thread about every ``interval_s`` seconds."""
@@ -216,14 +216,14 @@ class Bus:
         """Queue a publish and return its message id. QoS 1 publishes made while disconnected are
         kept and sent after reconnect; QoS 0 ones are counted in ``dropped_qos0`` and logged.
         ``properties`` (MQTT 5 only): e.g. a request's response topic and correlation data."""
-        client = self.client
+        client = self._client
         if qos == 0:
             info = client.publish(topic, payload, qos=0, retain=retain, properties=properties)
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                self.dropped_qos0 += 1
-                if self.dropped_qos0 in (1, 10, 100, 1000) or self.dropped_qos0 % 10000 == 0:
+                self._dropped_qos0 += 1
+                if self._dropped_qos0 in (1, 10, 100, 1000) or self._dropped_qos0 % 10000 == 0:
                     log.warning(
-                        "QoS 0 publish dropped", extra={"rc": int(info.rc), "dropped": self.dropped_qos0}
+                        "QoS 0 publish dropped", extra={"rc": int(info.rc), "dropped": self._dropped_qos0}
                     )
             return int(info.mid)
         with self._pending_lock:
@@ -249,14 +249,14 @@ class Bus:
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a received message (``manual_ack`` mode)."""
         if qos > 0:
-            self.client.ack(mid, qos)
+            self._client.ack(mid, qos)
 
     def stats(self) -> dict[str, int]:
         """Connects so far, QoS 0 publishes dropped while disconnected, handlers that raised."""
         return {
-            "connects": self.connects,
-            "dropped_qos0": self.dropped_qos0,
-            "handler_errors": self.handler_errors,
+            "connects": self._connects,
+            "dropped_qos0": self._dropped_qos0,
+            "handler_errors": self._handler_errors,
             "pending": len(self._pending),
         }
 
@@ -296,7 +296,7 @@ class Bus:
             self.stop(drain_s=0)
             what = "connect to" if not self._connected.is_set() else "get its subscriptions acknowledged by"
             raise BrokerError(
-                f"cannot {what} MQTT broker {self.settings.host}:{self.settings.port} within {wait_s}s"
+                f"cannot {what} MQTT broker {self._settings.host}:{self._settings.port} within {wait_s}s"
             )
 
     def drain(self, timeout_s: float) -> bool:
@@ -320,8 +320,8 @@ class Bus:
             self._thread = None
         with contextlib.suppress(Exception):
             # the network thread is gone: let paho write what is queued and the DISCONNECT itself
-            self.client.on_socket_register_write = None
-            self.client.disconnect()
+            self._client.on_socket_register_write = None
+            self._client.disconnect()
 
     def call(self, fn: Callable[[], None], *, timeout_s: float = 5.0) -> bool:
         """Run ``fn`` on the network thread and wait for it (for other threads that must touch
@@ -345,7 +345,7 @@ class Bus:
         results to the handlers' thread this way, so their state needs no locks. Wakes the
         thread's select() through paho's socketpair, as paho does for its own packets."""
         self._calls.append(fn)
-        internals.wake(self.client)
+        internals.wake(self._client)
         self._wake.set()
 
     def run_posted(self) -> None:
@@ -357,53 +357,53 @@ class Bus:
     # --- network thread --------------------------------------------------------------------------
     def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        if self.durable:
-            props.SessionExpiryInterval = self.settings.session_expiry_s
+        if self._durable:
+            props.SessionExpiryInterval = self._settings.session_expiry_s
         props.ReceiveMaximum = self._receive_maximum
         return props
 
     def _run(self) -> None:
-        delays = backoff_delays(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
+        delays = backoff_delays(self._settings.reconnect_min_s, self._settings.reconnect_max_s)
         first = True
         while not self._stop.is_set():
             try:
                 if first:
-                    if self.mqtt5:
-                        rc = self.client.connect(
-                            self.settings.host,
-                            self.settings.port,
-                            keepalive=self.settings.keepalive,
-                            clean_start=not self.durable,
+                    if self._mqtt5:
+                        rc = self._client.connect(
+                            self._settings.host,
+                            self._settings.port,
+                            keepalive=self._settings.keepalive,
+                            clean_start=not self._durable,
                             properties=self._connect_properties(),
                         )
                     else:
-                        rc = self.client.connect(
-                            self.settings.host, self.settings.port, keepalive=self.settings.keepalive
+                        rc = self._client.connect(
+                            self._settings.host, self._settings.port, keepalive=self._settings.keepalive
                         )
                 else:
-                    rc = self.client.reconnect()
+                    rc = self._client.reconnect()
                 first = False
             except (OSError, ValueError) as exc:
                 rc = MQTTErrorCode.MQTT_ERR_NO_CONN
                 log.debug("connect failed", extra={"client": self.client_id, "error": str(exc)})
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._loop_until_disconnected()
-                if self._connected.is_set() or self.connects:
-                    delays = backoff_delays(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
+                if self._connected.is_set() or self._connects:
+                    delays = backoff_delays(self._settings.reconnect_min_s, self._settings.reconnect_max_s)
             self.run_posted()
             if self._stop.is_set():
                 break
             self._stop.wait(next(delays))
 
     def _loop_until_disconnected(self) -> None:
-        client = self.client
+        client = self._client
         tick = self._tick_s
         while not self._stop.is_set():
             gate = self._read_gate
             if gate is None or gate():
                 rc = client.loop(timeout=tick)
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    rc = internals.read_waiting(client)
+                    rc = internals.read_waiting(client, gate=gate)
             else:
                 rc = self._loop_without_reading(client, tick)
             if self._timers:
@@ -448,7 +448,7 @@ class Bus:
         if reason.is_failure:
             log.error("broker refused connection", extra={"client": self.client_id, "reason": str(reason)})
             return
-        self.connects += 1
+        self._connects += 1
         self._subscribed.clear()
         self._suback_waiting = set()
         for sub in self._subs:
@@ -460,7 +460,7 @@ class Bus:
         self._connected.set()
         log.info(
             "connected",
-            extra={"client": self.client_id, "session_present": flags.session_present, "n": self.connects},
+            extra={"client": self.client_id, "session_present": flags.session_present, "n": self._connects},
         )
         for hook in self._on_connect_hooks:
             try:

@@ -4,9 +4,10 @@ decoder and an encoder that writes the envelope header.
 Every published message carries ``v`` (schema version), ``id`` (unique), ``ts`` (UTC epoch ns of
 the origin) and ``trace`` (the id of the reading that started the chain); :func:`header` writes
 them, so no service spells them out by hand. The pydantic models document the shapes and are what
-``docs/contracts/*.schema.json`` is generated from (``outpost contracts`` / :func:`json_schemas`);
+``docs/contracts/*.schema.json`` is generated from (:func:`json_schemas`);
 the hot paths decode with :class:`Contract`, whose TypedDict adapters validate straight from JSON
-bytes to plain dicts (about a microsecond a reading; docs/benchmarks.md).
+bytes to plain dicts (about a microsecond a reading; docs/benchmarks.md). ``python -m
+outpost.schemas docs/contracts`` regenerates the schemas.
 
 Which topic carries which contract is in :mod:`outpost.topics` (builders and parsers side by side)
 and in docs/topics.md.
@@ -20,7 +21,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Final, Generic, Literal, TypeVar
+from typing import Annotated, Any, Final, Generic, Literal, NotRequired, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
@@ -147,7 +148,7 @@ class Event(Envelope):
 
 
 class EventDict(TypedDict):
-    v: int
+    v: NotRequired[int]
     id: str
     ts: int
     trace: str
@@ -157,13 +158,16 @@ class EventDict(TypedDict):
     value: float
     unit: str
     ingest_ns: int
-    gap: int
-    late: bool
+    gap: NotRequired[int]
+    late: NotRequired[bool]
 
 
-class _EventTD(TypedDict, total=False):
+class _EventTD(TypedDict):
+    """The same contract as :class:`Event`, validated to a plain dict (what has a default in the
+    model may be left out)."""
+
     __pydantic_config__ = ConfigDict(extra="forbid", strict=True)  # type: ignore[misc]
-    v: Literal[1]
+    v: NotRequired[Literal[1]]
     id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
     ts: Annotated[int, Field(ge=0, lt=2**63)]
     trace: Annotated[str, StringConstraints(max_length=128)]
@@ -173,11 +177,8 @@ class _EventTD(TypedDict, total=False):
     value: Annotated[float, Field(allow_inf_nan=False)]
     unit: Unit
     ingest_ns: Annotated[int, Field(ge=0, lt=2**63)]
-    gap: Annotated[int, Field(ge=0)]
-    late: bool
-
-
-_EVENT_REQUIRED: Final = ("id", "ts", "device", "metric", "value")
+    gap: NotRequired[Annotated[int, Field(ge=0)]]
+    late: NotRequired[bool]
 
 
 # --- inference --------------------------------------------------------------------------------------
@@ -452,29 +453,16 @@ class Contract(Generic[T]):
         item: Any,
         *,
         batches: bool,
-        required: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         self.model = model
         self.batches = batches
         self._one: TypeAdapter[T] = TypeAdapter(item)
-        self._many: TypeAdapter[list[T]] = TypeAdapter(list[item])  # type: ignore[valid-type]
-        self._required = required
-        """Keys a ``total=False`` TypedDict (optional defaults) must still have."""
+        self._many: TypeAdapter[list[T]] = TypeAdapter(list[item])
 
     def validate_python(self, item: Any) -> T:
         """One item (a parsed JSON object) checked against the contract."""
-        out = self._one.validate_python(item)
-        if self._required:
-            self._check_required(out, item)
-        return out
-
-    def _check_required(self, out: Any, item: Any) -> None:
-        for key in self._required:
-            if key not in out:
-                raise ValidationError.from_exception_data(
-                    self.name, [{"type": "missing", "loc": (key,), "input": item}]
-                )
+        return self._one.validate_python(item)
 
     def decode(
         self, raw: bytes, *, max_bytes: int, max_items: int = 10_000, lenient: bool = False
@@ -488,18 +476,12 @@ class Contract(Generic[T]):
         head = raw[:1]
         try:
             if head == b"{":
-                one = self._one.validate_json(raw)
-                if self._required:
-                    self._check_required(one, None)
-                out.items.append((0, one))
+                out.items.append((0, self._one.validate_json(raw)))
                 return out
             if head == b"[" and self.batches:
                 items = self._many.validate_json(raw)
                 out.batch = True
                 if 0 < len(items) <= max_items:
-                    if self._required:
-                        for it in items:
-                            self._check_required(it, None)
                     out.items = list(enumerate(items))
                     return out
         except ValueError:  # ValidationError is a ValueError; the slow path says precisely why
@@ -562,7 +544,7 @@ class Contract(Generic[T]):
 
 
 READING: Final[Contract[ReadingDict]] = Contract("reading", Reading, _ReadingTD, batches=True)
-EVENT: Final[Contract[EventDict]] = Contract("event", Event, _EventTD, batches=True, required=_EVENT_REQUIRED)
+EVENT: Final[Contract[EventDict]] = Contract("event", Event, _EventTD, batches=True)
 
 
 def model_contract(model: type[BaseModel], *, batches: bool = False) -> Contract[Any]:

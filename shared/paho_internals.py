@@ -11,7 +11,7 @@ changes, so an upgrade is a conscious change and not a silent break.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
@@ -46,16 +46,20 @@ def wake(client: paho.Client) -> None:
             w.send(b"0")
 
 
-def read_waiting(client: paho.Client, limit: int = 256) -> MQTTErrorCode:
-    """Read the packets already waiting on the socket, up to ``limit``: paho's ``loop_read`` minus
-    its cap of one packet when nothing of ours is in flight (a subscriber would otherwise pay a
-    select() and a timer pass per message)."""
+def read_waiting(
+    client: paho.Client, limit: int = 256, gate: Callable[[], bool] | None = None
+) -> MQTTErrorCode:
+    """Read the packets already waiting on the socket, up to ``limit`` and while ``gate()`` allows:
+    paho's ``loop_read`` minus its cap of one packet when nothing of ours is in flight (a
+    subscriber would otherwise pay a select() and a timer pass per message)."""
     for _ in range(limit):
+        if gate is not None and not gate():
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
         if client._sock is None:
             return MQTTErrorCode.MQTT_ERR_NO_CONN
         rc = client._packet_read()
         if rc > 0:
-            return client._loop_rc_handle(rc)  # type: ignore[no-any-return]
+            return client._loop_rc_handle(rc)
         if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
             return MQTTErrorCode.MQTT_ERR_SUCCESS
     return MQTTErrorCode.MQTT_ERR_SUCCESS

@@ -54,10 +54,10 @@ class Worker:
         self._q: queue.SimpleQueue[_Job[Any]] = queue.SimpleQueue()
         self._queued = 0
         """Jobs submitted and not finished (network thread only)."""
-        self._threads = [
-            threading.Thread(target=self._run, name=f"{name}-worker-{i}", daemon=True) for i in range(threads)
-        ]
+        self._nthreads = threads
+        self._threads: list[threading.Thread] = []
         self._started = False
+        self._lock = threading.Lock()
         self.busy_ns = 0
         self.completed = 0
 
@@ -80,6 +80,10 @@ class Worker:
     def start(self) -> None:
         if not self._started:
             self._started = True
+            self._threads = [
+                threading.Thread(target=self._run, name=f"{self.name}-worker-{i}", daemon=True)
+                for i in range(self._nthreads)
+            ]
             for t in self._threads:
                 t.start()
 
@@ -102,9 +106,10 @@ class Worker:
             result: Any
             try:
                 result = job.fn()
-            except Exception as exc:  # noqa: BLE001 - handed to done(), which decides
+            except BaseException as exc:  # noqa: BLE001 - handed to done(), which decides
                 result = exc
-            self.busy_ns += time.perf_counter_ns() - start
+            with self._lock:
+                self.busy_ns += time.perf_counter_ns() - start
             self._post(self._finisher(job, result))
 
     def _finisher(self, job: _Job[Any], result: Any) -> Callable[[], None]:

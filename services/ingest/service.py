@@ -79,6 +79,7 @@ class IngestService:
         self._batched = 0
         self._states: dict[str, SeqState] = {}  # seq state of the batch turn, committed once it is acked
         self._to_commit: dict[str, SeqState] = {}
+        self._committing = False
         self._oldest_ns = 0
         self._qos = cfg.qos
         self._lat = self.metrics.histogram("flush_wait")
@@ -286,10 +287,23 @@ class IngestService:
         self.rt.committed(lambda: self._to_commit.update(states) if states else None)
 
     def _commit(self) -> None:
-        if self._to_commit:
-            states, self._to_commit = self._to_commit, {}
-            self.seqstore.save(states)
-            self.metrics.counters["commits"] += 1
+        """Commit the acknowledged seq state on the kit's worker: an fsync on the network thread
+        would hold up every reading behind it (it was most of ingest's p99: docs/benchmarks.md)."""
+        if not self._to_commit or self._committing:
+            return
+        states, self._to_commit = self._to_commit, {}
+        self._committing = True
+        self.rt.submit(lambda: self.seqstore.save(states), lambda result: self._committed(states, result))
+
+    def _committed(self, states: dict[str, SeqState], result: object) -> None:
+        self._committing = False
+        if isinstance(result, BaseException):
+            # kept for the next try (a full disk may clear); newer state queued meanwhile wins
+            log.error("seq state commit failed; will retry", extra={"error": str(result)})
+            self.metrics.counters["commit_failures"] += 1
+            self._to_commit = {**states, **self._to_commit}
+            return
+        self.metrics.counters["commits"] += 1
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -300,8 +314,10 @@ class IngestService:
         """Drain: stop intake, flush, wait for confirmations and acknowledgements, commit, go offline.
         No unsubscribe: that would drop the subscription from the durable session and the broker
         would not keep what devices send while ingest is down."""
-        self.rt.stop(self.flush)
-        self._commit()
+        self.rt.stop(self.flush)  # the worker has finished its commits when this returns
+        if self._to_commit:
+            self.seqstore.save(self._to_commit)
+            self.metrics.counters["commits"] += 1
         self.seqstore.close()
         log.info("ingest stopped", extra={"counters": dict(self.metrics.counters)})
 

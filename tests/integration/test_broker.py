@@ -72,7 +72,7 @@ def test_refuses_bad_credentials(
     with caplog.at_level(logging.DEBUG), pytest.raises(BrokerError, match="cannot connect"):
         bus.start(wait_s=1.0)
     assert not bus.connected
-    assert bus.connects == 0
+    assert bus.stats()["connects"] == 0
     for secret in (SVC_PASSWORD, DEV_PASSWORD, "wrong"):
         assert secret not in caplog.text
 

@@ -199,14 +199,6 @@ def test_a_worker_needs_a_thread_and_a_bound(loop: Loop, threads: int, bound: in
         Worker("bad", loop.post, threads=threads, bound=bound)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="BUG in shared/worker.py: the threads are built once in __init__, so a submit after stop() "
-    "calls start() on finished threads: RuntimeError 'threads can only be started once' on the network "
-    "thread (the kit stops its worker before the bus, so a timer or a late done() can submit then). "
-    "Fix: build the threads in start().",
-)
 def test_submit_after_stop_runs_the_job(loop: Loop) -> None:
     w = Worker("again", loop.post)
     got: list[Any] = []
@@ -218,14 +210,6 @@ def test_submit_after_stop_runs_the_job(loop: Loop) -> None:
     w.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in shared/worker.py: _run catches Exception only, so a job that raises a BaseException "
-    "(SystemExit from a library's sys.exit()) ends its worker thread without posting done: queued never "
-    "comes down (the read gate stays shut) and, with one thread, no later job ever runs. "
-    "Fix: catch BaseException in _run and hand it to done like any other.",
-)
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_job_raising_system_exit_still_reaches_done(loop: Loop) -> None:
     w = Worker("exit", loop.post, threads=1)
     got: list[Any] = []

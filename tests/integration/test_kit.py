@@ -1,0 +1,180 @@
+"""The service kit against a real Mosquitto: acknowledgement policies (a message not yet safe is
+redelivered after a restart, one that is safe is not), blocking work on the worker with
+backpressure and nothing lost, handler outcomes dead-lettered with their reasons, and the bus's
+publish listeners and read gate underneath."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from outpost.bus import Bus
+from outpost.contracts import READING, ReadingDict
+from outpost.service import Ack, Inbound, Rejected, ServiceRuntime
+from outpost.services.registry import OutpostSettings
+from tests.conftest import Collector, make_reading
+
+pytestmark = pytest.mark.integration
+
+WAIT = 30.0
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = WAIT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+@pytest.fixture
+def runtimes(settings: OutpostSettings) -> Iterator[Callable[..., ServiceRuntime]]:
+    made: list[ServiceRuntime] = []
+
+    def make(name: str = "kit", **kw: Any) -> ServiceRuntime:
+        rt = ServiceRuntime(name, settings, **kw)
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        if rt.bus.connected:
+            rt.stop(drain_s=1)
+
+
+def _topic(settings: OutpostSettings, name: str) -> str:
+    return f"{settings.topics.root}/test/{name}"
+
+
+def test_after_commit_messages_are_redelivered_until_committed(
+    settings: OutpostSettings, runtimes: Callable[..., ServiceRuntime], publisher: Bus
+) -> None:
+    topic = _topic(settings, "commit")
+    seen: list[bytes] = []
+    rt = runtimes(durable=True)
+    rt.subscribe(topic, lambda m: seen.append(m.raw), ack=Ack.AFTER_COMMIT)
+    rt.start()
+    for i in range(5):
+        publisher.publish(topic, b"%d" % i, qos=1)
+    assert wait_until(lambda: len(seen) == 5)
+    rt.bus.stop(drain_s=0)  # gone without a commit: nothing was acknowledged
+
+    again: list[bytes] = []
+    rt2 = runtimes(durable=True)
+    rt2.subscribe(topic, lambda m: again.append(m.raw), ack=Ack.AFTER_COMMIT)
+    rt2.start()
+    assert wait_until(lambda: len(again) == 5), again
+    rt2.bus.call(rt2.committed)
+    assert wait_until(lambda: rt2.acks.acknowledged == 5)
+    rt2.bus.stop(drain_s=0)
+
+    third: list[bytes] = []
+    rt3 = runtimes(durable=True)
+    rt3.subscribe(topic, lambda m: third.append(m.raw), ack=Ack.AFTER_COMMIT)
+    rt3.start()
+    publisher.publish(topic, b"new", qos=1)
+    assert wait_until(lambda: third == [b"new"])  # the committed five never came back
+
+
+def test_outputs_hold_their_message_and_bad_input_reaches_the_dlq(
+    settings: OutpostSettings,
+    runtimes: Callable[..., ServiceRuntime],
+    publisher: Bus,
+    collect: Callable[..., Collector],
+) -> None:
+    topic = _topic(settings, "outputs")
+    out_topic = _topic(settings, "out")
+    out = collect(out_topic)
+    dlq = collect(settings.topics.dlq("kit"))
+    rt = runtimes(reasons=("too_cold",))
+
+    def handle(m: Inbound[ReadingDict]) -> None:
+        for index, r in m.items:
+            if r["value"] < -50:
+                raise Rejected("too_cold", f"reading {index} is {r['value']}")
+            if r["value"] > 1000:
+                raise RuntimeError("an injected bug")
+            rt.publish(out_topic, orjson.dumps(r), for_=m.turn)
+
+    rt.subscribe(topic, handle, contract=READING, ack=Ack.AFTER_OUTPUTS)
+    rt.start()
+    good = make_reading("d1", 1)
+    publisher.publish(topic, orjson.dumps(good), qos=1)
+    publisher.publish(topic, orjson.dumps([make_reading("d1", 2), {"device": "d1"}]), qos=1)
+    publisher.publish(topic, orjson.dumps(make_reading("d1", 3, value=-60.0)), qos=1)
+    publisher.publish(topic, orjson.dumps(make_reading("d1", 4, value=2000.0)), qos=1)
+    publisher.publish(topic, b"\x00not json", qos=1)
+    assert out.wait_for(lambda c: len(c.json()) == 2)
+    assert dlq.wait_for(lambda c: len(c.json()) == 4)
+    assert wait_until(lambda: rt.acks.acknowledged == 5)
+    reasons = sorted((d["reason"], d["index"]) for d in dlq.json())
+    assert reasons == [("internal", None), ("missing_field", 1), ("not_json", None), ("too_cold", None)]
+    c = rt.metrics.counters
+    assert c["messages"] == 5 and c["rejected"] == 4 and c["rejected.internal"] == 1
+
+
+def test_blocking_work_is_bounded_and_nothing_is_lost(
+    settings: OutpostSettings, runtimes: Callable[..., ServiceRuntime], publisher: Bus
+) -> None:
+    topic = _topic(settings, "work")
+    rt = runtimes(worker_threads=2, worker_bound=4)
+    done: list[int] = []
+    most_queued = [0]
+    on_worker: set[str] = set()
+
+    def slow(n: int) -> int:
+        on_worker.add(threading.current_thread().name)
+        time.sleep(0.005)
+        return n
+
+    def handle(m: Inbound[bytes]) -> None:
+        n = int(m.raw)
+        rt.submit(lambda: slow(n), lambda result: done.append(result), for_=m.turn)  # type: ignore[arg-type]
+        most_queued[0] = max(most_queued[0], rt.worker.queued)
+
+    rt.subscribe(topic, handle, ack=Ack.AFTER_OUTPUTS)
+    rt.start()
+    for i in range(1000):
+        publisher.publish(topic, b"%d" % i, qos=1)
+    assert wait_until(lambda: len(done) == 1000)
+    assert sorted(done) == list(range(1000))  # every one once
+    assert wait_until(lambda: rt.acks.acknowledged == 1000)
+    # the bus stopped reading while the queue was full (the broker kept the rest): it never grew
+    # past its bound, though messages came ~5x faster than the two threads worked
+    assert most_queued[0] <= 4, most_queued[0]
+    assert all(name.startswith("kit-worker-") for name in on_worker)
+
+
+def test_publish_listeners_all_hear_and_the_read_gate_holds_messages(
+    settings: OutpostSettings, publisher: Bus
+) -> None:
+    topic = _topic(settings, "gate")
+    heard: list[tuple[str, int]] = []
+    pub = Bus(settings.mqtt, client_id=f"listened-{settings.site}")
+    pub.add_publish_listener(lambda mid: heard.append(("a", mid)))
+    pub.add_publish_listener(lambda mid: heard.append(("b", mid)))
+    open_gate = threading.Event()
+    got: list[bytes] = []
+    sub = Bus(settings.mqtt, client_id=f"gated-{settings.site}")
+    sub.subscribe(topic, lambda m: got.append(m.payload), qos=1)
+    try:
+        pub.start()
+        sub.start()
+        sub.set_read_gate(open_gate.is_set)
+        time.sleep(0.2)  # a turn of the network thread that was already reading
+        mid = pub.publish(topic, b"x", qos=1)
+        assert wait_until(lambda: ("a", mid) in heard and ("b", mid) in heard)
+        time.sleep(0.5)
+        assert got == []  # held back while the gate is closed
+        assert sub.connected
+        open_gate.set()
+        assert wait_until(lambda: got == [b"x"])
+    finally:
+        pub.stop(drain_s=0)
+        sub.stop(drain_s=0)
