@@ -21,14 +21,10 @@ lint: deps typecheck
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# mypy cannot follow setuptools' editable import hook for the package-dir mapping, so it checks a
-# symlink tree that lays the folders out as the `outpost` namespace they are installed as.
+# Strict mypy over the core, the services, the simulator, the benchmarks, the load-test scripts and
+# the tests: what it checks and where `outpost` lives are in pyproject.toml ([tool.mypy]).
 typecheck: deps
-	@rm -rf build/typecheck && mkdir -p build/typecheck/outpost
-	@for f in shared/*; do ln -s "$$PWD/$$f" build/typecheck/outpost/; done
-	@ln -s "$$PWD/services" build/typecheck/outpost/services && ln -s "$$PWD/sim" build/typecheck/outpost/sim
-	@ln -s "$$PWD/load-tests/benchmarks" build/typecheck/outpost/benchmarks
-	MYPYPATH=build/typecheck $(BIN)/mypy -p outpost
+	$(BIN)/mypy
 
 format: deps
 	$(BIN)/ruff format .

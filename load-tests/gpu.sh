@@ -30,9 +30,10 @@ PYCUDA_PIN="${PYCUDA_PIN:-pycuda==2026.1}"
 WHEEL_DIR="${WHEEL_DIR:-$ROOT/.whl}"
 # What the GPU machine's image lacks to run the project offline (it has numpy, onnx, onnxruntime,
 # pytest, pytest-timeout, PyYAML, typer, rich, psutil, setuptools): the other runtime pins of
-# pyproject.toml, and pycuda's dependencies. pip resolves their own dependencies when fetching.
+# pyproject.toml, the build backend (hatchling, for the editable install without build isolation)
+# and pycuda's dependencies. pip resolves their own dependencies when fetching.
 OFFLINE_PKGS=(pydantic==2.14.3 pydantic-settings==2.16.3 paho-mqtt==2.2.0 aiomqtt==2.5.1 orjson==3.13.0
-    hdrhistogram==0.10.8 pytools platformdirs mako)
+    hdrhistogram==0.10.8 hatchling==1.33.0 pytools platformdirs mako)
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
     mkdir -p "$WHEEL_DIR" || exit 4

@@ -5,7 +5,7 @@
     .venv/bin/python load-tests/inference.py --quick --json       # ~20 s, one JSON object last
     .venv/bin/python load-tests/inference.py --backend tensorrt   # on a GPU machine
 
-The harness lives in ``outpost.benchmarks.inference`` (load-tests/benchmarks/inference.py);
+The harness lives in ``outpost.benchmarks.inference`` (load-tests/outpost/benchmarks/inference.py);
 docs/benchmarks.md records what it measured.
 """
 

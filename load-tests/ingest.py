@@ -5,8 +5,8 @@
     .venv/bin/python load-tests/ingest.py --quick    # ~20 s
     .venv/bin/python load-tests/ingest.py --json     # one JSON object on the last line
 
-The harness lives in ``outpost.benchmarks`` (load-tests/benchmarks/) so the CLI, this script and the smoke
-test run the same thing; docs/benchmarks.md records what it measured.
+The harness lives in ``outpost.benchmarks`` (load-tests/outpost/benchmarks/) so the CLI, this script
+and the smoke test run the same thing; docs/benchmarks.md records what it measured.
 """
 
 import sys

@@ -5,8 +5,8 @@
     .venv/bin/python load-tests/memory.py --json     # one JSON object on the last line
     .venv/bin/python load-tests/memory.py --sync NORMAL
 
-The harness lives in ``outpost.benchmarks.memory`` (load-tests/benchmarks/memory.py); docs/benchmarks.md
-records what it measured.
+The harness lives in ``outpost.benchmarks.memory`` (load-tests/outpost/benchmarks/memory.py);
+docs/benchmarks.md records what it measured.
 """
 
 import sys

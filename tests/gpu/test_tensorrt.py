@@ -29,7 +29,8 @@ from outpost.services.inference.backends.onnx_runtime import OrtBackend
 from outpost.services.inference.backends.tensorrt import TensorRTBackend, unavailable_reason
 
 REPO = Path(__file__).resolve().parents[2]
-COMMITTED_MODEL = REPO / "services" / "inference" / "models" / "shelf-stock" / "1.0.0" / "model.onnx"
+MODELS = REPO / "services" / "outpost" / "services" / "inference" / "models"
+COMMITTED_MODEL = MODELS / "shelf-stock" / "1.0.0" / "model.onnx"
 ROWS = 1000
 FP32_ATOL = 1e-4
 FP16_ATOL = 2e-2

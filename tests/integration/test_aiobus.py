@@ -27,7 +27,7 @@ def test_async_publish_waits_for_ack_and_subscriber_receives_in_order(settings: 
         assert pub.bus.pending == 0
         got = []
         async for msg in messages:
-            got.append(msg.payload)
+            got.append(bytes(msg.payload))
             if len(got) == 200:
                 break
         await pub.stop()

@@ -235,7 +235,11 @@ def test_start_returns_once_the_broker_has_the_subscriptions(
     for attempt in range(5):
         got: list[bytes] = []
         sub = buses(f"sub{attempt}")
-        sub.subscribe(topic, lambda m, got=got: got.append(bytes(m.payload)), qos=1)
+
+        def keep(m: Message, got: list[bytes] = got) -> None:
+            got.append(bytes(m.payload))
+
+        sub.subscribe(topic, keep, qos=1)
         sub.subscribe(topic + "/other", lambda m: None, qos=1)
         sub.start()
         assert sub._subscribed.is_set()

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
+from outpost.services.inference.registry import PACKAGED_MODELS
 from outpost.services.inference.service import run as run_inference
 from outpost.services.memory.service import run as run_memory
 from outpost.services.registry import OutpostSettings
 from tests.conftest import Collector, ServiceThread
-from tests.integration.test_inference import PACKAGED_MODELS
 
 pytestmark = pytest.mark.integration
 

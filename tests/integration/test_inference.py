@@ -407,10 +407,11 @@ def test_bad_model_versions_never_replace_the_last_good_one(
         reg.activate(SHELF, "9.2.0")
     for bad, why in (("9.0.0", "cannot load"), ("9.1.0", "shape")):
         reg.activate(SHELF, bad)  # checksum fine; the content is what is wrong
-        assert reported.wait_for(
-            lambda c, why=why: any(why in ((d["models"][SHELF] or {}).get("error") or "") for d in c.json()),
-            WAIT,
-        ), reported.json()[-1:]
+
+        def failed(c: Collector, why: str = why) -> bool:
+            return any(why in ((d["models"][SHELF] or {}).get("error") or "") for d in c.json())
+
+        assert reported.wait_for(failed, WAIT), reported.json()[-1:]
         assert reg.is_bad(SHELF, bad)
         last = reported.json()[-1]["models"][SHELF]
         assert last["active"] == good

@@ -12,6 +12,7 @@ import pytest
 
 from outpost.bus import Bus
 from outpost.services.ingest import service as ingest_service
+from outpost.services.ingest.units import UNITS
 from outpost.services.registry import OutpostSettings
 from tests.conftest import Collector, ServiceThread, make_reading, wait_status
 
@@ -31,7 +32,7 @@ def test_a_failing_message_is_dead_lettered_and_ingest_lives_on(
     publisher: Bus,
     collect: Callable[..., Collector],
 ) -> None:
-    monkeypatch.setattr(ingest_service, "UNITS", _ExplodingUnits(ingest_service.UNITS))
+    monkeypatch.setattr(ingest_service, "UNITS", _ExplodingUnits(UNITS))
     events = collect(settings.topics.all_events)
     dlq = collect(settings.topics.dlq("ingest"))
     running = ServiceThread(ingest_service.run, settings).start()

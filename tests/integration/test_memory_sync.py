@@ -212,6 +212,7 @@ def test_sync_reaches_the_cloud_and_catches_up_after_the_link_is_cut(
         assert c["uplink_changes"] >= 3  # up, down, up
     else:
         assert c["sync_resends"] >= 1  # nothing acknowledged while the cloud was away
+    assert svc.sync is not None  # sync is on in every mode here
     status = svc.sync.status()
     assert status["sync_ltm"]["backlog"] == 0 and status["sync_log"]["backlog"] == 0
     rep: CloudReplica = replica[1].stop()

@@ -275,7 +275,7 @@ def test_typed_dicts_have_the_models_fields() -> None:
 
 
 def _ingest_event(seq: int = 1) -> dict[str, object]:
-    """An event with exactly the keys ingest's hot loop writes (services/ingest/service.py)."""
+    """An event with exactly the keys ingest's hot loop writes (outpost.services.ingest.service)."""
     eid = reading_id("s1", "d1", seq)
     return {
         "v": SCHEMA_VERSION,
@@ -308,7 +308,7 @@ def test_event_as_ingest_and_the_tests_build_it_fits_both_decoders(
 
 
 def _inference_score() -> dict[str, object]:
-    """A score with exactly the keys inference publishes (services/inference/service.py)."""
+    """A score with exactly the keys inference publishes (services/outpost/services/inference/service.py)."""
     return {
         "v": SCHEMA_VERSION,
         "id": derived_id("m1", "e1"),

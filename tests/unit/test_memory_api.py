@@ -4,6 +4,7 @@ reason instead of an exception."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -28,6 +29,11 @@ def call(api: MemoryApi, op: str, body: object) -> dict[str, object]:
     return api.handle(op, body if isinstance(body, bytes) else orjson.dumps(body))
 
 
+def rows(api: MemoryApi, op: str, body: object) -> list[dict[str, Any]]:
+    """``call``'s result, for the operations that answer a list of objects."""
+    return cast("list[dict[str, Any]]", call(api, op, body)["result"])
+
+
 def test_every_operation(api: MemoryApi) -> None:
     assert call(api, "context-put", {"scope": "task-1", "key": "k", "value": [1, 2]}) == {
         "ok": True,
@@ -43,7 +49,7 @@ def test_every_operation(api: MemoryApi) -> None:
     )
     assert call(api, "checkpoint-load", {"task": "t"})["result"]["state"] == {"n": 1}  # type: ignore[index]
     assert call(api, "checkpoint-load", {"task": "none"})["result"] is None
-    assert [e["kind"] for e in call(api, "log-trace", {"trace": "T1"})["result"]] == ["event", "score"]  # type: ignore[union-attr]
+    assert [e["kind"] for e in rows(api, "log-trace", {"trace": "T1"})] == ["event", "score"]
     add = {
         "namespace": "notes",
         "vector": [1, 0, 0, 0],
@@ -53,13 +59,11 @@ def test_every_operation(api: MemoryApi) -> None:
     }
     assert call(api, "ltm-add", add)["ok"] is True
     call(api, "ltm-add", {**add, "vector": [0, 1, 0, 0], "payload": {"n": 2}, "subject": "bob"})
-    hits = call(api, "ltm-search", {"namespace": "notes", "vector": [1, 0.1, 0, 0], "k": 2})["result"]
-    assert [h["payload"]["n"] for h in hits] == [1, 2]  # type: ignore[union-attr,index]
+    hits = rows(api, "ltm-search", {"namespace": "notes", "vector": [1, 0.1, 0, 0], "k": 2})
+    assert [h["payload"]["n"] for h in hits] == [1, 2]
     assert call(api, "ltm-forget-subject", {"subject": "alice"})["result"] == 1
-    hits = call(api, "ltm-search", {"namespace": "notes", "vector": [1, 0, 0, 0], "where": {"x": 1}})[
-        "result"
-    ]
-    assert [h["payload"]["n"] for h in hits] == [2]  # type: ignore[union-attr,index]
+    hits = rows(api, "ltm-search", {"namespace": "notes", "vector": [1, 0, 0, 0], "where": {"x": 1}})
+    assert [h["payload"]["n"] for h in hits] == [2]
 
 
 @pytest.mark.parametrize(

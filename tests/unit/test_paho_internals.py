@@ -63,7 +63,7 @@ def puback(mid: int) -> bytes:
 def test_installed_paho_is_the_pinned_one() -> None:
     assert paho_mqtt.__version__ == PINNED_PAHO, (
         f"paho-mqtt {paho_mqtt.__version__} is installed, the adapter was checked against {PINNED_PAHO}: "
-        "recheck shared/paho_internals.py against the new paho, then update PINNED_PAHO"
+        "recheck shared/outpost/paho_internals.py against the new paho, then update PINNED_PAHO"
     )
     assert importlib.metadata.version("paho-mqtt") == PINNED_PAHO
 

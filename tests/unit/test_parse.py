@@ -1,4 +1,4 @@
-"""services/ingest/parse.py: every reason it can give, and the fast and slow paths agreeing."""
+"""outpost.services.ingest.parse: every reason it can give, and the fast and slow paths agreeing."""
 
 from __future__ import annotations
 

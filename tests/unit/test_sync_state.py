@@ -70,7 +70,7 @@ def test_the_log_summary_counts_kinds_and_topics_of_an_offset_range(tmp_path: Pa
 def test_the_uplink_bridge_config(tmp_path: Path) -> None:
     s = OutpostSettings(site="shop-1", data_dir=tmp_path)
     assert uplink_bridge(s.topics, UplinkSettings()) == []
-    up = UplinkSettings(cloud="cloud.example:8883", username="shop-1", password="s3cret")  # type: ignore[arg-type]
+    up = UplinkSettings(cloud="cloud.example:8883", username="shop-1", password="s3cret")
     lines = uplink_bridge(s.topics, up)
     assert "connection outpost-shop-1-uplink" in lines and "cleansession false" in lines
     assert "topic outpost/v1/shop-1/up/# out 1" in lines and "topic outpost/v1/shop-1/down/# in 1" in lines
@@ -108,7 +108,7 @@ def test_a_bad_uplink_address_is_a_clear_error(bad: str, message: str) -> None:
 @pytest.mark.parametrize("bad", ["u\ntopic # both 0", "two words", "", "x" * 257, "tab\there"])
 def test_uplink_credentials_cannot_add_config_lines(field: str, bad: str) -> None:
     with pytest.raises(ValidationError, match="without spaces or line breaks") as e:
-        UplinkSettings(cloud="cloud:1883", **{field: bad})  # type: ignore[arg-type]
+        UplinkSettings(cloud="cloud:1883", **{field: bad})
     if field == "password" and bad:
         assert bad not in str(e.value)  # a refused password is not shown either
 
@@ -119,7 +119,7 @@ def test_sync_is_on_where_there_is_an_uplink(tmp_path: Path) -> None:
     s.uplink.cloud = "cloud:1883"
     assert sync_mode(s) == "uplink"
     for mode in ("uplink", "always", "off"):
-        s.memory.sync = mode  # type: ignore[assignment]
+        s.memory.sync = mode
         assert sync_mode(s) == mode
 
 
@@ -135,5 +135,5 @@ def test_changes_the_cloud_never_took_expire(tmp_path: Path) -> None:
 
 def test_a_refused_password_is_not_repeated_by_the_whole_settings() -> None:
     with pytest.raises(ValidationError) as e:
-        OutpostSettings(uplink={"cloud": "cloud:1883", "password": "two words"})  # type: ignore[arg-type]
+        OutpostSettings(uplink={"cloud": "cloud:1883", "password": "two words"})
     assert "two words" not in str(e.value)

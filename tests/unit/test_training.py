@@ -1,5 +1,6 @@
 """The training tools and the committed models: simulator data sets, the hand-built ONNX graph,
-and each model under services/inference/models (checksum, I/O contract, beats the majority class)."""
+and each model under services/outpost/services/inference/models (checksum, I/O contract, beats the
+majority class)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from outpost.services.inference.manifest import MANIFEST_FILE, Manifest, read_ma
 from outpost.services.inference.training.datasets import LABELERS, dataset
 from outpost.services.inference.training.graph import mlp_to_onnx
 
-MODELS = Path(__file__).resolve().parents[2] / "services" / "inference" / "models"
+MODELS = Path(__file__).resolve().parents[2] / "services" / "outpost" / "services" / "inference" / "models"
 COMMITTED = ("fridge-anomaly@1.0.0", "fridge-anomaly@1.1.0", "shelf-stock@1.0.0")
 
 

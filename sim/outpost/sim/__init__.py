@@ -7,7 +7,7 @@ Public API:
 * :func:`build_fleet` and ``SimDevice.next_readings()``: the same readings without a broker;
 * :class:`DeviceStream`: the exact payloads (batches, bad items) a device would publish.
 
-``outpost sim`` (shared/cli/sim.py) is the command-line face of :func:`run`.
+``outpost sim`` (shared/outpost/cli/sim.py) is the command-line face of :func:`run`.
 """
 
 from outpost.sim.badinput import ALL_KINDS, EXPECTED_REASON, MESSAGE_LEVEL, BadKind, make_bad

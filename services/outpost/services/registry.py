@@ -8,18 +8,18 @@ runs with ``python -m``. From this table follow:
   in the table's order), which :class:`outpost.stack.Stack` hands to the supervisor;
 - **the settings**: :class:`OutpostSettings` is the core's :class:`~outpost.settings.CoreSettings`
   plus one field per service section, and :func:`load_settings` loads it (site file, environment);
-- **the package list**: every service is a folder of ``services/``, listed in pyproject's
-  ``packages`` (tests/unit/test_packaging.py fails when one is missing).
+- **the package list**: every service is a package folder of ``services/outpost/services/``, which
+  the wheel takes whole (tests/unit/test_packaging.py builds it and fails when one is missing).
 
-Adding a service: its folder ``services/{name}/`` (``settings.py`` with its section, ``service.py``,
-``__main__.py``), its row in :data:`REGISTRY`, and its typed field in :class:`OutpostSettings`, so
-that ``settings.{name}`` is typed for mypy and editors: two lines here, checked to agree when this
-module is imported. A service without settings of its own takes ``None`` as its section and needs
-no field.
+Adding a service: its folder ``services/outpost/services/{name}/`` (``settings.py`` with its
+section, ``service.py``, ``__main__.py``), its row in :data:`REGISTRY`, and its typed field in
+:class:`OutpostSettings`, so that ``settings.{name}`` is typed for mypy and editors: two lines here,
+checked to agree when this module is imported. A service without settings of its own takes ``None``
+as its section and needs no field.
 
 The layers (a lint rule, ruff's TID251 in pyproject.toml and services/ruff.toml, enforces them):
-the core (``shared/``: ``outpost.*``) and the simulator import neither a service nor the CLI; the
-services import the core and this registry; the benchmark harnesses (``outpost.benchmarks``) import
+the core (``shared/outpost/``: ``outpost.*``) and the simulator import neither a service nor the
+CLI; the services import the core and this registry; the benchmark harnesses (``outpost.benchmarks``) import
 services; the CLI (``outpost.cli``) sits on top of everything.
 """
 

@@ -4,7 +4,7 @@ Each model version lives in its own folder, ``{models_dir}/{name}/{version}/``, 
 ``manifest.yaml`` beside the ONNX file. The manifest is the contract between the registry, the
 feature windows and whoever reads the scores: nothing about a model is hard-coded in the service.
 
-Example (``services/inference/models/shelf-stock/1.0.0/manifest.yaml``)::
+Example (``services/outpost/services/inference/models/shelf-stock/1.0.0/manifest.yaml``)::
 
     name: shelf-stock
     version: 1.0.0

@@ -23,8 +23,8 @@ answers ``unknown``, upon which the sender sends that stream again from its star
 ``link_topic`` it follows the retained up (``1``) / down state there (the edge broker's bridge
 reports itself so, :meth:`outpost.topics.Topics.uplink_state`), without one the link is taken as up.
 
-Memory sync (services/memory/sync.py, replica.py) is the first user; the uplink and the connector
-outbox are meant to be the next.
+Memory sync (``outpost.services.memory.sync`` and ``.replica``) is the first user; the uplink and
+the connector outbox are meant to be the next.
 """
 
 from __future__ import annotations

@@ -37,13 +37,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import orjson
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from outpost import __version__
 from outpost.acks import AckTracker, Turn
 from outpost.bus import Bus, Message, Will
 from outpost.contracts import DECODE_REASONS, Contract, Reject, dead_letter, header, item_bytes, now_ns
@@ -51,6 +50,7 @@ from outpost.errors import OutpostError, TopicError
 from outpost.log import get_logger
 from outpost.metrics import Metrics
 from outpost.settings import CoreSettings, load_settings
+from outpost.version import __version__
 from outpost.worker import Worker
 
 log = get_logger("outpost.service")
@@ -209,7 +209,7 @@ class ServiceRuntime:
         Infinity so they are refused as ``not_finite``. ``counter`` counts the messages."""
         sub = Subscription(
             pattern,
-            handler,  # type: ignore[arg-type]
+            handler,
             contract,
             ack,
             qos,
@@ -244,7 +244,7 @@ class ServiceRuntime:
         turn = (
             self.acks.batched(msg.mid, qos) if sub.ack is Ack.AFTER_COMMIT else self.acks.single(msg.mid, qos)
         )
-        raw = msg.payload
+        raw = cast(bytes, msg.payload)  # paho types it bytes | bytearray; a received one is bytes
         try:
             topic = msg.topic
         except UnicodeDecodeError:

@@ -326,7 +326,7 @@ class MetricsBatch(Envelope):
 # --- memory's request API ---------------------------------------------------------------------------
 class MemoryResponse(BaseModel):
     """The answer to a request on ``.../memory/req/{op}`` (its body is the operation's model in
-    services/memory/api.py), sent to the request's MQTT 5 response topic with its correlation data."""
+    outpost.services.memory.api), sent to the request's MQTT 5 response topic with its correlation data."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -6,7 +6,7 @@ Unknown keys and bad values are errors at start (:class:`outpost.errors.ConfigEr
 
 Here are the sections the core itself uses (MQTT, the broker, the uplink, telemetry) and
 :class:`CoreSettings`, the root a site's settings derive from. Each service's section lives in the
-service's own folder (``services/{name}/settings.py``), and the composed root, ``OutpostSettings``
+service's own folder (``outpost.services.{name}.settings``), and the composed root, ``OutpostSettings``
 with one field per service, is built by the service registry (:mod:`outpost.services.registry`):
 the core never imports a service. :func:`load_settings` loads whichever root it is given.
 """

@@ -28,7 +28,7 @@ from outpost.services.inference.manifest import (
 from outpost.store import Store, transaction
 
 PACKAGED_MODELS = Path(__file__).parent / "models"
-"""The models the project trains and ships (services/inference/models/)."""
+"""The models the project trains and ships (services/outpost/services/inference/models/)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (

@@ -6,7 +6,8 @@ cores and a single-process benchmark would hide that. ``outpost bench ingest`` a
 ``outpost bench bus`` (and the thin scripts in ``load-tests/``) call :mod:`outpost.benchmarks.ingest`
 and :mod:`outpost.benchmarks.clients`; docs/benchmarks.md records what they measured.
 
-The harnesses are not part of the core: this folder, ``load-tests/benchmarks/``, is the package
-``outpost.benchmarks`` (pyproject's ``package-dir``). It may import the core and the services; the
-core and the services never import it (ruff's TID251; see :mod:`outpost.services.registry`).
+The harnesses are not part of the core: this folder, ``load-tests/outpost/benchmarks/``, is the
+package ``outpost.benchmarks`` (load-tests/ holds a portion of the ``outpost`` namespace). It may
+import the core and the services; the core and the services never import it (ruff's TID251; see
+:mod:`outpost.services.registry`).
 """

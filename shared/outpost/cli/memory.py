@@ -1,7 +1,7 @@
 """``outpost memory``: the cloud side of memory sync.
 
 ``outpost memory replica`` runs beside the cloud broker and keeps a replica of every site's
-long-term memory and log summaries (``services/memory/replica.py``); ``outpost memory cloud``
+long-term memory and log summaries (:mod:`outpost.services.memory.replica`); ``outpost memory cloud``
 shows what it holds per site. The site side needs nothing started: its memory service syncs
 through the uplink bridge that ``outpost up`` configures from ``uplink.cloud``.
 """

@@ -37,7 +37,7 @@ NAME = "memory"
 log = get_logger("outpost.memory")
 
 REASONS = ("unknown_op", "bad_request", "conflict", "no_embedder", *STREAM_REASONS)
-"""The request API's refusals (services/memory/api.py) and sync's."""
+"""The request API's refusals (services/outpost/services/memory/api.py) and sync's."""
 
 
 class _Logged(BaseModel):
