@@ -126,6 +126,7 @@ class Bus:
         self._timers: list[_Timer] = []
         self._calls: deque[Callable[[], None]] = deque()
         self._on_connect_hooks: list[Callable[[bool], None]] = []
+        self._after_reading: list[Callable[[], None]] = []
         self._publish_listeners: list[Callable[[int], None]] = []
         self._read_gate: Callable[[], bool] | None = None
         self._wake = threading.Event()
@@ -194,6 +195,12 @@ class Bus:
     def on_connect(self, hook: Callable[[bool], None]) -> None:
         """Call ``hook(session_present)`` on the network thread after each (re)connect."""
         self._on_connect_hooks.append(hook)
+
+    def after_reading(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` on the network thread each time it has read what was waiting on the socket:
+        a service that batches flushes there, so a batch grows with the load (a burst read at once)
+        and nothing waits for a timer when the load is light."""
+        self._after_reading.append(fn)
 
     def add_publish_listener(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(mid)`` when the broker confirms a QoS 1 publish (on the network thread)."""
@@ -404,6 +411,8 @@ class Bus:
                 rc = client.loop(timeout=tick)
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                     rc = internals.read_waiting(client, gate=gate)
+                    for fn in self._after_reading:
+                        self._run_call(fn)
             else:
                 rc = self._loop_without_reading(client, tick)
             if self._timers:

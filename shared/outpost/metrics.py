@@ -26,9 +26,10 @@ class Histogram:
     def __init__(self) -> None:
         self._h = HdrHistogram(_LOWEST_US, _HIGHEST_US, _DIGITS)
 
-    def record_ns(self, ns: int) -> None:
-        us = ns // 1000
-        self._h.record_value(min(max(us, _LOWEST_US), _HIGHEST_US))
+    def record_ns(self, ns: int, count: int = 1) -> None:
+        """Record ``count`` values of ``ns`` at once (readings of one message that share a timestamp
+        share their age: one record of (age, n) leaves the histogram as n records would)."""
+        self._h.record_value(min(max(ns // 1000, _LOWEST_US), _HIGHEST_US), count)
 
     def record_us(self, us: float) -> None:
         self._h.record_value(min(max(int(us), _LOWEST_US), _HIGHEST_US))

@@ -28,7 +28,6 @@ import orjson
 
 from outpost.contracts import READING, SCHEMA_VERSION, ReadingDict, Reject, reading_id, reading_id_prefix
 from outpost.log import get_logger
-from outpost.metrics import _HIGHEST_US, _LOWEST_US, Histogram
 from outpost.ratelimit import RateLimiter
 from outpost.service import Ack, Inbound, Rejected, ServiceRuntime, run_until, service_main
 from outpost.services.ingest.parse import OWN_REASONS
@@ -39,18 +38,6 @@ from outpost.services.registry import OutpostSettings
 
 NAME = "ingest"
 log = get_logger("outpost.ingest")
-
-
-class _AgeHistogram(Histogram):
-    """``reading_age`` with a ``count``: readings of one message that carry the same timestamp have
-    the same age, so one record of (age, n) leaves the histogram exactly as n records would. A batch
-    stamped once then costs one record instead of one per reading (a record is ~2.4 us, a quarter of
-    a batched reading's cost before: docs/benchmarks.md)."""
-
-    __slots__ = ()
-
-    def record_ns_n(self, ns: int, n: int) -> None:
-        self._h.record_value(min(max(ns // 1000, _LOWEST_US), _HIGHEST_US), n)
 
 
 class IngestService:
@@ -83,7 +70,7 @@ class IngestService:
         self._oldest_ns = 0
         self._qos = cfg.qos
         self._lat = self.metrics.histogram("flush_wait")
-        self._age = self.metrics.histograms["reading_age"] = _AgeHistogram()
+        self._age = self.metrics.histogram("reading_age")
         # One ingest process per site: dedup and gap detection need every reading of a device in
         # one place, which a shared subscription (spread per message, not per device) would break.
         self._pattern = self.topics.all_telemetry
@@ -98,6 +85,9 @@ class IngestService:
             max_items=cfg.max_batch,
             lenient=True,
         )
+        # flushed once what waited on the socket is read (a light load waits for nothing, a heavy
+        # one batches what a burst brought), and every flush_ms at the latest
+        self.rt.after_reading(self._flush_if_due)
         self.rt.every(cfg.flush_ms / 1000.0, self._flush_if_due)
         self.rt.every(cfg.commit_ms / 1000.0, self._commit)
         self.rt.extra_status = lambda: {
@@ -139,7 +129,9 @@ class IngestService:
         last, last_ts, steps = (state.last, state.last_ts, 0) if state is not None else (0, 0, 0)
         full = (1 << window) - 1
         site = self.site
-        record_age = self._age.record_ns_n
+        # readings of one message stamped alike are recorded as one (age, n): a record is ~2.4 us, a
+        # quarter of a batched reading's cost before (docs/benchmarks.md)
+        record_age = self._age.record_ns
         # reading_id(site, device, seq), with the hasher seeded once per message and copied per
         # reading: blake2b's constructor is half of reading_id's cost. Same bytes, same digest.
         id_epoch = state.epoch if state is not None else 0
