@@ -106,7 +106,7 @@ class Reading(BaseModel):
     ts: int = Field(ge=0, lt=2**63, description="UTC epoch nanoseconds at the device.")
     metric: Segment = Field(description="What was measured, e.g. temperature, shelf_weight.")
     value: FiniteFloat = Field(description="The measured value; NaN and Infinity are refused.")
-    unit: Unit = Field(description="Unit as sent; normalized by ingest (docs/units.md).")
+    unit: Unit = Field(description="Unit as sent; normalized by ingest (docs/ingest.md, Units).")
 
 
 class ReadingDict(TypedDict):
@@ -141,7 +141,7 @@ class Event(Envelope):
     seq: int = Field(ge=0, lt=2**63)
     metric: Segment
     value: FiniteFloat
-    unit: Unit = Field(description="Canonical unit after normalization (docs/units.md).")
+    unit: Unit = Field(description="Canonical unit after normalization (docs/ingest.md, Units).")
     ingest_ns: EpochNs = Field(description="When ingest received the reading, epoch ns.")
     gap: int = Field(0, ge=0, description="Readings missing just before this one (seq jumped by gap+1).")
     late: bool = Field(False, description="Arrived after a higher seq from the same device.")

@@ -141,7 +141,7 @@ class TelemetrySettings(Section):
 class CoreSettings(BaseSettings):
     """The root of every setting the core uses. A site's settings class derives from it and adds one
     field per service section (the service registry's ``OutpostSettings``). ``site`` and
-    ``data_dir`` names are fixed by DESIGN.md."""
+    ``data_dir`` names are fixed by docs/design.md."""
 
     model_config = SettingsConfigDict(
         env_prefix="OUTPOST_",

@@ -1,4 +1,4 @@
-"""Topic builders, patterns and the identifier rule ``[A-Za-z0-9_-]{1,64}`` (DESIGN.md, Topics)."""
+"""Topic builders, patterns and the identifier rule ``[A-Za-z0-9_-]{1,64}`` (docs/design.md, Topics)."""
 
 from __future__ import annotations
 

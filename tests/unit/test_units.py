@@ -59,3 +59,35 @@ def test_table_is_consistent() -> None:
         assert math.isfinite(scale)
         assert scale > 0
         assert math.isfinite(offset)
+
+
+def test_the_docs_list_every_unit() -> None:
+    """The table the code cites (docs/ingest.md, "Units") names every unit ingest accepts."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "ingest.md").read_text()
+    table = doc.split("## Units", 1)[1].split("\n## ", 1)[0]
+    missing = [unit for unit in UNITS if f"`{unit}`" not in table]
+    assert not missing, f"docs/ingest.md's Units table lacks {missing}"
+
+
+def test_every_cited_document_is_in_the_repository() -> None:
+    """What the code and the docs cite (docs/*.md) exists, so a reader can follow every reference."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    sources = [
+        *root.glob("shared/**/*.py"),
+        *root.glob("services/**/*.py"),
+        *root.glob("sim/**/*.py"),
+        *root.glob("docs/*.md"),
+        root / "README.md",
+    ]
+    cited = {
+        (path, m.group(0))
+        for path in sources
+        for m in re.finditer(r"docs/[a-z_/-]+\.md", path.read_text(encoding="utf-8"))
+    }
+    missing = sorted({c for _, c in cited if not (root / c).exists()})
+    assert not missing, f"cited but not in the repository: {missing}"

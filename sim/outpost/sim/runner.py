@@ -1,6 +1,6 @@
 """``outpost.sim.run``: split the fleet over publisher processes, start them together, add up.
 
-Several processes because one Python process tops out near 40k MQTT messages/s (DESIGN.md): the
+Several processes because one Python process tops out near 40k MQTT messages/s (docs/design.md): the
 fleet is dealt round-robin over ``processes`` workers, each gets its share of the rate and of the
 item quota, connects its devices, says it is ready, and all start on one signal so the measured
 time covers sending only. Workers are *spawned*, not forked: the caller may be a test process with

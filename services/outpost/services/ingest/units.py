@@ -1,4 +1,4 @@
-"""Unit normalization: a small explicit table (docs/units.md lists it).
+"""Unit normalization: a small explicit table (docs/ingest.md, "Units", lists it).
 
 A table rather than a units library: ingest converts a handful of units per reading on its hot path,
 a dict lookup and one multiply-add costs ~100 ns where pint costs tens of microseconds, and an
