@@ -251,7 +251,7 @@ class IngestService:
         if ts < lo_ns:
             return Reject("ts_past", f"ts {ts} is more than {self.cfg.max_age_s}s old")
         if r["unit"] not in UNITS:
-            return Reject("unknown_unit", f"unit {r['unit']!r} is not in the unit table (docs/ingest.md, Units)")
+            return Reject("unknown_unit", f"unit {r['unit']!r} is not in the unit table (docs/ingest.md)")
         return None
 
     # --- output ----------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The memory benchmark (operational log): the same code and options as ``outpost bench memory``.
 
-    .venv/bin/python load-tests/memory.py            # ~15 s: tables
-    .venv/bin/python load-tests/memory.py --json     # one JSON object on the last line
-    .venv/bin/python load-tests/memory.py --sync NORMAL
+    .venv/bin/python load-tests/scripts/memory.py            # ~15 s: tables
+    .venv/bin/python load-tests/scripts/memory.py --json     # one JSON object on the last line
+    .venv/bin/python load-tests/scripts/memory.py --sync NORMAL
 
 The harness lives in ``outpost.benchmarks.memory`` (load-tests/outpost/benchmarks/memory.py);
 docs/benchmarks.md records what it measured.
