@@ -460,14 +460,7 @@ class ServiceRuntime:
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self, wait_s: float | None = 30.0) -> None:
-        """Connect; ``wait_s`` None: return at once and keep trying in the background.
-
-        Everything the service built to start (modules, models, settings: hundreds of thousands of
-        objects) is frozen out of the garbage collector first: a full collection walking them all
-        stopped the network thread for 50-80 ms, which was the tail of ingest's latency
-        (docs/benchmarks.md). What the service allocates from here on is collected as usual."""
-        gc.collect()
-        gc.freeze()
+        """Connect; ``wait_s`` None: return at once and keep trying in the background."""
         self.bus.start(wait_s=wait_s)
 
     def stop(self, drain: Callable[[], None] | None = None, *, drain_s: float = 10.0) -> None:
@@ -546,7 +539,15 @@ def service_main(make: Callable[[SettingsT], Runnable], settings_cls: type[Setti
         setup_logging(settings.log_level, json=settings.log_json)
         stop = threading.Event()
         install_stop_signals(stop)
-        run_until(make(settings), stop)
+        service = make(settings)
+        # What the process built to start (modules, models, settings: hundreds of thousands of
+        # objects) is frozen out of the garbage collector: a full collection walking them all
+        # stopped the network thread for 50-80 ms, a 10 s window's p99 on its own
+        # (docs/benchmarks.md). Only here, in a service's own process: frozen objects are never
+        # freed, which a process that runs many services in turn (the tests) cannot afford.
+        gc.collect()
+        gc.freeze()
+        run_until(service, stop)
     except OutpostError as exc:  # a bad setting, a broker that never answered, unusable state
         log.error("cannot run", extra={"error": str(exc)})
         print(f"error: {exc}", file=sys.stderr)
