@@ -101,6 +101,17 @@ class Collector:
         return pred(self)
 
 
+def wait_until(pred: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll ``pred`` until it holds or ``timeout`` passes (generous: it returns as soon as the
+    predicate holds, and CI machines are small and loaded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
 @pytest.fixture
 def collect(settings: OutpostSettings) -> Iterator[Callable[..., Collector]]:
     made: list[Collector] = []

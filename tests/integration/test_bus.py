@@ -15,20 +15,11 @@ from outpost.broker import Mosquitto
 from outpost.bus import Bus, Message
 from outpost.services.registry import OutpostSettings
 from outpost.topics import shared
-from tests.conftest import Collector
+from tests.conftest import Collector, wait_until
 
 pytestmark = pytest.mark.integration
 
 WAIT = 30.0
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
 
 
 @pytest.fixture

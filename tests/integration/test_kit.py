@@ -17,20 +17,9 @@ from outpost.bus import Bus
 from outpost.contracts import READING, ReadingDict
 from outpost.service import Ack, Inbound, Rejected, ServiceRuntime
 from outpost.services.registry import OutpostSettings
-from tests.conftest import Collector, make_reading
+from tests.conftest import Collector, make_reading, wait_until
 
 pytestmark = pytest.mark.integration
-
-WAIT = 30.0
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
 
 
 @pytest.fixture
