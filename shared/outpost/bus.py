@@ -77,15 +77,6 @@ class Will:
     retain: bool = True
 
 
-def topic_of(msg: Message) -> str:
-    """A received message's topic; ``<non-utf8>`` for one whose topic bytes are not UTF-8 (paho
-    decodes lazily and raises), so a handler can still dead-letter it with something to show."""
-    try:
-        return msg.topic
-    except UnicodeDecodeError:
-        return "<non-utf8>"
-
-
 def _filter_of(pattern: str) -> str:
     """The topic filter messages are matched against: a shared subscription's part after the group."""
     if pattern.startswith("$share/"):

@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Generic, Literal, NotRequired, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    with_config,
+)
 from typing_extensions import TypedDict
 
 SCHEMA_VERSION: Final = 1
@@ -109,19 +117,10 @@ class Reading(BaseModel):
     unit: Unit = Field(description="Unit as sent; normalized by ingest (docs/ingest.md, Units).")
 
 
+@with_config(ConfigDict(extra="forbid", strict=True))
 class ReadingDict(TypedDict):
-    device: str
-    seq: int
-    ts: int
-    metric: str
-    value: float
-    unit: str
-
-
-class _ReadingTD(TypedDict):
     """The same contract as :class:`Reading`, as a TypedDict so validation returns plain dicts."""
 
-    __pydantic_config__ = ConfigDict(extra="forbid", strict=True)  # type: ignore[misc]
     device: Segment
     seq: Annotated[int, Field(ge=0, lt=2**63)]
     ts: Annotated[int, Field(ge=0, lt=2**63)]
@@ -147,26 +146,11 @@ class Event(Envelope):
     late: bool = Field(False, description="Arrived after a higher seq from the same device.")
 
 
+@with_config(ConfigDict(extra="forbid", strict=True))
 class EventDict(TypedDict):
-    v: NotRequired[int]
-    id: str
-    ts: int
-    trace: str
-    device: str
-    seq: int
-    metric: str
-    value: float
-    unit: str
-    ingest_ns: int
-    gap: NotRequired[int]
-    late: NotRequired[bool]
-
-
-class _EventTD(TypedDict):
     """The same contract as :class:`Event`, validated to a plain dict (what has a default in the
     model may be left out)."""
 
-    __pydantic_config__ = ConfigDict(extra="forbid", strict=True)  # type: ignore[misc]
     v: NotRequired[Literal[1]]
     id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
     ts: Annotated[int, Field(ge=0, lt=2**63)]
@@ -458,7 +442,7 @@ class Contract(Generic[T]):
         self.model = model
         self.batches = batches
         self._one: TypeAdapter[T] = TypeAdapter(item)
-        self._many: TypeAdapter[list[T]] = TypeAdapter(list[item])
+        self._many: TypeAdapter[list[T]] | None = TypeAdapter(list[item]) if batches else None
 
     def validate_python(self, item: Any) -> T:
         """One item (a parsed JSON object) checked against the contract."""
@@ -478,7 +462,7 @@ class Contract(Generic[T]):
             if head == b"{":
                 out.items.append((0, self._one.validate_json(raw)))
                 return out
-            if head == b"[" and self.batches:
+            if head == b"[" and self._many is not None:
                 items = self._many.validate_json(raw)
                 out.batch = True
                 if 0 < len(items) <= max_items:
@@ -543,8 +527,8 @@ class Contract(Generic[T]):
         return out
 
 
-READING: Final[Contract[ReadingDict]] = Contract("reading", Reading, _ReadingTD, batches=True)
-EVENT: Final[Contract[EventDict]] = Contract("event", Event, _EventTD, batches=True)
+READING: Final[Contract[ReadingDict]] = Contract("reading", Reading, ReadingDict, batches=True)
+EVENT: Final[Contract[EventDict]] = Contract("event", Event, EventDict, batches=True)
 
 
 def model_contract(model: type[BaseModel], *, batches: bool = False) -> Contract[Any]:

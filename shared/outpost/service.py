@@ -381,9 +381,17 @@ class ServiceRuntime:
     def release(self, turn: Turn) -> None:
         self.acks.release(turn)
 
+    @property
+    def batch(self) -> Turn | None:
+        """The open turn of ``AFTER_COMMIT`` messages (None when none arrived since the last
+        commit): what a batching service's commit publishes is made ``for_`` it."""
+        return self.acks.open_batch
+
     def committed(self, on_done: Callable[[], None] | None = None) -> None:
         """The service's commit (or flush) has made what ``AFTER_COMMIT`` messages caused safe: they
-        are acknowledged once what they hold is confirmed; ``on_done`` runs then."""
+        are acknowledged once what they hold is confirmed; ``on_done`` runs then. Nothing happens
+        when no such message waits, so a service may call it on every timer tick: that is also how
+        messages that caused nothing to commit (all dead-lettered) are acknowledged."""
         self.acks.seal_batch(on_done)
 
     def submit(
@@ -438,9 +446,9 @@ class ServiceRuntime:
         if new:
             log.warning("degraded", extra={"service": self.name, "problems": list(new)})
         if self.bus.connected:
-            self.bus.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+            self._announce()
 
-    def _announce(self, _session_present: bool) -> None:
+    def _announce(self, _session_present: bool = False) -> None:
         self.bus.publish(self.status_topic, self._status("online"), qos=1, retain=True)
 
     def publish_metrics(self) -> None:
@@ -452,6 +460,8 @@ class ServiceRuntime:
         counters["bus_dropped_qos0"] = bus["dropped_qos0"]
         counters["bus_handler_errors"] = bus["handler_errors"]
         counters["acknowledged"] = self.acks.acknowledged
+        counters["worker_jobs"] = self.worker.completed
+        counters["worker_busy_ms"] = self.worker.busy_ns // 1_000_000
         state: dict[str, Any] = {**self.acks.stats(), "worker_queued": self.worker.queued}
         if self.extra_status is not None:
             state.update(self.extra_status())
@@ -471,7 +481,7 @@ class ServiceRuntime:
         if drain is not None:
             self.bus.call(drain, timeout_s=drain_s)
         deadline = time.monotonic() + drain_s
-        while time.monotonic() < deadline and (self.worker.queued or self._held()):
+        while time.monotonic() < deadline and (self.worker.queued or self.acks.waiting):
             time.sleep(0.01)
         # no timer may hand the worker a job from here on (one that did after the worker stopped
         # ran beside the service's own last commit and close: a crash in SQLite)
@@ -486,9 +496,6 @@ class ServiceRuntime:
 
     def _stop_timers(self) -> None:
         self._stopped = True
-
-    def _held(self) -> bool:
-        return self.acks.waiting > 0
 
 
 def install_stop_signals(stop: threading.Event) -> None:

@@ -87,8 +87,8 @@ class IngestService:
         )
         # flushed once what waited on the socket is read (a light load waits for nothing, a heavy
         # one batches what a burst brought), and every flush_ms at the latest
-        self.rt.after_reading(self._flush_if_due)
-        self.rt.every(cfg.flush_ms / 1000.0, self._flush_if_due)
+        self.rt.after_reading(self.flush)
+        self.rt.every(cfg.flush_ms / 1000.0, self.flush)
         self.rt.every(cfg.commit_ms / 1000.0, self._commit)
         self.rt.extra_status = lambda: {
             "devices": len(self.seq),
@@ -255,14 +255,13 @@ class IngestService:
         return None
 
     # --- output ----------------------------------------------------------------------------------
-    def _flush_if_due(self) -> None:
-        if self._batches or self.rt.acks.open_batch is not None:
-            self.flush()
-
     def flush(self) -> None:
         """Publish every waiting batch and seal the kit's batch turn: its messages are acknowledged,
-        and their seq state queued for commit, once these publishes are confirmed."""
-        turn = self.rt.acks.open_batch
+        and their seq state queued for commit, once these publishes are confirmed. Called after
+        every read and on a timer: nothing to do is the common case, and costs one check."""
+        turn = self.rt.batch
+        if turn is None and not self._batches:
+            return
         publish = self.rt.publish
         qos = self._qos
         root = self.events_root
@@ -276,7 +275,7 @@ class IngestService:
             self._lat.record_ns(time.time_ns() - self._oldest_ns)
         self._batched = 0
         states, self._states = self._states, {}
-        self.rt.committed(lambda: self._to_commit.update(states) if states else None)
+        self.rt.committed((lambda: self._to_commit.update(states)) if states else None)
 
     def _commit(self) -> None:
         """Commit the acknowledged seq state on the kit's worker: an fsync on the network thread

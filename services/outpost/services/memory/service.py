@@ -160,7 +160,7 @@ class MemoryService:
         if self._pending:
             if (time.monotonic() - self._oldest) * 1000.0 >= self.cfg.commit_ms:
                 self.commit()
-        elif self.rt.acks.open_batch is not None:
+        else:
             self.rt.committed()  # messages that made no entry (dead-lettered whole): nothing to write
 
     def commit(self) -> None:
