@@ -130,6 +130,7 @@ class Subscription:
     lenient: bool
     invalid_reason: str | None
     counter: str
+    lane: str
 
 
 class ServiceRuntime:
@@ -203,13 +204,18 @@ class ServiceRuntime:
         lenient: bool = False,
         invalid_reason: str | None = None,
         counter: str = "messages",
+        lane: str = "",
     ) -> None:
         """Deliver messages on ``pattern`` (a ``$share/{group}/...`` filter too) to ``handler``.
 
         ``contract`` decodes the payload (without one the handler gets the raw bytes as its only
         item). ``invalid_reason`` names every schema violation with one reason of the service's
         (inference says ``bad_event``) instead of the precise one; ``lenient`` reads NaN and
-        Infinity so they are refused as ``not_finite``. ``counter`` counts the messages."""
+        Infinity so they are refused as ``not_finite``. ``counter`` counts the messages. ``lane``
+        names an acknowledgement order of the subscription's own (:mod:`outpost.acks`), for
+        messages independent of the rest whose work may take long (memory's requests)."""
+        if lane and ack is Ack.AFTER_COMMIT:
+            raise ValueError("the open batch of AFTER_COMMIT messages is in the default lane")
         sub = Subscription(
             pattern,
             handler,
@@ -222,6 +228,7 @@ class ServiceRuntime:
             lenient,
             invalid_reason,
             counter,
+            lane,
         )
         self.bus.subscribe(pattern, lambda msg: self._deliver(sub, msg), qos=qos)
 
@@ -258,7 +265,9 @@ class ServiceRuntime:
         c[sub.counter] += 1
         qos = msg.qos
         turn = (
-            self.acks.batched(msg.mid, qos) if sub.ack is Ack.AFTER_COMMIT else self.acks.single(msg.mid, qos)
+            self.acks.batched(msg.mid, qos)
+            if sub.ack is Ack.AFTER_COMMIT
+            else self.acks.single(msg.mid, qos, sub.lane)
         )
         raw = cast(bytes, msg.payload)  # paho types it bytes | bytearray; a received one is bytes
         try:

@@ -7,13 +7,24 @@ durable session, appends one log entry per event, score or dead letter, and comm
 acknowledged after the commit (:attr:`Ack.AFTER_COMMIT`): kill -9 at any point leaves what was not
 committed unacknowledged on the broker, which redelivers it, so nothing published is missing from
 the log (a redelivered message may be logged twice, with the same trace and body; readers that
-care drop it by the body's ``id``). Requests are acknowledged once their answer is confirmed.
+care drop it by the body's ``id``).
+
+Requests never run on the network thread, which must keep reading, committing and acknowledging
+the log: they wait in a bounded lane, fair between clients (:mod:`.lane`; past its bounds a request
+is refused as ``overloaded``), run one at a time on the kit's worker (:meth:`ServiceRuntime.submit`),
+and are acknowledged once their answer is confirmed, in an acknowledgement lane of their own so the
+log's acknowledgements never wait for a slow request. An answer goes only to a response topic of
+memory's own (``.../memory/resp/{client}``): a request naming any other topic is dead-lettered as
+``bad_response_topic``, never answered there. A redelivered copy of a request with effects (the
+same response topic and correlation data) is answered from the first answer, not run again.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -22,11 +33,12 @@ from pydantic import BaseModel, ConfigDict
 from outpost.contracts import Contract
 from outpost.errors import TopicError
 from outpost.log import get_logger
-from outpost.service import Ack, Inbound, ServiceRuntime, run_until, service_main
+from outpost.service import Ack, Inbound, Rejected, ServiceRuntime, run_until, service_main
 from outpost.services.memory.api import MemoryApi
 from outpost.services.memory.checkpoints import Checkpoints
 from outpost.services.memory.context import ShortTermContext
 from outpost.services.memory.embedding.embedder import embedder_for
+from outpost.services.memory.lane import FairLane
 from outpost.services.memory.oplog import OpLog, Record
 from outpost.services.memory.sync import start_sync, sync_mode
 from outpost.services.memory.vectors import LongTermMemory
@@ -36,8 +48,36 @@ from outpost.streams import REASONS as STREAM_REASONS
 NAME = "memory"
 log = get_logger("outpost.memory")
 
-REASONS = ("unknown_op", "bad_request", "conflict", "no_embedder", *STREAM_REASONS)
-"""The request API's refusals (services/outpost/services/memory/api.py) and sync's."""
+REASONS = (
+    "unknown_op",
+    "bad_request",
+    "conflict",
+    "no_embedder",
+    "over_limit",
+    "overloaded",
+    "bad_response_topic",
+    *STREAM_REASONS,
+)
+"""The request API's refusals (services/outpost/services/memory/api.py, the lane's and the response
+topic's) and sync's."""
+
+DEAD_LETTERED = frozenset(("over_limit", "overloaded"))
+"""Refusals dead-lettered although the requester is answered: an operator should see them."""
+
+ANSWERS_KEPT = 10_000
+"""Answers of requests with effects kept to answer a redelivered copy (a few MB at most)."""
+
+Answer = dict[str, Any]
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    inbound: Inbound[bytes]
+    op: str
+    key: tuple[str, bytes] | None
+    """(response topic, correlation data) of a request with effects; None: run every copy."""
+    copies: list[Inbound[bytes]] = field(default_factory=list)
+    """Redelivered copies that came while it waited or ran: answered with it."""
 
 
 class _Logged(BaseModel):
@@ -77,9 +117,28 @@ class MemoryService:
         if self.embedder is None and cfg.text_embeddings:
             rt.set_problems([no_embedder])  # everything else serves; text requests are refused
         self.api = MemoryApi(
-            self.context, self.checkpoints, self.oplog, self.ltm, self.embedder, no_embedder=no_embedder
+            self.context,
+            self.checkpoints,
+            # its own connection: log-trace reads on the worker while the network thread appends
+            OpLog(folder / "oplog.db", synchronous=cfg.log_sync),
+            self.ltm,
+            self.embedder,
+            no_embedder=no_embedder,
+            max_embed_tokens=cfg.max_embed_tokens,
         )
-        rt.subscribe(t.all_memory_requests, self._on_request, ack=Ack.AFTER_OUTPUTS, counter="requests")
+        self._lane: FairLane[_Request] = FairLane(
+            total=cfg.request_queue, per_client=cfg.request_queue_per_client
+        )
+        self._running = False
+        self._waiting: dict[tuple[str, bytes], _Request] = {}
+        self._answers: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
+        rt.subscribe(
+            t.all_memory_requests,
+            self._on_request,
+            ack=Ack.AFTER_OUTPUTS,
+            counter="requests",
+            lane="requests",
+        )
         rt.subscribe(t.all_events, self._log("event"), contract=LOGGED, ack=Ack.AFTER_COMMIT)
         rt.subscribe(t.all_inference, self._log("score"), contract=LOGGED, ack=Ack.AFTER_COMMIT)
         # a dead letter that is not JSON is still what happened: no contract, its bytes are kept
@@ -99,22 +158,110 @@ class MemoryService:
 
     # --- the request API -------------------------------------------------------------------------
     def _on_request(self, inbound: Inbound[bytes]) -> None:
-        """One API request (MQTT 5): answered on its response topic with its correlation data; a
-        refused request without a response topic goes to the DLQ."""
+        """One API request (MQTT 5), on the network thread: checked (its response topic, its
+        operation), then queued for the worker, or answered at once when it cannot run."""
+        props = getattr(inbound.msg, "properties", None)
+        reply_to = getattr(props, "ResponseTopic", None)
+        client = ""  # no response topic: nobody to answer; a refusal goes to the DLQ
+        if reply_to is not None:
+            try:
+                client = self.topics.memory_response_client(str(reply_to))
+            except TopicError as exc:
+                self._refused("bad_response_topic")
+                raise Rejected("bad_response_topic", f"not answered: {exc}") from None
         try:
             op = self.topics.memory_op(inbound.topic)
         except TopicError as exc:  # answered like any operation there is not
-            answer: dict[str, Any] = {"ok": False, "error": "unknown_op", "detail": str(exc)}
-        else:
-            answer = self.api.handle(op, inbound.raw)
+            self._answer(inbound, {"ok": False, "error": "unknown_op", "detail": str(exc)})
+            return
+        corr = getattr(props, "CorrelationData", None)
+        key = (str(reply_to), bytes(corr)) if reply_to and corr and self.api.has_effects(op) else None
+        if key is not None and self._duplicate(key, inbound):
+            return
+        req = _Request(inbound, op, key)
+        why = self._lane.offer(client, req)
+        if why is not None:
+            self._answer(inbound, {"ok": False, "error": "overloaded", "detail": why})
+            return
+        if key is not None:
+            self._waiting[key] = req
+        self.rt.hold(inbound.turn)  # while it waits; the worker's job holds it while it runs
+        self._next()
+
+    def _duplicate(self, key: tuple[str, bytes], inbound: Inbound[bytes]) -> bool:
+        """A redelivered copy of a request with effects: answered as the first was, never run
+        again (a missed keepalive makes the broker send again what was not yet acknowledged)."""
+        answered = self._answers.get(key)
+        waiting = self._waiting.get(key)
+        if answered is None and waiting is None:
+            return False
+        self.metrics.counters["requests_redelivered"] += 1
+        if answered is not None:
+            self.rt.reply(inbound, answered)
+        elif waiting is not None:
+            self.rt.hold(inbound.turn)
+            waiting.copies.append(inbound)
+        return True
+
+    def _next(self) -> None:
+        """Hand the next waiting request to the worker: one at a time, so the worker's queue never
+        closes the bus's read gate (which would stop the log too)."""
+        if self._running:
+            return
+        req = self._lane.take()
+        if req is None:
+            return
+        self._running = True
+        inbound = req.inbound
+        self.rt.submit(
+            lambda: self.api.handle(req.op, inbound.raw),
+            lambda result: self._done(req, result),
+            for_=inbound.turn,
+        )
+        self.rt.release(inbound.turn)  # the job holds it now
+
+    def _done(self, req: _Request, result: Answer | BaseException) -> None:
+        self._running = False
+        if isinstance(result, BaseException):  # a bug: answered, logged, dead-lettered
+            log.error("request failed", exc_info=result, extra={"op": req.op})
+            result = {"ok": False, "error": "internal", "detail": f"{type(result).__name__}: {result}"}
+        payload = self._answer(req.inbound, result)
+        if req.key is not None:
+            self._waiting.pop(req.key, None)
+            self._answers[req.key] = payload
+            if len(self._answers) > ANSWERS_KEPT:
+                self._answers.popitem(last=False)
+        for copy in req.copies:
+            self.rt.reply(copy, payload)
+            self.rt.release(copy.turn)
+        self._next()
+
+    def _answer(self, inbound: Inbound[bytes], answer: Answer) -> bytes:
+        """Reply (the reply holds the request until confirmed); a refusal is counted, and
+        dead-lettered when nobody can be told or an operator should see it."""
+        payload = orjson.dumps(answer)
+        replied = self.rt.reply(inbound, payload)
         if not answer["ok"]:
-            c = self.metrics.counters
-            c["requests_refused"] += 1
-            c["requests_refused." + answer["error"]] += 1
-        if not self.rt.reply(inbound, orjson.dumps(answer)) and not answer["ok"]:
-            self.rt.dead_letter(
-                answer["error"], answer["detail"], inbound.topic, inbound.raw, for_=inbound.turn
-            )
+            reason = answer["error"]
+            self._refused(reason)
+            if not replied or reason in DEAD_LETTERED or reason == "internal":
+                self.rt.dead_letter(reason, answer["detail"], inbound.topic, inbound.raw, for_=inbound.turn)
+        return payload
+
+    def _refused(self, reason: str) -> None:
+        c = self.metrics.counters
+        c["requests_refused"] += 1
+        c["requests_refused." + reason] += 1
+
+    def _stop_requests(self) -> None:
+        """At the stop: what still waits is answered ``overloaded`` (the client retries against
+        the next memory) rather than held until the drain times out."""
+        for req in self._lane.clear():
+            for inbound in (req.inbound, *req.copies):
+                self._answer(inbound, {"ok": False, "error": "overloaded", "detail": "memory is stopping"})
+                self.rt.release(inbound.turn)
+            if req.key is not None:
+                self._waiting.pop(req.key, None)
 
     # --- the log ---------------------------------------------------------------------------------
     def _log(self, kind: str) -> Any:
@@ -199,14 +346,20 @@ class MemoryService:
             )
 
     # --- lifecycle -------------------------------------------------------------------------------
+    def _drain(self) -> None:
+        self._stop_requests()
+        self.commit()
+
     def start(self) -> None:
         self.rt.start()
         log.info("memory started", extra={"last_offset": self.oplog.last_offset})
 
     def stop(self) -> None:
         """Drain: stop intake, commit what waits (and acknowledge it), go offline, close the state."""
-        self.rt.stop(self.commit)
+        self.rt.stop(self._drain)
         self.oplog.close()
+        if self.api.oplog is not None:
+            self.api.oplog.close()
         self.checkpoints.close()
         if self.sync is not None:
             self.sync.close()

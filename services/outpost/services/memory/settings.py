@@ -51,6 +51,23 @@ class MemorySettings(Section):
         "", description="Where the encoder's ONNX file is built once; empty: {data_dir}/memory/embedder."
     )
     embed_threads: int = Field(1, ge=1, le=64, description="onnxruntime threads of the text encoder.")
+    max_embed_tokens: int = Field(
+        2048,
+        ge=256,
+        le=1_000_000,
+        description="Encoder tokens one request may cost (an embed of 64 long texts is 16,384); "
+        "past it the request is refused as over_limit.",
+    )
+    request_queue: int = Field(
+        32, ge=1, le=10_000, description="Requests waiting for memory's request worker, at most."
+    )
+    request_queue_per_client: int = Field(
+        4,
+        ge=1,
+        le=10_000,
+        description="Requests of one client (response topic) waiting, at most: past either bound "
+        "a request is refused as overloaded.",
+    )
     sync: Literal["auto", "uplink", "always", "off"] = Field(
         "auto",
         description="Replicate long-term memory and log summaries to the cloud: auto (when "
