@@ -29,6 +29,7 @@ redelivered request (it answers the copy from what it answered first).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -177,6 +178,9 @@ class MemoryApi:
         self.ltm = ltm
         self.embedder = embedder
         self._no_embedder = no_embedder
+        self._sqlite = threading.Lock()
+        """Requests run on several worker threads: one SQLite connection serves one at a time
+        (context and long-term memory lock themselves; the encoder runs outside any lock)."""
         size, byte = MAX_REQUEST_BYTES, "request bytes"
         self._ops: dict[str, Operation] = {
             "context-put": Operation(ContextPut, self._context_put, byte, size, effects=True),
@@ -243,10 +247,12 @@ class MemoryApi:
         return True
 
     def _checkpoint_save(self, r: CheckpointSave) -> int:
-        return self.checkpoints.save(r.task, r.step, r.state, expect=r.expect)
+        with self._sqlite:
+            return self.checkpoints.save(r.task, r.step, r.state, expect=r.expect)
 
     def _checkpoint_load(self, r: CheckpointLoad) -> dict[str, Any] | None:
-        cp = self.checkpoints.load(r.task, r.version)
+        with self._sqlite:
+            cp = self.checkpoints.load(r.task, r.version)
         if cp is None:
             return None
         return {"task": cp.task, "version": cp.version, "step": cp.step, "state": cp.state, "at_ns": cp.at_ns}
@@ -295,8 +301,10 @@ class MemoryApi:
     def _log_trace(self, r: LogTrace) -> list[dict[str, Any]]:
         if self.oplog is None:
             raise OutpostError("this memory has no operational log")
+        with self._sqlite:
+            entries = self.oplog.replay(trace=r.trace, limit=r.limit)
         out = []
-        for e in self.oplog.replay(trace=r.trace, limit=r.limit):
+        for e in entries:
             try:
                 body: Any = orjson.loads(e.body)
             except orjson.JSONDecodeError:

@@ -11,7 +11,8 @@ care drop it by the body's ``id``).
 
 Requests never run on the network thread, which must keep reading, committing and acknowledging
 the log: they wait in a bounded lane, fair between clients (:mod:`.lane`; past its bounds a request
-is refused as ``overloaded``), run one at a time on the kit's worker (:meth:`ServiceRuntime.submit`),
+is refused as ``overloaded``), run on the kit's worker (:meth:`ServiceRuntime.submit`; its
+``memory.request_workers`` threads, one request of a client at a time),
 and are acknowledged once their answer is confirmed, in an acknowledgement lane of their own so the
 log's acknowledgements never wait for a slow request. An answer goes only to a response topic of
 memory's own (``.../memory/resp/{client}``): a request naming any other topic is dead-lettered as
@@ -74,6 +75,7 @@ Answer = dict[str, Any]
 class _Request:
     inbound: Inbound[bytes]
     op: str
+    client: str
     key: tuple[str, bytes] | None
     """(response topic, correlation data) of a request with effects; None: run every copy."""
     copies: list[Inbound[bytes]] = field(default_factory=list)
@@ -100,6 +102,7 @@ class MemoryService:
             durable=True,
             tick_s=min(0.05, cfg.commit_ms / 2000.0),
             mqtt5=True,  # the request API needs response topics and correlation data
+            worker_threads=cfg.request_workers,
         )
         self.metrics = rt.metrics
         self.bus = rt.bus
@@ -129,7 +132,8 @@ class MemoryService:
         self._lane: FairLane[_Request] = FairLane(
             total=cfg.request_queue, per_client=cfg.request_queue_per_client
         )
-        self._running = False
+        self._running: set[str] = set()
+        """Clients with a request on the worker (one each at most)."""
         self._waiting: dict[tuple[str, bytes], _Request] = {}
         self._answers: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
         rt.subscribe(
@@ -178,7 +182,7 @@ class MemoryService:
         key = (str(reply_to), bytes(corr)) if reply_to and corr and self.api.has_effects(op) else None
         if key is not None and self._duplicate(key, inbound):
             return
-        req = _Request(inbound, op, key)
+        req = _Request(inbound, op, client, key)
         why = self._lane.offer(client, req)
         if why is not None:
             self._answer(inbound, {"ok": False, "error": "overloaded", "detail": why})
@@ -204,14 +208,17 @@ class MemoryService:
         return True
 
     def _next(self) -> None:
-        """Hand the next waiting request to the worker: one at a time, so the worker's queue never
-        closes the bus's read gate (which would stop the log too)."""
-        if self._running:
-            return
-        req = self._lane.take()
-        if req is None:
-            return
-        self._running = True
+        """Hand waiting requests to the worker, one per worker thread and one per client at most:
+        the worker's queue never closes the bus's read gate (which would stop the log too), and
+        one client's burst leaves the other threads to the rest."""
+        while len(self._running) < self.cfg.request_workers:
+            taken = self._lane.take(busy=self._running)
+            if taken is None:
+                return
+            self._running.add(taken[0])
+            self._submit(taken[1])
+
+    def _submit(self, req: _Request) -> None:
         inbound = req.inbound
         self.rt.submit(
             lambda: self.api.handle(req.op, inbound.raw),
@@ -221,7 +228,7 @@ class MemoryService:
         self.rt.release(inbound.turn)  # the job holds it now
 
     def _done(self, req: _Request, result: Answer | BaseException) -> None:
-        self._running = False
+        self._running.discard(req.client)
         if isinstance(result, BaseException):  # a bug: answered, logged, dead-lettered
             log.error("request failed", exc_info=result, extra={"op": req.op})
             result = {"ok": False, "error": "internal", "detail": f"{type(result).__name__}: {result}"}

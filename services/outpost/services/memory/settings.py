@@ -58,6 +58,13 @@ class MemorySettings(Section):
         description="Encoder tokens one request may cost (an embed of 64 long texts is 16,384); "
         "past it the request is refused as over_limit.",
     )
+    request_workers: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Threads that run requests, one request of a client at a time: with two, one "
+        "client's heavy burst leaves a thread to the others.",
+    )
     request_queue: int = Field(
         32, ge=1, le=10_000, description="Requests waiting for memory's request worker, at most."
     )
