@@ -43,6 +43,7 @@ from outpost.services.memory.context import ShortTermContext
 from outpost.services.memory.embedding.embedder import TextEmbedder
 from outpost.services.memory.oplog import OpLog
 from outpost.services.memory.vectors import LongTermMemory
+from outpost.store import DiskFull
 
 MAX_REQUEST_BYTES = 256 * 1024
 MAX_K = 100
@@ -239,6 +240,8 @@ class MemoryApi:
             return _error("conflict", str(exc))
         except NoEmbedderError as exc:
             return _error("no_embedder", str(exc))
+        except DiskFull as exc:  # nothing was written: the client may try again later
+            return _error("disk_full", str(exc))
         except (OutpostError, ValueError) as exc:
             return _error("bad_request", str(exc))
 

@@ -44,6 +44,7 @@ from outpost.services.memory.oplog import OpLog, Record
 from outpost.services.memory.sync import start_sync, sync_mode
 from outpost.services.memory.vectors import LongTermMemory
 from outpost.services.registry import OutpostSettings
+from outpost.store import DiskFull
 from outpost.streams import REASONS as STREAM_REASONS
 
 NAME = "memory"
@@ -57,6 +58,7 @@ REASONS = (
     "over_limit",
     "overloaded",
     "bad_response_topic",
+    "disk_full",
     *STREAM_REASONS,
 )
 """The request API's refusals (services/outpost/services/memory/api.py, the lane's and the response
@@ -64,6 +66,12 @@ topic's) and sync's."""
 
 DEAD_LETTERED = frozenset(("over_limit", "overloaded"))
 """Refusals dead-lettered although the requester is answered: an operator should see them."""
+
+RETRY_CHUNK = 100
+"""Entries a commit writes at a time after one failed for space: a retry needs room for what it
+writes twice (the WAL, then the database), so a small step fits in the space just freed."""
+BACKOFF_S = (0.25, 5.0)
+"""First and longest wait between tries of a commit that failed."""
 
 ANSWERS_KEPT = 10_000
 """Answers of requests with effects kept to answer a redelivered copy (a few MB at most)."""
@@ -111,6 +119,9 @@ class MemoryService:
         self.oplog = OpLog(folder / "oplog.db", synchronous=cfg.log_sync)
         self._pending: list[Record] = []
         self._oldest = 0.0
+        self._retry_at = 0.0
+        self._backoff = 0.0
+        """0 while commits succeed; else the wait before the next try (doubling to its cap)."""
         self.context = ShortTermContext(max_entries=cfg.context_max_entries)
         self.checkpoints = Checkpoints(folder / "checkpoints.db")
         self.ltm = LongTermMemory(
@@ -317,26 +328,63 @@ class MemoryService:
         else:
             self.rt.committed()  # messages that made no entry (dead-lettered whole): nothing to write
 
-    def commit(self) -> None:
-        """Append what waits in one transaction; the messages it came from are then acknowledged."""
-        records, self._pending = self._pending, []
-        start = time.perf_counter_ns()
-        try:
-            self.oplog.append(records)
-        except Exception:
-            # Not acknowledged: the broker redelivers them after a restart. Keep them for the next
-            # try in this process too, so a transient error (disk full, locked) loses nothing.
-            log.exception("log commit failed; will retry")
-            self.metrics.counters["commit_failures"] += 1
-            self._pending = records + self._pending
+    def commit(self, *, force: bool = False) -> None:
+        """Append what waits, ``memory.commit_max`` entries a transaction; once all of it is
+        written the messages it came from are acknowledged.
+
+        A commit that fails acknowledges nothing (the broker keeps those messages, and sends no
+        more than its in-flight window) and keeps its entries for the next try, after a backoff
+        (``BACKOFF_S``, doubling). A full disk (:class:`DiskFull`) is reported by the kit as
+        ``disk full``; the tries then write ``RETRY_CHUNK`` entries at a time and give the WAL's
+        space back between them, so they resume by themselves as soon as a little space is freed.
+        """
+        if not force and self._backoff and time.monotonic() < self._retry_at:
             return
-        self._commit_hist.record_ns(time.perf_counter_ns() - start)
+        records, self._pending = self._pending, []
+        chunk = RETRY_CHUNK if self._backoff else self.cfg.commit_max
+        done = 0
+        start = time.perf_counter_ns()
         c = self.metrics.counters
-        c["commits"] += 1
+        try:
+            while done < len(records):
+                part = records[done : done + chunk]
+                self.oplog.append(part)
+                done += len(part)
+                c["commits"] += 1
+                if self._backoff:
+                    self.oplog.store.checkpoint()
+        except Exception as exc:
+            # Not acknowledged: the broker redelivers them after a restart. Kept for the next try
+            # in this process too, so a transient error (disk full, locked) loses nothing.
+            self._pending = records[done:] + self._pending
+            c["entries"] += done
+            c["commit_failures"] += 1
+            first = not self._backoff
+            lo, hi = BACKOFF_S
+            self._backoff = min(hi, self._backoff * 2) if self._backoff else lo
+            self._retry_at = time.monotonic() + self._backoff
+            if first:  # once per outage, not once per try: the log may be on the same disk
+                if isinstance(exc, DiskFull):
+                    log.error("log commit failed: disk full; retrying", extra={"error": str(exc)})
+                else:
+                    log.exception("log commit failed; retrying")
+            return
+        if self._backoff:
+            log.info("log commits resumed", extra={"failures": c["commit_failures"]})
+            self._backoff = 0.0
+        self._commit_hist.record_ns(time.perf_counter_ns() - start)
         c["entries"] += len(records)
         self.rt.committed()
 
     def compact(self) -> None:
+        """Retention and the disk budget (every ``memory.compact_s``); on a full disk it tries
+        again next time (it frees space, but its deletes need a little to be written)."""
+        try:
+            self._compact()
+        except DiskFull as exc:
+            log.warning("compaction failed: disk full", extra={"error": str(exc)})
+
+    def _compact(self) -> None:
         cfg = self.cfg
         ev = self.ltm.evict(max_age_s=cfg.ltm_max_age_s, max_items=cfg.ltm_max_items)
         self.metrics.counters["ltm_evicted"] += ev.expired + ev.aged + ev.over_budget
@@ -355,7 +403,7 @@ class MemoryService:
     # --- lifecycle -------------------------------------------------------------------------------
     def _drain(self) -> None:
         self._stop_requests()
-        self.commit()
+        self.commit(force=True)
 
     def start(self) -> None:
         self.rt.start()
