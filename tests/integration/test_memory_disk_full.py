@@ -139,3 +139,46 @@ def test_a_full_disk_is_reported_survived_and_recovered_from_with_nothing_lost_o
         memory.close()
         pub.stop()
         status.stop()
+
+
+def test_a_data_folder_too_small_for_the_encoder_leaves_no_temporary_file_and_the_log_works(
+    small_disk: Path, broker: Mosquitto, tmp_path: Path, site: str
+) -> None:
+    """The encoder's 90 MB graph is built under the data folder by default: on 20 MB the build
+    fails (ENOSPC). Its temporary file goes with it, memory says why it embeds no texts
+    (degraded), and logs every event."""
+    data = small_disk / "data"
+    settings = OutpostSettings(site=site, data_dir=data)
+    settings.mqtt.port = broker.port
+    t = settings.topics
+    env = {
+        "OUTPOST_SITE": site,
+        "OUTPOST_DATA_DIR": str(data),
+        "OUTPOST_MQTT__PORT": str(broker.port),
+        "OUTPOST_DISK__WARN_FREE_MB": "0",
+    }
+    status = Collector(settings.mqtt, t.service_status("memory"), client_id="st-" + site).start()
+    pub = Bus(settings.mqtt, client_id="pub-" + site)
+    pub.start()
+    memory = ServiceProcess("outpost.services.memory", "memory", env, tmp_path / "proc")
+    memory.start()
+    try:
+
+        def no_encoder(c: Collector) -> bool:
+            return any(
+                d.get("health") == "degraded" and any("no text encoder" in str(p) for p in d["problems"])
+                for d in statuses(c)
+            )
+
+        assert status.wait_for(no_encoder, 120), (statuses(status)[-3:], memory.logs())
+        problems = next(d["problems"] for d in statuses(status) if d.get("health") == "degraded")
+        assert not any(str(p).startswith("disk full") for p in problems), problems
+        assert [p.name for p in (data / "memory" / "embedder").iterdir()] == [], "a temporary file was left"
+        for i in range(200):
+            pub.publish(t.events("d1"), orjson.dumps([make_event("d1", i, "t", float(i))]), qos=1)
+        assert wait_until(lambda: events_logged(data) == (200, 200), 60), (events_logged(data), memory.logs())
+        assert memory.terminate() == 0
+    finally:
+        memory.close()
+        pub.stop()
+        status.stop()
