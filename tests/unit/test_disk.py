@@ -99,3 +99,20 @@ def test_the_budget_warns_before_the_disk_is_full(tmp_path: Path) -> None:
     watch.settings = DiskSettings(warn_free_mb=0, max_data_mb=0)
     watch.measure()
     assert watch.problems == [] and changed.n == 2
+
+
+def test_ingests_sequence_store_goes_through_the_same_mechanism(tmp_path: Path) -> None:
+    from outpost.services.ingest.seqstore import SeqStore
+    from outpost.services.ingest.seqtrack import SeqState
+
+    seqs = SeqStore(tmp_path / "seq.db", window=64)
+    pages = seqs.store.db.execute("PRAGMA page_count").fetchone()[0]
+    seqs.store.db.execute(f"PRAGMA max_page_count={pages}")
+    states = {f"device-{i:05d}": SeqState(i, i, 1) for i in range(2000)}
+    with pytest.raises(DiskFull):
+        seqs.save(states)
+    assert list(full_databases(tmp_path)) == [str((tmp_path / "seq.db").resolve())]
+    seqs.store.db.execute("PRAGMA max_page_count=100000")
+    seqs.save(states)  # the kit's retry of the same states: nothing lost
+    assert len(seqs.load()) == 2000 and full_databases(tmp_path) == {}
+    seqs.close()
