@@ -127,6 +127,14 @@ def test_every_operation_declares_its_cost_limit(api: MemoryApi) -> None:
     }
 
 
+def test_a_scope_too_large_to_answer_is_refused(api: MemoryApi) -> None:
+    for i in range(20):
+        assert call(api, "context-put", {"scope": "big", "key": f"k{i}", "value": "x" * 60_000})["ok"]
+    answer = call(api, "context-scope", {"scope": "big"})
+    assert answer["error"] == "over_limit" and "answer bytes > limit 1048576" in str(answer["detail"])
+    assert call(api, "context-complete", {"scope": "big"})["result"] == 20
+
+
 def test_a_request_at_its_limit_runs_and_one_past_it_is_refused_with_the_figures(api: MemoryApi) -> None:
     assert call(api, "ltm-search", {"namespace": "n", "vector": [1, 0, 0, 0], "k": 100})["ok"] is True
     answer = call(api, "ltm-search", {"namespace": "n", "vector": [1, 0, 0, 0], "k": 101})

@@ -21,7 +21,8 @@ Operations (body fields):
 Every operation declares what one request may cost (:class:`Operation`: its cost in a unit, and the
 most it may be): the request's bytes for the cheap ones, encoder tokens for ``embed`` (the text
 encoder's time grows with them: 64 texts of 3,000 characters are 16,384 tokens, 6 s of one core
-here), results for ``ltm-search``, rows for ``log-trace``. A request over its limit is refused with
+here), results for ``ltm-search``, rows for ``log-trace``, the answer's bytes for
+``context-scope``. A request over its limit is refused with
 ``over_limit`` before any of the work is done. :attr:`MemoryApi.table` lists them (docs/memory.md).
 An operation with effects (``Operation.effects``) is one the service must not run twice for a
 redelivered request (it answers the copy from what it answered first).
@@ -48,6 +49,8 @@ from outpost.store import DiskFull
 MAX_REQUEST_BYTES = 256 * 1024
 MAX_K = 100
 """Results one ``ltm-search`` may ask for: each is a payload in the answer."""
+MAX_SCOPE_BYTES = 1024 * 1024
+"""What one ``context-scope`` may answer (its values' JSON): a scope is a task's working set."""
 MAX_TRACE_ROWS = 1000
 """Log entries one ``log-trace`` may return (one reading causes a handful)."""
 DEFAULT_EMBED_TOKENS = 2048
@@ -186,7 +189,13 @@ class MemoryApi:
         self._ops: dict[str, Operation] = {
             "context-put": Operation(ContextPut, self._context_put, byte, size, effects=True),
             "context-get": Operation(ContextKey, lambda r: self.context.get(r.scope, r.key), byte, size),
-            "context-scope": Operation(ContextScope, lambda r: self.context.scope(r.scope), byte, size),
+            "context-scope": Operation(
+                ContextScope,
+                lambda r: self.context.scope(r.scope),
+                "answer bytes",
+                MAX_SCOPE_BYTES,
+                lambda r: self.context.scope_bytes(r.scope),
+            ),
             "context-complete": Operation(
                 ContextScope, lambda r: self.context.complete(r.scope), byte, size, effects=True
             ),

@@ -122,7 +122,9 @@ class MemoryService:
         self._retry_at = 0.0
         self._backoff = 0.0
         """0 while commits succeed; else the wait before the next try (doubling to its cap)."""
-        self.context = ShortTermContext(max_entries=cfg.context_max_entries)
+        self.context = ShortTermContext(
+            max_entries=cfg.context_max_entries, max_bytes=cfg.context_max_mb * 1024 * 1024
+        )
         self.checkpoints = Checkpoints(folder / "checkpoints.db")
         self.ltm = LongTermMemory(
             folder / "ltm", dim=cfg.vector_dim, track_changes=sync_mode(settings) != "off"

@@ -40,6 +40,9 @@ class MemorySettings(Section):
     context_max_entries: int = Field(
         100_000, ge=1, description="Short-term context entries kept at most (least recently used go first)."
     )
+    context_max_mb: int = Field(
+        64, ge=1, description="Short-term context values in all, at most (least recently used go first)."
+    )
     text_embeddings: bool = Field(
         True, description="Embed texts for long-term memory (ltm-add/ltm-search with text, embed)."
     )
