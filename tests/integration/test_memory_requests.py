@@ -166,4 +166,15 @@ def test_a_redelivered_request_with_effects_runs_once(settings: OutpostSettings,
     results = sorted(orjson.loads(p)["result"] for _, p in answers.messages)
     assert results == [1, 1, 2]  # the copy got version 1 again; only a new request made version 2
     assert svc.metrics.counters["requests_redelivered"] == 1
+    # a copy that comes after a restart (a kill -9 before it was acknowledged) runs no more
+    answers.messages.clear()
+    r2: ServiceThread[MemoryService] = ServiceThread(run, settings).start()
+    wait_status(settings, "memory")
+    request(publisher, t.memory_request("checkpoint-save"), body, t.memory_response("agent"), b"same")
+    request(publisher, t.memory_request("checkpoint-load"), b'{"task":"job"}', t.memory_response("agent"))
+    assert answers.wait_for(lambda c: len(c.messages) == 2, 30)
+    svc2 = r2.stop()
+    save, load = sorted((orjson.loads(p)["result"] for _, p in answers.messages), key=str)
+    assert save == 1 and load["version"] == 2, (save, load)
+    assert svc2.metrics.counters["requests_redelivered"] == 1
     answers.stop()

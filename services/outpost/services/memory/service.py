@@ -17,14 +17,14 @@ and are acknowledged once their answer is confirmed, in an acknowledgement lane 
 log's acknowledgements never wait for a slow request. An answer goes only to a response topic of
 memory's own (``.../memory/resp/{client}``): a request naming any other topic is dead-lettered as
 ``bad_response_topic``, never answered there. A redelivered copy of a request with effects (the
-same response topic and correlation data) is answered from the first answer, not run again.
+same response topic and correlation data) is answered from the first answer, kept on disk
+(:mod:`.answers`), not run again.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from outpost.contracts import Contract
 from outpost.errors import TopicError
 from outpost.log import get_logger
 from outpost.service import Ack, Inbound, Rejected, ServiceRuntime, run_until, service_main
+from outpost.services.memory.answers import Answers
 from outpost.services.memory.api import MemoryApi
 from outpost.services.memory.checkpoints import Checkpoints
 from outpost.services.memory.context import ShortTermContext
@@ -72,9 +73,6 @@ RETRY_CHUNK = 100
 writes twice (the WAL, then the database), so a small step fits in the space just freed."""
 BACKOFF_S = (0.25, 5.0)
 """First and longest wait between tries of a commit that failed."""
-
-ANSWERS_KEPT = 10_000
-"""Answers of requests with effects kept to answer a redelivered copy (a few MB at most)."""
 
 Answer = dict[str, Any]
 
@@ -148,7 +146,7 @@ class MemoryService:
         self._running: set[str] = set()
         """Clients with a request on the worker (one each at most)."""
         self._waiting: dict[tuple[str, bytes], _Request] = {}
-        self._answers: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
+        self._answers = Answers(folder / "answers.db")
         rt.subscribe(
             t.all_memory_requests,
             self._on_request,
@@ -233,33 +231,36 @@ class MemoryService:
 
     def _submit(self, req: _Request) -> None:
         inbound = req.inbound
-        self.rt.submit(
-            lambda: self.api.handle(req.op, inbound.raw),
-            lambda result: self._done(req, result),
-            for_=inbound.turn,
-        )
+        self.rt.submit(lambda: self._run(req), lambda result: self._done(req, result), for_=inbound.turn)
         self.rt.release(inbound.turn)  # the job holds it now
 
-    def _done(self, req: _Request, result: Answer | BaseException) -> None:
+    def _run(self, req: _Request) -> tuple[Answer, bytes]:
+        """On the worker: the request's answer, recorded (a request with effects) before it is
+        published, so a copy redelivered even after a kill -9 is answered, not run again."""
+        answer = self.api.handle(req.op, req.inbound.raw)
+        payload = orjson.dumps(answer)
+        if req.key is not None:
+            self._answers.put(req.key, payload)
+        return answer, payload
+
+    def _done(self, req: _Request, result: tuple[Answer, bytes] | BaseException) -> None:
         self._running.discard(req.client)
         if isinstance(result, BaseException):  # a bug: answered, logged, dead-lettered
             log.error("request failed", exc_info=result, extra={"op": req.op})
-            result = {"ok": False, "error": "internal", "detail": f"{type(result).__name__}: {result}"}
-        payload = self._answer(req.inbound, result)
+            error = {"ok": False, "error": "internal", "detail": f"{type(result).__name__}: {result}"}
+            result = error, orjson.dumps(error)
+        payload = self._answer(req.inbound, *result)
         if req.key is not None:
             self._waiting.pop(req.key, None)
-            self._answers[req.key] = payload
-            if len(self._answers) > ANSWERS_KEPT:
-                self._answers.popitem(last=False)
         for copy in req.copies:
             self.rt.reply(copy, payload)
             self.rt.release(copy.turn)
         self._next()
 
-    def _answer(self, inbound: Inbound[bytes], answer: Answer) -> bytes:
+    def _answer(self, inbound: Inbound[bytes], answer: Answer, payload: bytes = b"") -> bytes:
         """Reply (the reply holds the request until confirmed); a refusal is counted, and
         dead-lettered when nobody can be told or an operator should see it."""
-        payload = orjson.dumps(answer)
+        payload = payload or orjson.dumps(answer)
         replied = self.rt.reply(inbound, payload)
         if not answer["ok"]:
             reason = answer["error"]
@@ -418,6 +419,7 @@ class MemoryService:
         if self.api.oplog is not None:
             self.api.oplog.close()
         self.checkpoints.close()
+        self._answers.close()
         if self.sync is not None:
             self.sync.close()
         self.ltm.close()
