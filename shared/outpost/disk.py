@@ -65,7 +65,7 @@ class DiskWatch:
             path, why = next(iter(self._full.items()))
             more = f" (and {len(self._full) - 1} more)" if len(self._full) > 1 else ""
             out.append(f"disk full: writes to {path} fail{more}: {why}")
-        return [*out, *(p for p in (self._low, self._over) if p)]
+        return [p[:300] for p in (*out, self._low, self._over) if p]
 
     @property
     def full(self) -> bool:

@@ -63,6 +63,9 @@ def test_answers_go_only_to_memorys_own_response_topics(settings: OutpostSetting
     # an honest request after them is answered, on its own topic
     with MemoryClient(settings, "honest") as mem:
         assert mem.request("context-get", {"scope": "s", "key": "k"}, timeout_s=30) is None
+        with pytest.raises(MemoryRequestError) as e:  # refused before it waits for the worker
+            mem.request("context-put", {"scope": "s", "key": "k", "value": "x" * 300_000}, timeout_s=30)
+        assert e.value.reason == "too_large"
 
     def dead_letters() -> list[dict[str, object]]:
         out = []

@@ -36,7 +36,7 @@ from outpost.errors import TopicError
 from outpost.log import get_logger
 from outpost.service import Ack, Inbound, Rejected, ServiceRuntime, run_until, service_main
 from outpost.services.memory.answers import Answers
-from outpost.services.memory.api import MemoryApi
+from outpost.services.memory.api import MAX_REQUEST_BYTES, MemoryApi
 from outpost.services.memory.checkpoints import Checkpoints
 from outpost.services.memory.context import ShortTermContext
 from outpost.services.memory.embedding.embedder import embedder_for
@@ -188,6 +188,10 @@ class MemoryService:
             op = self.topics.memory_op(inbound.topic)
         except TopicError as exc:  # answered like any operation there is not
             self._answer(inbound, {"ok": False, "error": "unknown_op", "detail": str(exc)})
+            return
+        if len(inbound.raw) > MAX_REQUEST_BYTES:  # refused before it takes a place in the lane
+            size = f"{len(inbound.raw)} bytes > {MAX_REQUEST_BYTES}"
+            self._answer(inbound, {"ok": False, "error": "too_large", "detail": size})
             return
         corr = getattr(props, "CorrelationData", None)
         key = (str(reply_to), bytes(corr)) if reply_to and corr and self.api.has_effects(op) else None
