@@ -11,7 +11,10 @@ batches, like ingest's flush or memory's log commit). A turn is acknowledged whe
 (its handler returned, or its commit ran) and nothing *holds* it: each output publish, dead letter
 or piece of blocking work made for it holds it until confirmed. Turns are acknowledged in the order
 their messages arrived, as MQTT asks of a receiver (3.1.1, 4.6), which also lets a batching service
-commit state turn by turn knowing the earlier turns are done.
+commit state turn by turn knowing the earlier turns are done. The order is kept per **lane**: a
+subscription may name a lane of its own when its messages are independent of the others' (memory's
+requests beside its log), so a request that takes seconds never holds the acknowledgement of the log
+entries committed meanwhile (which would fill the broker's in-flight window and stall the log).
 
 Pure logic, single-threaded (the bus's network thread): no locks, no clock, no I/O; ``ack`` is
 called for each message to acknowledge.
@@ -27,9 +30,10 @@ from typing import Any
 class Turn:
     """Messages acknowledged together, and what still holds them."""
 
-    __slots__ = ("holds", "messages", "on_done", "sealed")
+    __slots__ = ("holds", "lane", "messages", "on_done", "sealed")
 
-    def __init__(self) -> None:
+    def __init__(self, lane: str = "") -> None:
+        self.lane = lane
         self.messages: list[tuple[int, int]] = []
         """(mid, qos) of each received QoS 1+ message to acknowledge."""
         self.holds = 0
@@ -48,18 +52,22 @@ class Turn:
 class AckTracker:
     def __init__(self, ack: Callable[[int, int], None]) -> None:
         self._ack = ack
-        self._turns: deque[Turn] = deque()
+        self._lanes: dict[str, deque[Turn]] = {"": deque()}
         self._open: Turn | None = None
         self._by_mid: dict[int, list[Turn] | Turn] = {}
         self.acknowledged = 0
 
     # --- receiving -------------------------------------------------------------------------------
-    def single(self, mid: int, qos: int) -> Turn:
-        """A turn of its own for one message (sealed by :meth:`seal` when its handler returns)."""
-        t = Turn()
+    def single(self, mid: int, qos: int, lane: str = "") -> Turn:
+        """A turn of its own for one message (sealed by :meth:`seal` when its handler returns),
+        acknowledged in order with the other turns of its ``lane``."""
+        t = Turn(lane)
         if qos:
             t.messages.append((mid, qos))
-        self._turns.append(t)
+        turns = self._lanes.get(lane)
+        if turns is None:
+            turns = self._lanes[lane] = deque()
+        turns.append(t)
         return t
 
     def batched(self, mid: int, qos: int) -> Turn:
@@ -67,7 +75,7 @@ class AckTracker:
         t = self._open
         if t is None:
             t = self._open = Turn()
-            self._turns.append(t)
+            self._lanes[""].append(t)
         if qos:
             t.messages.append((mid, qos))
         return t
@@ -83,7 +91,7 @@ class AckTracker:
     def release(self, turn: Turn) -> None:
         turn.holds -= 1
         if turn.holds == 0 and turn.sealed:
-            self._advance()
+            self._advance(turn.lane)
 
     def track(self, mid: int, turns: Turn | Iterable[Turn]) -> None:
         """The QoS 1 publish ``mid`` holds ``turns`` until :meth:`published` says it is confirmed."""
@@ -103,18 +111,16 @@ class AckTracker:
         held = self._by_mid.pop(mid, None)
         if held is None:
             return
-        advance = False
         for t in held if isinstance(held, list) else (held,):
             t.holds -= 1
-            advance = advance or (t.holds == 0 and t.sealed)
-        if advance:
-            self._advance()
+            if t.holds == 0 and t.sealed:
+                self._advance(t.lane)
 
     # --- sealing ---------------------------------------------------------------------------------
     def seal(self, turn: Turn) -> None:
         turn.sealed = True
         if turn.holds == 0:
-            self._advance()
+            self._advance(turn.lane)
 
     def seal_batch(self, on_done: Callable[[], None] | None = None) -> Turn | None:
         """Close the open batch turn (after the commit or flush that made its messages safe);
@@ -128,8 +134,8 @@ class AckTracker:
         self.seal(t)
         return t
 
-    def _advance(self) -> None:
-        turns = self._turns
+    def _advance(self, lane: str) -> None:
+        turns = self._lanes[lane]
         while turns and turns[0].done:
             t = turns.popleft()
             for mid, qos in t.messages:
@@ -142,7 +148,7 @@ class AckTracker:
     @property
     def waiting(self) -> int:
         """Turns not yet acknowledged (the open batch included)."""
-        return len(self._turns)
+        return sum(len(turns) for turns in self._lanes.values())
 
     def stats(self) -> dict[str, Any]:
-        return {"turns_waiting": len(self._turns), "publishes_waiting": len(self._by_mid)}
+        return {"turns_waiting": self.waiting, "publishes_waiting": len(self._by_mid)}

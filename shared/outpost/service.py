@@ -47,6 +47,7 @@ from paho.mqtt.properties import Properties
 from outpost.acks import AckTracker, Turn
 from outpost.bus import Bus, Message, Will
 from outpost.contracts import DECODE_REASONS, Contract, Reject, dead_letter, header, item_bytes, now_ns
+from outpost.disk import DiskWatch
 from outpost.errors import OutpostError, TopicError
 from outpost.log import get_logger
 from outpost.metrics import Metrics
@@ -130,6 +131,7 @@ class Subscription:
     lenient: bool
     invalid_reason: str | None
     counter: str
+    lane: str
 
 
 class ServiceRuntime:
@@ -187,6 +189,10 @@ class ServiceRuntime:
         """Set once drained: the service's timers and hooks no longer run."""
         self.bus.on_connect(self._announce)
         self.bus.every(settings.telemetry.metrics_interval_s, self.publish_metrics)
+        # a full disk, a low one, a folder over its budget: problems in the status (outpost.disk)
+        self.disk = DiskWatch(Path(settings.data_dir), settings.disk, self.metrics, self._disk_changed)
+        self.bus.every(0.5, self.disk.poll)
+        self.bus.every(settings.disk.check_s, self.disk.measure)
 
     # --- declaring -------------------------------------------------------------------------------
     def subscribe(
@@ -203,13 +209,18 @@ class ServiceRuntime:
         lenient: bool = False,
         invalid_reason: str | None = None,
         counter: str = "messages",
+        lane: str = "",
     ) -> None:
         """Deliver messages on ``pattern`` (a ``$share/{group}/...`` filter too) to ``handler``.
 
         ``contract`` decodes the payload (without one the handler gets the raw bytes as its only
         item). ``invalid_reason`` names every schema violation with one reason of the service's
         (inference says ``bad_event``) instead of the precise one; ``lenient`` reads NaN and
-        Infinity so they are refused as ``not_finite``. ``counter`` counts the messages."""
+        Infinity so they are refused as ``not_finite``. ``counter`` counts the messages. ``lane``
+        names an acknowledgement order of the subscription's own (:mod:`outpost.acks`), for
+        messages independent of the rest whose work may take long (memory's requests)."""
+        if lane and ack is Ack.AFTER_COMMIT:
+            raise ValueError("the open batch of AFTER_COMMIT messages is in the default lane")
         sub = Subscription(
             pattern,
             handler,
@@ -222,6 +233,7 @@ class ServiceRuntime:
             lenient,
             invalid_reason,
             counter,
+            lane,
         )
         self.bus.subscribe(pattern, lambda msg: self._deliver(sub, msg), qos=qos)
 
@@ -258,7 +270,9 @@ class ServiceRuntime:
         c[sub.counter] += 1
         qos = msg.qos
         turn = (
-            self.acks.batched(msg.mid, qos) if sub.ack is Ack.AFTER_COMMIT else self.acks.single(msg.mid, qos)
+            self.acks.batched(msg.mid, qos)
+            if sub.ack is Ack.AFTER_COMMIT
+            else self.acks.single(msg.mid, qos, sub.lane)
         )
         raw = cast(bytes, msg.payload)  # paho types it bytes | bytearray; a received one is bytes
         try:
@@ -431,8 +445,9 @@ class ServiceRuntime:
         if not clean:
             body["reason"] = "connection lost"
         elif state == "online":
-            body["health"] = "degraded" if self._problems else "ok"
-            body["problems"] = list(self._problems)
+            problems = [*self._problems, *self.disk.problems]
+            body["health"] = "degraded" if problems else "ok"
+            body["problems"] = problems
         return orjson.dumps(body)
 
     def set_problems(self, problems: Sequence[str]) -> None:
@@ -445,6 +460,12 @@ class ServiceRuntime:
         self._problems = new
         if new:
             log.warning("degraded", extra={"service": self.name, "problems": list(new)})
+        if self.bus.connected:
+            self._announce()
+
+    def _disk_changed(self) -> None:
+        if self.disk.problems:
+            log.warning("disk", extra={"service": self.name, "problems": self.disk.problems})
         if self.bus.connected:
             self._announce()
 
@@ -462,7 +483,11 @@ class ServiceRuntime:
         counters["acknowledged"] = self.acks.acknowledged
         counters["worker_jobs"] = self.worker.completed
         counters["worker_busy_ms"] = self.worker.busy_ns // 1_000_000
-        state: dict[str, Any] = {**self.acks.stats(), "worker_queued": self.worker.queued}
+        state: dict[str, Any] = {
+            **self.acks.stats(),
+            "worker_queued": self.worker.queued,
+            **self.disk.state(),
+        }
         if self.extra_status is not None:
             state.update(self.extra_status())
         snap["state"] = state
@@ -471,6 +496,7 @@ class ServiceRuntime:
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self, wait_s: float | None = 30.0) -> None:
         """Connect; ``wait_s`` None: return at once and keep trying in the background."""
+        self.disk.measure()
         self.bus.start(wait_s=wait_s)
 
     def stop(self, drain: Callable[[], None] | None = None, *, drain_s: float = 10.0) -> None:
@@ -556,6 +582,11 @@ def service_main(make: Callable[[SettingsT], Runnable], settings_cls: type[Setti
         gc.freeze()
         run_until(service, stop)
     except OutpostError as exc:  # a bad setting, a broker that never answered, unusable state
+        # stderr first, one line: the log may be a file on the very disk that is full
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         log.error("cannot run", extra={"error": str(exc)})
-        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Exception as exc:  # a bug, or the OS refusing (a full disk under a file we open)
+        print(f"error: cannot run: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        log.exception("cannot run")
+        sys.exit(1)

@@ -138,6 +138,19 @@ class TelemetrySettings(Section):
     metrics_interval_s: float = Field(5.0, gt=0, description="How often services publish metrics.")
 
 
+class DiskSettings(Section):
+    """The disk budget of the data folder (outpost.disk): warned in every service's status before
+    the disk is full, so an operator can act while the site still writes."""
+
+    warn_free_mb: int = Field(
+        100, ge=0, description="Warn (health degraded) when less than this is free on the data folder's disk."
+    )
+    max_data_mb: int = Field(
+        0, ge=0, description="Warn when the data folder holds more than this (0: no limit)."
+    )
+    check_s: float = Field(10.0, gt=0, description="How often free space and the folder's size are measured.")
+
+
 class CoreSettings(BaseSettings):
     """The root of every setting the core uses. A site's settings class derives from it and adds one
     field per service section (the service registry's ``OutpostSettings``). ``site`` and
@@ -164,6 +177,7 @@ class CoreSettings(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    disk: DiskSettings = Field(default_factory=DiskSettings)
     uplink: UplinkSettings = Field(default_factory=UplinkSettings)
 
     @field_validator("site", "prefix")

@@ -74,6 +74,7 @@ class Topics:
     _events: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
     _inference: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
     _memory_req: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
+    _memory_resp: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
     _decisions: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
     _escalations: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
     _actions: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
@@ -88,6 +89,7 @@ class Topics:
             ("_events", f"{root}/events/"),
             ("_inference", f"{root}/inference/"),
             ("_memory_req", f"{root}/memory/req/"),
+            ("_memory_resp", f"{root}/memory/resp/"),
             ("_decisions", f"{root}/decisions/"),
             ("_escalations", f"{root}/escalations/"),
             ("_actions", f"{root}/actions/"),
@@ -185,6 +187,15 @@ class Topics:
     def memory_response(self, client: str) -> str:
         """Where a memory client wants its answers (it says so in each request)."""
         return f"{self.root}/memory/resp/{check_segment(client, 'client')}"
+
+    def memory_response_client(self, topic: str) -> str:
+        """The client of a ``.../memory/resp/{client}`` topic of this site: the only topics memory
+        answers on. Anything else (another part's topic such as ``events/x`` or ``dlq/x``, a
+        wildcard, another site, an extra level) raises TopicError: an answer published there would
+        be injected into what others read."""
+        if not topic.startswith(self._memory_resp):
+            raise self._not_ours("a memory response", topic)
+        return _level(topic[len(self._memory_resp) :], "client", topic)
 
     # --- uplink: what crosses to and from the cloud (the edge broker's bridge carries up/ and down/)
     def up(self, part: str, stream: str) -> str:

@@ -262,3 +262,18 @@ def test_turn_repr_says_what_holds_it() -> None:
     t = Turn()
     t.holds = 2
     assert repr(t) == "Turn(messages=0, holds=2, sealed=False)"
+
+
+def test_a_held_turn_in_its_own_lane_does_not_hold_the_default_lane(tracker: AckTracker, acks: Acks) -> None:
+    slow = tracker.single(1, 1, "requests")
+    tracker.hold(slow)  # a request at work for seconds
+    tracker.seal(slow)
+    tracker.batched(2, 1)
+    tracker.seal_batch()  # the log's commit meanwhile
+    fast = tracker.single(3, 1, "requests")
+    tracker.seal(fast)
+    assert acks.mids == [2]  # the log is acknowledged; the later request waits for the earlier one
+    assert tracker.waiting == 2
+    tracker.release(slow)
+    assert acks.mids == [2, 1, 3]
+    assert tracker.waiting == 0

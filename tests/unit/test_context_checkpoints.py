@@ -66,6 +66,15 @@ def test_bad_requests_are_refused(scope: str, key: str, value: object, error: ty
     assert len(ctx) == 0
 
 
+def test_the_values_in_all_are_bounded_too() -> None:
+    ctx = ShortTermContext(max_entries=1000, max_bytes=10_000)
+    for i in range(10):
+        ctx.put("s", f"k{i}", "x" * 2000)  # 2,002 bytes of JSON each
+    assert len(ctx) == 4 and ctx.bytes <= 10_000
+    assert ctx.get("s", "k0") is None and ctx.get("s", "k9") is not None  # the oldest went
+    assert ctx.scope_bytes("s") == 4 * 2002 and ctx.scope_bytes("other") == 0
+
+
 def test_context_is_safe_from_many_threads() -> None:
     ctx = ShortTermContext(max_entries=500)
 

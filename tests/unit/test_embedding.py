@@ -162,3 +162,46 @@ def test_the_api_embeds_texts_to_add_and_search(embedder: TextEmbedder, tmp_path
     top = call("ltm-search", {"namespace": "notes", "vector": vec, "k": 1})["result"][0]  # type: ignore[index]
     assert top["payload"] == {"till": 1}
     ltm.close()
+
+
+def test_an_embed_over_its_token_budget_is_refused_before_the_encoder_runs(
+    embedder: TextEmbedder, tmp_path: Path
+) -> None:
+    api = MemoryApi(ShortTermContext(), Checkpoints(tmp_path / "cp.db"), None, None, embedder)
+    long_text = "shelf " * 600  # past the 256 tokens the encoder reads: it costs 256
+    assert embedder.tokens([long_text]) == embedder.max_tokens
+    heavy = api.handle("embed", orjson.dumps({"texts": [long_text] * 64}))
+    assert heavy == {
+        "ok": False,
+        "error": "over_limit",
+        "detail": f"embed: {64 * embedder.max_tokens} encoder tokens > limit 2048",
+    }
+    light = api.handle("embed", orjson.dumps({"texts": [long_text] * 8}))  # 8 x 256 = the limit
+    assert light["ok"] is True and len(light["result"]) == 8
+
+
+def test_a_failed_build_leaves_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk mid-write (ENOSPC) must not also keep what it managed to write."""
+    import onnx
+
+    from outpost.services.memory.embedding import embedder as module
+
+    def disk_full(_model: object, path: str) -> None:
+        Path(path).write_bytes(b"x" * 1000)  # part of the file, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        module.cached_graph(default_model_folder(), tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_build_removes_what_a_killed_build_left(tmp_path: Path) -> None:
+    from outpost.services.memory.embedding.embedder import cached_graph
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    orphan = cache / "encoder-0123456789abcdef-g1.tmp999999999"  # no such process
+    orphan.write_bytes(b"half a graph")
+    cached_graph(default_model_folder(), cache)
+    assert not orphan.exists() and [p.suffix for p in cache.iterdir()] == [".onnx"]

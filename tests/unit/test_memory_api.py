@@ -83,7 +83,10 @@ def test_every_operation(api: MemoryApi) -> None:
         ("checkpoint-save", {"task": "t", "step": "a", "state": 1, "expect": 5}, "conflict"),
         ("checkpoint-save", {"task": "", "step": "a", "state": 1}, "bad_request"),
         ("checkpoint-load", {"task": "t", "version": 0}, "bad_request"),
-        ("log-trace", {"trace": "T1", "limit": 10**9}, "bad_request"),
+        ("log-trace", {"trace": "T1", "limit": 10**9}, "over_limit"),
+        ("log-trace", {"trace": "T1", "limit": 1001}, "over_limit"),
+        ("log-trace", {"trace": "T1", "limit": 0}, "bad_request"),
+        ("ltm-search", {"namespace": "n", "vector": [1, 0, 0, 0], "k": 101}, "over_limit"),
         ("ltm-add", {"namespace": "n", "vector": [1, 2], "payload": 1}, "bad_request"),  # wrong dimension
         ("ltm-add", {"namespace": "n", "vector": [0, 0, 0, 0], "payload": 1}, "bad_request"),
         ("ltm-add", {"namespace": "n", "vector": ["a", 1, 1, 1], "payload": 1}, "bad_request"),
@@ -107,3 +110,32 @@ def test_every_operation(api: MemoryApi) -> None:
 def test_bad_requests_get_a_reason(api: MemoryApi, op: str, body: object, error: str) -> None:
     answer = call(api, op, body)
     assert answer["ok"] is False and answer["error"] == error and answer["detail"], answer
+
+
+def test_every_operation_declares_its_cost_limit(api: MemoryApi) -> None:
+    table = api.table
+    assert sorted(table) == api.operations
+    for name, op in table.items():
+        assert op.limit > 0 and op.unit, name
+    assert table["embed"].unit == "encoder tokens" and table["embed"].cost is not None
+    assert {n for n, op in table.items() if op.effects} == {
+        "context-put",
+        "context-complete",
+        "checkpoint-save",
+        "ltm-add",
+        "ltm-forget-subject",
+    }
+
+
+def test_a_scope_too_large_to_answer_is_refused(api: MemoryApi) -> None:
+    for i in range(20):
+        assert call(api, "context-put", {"scope": "big", "key": f"k{i}", "value": "x" * 60_000})["ok"]
+    answer = call(api, "context-scope", {"scope": "big"})
+    assert answer["error"] == "over_limit" and "answer bytes > limit 1048576" in str(answer["detail"])
+    assert call(api, "context-complete", {"scope": "big"})["result"] == 20
+
+
+def test_a_request_at_its_limit_runs_and_one_past_it_is_refused_with_the_figures(api: MemoryApi) -> None:
+    assert call(api, "ltm-search", {"namespace": "n", "vector": [1, 0, 0, 0], "k": 100})["ok"] is True
+    answer = call(api, "ltm-search", {"namespace": "n", "vector": [1, 0, 0, 0], "k": 101})
+    assert answer == {"ok": False, "error": "over_limit", "detail": "ltm-search: 101 results > limit 100"}

@@ -406,3 +406,26 @@ def test_topics_value_is_site_and_prefix_only() -> None:
     assert hash(Topics(site="s1")) == hash(T)
     assert repr(T) == "Topics(site='s1', prefix='outpost')"
     assert Topics(site="s1") != Topics(site="s1", prefix="other")
+
+
+def test_memory_response_client_is_the_inverse_of_its_builder() -> None:
+    assert T.memory_response_client(T.memory_response("agent-1")) == "agent-1"
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        pytest.param(f"{ROOT}/events/x", id="events"),
+        pytest.param(f"{ROOT}/dlq/x", id="dlq"),
+        pytest.param(f"{ROOT}/memory/resp/+", id="plus"),
+        pytest.param(f"{ROOT}/memory/resp/#", id="hash"),
+        pytest.param(f"{ROOT}/memory/resp/a/b", id="extra-level"),
+        pytest.param(f"{ROOT}/memory/resp/", id="empty-client"),
+        pytest.param("outpost/v1/s2/memory/resp/a", id="other-site"),
+        pytest.param("other/v1/s1/memory/resp/a", id="other-prefix"),
+        pytest.param(f"{ROOT}/memory/req/embed", id="a-request-topic"),
+    ],
+)
+def test_memory_response_client_refuses_every_other_topic(topic: str) -> None:
+    with pytest.raises(TopicError):
+        T.memory_response_client(topic)

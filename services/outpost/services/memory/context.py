@@ -42,13 +42,17 @@ class ShortTermContext:
         *,
         max_entries: int = 100_000,
         max_value_bytes: int = 64 * 1024,
+        max_bytes: int = 64 * 1024 * 1024,
         default_ttl_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_entries < 1 or max_value_bytes < 1 or default_ttl_s <= 0:
-            raise ValueError("max_entries, max_value_bytes and default_ttl_s must be positive")
+        if max_entries < 1 or max_value_bytes < 1 or max_bytes < 1 or default_ttl_s <= 0:
+            raise ValueError("max_entries, max_value_bytes, max_bytes and default_ttl_s must be positive")
         self.max_entries = max_entries
         self.max_value_bytes = max_value_bytes
+        self.max_bytes = max_bytes
+        """What the values may take in all (their JSON): past it the least recently used go, so
+        100,000 entries of 64 KB never make 6 GB."""
         self.default_ttl_s = default_ttl_s
         self._clock = clock
         self._items: OrderedDict[tuple[str, str], _Item] = OrderedDict()
@@ -77,7 +81,7 @@ class ShortTermContext:
                 self.bytes -= old.size
             self._items[k] = _Item(value, self._clock() + ttl, size)
             self.bytes += size
-            while len(self._items) > self.max_entries:
+            while len(self._items) > self.max_entries or self.bytes > self.max_bytes:
                 _, dropped = self._items.popitem(last=False)  # least recently used
                 self.bytes -= dropped.size
                 self.evicted += 1
@@ -109,6 +113,12 @@ class ShortTermContext:
                 else:
                     out[key] = item.value
             return out
+
+    def scope_bytes(self, scope: str) -> int:
+        """What :meth:`scope` would answer, in bytes of JSON values (what a request for it costs)."""
+        now = self._clock()
+        with self._lock:
+            return sum(i.size for (s, _), i in self._items.items() if s == scope and i.expires > now)
 
     def complete(self, scope: str) -> int:
         """The task is done: forget everything of its scope; how many entries went."""

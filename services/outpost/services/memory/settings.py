@@ -40,6 +40,9 @@ class MemorySettings(Section):
     context_max_entries: int = Field(
         100_000, ge=1, description="Short-term context entries kept at most (least recently used go first)."
     )
+    context_max_mb: int = Field(
+        64, ge=1, description="Short-term context values in all, at most (least recently used go first)."
+    )
     text_embeddings: bool = Field(
         True, description="Embed texts for long-term memory (ltm-add/ltm-search with text, embed)."
     )
@@ -51,6 +54,30 @@ class MemorySettings(Section):
         "", description="Where the encoder's ONNX file is built once; empty: {data_dir}/memory/embedder."
     )
     embed_threads: int = Field(1, ge=1, le=64, description="onnxruntime threads of the text encoder.")
+    max_embed_tokens: int = Field(
+        2048,
+        ge=256,
+        le=1_000_000,
+        description="Encoder tokens one request may cost (an embed of 64 long texts is 16,384); "
+        "past it the request is refused as over_limit.",
+    )
+    request_workers: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Threads that run requests, one request of a client at a time: with two, one "
+        "client's heavy burst leaves a thread to the others.",
+    )
+    request_queue: int = Field(
+        32, ge=1, le=10_000, description="Requests waiting for memory's request worker, at most."
+    )
+    request_queue_per_client: int = Field(
+        4,
+        ge=1,
+        le=10_000,
+        description="Requests of one client (response topic) waiting, at most: past either bound "
+        "a request is refused as overloaded.",
+    )
     sync: Literal["auto", "uplink", "always", "off"] = Field(
         "auto",
         description="Replicate long-term memory and log summaries to the cloud: auto (when "

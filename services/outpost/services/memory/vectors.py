@@ -127,7 +127,11 @@ class LongTermMemory:
         self.tracking_started = track_changes and not tracked
         """Changes were not recorded until now (a new store, or sync was off): what the cloud
         holds, if anything, is not this store's history (see :meth:`snapshot_changes`)."""
-        self.db.executescript(_TRACK if track_changes else _UNTRACK)
+        if track_changes and not tracked:
+            self.db.executescript(_TRACK)
+        elif not track_changes and (tracked or self.db.execute("SELECT 1 FROM changes LIMIT 1").fetchone()):
+            self.db.executescript(_UNTRACK)
+        # else nothing to write: a start on a full disk must not fail for a write it did not need
         self._expansion_search = expansion_search
         self.rebuilt = False
         """Whether opening rebuilt the index from SQLite (missing, damaged or stale file)."""

@@ -1,0 +1,184 @@
+"""Memory on a full disk, against a real Mosquitto and a real 20 MB file system (tmpfs, mounted
+as root; skipped, saying why, where mounting is refused): the full disk is reported in the
+retained status, nothing is acknowledged while the log cannot be written, a kill -9 meanwhile
+does not make memory crash-loop, and once space is freed the log resumes by itself with every
+event published exactly once (docs/memory.md, "A full disk")."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from outpost.broker import Mosquitto
+from outpost.bus import Bus
+from outpost.services.memory.oplog import OpLog
+from outpost.services.registry import OutpostSettings
+from tests.conftest import Collector, ServiceProcess, make_event, wait_until
+
+pytestmark = pytest.mark.integration
+
+MB = 1024 * 1024
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    folder = tmp_path / "fs"
+    folder.mkdir()
+    p = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a 20 MB tmpfs (needs root): {p.stderr.strip() or p.returncode}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Fill the file system to its last byte; the filler file."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as f:
+        for size in (MB, 4096, 512):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                continue
+    return filler
+
+
+def free(filler: Path, nbytes: int) -> None:
+    with filler.open("r+b") as f:
+        f.truncate(max(0, filler.stat().st_size - nbytes))
+
+
+def events_logged(data: Path) -> tuple[int, int]:
+    """(distinct traces, entries) of kind event in the log."""
+    path = data / "memory" / "oplog.db"
+    if not path.is_file():
+        return (0, 0)
+    log = OpLog(path, synchronous="NORMAL")
+    try:
+        row = log.db.execute(
+            "SELECT count(DISTINCT trace), count(*) FROM log WHERE kind = 'event'"
+        ).fetchone()
+        return (int(row[0]), int(row[1]))
+    finally:
+        log.close()
+
+
+def statuses(c: Collector) -> list[dict[str, Any]]:
+    return [d for d in c.json() if isinstance(d, dict)]
+
+
+def test_a_full_disk_is_reported_survived_and_recovered_from_with_nothing_lost_or_doubled(
+    small_disk: Path, broker: Mosquitto, tmp_path: Path, site: str
+) -> None:
+    data = small_disk / "data"
+    settings = OutpostSettings(site=site, data_dir=data)
+    settings.mqtt.port = broker.port
+    t = settings.topics
+    env = {
+        "OUTPOST_SITE": site,
+        "OUTPOST_DATA_DIR": str(data),
+        "OUTPOST_MQTT__PORT": str(broker.port),
+        "OUTPOST_MEMORY__EMBEDDER_CACHE": os.environ["OUTPOST_MEMORY__EMBEDDER_CACHE"],
+        "OUTPOST_DISK__WARN_FREE_MB": "2",
+        "OUTPOST_DISK__CHECK_S": "0.5",
+    }
+    status = Collector(settings.mqtt, t.service_status("memory"), client_id="st-" + site).start()
+    pub = Bus(settings.mqtt, client_id="pub-" + site)
+    pub.start()
+    memory = ServiceProcess("outpost.services.memory", "memory", env, tmp_path / "proc")
+    memory.start()
+    try:
+        assert status.wait_for(lambda c: any(d.get("health") == "ok" for d in statuses(c)), 60), memory.logs()
+
+        def publish(seqs: range) -> None:
+            for i in seqs:
+                pub.publish(t.events("d1"), orjson.dumps([make_event("d1", i, "t", float(i))]), qos=1)
+
+        publish(range(0, 100))
+        assert wait_until(lambda: events_logged(data) == (100, 100), 30)
+        filler = fill(small_disk)
+        publish(range(100, 300))  # each acknowledged by the broker, which now holds it for memory
+
+        def degraded(c: Collector) -> bool:
+            return any(
+                d.get("health") == "degraded" and any(str(p).startswith("disk full") for p in d["problems"])
+                for d in statuses(c)
+            )
+
+        assert status.wait_for(degraded, 60), (statuses(status)[-3:], memory.logs())
+        assert events_logged(data)[0] < 300  # the disk is full: not everything could be written
+        # kill -9 while the disk is full: memory comes back (degraded), no crash loop
+        memory.kill()
+        status.messages.clear()
+        memory.start()
+        assert status.wait_for(degraded, 60), (statuses(status)[-3:], memory.logs())
+        assert memory.proc is not None and memory.proc.poll() is None, memory.logs()
+        # free a little: the log resumes by itself, every event once, and the status clears
+        status.messages.clear()
+        free(filler, 6 * MB)
+        assert wait_until(lambda: events_logged(data)[0] == 300, 120), (events_logged(data), memory.logs())
+        assert events_logged(data) == (300, 300)
+        assert status.wait_for(lambda c: any(d.get("health") == "ok" for d in statuses(c)), 60), statuses(
+            status
+        )[-3:]
+        assert memory.terminate() == 0
+        assert events_logged(data) == (300, 300)
+    finally:
+        memory.close()
+        pub.stop()
+        status.stop()
+
+
+def test_a_data_folder_too_small_for_the_encoder_leaves_no_temporary_file_and_the_log_works(
+    small_disk: Path, broker: Mosquitto, tmp_path: Path, site: str
+) -> None:
+    """The encoder's 90 MB graph is built under the data folder by default: on 20 MB the build
+    fails (ENOSPC). Its temporary file goes with it, memory says why it embeds no texts
+    (degraded), and logs every event."""
+    data = small_disk / "data"
+    settings = OutpostSettings(site=site, data_dir=data)
+    settings.mqtt.port = broker.port
+    t = settings.topics
+    env = {
+        "OUTPOST_SITE": site,
+        "OUTPOST_DATA_DIR": str(data),
+        "OUTPOST_MQTT__PORT": str(broker.port),
+        "OUTPOST_DISK__WARN_FREE_MB": "0",
+    }
+    status = Collector(settings.mqtt, t.service_status("memory"), client_id="st-" + site).start()
+    pub = Bus(settings.mqtt, client_id="pub-" + site)
+    pub.start()
+    memory = ServiceProcess("outpost.services.memory", "memory", env, tmp_path / "proc")
+    memory.start()
+    try:
+
+        def no_encoder(c: Collector) -> bool:
+            return any(
+                d.get("health") == "degraded" and any("no text encoder" in str(p) for p in d["problems"])
+                for d in statuses(c)
+            )
+
+        assert status.wait_for(no_encoder, 120), (statuses(status)[-3:], memory.logs())
+        problems = next(d["problems"] for d in statuses(status) if d.get("health") == "degraded")
+        assert not any(str(p).startswith("disk full") for p in problems), problems
+        assert [p.name for p in (data / "memory" / "embedder").iterdir()] == [], "a temporary file was left"
+        for i in range(200):
+            pub.publish(t.events("d1"), orjson.dumps([make_event("d1", i, "t", float(i))]), qos=1)
+        assert wait_until(lambda: events_logged(data) == (200, 200), 60), (events_logged(data), memory.logs())
+        assert memory.terminate() == 0
+    finally:
+        memory.close()
+        pub.stop()
+        status.stop()
