@@ -132,3 +132,73 @@ def clients_table(result: dict[str, Any]) -> Table:
             str(row.get("error") or row.get("note") or "")[:80],
         )
     return t
+
+
+def _met(ok: bool) -> str:
+    return "[green]met[/]" if ok else "[red]MISSED[/]"
+
+
+def overload_table(result: dict[str, Any]) -> Table:
+    """One row per phase: the canaries next to the baseline, the load device's accounting, peak RSS."""
+    t = Table(title="overload: canaries (QoS 1) while one device floods or sends bad batches")
+    cols = (
+        "phase",
+        "offered msgs/s",
+        "canary p50 ms",
+        "canary p99 ms",
+        "p99 / baseline",
+        "canaries delivered",
+        "load sent",
+        "events",
+        "dead-lettered",
+        "shed",
+        "difference",
+        "peak RSS MB (ingest, inference, memory, broker)",
+        "offline / restarts",
+    )
+    for col in cols:
+        t.add_column(col, justify="left" if col == "phase" else "right")
+    phases: dict[str, dict[str, Any]] = result.get("phases", {})
+    base = phases.get("baseline", {}).get("canary", {}).get("latency", {}).get("p99_ms")
+    for name, p in phases.items():
+        lat, can, ld = p["canary"]["latency"], p["canary"], p.get("load")
+        rss = p["peak_rss_mb"]
+        svc = p["services"].values()
+        t.add_row(
+            name,
+            _n(ld["offered_msgs_per_s"]) if ld else "-",
+            _ms(lat, "p50_ms"),
+            _ms(lat, "p99_ms"),
+            f"{lat['p99_ms'] / base:.1f}x" if base and lat.get("p99_ms") else "-",
+            f"{can['delivered']:,} / {can['sent']:,}",
+            _n(ld["sent"]) if ld else "-",
+            _n(ld["events"]) if ld else "-",
+            _n(ld["dead_lettered"]) if ld else "-",
+            _n(ld["shed_counted"]) if ld else "-",
+            _n(ld["difference"]) if ld else "-",
+            ", ".join(_n(rss.get(k)) for k in ("ingest", "inference", "memory", "mosquitto")),
+            f"{sum(int(s['offline_statuses']) for s in svc)} / {sum(int(s['restarts']) for s in svc)}",
+        )
+    return t
+
+
+def print_overload(result: dict[str, Any], console: Console) -> None:
+    console.print(overload_table(result))
+    for name, p in result.get("phases", {}).items():
+        tg, ld = p["targets"], p.get("load")
+        parts = [f"all canary readings delivered: {_met(tg['canaries_all_delivered'])}"]
+        if "canary_p99_met" in tg:
+            parts.insert(0, f"canary p99 < {tg['canary_p99_ms_max']:.0f} ms: {_met(tg['canary_p99_met'])}")
+            parts.append(f"every reading accounted for: {_met(tg['load_accounted'])}")
+        parts.append(f"ingest < {tg['ingest_rss_mb_max']:.0f} MB: {_met(tg['ingest_rss_met'])}")
+        console.print(f"{name}: " + "; ".join(parts))
+        if ld:
+            reasons = ", ".join(f"{k} {v:,}" for k, v in ld["dead_lettered_by_reason"].items()) or "none"
+            agree = p["ingest_dlq_agreement"]
+            console.print(
+                f"  dead-lettered by reason: {reasons}; ingest's rejected counter "
+                f"{_n(agree['rejected_counter'])} vs {agree['dead_letters_received']:,} dead letters "
+                f"({agree['dead_letter_duplicates']:,} duplicates); "
+                f"drain {p['drain']['s']} s ({p['drain']['ended']})"
+            )
+    console.print(machine_line(result))
