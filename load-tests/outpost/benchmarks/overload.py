@@ -334,7 +334,9 @@ def _figures(
         },
         "ingest_counters": ingest,
         "ingest_dlq_agreement": {
-            "rejected_counter": ingest.get("rejected"),
+            # as of ingest's last metrics batch: its final one only when it stopped cleanly
+            "counters_final": (acc["last_status"].get("ingest") or {}).get("state") == "stopped",
+            "rejected_counter": ingest.get("rejected", 0) if ingest else None,
             "dead_letters_received": acc["dead_letters_by_stage"].get("ingest", 0),
             "dead_letter_duplicates": sum(
                 acc[c]["dead_letter_duplicates"] for c in ("canary", "load", "other")

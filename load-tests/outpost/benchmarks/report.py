@@ -139,47 +139,81 @@ def _met(ok: bool) -> str:
 
 
 def overload_table(result: dict[str, Any]) -> Table:
-    """One row per phase: the canaries next to the baseline, the load device's accounting, peak RSS."""
-    t = Table(title="overload: canaries (QoS 1) while one device floods or sends bad batches")
-    cols = (
-        "phase",
-        "offered msgs/s",
-        "canary p50 ms",
-        "canary p99 ms",
-        "p99 / baseline",
-        "canaries delivered",
-        "load sent",
-        "events",
-        "dead-lettered",
-        "shed",
-        "difference",
-        "peak RSS MB (ingest, inference, memory, broker)",
-        "offline / restarts",
-    )
-    for col in cols:
-        t.add_column(col, justify="left" if col == "phase" else "right")
+    """A column per phase: the canaries next to the baseline, the load device's accounting, peak RSS."""
     phases: dict[str, dict[str, Any]] = result.get("phases", {})
+    t = Table(title="overload: canary devices (QoS 1) while one device floods or sends bad batches")
+    t.add_column("figure")
+    for name in phases:
+        t.add_column(name, justify="right")
+    t.add_column("target")
     base = phases.get("baseline", {}).get("canary", {}).get("latency", {}).get("p99_ms")
-    for name, p in phases.items():
-        lat, can, ld = p["canary"]["latency"], p["canary"], p.get("load")
-        rss = p["peak_rss_mb"]
-        svc = p["services"].values()
-        t.add_row(
-            name,
-            _n(ld["offered_msgs_per_s"]) if ld else "-",
-            _ms(lat, "p50_ms"),
-            _ms(lat, "p99_ms"),
-            f"{lat['p99_ms'] / base:.1f}x" if base and lat.get("p99_ms") else "-",
-            f"{can['delivered']:,} / {can['sent']:,}",
-            _n(ld["sent"]) if ld else "-",
-            _n(ld["events"]) if ld else "-",
-            _n(ld["dead_lettered"]) if ld else "-",
-            _n(ld["shed_counted"]) if ld else "-",
-            _n(ld["difference"]) if ld else "-",
-            ", ".join(_n(rss.get(k)) for k in ("ingest", "inference", "memory", "mosquitto")),
-            f"{sum(int(s['offline_statuses']) for s in svc)} / {sum(int(s['restarts']) for s in svc)}",
-        )
+
+    def row(label: str, cell: Any, target: str = "") -> None:
+        t.add_row(label, *(cell(p) for p in phases.values()), target)
+
+    def load(key: str, digits: int = 0) -> Any:
+        return lambda p: _n(p["load"][key], digits) if "load" in p else "-"
+
+    def rss(key: str) -> Any:
+        return lambda p: _n(p["peak_rss_mb"].get(key))
+
+    def vs_base(p: dict[str, Any]) -> str:
+        p99 = p["canary"]["latency"].get("p99_ms")
+        return f"{p99 / base:,.1f}x" if base and p99 else "-"
+
+    def agree(p: dict[str, Any]) -> str:
+        a = p["ingest_dlq_agreement"]
+        final = "" if a.get("counters_final") else " (not final)"
+        return f"{_n(a['rejected_counter'])} / {a['dead_letters_received']:,}{final}"
+
+    def svc(p: dict[str, Any]) -> str:
+        s = p["services"].values()
+        return f"{sum(int(x['offline_statuses']) for x in s)} / {sum(int(x['restarts']) for x in s)}"
+
+    row(
+        "load: offered msgs/s (bytes each)",
+        lambda p: (
+            f"{_n(p['load']['offered_msgs_per_s'])} ({_n(p['load']['message_bytes'])})"
+            if "load" in p
+            else "-"
+        ),
+    )
+    row("canary p50 ms", lambda p: _ms(p["canary"]["latency"], "p50_ms"))
+    row(
+        "canary p99 ms",
+        lambda p: _ms(p["canary"]["latency"], "p99_ms"),
+        f"< {_n(_target_p99(phases))} ms under load",
+    )
+    row("canary p99 vs baseline", vs_base)
+    row(
+        "canaries delivered / sent",
+        lambda p: f"{p['canary']['delivered']:,} / {p['canary']['sent']:,}",
+        "all",
+    )
+    row("load: readings sent", load("sent"))
+    row("  validated events", load("events"))
+    row("  dead-lettered (items)", load("dead_lettered"))
+    row("  shed (counted)", load("shed_counted"))
+    row("  difference (sent - accounted)", load("difference"), "0")
+    row("ingest rejected counter / dead letters", agree, "equal")
+    row("peak RSS MB: ingest", rss("ingest"), "< 150")
+    row("peak RSS MB: inference", rss("inference"))
+    row("peak RSS MB: memory", rss("memory"))
+    row("peak RSS MB: broker", rss("mosquitto"))
+    row("service offline statuses / restarts", svc, "0 / 0")
+    row("drain after the window, s", lambda p: f"{p['drain']['s']} ({p['drain']['ended']})")
+    row(
+        "CPU %: ingest / other processes",
+        lambda p: f"{_n(p['cpu_pct'].get('ingest'))} / {_n(p['cpu_pct'].get('other'))}",
+    )
     return t
+
+
+def _target_p99(phases: dict[str, dict[str, Any]]) -> float | None:
+    return next(
+        (p["targets"]["canary_p99_ms_max"] for p in phases.values() if "canary_p99_ms_max" in p["targets"]),
+        None,
+    )
 
 
 def print_overload(result: dict[str, Any], console: Console) -> None:
@@ -198,7 +232,13 @@ def print_overload(result: dict[str, Any], console: Console) -> None:
             console.print(
                 f"  dead-lettered by reason: {reasons}; ingest's rejected counter "
                 f"{_n(agree['rejected_counter'])} vs {agree['dead_letters_received']:,} dead letters "
-                f"({agree['dead_letter_duplicates']:,} duplicates); "
+                f"({agree['dead_letter_duplicates']:,} duplicates)"
+                + (
+                    ""
+                    if agree.get("counters_final")
+                    else " [red](ingest's last counters: it did not stop cleanly)[/]"
+                )
+                + "; "
                 f"drain {p['drain']['s']} s ({p['drain']['ended']})"
             )
     console.print(machine_line(result))
