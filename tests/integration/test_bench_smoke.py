@@ -3,6 +3,8 @@ depend on the machine and on whatever else runs on it; only that the parts talk 
 
 from __future__ import annotations
 
+import io
+
 import orjson
 import pytest
 
@@ -155,3 +157,11 @@ def test_overload_bench_prints_its_figures_as_json() -> None:
         == 200 * result["phases"]["bad_batches"]["load"]["messages"]
     )
     assert {"all_targets_met", "targets_met", "flood_offered_msgs_per_s"} <= set(result["summary"])
+
+    from rich.console import Console
+
+    from outpost.benchmarks.report import print_overload
+
+    table = io.StringIO()
+    print_overload(result, Console(file=table, width=160))  # the form without --json
+    assert "canaries delivered / sent" in table.getvalue()
