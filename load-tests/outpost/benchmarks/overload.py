@@ -49,7 +49,13 @@ from outpost.benchmarks.channels import Channels, spawn_context
 from outpost.benchmarks.ingest import machine
 from outpost.benchmarks.load import LoadSpec, run_publisher
 from outpost.benchmarks.phase import BenchError, Procs, cpu_between
-from outpost.benchmarks.sinks import AccountSpec, CanarySpec, run_account_sink, run_canary_sink
+from outpost.benchmarks.sinks import (
+    AccountSpec,
+    CanarySpec,
+    run_account_sink,
+    run_canary_sink,
+    shed_counted,
+)
 from outpost.services.ingest.settings import IngestSettings
 from outpost.services.registry import OutpostSettings
 from outpost.stack import Stack
@@ -307,8 +313,7 @@ def _figures(
 ) -> dict[str, Any]:
     acc, cs = results["account_sink"], results["canary_sink"]
     ingest = acc["metrics"].get("ingest", {})
-    shed = {k: v for k, v in ingest.items() if k == "shed" or k.startswith(("shed.", "shed_"))}
-    shed_n = shed["shed"] if "shed" in shed else sum(shed.values())
+    shed_n, shed = shed_counted(ingest)
     out: dict[str, Any] = {
         "name": name,
         "canary": {

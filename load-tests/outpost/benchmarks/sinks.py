@@ -236,6 +236,13 @@ def dead_letter_items(doc: dict[str, Any], per_msg: int) -> int:
     return 1 if doc.get("index") is not None else per_msg
 
 
+def shed_counted(counters: dict[str, int]) -> tuple[int, dict[str, int]]:
+    """Readings a service says it shed with only a count: its counters named ``shed``, ``shed.*`` or
+    ``shed_*`` (the total ``shed`` when there is one, else the sum of the others), and those counters."""
+    shed = {k: v for k, v in counters.items() if k == "shed" or k.startswith(("shed.", "shed_"))}
+    return (shed["shed"] if "shed" in shed else sum(shed.values())), shed
+
+
 @dataclass(frozen=True)
 class AccountSpec:
     host: str
@@ -251,7 +258,8 @@ class AccountSpec:
 def run_account_sink(spec: AccountSpec, ch: Channels) -> None:
     """Process entry point: every event, dead letter, metrics batch and service status of the site,
     split by device (canaries, the load device, others), so that what the load device sent can be
-    accounted for. ``received`` = the load device's distinct events + its dead-lettered items;
+    accounted for. ``received`` = the load device's distinct events + its dead-lettered items +
+    what ingest counts as shed;
     ``service_ready`` is set once every service said it is online."""
     _run("account_sink", spec, ch, _account)
 
@@ -282,7 +290,8 @@ def _account(spec: AccountSpec, ch: Channels) -> dict[str, Any]:
         return "canary" if device.startswith(canary) else "other"
 
     def publish_progress() -> None:
-        received.value = len(seen["load"]) + acc["load"]["dead_lettered"]
+        shed = shed_counted(metrics.get("ingest", {}))[0]
+        received.value = len(seen["load"]) + acc["load"]["dead_lettered"] + shed
 
     def on_events(_c: Any, _u: Any, msg: Any) -> None:
         for event in orjson.loads(msg.payload):
@@ -319,6 +328,7 @@ def _account(spec: AccountSpec, ch: Channels) -> dict[str, Any]:
         service = str(doc.get("service"))
         metrics[service] = dict(doc.get("counters", {}))
         batches[service] += 1
+        publish_progress()
 
     def on_status(_c: Any, _u: Any, msg: Any) -> None:
         if not msg.payload:
