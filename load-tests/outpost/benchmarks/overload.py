@@ -343,6 +343,7 @@ def _figures(
             "counters_final": (acc["last_status"].get("ingest") or {}).get("state") == "stopped",
             "rejected_counter": ingest.get("rejected", 0) if ingest else None,
             "dead_letters_received": acc["dead_letters_by_stage"].get("ingest", 0),
+            "handler_errors": ingest.get("bus_handler_errors"),  # a rejection counted, its publish failed?
             "dead_letter_duplicates": sum(
                 acc[c]["dead_letter_duplicates"] for c in ("canary", "load", "other")
             ),

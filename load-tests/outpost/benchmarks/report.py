@@ -164,7 +164,8 @@ def overload_table(result: dict[str, Any]) -> Table:
     def agree(p: dict[str, Any]) -> str:
         a = p["ingest_dlq_agreement"]
         final = "" if a.get("counters_final") else " (not final)"
-        return f"{_n(a['rejected_counter'])} / {a['dead_letters_received']:,}{final}"
+        errors = f" ({_n(a.get('handler_errors'))})"
+        return f"{_n(a['rejected_counter'])} / {a['dead_letters_received']:,}{errors}{final}"
 
     def svc(p: dict[str, Any]) -> str:
         s = p["services"].values()
@@ -195,7 +196,7 @@ def overload_table(result: dict[str, Any]) -> Table:
     row("  dead-lettered (items)", load("dead_lettered"))
     row("  shed (counted)", load("shed_counted"))
     row("  difference (sent - accounted)", load("difference"), "0")
-    row("ingest rejected counter / dead letters", agree, "equal")
+    row("ingest rejected counter / dead letters (handler errors)", agree, "equal (0)")
     row("peak RSS MB: ingest", rss("ingest"), "< 150")
     row("peak RSS MB: inference", rss("inference"))
     row("peak RSS MB: memory", rss("memory"))

@@ -365,6 +365,14 @@ def _account(spec: AccountSpec, ch: Channels) -> dict[str, Any]:
     )
     ch.sink_ready.set()
     _loop_until_stopped(client, ch)
+    # what the broker already sent (the services' last statuses and metrics, behind a backlog of dead
+    # letters) is still read: until 0.5 s pass with nothing new, 10 s at most
+    quiet_until, deadline = time.monotonic() + 0.5, time.monotonic() + 10.0
+    while time.monotonic() < min(quiet_until, deadline):
+        before = sum(batches.values()) + len(dl_keys) + sum(len(v) for v in seen.values())
+        client.loop(0.05)
+        if sum(batches.values()) + len(dl_keys) + sum(len(v) for v in seen.values()) != before:
+            quiet_until = time.monotonic() + 0.5
     client.disconnect()
     out: dict[str, Any] = {
         c: {
