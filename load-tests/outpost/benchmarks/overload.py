@@ -188,7 +188,6 @@ def run_overload_phase(name: str, o: OverloadOptions, workdir: Path, say: Progre
     peaks = _Peaks()
     cpu = Procs()
     results: dict[str, dict[str, Any] | None] = {}
-    stopped_services = False
     try:
         stack.start()
         host, port = settings.mqtt.host, settings.mqtt.port
@@ -273,7 +272,6 @@ def run_overload_phase(name: str, o: OverloadOptions, workdir: Path, say: Progre
         final = stack.supervisor.status() if stack.supervisor is not None else []
         if stack.supervisor is not None:
             stack.supervisor.stop(grace_s=10.0)  # their last metrics batch goes out on the way
-            stopped_services = True
         time.sleep(0.5)
         can_ch.stop_sink.value = load_ch.stop_sink.value = 1
         can_res.update(can_ch.take_results(2 - len(can_res), 15))
@@ -285,8 +283,6 @@ def run_overload_phase(name: str, o: OverloadOptions, workdir: Path, say: Progre
             if proc.is_alive():
                 proc.terminate()
                 proc.join(5)
-        if not stopped_services and stack.supervisor is not None:
-            final = stack.supervisor.status()
         stack.stop()
     needed = ("account_sink", "canary_sink", "canary_load") + (("load",) if load is not None else ())
     done: dict[str, dict[str, Any]] = {}
