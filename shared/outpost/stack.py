@@ -34,6 +34,9 @@ class Stack:
     supervisor: Supervisor | None = None
     services: dict[str, str] | None = None
     """name -> module run with ``python -m``; None: ``type(settings).SERVICES``."""
+    env: dict[str, str] = field(default_factory=dict)
+    """More settings for the services as ``OUTPOST_*`` variables (a benchmark's metrics interval):
+    the services read theirs from the environment and the site file, not from ``settings``."""
     final_status: list[dict[str, object]] = field(default_factory=list)
     """The services' states and exit codes as the stop left them."""
 
@@ -65,6 +68,7 @@ class Stack:
             env["OUTPOST_MQTT__USERNAME"] = s.mqtt.username
         if s.mqtt.password is not None:
             env["OUTPOST_MQTT__PASSWORD"] = s.mqtt.password.get_secret_value()
+        env.update(self.env)
         services = dict(type(s).SERVICES if self.services is None else self.services)
         self.supervisor = Supervisor(env=env, log_dir=self.data_dir / "logs", services=services)
         self.supervisor.start()

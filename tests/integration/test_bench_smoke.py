@@ -3,6 +3,8 @@ depend on the machine and on whatever else runs on it; only that the parts talk 
 
 from __future__ import annotations
 
+import io
+
 import orjson
 import pytest
 
@@ -93,3 +95,73 @@ def test_memory_bench_counts_what_it_appends() -> None:
     assert set(result["log"]) == {"1", "100", "1000"}
     for r in result["log"].values():
         assert r["raw_per_s"] > 0 and r["oplog_per_s"] > 0 and r["records"] > 0
+
+
+OVERLOAD_PHASE_KEYS = {
+    "canary",
+    "drain",
+    "peak_rss_mb",
+    "services",
+    "ingest_counters",
+    "ingest_dlq_agreement",
+    "cpu_pct",
+    "targets",
+}
+OVERLOAD_LOAD_KEYS = {
+    "sent",
+    "offered_msgs_per_s",
+    "events",
+    "dead_lettered",
+    "dead_lettered_by_reason",
+    "shed_counted",
+    "accounted",
+    "difference",
+}
+
+
+def test_overload_bench_prints_its_figures_as_json() -> None:
+    p = outpost(
+        "bench",
+        "overload",
+        "--duration",
+        "1",
+        "--flood-messages",
+        "2000",
+        "--bad-batch-items",
+        "200",
+        "--bad-batch-bytes",
+        "20000",
+        "--bad-batch-rate",
+        "2",
+        "--drain",
+        "5",
+        "--json",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = orjson.loads(p.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "overload"
+    assert set(result["phases"]) == {"baseline", "flood", "bad_batches"}
+    for name, phase in result["phases"].items():
+        assert set(phase) >= OVERLOAD_PHASE_KEYS, name
+        assert phase["canary"]["sent"] > 0 and phase["canary"]["delivered"] > 0, phase["canary"]
+        assert {"ingest", "inference", "memory", "mosquitto"} <= set(phase["peak_rss_mb"]), phase[
+            "peak_rss_mb"
+        ]
+        if name != "baseline":
+            assert set(phase["load"]) >= OVERLOAD_LOAD_KEYS, phase["load"]
+            assert phase["load"]["sent"] > 0
+            ld = phase["load"]
+            assert ld["accounted"] == ld["events"] + ld["dead_lettered"] + ld["shed_counted"]
+    assert (
+        result["phases"]["bad_batches"]["load"]["sent"]
+        == 200 * result["phases"]["bad_batches"]["load"]["messages"]
+    )
+    assert {"all_targets_met", "targets_met", "flood_offered_msgs_per_s"} <= set(result["summary"])
+
+    from rich.console import Console
+
+    from outpost.benchmarks.report import print_overload
+
+    table = io.StringIO()
+    print_overload(result, Console(file=table, width=160))  # the form without --json
+    assert "canaries delivered / sent" in table.getvalue()

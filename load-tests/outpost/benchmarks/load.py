@@ -15,6 +15,8 @@ published; the devices are used round-robin, each with its own monotonic ``seq``
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -22,6 +24,7 @@ from typing import Any, Protocol
 
 from outpost.benchmarks.channels import Channels
 from outpost.benchmarks.mqtt import connect, drain, paho_client
+from outpost.errors import BrokerError
 from outpost.topics import Topics
 
 # 64 plausible temperatures, formatted once.
@@ -43,6 +46,9 @@ class LoadSpec:
     device_prefix: str = "bench-dev"
     payload_bytes: int = 0  # > 0: one fixed payload of this size instead of readings (client comparison)
     mqtt5: bool = False  # speak MQTT 5 (as the bus does) instead of paho's default 3.1.1
+    limit: int = 0  # > 0: stop after this many messages (a flood of a given size)
+    junk_bytes: int = 0  # > 0: every message is a batch of ``batch`` invalid readings, about this size
+    raw: bool = False  # QoS 0 PUBLISH packets written to a socket, no client library (the fastest flood)
 
 
 class PayloadSource(Protocol):
@@ -64,6 +70,29 @@ class Fixed:
     def make(self, device: int, ts: int) -> bytes:
         del device, ts
         return self._payload
+
+
+class JunkBatch:
+    """Batches of ``items`` reading-shaped items that ingest must refuse one by one (``value`` is a
+    string: ``wrong_type``), padded so that a message is about ``size`` bytes: a hostile device's
+    large bad batch. Every item has its own seq, so each dead letter it causes is distinct."""
+
+    def __init__(self, site: str, items: int, size: int, prefix: str = "junk") -> None:
+        device = f"{prefix}-00000"
+        self.topics = [Topics(site=site).telemetry(device)]
+        self._head = b'{"device":"%s","seq":' % device.encode()
+        sample = self._item(items, time.time_ns(), b"")  # a typical item with no padding, and a comma
+        self._pad = b"x" * max(1, size // max(1, items) - len(sample) - 1)
+        self._items = items
+        self._seq = 0
+
+    def _item(self, seq: int, ts: int, pad: bytes) -> bytes:
+        return self._head + b'%d,"ts":%d,"metric":"t","value":"%s","unit":"C"}' % (seq, ts, pad)
+
+    def make(self, device: int, ts: int) -> bytes:
+        del device
+        seq, self._seq = self._seq, self._seq + self._items
+        return b"[" + b",".join([self._item(s, ts, self._pad) for s in range(seq, seq + self._items)]) + b"]"
 
 
 class Payloads:
@@ -106,6 +135,8 @@ def run_publisher(spec: LoadSpec, ch: Channels) -> None:
 
 
 def _publish(spec: LoadSpec, ch: Channels) -> dict[str, Any]:
+    if spec.raw:
+        return _publish_raw(spec, ch)
     client = paho_client(spec.client_id, mqtt5=spec.mqtt5)
     client.max_inflight_messages_set(min(65000, max(20, spec.window // spec.batch + 100)))
     acked = [0]
@@ -124,6 +155,8 @@ def _publish(spec: LoadSpec, ch: Channels) -> dict[str, Any]:
     payloads: PayloadSource
     if spec.payload_bytes:
         payloads = Fixed(Topics(site=spec.site).telemetry(spec.device_prefix), spec.payload_bytes)
+    elif spec.junk_bytes:
+        payloads = JunkBatch(spec.site, spec.batch, spec.junk_bytes, spec.device_prefix)
     else:
         payloads = Payloads(spec.site, spec.devices, spec.batch, spec.device_prefix)
     t0 = time.perf_counter()
@@ -152,10 +185,10 @@ def _publish(spec: LoadSpec, ch: Channels) -> dict[str, Any]:
 def _windowed(client: Any, spec: LoadSpec, payloads: PayloadSource, ch: Channels) -> tuple[int, int, int]:
     publish, loop, make, topics = client.publish, client.loop, payloads.make, payloads.topics
     received, stop, sent_cell = ch.received, ch.stop_pub, ch.sent
-    qos, batch, window, ndev = spec.qos, spec.batch, spec.window, len(topics)
+    qos, batch, window, ndev, limit = spec.qos, spec.batch, spec.window, len(topics), spec.limit
     every = 7 if qos else 63  # loop() reads PUBACKs and pings between publishes
     msgs = nbytes = errors = sent = dev = 0
-    while True:
+    while not limit or msgs < limit:
         if window and sent - received.value >= window:
             if stop.value:
                 break
@@ -179,11 +212,11 @@ def _windowed(client: Any, spec: LoadSpec, payloads: PayloadSource, ch: Channels
 def _paced(client: Any, spec: LoadSpec, payloads: PayloadSource, ch: Channels) -> tuple[int, int, int]:
     publish, loop, make, topics = client.publish, client.loop, payloads.make, payloads.topics
     stop, sent_cell = ch.stop_pub, ch.sent
-    qos, batch, ndev = spec.qos, spec.batch, len(topics)
+    qos, batch, ndev, limit = spec.qos, spec.batch, len(topics), spec.limit
     interval = batch / spec.rate
     msgs = nbytes = errors = dev = 0
     start = time.perf_counter()
-    while not stop.value:
+    while not stop.value and (not limit or msgs < limit):
         wait = start + msgs * interval - time.perf_counter()
         if wait > 0:
             loop(min(wait, 0.002))  # sleeps in select() and reads PUBACKs meanwhile
@@ -198,3 +231,80 @@ def _paced(client: Any, spec: LoadSpec, payloads: PayloadSource, ch: Channels) -
         if not msgs & 63:
             loop(0.0)
     return msgs, nbytes, errors
+
+
+# --- the raw flood -----------------------------------------------------------------------------------
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    """An MQTT packet: fixed header byte, remaining length (variable-length integer), body."""
+    n, length = len(body), bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        length.append(digit | 0x80 if n else digit)
+        if not n:
+            return bytes([first]) + bytes(length) + body
+
+
+def _utf8(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+RAW_CHUNK = 256  # messages built and written with one sendall
+
+
+def _publish_raw(spec: LoadSpec, ch: Channels) -> dict[str, Any]:
+    """MQTT 3.1.1 QoS 0 PUBLISH packets, built ``RAW_CHUNK`` at a time and written with ``sendall``:
+    no client library in the way, so the offered rate is what the broker reads (TCP backpressure),
+    several times what a paho loop reaches. Readings of one chunk share their ``ts``."""
+    if spec.qos:
+        raise ValueError("the raw publisher sends QoS 0 only")
+    sock = socket.create_connection((spec.host, spec.port), timeout=15.0)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        connect = _utf8("MQTT") + bytes([4, 0x02]) + (60).to_bytes(2, "big") + _utf8(spec.client_id)
+        sock.sendall(_packet(0x10, connect))
+        ack = sock.recv(4)
+        if len(ack) < 4 or ack[0] != 0x20 or ack[3] != 0:
+            raise BrokerError(f"the broker refused the raw publisher: CONNACK {ack!r}")
+        ch.pub_ready.set()
+        while not ch.go.value:
+            if ch.stop_pub.value:
+                return {"sent": 0, "msgs": 0}
+            time.sleep(0.002)
+        payloads = Payloads(spec.site, spec.devices, spec.batch, spec.device_prefix)
+        heads = [_utf8(t) for t in payloads.topics]
+        ndev, limit, stop, sent_cell = len(heads), spec.limit, ch.stop_pub, ch.sent
+        msgs = nbytes = dev = 0
+        error = None
+        t0 = time.perf_counter()
+        while not stop.value and (not limit or msgs < limit):
+            n = RAW_CHUNK if not limit else min(RAW_CHUNK, limit - msgs)
+            ts = time.time_ns()
+            chunk = []
+            for _ in range(n):
+                payload = payloads.make(dev, ts)
+                nbytes += len(payload)
+                chunk.append(_packet(0x30, heads[dev] + payload))
+                dev = dev + 1 if dev + 1 < ndev else 0
+            try:
+                sock.sendall(b"".join(chunk))
+            except OSError as exc:  # the broker stopped reading for 15 s, or dropped us
+                error = f"{type(exc).__name__}: {exc}"
+                break
+            msgs += n
+            sent_cell.value = msgs * spec.batch
+        elapsed = time.perf_counter() - t0
+        with contextlib.suppress(OSError):
+            sock.sendall(b"\xe0\x00")  # DISCONNECT: the broker drops no will, reads what came before
+        return {
+            "sent": msgs * spec.batch,
+            "msgs": msgs,
+            "errors": 0,
+            "send_error": error,
+            "elapsed_s": elapsed,
+            "payload_bytes_mean": nbytes / msgs if msgs else 0.0,
+        }
+    finally:
+        sock.close()

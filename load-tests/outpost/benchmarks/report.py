@@ -132,3 +132,114 @@ def clients_table(result: dict[str, Any]) -> Table:
             str(row.get("error") or row.get("note") or "")[:80],
         )
     return t
+
+
+def _met(ok: bool) -> str:
+    return "[green]met[/]" if ok else "[red]MISSED[/]"
+
+
+def overload_table(result: dict[str, Any]) -> Table:
+    """A column per phase: the canaries next to the baseline, the load device's accounting, peak RSS."""
+    phases: dict[str, dict[str, Any]] = result.get("phases", {})
+    t = Table(title="overload: canary devices (QoS 1) while one device floods or sends bad batches")
+    t.add_column("figure")
+    for name in phases:
+        t.add_column(name, justify="right")
+    t.add_column("target")
+    base = phases.get("baseline", {}).get("canary", {}).get("latency", {}).get("p99_ms")
+
+    def row(label: str, cell: Any, target: str = "") -> None:
+        t.add_row(label, *(cell(p) for p in phases.values()), target)
+
+    def load(key: str, digits: int = 0) -> Any:
+        return lambda p: _n(p["load"][key], digits) if "load" in p else "-"
+
+    def rss(key: str) -> Any:
+        return lambda p: _n(p["peak_rss_mb"].get(key))
+
+    def vs_base(p: dict[str, Any]) -> str:
+        p99 = p["canary"]["latency"].get("p99_ms")
+        return f"{p99 / base:,.1f}x" if base and p99 else "-"
+
+    def agree(p: dict[str, Any]) -> str:
+        a = p["ingest_dlq_agreement"]
+        final = "" if a.get("counters_final") else " (not final)"
+        errors = f" ({_n(a.get('handler_errors'))})"
+        return f"{_n(a['rejected_counter'])} / {a['dead_letters_received']:,}{errors}{final}"
+
+    def svc(p: dict[str, Any]) -> str:
+        s = p["services"].values()
+        return f"{sum(int(x['offline_statuses']) for x in s)} / {sum(int(x['restarts']) for x in s)}"
+
+    row(
+        "load: offered msgs/s (bytes each)",
+        lambda p: (
+            f"{_n(p['load']['offered_msgs_per_s'])} ({_n(p['load']['message_bytes'])})"
+            if "load" in p
+            else "-"
+        ),
+    )
+    row("canary p50 ms", lambda p: _ms(p["canary"]["latency"], "p50_ms"))
+    row(
+        "canary p99 ms",
+        lambda p: _ms(p["canary"]["latency"], "p99_ms"),
+        f"< {_n(_target_p99(phases))} ms under load",
+    )
+    row("canary p99 vs baseline", vs_base)
+    row(
+        "canaries delivered / sent",
+        lambda p: f"{p['canary']['delivered']:,} / {p['canary']['sent']:,}",
+        "all",
+    )
+    row("load: readings sent", load("sent"))
+    row("  validated events", load("events"))
+    row("  dead-lettered (items)", load("dead_lettered"))
+    row("  shed (counted)", load("shed_counted"))
+    row("  difference (sent - accounted)", load("difference"), "0")
+    row("ingest rejected counter / dead letters (handler errors)", agree, "equal (0)")
+    row("peak RSS MB: ingest", rss("ingest"), "< 150")
+    row("peak RSS MB: inference", rss("inference"))
+    row("peak RSS MB: memory", rss("memory"))
+    row("peak RSS MB: broker", rss("mosquitto"))
+    row("service offline statuses / restarts", svc, "0 / 0")
+    row("drain after the window, s", lambda p: f"{p['drain']['s']} ({p['drain']['ended']})")
+    row(
+        "CPU %: ingest / other processes",
+        lambda p: f"{_n(p['cpu_pct'].get('ingest'))} / {_n(p['cpu_pct'].get('other'))}",
+    )
+    return t
+
+
+def _target_p99(phases: dict[str, dict[str, Any]]) -> float | None:
+    return next(
+        (p["targets"]["canary_p99_ms_max"] for p in phases.values() if "canary_p99_ms_max" in p["targets"]),
+        None,
+    )
+
+
+def print_overload(result: dict[str, Any], console: Console) -> None:
+    console.print(overload_table(result))
+    for name, p in result.get("phases", {}).items():
+        tg, ld = p["targets"], p.get("load")
+        parts = [f"all canary readings delivered: {_met(tg['canaries_all_delivered'])}"]
+        if "canary_p99_met" in tg:
+            parts.insert(0, f"canary p99 < {tg['canary_p99_ms_max']:.0f} ms: {_met(tg['canary_p99_met'])}")
+            parts.append(f"every reading accounted for: {_met(tg['load_accounted'])}")
+        parts.append(f"ingest < {tg['ingest_rss_mb_max']:.0f} MB: {_met(tg['ingest_rss_met'])}")
+        console.print(f"{name}: " + "; ".join(parts))
+        if ld:
+            reasons = ", ".join(f"{k} {v:,}" for k, v in ld["dead_lettered_by_reason"].items()) or "none"
+            agree = p["ingest_dlq_agreement"]
+            console.print(
+                f"  dead-lettered by reason: {reasons}; ingest's rejected counter "
+                f"{_n(agree['rejected_counter'])} vs {agree['dead_letters_received']:,} dead letters "
+                f"({agree['dead_letter_duplicates']:,} duplicates)"
+                + (
+                    ""
+                    if agree.get("counters_final")
+                    else " [red](ingest's last counters: it did not stop cleanly)[/]"
+                )
+                + "; "
+                f"drain {p['drain']['s']} s ({p['drain']['ended']})"
+            )
+    console.print(machine_line(result))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -258,6 +258,90 @@ def memory(
         f"p99 {x['raw_run_p99_ms']} ms); {x['batch32_texts_per_s']:,} texts/s in batches of 32, "
         f"{x['one_at_a_time_texts_per_s']:,} one at a time"
     )
+
+
+@bench_app.command("overload")
+def overload(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="3 s windows, a 20,000-message flood (about 45 s).")
+    ] = False,
+    duration: Annotated[
+        float | None,
+        typer.Option(
+            "--duration", min=0.5, help="Measured seconds per phase, the load inside (10; --quick: 3)."
+        ),
+    ] = None,
+    flood_messages: Annotated[
+        int | None,
+        typer.Option("--flood-messages", min=1, help="QoS 0 messages the flooding device sends (100,000)."),
+    ] = None,
+    flood_client: Annotated[
+        str, typer.Option("--flood-client", help="raw (PUBLISH packets on a socket, the fastest) or paho.")
+    ] = "raw",
+    canaries: Annotated[int, typer.Option("--canaries", min=1, help="Canary devices (QoS 1).")] = 5,
+    canary_rate: Annotated[
+        float, typer.Option("--canary-rate", min=0.1, help="Readings/s of each canary.")
+    ] = 40.0,
+    bad_batch_bytes: Annotated[
+        int, typer.Option("--bad-batch-bytes", min=1000, help="Size of each bad batch.")
+    ] = 1_000_000,
+    bad_batch_items: Annotated[
+        int | None,
+        typer.Option(
+            "--bad-batch-items", min=1, help="Invalid readings in each bad batch (ingest.max_batch)."
+        ),
+    ] = None,
+    bad_batch_rate: Annotated[
+        float, typer.Option("--bad-batch-rate", min=0.01, help="Bad batches a second.")
+    ] = 1.0,
+    drain: Annotated[
+        float | None,
+        typer.Option("--drain", min=0.0, help="Longest wait after each window for what is on its way (30)."),
+    ] = None,
+    phase: Annotated[
+        list[str] | None,
+        typer.Option("--phase", help="Only these phases (repeatable): baseline, flood, bad_batches."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Canary devices at QoS 1 while one device floods, then while one sends 1 MB bad batches.
+
+    Runs the real site (broker and every service) fresh for each phase: canary p50/p99 against the
+    same canaries with no load, canary readings delivered, the load device's readings accounted for
+    (events + dead letters + counted shedding = sent), every service's peak RSS.
+    """
+    from outpost.benchmarks.overload import PHASES, OverloadOptions, run_overload_bench
+    from outpost.benchmarks.report import print_overload
+
+    phases = tuple(phase) if phase else PHASES
+    if set(phases) - set(PHASES):
+        raise ConfigError(f"unknown phase {sorted(set(phases) - set(PHASES))}; known: {', '.join(PHASES)}")
+    if flood_client not in ("raw", "paho"):
+        raise ConfigError(f"--flood-client must be raw or paho, got {flood_client!r}")
+    kw: dict[str, Any] = {
+        "flood_client": flood_client,
+        "canaries": canaries,
+        "canary_rate": canary_rate,
+        "bad_batch_bytes": bad_batch_bytes,
+        "bad_batch_rate": bad_batch_rate,
+        "phases": phases,
+    }
+    if quick:
+        kw.update(duration_s=3.0, warmup_s=0.5, flood_messages=20_000, drain_s=10.0)
+    for key, value in (
+        ("duration_s", duration),
+        ("flood_messages", flood_messages),
+        ("bad_batch_items", bad_batch_items),
+        ("drain_s", drain),
+    ):
+        if value is not None:
+            kw[key] = value
+    err = _progress()
+    result = run_overload_bench(OverloadOptions(**kw), progress=lambda m: err.print(f"[dim]{m}[/]"))
+    if json_out:
+        print_json(result)
+    else:
+        print_overload(result, stdout_console())
 
 
 def register(app: typer.Typer) -> None:
