@@ -17,6 +17,7 @@ import pytest
 
 from outpost.bus import Bus
 from outpost.contracts import dead_letter
+from outpost.datadir import site_path
 from outpost.services.memory.oplog import OpLog
 from outpost.services.memory.service import run
 from outpost.services.registry import OutpostSettings
@@ -26,13 +27,13 @@ pytestmark = pytest.mark.integration
 
 
 def oplog(settings: OutpostSettings) -> OpLog:
-    return OpLog(Path(settings.data_dir) / "memory" / "oplog.db", synchronous="NORMAL")
+    return OpLog(site_path(settings.data_dir, settings.site, "memory", "oplog.db"), synchronous="NORMAL")
 
 
 def wait_count(settings: OutpostSettings, n: int, timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        path = Path(settings.data_dir) / "memory" / "oplog.db"
+        path = site_path(settings.data_dir, settings.site, "memory", "oplog.db")
         if path.is_file():
             log = oplog(settings)
             have = log.count()

@@ -24,6 +24,7 @@ import pytest
 
 from outpost.broker import Mosquitto, uplink_bridge
 from outpost.bus import Bus
+from outpost.datadir import site_path
 from outpost.services.memory.client import MemoryClient
 from outpost.services.memory.oplog import OpLog
 from outpost.services.memory.replica import CloudReplica, ReplicaStore
@@ -70,7 +71,7 @@ def replica(
 
 
 def edge_items(settings: OutpostSettings) -> dict[int, dict[str, Any]]:
-    db = sqlite3.connect(Path(settings.data_dir) / "memory" / "ltm" / "vectors.db")
+    db = sqlite3.connect(site_path(settings.data_dir, settings.site, "memory", "ltm", "vectors.db"))
     try:
         rows = db.execute("SELECT key, namespace, subject, meta, payload FROM items ORDER BY key").fetchall()
     finally:
@@ -82,7 +83,7 @@ def edge_items(settings: OutpostSettings) -> dict[int, dict[str, Any]]:
 
 
 def edge_log(settings: OutpostSettings) -> tuple[int, int]:
-    log = OpLog(Path(settings.data_dir) / "memory" / "oplog.db", synchronous="NORMAL")
+    log = OpLog(site_path(settings.data_dir, settings.site, "memory", "oplog.db"), synchronous="NORMAL")
     try:
         return log.last_offset, log.count()
     finally:
