@@ -7,7 +7,7 @@ nearest the command wins. Then, for what none of them gives:
 1. the data folder: ``OUTPOST_DATA_DIR`` or the site file's ``data_dir``, else the default
    (``~/.local/share/outpost``: absolute, so the same from any folder);
 2. the site: ``OUTPOST_SITE`` or the site file, else the site of the ``outpost up`` that owns the
-   data folder (its run file, ``{data_dir}/run.json``), else ``site1``;
+   data folder (its run file, ``{data_dir}/run.json``), else the folder's only site, else ``site1``;
 3. the broker: ``--broker``, else ``OUTPOST_MQTT__HOST``/``PORT`` or the site file, else the run
    file's broker when it runs that site, else 127.0.0.1:1883.
 
@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 import typer
 
-from outpost.datadir import RUN_FILE, RunInfo, read_run, site_path
+from outpost.datadir import RUN_FILE, RunInfo, read_run, site_path, sites
 from outpost.services.registry import OutpostSettings, load_settings
 
 DataDirOpt = Annotated[
@@ -141,6 +141,8 @@ def find_site(data_dir: Path | None = None, site: str | None = None, broker: str
         site_from = "OUTPOST_SITE / site file"
     elif live is not None:
         s.site, site_from = live.site, f"the run file of outpost up PID {live.pid}"
+    elif len(present := sites(s.data_dir)) == 1:
+        s.site, site_from = present[0], "the only site in the data folder"
     else:
         site_from = "the default"
     if broker:

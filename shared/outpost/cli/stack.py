@@ -22,7 +22,7 @@ from rich.live import Live
 from rich.table import Table
 
 from outpost.broker import port_open
-from outpost.cli.output import print_json, stdout_console
+from outpost.cli.output import print_json
 from outpost.cli.site import DataDirOpt, SiteOpt, Where, find_site
 from outpost.errors import BrokerError
 from outpost.log import setup_logging
@@ -438,8 +438,9 @@ def status_report(mon: SiteMonitor, where: Where) -> dict[str, Any]:
 
 
 def _print_status(report: dict[str, Any]) -> None:
-    """Tables narrow enough for 80 columns: long texts (problems, reasons) go on lines of their own."""
-    out = stdout_console()
+    """Tables narrow enough for 80 columns: long texts (problems, reasons) go on lines of their own.
+    The terminal's width, or COLUMNS, or 80 when it is neither."""
+    out = Console(highlight=False)
     w = report["where"]
     out.print(
         f"site {report['site']!r}, broker {report['broker']} (from {w['broker_from']})",
