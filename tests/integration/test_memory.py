@@ -177,7 +177,7 @@ def test_outpost_log_tail_replay_trace_and_bad_arguments(settings: OutpostSettin
     p = cli(settings, "trace", "d1-3", "--json")
     assert p.returncode == 0, p.stderr
     lines = [orjson.loads(x) for x in p.stdout.strip().splitlines()]
-    assert [d["kind"] for d in lines] == ["event", "score"] and lines[1]["body"][0]["label"] == "empty"
+    assert [d["kind"] for d in lines] == ["event", "score"] and lines[1]["body"]["label"] == "empty"
     p = cli(settings, "replay", "--from", "2", "--to", "4", "--json")
     assert [orjson.loads(x)["offset"] for x in p.stdout.strip().splitlines()] == [2, 3, 4]
     p = cli(settings, "tail", "-n", "3")

@@ -396,7 +396,7 @@ def test_outpost_up_bridges_to_the_cloud_and_memory_arrives_there(
         first = up.stdout.readline()
         assert f"Outpost site {site!r}: broker 127.0.0.1:" in first and f"uplink {cloud.address}" in first
         port = int(first.split("broker 127.0.0.1:")[1].split(",")[0])
-        conf = (tmp_path / "site" / "mosquitto" / "mosquitto.conf").read_text()
+        conf = site_path(tmp_path / "site", site, "mosquitto", "mosquitto.conf").read_text()
         assert f"address {cloud.address}" in conf and f"topic outpost/v1/{site}/up/# out 1" in conf
         edge = OutpostSettings(site=site, data_dir=tmp_path / "site")
         edge.mqtt.port = port
