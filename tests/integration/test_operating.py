@@ -5,6 +5,7 @@ other's state, and every wrong start says why with exit code 2."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -325,3 +326,33 @@ def test_a_service_that_cannot_start_says_why_even_without_a_log_file(tmp_path: 
         sup.stop()
     assert "unknown setting in environment: OUTPOST_NO_SUCH_SETTING" in str(row["reason"]), row
     assert "cannot be written" in str(row["log_error"]), row
+
+
+def test_up_shows_why_a_service_stops_even_when_its_log_cannot_be_written(tmp_path: Path) -> None:
+    env = _env(tmp_path, OUTPOST_INFERENCE__MODELS='["no-such-model"]', OUTPOST_SITE="shopF")
+    data = tmp_path / "data"
+    site_path(data, "shopF").mkdir(parents=True)
+    site_path(data, "shopF", "logs").write_text("a file where the logs folder should be")
+    up = _up(env, tmp_path, "--data-dir", str(data))
+    try:
+        assert wait_until(lambda: (r := read_run(data)) is not None and r.pid == up.pid, 60)
+        # inference refuses its settings and exits 2, again and again; the others run
+        assert wait_until(lambda: _online_services(env, data) >= {"ingest", "memory"}, 90)
+    finally:
+        out = _stop(up)
+    assert up.returncode == 1, out
+    summary = out[out.index("stopped, not cleanly") :]
+    said = " ".join(summary.split())
+    # exit 2, or -15 when the stop caught a restart before it could say it again: the line is the same
+    assert re.search(r"inference: exit (2|-15): error: inference.models names \['no-such-model'\]", said), (
+        summary
+    )
+    assert "cannot be written" in said and "ingest: exit 0" in said
+
+
+def _online_services(env: dict[str, str], data: Path) -> set[str]:
+    p = _status(env, data, "--json", "--data-dir", str(data))
+    if p.returncode != 0:
+        return set()
+    doc = orjson.loads(p.stdout.strip().splitlines()[-1])
+    return {n for n, s in doc["services"].items() if s["state"] == "online"}

@@ -381,7 +381,7 @@ def status(
         if json_out:
             print_json(report)
         raise typer.Exit(1)
-    _print_status(report)
+    print_status(report)
     if json_out:
         print_json(report)
 
@@ -437,7 +437,7 @@ def status_report(mon: SiteMonitor, where: Where) -> dict[str, Any]:
     }
 
 
-def _print_status(report: dict[str, Any]) -> None:
+def print_status(report: dict[str, Any]) -> None:
     """Tables narrow enough for 80 columns: long texts (problems, reasons) go on lines of their own.
     The terminal's width, or COLUMNS, or 80 when it is neither."""
     out = Console(highlight=False)
