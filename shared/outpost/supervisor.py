@@ -4,20 +4,29 @@ A service that crashes is restarted after 0.5 s, then 1 s, 2 s, ... up to 30 s; 
 minute resets the backoff. Stopping sends SIGTERM (the services drain and checkpoint) and SIGKILL
 only to a child that has not exited within the grace period.
 
+Each child's output (stdout and stderr) comes through a pipe: the supervisor keeps its last lines in
+memory and appends them to the service's log file when it can, so a service that cannot start says
+why (:attr:`Child.reason`) even when its log file cannot be written. A child gets SIGTERM when the
+supervisor's process dies, even by kill -9 (PR_SET_PDEATHSIG), so none is left running.
+
 Which services is the caller's to say (name -> module run with ``python -m``): the core knows none;
 ``outpost up`` takes them from the service registry (:mod:`outpost.services.registry`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from outpost.log import get_logger
 
@@ -26,6 +35,27 @@ log = get_logger("outpost.supervisor")
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
+KEPT_LINES = 50
+"""Lines of each child's output kept in memory (the reason it stopped is among the last)."""
+
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """Run in the child between fork and exec: SIGTERM when the process that forked it dies.
+
+    The kernel sends it when the *thread* that forked exits, not the process: the supervisor forks
+    from the caller's thread at start and from its watcher thread for restarts; both live until
+    :meth:`Supervisor.stop`, which stops the children anyway. The parent may have died before the
+    call (then the child is the init's already): it exits at once."""
+
+    def setup() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return setup
 
 
 @dataclass
@@ -39,6 +69,20 @@ class Child:
     next_start: float = 0.0
     backoff: float = BACKOFF_MIN_S
     log_path: Path | None = None
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=KEPT_LINES))
+    """The child's last lines of output, newest last."""
+    log_error: str | None = None
+    """Why the log file cannot be written (None: it can); the output is still kept in ``lines``."""
+    _reader: threading.Thread | None = None
+
+    @property
+    def reason(self) -> str:
+        """What the last lines say about a child that exited non-zero ('' otherwise): its last
+        line of output, the one a service that cannot start ends with (``error: ...``)."""
+        if self.last_exit in (None, 0):
+            return ""
+        said = next((line for line in reversed(self.lines) if line.strip()), "")
+        return said or f"exit {self.last_exit} without output"
 
     @property
     def state(self) -> str:
@@ -66,7 +110,6 @@ class Supervisor:
     _thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         for name, module in self.services.items():
             child = self.children[name] = Child(name, module, log_path=self.log_dir / f"{name}.log")
             self._spawn(child)
@@ -74,19 +117,51 @@ class Supervisor:
         self._thread.start()
 
     def _spawn(self, child: Child) -> None:
-        assert child.log_path is not None
-        out = child.log_path.open("ab")
+        if child._reader is not None:
+            child._reader.join(1)  # the last run's output is all read before the next one's
         child.proc = subprocess.Popen(
             [sys.executable, "-m", child.module],
             env={**os.environ, **self.env},
-            stdout=out,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509 - one prctl call, no locks
         )
-        out.close()
         child.started = time.monotonic()
         child.next_start = 0.0
+        child._reader = threading.Thread(
+            target=self._read, args=(child, child.proc), name=f"output-{child.name}", daemon=True
+        )
+        child._reader.start()
         log.info("started", extra={"service": child.name, "pid": child.proc.pid})
+
+    def _read(self, child: Child, proc: subprocess.Popen[bytes]) -> None:
+        """Keep the child's lines and append them to its log file, best effort: a log that cannot
+        be written (a full disk, a folder that is a file) loses the file's copy, never the output
+        in memory, and never blocks the child on a full pipe."""
+        assert proc.stdout is not None
+        out: IO[bytes] | None = None
+        if child.log_path is not None:
+            try:
+                child.log_path.parent.mkdir(parents=True, exist_ok=True)
+                out = child.log_path.open("ab")
+                child.log_error = None
+            except OSError as exc:
+                child.log_error = f"log file {child.log_path} cannot be written: {exc.strerror or exc}"
+                log.warning("no log file", extra={"service": child.name, "error": child.log_error})
+        for raw in proc.stdout:
+            child.lines.append(raw.decode("utf-8", "replace").rstrip())
+            if out is not None:
+                try:
+                    out.write(raw)
+                    out.flush()
+                except OSError as exc:
+                    child.log_error = f"log file {child.log_path} cannot be written: {exc.strerror or exc}"
+                    out = None
+        proc.stdout.close()
+        if out is not None:
+            out.close()
 
     def _watch(self) -> None:
         while not self._stop.wait(0.2):
@@ -97,9 +172,16 @@ class Supervisor:
                     if now - child.started > STABLE_AFTER_S:
                         child.backoff = BACKOFF_MIN_S
                     child.next_start = now + child.backoff
+                    if child._reader is not None:
+                        child._reader.join(1)  # its last lines say why it exited
                     log.warning(
                         "service exited; restarting",
-                        extra={"service": child.name, "code": child.last_exit, "in_s": child.backoff},
+                        extra={
+                            "service": child.name,
+                            "code": child.last_exit,
+                            "in_s": child.backoff,
+                            "said": child.reason[:300],
+                        },
                     )
                     child.backoff = min(child.backoff * 2, BACKOFF_MAX_S)
                 elif child.next_start and now >= child.next_start and not self._stop.is_set():
@@ -125,6 +207,8 @@ class Supervisor:
                 child.proc.wait()
             child.last_exit = child.proc.returncode
             child.next_start = 0.0
+            if child._reader is not None:
+                child._reader.join(2)
 
     def status(self) -> list[dict[str, object]]:
         return [
@@ -135,6 +219,8 @@ class Supervisor:
                 "restarts": c.restarts,
                 "uptime_s": round(c.uptime_s, 1),
                 "last_exit": c.last_exit,
+                "reason": c.reason,
+                "log_error": c.log_error,
             }
             for c in self.children.values()
         ]

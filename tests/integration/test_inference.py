@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 
 from outpost.broker import Mosquitto
 from outpost.bus import Bus
+from outpost.datadir import site_path
 from outpost.services.inference.manifest import Manifest, read_manifest, sha256_of, write_manifest
 from outpost.services.inference.registry import PACKAGED_MODELS, Registry
 from outpost.services.inference.service import InferenceService, run, score_id
@@ -53,7 +54,7 @@ def isettings(settings: OutpostSettings, models_dir: Path) -> OutpostSettings:
 
 def registry(s: OutpostSettings) -> Registry:
     assert s.inference.models_dir is not None
-    return Registry(s.inference.models_dir, Path(s.data_dir) / "inference" / "registry.db")
+    return Registry(s.inference.models_dir, site_path(s.data_dir, s.site, "inference", "registry.db"))
 
 
 RunningInference = ServiceThread[InferenceService]

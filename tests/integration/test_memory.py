@@ -17,6 +17,7 @@ import pytest
 
 from outpost.bus import Bus
 from outpost.contracts import dead_letter
+from outpost.datadir import site_path
 from outpost.services.memory.oplog import OpLog
 from outpost.services.memory.service import run
 from outpost.services.registry import OutpostSettings
@@ -26,13 +27,13 @@ pytestmark = pytest.mark.integration
 
 
 def oplog(settings: OutpostSettings) -> OpLog:
-    return OpLog(Path(settings.data_dir) / "memory" / "oplog.db", synchronous="NORMAL")
+    return OpLog(site_path(settings.data_dir, settings.site, "memory", "oplog.db"), synchronous="NORMAL")
 
 
 def wait_count(settings: OutpostSettings, n: int, timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        path = Path(settings.data_dir) / "memory" / "oplog.db"
+        path = site_path(settings.data_dir, settings.site, "memory", "oplog.db")
         if path.is_file():
             log = oplog(settings)
             have = log.count()
@@ -176,7 +177,7 @@ def test_outpost_log_tail_replay_trace_and_bad_arguments(settings: OutpostSettin
     p = cli(settings, "trace", "d1-3", "--json")
     assert p.returncode == 0, p.stderr
     lines = [orjson.loads(x) for x in p.stdout.strip().splitlines()]
-    assert [d["kind"] for d in lines] == ["event", "score"] and lines[1]["body"][0]["label"] == "empty"
+    assert [d["kind"] for d in lines] == ["event", "score"] and lines[1]["body"]["label"] == "empty"
     p = cli(settings, "replay", "--from", "2", "--to", "4", "--json")
     assert [orjson.loads(x)["offset"] for x in p.stdout.strip().splitlines()] == [2, 3, 4]
     p = cli(settings, "tail", "-n", "3")

@@ -17,6 +17,7 @@ import pytest
 
 from outpost.broker import Mosquitto
 from outpost.bus import Bus
+from outpost.datadir import site_path
 from outpost.services.memory.oplog import OpLog
 from outpost.services.registry import OutpostSettings
 from tests.conftest import Collector, ServiceProcess, make_event, wait_until
@@ -60,9 +61,9 @@ def free(filler: Path, nbytes: int) -> None:
         f.truncate(max(0, filler.stat().st_size - nbytes))
 
 
-def events_logged(data: Path) -> tuple[int, int]:
-    """(distinct traces, entries) of kind event in the log."""
-    path = data / "memory" / "oplog.db"
+def events_logged(data: Path, site: str) -> tuple[int, int]:
+    """(distinct traces, entries) of kind event in the site's log."""
+    path = site_path(data, site, "memory", "oplog.db")
     if not path.is_file():
         return (0, 0)
     log = OpLog(path, synchronous="NORMAL")
@@ -107,7 +108,7 @@ def test_a_full_disk_is_reported_survived_and_recovered_from_with_nothing_lost_o
                 pub.publish(t.events("d1"), orjson.dumps([make_event("d1", i, "t", float(i))]), qos=1)
 
         publish(range(0, 100))
-        assert wait_until(lambda: events_logged(data) == (100, 100), 30)
+        assert wait_until(lambda: events_logged(data, site) == (100, 100), 30)
         filler = fill(small_disk)
         publish(range(100, 300))  # each acknowledged by the broker, which now holds it for memory
 
@@ -118,7 +119,7 @@ def test_a_full_disk_is_reported_survived_and_recovered_from_with_nothing_lost_o
             )
 
         assert status.wait_for(degraded, 60), (statuses(status)[-3:], memory.logs())
-        assert events_logged(data)[0] < 300  # the disk is full: not everything could be written
+        assert events_logged(data, site)[0] < 300  # the disk is full: not everything could be written
         # kill -9 while the disk is full: memory comes back (degraded), no crash loop
         memory.kill()
         status.messages.clear()
@@ -128,13 +129,16 @@ def test_a_full_disk_is_reported_survived_and_recovered_from_with_nothing_lost_o
         # free a little: the log resumes by itself, every event once, and the status clears
         status.messages.clear()
         free(filler, 6 * MB)
-        assert wait_until(lambda: events_logged(data)[0] == 300, 120), (events_logged(data), memory.logs())
-        assert events_logged(data) == (300, 300)
+        assert wait_until(lambda: events_logged(data, site)[0] == 300, 120), (
+            events_logged(data, site),
+            memory.logs(),
+        )
+        assert events_logged(data, site) == (300, 300)
         assert status.wait_for(lambda c: any(d.get("health") == "ok" for d in statuses(c)), 60), statuses(
             status
         )[-3:]
         assert memory.terminate() == 0
-        assert events_logged(data) == (300, 300)
+        assert events_logged(data, site) == (300, 300)
     finally:
         memory.close()
         pub.stop()
@@ -176,7 +180,10 @@ def test_a_data_folder_too_small_for_the_encoder_leaves_no_temporary_file_and_th
         assert [p.name for p in (data / "memory" / "embedder").iterdir()] == [], "a temporary file was left"
         for i in range(200):
             pub.publish(t.events("d1"), orjson.dumps([make_event("d1", i, "t", float(i))]), qos=1)
-        assert wait_until(lambda: events_logged(data) == (200, 200), 60), (events_logged(data), memory.logs())
+        assert wait_until(lambda: events_logged(data, site) == (200, 200), 60), (
+            events_logged(data, site),
+            memory.logs(),
+        )
         assert memory.terminate() == 0
     finally:
         memory.close()

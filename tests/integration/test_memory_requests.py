@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from pathlib import Path
 
 import orjson
 import pytest
@@ -15,6 +14,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from outpost.bus import Bus
+from outpost.datadir import site_path
 from outpost.services.memory.client import MemoryClient, MemoryRequestError
 from outpost.services.memory.oplog import OpLog
 from outpost.services.memory.service import MemoryService, run
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 
 def logged(settings: OutpostSettings, trace: str) -> bool:
-    path = Path(settings.data_dir) / "memory" / "oplog.db"
+    path = site_path(settings.data_dir, settings.site, "memory", "oplog.db")
     if not path.is_file():
         return False
     log = OpLog(path, synchronous="NORMAL")
@@ -88,7 +88,7 @@ def test_answers_go_only_to_memorys_own_response_topics(settings: OutpostSetting
     assert c["rejected.bad_response_topic"] == len(hostile) == c["requests_refused.bad_response_topic"]
     assert svc.rt.acks.waiting == 0  # every one was acknowledged
     # and the log recorded them as memory's dead letters, not as events of device x
-    log = OpLog(Path(settings.data_dir) / "memory" / "oplog.db", synchronous="NORMAL")
+    log = OpLog(site_path(settings.data_dir, settings.site, "memory", "oplog.db"), synchronous="NORMAL")
     entries = log.replay(limit=1000)
     log.close()
     assert not [e for e in entries if e.topic in (t.events("x"), t.dlq("x"))]

@@ -24,6 +24,7 @@ import pytest
 
 from outpost.broker import Mosquitto, uplink_bridge
 from outpost.bus import Bus
+from outpost.datadir import site_path
 from outpost.services.memory.client import MemoryClient
 from outpost.services.memory.oplog import OpLog
 from outpost.services.memory.replica import CloudReplica, ReplicaStore
@@ -70,7 +71,7 @@ def replica(
 
 
 def edge_items(settings: OutpostSettings) -> dict[int, dict[str, Any]]:
-    db = sqlite3.connect(Path(settings.data_dir) / "memory" / "ltm" / "vectors.db")
+    db = sqlite3.connect(site_path(settings.data_dir, settings.site, "memory", "ltm", "vectors.db"))
     try:
         rows = db.execute("SELECT key, namespace, subject, meta, payload FROM items ORDER BY key").fetchall()
     finally:
@@ -82,7 +83,7 @@ def edge_items(settings: OutpostSettings) -> dict[int, dict[str, Any]]:
 
 
 def edge_log(settings: OutpostSettings) -> tuple[int, int]:
-    log = OpLog(Path(settings.data_dir) / "memory" / "oplog.db", synchronous="NORMAL")
+    log = OpLog(site_path(settings.data_dir, settings.site, "memory", "oplog.db"), synchronous="NORMAL")
     try:
         return log.last_offset, log.count()
     finally:
@@ -92,7 +93,7 @@ def edge_log(settings: OutpostSettings) -> tuple[int, int]:
 def traces_logged(settings: OutpostSettings) -> int:
     """Distinct traces in the site's log: a message redelivered after a kill -9 (committed, not yet
     acknowledged) is logged again, so the entry count can reach a figure before everything sent is in."""
-    log = OpLog(Path(settings.data_dir) / "memory" / "oplog.db", synchronous="NORMAL")
+    log = OpLog(site_path(settings.data_dir, settings.site, "memory", "oplog.db"), synchronous="NORMAL")
     try:
         return int(log.db.execute("SELECT count(DISTINCT trace) FROM log").fetchone()[0])
     finally:
@@ -405,7 +406,7 @@ def test_outpost_up_bridges_to_the_cloud_and_memory_arrives_there(
         first = up.stdout.readline()
         assert f"Outpost site {site!r}: broker 127.0.0.1:" in first and f"uplink {cloud.address}" in first
         port = int(first.split("broker 127.0.0.1:")[1].split(",")[0])
-        conf = (tmp_path / "site" / "mosquitto" / "mosquitto.conf").read_text()
+        conf = site_path(tmp_path / "site", site, "mosquitto", "mosquitto.conf").read_text()
         assert f"address {cloud.address}" in conf and f"topic outpost/v1/{site}/up/# out 1" in conf
         edge = OutpostSettings(site=site, data_dir=tmp_path / "site")
         edge.mqtt.port = port

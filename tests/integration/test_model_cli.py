@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from outpost.datadir import site_path
 from outpost.services.inference.registry import PACKAGED_MODELS, Registry
 from tests.conftest import outpost
 
@@ -24,6 +25,7 @@ def env(tmp_path: Path) -> dict[str, str]:
     shutil.copytree(PACKAGED_MODELS, models)
     e = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
     e.update(OUTPOST_DATA_DIR=str(tmp_path / "data"), OUTPOST_INFERENCE__MODELS_DIR=str(models))
+    registry(e).close()  # the site has run once: its registry state is there
     return e
 
 
@@ -34,8 +36,13 @@ def model(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 def registry(env: dict[str, str]) -> Registry:
     return Registry(
         Path(env["OUTPOST_INFERENCE__MODELS_DIR"]),
-        Path(env["OUTPOST_DATA_DIR"]) / "inference" / "registry.db",
+        state_path(env),
     )
+
+
+def state_path(env: dict[str, str]) -> Path:
+    """The registry state of the default site, the one `outpost model` finds without --site."""
+    return site_path(Path(env["OUTPOST_DATA_DIR"]), "site1", "inference", "registry.db")
 
 
 def listed(env: dict[str, str]) -> list[dict[str, object]]:
@@ -152,7 +159,7 @@ def test_unusable_state_and_oversized_manifest_are_clear_errors(env: dict[str, s
     (folder / "manifest.yaml").write_text("a: &a [" + "x, " * 200_000 + "]\n")
     p = model(env, "verify", "shelf-stock", "3.0.0")
     assert p.returncode == 2 and "larger than" in p.stdout
-    state = Path(env["OUTPOST_DATA_DIR"]) / "inference" / "registry.db"
+    state = state_path(env)
     for f in state.parent.glob("registry.db*"):
         f.unlink()
     state.parent.mkdir(parents=True, exist_ok=True)

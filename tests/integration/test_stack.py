@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from outpost.broker import port_open
+from outpost.datadir import site_path
 from outpost.errors import ConfigError
 from outpost.monitor import SiteMonitor
 from outpost.services.registry import OutpostSettings
@@ -62,8 +63,9 @@ def test_a_killed_service_is_restarted_counted_and_everything_stops(tmp_path: Pa
         stack.stop()
     host, port = parse_broker(address)
     assert not port_open(host, port), "the broker the stack started must be stopped"
-    assert (data / "logs" / "ingest.log").read_text()
-    assert (data / "logs" / "inference.log").exists()
+    logs = site_path(data, site, "logs")
+    assert (logs / "ingest.log").read_text()
+    assert (logs / "inference.log").exists()
 
 
 @pytest.mark.parametrize("bad", ["localhost", "host:", ":1883", "host:99999", "host:abc"])

@@ -42,7 +42,7 @@ def test_defaults() -> None:
     s = load_settings()
     assert s.site == "site1"
     assert s.prefix == "outpost"
-    assert s.data_dir == Path(".outpost")
+    assert s.data_dir == Path("~/.local/share/outpost").expanduser()  # absolute: the same from any folder
     assert s.mqtt.host == "127.0.0.1"
     assert s.mqtt.port == 1883
     assert s.mqtt.password is None

@@ -9,9 +9,11 @@ import orjson
 import typer
 from pydantic import BaseModel
 
-from outpost.services.registry import OutpostSettings, load_settings
+from outpost.cli.site import DataDirOpt, SiteOpt, find_site, group_options
+from outpost.services.registry import OutpostSettings
 
 config_app = typer.Typer(help="Show settings.", no_args_is_help=True)
+config_app.callback()(group_options)
 
 
 def reference_markdown() -> str:
@@ -55,9 +57,14 @@ def reference_markdown() -> str:
 
 
 @config_app.command("show")
-def show(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """The effective settings after the site file and environment are applied (secrets masked)."""
-    settings = load_settings()
+def show(
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on one line.")] = False,
+    data_dir: DataDirOpt = None,
+    site: SiteOpt = None,
+) -> None:
+    """The effective settings after the site file and environment are applied (secrets masked),
+    with the data folder, site and broker found as every command finds them."""
+    settings = find_site(data_dir, site).settings
     data: dict[str, Any] = settings.model_dump(mode="json")
     if settings.mqtt.password is not None:
         data["mqtt"]["password"] = "**********"

@@ -1,5 +1,5 @@
-"""``outpost log``: read the operational log (``{data_dir}/memory/oplog.db``) that the memory
-service writes: the newest entries, a replay by offset, time or trace, and the audit of one
+"""``outpost log``: read the operational log (``{data_dir}/sites/{site}/memory/oplog.db``) that
+the memory service writes: the newest entries, a replay by offset, time or trace, and the audit of one
 reading ("everything that happened because of it"). Reads only; safe beside the running service."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import typer
 from rich.table import Table
 
 from outpost.cli.output import stdout_console
+from outpost.cli.site import DataDirOpt, SiteOpt, find_site, group_options
 from outpost.errors import ConfigError
-from outpost.services.registry import load_settings
 
 log_app = typer.Typer(help="The operational log: tail, replay, trace.", no_args_is_help=True)
 
@@ -24,29 +24,19 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per entry
 KindOpt = Annotated[str | None, typer.Option("--kind", help="Only entries of this kind: event, score, dlq.")]
 
 
-_where: dict[str, Path | None] = {"data_dir": None}
-"""The group's ``--data-dir`` for the command that follows it (set anew on every invocation)."""
+log_app.callback()(group_options)
 
 
-@log_app.callback()
-def _options(
-    data_dir: Annotated[
-        Path | None,
-        typer.Option("--data-dir", help="The site's data folder (default: OUTPOST_DATA_DIR, then .outpost)."),
-    ] = None,
-) -> None:
-    _where["data_dir"] = data_dir
-
-
-def _open() -> Any:
+def _open(data_dir: Path | None, site: str | None) -> Any:
     from outpost.services.memory.oplog import OpLog
 
-    folder = _where["data_dir"] or Path(load_settings().data_dir)
-    path = folder / "memory" / "oplog.db"
+    w = find_site(data_dir, site)
+    path = w.site_path("memory", "oplog.db")
     if not path.is_file():
         raise ConfigError(
-            f"no operational log at {path} (give the data folder `outpost up` printed: --data-dir DIR "
-            "or OUTPOST_DATA_DIR)"
+            f"no operational log for site {w.site!r} at {path} ({w.running()}; site from {w.site_from}, "
+            "data folder from "
+            f"{w.data_dir_from}): give --data-dir and --site, or start the site with `outpost up`"
         )
     return OpLog(path, synchronous="NORMAL")
 
@@ -68,11 +58,30 @@ def _time(value: str | None, what: str) -> int | None:
     return int(dt.timestamp() * 1e9)
 
 
-def _doc(entry: Any) -> dict[str, Any]:
+def _body(entry: Any) -> Any:
+    """The entry's message as JSON, one item per entry: the memory service keeps a message of one
+    event or score as it came (a list of one), which is shown unwrapped, so every entry of a kind
+    has one shape; bytes that are not JSON as text."""
     try:
         body: Any = orjson.loads(entry.body)
     except orjson.JSONDecodeError:
-        body = entry.body.decode("utf-8", "replace")
+        return entry.body.decode("utf-8", "replace")
+    if isinstance(body, list) and len(body) == 1:
+        return body[0]
+    return body
+
+
+def _summary(entry: Any) -> str:
+    """The body column: a dead letter's stage, reason and detail first (what an operator looks
+    for), anything else as its JSON."""
+    body = _body(entry)
+    if entry.kind == "dlq" and isinstance(body, dict):
+        return f"{body.get('stage', '?')}: {body.get('reason', '?')}: {body.get('detail', '')}"
+    return body if isinstance(body, str) else orjson.dumps(body).decode()
+
+
+def _doc(entry: Any) -> dict[str, Any]:
+    body = _body(entry)
     return {
         "offset": entry.offset,
         "ts": entry.ts,
@@ -90,8 +99,8 @@ def _show(entries: list[Any], json_out: bool, title: str) -> None:
             sys.stdout.write(orjson.dumps(_doc(e)).decode() + "\n")
         return
     t = Table(title=f"{title} ({len(entries)} entries)")
-    for col in ("offset", "time (UTC)", "kind", "trace", "topic", "body"):
-        t.add_column(col, no_wrap=col != "body", overflow="ellipsis")
+    for col in ("offset", "time (UTC)", "kind", "trace", "topic", "body (dlq: stage: reason: detail)"):
+        t.add_column(col, no_wrap=not col.startswith("body"), overflow="ellipsis")
     for e in entries:
         when = datetime.fromtimestamp(e.ts / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
         t.add_row(
@@ -100,7 +109,7 @@ def _show(entries: list[Any], json_out: bool, title: str) -> None:
             e.kind,
             e.trace,
             e.topic.split("/", 3)[-1],
-            e.body[:90].decode("utf-8", "replace"),
+            _summary(e)[:160],
         )
     stdout_console().print(t)
 
@@ -113,9 +122,11 @@ def tail(
         bool, typer.Option("--follow", "-f", help="Keep printing new entries (Ctrl-C stops).")
     ] = False,
     json_out: JsonOpt = False,
+    data_dir: DataDirOpt = None,
+    site: SiteOpt = None,
 ) -> None:
     """The newest entries."""
-    oplog = _open()
+    oplog = _open(data_dir, site)
     entries = oplog.tail(n, kind)
     _show(entries, json_out, "newest")
     if not follow:
@@ -146,11 +157,13 @@ def replay(
     kind: KindOpt = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many entries.")] = 10_000,
     json_out: JsonOpt = False,
+    data_dir: DataDirOpt = None,
+    site: SiteOpt = None,
 ) -> None:
     """Entries by offset range, origin-time range, trace and kind, in offset order."""
     if from_offset is not None and to_offset is not None and to_offset < from_offset:
         raise ConfigError(f"--to {to_offset} is before --from {from_offset}")
-    entries = _open().replay(
+    entries = _open(data_dir, site).replay(
         from_offset=from_offset,
         to_offset=to_offset,
         since_ns=_time(since, "--since"),
@@ -166,9 +179,11 @@ def replay(
 def trace(
     trace_id: Annotated[str, typer.Argument(help="The id of a reading (an event's trace).")],
     json_out: JsonOpt = False,
+    data_dir: DataDirOpt = None,
+    site: SiteOpt = None,
 ) -> None:
     """Everything that happened because of one reading: its event, its scores, any dead letter."""
-    entries = _open().trace(trace_id)
+    entries = _open(data_dir, site).trace(trace_id)
     if not entries:
         raise ConfigError(f"nothing in the log carries trace {trace_id!r}")
     _show(entries, json_out, f"trace {trace_id}")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 import sys
 
 import typer
+from typer.core import TyperOption
+from typer.models import CommandInfo
 
-from outpost.cli import bench, config, log, memory, model, sim, stack
+from outpost.cli import bench, config, data, log, memory, model, sim, site, stack
 from outpost.errors import OutpostError
 
 app = typer.Typer(
@@ -16,6 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.callback()(site.root_options)
 stack.register(app)
 sim.register(app)
 bench.register(app)
@@ -23,6 +28,37 @@ config.register(app)
 model.register(app)
 log.register(app)
 memory.register(app)
+data.register(app)
+
+
+def _reflow(text: str) -> str:
+    """A docstring's paragraphs, each on one line: typer keeps a docstring's line breaks in the
+    commands' list, which then broke mid-sentence."""
+    return "\n\n".join(re.sub(r"\s*\n\s*", " ", p) for p in inspect.cleandoc(text).split("\n\n"))
+
+
+def _reflow_help(t: typer.Typer) -> None:
+    commands: list[CommandInfo] = list(t.registered_commands)
+    for info in commands:
+        doc = info.help or (inspect.getdoc(info.callback) if info.callback is not None else None)
+        if doc:
+            info.help = _reflow(doc)
+    for group in t.registered_groups:
+        if group.typer_instance is not None:
+            _reflow_help(group.typer_instance)
+
+
+def _flag_type(self: TyperOption, ctx: object) -> str | None:
+    """A flag takes no value: its help shows none (typer 0.29 shows ``<bool>``, which reads as if
+    ``--json true`` were the way to give it)."""
+    if self.is_flag:
+        return None
+    return _typer_display_type(self, ctx)  # type: ignore[arg-type]
+
+
+_typer_display_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
+_reflow_help(app)
 
 
 def main() -> None:

@@ -16,8 +16,9 @@ import typer
 from rich.table import Table
 
 from outpost.cli.output import print_json, stdout_console
+from outpost.cli.site import find_site, group_options
 from outpost.errors import ConfigError
-from outpost.services.registry import OutpostSettings, load_settings
+from outpost.services.registry import OutpostSettings
 
 memory_app = typer.Typer(
     help="Memory sync, the cloud side: run the replica, see what it holds.", no_args_is_help=True
@@ -27,19 +28,18 @@ BrokerOpt = Annotated[
     str | None, typer.Option("--broker", help="HOST:PORT of the cloud broker (default: mqtt.host/port).")
 ]
 DataOpt = Annotated[
-    Path | None, typer.Option("--data-dir", help="Where the replica keeps replica.db (default: data_dir).")
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Where the replica keeps replica.db (default: the data folder).",
+        show_default=False,
+    ),
 ]
+memory_app.callback()(group_options)
 
 
 def _settings(broker: str | None, data_dir: Path | None) -> OutpostSettings:
-    from outpost.stack import parse_broker
-
-    s = load_settings()
-    if broker:
-        s.mqtt.host, s.mqtt.port = parse_broker(broker)
-    if data_dir is not None:
-        s.data_dir = data_dir
-    return s
+    return find_site(data_dir, None, broker).settings
 
 
 @memory_app.command("replica")
@@ -71,8 +71,7 @@ def cloud(
     """What the replica holds per site: items, log summaries, entries summarised, last offsets."""
     from outpost.services.memory.replica import ReplicaStore
 
-    folder = data_dir or Path(load_settings().data_dir)
-    path = folder / "replica.db"
+    path = Path(_settings(None, data_dir).data_dir) / "replica.db"
     if not path.is_file():
         raise ConfigError(f"no replica at {path} (run `outpost memory replica` there first)")
     store = ReplicaStore(path, readonly=True)

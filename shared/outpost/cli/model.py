@@ -1,8 +1,10 @@
 """``outpost model``: the model registry (list, verify, activate, shadow, rollback, quantize).
 
 The registry is the folder of model versions (``inference.models_dir``, by default the models
-Outpost ships) plus the state in ``{data_dir}/inference/registry.db``; a running inference service
-picks up every change within ``inference.reload_s`` and swaps between batches."""
+Outpost ships) plus the site's state in ``{data_dir}/sites/{site}/inference/registry.db``, found as
+every command finds its site (:mod:`outpost.cli.site`); a running inference service picks up every
+change within ``inference.reload_s`` and swaps between batches. Reading (list, verify) never
+creates the state; a change (activate, shadow, rollback) says which site's registry it wrote."""
 
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ import typer
 from rich.table import Table
 
 from outpost.cli.output import print_json, stdout_console
+from outpost.cli.site import DataDirOpt, SiteOpt, find_site, group_options
 from outpost.errors import ConfigError, OutpostError
-from outpost.services.registry import load_settings
 
 model_app = typer.Typer(
     help="Model registry: list, verify, activate, shadow, rollback, quantize.", no_args_is_help=True
@@ -23,18 +25,35 @@ model_app = typer.Typer(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")]
 NameArg = Annotated[str, typer.Argument(help="Model name, e.g. fridge-anomaly.")]
 VersionArg = Annotated[str, typer.Argument(help="Version, e.g. 1.1.0.")]
+model_app.callback()(group_options)
 
 
-def _registry() -> Any:
+def _registry(
+    data_dir: Path | None, site: str | None, *, write: bool = False, need_state: bool = True
+) -> Any:
+    """The site's registry. Without ``write`` a missing state is an error saying where it looked
+    (``need_state``) or an empty one in memory (verify reads only the model files)."""
     from outpost.services.inference.registry import PACKAGED_MODELS, Registry
 
-    s = load_settings()
+    w = find_site(data_dir, site)
+    s = w.settings
     models_dir = s.inference.models_dir or PACKAGED_MODELS
     if not models_dir.is_dir():
         raise ConfigError(f"inference.models_dir {models_dir} is not a folder")
     from outpost.services.inference.loaded import check_loads
 
-    return Registry(models_dir, Path(s.data_dir) / "inference" / "registry.db", check_load=check_loads)
+    state = w.site_path("inference", "registry.db")
+    if not write and not state.is_file():
+        if need_state:
+            raise ConfigError(
+                f"no model registry for site {w.site!r}: looked for {state} ({w.running()}; site from "
+                f"{w.site_from}, data folder from {w.data_dir_from}); give --data-dir and --site, or "
+                "start the site once with `outpost up`"
+            )
+        state = Path(":memory:")
+    if write:
+        typer.echo(f"site {w.site!r}, registry {state}", err=True)
+    return Registry(models_dir, state, check_load=check_loads)
 
 
 def _known(reg: Any, name: str, version: str | None = None) -> None:
@@ -47,9 +66,9 @@ def _known(reg: Any, name: str, version: str | None = None) -> None:
 
 
 @model_app.command("list")
-def list_models(json_out: JsonOpt = False) -> None:
-    """Every model version in the registry, which is active, which shadows, which failed."""
-    reg = _registry()
+def list_models(json_out: JsonOpt = False, data_dir: DataDirOpt = None, site: SiteOpt = None) -> None:
+    """Every model version in the site's registry, which is active, which shadows, which failed."""
+    reg = _registry(data_dir, site)
     rows: list[dict[str, Any]] = []
     for name in reg.names():
         state = reg.state(name)
@@ -91,13 +110,15 @@ def verify(
     name: Annotated[str | None, typer.Argument(help="Model name (default: every model).")] = None,
     version: Annotated[str | None, typer.Argument(help="Version (default: every version).")] = None,
     json_out: JsonOpt = False,
+    data_dir: DataDirOpt = None,
+    site: SiteOpt = None,
 ) -> None:
     """Check manifests and checksums, and load each version on ONNX Runtime (CPU) with a warm-up
     that checks its shapes against the manifest. Exit code 2 if any version fails."""
     from outpost.services.inference.backends.config import OrtConfig
     from outpost.services.inference.loaded import load_model
 
-    reg = _registry()
+    reg = _registry(data_dir, site, need_state=False)
     names = [name] if name else reg.names()
     results: list[dict[str, Any]] = []
     for n in names:
@@ -123,9 +144,9 @@ def verify(
 
 
 @model_app.command("activate")
-def activate(name: NameArg, version: VersionArg) -> None:
+def activate(name: NameArg, version: VersionArg, data_dir: DataDirOpt = None, site: SiteOpt = None) -> None:
     """Make VERSION the active one (verified first; a corrupt file is refused)."""
-    reg = _registry()
+    reg = _registry(data_dir, site, write=True)
     _known(reg, name, version)
     before = reg.state(name)
     reg.activate(name, version)
@@ -138,9 +159,11 @@ def shadow(
     name: NameArg,
     version: Annotated[str | None, typer.Argument(help="Candidate version (omit with --off).")] = None,
     off: Annotated[bool, typer.Option("--off", help="Stop shadowing.")] = False,
+    data_dir: DataDirOpt = None,
+    site: SiteOpt = None,
 ) -> None:
     """Score VERSION alongside the active one; agreement and latency go to the service's metrics."""
-    reg = _registry()
+    reg = _registry(data_dir, site, write=True)
     if off == (version is not None):
         raise ConfigError("give a VERSION to shadow, or --off to stop shadowing")
     _known(reg, name, version)
@@ -149,9 +172,9 @@ def shadow(
 
 
 @model_app.command("rollback")
-def rollback(name: NameArg) -> None:
+def rollback(name: NameArg, data_dir: DataDirOpt = None, site: SiteOpt = None) -> None:
     """Go back to the version active before the current one (skipping versions that failed)."""
-    reg = _registry()
+    reg = _registry(data_dir, site, write=True)
     _known(reg, name)
     before = reg.state(name)
     after = reg.rollback(name)
@@ -167,12 +190,14 @@ def quantize(
         bool, typer.Option("--overwrite", help="Replace an existing -int8 version.")
     ] = False,
     json_out: JsonOpt = False,
+    data_dir: DataDirOpt = None,
+    site: SiteOpt = None,
 ) -> None:
     """Make VERSION-int8 (dynamic INT8 weights) and report size, latency and held-out accuracy
     against the float model."""
     from outpost.services.inference.quantize import quantize as run_quantize
 
-    reg = _registry()
+    reg = _registry(data_dir, site, need_state=False)
     _known(reg, name, version)
     report = run_quantize(reg, name, version, overwrite=overwrite).as_dict()
     if json_out:

@@ -1,7 +1,8 @@
 """``outpost sim``: run the device simulator against a broker and report what was sent.
 
 Defaults for the broker, site, prefix and credentials come from Outpost's settings (site file and
-``OUTPOST_*`` variables, ``OUTPOST_MQTT__PASSWORD`` included), so the simulator aims where the
+``OUTPOST_*`` variables, ``OUTPOST_MQTT__PASSWORD`` included) and from the run file of the
+``outpost up`` that owns the data folder (:mod:`outpost.cli.site`), so the simulator aims where the
 services listen unless told otherwise. The password is never printed: it is not echoed in help,
 errors or the report.
 """
@@ -21,8 +22,8 @@ import typer
 from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
+from outpost.cli.site import DataDirOpt, SiteOpt, find_site
 from outpost.errors import ConfigError
-from outpost.services.registry import load_settings
 
 
 class ScenarioName(StrEnum):
@@ -40,9 +41,10 @@ def _options_error(exc: ValidationError) -> ConfigError:
 
 def sim(
     broker: Annotated[
-        str | None, typer.Option(help="Broker as HOST:PORT (default: the mqtt host and port settings).")
+        str | None,
+        typer.Option(help="Broker as HOST:PORT (default: the mqtt settings, then the running site's)."),
     ] = None,
-    site: Annotated[str | None, typer.Option(help="Site id (default: the site setting).")] = None,
+    site: SiteOpt = None,
     prefix: Annotated[
         str | None, typer.Option(help="Topic prefix (default: the prefix setting, outpost).")
     ] = None,
@@ -95,15 +97,17 @@ def sim(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the report as one JSON object on the last line.")
     ] = False,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Simulate a fleet of devices publishing telemetry (with bad input, anomalies and churn)."""
     from outpost.sim import SimOptions, run
     from outpost.sim.report import render
 
-    settings = load_settings()
+    where = find_site(data_dir, site, broker)
+    settings = where.settings
     fields: dict[str, object] = {
-        "broker": broker or f"{settings.mqtt.host}:{settings.mqtt.port}",
-        "site": site or settings.site,
+        "broker": where.broker,
+        "site": settings.site,
         "prefix": prefix or settings.prefix,
         "devices": devices,
         "scenario": scenario.value,

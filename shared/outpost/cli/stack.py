@@ -22,11 +22,13 @@ from rich.live import Live
 from rich.table import Table
 
 from outpost.broker import port_open
+from outpost.cli.output import print_json
+from outpost.cli.site import DataDirOpt, SiteOpt, Where, find_site
 from outpost.errors import BrokerError
 from outpost.log import setup_logging
 from outpost.monitor import SiteMonitor
 from outpost.service import install_stop_signals
-from outpost.services.registry import OutpostSettings, load_settings
+from outpost.services.registry import OutpostSettings
 from outpost.stack import Stack, parse_broker
 
 console = Console()
@@ -34,37 +36,58 @@ console = Console()
 BrokerOpt = Annotated[
     str | None, typer.Option("--broker", help="Use a running broker HOST:PORT instead of starting one.")
 ]
-SiteOpt = Annotated[str | None, typer.Option("--site", help="Site id (default: OUTPOST_SITE or site file).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")]
 
 
-def _settings(site: str | None, data_dir: Path | None = None) -> OutpostSettings:
-    overrides: dict[str, Any] = {}
-    if site is not None:
-        overrides["site"] = site
-    if data_dir is not None:
-        overrides["data_dir"] = data_dir
-    settings = load_settings(**overrides)
+def _settings(where: Where) -> OutpostSettings:
+    settings = where.settings
     setup_logging("WARNING" if settings.log_level == "INFO" else settings.log_level, json=settings.log_json)
     return settings
 
 
 def _services_table(stack: Stack, mon: SiteMonitor) -> Table:
     t = Table(title=f"Outpost site {stack.settings.site!r} on broker {stack.broker_address}", expand=False)
-    for col in ("service", "process", "pid", "restarts", "uptime s", "status (MQTT)"):
-        t.add_column(col)
+    for col in ("service", "process", "pid", "restarts", "uptime s", "MQTT status", "said last"):
+        t.add_column(col, overflow="fold")
     assert stack.supervisor is not None
     for row in stack.supervisor.status():
         name = str(row["service"])
+        st = mon.status.get(name, {})
+        shown = str(st.get("state", "-"))
+        if st.get("health") == "degraded":
+            shown += " (degraded)"
+        said = str(row["reason"] or "")
+        if row["log_error"]:
+            said = f"{said} [{row['log_error']}]" if said else str(row["log_error"])
         t.add_row(
             name,
             str(row["state"]),
             str(row["pid"] or "-"),
             str(row["restarts"]),
             str(row["uptime_s"]),
-            str(mon.status.get(name, {}).get("state", "-")),
+            shown,
+            said[:300],
         )
     return t
+
+
+def _ended(stack: Stack) -> bool:
+    """Say how each service ended (the live table shows the last moment before the stop); True
+    when every one exited 0."""
+    rows = stack.final_status
+    if all(r["last_exit"] == 0 for r in rows):
+        names = ", ".join(f"{r['service']} exit 0" for r in rows) or "nothing ran"
+        console.print(f"\nstopped cleanly ({names})")
+        return True
+    console.print(f"\nstopped, not cleanly (logs in {stack.log_dir}):", soft_wrap=True)
+    for r in rows:
+        line = f"  {r['service']}: exit {r['last_exit']}"
+        if r["last_exit"] != 0:
+            line += f": {r['reason']}"
+        if r["log_error"]:
+            line += f" ({r['log_error']})"
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
+    return False
 
 
 def _flow_table(mon: SiteMonitor, sent: int | None = None, bad: int | None = None) -> Table:
@@ -107,10 +130,12 @@ def _flow_table(mon: SiteMonitor, sent: int | None = None, bad: int | None = Non
 def up(
     broker: BrokerOpt = None,
     site: SiteOpt = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Durable state (default: OUTPOST_DATA_DIR).")] = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
-    """Start the broker (unless --broker) and every service, supervised, until Ctrl-C or SIGTERM."""
-    settings = _settings(site, data_dir)
+    """Start the broker (unless --broker) and every service, supervised, until Ctrl-C or SIGTERM.
+    It owns the data folder while it runs (a second one there is refused) and writes its run file,
+    through which every other command finds the site."""
+    settings = _settings(find_site(data_dir, site))
     if broker:
         parse_broker(broker)
     stop = threading.Event()
@@ -120,7 +145,8 @@ def up(
         # where its broker listens; the live table below refreshes only on a terminal
         console.print(
             f"Outpost site {settings.site!r}: broker {settings.mqtt.host}:{settings.mqtt.port}, "
-            f"data in {stack.data_dir}, uplink {settings.uplink.cloud or 'none'}; Ctrl-C or SIGTERM stops it",
+            f"state in {stack.site_dir}, uplink {settings.uplink.cloud or 'none'}, PID {os.getpid()}; "
+            "Ctrl-C or SIGTERM stops it",
             soft_wrap=True,
         )
         mon = SiteMonitor(
@@ -138,13 +164,7 @@ def up(
                     live.update(_services_table(stack, mon))
         finally:
             mon.stop()
-    # the live table above shows the last moment before the stop; say how each service ended
-    exits = {str(r["service"]): r["last_exit"] for r in stack.final_status}
-    if all(code == 0 for code in exits.values()):
-        console.print(f"\nstopped cleanly ({', '.join(f'{n} exit 0' for n in exits) or 'nothing ran'})")
-    else:
-        shown = ", ".join(f"{n} exit {code}" for n, code in exits.items())
-        console.print(f"\nstopped, not cleanly: {shown} (logs in {stack.data_dir / 'logs'})")
+    if not _ended(stack):
         raise typer.Exit(1)
 
 
@@ -196,8 +216,9 @@ def demo(
         bool, typer.Option("--keep", help="Keep the demo's state folder (logs, databases) afterwards.")
     ] = False,
 ) -> None:
-    """Start the stack with the retail simulator, show it live, then summarize and stop everything."""
-    settings = _settings(site or "demo")
+    """Start the stack with the retail simulator, show it live, then summarize and stop everything.
+    It runs in a temporary data folder of its own, whatever --data-dir says."""
+    settings = _settings(find_site(None, site or "demo"))
     tmp = Path(tempfile.mkdtemp(prefix="outpost-demo-"))
     tmp.chmod(0o755)  # the broker drops to the user mosquitto and must reach its data folder
     settings.data_dir = tmp
@@ -215,8 +236,13 @@ def demo(
             while any(mon.status.get(n, {}).get("state") != "online" for n in names):
                 if time.monotonic() > deadline or stop.is_set():
                     waiting = [n for n in names if mon.status.get(n, {}).get("state") != "online"]
+                    said = "; ".join(
+                        f"{r['service']}: {r['reason']}" for r in stack.supervisor.status() if r["reason"]
+                    )
                     raise BrokerError(
-                        f"{', '.join(waiting)} did not come online within 30 s; see {tmp / 'logs'}"
+                        f"{', '.join(waiting)} did not come online within 30 s"
+                        + (f" ({said})" if said else "")
+                        + f"; see {stack.log_dir}"
                     )
                 time.sleep(0.1)
             sim = _run_sim(
@@ -311,48 +337,157 @@ def _settle(mon: SiteMonitor, quiet_s: float = 1.5, limit_s: float = 15.0) -> No
 def status(
     broker: Annotated[
         str | None,
-        typer.Option("--broker", help="The site's broker, HOST:PORT (default: the configured one)."),
+        typer.Option(
+            "--broker", help="The site's broker, HOST:PORT (default: the settings, then the running site's)."
+        ),
     ] = None,
     site: SiteOpt = None,
+    data_dir: DataDirOpt = None,
     wait_s: Annotated[float, typer.Option("--wait", help="Seconds to listen for metrics.", min=0.5)] = 6.0,
     json_out: JsonOpt = False,
 ) -> None:
-    """Show each service's retained status and latest metrics, read from the broker."""
-    settings = _settings(site)
-    if broker:
-        settings.mqtt.host, settings.mqtt.port = parse_broker(broker)
+    """Each service's state, health and problems, throughput and dead letters by reason, and the
+    uplink with its backlog, read from the site's broker. Exit 1 when no service reports there."""
+    where = find_site(data_dir, site, broker)
+    settings = _settings(where)
+    looked = (
+        f"site {where.site!r} (from {where.site_from}) at broker {where.broker} (from {where.broker_from})"
+    )
     if not port_open(settings.mqtt.host, settings.mqtt.port, timeout=2):
-        raise BrokerError(f"no broker at {settings.mqtt.host}:{settings.mqtt.port}")
+        raise BrokerError(
+            f"no broker at {where.broker}: looked for {looked}; {where.running()}. Start the site with "
+            "`outpost up`, or give --broker HOST:PORT or the --data-dir it runs in"
+        )
     mon = SiteMonitor(
         settings.mqtt, settings.topics, client_id=f"outpost-status-{os.getpid()}", watch_events=False
     )
     mon.start()
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and (not mon.status or set(mon.status) - set(mon.metrics)):
+    # two metrics snapshots of each service give its current throughput; one will do at the deadline
+    while time.monotonic() < deadline and (not mon.status or set(mon.status) - set(mon.previous_metrics)):
         time.sleep(0.1)
     mon.stop()
-    t = Table(title=f"site {settings.site!r} at {settings.mqtt.host}:{settings.mqtt.port}")
-    for col in ("service", "state", "version", "config", "pid", "key counters"):
-        t.add_column(col)
-    out: dict[str, Any] = {"site": settings.site, "services": {}}
-    for name, st in sorted(mon.status.items()):
-        counters = mon.metrics.get(name, {}).get("counters", {})
-        shown = ", ".join(f"{k}={v}" for k, v in list(counters.items())[:6])
-        state = str(st.get("state"))
-        if st.get("health") == "degraded":
-            state += " (degraded: " + "; ".join(st.get("problems") or []) + ")"
-        t.add_row(
-            name,
-            state,
-            str(st.get("version")),
-            str(st.get("config_hash")),
-            str(st.get("pid")),
-            shown,
+    report = status_report(mon, where)
+    if not mon.status:
+        err = Console(stderr=True)
+        err.print(
+            f"nothing reports on {looked}; {where.running()}. Try --site (the site `outpost up` printed), "
+            "--broker HOST:PORT, or --data-dir of the running site (`outpost data where` shows what "
+            "the commands find)",
+            soft_wrap=False,
+            markup=False,
+            highlight=False,
         )
-        out["services"][name] = {"status": st, "metrics": mon.metrics.get(name)}
-    console.print(t if mon.status else "no service has reported on this site")
+        if json_out:
+            print_json(report)
+        raise typer.Exit(1)
+    print_status(report)
     if json_out:
-        sys.stdout.write(orjson.dumps(out).decode() + "\n")
+        print_json(report)
+
+
+def status_report(mon: SiteMonitor, where: Where) -> dict[str, Any]:
+    """Everything ``outpost status`` shows, as the JSON it prints with ``--json``."""
+    services: dict[str, Any] = {}
+    dlq: dict[str, dict[str, int]] = {}
+    uplink: dict[str, Any] | None = None
+    for name, st in sorted(mon.status.items()):
+        metrics = mon.metrics.get(name)
+        counters: dict[str, int] = (metrics or {}).get("counters", {})
+        reasons = {k.split(".", 1)[1]: int(v) for k, v in counters.items() if k.startswith("rejected.") and v}
+        if reasons:
+            dlq[name] = dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
+        rate = mon.message_rate(name)
+        started = st.get("started_ns")
+        avg = None
+        if metrics is not None and isinstance(started, int) and isinstance(metrics.get("ts"), int):
+            up_s = (metrics["ts"] - started) / 1e9
+            avg = counters.get("messages", 0) / up_s if up_s > 0 else None
+        state = (metrics or {}).get("state", {})
+        if name == "memory" and isinstance(state, dict):
+            if "uplink" in state:
+                uplink = {
+                    "up": bool(state["uplink"]),
+                    "backlog": {k: v.get("backlog") for k, v in state.items() if isinstance(v, dict)},
+                }
+            elif state.get("sync") == "off":
+                uplink = {"up": None, "sync": "off", "backlog": {}}
+        services[name] = {
+            "state": st.get("state"),
+            "health": st.get("health"),
+            "problems": st.get("problems") or [],
+            "reason": st.get("reason"),
+            "pid": st.get("pid"),
+            "version": st.get("version"),
+            "config_hash": st.get("config_hash"),
+            "messages": counters.get("messages", 0) if metrics is not None else None,
+            "messages_per_s": None if rate is None else round(rate, 1),
+            "messages_per_s_since_start": None if avg is None else round(avg, 1),
+            "rejected": counters.get("rejected", 0) if metrics is not None else None,
+            "metrics": metrics,
+            "status": st,
+        }
+    return {
+        "site": where.site,
+        "broker": where.broker,
+        "where": where.describe(),
+        "services": services,
+        "dlq": dlq,
+        "uplink": uplink,
+    }
+
+
+def print_status(report: dict[str, Any]) -> None:
+    """Tables narrow enough for 80 columns: long texts (problems, reasons) go on lines of their own.
+    The terminal's width, or COLUMNS, or 80 when it is neither."""
+    out = Console(highlight=False)
+    w = report["where"]
+    out.print(
+        f"site {report['site']!r}, broker {report['broker']} (from {w['broker_from']})",
+        markup=False,
+        highlight=False,
+    )
+    t = Table(title=None, expand=False)
+    for col, just in (("service", "left"), ("state", "left"), ("health", "left"), ("pid", "right")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    t.add_column("msg/s", justify="right")
+    t.add_column("messages", justify="right")
+    t.add_column("DLQ", justify="right")
+    notes: list[str] = []
+    for name, s in report["services"].items():
+        if s["metrics"] is None:
+            rate, total, rejected = "no metrics yet", "", ""
+        else:
+            now = s["messages_per_s"]
+            rate = f"{now:,.0f}" if now is not None else f"~{s['messages_per_s_since_start'] or 0:,.0f} avg"
+            total, rejected = f"{s['messages']:,}", f"{s['rejected']:,}"
+        t.add_row(name, str(s["state"]), str(s["health"] or "-"), str(s["pid"] or "-"), rate, total, rejected)
+        for problem in s["problems"]:
+            notes.append(f"{name}: {problem}")
+        if s["reason"]:
+            notes.append(f"{name}: {s['reason']}")
+    out.print(t)
+    for note in notes:
+        out.print(f"  problem  {note}", markup=False, highlight=False)
+    if report["dlq"]:
+        d = Table(title="dead letters by reason, since start", expand=False)
+        d.add_column("service")
+        d.add_column("reason")
+        d.add_column("count", justify="right")
+        for name, reasons in report["dlq"].items():
+            for reason, n in reasons.items():
+                d.add_row(name, reason, f"{n:,}")
+        out.print(d)
+    else:
+        out.print("dead letters: none")
+    up = report["uplink"]
+    if up is None:
+        out.print("uplink: no metrics from memory yet")
+    elif up.get("sync") == "off":
+        out.print("uplink: none (uplink.cloud is not set; memory sync off)")
+    else:
+        backlog = ", ".join(f"{k} {v:,}" for k, v in up["backlog"].items() if v is not None) or "none"
+        out.print(f"uplink: {'up' if up['up'] else 'DOWN'}; backlog not yet in the cloud: {backlog}")
 
 
 def register(app: typer.Typer) -> None:
