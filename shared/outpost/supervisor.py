@@ -77,11 +77,13 @@ class Child:
 
     @property
     def reason(self) -> str:
-        """What the last lines say about a child that exited non-zero ('' otherwise): its last
-        line of output, the one a service that cannot start ends with (``error: ...``)."""
+        """What the last lines say about a child that exited non-zero ('' otherwise): the last
+        ``error: ...`` line (what ``service_main`` writes to stderr, first, when a service cannot
+        run; its log record may follow it), else its last line of output."""
         if self.last_exit in (None, 0):
             return ""
-        said = next((line for line in reversed(self.lines) if line.strip()), "")
+        said = next((line for line in reversed(self.lines) if line.startswith("error: ")), "")
+        said = said or next((line for line in reversed(self.lines) if line.strip()), "")
         return said or f"exit {self.last_exit} without output"
 
     @property
