@@ -134,3 +134,38 @@ def test_kill_9_during_appends_loses_nothing_that_was_acknowledged(tmp_path: Pat
     assert len(offsets) >= acked and offsets[:acked] == list(range(1, acked + 1))
     assert offsets == list(range(1, len(offsets) + 1))  # no hole, whatever was in flight
     log.close()
+
+
+def test_a_message_id_already_logged_is_not_appended_again(log: OpLog) -> None:
+    """A redelivered message (committed, then a crash before its acknowledgement) or a dead letter
+    sent twice across a reconnect carries the same id: logged once, and the offsets stay dense."""
+    first = [Record(i, "event", f"t{i}", "t", b"{}", mid=f"event:e{i}") for i in range(4)]
+    assert log.append(first) == (1, 4)
+    again = [
+        Record(9, "event", "t2", "t", b"{}", mid="event:e2"),
+        Record(9, "event", "t9", "t", b"{}", mid="event:e9"),
+    ]
+    assert log.append(again) == (5, 5)
+    assert log.append(first[:2]) == (0, 0)
+    assert log.append([Record(1, "dlq", "t1", "t", b"{}", mid="dlq:e1")]) == (6, 6)  # another kind
+    assert log.append([rec(20), rec(20)]) == (7, 8)  # no id: always appended
+    assert log.duplicates == 3
+    assert [e.trace for e in log.read(0)] == ["t0", "t1", "t2", "t3", "t9", "t1", "t20", "t20"]
+
+
+def test_a_log_written_before_message_ids_gains_them(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        'CREATE TABLE log ("offset" INTEGER PRIMARY KEY AUTOINCREMENT, ts INTEGER NOT NULL, at INTEGER NOT NULL,'
+        " kind TEXT NOT NULL, trace TEXT NOT NULL, topic TEXT NOT NULL, body BLOB NOT NULL);"
+        " INSERT INTO log (ts, at, kind, trace, topic, body) VALUES (1, 1, 'event', 'old', 't', x'7b7d');"
+    )
+    db.commit()
+    db.close()
+    log = OpLog(path)
+    assert log.append([Record(2, "event", "new", "t", b"{}", mid="event:n")]) == (2, 2)
+    assert log.append([Record(2, "event", "new", "t", b"{}", mid="event:n")]) == (0, 0)
+    assert [e.trace for e in log.read(0)] == ["old", "new"]

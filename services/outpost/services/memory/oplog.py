@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS log (
     kind TEXT NOT NULL,
     trace TEXT NOT NULL,
     topic TEXT NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    mid TEXT
 );
 CREATE INDEX IF NOT EXISTS log_trace ON log (trace);
 CREATE INDEX IF NOT EXISTS log_ts ON log (ts);
@@ -67,6 +68,10 @@ class Record:
     trace: str
     topic: str
     body: bytes
+    mid: str | None = None
+    """The message's own id (its envelope ``id``), where it has one: an entry whose id is already
+    in the log is not appended again (a message redelivered after a crash between the commit and
+    its acknowledgement, a dead letter a service sent twice across a reconnect)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +100,23 @@ _COLUMNS = 'SELECT "offset", ts, at, kind, trace, topic, body FROM log'
 class OpLog:
     def __init__(self, path: Path, *, synchronous: Sync = "FULL") -> None:
         self.path = path
+        self.duplicates = 0
+        """Records left out of :meth:`append` because their message id was already logged."""
         try:
             self.store = Store(path, _SCHEMA, synchronous=synchronous)
         except sqlite3.DatabaseError as exc:
             raise LogError(f"operational log {path} cannot be used ({exc})") from None
         self.db = self.store.db
+        self._add_message_ids()
+
+    def _add_message_ids(self) -> None:
+        """Give a log written before message ids were kept its ``mid`` column and unique index
+        (older entries have none, so they never collide)."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(log)")}
+        with transaction(self.db) as db:
+            if "mid" not in columns:
+                db.execute("ALTER TABLE log ADD COLUMN mid TEXT")
+            db.execute("CREATE UNIQUE INDEX IF NOT EXISTS log_mid ON log (mid) WHERE mid IS NOT NULL")
 
     def close(self) -> None:
         self.store.close()
@@ -107,17 +124,41 @@ class OpLog:
     # --- writing ---------------------------------------------------------------------------------
     def append(self, records: Sequence[Record]) -> tuple[int, int]:
         """Append a batch in one transaction (one fsync under FULL); the first and last offsets
-        given, or (0, 0) for an empty batch. Offsets only ever grow, also across deletions."""
-        if not records:
-            return (0, 0)
+        given, or (0, 0) when nothing was appended. A record whose ``mid`` is already in the log,
+        or earlier in the batch, is left out (:attr:`duplicates` counts them); the others take
+        consecutive offsets. Offsets only ever grow, also across deletions."""
         now = time.time_ns()
         with transaction(self.db) as db:
+            fresh = self._unlogged(db, records)
+            if not fresh:
+                return (0, 0)
             db.executemany(
-                "INSERT INTO log (ts, at, kind, trace, topic, body) VALUES (?, ?, ?, ?, ?, ?)",
-                [(r.ts, now, r.kind, r.trace, r.topic, r.body) for r in records],
+                "INSERT INTO log (ts, at, kind, trace, topic, body, mid) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(r.ts, now, r.kind, r.trace, r.topic, r.body, r.mid) for r in fresh],
             )
             last = sequence(db, "log")
-        return (last - len(records) + 1, last)
+        return (last - len(fresh) + 1, last)
+
+    def _unlogged(self, db: sqlite3.Connection, records: Sequence[Record]) -> Sequence[Record]:
+        """``records`` less those whose message id is logged already. Looked up before the insert
+        (an ``INSERT OR IGNORE`` would still use up an offset for each row it leaves out)."""
+        mids = [r.mid for r in records if r.mid is not None]
+        if not mids:
+            return records
+        seen: set[str] = set()
+        for i in range(0, len(mids), 500):  # under SQLite's limit on bound parameters
+            part = mids[i : i + 500]
+            marks = ",".join("?" * len(part))
+            seen.update(row[0] for row in db.execute(f"SELECT mid FROM log WHERE mid IN ({marks})", part))
+        fresh: list[Record] = []
+        for r in records:
+            if r.mid is not None:
+                if r.mid in seen:
+                    continue
+                seen.add(r.mid)
+            fresh.append(r)
+        self.duplicates += len(records) - len(fresh)
+        return fresh
 
     # --- reading ---------------------------------------------------------------------------------
     def read(self, after: int, limit: int = 1000) -> list[Entry]:

@@ -315,8 +315,8 @@ class MemoryService:
         single = len(items) == 1
         out: list[Record] = []
         for _, item in items:
-            ts = item.get("ts")
-            trace = item.get("trace") or item.get("id") or ""
+            ts, mid = item.get("ts"), item.get("id")
+            trace = item.get("trace") or mid or ""
             out.append(
                 Record(
                     ts if type(ts) is int and ts >= 0 else now,
@@ -324,6 +324,9 @@ class MemoryService:
                     trace if isinstance(trace, str) else str(trace)[:128],
                     topic,
                     raw if single else orjson.dumps(item),
+                    # the id keeps a redelivered message from being logged twice; a kind of its
+                    # own, as a dead letter may carry the id of the message it refused
+                    f"{kind}:{mid}"[:160] if isinstance(mid, str) and mid else None,
                 )
             )
         return out
@@ -352,6 +355,7 @@ class MemoryService:
         done = 0
         start = time.perf_counter_ns()
         c = self.metrics.counters
+        dups = self.oplog.duplicates
         try:
             while done < len(records):
                 part = records[done : done + chunk]
@@ -364,7 +368,9 @@ class MemoryService:
             # Not acknowledged: the broker redelivers them after a restart. Kept for the next try
             # in this process too, so a transient error (disk full, locked) loses nothing.
             self._pending = records[done:] + self._pending
-            c["entries"] += done
+            dups = self.oplog.duplicates - dups
+            c["entries"] += done - dups
+            c["log_duplicates"] += dups
             c["commit_failures"] += 1
             first = not self._backoff
             lo, hi = BACKOFF_S
@@ -380,7 +386,9 @@ class MemoryService:
             log.info("log commits resumed", extra={"failures": c["commit_failures"]})
             self._backoff = 0.0
         self._commit_hist.record_ns(time.perf_counter_ns() - start)
-        c["entries"] += len(records)
+        dups = self.oplog.duplicates - dups
+        c["entries"] += len(records) - dups
+        c["log_duplicates"] += dups
         self.rt.committed()
 
     def compact(self) -> None:
