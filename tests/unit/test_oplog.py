@@ -4,6 +4,7 @@ budget forces it, and kill -9 during appends loses nothing that was acknowledged
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -154,14 +155,14 @@ def test_a_message_id_already_logged_is_not_appended_again(log: OpLog) -> None:
 
 
 def test_a_log_written_before_message_ids_gains_them(tmp_path: Path) -> None:
-    import sqlite3
-
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
     db.executescript(
-        'CREATE TABLE log ("offset" INTEGER PRIMARY KEY AUTOINCREMENT, ts INTEGER NOT NULL, at INTEGER NOT NULL,'
-        " kind TEXT NOT NULL, trace TEXT NOT NULL, topic TEXT NOT NULL, body BLOB NOT NULL);"
-        " INSERT INTO log (ts, at, kind, trace, topic, body) VALUES (1, 1, 'event', 'old', 't', x'7b7d');"
+        'CREATE TABLE log ("offset" INTEGER PRIMARY KEY AUTOINCREMENT, ts INTEGER NOT NULL,'
+        " at INTEGER NOT NULL, kind TEXT NOT NULL, trace TEXT NOT NULL, topic TEXT NOT NULL,"
+        " body BLOB NOT NULL);"
+        " INSERT INTO log (ts, at, kind, trace, topic, body)"
+        " VALUES (1, 1, 'event', 'old', 't', x'7b7d');"
     )
     db.commit()
     db.close()
