@@ -16,10 +16,11 @@ from pydantic import ValidationError
 
 from outpost.broker import Mosquitto, uplink_bridge
 from outpost.services.memory.oplog import OpLog, Record
-from outpost.services.memory.sync import sync_mode
+from outpost.services.memory.sync import _SCHEMA, Summaries, sync_mode
 from outpost.services.memory.vectors import LongTermMemory
 from outpost.services.registry import OutpostSettings
 from outpost.settings import UplinkSettings
+from outpost.store import Store
 
 
 def test_long_term_memory_records_every_change_when_tracking(tmp_path: Path) -> None:
@@ -65,6 +66,22 @@ def test_the_log_summary_counts_kinds_and_topics_of_an_offset_range(tmp_path: Pa
     empty = log.summary(8, 8)
     assert empty["entries"] == 0 and empty["by_kind"] == {} and empty["first_ts"] is None
     log.close()
+
+
+def test_the_next_summary_starts_where_the_last_ended_after_the_cloud_has_taken_it(tmp_path: Path) -> None:
+    """The summaries the cloud acknowledged are deleted; where the last one ended is kept apart, so
+    a crash after a summary is stored and before the log's ``sync`` mark moves (the mark still at 0)
+    does not make the next summary start at offset 0 again: the cloud would hold two covering it."""
+    summaries = Summaries(Store(tmp_path / "sync.db", _SCHEMA))
+    assert summaries.summarized() == 0
+    summaries.add(300, b"{}")
+    summaries.add(450, b"{}")
+    assert summaries.summarized() == 450
+    summaries.trim(summaries.last())  # the cloud acknowledged both
+    assert summaries.after(0, 10) == [] and summaries.summarized() == 450
+    summaries.add(500, b"{}")
+    summaries.expire(time.time_ns() + 1)  # retention, too, keeps the mark
+    assert summaries.summarized() == 500
 
 
 def test_the_uplink_bridge_config(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ from outpost.service import ServiceRuntime
 from outpost.services.memory.oplog import OpLog
 from outpost.services.memory.vectors import LongTermMemory
 from outpost.services.registry import OutpostSettings
-from outpost.store import Store, sequence
+from outpost.store import Store, sequence, transaction
 from outpost.streams import SENDER_SCHEMA, OffsetStreams, Records
 
 log = get_logger("outpost.memory.sync")
@@ -56,6 +56,10 @@ CREATE TABLE IF NOT EXISTS summaries (
     log_to INTEGER NOT NULL,
     made_ns INTEGER NOT NULL,
     doc BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS summarized (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    log_to INTEGER NOT NULL
 );
 """
 )
@@ -82,7 +86,7 @@ class _LtmSource:
 
 
 @dataclass
-class _SummarySource:
+class Summaries:
     store: Store
 
     def after(self, offset: int, limit: int) -> Records:
@@ -104,6 +108,23 @@ class _SummarySource:
     def snapshot(self) -> int:
         return 0  # a summary the cloud acknowledged was forgotten: it cannot be made again
 
+    def summarized(self) -> int:
+        """The log offset the last summary ends at. Kept apart from the summaries, which go once
+        the cloud has them: the log's own mark (its ``sync`` consumer) is moved after the summary is
+        stored, so a crash in between would otherwise make the next summary start again from it."""
+        row = self.store.query(
+            "SELECT max(log_to) FROM (SELECT log_to FROM summarized UNION ALL SELECT log_to FROM summaries)"
+        )
+        return int(row[0][0] or 0)
+
+    def add(self, upto: int, doc: bytes) -> None:
+        """Store the summary of the log up to ``upto`` and move the mark, in one transaction."""
+        with transaction(self.store.db) as db:
+            db.execute(
+                "INSERT INTO summaries (log_to, made_ns, doc) VALUES (?, ?, ?)", (upto, time.time_ns(), doc)
+            )
+            db.execute("INSERT OR REPLACE INTO summarized (id, log_to) VALUES (0, ?)", (upto,))
+
 
 class MemorySync:
     """Runs on the memory service's bus thread (every call here is made from it)."""
@@ -117,10 +138,11 @@ class MemorySync:
         self.store = Store(folder / "sync.db", _SCHEMA, synchronous="FULL")
         oplog.register(LOG_CONSUMER)
         self._root = rt.topics.root + "/"
+        self.summaries = Summaries(self.store)
         self.streams = OffsetStreams(
             rt,
             self.store,
-            {"ltm": _LtmSource(ltm), "log": _SummarySource(self.store)},
+            {"ltm": _LtmSource(ltm), "log": self.summaries},
             part=PART,
             window=cfg.sync_window,
             batch=cfg.sync_batch,
@@ -136,18 +158,14 @@ class MemorySync:
 
     def summarize(self) -> None:
         """Summarise the log entries since the last summary into one ``log`` record."""
-        row = self.store.query("SELECT max(log_to) FROM summaries")
-        done = max(int(row[0][0] or 0), self.oplog.position(LOG_CONSUMER))
+        done = max(self.summaries.summarized(), self.oplog.position(LOG_CONSUMER))
         upto = self.oplog.last_offset
         if upto <= done:
             return
         doc = self.oplog.summary(done, upto)
         by_topic: dict[str, int] = doc["by_topic"]  # type: ignore[assignment]
         doc["by_topic"] = {t.removeprefix(self._root): n for t, n in by_topic.items()}
-        self.store.db.execute(
-            "INSERT INTO summaries (log_to, made_ns, doc) VALUES (?, ?, ?)",
-            (upto, time.time_ns(), orjson.dumps(doc)),
-        )
+        self.summaries.add(upto, orjson.dumps(doc))
         self.oplog.ack(LOG_CONSUMER, upto)  # after the summary is stored: a crash between redoes nothing
         self.metrics.counters["sync_summaries"] += 1
 
