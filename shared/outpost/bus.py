@@ -22,7 +22,13 @@ What the loop adds to paho:
 * a read gate: while it says no (a service's worker queue is full), the thread stops reading new
   packets but still writes, pings and runs timers and posted calls; unacknowledged QoS 1 messages
   then wait on the broker (backpressure);
-* any number of publish-confirmation listeners.
+* any number of publish-confirmation listeners;
+* a publish backlog it reports (:attr:`Bus.backlogged`: ``max_pending`` QoS 1 publishes wait for
+  the broker): the service kit then sheds what arrives at QoS 0, counted and dead-lettered, rather
+  than let its output grow without bound. The thread never stops reading for it, since the
+  broker's acknowledgements arrive on the same socket;
+* while disconnected, calls posted from other threads (a stop) run at once, not after the next
+  reconnect attempt (which can be ``reconnect_max_s`` away).
 
 paho's private attributes are used only through :mod:`outpost.paho_internals`.
 """
@@ -98,6 +104,7 @@ class Bus:
         receive_maximum: int = 1000,
         tick_s: float = 0.05,
         mqtt5: bool = True,
+        max_pending: int = 10_000,
     ) -> None:
         """``durable`` keeps the session (subscriptions and unacknowledged messages) on the broker
         for ``settings.session_expiry_s`` while the client is away, so a restart resumes where it
@@ -106,7 +113,10 @@ class Bus:
         ``mqtt5=False`` speaks MQTT 3.1.1: paho decodes MQTT 5 properties on every packet, ~10% of
         a one-reading-per-message hot path (docs/benchmarks.md). A 3.1.1 durable session lasts
         until the broker's ``persistent_client_expiration``, and the broker's
-        ``max_inflight_messages`` takes the place of ``receive_maximum``."""
+        ``max_inflight_messages`` takes the place of ``receive_maximum``.
+
+        ``max_pending``: QoS 1 publishes waiting for the broker's acknowledgement beyond which the
+        bus says it is :attr:`backlogged` (paho refuses a publish at 65,535)."""
         if not client_id:
             raise ValueError("client_id must not be empty")
         self._settings = settings
@@ -134,6 +144,7 @@ class Bus:
         self._handler_errors = 0
         self._receive_maximum = receive_maximum
         self._mqtt5 = mqtt5
+        self._max_pending = max_pending
 
         c = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -244,6 +255,21 @@ class Bus:
                 self._publishing -= 1
         return int(info.mid)
 
+    def unsubscribe(self, pattern: str) -> None:
+        """Unsubscribe now, if connected (an on_connect hook drops a subscription an older version
+        left in a durable session)."""
+        if self._connected.is_set():
+            self._client.unsubscribe(pattern)
+
+    @property
+    def backlogged(self) -> bool:
+        """``max_pending`` QoS 1 publishes, or as many packets, wait to go out: the broker is not
+        keeping up with what this client publishes."""
+        return (
+            len(self._pending) >= self._max_pending
+            or internals.queued_packets(self._client) >= self._max_pending
+        )
+
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a received message (``manual_ack`` mode)."""
         if qos > 0:
@@ -313,6 +339,7 @@ class Bus:
         if final and self.connected:
             self.drain(min(2.0, max(drain_s, 0.5)))
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -391,7 +418,21 @@ class Bus:
             self.run_posted()
             if self._stop.is_set():
                 break
-            self._stop.wait(next(delays))
+            self._wait_offline(next(delays))
+
+    def _wait_offline(self, delay: float) -> None:
+        """Wait ``delay`` before the next connect attempt, running what other threads post (a
+        stop's calls) as it comes: a stop must not wait out a reconnect delay (up to
+        ``reconnect_max_s``) per call, which after a long broker outage made a service miss its
+        stop deadline and be killed."""
+        deadline = time.monotonic() + delay
+        while not self._stop.is_set():
+            self.run_posted()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(min(left, 0.1))
+            self._wake.clear()
 
     def _loop_until_disconnected(self) -> None:
         client = self._client

@@ -116,6 +116,30 @@ class Topics:
         return f"{self.root}/dev/+/telemetry"
 
     @property
+    def all_device_topics(self) -> str:
+        """Everything under ``.../dev/``: ingest subscribes to it rather than to
+        :attr:`all_telemetry` so that a telemetry topic with extra levels (a device id with ``/``)
+        reaches it and is dead-lettered as ``bad_topic`` instead of matching nothing."""
+        return f"{self.root}/dev/#"
+
+    def telemetry_device(self, topic: str) -> str | None:
+        """The device of a ``.../dev/{device}/telemetry`` topic; None for another kind of device
+        topic (``status``, ``cmd/...``); TopicError for a telemetry topic whose device level is
+        invalid or is more than one level (``dev/a/b/telemetry``)."""
+        if not topic.endswith("/telemetry"):
+            return None
+        root = self.root + "/dev/"
+        if not topic.startswith(root):
+            raise TopicError(f"not a device topic of site {self.site!r}: {topic[:200]!r}")
+        device = topic[len(root) : -len("/telemetry")]
+        if "/" in device:
+            raise TopicError(
+                f"telemetry topic has {device.count('/') + 1} levels between dev/ and /telemetry, "
+                f"expected one (a device id cannot contain '/'): {topic[:200]!r}"
+            )
+        return check_segment(device, "device")
+
+    @property
     def all_device_status(self) -> str:
         return f"{self.root}/dev/+/status"
 

@@ -27,7 +27,9 @@ REASONS: Final = (
     "stale_seq",
     "rate_limited",
     "quarantined",
+    "retained",
     "internal",
+    "overloaded",
 )
 OWN_REASONS: Final = REASONS[len(DECODE_REASONS) :]
 
