@@ -312,6 +312,31 @@ def test_unknown_unit(rig: Rig, unit: str) -> None:
     rig.assert_rejected("unknown_unit", raw, no_events_from="bad1")
 
 
+def test_duplicate_key(rig: Rig) -> None:
+    raw = b'{"device": "bad1", "seq": 1, "ts": %d, "metric": "m", "value": 1.0, "value": 99.0, "unit": "C"}'
+    raw = raw % time.time_ns()
+    rig.send("bad1", raw)
+    [entry] = rig.assert_rejected("duplicate_key", raw, no_events_from="bad1")
+    assert "'value'" in entry["detail"]
+
+
+def test_duplicate_key_in_a_batch_refuses_that_reading_alone(rig: Rig) -> None:
+    good = [make_reading("dk", s) for s in range(3)]
+    bad = orjson.dumps(make_reading("dk", 3))[:-1] + b',"seq":4}'
+    raw = b"[" + b",".join([*map(orjson.dumps, good), bad]) + b"]"
+    rig.send("dk", raw)
+    [entry] = rig.wait_dead_letters("duplicate_key")
+    assert entry["index"] == 3
+    assert sorted(e["seq"] for e in rig.wait_events("dk", 3)) == [0, 1, 2]
+
+
+def test_escaped_quotes_are_not_a_duplicate_key(rig: Rig) -> None:
+    """The cheap check counts quotes; an escaped one in a unit sends it to the full check, which
+    finds nothing: the reading is judged on its unit as usual."""
+    raw = rig.send("q1", make_reading("q1", 1, unit='in"'))
+    rig.assert_rejected("unknown_unit", raw)
+
+
 def test_device_mismatch(rig: Rig) -> None:
     raw = rig.send("bad1", make_reading("someone-else", 1))
     rig.assert_rejected("device_mismatch", raw, topic=rig.topic("bad1"), no_events_from="someone-else")

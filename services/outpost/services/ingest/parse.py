@@ -24,6 +24,7 @@ REASONS: Final = (
     "ts_past",
     "unknown_unit",
     "duplicate",
+    "duplicate_key",
     "stale_seq",
     "rate_limited",
     "quarantined",

@@ -20,6 +20,7 @@ there are no locks.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from typing import Any
@@ -159,6 +160,10 @@ class IngestService:
         cfg = self.cfg
         readings = msg.items
         reject = self.rt.reject
+        if msg.raw.count(b'"') != _QUOTES_PER_READING * len(readings):
+            readings = self._without_duplicate_keys(msg)
+            if not readings:
+                return
         m["readings"] += len(readings)
         granted = self.limiter.take(device, len(readings), now)
         if granted < len(readings):
@@ -292,6 +297,33 @@ class IngestService:
         if n >= cfg.flush_max or self._batched >= cfg.flush_max * 4:
             self.flush()
 
+    def _without_duplicate_keys(self, msg: Inbound[ReadingDict]) -> list[tuple[int, ReadingDict]]:
+        """The readings of ``msg`` with no key twice; the others are dead-lettered as
+        ``duplicate_key`` (a JSON parser keeps the last value, so ``{"value": 1, "value": 99}``
+        would silently become 99). Only run when the message's quote count is not the 18 of six
+        keys and three string values per reading (docs/ingest.md, "Duplicate keys"): escaped
+        quotes, bad items or a duplicate key; the common case costs one ``bytes.count``."""
+        dups: dict[int, str] = {}
+        try:
+            doc = json.loads(msg.raw, object_pairs_hook=_pairs_checked)
+        except (ValueError, RecursionError):
+            return msg.items
+        objs = doc if isinstance(doc, list) else [doc]
+        for i, obj in enumerate(objs):
+            if isinstance(obj, _Dup):
+                dups[i] = obj.key
+        if not dups:
+            return msg.items
+        kept: list[tuple[int, ReadingDict]] = []
+        for index, r in msg.items:
+            key = dups.get(index)
+            if key is None:
+                kept.append((index, r))
+            else:
+                detail = f"key {key!r} appears more than once (a parser would keep only the last)"
+                self.rt.reject(msg, Reject("duplicate_key", detail, index if msg.batch else None, r))
+        return kept
+
     def _check(self, r: ReadingDict, device: str, lo_ns: int, hi_ns: int) -> Reject | None:
         if r["device"] != device:
             return Reject("device_mismatch", f"payload device {r['device']!r} != topic device {device!r}")
@@ -382,6 +414,30 @@ def unit_hint(ts: int) -> str:
         if abs(ts * factor - now) < 365 * 86400 * 10**9:
             return f"; ts is UTC epoch nanoseconds, and this looks like {name}: multiply by {times}"
     return "; ts is UTC epoch nanoseconds"
+
+
+_QUOTES_PER_READING = 18
+"""Six keys and three string values (device, metric, unit): the quotes of a reading without escapes."""
+
+
+class _Dup(dict[str, Any]):
+    """An object that had a key twice (``key``), as :func:`_pairs_checked` returns it."""
+
+    key = ""
+
+
+def _pairs_checked(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) == len(pairs):
+        return out
+    seen: set[str] = set()
+    dup = _Dup(out)
+    for k, _ in pairs:
+        if k in seen:
+            dup.key = k
+            break
+        seen.add(k)
+    return dup
 
 
 def run(settings: OutpostSettings, stop: threading.Event) -> IngestService:
