@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final, Generic, Protocol, TypeVar, cast
@@ -92,6 +92,10 @@ with an ``invalid_reason`` of its own."""
 SKIP: Final = ""
 """What a subscription's ``screen`` returns for a message it has counted and that needs nothing
 more (no handler, no dead letter): acknowledged as it is."""
+
+_KEYS_CACHED: Final = 10_000
+"""Topics whose key a subscription remembers (cleared when full: a flood of new topics costs
+parsing, never memory)."""
 
 GROUP_ITEMS_LISTED: Final = 100
 """Items a grouped dead letter lists by index and reason (its ``count`` says how many there were)."""
@@ -171,6 +175,8 @@ class Subscription:
     counter: str
     screen: Screen | None
     charge: Callable[[str, int], None] | None
+    keys: dict[str, str] = field(default_factory=dict)
+    """topic -> what ``topic_key`` made of it: parsing a topic cost ~1 us a message."""
 
 
 @dataclass(slots=True)
@@ -363,11 +369,17 @@ class ServiceRuntime:
     def _handle(self, sub: Subscription, msg: Message, topic: str, raw: bytes, turn: Turn) -> None:
         key = ""
         if sub.topic_key is not None:
-            got = sub.topic_key(topic)
-            if got is None:  # matched by the pattern, not the service's (a device's status)
-                self.metrics.counters["ignored"] += 1
-                return
-            key = got
+            cached = sub.keys.get(topic)
+            if cached is not None:
+                key = cached
+            else:
+                got = sub.topic_key(topic)  # a TopicError is a bad_topic dead letter (not cached)
+                if got is None:  # matched by the pattern, not the service's (a device's status)
+                    self.metrics.counters["ignored"] += 1
+                    return
+                if len(sub.keys) >= _KEYS_CACHED:
+                    sub.keys.clear()
+                sub.keys[topic] = key = got
         shed = sub.screen(key, msg) if sub.screen is not None else None
         if shed is None and msg.qos == 0 and self.bus.backlogged:
             shed = "overloaded"  # the broker is not taking our output: QoS 0 input gives way

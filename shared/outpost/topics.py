@@ -77,6 +77,7 @@ class Topics:
     _decisions: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
     _escalations: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
     _actions: str = field(default=_NOT_SET, init=False, repr=False, compare=False)
+    _telemetry_re: re.Pattern[str] = field(default=re.compile(""), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_segment(self.prefix, "prefix")
@@ -93,6 +94,10 @@ class Topics:
             ("_actions", f"{root}/actions/"),
         ):
             object.__setattr__(self, name, value)
+        # ingest's hot path: a well-formed telemetry topic in one match (the checks one by one
+        # cost 1.7 us a message); anything else takes the precise path that says why
+        pattern = re.escape(f"{root}/dev/") + r"([A-Za-z0-9_-]{1,64})/telemetry"
+        object.__setattr__(self, "_telemetry_re", re.compile(pattern))
 
     @property
     def root(self) -> str:
@@ -126,6 +131,9 @@ class Topics:
         """The device of a ``.../dev/{device}/telemetry`` topic; None for another kind of device
         topic (``status``, ``cmd/...``); TopicError for a telemetry topic whose device level is
         invalid or is more than one level (``dev/a/b/telemetry``)."""
+        m = self._telemetry_re.fullmatch(topic)
+        if m is not None:
+            return m.group(1)
         if not topic.endswith("/telemetry"):
             return None
         root = self.root + "/dev/"
