@@ -145,6 +145,15 @@ class Bus:
         self._receive_maximum = receive_maximum
         self._mqtt5 = mqtt5
         self._max_pending = max_pending
+        self._overflow: deque[tuple[int, str, bytes, int, bool, Properties | None]] = deque()
+        """QoS 1 publishes paho refused (its 65,535 message ids all wait for the broker), by ticket:
+        handed to paho as the broker's acknowledgements free ids, in order."""
+        self._tickets: dict[int, int] = {}
+        """paho message id -> the ticket :meth:`publish` returned for an overflowed publish."""
+        self._next_ticket = 1 << 20  # above every paho message id
+        self._freed = 0
+        self._drain_posted = False
+        self._deferred = 0
 
         c = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -240,11 +249,14 @@ class Bus:
             if client.on_publish is None:
                 client.on_publish = self._on_publish
         try:
+            if self._overflow:  # in order: behind what already waits
+                return self._defer(topic, payload, qos, retain, properties)
             info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
             if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-                # paho's message ids wrap at 65535: with that many publishes unacknowledged, it
-                # refuses the next one. Never let that pass silently.
-                raise BrokerError(f"{self.client_id}: too many unacknowledged publishes ({self.pending})")
+                # paho's message ids wrap at 65535: with that many publishes unacknowledged it
+                # refuses the next one. It waits here instead (it used to raise, and a flood
+                # turned 20,670 readings into silent `internal` refusals).
+                return self._defer(topic, payload, qos, retain, properties)
             # The PUBACK may already have been handled (on another thread) by now.
             with internals.outgoing_locked(client):
                 if internals.is_outgoing(client, info.mid):
@@ -254,6 +266,41 @@ class Bus:
             with self._pending_lock:
                 self._publishing -= 1
         return int(info.mid)
+
+    def _defer(
+        self, topic: str, payload: bytes, qos: int, retain: bool, properties: Properties | None
+    ) -> int:
+        """Keep a QoS 1 publish paho refused until an acknowledgement frees a message id; its
+        ticket stands for its message id (listeners are told of the ticket when it is confirmed)."""
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        self._overflow.append((ticket, topic, payload, qos, retain, properties))
+        self._deferred += 1
+        with self._pending_lock:
+            self._pending.add(ticket)
+            self._client.on_publish = self._on_publish
+        if len(self._overflow) == 1:
+            log.warning(
+                "publish window full: publishes wait for the broker's acknowledgements",
+                extra={"client": self.client_id, "pending": len(self._pending)},
+            )
+        return ticket
+
+    def _drain_overflow(self) -> None:
+        """On the network thread, after the acknowledgements that freed message ids were handled:
+        hand paho as many waiting publishes as were freed."""
+        self._drain_posted = False
+        freed, self._freed = self._freed, 0
+        client = self._client
+        while self._overflow and freed > 0:
+            ticket, topic, payload, qos, retain, properties = self._overflow[0]
+            info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+            if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+                return  # the next acknowledgement retries
+            self._overflow.popleft()
+            freed -= 1
+            with self._pending_lock:
+                self._tickets[int(info.mid)] = ticket
 
     def unsubscribe(self, pattern: str) -> None:
         """Unsubscribe now, if connected (an on_connect hook drops a subscription an older version
@@ -282,6 +329,7 @@ class Bus:
             "dropped_qos0": self._dropped_qos0,
             "handler_errors": self._handler_errors,
             "pending": len(self._pending),
+            "deferred": self._deferred,
         }
 
     @property
@@ -528,13 +576,19 @@ class Bus:
 
     def _on_publish(self, client: paho.Client, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
         with self._pending_lock:
-            self._pending.discard(mid)
+            ticket = self._tickets.pop(mid, mid) if self._tickets else mid
+            self._pending.discard(ticket)
             # paho pops ``mid`` from _out_messages after this callback returns
             waiting = internals.outgoing_count(client) - internals.is_outgoing(client, mid)
-            if not self._pending and not self._publishing and not waiting:
+            if not self._pending and not self._publishing and not waiting and not self._overflow:
                 client.on_publish = None
+        if self._overflow:
+            self._freed += 1
+            if not self._drain_posted:
+                self._drain_posted = True
+                self._calls.append(self._drain_overflow)
         for listener in self._publish_listeners:
             try:
-                listener(mid)
+                listener(ticket)
             except Exception:
                 log.exception("publish listener failed", extra={"client": self.client_id})

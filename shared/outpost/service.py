@@ -672,6 +672,7 @@ class ServiceRuntime:
         counters["bus_connects"] = bus["connects"]
         counters["bus_dropped_qos0"] = bus["dropped_qos0"]
         counters["bus_handler_errors"] = bus["handler_errors"]
+        counters["bus_publishes_deferred"] = bus["deferred"]
         counters["acknowledged"] = self.acks.acknowledged
         counters["worker_jobs"] = self.worker.completed
         counters["worker_busy_ms"] = self.worker.busy_ns // 1_000_000

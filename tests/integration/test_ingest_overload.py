@@ -248,3 +248,33 @@ def test_sigterm_after_the_broker_has_been_down(
         assert time.monotonic() - started < 15.0
     finally:
         ingest_proc.close()
+
+
+def test_more_unacknowledged_publishes_than_message_ids_wait_instead_of_failing(
+    settings: OutpostSettings, broker: Mosquitto, collect: Callable[..., Collector]
+) -> None:
+    """paho has 65,535 message ids; with all of them waiting for the broker it refuses the next
+    publish, which the bus used to raise (a flood turned 20,670 readings into silent `internal`
+    refusals that way). Now the publish waits in the bus and goes out, in order, as ids are freed."""
+    import os
+    import signal
+
+    got = collect("ids/#")
+    pub = Bus(settings.mqtt, client_id="ids-" + settings.site)
+    pub.start()
+    n = 70_000
+    assert broker.proc is not None
+    os.kill(broker.proc.pid, signal.SIGSTOP)  # no acknowledgement comes: every id stays taken
+    try:
+        mids = [pub.publish("ids/x", b"%d" % i, qos=1) for i in range(n)]
+        assert pub.stats()["deferred"] >= n - 65_535
+        assert len(set(mids)) == n
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    try:
+        assert pub.drain(WAIT), f"{pub.pending} publishes never acknowledged"
+        assert got.wait_for(lambda c: len({p for _, p in c.messages}) == n, WAIT)
+        order = [int(p) for _, p in got.messages]
+        assert sorted(set(order)) == list(range(n))
+    finally:
+        pub.stop()
