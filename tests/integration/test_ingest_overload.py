@@ -130,6 +130,7 @@ def test_flood_with_canaries(
     events = collect(t.all_events, durable=True)
     dlq = collect(t.dlq("ingest"), durable=True)
     status = collect(t.service_status("ingest"))
+    metrics = collect(t.metrics("ingest"))
     start_and_wait(ingest_proc, status)
     rss_idle = ingest_proc.peak_rss_mb()
 
@@ -177,6 +178,9 @@ def test_flood_with_canaries(
     assert peak < rss_idle + 150, f"ingest peaked at {peak:.0f} MB (idle {rss_idle:.0f} MB)"
     logs = ingest_proc.logs()
     assert logs.count("Traceback") <= 5, logs
+    # never dropped by the broker (a keepalive missed while the network thread was busy, as before)
+    connects = {m["counters"].get("bus_connects") for m in metrics.json()}
+    assert connects == {1}, connects
     assert ingest_proc.terminate() == 0
 
 
