@@ -124,6 +124,7 @@ class Bus:
         self._durable = durable
         self._tick_s = tick_s
         self._subs: list[_Subscription] = []
+        self._dispatchers: list[tuple[str, Callable[[paho.Client, Any, Message], None]]] = []
         self._timers: list[_Timer] = []
         self._calls: deque[Callable[[], None]] = deque()
         self._on_connect_hooks: list[Callable[[bool], None]] = []
@@ -195,7 +196,17 @@ class Bus:
                 self._handler_errors += 1
                 log.exception("message handler failed", extra={"client": self.client_id})
 
-        self._client.message_callback_add(_filter_of(pattern), dispatch)
+        # One subscription takes every message through paho's plain on_message: its per-topic
+        # filter match (a walk of a trie per message) was 12% of ingest's network thread under
+        # a flood (docs/benchmarks.md). With more, each is matched to its filter.
+        self._dispatchers.append((_filter_of(pattern), dispatch))
+        client = self._client
+        if len(self._dispatchers) == 1:
+            client.on_message = dispatch
+        else:
+            client.on_message = None
+            for flt, fn in self._dispatchers:
+                client.message_callback_add(flt, fn)
         if self._connected.is_set():
             self._client.subscribe(pattern, qos=qos)
 
