@@ -22,7 +22,13 @@ What the loop adds to paho:
 * a read gate: while it says no (a service's worker queue is full), the thread stops reading new
   packets but still writes, pings and runs timers and posted calls; unacknowledged QoS 1 messages
   then wait on the broker (backpressure);
-* any number of publish-confirmation listeners.
+* any number of publish-confirmation listeners;
+* a publish backlog it reports (:attr:`Bus.backlogged`: ``max_pending`` QoS 1 publishes wait for
+  the broker): the service kit then sheds what arrives at QoS 0, counted and dead-lettered, rather
+  than let its output grow without bound. The thread never stops reading for it, since the
+  broker's acknowledgements arrive on the same socket;
+* while disconnected, calls posted from other threads (a stop) run at once, not after the next
+  reconnect attempt (which can be ``reconnect_max_s`` away).
 
 paho's private attributes are used only through :mod:`outpost.paho_internals`.
 """
@@ -98,6 +104,7 @@ class Bus:
         receive_maximum: int = 1000,
         tick_s: float = 0.05,
         mqtt5: bool = True,
+        max_pending: int = 10_000,
     ) -> None:
         """``durable`` keeps the session (subscriptions and unacknowledged messages) on the broker
         for ``settings.session_expiry_s`` while the client is away, so a restart resumes where it
@@ -106,7 +113,10 @@ class Bus:
         ``mqtt5=False`` speaks MQTT 3.1.1: paho decodes MQTT 5 properties on every packet, ~10% of
         a one-reading-per-message hot path (docs/benchmarks.md). A 3.1.1 durable session lasts
         until the broker's ``persistent_client_expiration``, and the broker's
-        ``max_inflight_messages`` takes the place of ``receive_maximum``."""
+        ``max_inflight_messages`` takes the place of ``receive_maximum``.
+
+        ``max_pending``: QoS 1 publishes waiting for the broker's acknowledgement beyond which the
+        bus says it is :attr:`backlogged` (paho refuses a publish at 65,535)."""
         if not client_id:
             raise ValueError("client_id must not be empty")
         self._settings = settings
@@ -114,6 +124,7 @@ class Bus:
         self._durable = durable
         self._tick_s = tick_s
         self._subs: list[_Subscription] = []
+        self._dispatchers: list[tuple[str, Callable[[paho.Client, Any, Message], None]]] = []
         self._timers: list[_Timer] = []
         self._calls: deque[Callable[[], None]] = deque()
         self._on_connect_hooks: list[Callable[[bool], None]] = []
@@ -134,6 +145,16 @@ class Bus:
         self._handler_errors = 0
         self._receive_maximum = receive_maximum
         self._mqtt5 = mqtt5
+        self._max_pending = max_pending
+        self._overflow: deque[tuple[int, str, bytes, int, bool, Properties | None]] = deque()
+        """QoS 1 publishes paho refused (its 65,535 message ids all wait for the broker), by ticket:
+        handed to paho as the broker's acknowledgements free ids, in order."""
+        self._tickets: dict[int, int] = {}
+        """paho message id -> the ticket :meth:`publish` returned for an overflowed publish."""
+        self._next_ticket = 1 << 20  # above every paho message id
+        self._freed = 0
+        self._drain_posted = False
+        self._deferred = 0
 
         c = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -175,7 +196,17 @@ class Bus:
                 self._handler_errors += 1
                 log.exception("message handler failed", extra={"client": self.client_id})
 
-        self._client.message_callback_add(_filter_of(pattern), dispatch)
+        # One subscription takes every message through paho's plain on_message: its per-topic
+        # filter match (a walk of a trie per message) was 12% of ingest's network thread under
+        # a flood (docs/benchmarks.md). With more, each is matched to its filter.
+        self._dispatchers.append((_filter_of(pattern), dispatch))
+        client = self._client
+        if len(self._dispatchers) == 1:
+            client.on_message = dispatch
+        else:
+            client.on_message = None
+            for flt, fn in self._dispatchers:
+                client.message_callback_add(flt, fn)
         if self._connected.is_set():
             self._client.subscribe(pattern, qos=qos)
 
@@ -229,11 +260,14 @@ class Bus:
             if client.on_publish is None:
                 client.on_publish = self._on_publish
         try:
+            if self._overflow:  # in order: behind what already waits
+                return self._defer(topic, payload, qos, retain, properties)
             info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
             if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-                # paho's message ids wrap at 65535: with that many publishes unacknowledged, it
-                # refuses the next one. Never let that pass silently.
-                raise BrokerError(f"{self.client_id}: too many unacknowledged publishes ({self.pending})")
+                # paho's message ids wrap at 65535: with that many publishes unacknowledged it
+                # refuses the next one. It waits here instead (it used to raise, and a flood
+                # turned 20,670 readings into silent `internal` refusals).
+                return self._defer(topic, payload, qos, retain, properties)
             # The PUBACK may already have been handled (on another thread) by now.
             with internals.outgoing_locked(client):
                 if internals.is_outgoing(client, info.mid):
@@ -243,6 +277,56 @@ class Bus:
             with self._pending_lock:
                 self._publishing -= 1
         return int(info.mid)
+
+    def _defer(
+        self, topic: str, payload: bytes, qos: int, retain: bool, properties: Properties | None
+    ) -> int:
+        """Keep a QoS 1 publish paho refused until an acknowledgement frees a message id; its
+        ticket stands for its message id (listeners are told of the ticket when it is confirmed)."""
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        self._overflow.append((ticket, topic, payload, qos, retain, properties))
+        self._deferred += 1
+        with self._pending_lock:
+            self._pending.add(ticket)
+            self._client.on_publish = self._on_publish
+        if len(self._overflow) == 1:
+            log.warning(
+                "publish window full: publishes wait for the broker's acknowledgements",
+                extra={"client": self.client_id, "pending": len(self._pending)},
+            )
+        return ticket
+
+    def _drain_overflow(self) -> None:
+        """On the network thread, after the acknowledgements that freed message ids were handled:
+        hand paho as many waiting publishes as were freed."""
+        self._drain_posted = False
+        freed, self._freed = self._freed, 0
+        client = self._client
+        while self._overflow and freed > 0:
+            ticket, topic, payload, qos, retain, properties = self._overflow[0]
+            info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+            if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+                return  # the next acknowledgement retries
+            self._overflow.popleft()
+            freed -= 1
+            with self._pending_lock:
+                self._tickets[int(info.mid)] = ticket
+
+    def unsubscribe(self, pattern: str) -> None:
+        """Unsubscribe now, if connected (an on_connect hook drops a subscription an older version
+        left in a durable session)."""
+        if self._connected.is_set():
+            self._client.unsubscribe(pattern)
+
+    @property
+    def backlogged(self) -> bool:
+        """``max_pending`` QoS 1 publishes, or as many packets, wait to go out: the broker is not
+        keeping up with what this client publishes."""
+        return (
+            len(self._pending) >= self._max_pending
+            or internals.queued_packets(self._client) >= self._max_pending
+        )
 
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a received message (``manual_ack`` mode)."""
@@ -256,6 +340,7 @@ class Bus:
             "dropped_qos0": self._dropped_qos0,
             "handler_errors": self._handler_errors,
             "pending": len(self._pending),
+            "deferred": self._deferred,
         }
 
     @property
@@ -313,6 +398,7 @@ class Bus:
         if final and self.connected:
             self.drain(min(2.0, max(drain_s, 0.5)))
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -391,7 +477,21 @@ class Bus:
             self.run_posted()
             if self._stop.is_set():
                 break
-            self._stop.wait(next(delays))
+            self._wait_offline(next(delays))
+
+    def _wait_offline(self, delay: float) -> None:
+        """Wait ``delay`` before the next connect attempt, running what other threads post (a
+        stop's calls) as it comes: a stop must not wait out a reconnect delay (up to
+        ``reconnect_max_s``) per call, which after a long broker outage made a service miss its
+        stop deadline and be killed."""
+        deadline = time.monotonic() + delay
+        while not self._stop.is_set():
+            self.run_posted()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(min(left, 0.1))
+            self._wake.clear()
 
     def _loop_until_disconnected(self) -> None:
         client = self._client
@@ -487,13 +587,19 @@ class Bus:
 
     def _on_publish(self, client: paho.Client, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
         with self._pending_lock:
-            self._pending.discard(mid)
+            ticket = self._tickets.pop(mid, mid) if self._tickets else mid
+            self._pending.discard(ticket)
             # paho pops ``mid`` from _out_messages after this callback returns
             waiting = internals.outgoing_count(client) - internals.is_outgoing(client, mid)
-            if not self._pending and not self._publishing and not waiting:
+            if not self._pending and not self._publishing and not waiting and not self._overflow:
                 client.on_publish = None
+        if self._overflow:
+            self._freed += 1
+            if not self._drain_posted:
+                self._drain_posted = True
+                self._calls.append(self._drain_overflow)
         for listener in self._publish_listeners:
             try:
-                listener(mid)
+                listener(ticket)
             except Exception:
                 log.exception("publish listener failed", extra={"client": self.client_id})

@@ -33,6 +33,7 @@ from pydantic import (
     ValidationError,
     with_config,
 )
+from pydantic.types import FailFast
 from typing_extensions import TypedDict
 
 SCHEMA_VERSION: Final = 1
@@ -257,6 +258,15 @@ class ActionResult(Envelope):
 
 
 # --- every service ----------------------------------------------------------------------------------
+class DeadItem(BaseModel):
+    """One item of a grouped dead letter: its position in the batch and why it was refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int
+    detail: str
+
+
 class DeadLetter(Envelope):
     """A rejected input, on ``.../dlq/{stage}``."""
 
@@ -270,6 +280,17 @@ class DeadLetter(Envelope):
     payload_b64: str = Field(description="The original bytes (or the bad batch item), base64.")
     payload_len: int = Field(description="Length of the original bytes.")
     truncated: bool = Field(False, description="payload_b64 holds only a prefix (oversize input).")
+    count: int = Field(
+        1,
+        ge=1,
+        description="How many refused inputs this entry stands for: 1, or the items of one message "
+        "grouped under one reason (``items`` lists them), or the messages shed from one source "
+        "over an interval (``payload_b64`` then holds the first of them). Counters agree with the "
+        "sum of ``count``, not with the number of entries.",
+    )
+    items: list[DeadItem] | None = Field(
+        None, max_length=100, description="For a group: the first 100 items' index and reason detail."
+    )
 
 
 class Status(Envelope):
@@ -442,7 +463,12 @@ class Contract(Generic[T]):
         self.model = model
         self.batches = batches
         self._one: TypeAdapter[T] = TypeAdapter(item)
-        self._many: TypeAdapter[list[T]] | None = TypeAdapter(list[item]) if batches else None
+        # FailFast: a batch that does not validate stops at its first bad item (the slow path then
+        # says precisely why, item by item); without it pydantic built an error for every field of
+        # every item first: 1.4 s for a 900 KB list of 300,000 `{}` (docs/ingest.md, "Limits").
+        self._many: TypeAdapter[list[T]] | None = (
+            TypeAdapter(Annotated[list[item], FailFast()]) if batches else None
+        )
 
     def validate_python(self, item: Any) -> T:
         """One item (a parsed JSON object) checked against the contract."""
@@ -603,8 +629,13 @@ def dead_letter(
     payload: bytes,
     trace: str | None = None,
     index: int | None = None,
+    count: int = 1,
+    items: list[dict[str, Any]] | None = None,
+    truncated: bool = False,
 ) -> bytes:
-    """Serialize a DLQ entry. Oversize payloads keep a prefix (flagged ``truncated``)."""
+    """Serialize a DLQ entry. Oversize payloads keep a prefix (flagged ``truncated``); ``count``
+    and ``items`` describe a group (:class:`DeadLetter`), ``truncated`` says the payload holds
+    only some of the group's items."""
     entry_id = new_id()
     body = header(trace or entry_id, id=entry_id)
     body.update(
@@ -615,6 +646,10 @@ def dead_letter(
         index=index,
         payload_b64=base64.b64encode(payload[:DLQ_PAYLOAD_MAX]).decode(),
         payload_len=len(payload),
-        truncated=len(payload) > DLQ_PAYLOAD_MAX,
+        truncated=truncated or len(payload) > DLQ_PAYLOAD_MAX,
     )
+    if count != 1:
+        body["count"] = count
+    if items is not None:
+        body["items"] = items[:100]
     return orjson.dumps(body)

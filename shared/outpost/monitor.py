@@ -93,12 +93,16 @@ class SiteMonitor:
                     self.score_latency.record_ns(now - ts)
 
     def _on_dlq(self, msg: Message) -> None:
+        count = 1
         try:
-            reason = orjson.loads(msg.payload).get("reason", "?")
+            doc = orjson.loads(msg.payload)
+            reason = doc.get("reason", "?")
+            # a grouped or aggregated dead letter stands for `count` inputs (docs/topics.md)
+            count = doc.get("count", 1) if isinstance(doc.get("count", 1), int) else 1
         except (orjson.JSONDecodeError, AttributeError):
             reason = "?"
         with self.lock:
-            self.dlq[str(reason)] += 1
+            self.dlq[str(reason)] += max(1, count)
 
     def _on_device_status(self, msg: Message) -> None:
         device = msg.topic.split("/")[-2]

@@ -38,6 +38,11 @@ def outgoing_count(client: paho.Client) -> int:
     return len(client._out_messages)
 
 
+def queued_packets(client: paho.Client) -> int:
+    """Packets paho holds for the socket, not yet written."""
+    return len(client._out_packet)
+
+
 def wake(client: paho.Client) -> None:
     """Wake the network thread's select() from another thread, as paho does for its own packets."""
     w = client._sockpairW

@@ -14,6 +14,19 @@ handler, and an acknowledgement policy (:class:`Ack`). For every message the kit
    policy says it is safe (:mod:`outpost.acks`): dead letters always hold it until the broker has
    confirmed them, so bad input always reaches the DLQ.
 
+Overload is bounded here, once for every service (docs/architecture.md, "Overload"):
+
+* a subscription's ``screen`` looks at a message before it is decoded and may **shed** it (ingest:
+  a quarantined device); so does the kit itself for a QoS 0 message while the bus is backlogged
+  (``overloaded``). Shed messages are counted as they come and dead-lettered in **aggregate**: one
+  dead letter per (reason, source) per ``shed_interval_s`` (sooner when it holds QoS 1 messages),
+  whose ``count`` says how many messages it stands for and whose payload is the first of them, so
+  the DLQ never becomes a flood of its own;
+* the bad items of one batch beyond ``dlq_items_per_message`` are **grouped**: one dead letter per
+  reason, its ``count`` the number of items and ``items`` the first hundred indexes and reasons;
+* every dead letter's ``count`` adds to its reason's counter, so counters and the DLQ agree:
+  ``rejected.{reason}`` is the sum of ``count`` over that reason's dead letters.
+
 Blocking work (HTTP, a database) goes to :meth:`ServiceRuntime.submit`, which runs it on the kit's
 worker threads with a bounded queue that stops the bus reading while it is full (backpressure to
 the broker; :mod:`outpost.worker`). Timers (:meth:`ServiceRuntime.every`), the state folder
@@ -35,10 +48,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import Any, Final, Generic, Protocol, TypeVar, cast
 
 import orjson
 from paho.mqtt.packettypes import PacketTypes
@@ -46,7 +59,16 @@ from paho.mqtt.properties import Properties
 
 from outpost.acks import AckTracker, Turn
 from outpost.bus import Bus, Message, Will
-from outpost.contracts import DECODE_REASONS, Contract, Reject, dead_letter, header, item_bytes, now_ns
+from outpost.contracts import (
+    DECODE_REASONS,
+    DLQ_PAYLOAD_MAX,
+    Contract,
+    Reject,
+    dead_letter,
+    header,
+    item_bytes,
+    now_ns,
+)
 from outpost.datadir import site_path
 from outpost.disk import DiskWatch
 from outpost.errors import OutpostError, TopicError
@@ -58,7 +80,7 @@ from outpost.worker import Worker
 
 log = get_logger("outpost.service")
 
-KIT_REASONS = (*DECODE_REASONS, "bad_topic", "internal")
+KIT_REASONS = (*DECODE_REASONS, "bad_topic", "internal", "overloaded")
 """The dead-letter reasons the kit itself gives; a service adds its own business reasons."""
 
 T = TypeVar("T")
@@ -68,6 +90,17 @@ _SHAPE_REASONS = frozenset(
 )
 """Decode reasons about the message as a whole, kept when a subscription names schema violations
 with an ``invalid_reason`` of its own."""
+
+SKIP: Final = ""
+"""What a subscription's ``screen`` returns for a message it has counted and that needs nothing
+more (no handler, no dead letter): acknowledged as it is."""
+
+_KEYS_CACHED: Final = 10_000
+"""Topics whose key a subscription remembers (cleared when full: a flood of new topics costs
+parsing, never memory)."""
+
+GROUP_ITEMS_LISTED: Final = 100
+"""Items a grouped dead letter lists by index and reason (its ``count`` says how many there were)."""
 
 
 class Ack(enum.Enum):
@@ -109,6 +142,12 @@ class Inbound(Generic[T]):
     batch: bool
     turn: Turn
     msg: Message
+    singles: int = 0
+    """Items of this message dead-lettered one by one so far."""
+    spill: dict[str, list[tuple[Reject, str | None]]] | None = None
+    """Bad items past ``dlq_items_per_message``, by reason, grouped once the handler returns."""
+    open: bool = True
+    """Its handler has not returned yet (what it rejects may still be grouped)."""
 
     @property
     def dup(self) -> bool:
@@ -117,6 +156,10 @@ class Inbound(Generic[T]):
 
 
 Handler = Callable[[Inbound[Any]], None]
+Screen = Callable[[str, Message], "str | None"]
+"""``screen(key, msg)``: None to go on (decode, handler), a reason to shed the message (counted,
+dead-lettered in aggregate), :data:`SKIP` for a message the screen has dealt with itself; it may
+also raise :class:`Rejected` to dead-letter the message at once."""
 
 
 @dataclass(slots=True)
@@ -126,13 +169,30 @@ class Subscription:
     contract: Contract[Any] | None
     ack: Ack
     qos: int
-    topic_key: Callable[[str], str] | None
+    topic_key: Callable[[str], str | None] | None
     max_bytes: int
     max_items: int
     lenient: bool
     invalid_reason: str | None
     counter: str
     lane: str
+    screen: Screen | None
+    charge: Callable[[str, int], None] | None
+    keys: dict[str, str] = field(default_factory=dict)
+    """topic -> what ``topic_key`` made of it: parsing a topic cost ~1 us a message."""
+
+
+@dataclass(slots=True)
+class _Pile:
+    """Messages shed from one source for one reason since the last aggregate dead letter."""
+
+    topic: str
+    first: bytes
+    detail: str
+    count: int = 0
+    nbytes: int = 0
+    turns: list[Turn] | None = None
+    """Turns of shed QoS 1 messages: held until the aggregate dead letter is confirmed."""
 
 
 class ServiceRuntime:
@@ -152,19 +212,33 @@ class ServiceRuntime:
         worker_threads: int = 1,
         worker_bound: int = 64,
         dlq_qos: int = 1,
+        max_pending: int = 10_000,
+        shed_interval_s: float = 1.0,
+        dlq_items_per_message: int = 10,
     ) -> None:
         """``reasons``: the service's own dead-letter reasons, beside :data:`KIT_REASONS`.
         ``durable`` keeps the broker session (subscriptions and unacknowledged messages) across a
         restart. ``tick_s`` bounds how late a timer can run when no message arrives: services with
         millisecond flush timers pass a small one. ``mqtt5=False`` speaks MQTT 3.1.1 (cheaper to
         decode on a hot path; no response topics). ``dlq_qos`` 0 trades the dead letters' delivery
-        guarantee for speed (they then hold nothing)."""
+        guarantee for speed (they then hold nothing). ``max_pending``: QoS 1 publishes waiting for
+        the broker past which QoS 0 input is shed as ``overloaded`` (:attr:`Bus.backlogged`).
+        ``shed_interval_s``: how often shed messages are dead-lettered in aggregate.
+        ``dlq_items_per_message``: bad items of one batch dead-lettered one by one before the rest
+        are grouped by reason."""
         self.name = name
         self.settings = settings
         self.topics = settings.topics
         self.metrics = Metrics(name)
         self.reasons = frozenset((*KIT_REASONS, *reasons))
         self.dlq_qos = dlq_qos
+        self.dlq_items_per_message = dlq_items_per_message
+        self._piles: dict[tuple[str, str], _Pile] = {}
+        self._piles_held = False
+        self.shed_details: dict[str, str] = {
+            "overloaded": "the broker was not taking this service's output, so QoS 0 input gave way"
+        }
+        """Why a message shed for a reason was shed, for its aggregate dead letter."""
         self.started_ns = now_ns()
         self.status_topic = self.topics.service_status(name)
         self.dlq_topic = self.topics.dlq(name)
@@ -178,6 +252,7 @@ class ServiceRuntime:
             receive_maximum=receive_maximum,
             tick_s=tick_s,
             mqtt5=mqtt5,
+            max_pending=max_pending,
         )
         self.acks = AckTracker(self.bus.ack)
         self.bus.add_publish_listener(self.acks.published)
@@ -194,6 +269,8 @@ class ServiceRuntime:
         self.disk = DiskWatch(Path(settings.data_dir), settings.disk, self.metrics, self._disk_changed)
         self.bus.every(0.5, self.disk.poll)
         self.bus.every(settings.disk.check_s, self.disk.measure)
+        self.bus.every(shed_interval_s, self._publish_piles)
+        self.bus.after_reading(self._publish_held_piles)
 
     # --- declaring -------------------------------------------------------------------------------
     def subscribe(
@@ -204,13 +281,15 @@ class ServiceRuntime:
         contract: Contract[T] | None = None,
         ack: Ack = Ack.AFTER_OUTPUTS,
         qos: int = 1,
-        topic_key: Callable[[str], str] | None = None,
+        topic_key: Callable[[str], str | None] | None = None,
         max_bytes: int = 4_000_000,
         max_items: int = 10_000,
         lenient: bool = False,
         invalid_reason: str | None = None,
         counter: str = "messages",
         lane: str = "",
+        screen: Screen | None = None,
+        charge: Callable[[str, int], None] | None = None,
     ) -> None:
         """Deliver messages on ``pattern`` (a ``$share/{group}/...`` filter too) to ``handler``.
 
@@ -219,7 +298,11 @@ class ServiceRuntime:
         (inference says ``bad_event``) instead of the precise one; ``lenient`` reads NaN and
         Infinity so they are refused as ``not_finite``. ``counter`` counts the messages. ``lane``
         names an acknowledgement order of the subscription's own (:mod:`outpost.acks`), for
-        messages independent of the rest whose work may take long (memory's requests)."""
+        messages independent of the rest whose work may take long (memory's requests).
+        ``topic_key`` may return None for a topic the pattern matches that is not the service's
+        (counted ``ignored``). ``screen`` (:data:`Screen`) sees each message before it is decoded;
+        ``charge(key, n)`` is told of the ``n`` items of a message the decoder refused (a rate
+        limit that counts bad input too)."""
         if lane and ack is Ack.AFTER_COMMIT:
             raise ValueError("the open batch of AFTER_COMMIT messages is in the default lane")
         sub = Subscription(
@@ -235,6 +318,8 @@ class ServiceRuntime:
             invalid_reason,
             counter,
             lane,
+            screen,
+            charge,
         )
         self.bus.subscribe(pattern, lambda msg: self._deliver(sub, msg), qos=qos)
 
@@ -291,13 +376,33 @@ class ServiceRuntime:
             self.dead_letter("bad_topic", str(exc), topic, bytes(raw), for_=turn)
         except Exception as exc:
             # A bug must not lose the message silently: it goes to the DLQ with its bytes, for a
-            # person to look at and replay, and the service goes on.
+            # person to look at and replay, and the service goes on. The log line is rate-limited
+            # per kind (outpost.log.RepeatFilter); the dead letters and the counter are not.
             log.exception("handler failed on a message", extra={"service": self.name, "topic": topic[:200]})
             self.dead_letter("internal", f"{type(exc).__name__}: {exc}", topic, bytes(raw), for_=turn)
         self._handled(sub, turn)
 
     def _handle(self, sub: Subscription, msg: Message, topic: str, raw: bytes, turn: Turn) -> None:
-        key = sub.topic_key(topic) if sub.topic_key is not None else ""
+        key = ""
+        if sub.topic_key is not None:
+            cached = sub.keys.get(topic)
+            if cached is not None:
+                key = cached
+            else:
+                got = sub.topic_key(topic)  # a TopicError is a bad_topic dead letter (not cached)
+                if got is None:  # matched by the pattern, not the service's (a device's status)
+                    self.metrics.counters["ignored"] += 1
+                    return
+                if len(sub.keys) >= _KEYS_CACHED:
+                    sub.keys.clear()
+                sub.keys[topic] = key = got
+        shed = sub.screen(key, msg) if sub.screen is not None else None
+        if shed is None and msg.qos == 0 and self.bus.backlogged:
+            shed = "overloaded"  # the broker is not taking our output: QoS 0 input gives way
+        if shed is not None:
+            if shed:
+                self._shed(shed, key, topic, raw, turn if msg.qos else None)
+            return
         contract = sub.contract
         if contract is None:
             if len(raw) > sub.max_bytes:
@@ -310,8 +415,83 @@ class ServiceRuntime:
             if sub.invalid_reason is not None and rej.reason not in _SHAPE_REASONS:
                 rej.reason = sub.invalid_reason
             self.reject(inbound, rej)
+        if decoded.rejects and sub.charge is not None:
+            sub.charge(key, len(decoded.rejects))
         if decoded.items:
             sub.handler(inbound)
+        inbound.open = False
+        if inbound.spill:
+            self._publish_groups(inbound, inbound.spill)
+
+    # --- shedding and grouping -------------------------------------------------------------------
+    def _shed(self, reason: str, key: str, topic: str, raw: bytes, turn: Turn | None) -> None:
+        """Count a shed message now; its dead letter is the aggregate of its pile."""
+        c = self.metrics.counters
+        c["rejected"] += 1
+        c["rejected." + reason] += 1
+        c["shed"] += 1
+        pile = self._piles.get((reason, key))
+        if pile is None:
+            detail = self.shed_details.get(reason, reason)
+            pile = self._piles[(reason, key)] = _Pile(topic, bytes(raw), detail)
+        pile.count += 1
+        pile.nbytes += len(raw)
+        if turn is not None:
+            self.acks.hold(turn)
+            if pile.turns is None:
+                pile.turns = [turn]
+            elif pile.turns[-1] is not turn:
+                pile.turns.append(turn)
+            self._piles_held = True
+
+    def _publish_held_piles(self) -> None:
+        """After each read: piles that hold QoS 1 messages go out now, so they never hold up the
+        acknowledgement of what arrived after them (turns are acknowledged in order)."""
+        if self._piles_held:
+            self._publish_piles()
+
+    def _publish_piles(self) -> None:
+        piles, self._piles = self._piles, {}
+        self._piles_held = False
+        for (reason, key), pile in piles.items():
+            source = f" from {key}" if key else ""
+            detail = f"{pile.count} message(s), {pile.nbytes} bytes{source}, shed: {pile.detail}"
+            turns = pile.turns or ()
+            self._emit(
+                reason, detail, pile.topic, pile.first, count=pile.count, for_=turns or None, counted=True
+            )
+            for t in turns:
+                self.acks.release(t)
+
+    def _publish_groups(
+        self, inbound: Inbound[Any], spill: dict[str, list[tuple[Reject, str | None]]]
+    ) -> None:
+        """One dead letter per reason for the bad items past ``dlq_items_per_message``: ``count``
+        items, the first hundred listed, as many of them as fit 64 KiB in its payload (a JSON list)."""
+        for reason, rejects in spill.items():
+            parts: list[bytes] = []
+            size = 2
+            for rej, _trace in rejects:
+                b = item_bytes(rej.item, b"null")
+                if size + len(b) + 1 > DLQ_PAYLOAD_MAX:
+                    break
+                parts.append(b)
+                size += len(b) + 1
+            first, trace = rejects[0]
+            n = len(rejects)
+            self._emit(
+                reason,
+                f"{n} more items refused as {reason} (items lists the first {GROUP_ITEMS_LISTED}); "
+                f"first: {first.detail}",
+                inbound.topic,
+                b"[" + b",".join(parts) + b"]",
+                trace=trace,
+                index=first.index,
+                count=n,
+                items=[{"index": r.index, "detail": r.detail[:200]} for r, _ in rejects[:GROUP_ITEMS_LISTED]],
+                truncated=len(parts) < n,
+                for_=inbound.turn,
+            )
 
     def _handled(self, sub: Subscription, turn: Turn) -> None:
         if sub.ack is not Ack.AFTER_COMMIT:
@@ -361,11 +541,32 @@ class ServiceRuntime:
     ) -> int:
         """Count a rejection (``rejected`` and ``rejected.{reason}``) and publish its dead letter on
         ``.../dlq/{service}``; ``for_`` turns wait for the broker's confirmation."""
+        return self._emit(reason, detail, topic, payload, trace=trace, index=index, for_=for_)
+
+    def _emit(
+        self,
+        reason: str,
+        detail: str,
+        topic: str,
+        payload: bytes,
+        *,
+        trace: str | None = None,
+        index: int | None = None,
+        count: int = 1,
+        items: list[dict[str, Any]] | None = None,
+        truncated: bool = False,
+        for_: Turn | Iterable[Turn] | None = None,
+        counted: bool = False,
+    ) -> int:
+        """Publish one dead letter standing for ``count`` inputs; counted here unless ``counted``
+        (shed messages are counted as they come). Every dead letter goes out once: its id is made
+        here and a resend after a reconnect carries the same bytes."""
         if reason not in self.reasons:
             log.error("dead letter with an undeclared reason", extra={"service": self.name, "reason": reason})
-        c = self.metrics.counters
-        c["rejected"] += 1
-        c["rejected." + reason] += 1
+        if not counted:
+            c = self.metrics.counters
+            c["rejected"] += count
+            c["rejected." + reason] += count
         entry = dead_letter(
             stage=self.name,
             reason=reason,
@@ -374,12 +575,24 @@ class ServiceRuntime:
             payload=payload,
             trace=trace,
             index=index,
+            count=count,
+            items=items,
+            truncated=truncated,
         )
         return self.publish(self.dlq_topic, entry, qos=self.dlq_qos, for_=for_)
 
     def reject(self, inbound: Inbound[Any], rej: Reject, *, trace: str | None = None) -> None:
-        """Dead-letter one item of a message (its own bytes when it came in a batch) or all of it."""
+        """Dead-letter one item of a message (its own bytes when it came in a batch) or all of it.
+        Past ``dlq_items_per_message`` items of one batch, the rest are grouped by reason into one
+        dead letter each once the handler has returned."""
         one = inbound.batch and rej.item is not None
+        if one and inbound.open:
+            inbound.singles += 1
+            if inbound.singles > self.dlq_items_per_message:
+                if inbound.spill is None:
+                    inbound.spill = {}
+                inbound.spill.setdefault(rej.reason, []).append((rej, trace))
+                return
         self.dead_letter(
             rej.reason,
             rej.detail,
@@ -482,6 +695,7 @@ class ServiceRuntime:
         counters["bus_connects"] = bus["connects"]
         counters["bus_dropped_qos0"] = bus["dropped_qos0"]
         counters["bus_handler_errors"] = bus["handler_errors"]
+        counters["bus_publishes_deferred"] = bus["deferred"]
         counters["acknowledged"] = self.acks.acknowledged
         counters["worker_jobs"] = self.worker.completed
         counters["worker_busy_ms"] = self.worker.busy_ns // 1_000_000
@@ -504,12 +718,17 @@ class ServiceRuntime:
     def stop(self, drain: Callable[[], None] | None = None, *, drain_s: float = 10.0) -> None:
         """Stop intake (what arrives from now on is left for redelivery), run ``drain`` on the
         network thread (flush, score, commit what waits), wait up to ``drain_s`` for what is held
-        to be confirmed and acknowledged, finish the worker's jobs, then go offline."""
+        to be confirmed and acknowledged, finish the worker's jobs, then go offline. With the
+        broker gone it waits for nothing the broker would have to confirm: what is unacknowledged
+        stays on the broker for redelivery, and the stop is prompt (a supervisor kills a service
+        that takes too long)."""
         self.bus.call(self._stop_intake, timeout_s=5)
         if drain is not None:
             self.bus.call(drain, timeout_s=drain_s)
         deadline = time.monotonic() + drain_s
-        while time.monotonic() < deadline and (self.worker.queued or self.acks.waiting):
+        while time.monotonic() < deadline and (
+            self.worker.queued or (self.acks.waiting and self.bus.connected)
+        ):
             time.sleep(0.01)
         # no timer may hand the worker a job from here on (one that did after the worker stopped
         # ran beside the service's own last commit and close: a crash in SQLite)
@@ -521,6 +740,7 @@ class ServiceRuntime:
 
     def _stop_intake(self) -> None:
         self._draining = True
+        self._publish_piles()  # what was shed so far, counted, goes out with the drain
 
     def _stop_timers(self) -> None:
         self._stopped = True

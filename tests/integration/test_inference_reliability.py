@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -134,3 +134,19 @@ def test_a_fault_mid_stream_loses_no_score_and_never_gives_an_event_two_ids(
         pub.stop()
         for c in (status, scores, dlq):
             c.stop()
+
+
+def test_sigterm_after_the_broker_has_been_down(
+    settings: OutpostSettings, broker: Mosquitto, proc: InferenceProcess, collect: Callable[..., Collector]
+) -> None:
+    """Issue 14: with the broker down long enough for the reconnect delay to reach its cap,
+    inference ignored SIGTERM past `outpost up`'s 15 s grace and was killed (the kit's stop waited
+    out the reconnect delay for each of its calls). Delays of 30-60 s make that certain here."""
+    proc.env |= {"OUTPOST_MQTT__RECONNECT_MIN_S": "60", "OUTPOST_MQTT__RECONNECT_MAX_S": "60"}
+    status = collect(settings.topics.service_status("inference"))
+    start_and_wait(proc, status)
+    broker.stop()
+    time.sleep(3)
+    started = time.monotonic()
+    assert proc.terminate(timeout=15.0) == 0, proc.logs()
+    assert time.monotonic() - started < 15.0

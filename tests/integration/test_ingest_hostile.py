@@ -159,10 +159,9 @@ def rig(make_rig: Callable[..., Rig]) -> Rig:
         b'{"device": "d1", "seq": ',
         b"{'device': 'd1'}",
         b'{"device":"bad1"} trailing',
-        b"",
         b"[" * 10_000,
     ],
-    ids=["text", "open-brace", "cut-batch", "cut-object", "single-quotes", "trailing", "empty", "deep"],
+    ids=["text", "open-brace", "cut-batch", "cut-object", "single-quotes", "trailing", "deep"],
 )
 def test_not_json(rig: Rig, raw: bytes) -> None:
     rig.send("bad1", raw)
@@ -299,15 +298,43 @@ def test_timestamps_far_off(rig: Rig, offset_s: float, reason: str) -> None:
     rig.assert_rejected(reason, raw, no_events_from="bad1")
 
 
-def test_timestamp_in_seconds_instead_of_ns(rig: Rig) -> None:
-    raw = rig.send("bad1", make_reading("bad1", 1, ts=int(time.time())))
-    rig.assert_rejected("ts_past", raw, no_events_from="bad1")
+@pytest.mark.parametrize(("factor", "unit", "times"), [(1, "seconds", "1e9"), (1000, "milliseconds", "1e6")])
+def test_timestamp_in_seconds_instead_of_ns(rig: Rig, factor: int, unit: str, times: str) -> None:
+    raw = rig.send("bad1", make_reading("bad1", 1, ts=int(time.time()) * factor))
+    [entry] = rig.assert_rejected("ts_past", raw, no_events_from="bad1")
+    assert "nanoseconds" in entry["detail"]
+    assert f"looks like {unit}: multiply by {times}" in entry["detail"]
 
 
 @pytest.mark.parametrize("unit", ["furlong", "celsius", "c", "°K"])
 def test_unknown_unit(rig: Rig, unit: str) -> None:
     raw = rig.send("bad1", make_reading("bad1", 1, unit=unit))
     rig.assert_rejected("unknown_unit", raw, no_events_from="bad1")
+
+
+def test_duplicate_key(rig: Rig) -> None:
+    raw = b'{"device": "bad1", "seq": 1, "ts": %d, "metric": "m", "value": 1.0, "value": 99.0, "unit": "C"}'
+    raw = raw % time.time_ns()
+    rig.send("bad1", raw)
+    [entry] = rig.assert_rejected("duplicate_key", raw, no_events_from="bad1")
+    assert "'value'" in entry["detail"]
+
+
+def test_duplicate_key_in_a_batch_refuses_that_reading_alone(rig: Rig) -> None:
+    good = [make_reading("dk", s) for s in range(3)]
+    bad = orjson.dumps(make_reading("dk", 3))[:-1] + b',"seq":4}'
+    raw = b"[" + b",".join([*map(orjson.dumps, good), bad]) + b"]"
+    rig.send("dk", raw)
+    [entry] = rig.wait_dead_letters("duplicate_key")
+    assert entry["index"] == 3
+    assert sorted(e["seq"] for e in rig.wait_events("dk", 3)) == [0, 1, 2]
+
+
+def test_escaped_quotes_are_not_a_duplicate_key(rig: Rig) -> None:
+    """The cheap check counts quotes; an escaped one in a unit sends it to the full check, which
+    finds nothing: the reading is judged on its unit as usual."""
+    raw = rig.send("q1", make_reading("q1", 1, unit='in"'))
+    rig.assert_rejected("unknown_unit", raw)
 
 
 def test_device_mismatch(rig: Rig) -> None:
@@ -329,6 +356,34 @@ def test_bad_device_segment_in_topic(rig: Rig, device: str) -> None:
     raw = rig.send("", make_reading("dev1", 1), topic=topic)
     entries = rig.assert_rejected("bad_topic", raw, topic=topic[:512], no_events_from="dev1")
     assert device[:64] in entries[0]["detail"]
+
+
+@pytest.mark.parametrize("device", ["a/b", "a/b/c", "shop/fridge-1"])
+def test_device_id_with_a_slash(rig: Rig, device: str) -> None:
+    """A telemetry topic with extra levels used to match no subscription and vanish."""
+    topic = f"{rig.settings.topics.root}/dev/{device}/telemetry"
+    raw = rig.send("", make_reading("a", 1), topic=topic)
+    [entry] = rig.assert_rejected("bad_topic", raw, topic=topic)
+    assert "levels" in entry["detail"]
+
+
+def test_other_device_topics_are_not_telemetry(rig: Rig) -> None:
+    """ingest reads everything under dev/ (so bad telemetry topics arrive): a device's status and
+    commands are not readings, and are neither taken nor dead-lettered, only counted."""
+    t = rig.settings.topics
+    rig.send("", b'{"state": "online"}', topic=t.device_status("d1"))
+    rig.send("", b'{"open": true}', topic=t.device_cmd("d1", "door"))
+    rig.wait_counter("ignored", 2)
+    rig.assert_alive()
+    assert rig.dead_letters() == []
+
+
+def test_empty_payload_is_counted_not_dead_lettered(rig: Rig) -> None:
+    """An empty message is what clearing a retained message delivers: no reading, no dead letter."""
+    rig.send("d1", b"")
+    rig.wait_counter("empty_ignored", 1)
+    rig.assert_alive()
+    assert rig.dead_letters() == []
 
 
 def _mqtt_string(s: bytes) -> bytes:
@@ -516,6 +571,63 @@ def test_batch_with_a_duplicate_inside(rig: Rig) -> None:
     assert sorted(e["seq"] for e in events) == [0, 1, 2, 3]
 
 
+# --- huge bad batches -------------------------------------------------------------------------------
+
+
+def test_batch_of_300000_empty_objects_is_one_dead_letter(rig: Rig) -> None:
+    """900 KB of `{}`: refused whole as batch_too_large, one dead letter (the decoder used to
+    build an error for every field of every item first: 1.4 s with every device waiting)."""
+    raw = b"[" + b",".join([b"{}"] * 300_000) + b"]"
+    rig.send("big", raw)
+    [entry] = rig.assert_rejected("batch_too_large", raw)
+    assert "300000 items" in entry["detail"]
+    assert rig.counter("rejected") == 1
+
+
+def test_batch_of_10000_bad_readings_is_grouped(rig: Rig) -> None:
+    """10,000 bad readings make 10 dead letters of one reading each and one group for the rest,
+    with the per-item reasons listed (bounded), and counters that agree with the counts."""
+    batch = [make_reading("big", seq, device="not ok") for seq in range(10_000)]
+    raw = rig.send("big", batch)
+    entries = rig.wait_dead_letters("bad_identifier", 11)
+    rig.wait_counter("rejected.bad_identifier", 10_000)
+    time.sleep(0.5)  # nothing more comes
+    entries = rig.dead_letters("bad_identifier")
+    assert len(entries) == 11
+    singles = [e for e in entries if e.get("count", 1) == 1]
+    [group] = [e for e in entries if e.get("count", 1) > 1]
+    assert sorted(e["index"] for e in singles) == list(range(10))
+    assert group["count"] == 9_990
+    assert group["index"] == 10
+    assert [i["index"] for i in group["items"]] == list(range(10, 110))
+    assert all("device" in i["detail"] for i in group["items"])
+    DeadLetter.model_validate(group)
+    listed = orjson.loads(base64.b64decode(group["payload_b64"]))
+    assert listed == batch[10 : 10 + len(listed)]
+    assert group["truncated"] is True  # 9,990 readings do not fit 64 KiB
+    assert sum(e.get("count", 1) for e in entries) == 10_000
+    assert len(raw) > 500_000
+    rig.assert_alive()
+
+
+def test_mixed_reasons_are_grouped_per_reason(rig: Rig) -> None:
+    batch: list[Any] = [make_reading("mix", s) for s in range(5)]
+    batch += [make_reading("mix", 100 + s, unit="furlong") for s in range(30)]
+    batch += [make_reading("mix", 200 + s, value="x") for s in range(30)]
+    rig.send("mix", batch)
+    rig.wait_events("mix", 5)
+    rig.wait_counter("rejected.unknown_unit", 30)
+    rig.wait_counter("rejected.wrong_type", 30)
+
+    def total(reason: str) -> int:
+        return sum(e.get("count", 1) for e in rig.dead_letters(reason))
+
+    assert rig.dlq.wait_for(lambda _c: total("unknown_unit") == 30 and total("wrong_type") == 30, WAIT)
+    # the decoder's 30 wrong_type come first: 10 one by one, 20 grouped; all 30 unknown_unit grouped
+    assert len(rig.dead_letters("wrong_type")) == 11
+    assert len(rig.dead_letters("unknown_unit")) == 1
+
+
 # --- flooding ----------------------------------------------------------------------------------------
 
 
@@ -531,23 +643,27 @@ def test_flooding_device_is_rate_limited_then_quarantined(make_rig: Callable[...
     rig.wait_dead_letters("rate_limited", 1)
     rig.wait_dead_letters("quarantined", 1)
 
+    def counted(reason: str) -> int:  # a quarantined device's messages are dead-lettered in aggregate
+        return sum(d.get("count", 1) for d in rig.dead_letters(reason))
+
     def accounted(_c: Collector) -> bool:
-        n = len(rig.events_of("flood")) + len(rig.dead_letters("rate_limited"))
-        return n + len(rig.dead_letters("quarantined")) >= flood
+        n = len(rig.events_of("flood")) + counted("rate_limited")
+        return n + counted("quarantined") >= flood
 
     assert rig.dlq.wait_for(accounted, WAIT), "every flooding reading is an event or a dead letter"
     limited = rig.dead_letters("rate_limited")
     quarantined = rig.dead_letters("quarantined")
     events = rig.events_of("flood")
-    assert len(events) + len(limited) + len(quarantined) == flood
+    assert len(events) + counted("rate_limited") + counted("quarantined") == flood
     assert len(events) >= 10  # the burst
     assert len(limited) >= 1
     assert len(quarantined) >= 1
+    assert len(quarantined) < counted("quarantined")  # aggregated, not one per message
     for entry in limited + quarantined:
         assert entry["topic"] == rig.topic("flood")
         assert base64.b64decode(entry["payload_b64"]) in sent.values()
-    rig.wait_counter("rejected.rate_limited", len(limited))
-    rig.wait_counter("rejected.quarantined", len(quarantined))
+    rig.wait_counter("rejected.rate_limited", counted("rate_limited"))
+    rig.wait_counter("rejected.quarantined", counted("quarantined"))
     # still quarantined: a new reading is refused, the neighbour still flows
     raw = rig.send("flood", make_reading("flood", 1000))
     rig.wait_dead_letters("quarantined", len(quarantined) + 1)

@@ -170,3 +170,39 @@ def test_publish_listeners_all_hear_and_the_read_gate_holds_messages(
     finally:
         pub.stop(drain_s=0)
         sub.stop(drain_s=0)
+
+
+def test_qos0_input_is_shed_while_the_broker_does_not_take_our_output(
+    settings: OutpostSettings,
+    runtimes: Callable[..., ServiceRuntime],
+    publisher: Bus,
+    collect: Callable[..., Collector],
+) -> None:
+    """With its QoS 1 publishes waiting for the broker past ``max_pending`` (1 here), the kit sheds
+    QoS 0 input as ``overloaded``: counted, dead-lettered in aggregate (``count``), never lost
+    without a trace: handled + the dead letters' counts = sent."""
+    topic = _topic(settings, "overload")
+    out = _topic(settings, "overload-out")
+    rt = runtimes(max_pending=1)
+    dlq = collect(rt.dlq_topic)
+    handled: list[bytes] = []
+
+    def handler(m: Inbound[Any]) -> None:
+        if not handled:
+            time.sleep(0.05)  # the rest of the burst waits on the socket, read in one turn
+        handled.append(m.raw)
+        rt.publish(out, m.raw, qos=1)  # written, and so acknowledged, only after the turn
+
+    rt.subscribe(topic, handler, qos=0)
+    rt.start()
+    n = 200
+    for i in range(n):
+        publisher.publish(topic, b"%d" % i, qos=0)
+
+    def shed() -> int:
+        return sum(d.get("count", 1) for d in dlq.json() if d["reason"] == "overloaded")
+
+    assert wait_until(lambda: len(handled) + shed() == n), (len(handled), shed())
+    assert shed() > 0
+    assert rt.metrics.counters["rejected.overloaded"] == shed() == rt.metrics.counters["shed"]
+    assert len(dlq.json()) < shed()  # aggregated

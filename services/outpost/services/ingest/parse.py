@@ -24,10 +24,13 @@ REASONS: Final = (
     "ts_past",
     "unknown_unit",
     "duplicate",
+    "duplicate_key",
     "stale_seq",
     "rate_limited",
     "quarantined",
+    "retained",
     "internal",
+    "overloaded",
 )
 OWN_REASONS: Final = REASONS[len(DECODE_REASONS) :]
 

@@ -20,6 +20,10 @@ CREATE TABLE IF NOT EXISTS seq_state (
     mask BLOB NOT NULL,
     epoch INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS retained (
+    topic TEXT PRIMARY KEY,
+    digest BLOB NOT NULL
+);
 """
 
 
@@ -49,6 +53,18 @@ class SeqStore:
             "last=excluded.last, last_ts=excluded.last_ts, mask=excluded.mask, epoch=excluded.epoch",
             [(d, s.last, s.last_ts, s.mask.to_bytes(n, "little"), s.epoch) for d, s in states.items()],
         )
+
+    def load_retained(self) -> dict[str, bytes]:
+        """The digest of the retained message last dead-lettered on each topic."""
+        return {t: bytes(d) for t, d in self.store.query("SELECT topic, digest FROM retained")}
+
+    def save_retained(self, seen: dict[str, bytes]) -> None:
+        if seen:
+            self.store.write_many(
+                "INSERT INTO retained(topic, digest) VALUES (?, ?) "
+                "ON CONFLICT(topic) DO UPDATE SET digest=excluded.digest",
+                list(seen.items()),
+            )
 
     def close(self) -> None:
         self.store.close()

@@ -20,16 +20,18 @@ there are no locks.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from typing import Any
 
 import orjson
 
+from outpost.bus import Message
 from outpost.contracts import READING, SCHEMA_VERSION, ReadingDict, Reject, reading_id, reading_id_prefix
 from outpost.log import get_logger
 from outpost.ratelimit import RateLimiter
-from outpost.service import Ack, Inbound, Rejected, ServiceRuntime, run_until, service_main
+from outpost.service import SKIP, Ack, Inbound, Rejected, ServiceRuntime, run_until, service_main
 from outpost.services.ingest.parse import OWN_REASONS
 from outpost.services.ingest.seqstore import SeqStore
 from outpost.services.ingest.seqtrack import Seen, SeqState, observe
@@ -59,6 +61,8 @@ class IngestService:
         self.events_root = self.topics.root + "/events/"
         self.seqstore = SeqStore(self.rt.state_dir() / "ingest.db", cfg.dedup_window)
         self.seq: dict[str, SeqState] = self.seqstore.load()
+        self._retained = self.seqstore.load_retained()
+        self._retained_new: dict[str, bytes] = {}
         self.limiter = RateLimiter(
             cfg.rate_per_device, cfg.burst_per_device, cfg.quarantine_after, cfg.quarantine_s
         )
@@ -73,17 +77,29 @@ class IngestService:
         self._age = self.metrics.histogram("reading_age")
         # One ingest process per site: dedup and gap detection need every reading of a device in
         # one place, which a shared subscription (spread per message, not per device) would break.
-        self._pattern = self.topics.all_telemetry
+        # Everything under dev/ (not dev/+/telemetry): a telemetry topic with extra levels must
+        # arrive to be dead-lettered as bad_topic; the other kinds (status, cmd) are ignored.
+        self._pattern = self.topics.all_device_topics
         self.rt.subscribe(
             self._pattern,
             self._on_readings,
             contract=READING,
             ack=Ack.AFTER_COMMIT,
             qos=cfg.qos,
-            topic_key=self.topics.device_of,
+            topic_key=self.topics.telemetry_device,
             max_bytes=cfg.max_payload_bytes,
             max_items=cfg.max_batch,
             lenient=True,
+            screen=self._screen,
+            charge=self._charge,
+        )
+        # a durable session of an older ingest still holds dev/+/telemetry: with both, every
+        # reading would arrive twice
+        legacy = self.topics.all_telemetry
+        self.rt.bus.on_connect(lambda _present: self.rt.bus.unsubscribe(legacy))
+        self.rt.shed_details["quarantined"] = (
+            f"the device flooded ({cfg.quarantine_after} readings over its rate within a second) and "
+            f"is quarantined for {cfg.quarantine_s}s; its messages are not read"
         )
         # flushed once what waited on the socket is read (a light load waits for nothing, a heavy
         # one batches what a burst brought), and every flush_ms at the latest
@@ -96,6 +112,43 @@ class IngestService:
         }
 
     # --- intake ----------------------------------------------------------------------------------
+    def _screen(self, device: str, msg: Message) -> str | None:
+        """Before a message is decoded: a quarantined device's messages are shed unread (counted,
+        dead-lettered in aggregate by the kit); an empty message (a retained message being
+        cleared) is counted; a retained message the broker replays is dead-lettered once."""
+        if not msg.payload:
+            self.metrics.counters["empty_ignored"] += 1
+            return SKIP
+        if msg.retain:
+            return self._replayed(msg)
+        if self.limiter.quarantined(device, time.monotonic()):
+            return "quarantined"
+        return None
+
+    def _replayed(self, msg: Message) -> str | None:
+        """A message with the retain flag: the broker's stored copy, sent again at every subscribe
+        (each restart and reconnect). Telemetry must not be retained; the first time a stored copy
+        is seen it is dead-lettered as ``retained`` (with its bytes, for a person to replay), and
+        after that, on later subscribes, only counted (``retained_replays``). Live, a retained
+        publish reaches ingest as any other message, and is taken or refused then."""
+        topic = msg.topic
+        digest = hashlib.blake2b(msg.payload, digest_size=16).digest()
+        if self._retained.get(topic) == digest:
+            self.metrics.counters["retained_replays"] += 1
+            return SKIP
+        self._retained[topic] = digest
+        self._retained_new[topic] = digest
+        raise Rejected(
+            "retained",
+            "a retained telemetry message, replayed by the broker when ingest subscribed: readings "
+            "must not be retained (clear it with an empty retained publish); dead-lettered once",
+        )
+
+    def _charge(self, device: str, n: int) -> None:
+        """Readings the decoder refused count against the device's rate like good ones, so a
+        device sending huge bad batches is quarantined as a flooding one is."""
+        self.limiter.take(device, n, time.monotonic())
+
     def _on_readings(self, msg: Inbound[ReadingDict]) -> None:
         """The readings of one telemetry message that fit the contract (the kit has dead-lettered
         the rest): checked against the device, the clock and the unit table, deduplicated, turned
@@ -104,11 +157,13 @@ class IngestService:
         m = self.metrics.counters
         device = msg.key
         now = time.monotonic()
-        if self.limiter.quarantined(device, now):
-            raise Rejected("quarantined", f"device {device} is quarantined for flooding")
         cfg = self.cfg
         readings = msg.items
         reject = self.rt.reject
+        if msg.raw.count(b'"') != _QUOTES_PER_READING * len(readings):
+            readings = self._without_duplicate_keys(msg)
+            if not readings:
+                return
         m["readings"] += len(readings)
         granted = self.limiter.take(device, len(readings), now)
         if granted < len(readings):
@@ -242,6 +297,33 @@ class IngestService:
         if n >= cfg.flush_max or self._batched >= cfg.flush_max * 4:
             self.flush()
 
+    def _without_duplicate_keys(self, msg: Inbound[ReadingDict]) -> list[tuple[int, ReadingDict]]:
+        """The readings of ``msg`` with no key twice; the others are dead-lettered as
+        ``duplicate_key`` (a JSON parser keeps the last value, so ``{"value": 1, "value": 99}``
+        would silently become 99). Only run when the message's quote count is not the 18 of six
+        keys and three string values per reading (docs/ingest.md, "Duplicate keys"): escaped
+        quotes, bad items or a duplicate key; the common case costs one ``bytes.count``."""
+        dups: dict[int, str] = {}
+        try:
+            doc = json.loads(msg.raw, object_pairs_hook=_pairs_checked)
+        except (ValueError, RecursionError):
+            return msg.items
+        objs = doc if isinstance(doc, list) else [doc]
+        for i, obj in enumerate(objs):
+            if isinstance(obj, _Dup):
+                dups[i] = obj.key
+        if not dups:
+            return msg.items
+        kept: list[tuple[int, ReadingDict]] = []
+        for index, r in msg.items:
+            key = dups.get(index)
+            if key is None:
+                kept.append((index, r))
+            else:
+                detail = f"key {key!r} appears more than once (a parser would keep only the last)"
+                self.rt.reject(msg, Reject("duplicate_key", detail, index if msg.batch else None, r))
+        return kept
+
     def _check(self, r: ReadingDict, device: str, lo_ns: int, hi_ns: int) -> Reject | None:
         if r["device"] != device:
             return Reject("device_mismatch", f"payload device {r['device']!r} != topic device {device!r}")
@@ -249,7 +331,7 @@ class IngestService:
         if ts > hi_ns:
             return Reject("ts_future", f"ts {ts} is more than {self.cfg.max_future_s}s ahead")
         if ts < lo_ns:
-            return Reject("ts_past", f"ts {ts} is more than {self.cfg.max_age_s}s old")
+            return Reject("ts_past", f"ts {ts} is more than {self.cfg.max_age_s:g} s old{unit_hint(ts)}")
         if r["unit"] not in UNITS:
             return Reject("unknown_unit", f"unit {r['unit']!r} is not in the unit table (docs/ingest.md)")
         return None
@@ -280,19 +362,26 @@ class IngestService:
     def _commit(self) -> None:
         """Commit the acknowledged seq state on the kit's worker: an fsync on the network thread
         would hold up every reading behind it (it was most of ingest's p99: docs/benchmarks.md)."""
-        if not self._to_commit or self._committing:
+        if not (self._to_commit or self._retained_new) or self._committing:
             return
         states, self._to_commit = self._to_commit, {}
+        retained, self._retained_new = self._retained_new, {}
         self._committing = True
-        self.rt.submit(lambda: self.seqstore.save(states), lambda result: self._committed(states, result))
 
-    def _committed(self, states: dict[str, SeqState], result: object) -> None:
+        def save() -> None:
+            self.seqstore.save(states)
+            self.seqstore.save_retained(retained)
+
+        self.rt.submit(save, lambda result: self._committed(states, retained, result))
+
+    def _committed(self, states: dict[str, SeqState], retained: dict[str, bytes], result: object) -> None:
         self._committing = False
         if isinstance(result, BaseException):
             # kept for the next try (a full disk may clear); newer state queued meanwhile wins
             log.error("seq state commit failed; will retry", extra={"error": str(result)})
             self.metrics.counters["commit_failures"] += 1
             self._to_commit = {**states, **self._to_commit}
+            self._retained_new = {**retained, **self._retained_new}
             return
         self.metrics.counters["commits"] += 1
 
@@ -306,11 +395,49 @@ class IngestService:
         No unsubscribe: that would drop the subscription from the durable session and the broker
         would not keep what devices send while ingest is down."""
         self.rt.stop(self.flush)  # the worker has finished its commits when this returns
-        if self._to_commit:
+        if self._to_commit or self._retained_new:
             self.seqstore.save(self._to_commit)
+            self.seqstore.save_retained(self._retained_new)
             self.metrics.counters["commits"] += 1
         self.seqstore.close()
         log.info("ingest stopped", extra={"counters": dict(self.metrics.counters)})
+
+
+_UNIT_GUESSES = ((10**9, "seconds", "1e9"), (10**6, "milliseconds", "1e6"), (10**3, "microseconds", "1e3"))
+
+
+def unit_hint(ts: int) -> str:
+    """What a ``ts`` too old to be nanoseconds probably is: a device sending seconds (or ms, us)
+    since the epoch reads as a 1970 date in nanoseconds."""
+    now = time.time_ns()
+    for factor, name, times in _UNIT_GUESSES:
+        if abs(ts * factor - now) < 365 * 86400 * 10**9:
+            return f"; ts is UTC epoch nanoseconds, and this looks like {name}: multiply by {times}"
+    return "; ts is UTC epoch nanoseconds"
+
+
+_QUOTES_PER_READING = 18
+"""Six keys and three string values (device, metric, unit): the quotes of a reading without escapes."""
+
+
+class _Dup(dict[str, Any]):
+    """An object that had a key twice (``key``), as :func:`_pairs_checked` returns it."""
+
+    key = ""
+
+
+def _pairs_checked(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) == len(pairs):
+        return out
+    seen: set[str] = set()
+    dup = _Dup(out)
+    for k, _ in pairs:
+        if k in seen:
+            dup.key = k
+            break
+        seen.add(k)
+    return dup
 
 
 def run(settings: OutpostSettings, stop: threading.Event) -> IngestService:
