@@ -17,20 +17,24 @@ from outpost.contracts import DeadLetter, ReadingDict
 
 def test_a_dead_letter_stands_for_one_item_or_the_whole_message() -> None:
     assert dead_letter_items({"reason": "wrong_type", "index": 3}, per_msg=10_000) == 1
-    assert dead_letter_items({"reason": "wrong_type", "index": 0}, per_msg=10_000) == 1
+    assert dead_letter_items({"reason": "wrong_type", "index": 0, "count": 1}, per_msg=10_000) == 1
     assert dead_letter_items({"reason": "too_large", "index": None}, per_msg=10_000) == 10_000
     assert dead_letter_items({"reason": "rate_limited"}, per_msg=1) == 1
 
 
-def test_an_aggregated_dead_letter_stands_for_what_it_says() -> None:
-    assert dead_letter_items({"reason": "shed", "index": None, "count": 2_500}, per_msg=1) == 2_500
-    assert dead_letter_items({"reason": "shed", "items": [4, 5, 9]}, per_msg=1) == 3
+def test_an_aggregated_dead_letter_stands_for_its_count() -> None:
+    # a group of a batch's bad items: count items (items lists the first 100 of them)
+    group = {"reason": "wrong_type", "index": None, "count": 9_990, "items": [{"index": 10}]}
+    assert dead_letter_items(group, per_msg=10_000) == 9_990
+    # messages shed unread: count messages, each a whole one
+    assert dead_letter_items({"reason": "quarantined", "index": None, "count": 2_500}, per_msg=1) == 2_500
+    assert dead_letter_items({"reason": "overloaded", "count": 3}, per_msg=4) == 12
     assert dead_letter_items({"reason": "shed", "count": True}, per_msg=7) == 7  # not a count
 
 
-def test_todays_dead_letter_contract_has_no_aggregate_field() -> None:
-    # when it gains one, dead_letter_items must know its name (sinks.AGGREGATE_FIELDS)
-    assert not {"count", "items", "readings"} & set(DeadLetter.model_fields)
+def test_the_dead_letter_contract_says_how_many_inputs_an_entry_stands_for() -> None:
+    assert {"count", "items", "index"} <= set(DeadLetter.model_fields)
+    assert DeadLetter.model_fields["count"].default == 1
 
 
 def test_shed_is_the_total_or_the_sum_of_its_parts() -> None:

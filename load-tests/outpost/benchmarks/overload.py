@@ -21,13 +21,14 @@ to be accounted for, then stops the services (their last metrics batch is publis
 What the phase reports:
 
 * canary p50/p99 of readings stamped inside the window, and canary readings delivered / sent;
-* the load device's readings: sent = validated events + dead-lettered items + shed (counted), and
-  the difference. A dead letter stands for one item of a batch (``index`` set), for the whole message
-  otherwise, or for as many as an aggregate field says (:func:`outpost.benchmarks.sinks.dead_letter_items`);
-  "shed" is the sum of ingest's counters named ``shed`` / ``shed.*`` / ``shed_*`` (readings dropped
-  without a dead letter of their own, if ingest counts any that way); a dead letter published twice
-  is counted once and reported as a duplicate;
-* ingest's ``rejected`` counter next to the ingest dead letters received (counters and DLQ agree?);
+* the load device's readings: sent = validated events + dead-lettered readings, and the difference.
+  A dead letter stands for ``count`` inputs, each one item of a batch where it names items and a
+  whole message otherwise (refused whole, or shed unread in aggregate):
+  :func:`outpost.benchmarks.sinks.dead_letter_items`. Ingest's ``shed`` counter is shown beside it
+  (those messages are in the aggregates' counts already); a dead letter published twice is counted
+  once and reported as a duplicate;
+* ingest's ``rejected`` counter next to the sum of ``count`` over the ingest dead letters received
+  (counters and DLQ agree?);
 * every service's and the broker's peak RSS (``VmHWM`` from ``/proc/PID/status``, sampled every
   0.25 s so a restarted process is seen too), restarts, and ``offline`` statuses (the broker dropped a
   service: its last will);
@@ -339,6 +340,7 @@ def _figures(
             "counters_final": (acc["last_status"].get("ingest") or {}).get("state") == "stopped",
             "rejected_counter": ingest.get("rejected", 0) if ingest else None,
             "dead_letters_received": acc["dead_letters_by_stage"].get("ingest", 0),
+            "dead_lettered_counted": acc["dead_lettered_by_stage"].get("ingest", 0),
             "handler_errors": ingest.get("bus_handler_errors"),  # a rejection counted, its publish failed?
             "dead_letter_duplicates": sum(
                 acc[c]["dead_letter_duplicates"] for c in ("canary", "load", "other")
@@ -353,7 +355,7 @@ def _figures(
     ld = results.get("load")
     if ld is not None:
         lacc = acc["load"]
-        accounted = lacc["events"] + lacc["dead_lettered"] + shed_n
+        accounted = lacc["events"] + lacc["dead_lettered"]
         out["load"] = {
             "device": LOAD_DEVICE[name],
             "qos": ld["spec"]["qos"],
@@ -370,7 +372,7 @@ def _figures(
             "dead_lettered": lacc["dead_lettered"],
             "dead_lettered_by_reason": lacc["dead_lettered_by_reason"],
             "dead_letter_duplicates": lacc["dead_letter_duplicates"],
-            "shed_counted": shed_n,
+            "shed_counted": shed_n,  # shown, not added: in the aggregate dead letters' counts
             "shed_counters": shed,
             "accounted": accounted,
             "difference": load_sent - accounted,  # > 0: readings nowhere to be found; < 0: counted twice
@@ -484,7 +486,8 @@ def _brief(p: dict[str, Any]) -> str:
         ld = p["load"]
         text += (
             f"; load: {ld['sent']:,} sent at {ld['offered_msgs_per_s']:,.0f} msgs/s, "
-            f"{ld['events']:,} events + {ld['dead_lettered']:,} dead-lettered + {ld['shed_counted']:,} shed, "
+            f"{ld['events']:,} events + {ld['dead_lettered']:,} dead-lettered "
+            f"(of which {ld['shed_counted']:,} shed), "
             f"difference {ld['difference']:,}"
         )
     return text + f"; drain {p['drain']['s']} s ({p['drain']['ended']})"

@@ -165,7 +165,7 @@ def overload_table(result: dict[str, Any]) -> Table:
         a = p["ingest_dlq_agreement"]
         final = "" if a.get("counters_final") else " (not final)"
         errors = f" ({_n(a.get('handler_errors'))})"
-        return f"{_n(a['rejected_counter'])} / {a['dead_letters_received']:,}{errors}{final}"
+        return f"{_n(a['rejected_counter'])} / {a['dead_lettered_counted']:,}{errors}{final}"
 
     def svc(p: dict[str, Any]) -> str:
         s = p["services"].values()
@@ -194,9 +194,9 @@ def overload_table(result: dict[str, Any]) -> Table:
     row("load: readings sent", load("sent"))
     row("  validated events", load("events"))
     row("  dead-lettered (items)", load("dead_lettered"))
-    row("  shed (counted)", load("shed_counted"))
+    row("  of which shed unread (ingest's counter)", load("shed_counted"))
     row("  difference (sent - accounted)", load("difference"), "0")
-    row("ingest rejected counter / dead letters (handler errors)", agree, "equal (0)")
+    row("ingest rejected counter / dead letters' count (handler errors)", agree, "equal (0)")
     row("peak RSS MB: ingest", rss("ingest"), "< 150")
     row("peak RSS MB: inference", rss("inference"))
     row("peak RSS MB: memory", rss("memory"))

@@ -218,27 +218,22 @@ def _canaries(spec: CanarySpec, ch: Channels) -> dict[str, Any]:
     return {"delivered": len(seen), "duplicates": duplicates[0], "latency": latency_summary(hist)}
 
 
-AGGREGATE_FIELDS = ("count", "items", "readings")
-"""Fields by which a dead letter may say how many inputs it stands for (an aggregated dead letter
-for shed readings); today's contract (:class:`outpost.contracts.DeadLetter`) has none, and any field
-it gains is listed in the result's ``dead_letter_fields_new``."""
-
-
 def dead_letter_items(doc: dict[str, Any], per_msg: int) -> int:
-    """How many of a device's inputs one dead letter accounts for: what an aggregate field says;
-    else one item of a batch (``index`` set), or the whole message (``per_msg`` readings)."""
-    for name in AGGREGATE_FIELDS:
-        v = doc.get(name)
-        if isinstance(v, list):
-            return len(v)
-        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-            return v
-    return 1 if doc.get("index") is not None else per_msg
+    """How many of a device's readings one dead letter accounts for, by the dead-letter contract
+    (:class:`outpost.contracts.DeadLetter`): ``count`` inputs (1 when absent or not a count), each one
+    item of a batch where the entry names items (``index`` for one, ``items`` for a group) and else a
+    whole message (refused whole, or shed unread): ``per_msg`` readings."""
+    count = doc.get("count", 1)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        count = 1
+    return count if doc.get("index") is not None or doc.get("items") else count * per_msg
 
 
 def shed_counted(counters: dict[str, int]) -> tuple[int, dict[str, int]]:
-    """Readings a service says it shed with only a count: its counters named ``shed``, ``shed.*`` or
-    ``shed_*`` (the total ``shed`` when there is one, else the sum of the others), and those counters."""
+    """Messages a service says it shed: its counters named ``shed``, ``shed.*`` or ``shed_*`` (the
+    total ``shed`` when there is one, else the sum of the others), and those counters. Shown beside
+    the accounting, not added to it: every shed message is also in an aggregate dead letter's
+    ``count``."""
     shed = {k: v for k, v in counters.items() if k == "shed" or k.startswith(("shed.", "shed_"))}
     return (shed["shed"] if "shed" in shed else sum(shed.values())), shed
 
@@ -275,6 +270,7 @@ def _account(spec: AccountSpec, ch: Channels) -> dict[str, Any]:
     acc = {c: Counter[str]() for c in classes}
     reasons = {c: Counter[str]() for c in classes}
     stages: Counter[str] = Counter()
+    stage_inputs: Counter[str] = Counter()  # the inputs they stand for (the sum of ``count``)
     metrics: dict[str, dict[str, int]] = {}
     batches: Counter[str] = Counter()
     status: dict[str, Counter[str]] = {s: Counter() for s in spec.services}
@@ -307,6 +303,8 @@ def _account(spec: AccountSpec, ch: Channels) -> dict[str, Any]:
         doc = orjson.loads(msg.payload)
         new_fields.update(set(doc) - known_fields)
         stages[str(doc.get("stage"))] += 1
+        count = doc.get("count", 1)
+        stage_inputs[str(doc.get("stage"))] += count if isinstance(count, int) else 1
         try:
             c = kind(topics.device_of(str(doc.get("topic", ""))))
         except TopicError:
@@ -385,6 +383,7 @@ def _account(spec: AccountSpec, ch: Channels) -> dict[str, Any]:
     }
     out.update(
         dead_letters_by_stage=dict(stages),
+        dead_lettered_by_stage=dict(stage_inputs),
         dead_letter_fields_new=sorted(new_fields),
         metrics=metrics,
         metrics_batches=dict(batches),
