@@ -75,6 +75,12 @@ def check_broker(mqtt: MqttSettings, timeout_s: float = 5.0) -> None:
     --broker`` asks before it starts anything, so a wrong address fails in seconds, not after every
     service has given up on it."""
     where = f"{mqtt.host}:{mqtt.port}"
+    try:
+        socket.getaddrinfo(mqtt.host, mqtt.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise BrokerError(
+            f"no MQTT broker at {where}: the name {mqtt.host!r} does not resolve ({exc})"
+        ) from None
     if not port_open(mqtt.host, mqtt.port, timeout=min(2.0, timeout_s)):
         raise BrokerError(f"no MQTT broker at {where}: nothing accepts connections there")
     client = paho.Client(
@@ -231,7 +237,8 @@ class Mosquitto:
             st = parent.stat()
             if not (st.st_mode & 0o001 or (st.st_uid == pw.pw_uid and st.st_mode & 0o100)):
                 log.warning(
-                    "broker runs as root: user mosquitto cannot reach its folder",
+                    "the broker runs as root, not as the user mosquitto, which cannot reach its "
+                    "folder; to run it unprivileged, give a data folder outside it (--data-dir)",
                     extra={"closed_folder": str(parent)},
                 )
                 return False

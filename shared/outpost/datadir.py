@@ -57,6 +57,20 @@ class DataDirBusyError(OutpostError):
     """Another ``outpost up`` owns the data folder."""
 
 
+def check_folder(data_dir: Path) -> None:
+    """Refuse a data folder that cannot be one (a file, or under one): said once, plainly, by every
+    command, instead of an OS error from whatever first touches it."""
+    path = Path(data_dir).expanduser()
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"is under {p}, which is a file"
+                raise ConfigError(
+                    f"data folder {path} {what}: give a folder (--data-dir or OUTPOST_DATA_DIR)"
+                )
+            return
+
+
 def site_dir(data_dir: Path, site: str) -> Path:
     """Where every piece of ``site``'s durable state lives (not created here)."""
     return Path(data_dir).expanduser() / SITES / site
@@ -188,8 +202,15 @@ class DataDirLock:
         self._file: IO[str] | None = None
 
     def acquire(self) -> DataDirLock:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        f = (self.data_dir / LOCK_FILE).open("a+")
+        check_folder(self.data_dir)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            f = (self.data_dir / LOCK_FILE).open("a+")
+        except OSError as exc:
+            raise ConfigError(
+                f"data folder {self.data_dir} cannot be used ({exc.strerror or exc}): give a folder "
+                "this user can write (--data-dir or OUTPOST_DATA_DIR)"
+            ) from None
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -72,7 +72,7 @@ class Stack:
     def _start(self) -> None:
         s = self.settings
         refuse_legacy(self.data_dir)
-        if self.external_broker:
+        if self.external_broker is not None:
             s.mqtt.host, s.mqtt.port = parse_broker(self.external_broker)
             check_broker(s.mqtt)
         else:

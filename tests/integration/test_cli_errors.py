@@ -29,9 +29,18 @@ def _outpost(
         (["sim", "--devices", "0"], "devices"),
         (["bench", "nosuch"], "nosuch"),
         (["nosuch"], "nosuch"),
+        (["up", "--broker", ""], "HOST:PORT"),  # an unset variable is not "start our own"
+        (["up", "--broker", "no.such.host.invalid:1883"], "does not resolve"),
+        (["log", "tail", "--kind", "bogus", "--data-dir", "data"], "'bogus' is not one of"),
+        (["up", "--data-dir", "a-file"], "is a file"),
+        (["up", "--data-dir", "a-file/below"], "which is a file"),
+        (["status", "--data-dir", "a-file"], "is a file"),
+        (["data", "where", "--data-dir", "a-file"], "is a file"),
+        (["log", "tail", "--data-dir", "a-file"], "is a file"),
     ],
 )
 def test_bad_arguments(args: list[str], says: str, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
     proc = _outpost(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert says in proc.stdout + proc.stderr

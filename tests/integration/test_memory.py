@@ -180,8 +180,13 @@ def test_outpost_log_tail_replay_trace_and_bad_arguments(settings: OutpostSettin
         t.events("d1"), orjson.dumps([make_event("d1", i, "temperature", 1.0) for i in range(10)]), qos=1
     )
     publisher.publish(t.inference("m", "d1"), orjson.dumps([score("d1", "d1-3")]), qos=1)
-    assert wait_count(settings, 11)
+    publisher.publish(t.events("d2"), b"{not json", qos=1)  # memory's own dead letter, logged
+    assert wait_count(settings, 12)
     r.stop()
+    # at 80 columns a dead letter's reason stays in view and no line is cut
+    p = outpost("log", "tail", "--kind", "dlq", env={**memory_env(settings), "COLUMNS": "80"}, timeout=60)
+    assert p.returncode == 0 and "not_json" in p.stdout, p.stdout + p.stderr
+    assert max(len(line) for line in p.stdout.splitlines()) <= 80, p.stdout
     p = cli(settings, "trace", "d1-3", "--json")
     assert p.returncode == 0, p.stderr
     lines = [orjson.loads(x) for x in p.stdout.strip().splitlines()]
@@ -192,6 +197,8 @@ def test_outpost_log_tail_replay_trace_and_bad_arguments(settings: OutpostSettin
     assert p.returncode == 0 and "3 entries" in p.stdout
     p = cli(settings, "replay", "--kind", "score", "--since", "2000-01-01T00:00:00", "--json")
     assert len(p.stdout.strip().splitlines()) == 1
+    p = cli(settings, "tail", "--kind", "bogus")
+    assert p.returncode == 2 and "'bogus' is not one of" in p.stderr
     for args, message in (
         (("replay", "--from", "5", "--to", "2"), "before --from"),
         (("replay", "--since", "yesterday"), "ISO 8601"),

@@ -204,3 +204,11 @@ def test_unknown_model_names_in_the_settings_stop_the_service_with_a_clear_error
         check=False,
     )
     assert p.returncode == 2 and "inference.models names ['nope']" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_list_at_80_columns_keeps_name_version_and_role(env: dict[str, str]) -> None:
+    p = outpost("model", "list", env={**env, "COLUMNS": "80"})
+    assert p.returncode == 0, p.stderr
+    assert max(len(line) for line in p.stdout.splitlines()) <= 80, p.stdout
+    rows = [line for line in p.stdout.splitlines() if "shelf-stock" in line]
+    assert any("1.0.0" in row and "active" in row for row in rows), p.stdout

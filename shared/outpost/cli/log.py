@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 import time
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +22,17 @@ from outpost.errors import ConfigError
 log_app = typer.Typer(help="The operational log: tail, replay, trace.", no_args_is_help=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per entry, one per line.")]
-KindOpt = Annotated[str | None, typer.Option("--kind", help="Only entries of this kind: event, score, dlq.")]
+
+
+class Kind(StrEnum):
+    """What the log holds (docs/memory.md)."""
+
+    event = "event"
+    score = "score"
+    dlq = "dlq"
+
+
+KindOpt = Annotated[Kind | None, typer.Option("--kind", help="Only entries of this kind.")]
 
 
 log_app.callback()(group_options)
@@ -99,16 +110,22 @@ def _show(entries: list[Any], json_out: bool, title: str) -> None:
             sys.stdout.write(orjson.dumps(_doc(e)).decode() + "\n")
         return
     t = Table(title=f"{title} ({len(entries)} entries)")
-    for col in ("offset", "time (UTC)", "kind", "trace", "topic", "body (dlq: stage: reason: detail)"):
-        t.add_column(col, no_wrap=not col.startswith("body"), overflow="ellipsis")
+    # at 80 columns the trace and topic (one column, a line each) give way to the body: a dead
+    # letter's reason is in it
+    t.add_column("offset", no_wrap=True)
+    t.add_column("UTC", no_wrap=True)
+    t.add_column("kind", no_wrap=True)
+    t.add_column("trace / topic", no_wrap=True, overflow="ellipsis", max_width=18)
+    t.add_column("body (dlq: stage: reason: detail)", overflow="fold", min_width=20)
+    today = datetime.now(UTC).date()
     for e in entries:
-        when = datetime.fromtimestamp(e.ts / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        at = datetime.fromtimestamp(e.ts / 1e9, UTC)
+        when = at.strftime("%H:%M:%S.%f")[:-3] if at.date() == today else at.strftime("%Y-%m-%d %H:%M")
         t.add_row(
             str(e.offset),
             when,
             e.kind,
-            e.trace,
-            e.topic.split("/", 3)[-1],
+            f"{e.trace}\n{e.topic.split('/', 3)[-1]}",
             _summary(e)[:160],
         )
     stdout_console().print(t)

@@ -94,8 +94,15 @@ def list_models(json_out: JsonOpt = False, data_dir: DataDirOpt = None, site: Si
         print_json({"models_dir": str(reg.models_dir), "models": rows})
         return
     t = Table(title=f"models in {reg.models_dir}")
+    # at 80 columns the trigger and the description wrap; name, version and role never do
     for col in ("model", "version", "role", "trigger", "description"):
-        t.add_column(col, overflow="ellipsis", no_wrap=True, max_width=70 if col == "role" else None)
+        fixed = col in ("model", "version", "role")
+        t.add_column(
+            col,
+            overflow="ellipsis" if fixed else "fold",
+            no_wrap=fixed,
+            max_width=70 if col == "role" else None,
+        )
     for r in rows:
         role = "active" if r["active"] else "shadow" if r["shadow"] else ""
         if r["bad"]:

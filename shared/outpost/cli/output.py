@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import orjson
@@ -9,8 +10,13 @@ from rich.console import Console
 
 
 def stdout_console() -> Console:
-    """Tables at least 140 columns wide even when stdout is a file or a pipe (rich assumes 80)."""
-    return Console(highlight=False) if sys.stdout.isatty() else Console(width=140, highlight=False)
+    """The terminal's width on a terminal; into a file or a pipe ``COLUMNS`` where set, else 140
+    columns (rich would assume 80 and cut the tables for a script that reads them)."""
+    if sys.stdout.isatty():
+        return Console(highlight=False)
+    columns = os.environ.get("COLUMNS", "")
+    width = int(columns) if columns.isdigit() and int(columns) >= 20 else 140
+    return Console(width=width, highlight=False)
 
 
 def print_json(doc: object) -> None:

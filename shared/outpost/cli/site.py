@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 import typer
 
-from outpost.datadir import RUN_FILE, RunInfo, read_run, site_path, sites
+from outpost.datadir import RUN_FILE, RunInfo, check_folder, read_run, site_path, sites
 from outpost.services.registry import OutpostSettings, load_settings
 
 DataDirOpt = Annotated[
@@ -125,6 +125,7 @@ def find_site(data_dir: Path | None = None, site: str | None = None, broker: str
     if site is not None:
         overrides["site"] = site
     s = load_settings(**overrides)
+    check_folder(s.data_dir)
     configured = s.model_fields_set
     data_dir_from = (
         "--data-dir"

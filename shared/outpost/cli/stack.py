@@ -136,7 +136,7 @@ def up(
     It owns the data folder while it runs (a second one there is refused) and writes its run file,
     through which every other command finds the site."""
     settings = _settings(find_site(data_dir, site))
-    if broker:
+    if broker is not None:  # "" too: a script's unset variable is not "start our own"
         parse_broker(broker)
     stop = threading.Event()
     install_stop_signals(stop)
