@@ -6,6 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import orjson
 import pytest
 
 from outpost.broker import free_port
@@ -52,6 +53,10 @@ def test_no_broker_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "no broker at" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # with --json a script still finds one object on the last line, the error in it
+    proc = _outpost("status", "--json", "--broker", f"127.0.0.1:{free_port()}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "no broker at" in orjson.loads(proc.stdout.strip().splitlines()[-1])["error"]
 
 
 @pytest.mark.parametrize(

@@ -154,6 +154,7 @@ def test_cli_prints_one_json_report_last_and_never_the_password(settings: Outpos
     assert "s3cret-pw" not in result.output
     report = SimReport.model_validate_json(result.stdout.strip().splitlines()[-1])
     assert report.offered == 200
+    assert report.broker == f"127.0.0.1:{settings.mqtt.port}" and report.site == settings.site
     assert set(report.bad_payloads) <= {"nan", "not_json"}
 
     table = CliRunner().invoke(

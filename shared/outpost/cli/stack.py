@@ -354,10 +354,13 @@ def status(
         f"site {where.site!r} (from {where.site_from}) at broker {where.broker} (from {where.broker_from})"
     )
     if not port_open(settings.mqtt.host, settings.mqtt.port, timeout=2):
-        raise BrokerError(
+        error = (
             f"no broker at {where.broker}: looked for {looked}; {where.running()}. Start the site with "
             "`outpost up`, or give --broker HOST:PORT or the --data-dir it runs in"
         )
+        if json_out:  # a script reads the last line: one object there, the error in it
+            print_json({"site": where.site, "broker": where.broker, "error": error, "services": {}})
+        raise BrokerError(error)
     mon = SiteMonitor(
         settings.mqtt, settings.topics, client_id=f"outpost-status-{os.getpid()}", watch_events=False
     )

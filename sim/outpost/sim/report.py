@@ -73,6 +73,8 @@ class SimReport(BaseModel):
     reconnects: int = Field(description="Reconnects after a drop.")
     publish_errors: int = Field(description="Publishes the client refused (not counted as sent).")
     unacked: int = Field(description="QoS 1 publishes not acknowledged when the run ended.")
+    site: str = Field("", description="The site the readings were sent to (the topics' third level).")
+    broker: str = Field("", description="The broker they were sent to, HOST:PORT.")
 
 
 def merge(
@@ -83,6 +85,8 @@ def merge(
     seed: int,
     batch: int,
     qos: int,
+    site: str = "",
+    broker: str = "",
 ) -> SimReport:
     """Add up the processes' counts into one report."""
     bad: Counter[str] = Counter()
@@ -122,6 +126,8 @@ def merge(
         seed=seed,
         batch=batch,
         qos=qos,
+        site=site,
+        broker=broker,
         drops=sum(p.drops for p in parts),
         reconnects=sum(p.reconnects for p in parts),
         publish_errors=sum(p.publish_errors for p in parts),
@@ -140,6 +146,7 @@ def render(report: SimReport, console: Console) -> None:
         ("messages sent", f"{report.sent_messages:,}"),
         ("elapsed", f"{report.elapsed_s:.2f} s"),
         ("achieved rate", f"{report.rate:,.0f} items/s"),
+        ("sent to", f"site {report.site!r} on broker {report.broker}"),
         ("devices / processes", f"{report.devices} / {report.processes}"),
         ("scenario / seed", f"{report.scenario} / {report.seed}"),
         ("batch / qos", f"{report.batch} / {report.qos}"),

@@ -74,6 +74,8 @@ def _merge(options: SimOptions, parts: list[WorkerReport]) -> SimReport:
         seed=options.seed,
         batch=options.batch,
         qos=options.qos,
+        site=options.site,
+        broker=options.broker,
     )
 
 
