@@ -48,19 +48,17 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
 _WATCHDOG = """
 import os, signal, sys, time
 parent, child = int(sys.argv[1]), int(sys.argv[2])
-while os.getppid() == parent:
-    time.sleep(0.5)
-    try:
-        os.kill(child, 0)
-    except ProcessLookupError:
-        sys.exit(0)
+def wait(until, step):
+    while until():
+        time.sleep(step)
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            sys.exit(0)
+wait(lambda: os.getppid() == parent, 0.5)
 os.kill(child, signal.SIGTERM)
-for _ in range(100):
-    time.sleep(0.1)
-    try:
-        os.kill(child, 0)
-    except ProcessLookupError:
-        sys.exit(0)
+deadline = time.monotonic() + 10
+wait(lambda: time.monotonic() < deadline, 0.1)
 os.kill(child, signal.SIGKILL)
 """
 """Stops the broker when the process that started it dies, even by kill -9. PR_SET_PDEATHSIG

@@ -57,7 +57,10 @@ _full_lock = threading.Lock()
 
 
 def full_databases(under: Path | None = None) -> dict[str, str]:
-    """The databases (under a folder, or all) whose last write failed for space, and why."""
+    """The databases (under a folder, or all) whose last write failed for space, and why. The
+    service kit asks on every tick: with no full database (the common case) it costs nothing."""
+    if not _full:
+        return {}
     with _full_lock:
         items = list(_full.items())
     if under is None:

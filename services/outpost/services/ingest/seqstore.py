@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from outpost.services.ingest.seqtrack import SeqState
-from outpost.store import Store, Sync
+from outpost.store import Store, Sync, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS seq_state (
@@ -43,28 +43,28 @@ class SeqStore:
             d: SeqState(last, ts, int.from_bytes(m, "little") & full, epoch) for d, last, ts, m, epoch in rows
         }
 
-    def save(self, states: dict[str, SeqState]) -> None:
-        if not states:
+    def save(self, states: dict[str, SeqState], retained: dict[str, bytes] | None = None) -> None:
+        """Seq state per device and, where given, the digest of the retained message last
+        dead-lettered per topic: one transaction, one fsync."""
+        if not states and not retained:
             return
         n = self._nbytes
-        self.store.write_many(
-            "INSERT INTO seq_state(device, last, last_ts, mask, epoch) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT(device) DO UPDATE SET "
-            "last=excluded.last, last_ts=excluded.last_ts, mask=excluded.mask, epoch=excluded.epoch",
-            [(d, s.last, s.last_ts, s.mask.to_bytes(n, "little"), s.epoch) for d, s in states.items()],
-        )
+        with transaction(self.store.db) as db:
+            db.executemany(
+                "INSERT INTO seq_state(device, last, last_ts, mask, epoch) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(device) DO UPDATE SET "
+                "last=excluded.last, last_ts=excluded.last_ts, mask=excluded.mask, epoch=excluded.epoch",
+                [(d, s.last, s.last_ts, s.mask.to_bytes(n, "little"), s.epoch) for d, s in states.items()],
+            )
+            db.executemany(
+                "INSERT INTO retained(topic, digest) VALUES (?, ?) "
+                "ON CONFLICT(topic) DO UPDATE SET digest=excluded.digest",
+                list((retained or {}).items()),
+            )
 
     def load_retained(self) -> dict[str, bytes]:
         """The digest of the retained message last dead-lettered on each topic."""
         return {t: bytes(d) for t, d in self.store.query("SELECT topic, digest FROM retained")}
-
-    def save_retained(self, seen: dict[str, bytes]) -> None:
-        if seen:
-            self.store.write_many(
-                "INSERT INTO retained(topic, digest) VALUES (?, ?) "
-                "ON CONFLICT(topic) DO UPDATE SET digest=excluded.digest",
-                list(seen.items()),
-            )
 
     def close(self) -> None:
         self.store.close()

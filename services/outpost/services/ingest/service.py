@@ -368,11 +368,10 @@ class IngestService:
         retained, self._retained_new = self._retained_new, {}
         self._committing = True
 
-        def save() -> None:
-            self.seqstore.save(states)
-            self.seqstore.save_retained(retained)
-
-        self.rt.submit(save, lambda result: self._committed(states, retained, result))
+        self.rt.submit(
+            lambda: self.seqstore.save(states, retained),
+            lambda result: self._committed(states, retained, result),
+        )
 
     def _committed(self, states: dict[str, SeqState], retained: dict[str, bytes], result: object) -> None:
         self._committing = False
@@ -396,8 +395,7 @@ class IngestService:
         would not keep what devices send while ingest is down."""
         self.rt.stop(self.flush)  # the worker has finished its commits when this returns
         if self._to_commit or self._retained_new:
-            self.seqstore.save(self._to_commit)
-            self.seqstore.save_retained(self._retained_new)
+            self.seqstore.save(self._to_commit, self._retained_new)
             self.metrics.counters["commits"] += 1
         self.seqstore.close()
         log.info("ingest stopped", extra={"counters": dict(self.metrics.counters)})
