@@ -44,11 +44,7 @@ def _open(data_dir: Path | None, site: str | None) -> Any:
     w = find_site(data_dir, site)
     path = w.site_path("memory", "oplog.db")
     if not path.is_file():
-        raise ConfigError(
-            f"no operational log for site {w.site!r} at {path} ({w.running()}; site from {w.site_from}, "
-            "data folder from "
-            f"{w.data_dir_from}): give --data-dir and --site, or start the site with `outpost up`"
-        )
+        raise w.missing("operational log", path)
     return OpLog(path, synchronous="NORMAL")
 
 

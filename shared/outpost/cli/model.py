@@ -45,11 +45,7 @@ def _registry(
     state = w.site_path("inference", "registry.db")
     if not write and not state.is_file():
         if need_state:
-            raise ConfigError(
-                f"no model registry for site {w.site!r}: looked for {state} ({w.running()}; site from "
-                f"{w.site_from}, data folder from {w.data_dir_from}); give --data-dir and --site, or "
-                "start the site once with `outpost up`"
-            )
+            raise w.missing("model registry", state)
         state = Path(":memory:")
     if write:
         typer.echo(f"site {w.site!r}, registry {state}", err=True)

@@ -24,6 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from outpost.datadir import RUN_FILE, RunInfo, check_folder, read_run, site_path, sites
+from outpost.errors import ConfigError
 from outpost.services.registry import OutpostSettings, load_settings
 
 DataDirOpt = Annotated[
@@ -98,6 +99,15 @@ class Where:
             )
         r = self.run
         return f"outpost up PID {r.pid} runs site {r.site!r} on {self.data_dir}, broker {r.broker}"
+
+    def missing(self, what: str, path: Path) -> ConfigError:
+        """The error of a command that reads state the site does not have (it never creates it):
+        where it looked, what runs there, and where the site and folder came from."""
+        return ConfigError(
+            f"no {what} for site {self.site!r}: looked for {path} ({self.running()}; site from "
+            f"{self.site_from}, data folder from {self.data_dir_from}); give --data-dir and --site, "
+            "or start the site once with `outpost up`"
+        )
 
     def describe(self) -> dict[str, Any]:
         """Where it looked, for ``--json`` and for messages."""

@@ -6,8 +6,8 @@ durable session, appends one log entry per event, score or dead letter, and comm
 (``memory.commit_ms`` or ``memory.commit_max``, whichever comes first). The log's subscriptions are
 acknowledged after the commit (:attr:`Ack.AFTER_COMMIT`): kill -9 at any point leaves what was not
 committed unacknowledged on the broker, which redelivers it, so nothing published is missing from
-the log (a redelivered message may be logged twice, with the same trace and body; readers that
-care drop it by the body's ``id``).
+the log, and a copy of what was logged already (the same message ``id``) is left out
+(:meth:`OpLog.append`).
 
 Requests never run on the network thread, which must keep reading, committing and acknowledging
 the log: they wait in a bounded lane, fair between clients (:mod:`.lane`; past its bounds a request
@@ -368,9 +368,7 @@ class MemoryService:
             # Not acknowledged: the broker redelivers them after a restart. Kept for the next try
             # in this process too, so a transient error (disk full, locked) loses nothing.
             self._pending = records[done:] + self._pending
-            dups = self.oplog.duplicates - dups
-            c["entries"] += done - dups
-            c["log_duplicates"] += dups
+            self._count_appended(done, dups)
             c["commit_failures"] += 1
             first = not self._backoff
             lo, hi = BACKOFF_S
@@ -386,10 +384,15 @@ class MemoryService:
             log.info("log commits resumed", extra={"failures": c["commit_failures"]})
             self._backoff = 0.0
         self._commit_hist.record_ns(time.perf_counter_ns() - start)
-        dups = self.oplog.duplicates - dups
-        c["entries"] += len(records) - dups
-        c["log_duplicates"] += dups
+        self._count_appended(len(records), dups)
         self.rt.committed()
+
+    def _count_appended(self, written: int, duplicates_before: int) -> None:
+        """Of ``written`` records, those the log took (``entries``) and the copies it left out."""
+        c = self.metrics.counters
+        dups = self.oplog.duplicates - duplicates_before
+        c["entries"] += written - dups
+        c["log_duplicates"] += dups
 
     def compact(self) -> None:
         """Retention and the disk budget (every ``memory.compact_s``); on a full disk it tries
