@@ -185,6 +185,9 @@ class Score(Envelope):
     queue_ms: float = Field(ge=0, description="Time the request waited for its batch.")
     compute_ms: float = Field(ge=0, description="The batch's model call.")
     batch: int = Field(ge=1, description="Rows in that model call.")
+    ingest_ns: EpochNs = Field(
+        0, description="When the reading reached the site (ingest's ingest_ns); 0: not known."
+    )
 
 
 # --- agents -----------------------------------------------------------------------------------------
@@ -228,6 +231,9 @@ class EscalationReply(Envelope):
     choice: str = Field(min_length=1, max_length=64, description="One of the escalation's options.")
     by: str = Field(min_length=1, max_length=128, description="Who answered.")
     note: str = Field("", max_length=2000)
+    args: dict[str, Any] | None = Field(
+        None, description="With choice edit: the capability's input as the person changed it."
+    )
 
 
 # --- connectors -------------------------------------------------------------------------------------

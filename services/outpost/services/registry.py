@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from outpost import settings as core
+from outpost.services.agent.settings import AgentSettings
 from outpost.services.inference.settings import InferenceSettings
 from outpost.services.ingest.settings import IngestSettings
 from outpost.services.memory.settings import MemorySettings
@@ -50,6 +51,7 @@ REGISTRY: tuple[Service, ...] = (
     Service("ingest", IngestSettings, "outpost.services.ingest"),
     Service("inference", InferenceSettings, "outpost.services.inference"),
     Service("memory", MemorySettings, "outpost.services.memory"),
+    Service("agents", AgentSettings, "outpost.services.agent"),
 )
 """Every service ``outpost up`` runs, in the order it starts them."""
 
@@ -62,6 +64,7 @@ class OutpostSettings(core.CoreSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
+    agents: AgentSettings = Field(default_factory=AgentSettings)
 
 
 def check_registry(table: tuple[Service, ...], composed: type[core.CoreSettings]) -> None:

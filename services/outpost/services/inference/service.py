@@ -434,6 +434,7 @@ class InferenceService:
                         "queue_ms": r.queue_ms,
                         "compute_ms": r.compute_ms,
                         "batch": r.batch,
+                        "ingest_ns": req.origin_ns,
                     }
                 )
                 e2s.record_ns(now - req.origin_ns)

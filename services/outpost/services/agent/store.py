@@ -1,0 +1,145 @@
+"""The agent service's durable log, ``agent.db`` in its state folder: every decision, escalation and
+action request, with its trace id, is written here (one transaction per commit, ``transaction``)
+before it is published, so nothing takes effect that a restart would not know about.
+
+Tables:
+
+* ``decisions``: what each agent decided, why, on which input (``input``, ``step``: the id of a
+  decision is derived from them, so a redelivered input is decided once), its task, and what came
+  of it (``outcome``: the action's result, a person's answer);
+* ``escalations``: questions to a person, open until answered or timed out (``state``);
+* ``actions``: the outbox, each request's bytes kept until its result arrives, re-sent meanwhile;
+* ``agents``: each agent's supervision, policy and drift state (JSON), committed with its decisions;
+* ``batched``: asks collected for one batched action (customer messages), not yet decided;
+* ``features``: each device's last value per sensed metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from outpost.store import Store, Sync, transaction
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS decisions (
+    id TEXT PRIMARY KEY,
+    agent TEXT NOT NULL,
+    task TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    capability TEXT,
+    args TEXT NOT NULL,
+    confidence REAL NOT NULL,
+    reason TEXT NOT NULL,
+    trace TEXT NOT NULL,
+    input TEXT NOT NULL,
+    input_ts INTEGER NOT NULL,
+    rule TEXT NOT NULL,
+    dry_run INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    outcome TEXT,
+    feedback TEXT,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decisions_agent_ts ON decisions (agent, ts);
+CREATE INDEX IF NOT EXISTS decisions_task ON decisions (task);
+CREATE INDEX IF NOT EXISTS decisions_trace ON decisions (trace);
+CREATE TABLE IF NOT EXISTS escalations (
+    decision TEXT PRIMARY KEY,
+    agent TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    question TEXT NOT NULL,
+    options TEXT NOT NULL,
+    capability TEXT,
+    args TEXT NOT NULL,
+    trace TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    expires_ns INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    choice TEXT,
+    by TEXT,
+    note TEXT,
+    reply TEXT,
+    answered_ns INTEGER,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS escalations_open ON escalations (state, expires_ns);
+CREATE TABLE IF NOT EXISTS actions (
+    key TEXT PRIMARY KEY,
+    id TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    connector TEXT NOT NULL,
+    capability TEXT NOT NULL,
+    device TEXT NOT NULL,
+    trace TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    sent_ns INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    detail TEXT,
+    cost REAL NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS actions_pending ON actions (state, sent_ns);
+CREATE TABLE IF NOT EXISTS agents (
+    name TEXT PRIMARY KEY,
+    governor TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    drift TEXT NOT NULL,
+    control TEXT
+);
+CREATE TABLE IF NOT EXISTS batched (
+    agent TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    capability TEXT NOT NULL,
+    input TEXT NOT NULL,
+    trace TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    args TEXT NOT NULL,
+    PRIMARY KEY (agent, rule, capability, input)
+);
+CREATE TABLE IF NOT EXISTS features (
+    device TEXT PRIMARY KEY,
+    "values" TEXT NOT NULL
+);
+"""
+
+Statement = tuple[str, Sequence[Any]]
+
+DECISION_COLUMNS = (
+    "id, agent, task, step, kind, capability, args, confidence, reason, trace, input, input_ts, "
+    "rule, dry_run, ts, outcome, feedback"
+)
+ESCALATION_COLUMNS = (
+    "decision, agent, purpose, question, options, capability, args, trace, created_ns, expires_ns, "
+    "state, choice, by, note, answered_ns"
+)
+ACTION_COLUMNS = (
+    "key, id, decision, agent, connector, capability, device, trace, created_ns, sent_ns, attempts, "
+    "state, detail, cost"
+)
+
+
+class AgentStore:
+    def __init__(self, path: Path, *, synchronous: Sync = "FULL") -> None:
+        self.store = Store(path, SCHEMA, synchronous=synchronous)
+        self.db = self.store.db
+
+    def commit(self, statements: Iterable[Statement]) -> None:
+        """Everything one commit of the service holds, in one transaction (one fsync)."""
+        with transaction(self.db) as db:
+            for sql, params in statements:
+                db.execute(sql, params)
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        row = self.db.execute(sql, params).fetchone()
+        return tuple(row) if row is not None else None
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self.store.query(sql, params)
+
+    def close(self) -> None:
+        self.store.close()
