@@ -138,6 +138,7 @@ class AgentService:
         self.rt.every(cfg.commit_ms / 1000.0, self._commit_if_due)
         self.rt.every(cfg.check_s, self._check)
         self.rt.every(cfg.report_s, self._report)
+        self.rt.every(60.0, self._forget)
         self.rt.extra_status = lambda: {"agents": {a.name: a.governor.state for a in self.agents.values()}}
 
     # --- restart ---------------------------------------------------------------------------------
@@ -917,6 +918,22 @@ class AgentService:
             )
             self._publishes.append((self.topics.actions(connector), payload))
             self.metrics.counters["actions_resent"] += 1
+
+    def _forget(self) -> None:
+        """Retention (``agents.retention_s``): what is settled and old goes; an open escalation, a
+        pending action and the decisions they belong to stay however old."""
+        cutoff = time.time_ns() - int(self.cfg.retention_s * 1e9)
+        self._writes.extend(
+            [
+                ("DELETE FROM actions WHERE created_ns < ? AND state != 'pending'", (cutoff,)),
+                ("DELETE FROM escalations WHERE created_ns < ? AND state != 'open'", (cutoff,)),
+                (
+                    "DELETE FROM decisions WHERE ts < ? AND id NOT IN (SELECT decision FROM actions) "
+                    "AND id NOT IN (SELECT decision FROM escalations)",
+                    (cutoff,),
+                ),
+            ]
+        )
 
     def _report(self) -> None:
         """Each agent's state, budgets used, breakers, drift and operating figures, retained on

@@ -47,6 +47,11 @@ class AgentSettings(Section):
     check_s: float = Field(
         0.5, gt=0, le=60, description="How often timeouts, batches and the outbox are looked at."
     )
+    retention_s: float = Field(
+        30 * 86400.0,
+        gt=0,
+        description="Settled decisions, answered escalations and finished actions older than this go.",
+    )
     report_s: float = Field(
         1.0, gt=0, le=60, description="How often each agent's state is published (control/agents/reported)."
     )
