@@ -141,7 +141,7 @@ class RulePolicy:
                 confidence = 1.0
             confidence = min(1.0, max(0.0, float(confidence)))
             args = fill(rule.args, lookup)
-            why = f"{self.names[i]}: " + ", ".join(f"{f}={lookup(f)!r}" for f in rule.when)
+            why = f"{self.names[i]}: " + ", ".join(f"{f}={_shown(lookup(f))}" for f in rule.when)
             return [
                 Proposal(cap, args, confidence, why[:2000], self.names[i], rule.batch, rule.batch_wait_s)
                 for cap in rule.do
@@ -160,6 +160,11 @@ class RulePolicy:
         longest = max((int(r.window_s * 1e9) for r in self.rules), default=0)
         self._hits = {k: v for k, v in self._hits.items() if v and v[-1] > ts - longest}
         self._rest = {k: v for k, v in self._rest.items() if v > ts}
+
+
+def _shown(value: Any) -> str:
+    """A value in a reason a person reads: 3.3508000000000004 as 3.351."""
+    return f"{value:.4g}" if isinstance(value, float) else repr(value)
 
 
 def plugin_class(name: str) -> type[Any]:
