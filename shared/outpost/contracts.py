@@ -221,6 +221,10 @@ class Escalation(Envelope):
         min_length=1, max_length=16
     )
     expires_ns: EpochNs = Field(description="After this the agent takes its default (or none).")
+    context: dict[str, Any] = Field(
+        default_factory=dict,
+        description="What the agent saw: the input's fields, the device's features, its reason.",
+    )
 
 
 class EscalationReply(Envelope):

@@ -354,7 +354,16 @@ class AgentService:
         if cap == "escalate":
             self._decision(a, obs, p, task, did, step, "escalate", p.reason, now)
             self._escalation(
-                a, did, "acknowledge", f"{a.name}: {p.reason}", ACK_OPTIONS, None, p.args, obs.trace, now
+                a,
+                did,
+                "acknowledge",
+                f"{a.name}: {p.reason}",
+                ACK_OPTIONS,
+                None,
+                p.args,
+                obs.trace,
+                now,
+                self._context(obs, p),
             )
             return
         asks = []
@@ -374,7 +383,9 @@ class AgentService:
             why = f"{p.reason}; asks a person: {', '.join(asks)}"
             self._decision(a, obs, p, task, did, step, "escalate", why, now)
             question = f"{a.name} wants {cap} {orjson.dumps(p.args).decode()[:500]} ({', '.join(asks)})"
-            self._escalation(a, did, "decide", question, DECIDE_OPTIONS, cap, p.args, obs.trace, now)
+            self._escalation(
+                a, did, "decide", question, DECIDE_OPTIONS, cap, p.args, obs.trace, now, self._context(obs, p)
+            )
             return
         self._act(a, obs.trace, obs.device, p, task, did, step, p.reason, now, obs_id=obs.id, input_ts=obs.ts)
         if obs.arrived_ns:
@@ -521,6 +532,7 @@ class AgentService:
         args: dict[str, Any],
         trace: str,
         now: int,
+        context: dict[str, Any],
     ) -> None:
         esc = a.spec.escalation
         expires = now + int(esc.timeout_s * 1e9)
@@ -532,6 +544,7 @@ class AgentService:
                 "question": question[:2000],
                 "options": options,
                 "expires_ns": expires,
+                "context": context,
             }
         )
         self._writes.append(
@@ -557,6 +570,14 @@ class AgentService:
         self._publishes.append((self.topics.escalations(a.name), payload))
         self.metrics.counters[f"escalations.{a.name}"] += 1
 
+    def _context(self, obs: Observation, p: Proposal) -> dict[str, Any]:
+        """What a person sees with a question: the input, the device's last readings, the reason."""
+        return {
+            "input": {"kind": obs.kind, "id": obs.id, "device": obs.device, **obs.fields},
+            "features": dict(self._features.get(obs.device, {})),
+            "reason": p.reason,
+        }
+
     def _halt(
         self, a: Agent, obs: Observation, p: Proposal, task: str, did: str, step: int, why: str, now: int
     ) -> None:
@@ -578,6 +599,7 @@ class AgentService:
             {},
             obs.trace,
             now,
+            self._context(obs, p),
         )
 
     def _drift_changed(self, a: Agent) -> None:
@@ -821,9 +843,6 @@ class AgentService:
             self.rt.publish(topic, payload, qos=1, for_=batch)
         self.metrics.counters["commits"] += 1
         self.rt.committed()
-        if self._recovered_ms is None and self._resumed:
-            self._recovered_ms = (time.time_ns() - self.rt.started_ns) / 1e6
-            self.metrics.histogram("recovery").record_ns(int(self._recovered_ms * 1e6))
 
     def _agent_states(self) -> list[Statement]:
         out: list[Statement] = []
@@ -862,6 +881,14 @@ class AgentService:
         if not self._resumed:
             self._resumed = True
             self._resend(now, everything=True)  # a restart resumes what was pending at once
+            self._recovered_ms = (time.time_ns() - self.rt.started_ns) / 1e6
+            self.metrics.histogram("recovery").record_ns(int(self._recovered_ms * 1e6))
+            self._writes.append(
+                (
+                    "INSERT OR REPLACE INTO runs (started_ns, recovered_ms) VALUES (?, ?)",
+                    (self.rt.started_ns, self._recovered_ms),
+                )
+            )
         for decision, agent, purpose in self.store.all(
             "SELECT decision, agent, purpose FROM escalations "
             "WHERE state = 'open' AND expires_ns <= ? LIMIT 500",
@@ -972,7 +999,14 @@ class AgentService:
                 "latency_p50_ms": round(h.percentile_ms(50), 3) if h.count else None,
                 "latency_p99_ms": round(h.percentile_ms(99), 3) if h.count else None,
             }
-        doc = {**header(), "agents": agents, "recovered_ms": self._recovered_ms}
+        mean = self.store.one("SELECT AVG(recovered_ms), COUNT(*) FROM runs")
+        doc = {
+            **header(),
+            "agents": agents,
+            "recovered_ms": self._recovered_ms,
+            "recovery_mean_ms": round(mean[0], 3) if mean and mean[0] is not None else None,
+            "starts": mean[1] if mean else 0,
+        }
         self.rt.publish(self.reported_topic, orjson.dumps(doc), qos=1, retain=True)
 
     # --- lifecycle -------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ Tables:
 * ``actions``: the outbox, each request's bytes kept until its result arrives, re-sent meanwhile;
 * ``agents``: each agent's supervision, policy and drift state (JSON), committed with its decisions;
 * ``batched``: asks collected for one batched action (customer messages), not yet decided;
-* ``features``: each device's last value per sensed metric.
+* ``features``: each device's last value per sensed metric;
+* ``runs``: each start and how long it took to resume what was pending (mean time to recovery).
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ CREATE TABLE IF NOT EXISTS batched (
     ts INTEGER NOT NULL,
     args TEXT NOT NULL,
     PRIMARY KEY (agent, rule, capability, input)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    started_ns INTEGER PRIMARY KEY,
+    recovered_ms REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS features (
     device TEXT PRIMARY KEY,
