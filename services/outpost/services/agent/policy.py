@@ -125,7 +125,8 @@ class RulePolicy:
                 continue
             window_ns = int(rule.window_s * 1e9)
             hits = [t for t in self._hits.get(key, ()) if t > obs.ts - window_ns]
-            hits.append(obs.ts)
+            if obs.ts not in hits:  # a redelivered input is one match, not two
+                hits.append(obs.ts)
             self._hits[key] = hits
             if repeats_tested and not rule.when["repeats"].holds(len(hits)):
                 continue
