@@ -7,11 +7,17 @@ import random
 from collections.abc import Iterator
 
 
+def backoff_delay(attempt: int, low: float, high: float, rng: random.Random | None = None) -> float:
+    """The delay before try ``attempt + 1`` (0: the first retry): full-jitter exponential backoff,
+    uniform(0, min(high, low * 2**attempt)), never below low/2."""
+    cap = min(high, low * (2 ** min(max(attempt, 0), 30)))
+    return max(low / 2, (rng or random).uniform(0, cap))
+
+
 def backoff_delays(low: float, high: float, rng: random.Random | None = None) -> Iterator[float]:
-    """Full-jitter exponential backoff: uniform(0, min(high, low * 2**n)), never below low/2."""
+    """:func:`backoff_delay` for attempt 0, 1, 2, ... (a reconnect loop's delays)."""
     rng = rng or random.Random()
     attempt = 0
     while True:
-        cap = min(high, low * (2**attempt))
-        yield max(low / 2, rng.uniform(0, cap))
-        attempt = min(attempt + 1, 30)
+        yield backoff_delay(attempt, low, high, rng)
+        attempt += 1

@@ -32,6 +32,7 @@ from pydantic import Field
 
 from outpost import settings as core
 from outpost.services.agent.settings import AgentSettings
+from outpost.services.connectors.settings import ConnectorsSettings
 from outpost.services.inference.settings import InferenceSettings
 from outpost.services.ingest.settings import IngestSettings
 from outpost.services.memory.settings import MemorySettings
@@ -52,6 +53,7 @@ REGISTRY: tuple[Service, ...] = (
     Service("inference", InferenceSettings, "outpost.services.inference"),
     Service("memory", MemorySettings, "outpost.services.memory"),
     Service("agents", AgentSettings, "outpost.services.agent"),
+    Service("connectors", ConnectorsSettings, "outpost.services.connectors"),
 )
 """Every service ``outpost up`` runs, in the order it starts them."""
 
@@ -65,6 +67,7 @@ class OutpostSettings(core.CoreSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
     agents: AgentSettings = Field(default_factory=AgentSettings)
+    connectors: ConnectorsSettings = Field(default_factory=ConnectorsSettings)
 
 
 def check_registry(table: tuple[Service, ...], composed: type[core.CoreSettings]) -> None:
