@@ -43,7 +43,7 @@ from outpost.contracts import (
     derived_id,
     header,
 )
-from outpost.errors import TopicError
+from outpost.errors import ConfigError, TopicError
 from outpost.log import get_logger
 from outpost.service import Ack, Inbound, Rejected, ServiceRuntime, run_until, service_main
 from outpost.services.agent.drift import DriftWatch
@@ -87,10 +87,28 @@ class _Batch:
     proposal: Proposal | None = None
 
 
+def offered_capabilities(settings: OutpostSettings, specs: Mapping[str, AgentSpec]) -> dict[str, str]:
+    """Capability -> the connector that offers it, from the site's connector declarations. Where the
+    site declares connectors, an agent that may ask for a capability none offers is refused here, at
+    start, not at its first action; where it declares none, action requests go by the capability's
+    first part (``agents.routes``) and wait in the outbox for a gateway."""
+    offered = {cap: c.name for c in settings.connectors.connectors().values() for cap in c.capabilities}
+    if offered:
+        for name, spec in specs.items():
+            missing = sorted(set(spec.may) - set(offered))
+            if missing:
+                raise ConfigError(
+                    f"agents.declared.{name}.may: no connector offers {', '.join(missing)} "
+                    f"(offered: {', '.join(sorted(offered))})"
+                )
+    return offered
+
+
 class AgentService:
     def __init__(self, settings: OutpostSettings) -> None:
         cfg = self.cfg = settings.agents
         specs = cfg.agents()  # a bad declaration or pack: ConfigError naming the field
+        self.offered = offered_capabilities(settings, specs)
         self.rt = ServiceRuntime(NAME, settings, reasons=REASONS, durable=True, tick_s=0.002)
         t = self.topics = self.rt.topics
         self.metrics = self.rt.metrics
@@ -414,7 +432,7 @@ class AgentService:
             return
         key = derived_id(did, "action")
         req_id = derived_id(did, "request")
-        connector = self.cfg.connector(p.capability)
+        connector = self.offered.get(p.capability) or self.cfg.connector(p.capability)
         payload = orjson.dumps(
             {
                 **header(trace, id=req_id, ts=now),
