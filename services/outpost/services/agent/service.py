@@ -112,7 +112,7 @@ class AgentService:
         self.rt = ServiceRuntime(NAME, settings, reasons=REASONS, durable=True, tick_s=0.002)
         t = self.topics = self.rt.topics
         self.metrics = self.rt.metrics
-        self.store = AgentStore(self.rt.state_dir() / "agent.db", synchronous=cfg.log_sync)
+        self.store = AgentStore(self.rt.state_dir(NAME) / "agent.db", synchronous=cfg.log_sync)
         self.agents: dict[str, Agent] = {}
         for name, spec in specs.items():
             self.agents[name] = Agent(
