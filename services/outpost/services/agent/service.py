@@ -931,7 +931,7 @@ class AgentService:
     def _resend(self, now: int, *, everything: bool = False) -> None:
         """Action requests with no result yet go out again (same bytes, same key); past their age
         they expire, are dead-lettered with the reason and count as failures."""
-        before = now if everything else now - int(self.cfg.resend_s * 1e9)
+        before = self.rt.started_ns if everything else now - int(self.cfg.resend_s * 1e9)
         max_age = int(self.cfg.action_max_age_s * 1e9)
         for key, payload, connector, agent, cap, created, decision, trace in self.store.all(
             "SELECT key, payload, connector, agent, capability, created_ns, decision, trace FROM actions "
