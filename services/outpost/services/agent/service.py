@@ -323,6 +323,8 @@ class AgentService:
 
     # --- deciding (network thread) ---------------------------------------------------------------
     def _decide(self, a: Agent, obs: Observation, task: str | None = None, steps_before: int = 0) -> None:
+        if self._decided_before(a, obs):
+            return
         if not a.governor.acting:
             self.metrics.counters[f"skipped.{a.name}.{a.governor.state}"] += 1
             return
@@ -343,6 +345,21 @@ class AgentService:
                 self._step(a, obs, p, task, steps_before + step, step)
             if not a.governor.acting:
                 break  # a breach halted it in this step: nothing after it acts
+
+    def _decided_before(self, a: Agent, obs: Observation) -> bool:
+        """A redelivered input (a crash before its acknowledgement) that ``a`` already decided on:
+        its stored messages go out again, and the policy is not asked twice: its committed state
+        already holds this input, so a cooldown or a repeat count would make it decide otherwise,
+        and the decision and escalation it made would never be published."""
+        did = derived_id(a.name, obs.id, "0")
+        if did in self._pending_ids:
+            return True
+        step = 0
+        while self.store.one("SELECT 1 FROM decisions WHERE id = ?", (did,)) is not None:
+            self._republish(did)
+            step += 1
+            did = derived_id(a.name, obs.id, str(step))
+        return step > 0
 
     def _step(self, a: Agent, obs: Observation, p: Proposal, task: str, steps_before: int, step: int) -> None:
         did = derived_id(a.name, obs.id, str(step))
