@@ -652,3 +652,25 @@ def test_hostile_input_is_dead_lettered_and_the_service_carries_on(site_of: Call
     site.score("shelf-2")
     assert wait_until(lambda: len(site.keys("inventory")) == 1, 15)
     assert site.actions("inventory")[0]["trace"] != s["trace"]
+
+
+def test_a_redelivered_input_republishes_its_decision_even_when_its_rule_now_rests(
+    site_of: Callable[..., Site],
+) -> None:
+    """What a crash between the commit and the publish leaves: the decision and its escalation in
+    agent.db, the input not acknowledged, so the broker sends it again. The rule's cooldown (in the
+    committed state) must not swallow it: the stored messages go out, nothing is decided twice."""
+    spec = reorder_agent()
+    rule = spec.rules[0].model_copy(update={"cooldown_s": 600.0})
+    site = site_of(restock=spec.model_copy(update={"rules": [rule]}))
+    s = make_score("shelf-1", confidence=0.5)
+    topic = site.t.inference("shelf-stock", "shelf-1")
+    site.pub.publish(topic, orjson.dumps([s]), qos=1)
+    assert wait_until(lambda: len(site.escalations("restock")) == 1, 15)
+    site.restart()
+    site.forget()
+    site.pub.publish(topic, orjson.dumps([s]), qos=1)  # the broker's redelivery, same bytes
+    assert wait_until(lambda: len(site.escalations("restock")) == 1, 15)
+    assert [d["kind"] for d in site.decisions("restock")] == ["escalate"]
+    assert rows(site.settings, "SELECT COUNT(*) FROM decisions") == [(1,)]
+    assert rows(site.settings, "SELECT COUNT(*) FROM escalations") == [(1,)]
