@@ -228,3 +228,16 @@ def test_cold_chain_repeated_incidents_escalate_and_rest_between() -> None:
     d.restore(c.state())
     assert d.decide(alert("f1", 1500 * S), Ctx()) == []
     assert d.decide(alert("f1", 2100 * S), Ctx())[0].capability == "escalate"
+
+
+def test_a_redelivered_input_counts_once_for_repeats() -> None:
+    """After a crash before the acknowledgement the broker sends an input again: the rule's
+    committed state already holds it, so it must not count twice."""
+    p = RulePolicy([rule(when={"label": "low", "repeats": {"ge": 3}})])
+    first = obs(ts=0)
+    assert p.decide(first, Ctx()) == []
+    q = RulePolicy(p.rules)
+    q.restore(p.state())
+    assert q.decide(first, Ctx()) == []  # redelivered
+    assert q.decide(obs(ts=S), Ctx()) == []  # only the second match
+    assert q.decide(obs(ts=2 * S), Ctx())
