@@ -830,7 +830,9 @@ class AgentService:
             raise Rejected("bad_control", f"not JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise Rejected("bad_control", "not an object")
-        wanted = dict(doc.get("agents") or {})
+        wanted = doc.get("agents") or {}
+        if not isinstance(wanted, dict):
+            raise Rejected("bad_control", "agents must be an object of name: state")
         states = [doc.get("all", "running"), *wanted.values()]
         if any(s not in STATES for s in states):
             raise Rejected("bad_control", f"states must be one of {', '.join(STATES)}")
