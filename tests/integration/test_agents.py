@@ -634,11 +634,13 @@ def test_hostile_input_is_dead_lettered_and_the_service_carries_on(site_of: Call
     site.pub.publish(t.control("agents", "desired"), b"{nope", qos=1)
     site.pub.publish(t.control("agents", "desired"), orjson.dumps({"all": "asleep"}), qos=1)
     site.pub.publish(t.control("agents", "desired"), orjson.dumps({"resume": "x", "ts": 1}), qos=1)
+    site.pub.publish(t.control("agents", "desired"), orjson.dumps({"agents": ["restock"]}), qos=1)
+    site.pub.publish(t.control("agents", "desired"), orjson.dumps({"agents": {"restock": 3}}), qos=1)
 
     def reasons() -> list[str]:
         return sorted(d["reason"] for d in site.dead())
 
-    want = sorted(["not_json", "unknown_escalation", "unknown_escalation"] + ["bad_control"] * 4)
+    want = sorted(["not_json", "unknown_escalation", "unknown_escalation"] + ["bad_control"] * 6)
     assert wait_until(lambda: reasons() == want, 15), reasons()
     # a reply with a choice not offered
     s = site.score("shelf-1", confidence=0.5)
