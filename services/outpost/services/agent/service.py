@@ -808,7 +808,12 @@ class AgentService:
             "",
             rule,
         )
-        if choice in ("approve", "edit") and a.governor.desired == "running":
+        # a person's approval is theirs to give; the timeout's default stays within the budgets and
+        # acts for no halted agent (else a runaway's low-confidence asks would all act, unbudgeted)
+        held = "" if human or a.governor.acting else f"the agent is {a.governor.state}"
+        if not held and not human:
+            held = a.governor.check(cap, 0, now).why
+        if choice in ("approve", "edit") and a.governor.desired == "running" and not held:
             self._act(
                 a, trace, "", p, task, follow, step, f"{choice} by {who}", now, obs_id=inp, input_ts=input_ts
             )
@@ -816,7 +821,7 @@ class AgentService:
             why = (
                 f"{choice} by {who}"
                 if choice == "reject"
-                else f"{choice} by {who}, but the agent is {a.governor.desired}"
+                else f"{choice} by {who}, but {held or f'the agent is {a.governor.desired}'}"
             )
             self._decision_row(a, trace, inp, input_ts, p, task, follow, step, "ignore", why, now)
 
