@@ -676,3 +676,29 @@ def test_a_redelivered_input_republishes_its_decision_even_when_its_rule_now_res
     assert [d["kind"] for d in site.decisions("restock")] == ["escalate"]
     assert rows(site.settings, "SELECT COUNT(*) FROM decisions") == [(1,)]
     assert rows(site.settings, "SELECT COUNT(*) FROM escalations") == [(1,)]
+
+
+def test_a_timeouts_safe_default_stays_within_the_budget(site_of: Callable[..., Site]) -> None:
+    """A runaway whose asks all go to a person (low confidence) with on_timeout approve: the
+    timeouts act no more than actions_per_minute allows; the rest are recorded, not acted."""
+    site = site_of(
+        unsure=every_agent(
+            rules=[
+                {
+                    "when": {"kind": "score"},
+                    "do": ["notify.staff"],
+                    "args": {"d": "{device}"},
+                    "confidence": 0.2,
+                }
+            ],
+            escalation={"below": 0.5, "timeout_s": 1, "on_timeout": "approve"},
+            limits={"actions_per_minute": 2},
+        )
+    )
+    for i in range(5):
+        site.score(f"shelf-{i}")
+    site.wait_reported("unsure", lambda r: r["timeouts"] == 5)
+    assert wait_until(lambda: len(site.decisions("unsure")) == 10, 15)
+    kinds = [d["kind"] for d in site.decisions("unsure")[5:]]
+    assert sorted(kinds) == ["act", "act", "ignore", "ignore", "ignore"]
+    assert len(site.keys("notify")) == 2
