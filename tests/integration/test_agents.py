@@ -374,6 +374,74 @@ def test_no_action_repeats_after_kill_9_at_any_step(
     assert sorted(outbox) == sorted((k, 1) for k in expected.values())
 
 
+def test_no_answer_acts_twice_after_kill_9_between_replies_and_timeouts(
+    broker: Mosquitto, settings: OutpostSettings, publisher: Bus, tmp_path: Path
+) -> None:
+    """Escalations answered by a person (replies redelivered) and by the timeout's default, with
+    kill -9 while replies are applied and while timeouts act: each escalation acts once, under the
+    key its answer gives it."""
+    t = settings.topics
+    spec = reorder_agent(
+        escalation={"below": 0.8, "timeout_s": 4, "on_timeout": "approve"},
+        limits={"actions_per_minute": 1000},
+    )
+    dumped = spec.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    site_file = tmp_path / "outpost.yaml"
+    site_file.write_text(yaml.safe_dump({"agents": {"packs": [], "declared": {"restock": dumped}}}))
+    env = {
+        "OUTPOST_SITE": settings.site,
+        "OUTPOST_DATA_DIR": str(settings.data_dir),
+        "OUTPOST_MQTT__PORT": str(broker.port),
+        "OUTPOST_CONFIG": str(site_file),
+        "OUTPOST_AGENTS__RESEND_S": "3600",
+        "OUTPOST_AGENTS__CHECK_S": "0.2",
+    }
+    actions = Collector(settings.mqtt, t.actions("inventory"), client_id="a-" + settings.site).start()
+    escalations = Collector(settings.mqtt, t.escalations("restock"), client_id="e-" + settings.site).start()
+    proc = ServiceProcess("outpost.services.agent", "agents", env, tmp_path / "proc")
+
+    def start() -> None:
+        p = proc.start()
+        wait_status(settings, "agents", pid=p.pid, timeout=60)
+
+    replies: list[tuple[str, bytes]] = []
+    try:
+        start()
+        for i in range(20):
+            s = make_score(f"shelf-{i:03d}", confidence=0.5)
+            publisher.publish(t.inference("shelf-stock", s["device"]), orjson.dumps([s]), qos=1)
+        assert escalations.wait_for(lambda c: len({e["decision"] for e in c.json()}) == 20, 30), proc.logs()
+        decisions = sorted({e["decision"] for e in escalations.json()})
+        for d in decisions[:10]:
+            doc = {**header(""), "choice": "approve", "by": "pat"}
+            replies.append((t.escalation_reply("restock", d), orjson.dumps(doc)))
+        for topic, body in replies:
+            publisher.publish(topic, body, qos=1)
+        assert actions.wait_for(lambda c: len(c.json()) >= 1, 30), proc.logs()
+        proc.kill()  # while the replies are applied
+        start()
+        for topic, body in replies:  # each reply sent again, the same id
+            publisher.publish(topic, body, qos=1)
+        assert actions.wait_for(lambda c: len({a["key"] for a in c.json()}) >= 11, 30), proc.logs()
+        proc.kill()  # while the timeouts act
+        start()
+        expected = {derived_id(derived_id(d, "answer"), "action") for d in decisions}
+        assert actions.wait_for(lambda c: {a["key"] for a in c.json()} >= expected, 30), proc.logs()
+        assert proc.terminate() == 0
+    finally:
+        proc.close()
+        actions.stop()
+        escalations.stop()
+    assert {a["key"] for a in actions.json()} == expected
+    states = dict(rows(settings, "SELECT state, COUNT(*) FROM escalations GROUP BY state"))
+    assert set(states) <= {"answered", "timed_out"} and sum(states.values()) == 20, states
+    assert sorted(rows(settings, "SELECT kind, COUNT(*) FROM decisions GROUP BY kind")) == [
+        ("act", 20),
+        ("escalate", 20),
+    ]
+    assert rows(settings, "SELECT COUNT(DISTINCT decision), COUNT(*) FROM actions") == [(20, 20)]
+
+
 # --- budgets and the kill switch -------------------------------------------------------------------
 
 
