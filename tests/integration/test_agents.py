@@ -26,7 +26,7 @@ from outpost.services.agent.service import AgentService, run
 from outpost.services.agent.spec import AgentSpec
 from outpost.services.agent.supervisor import command
 from outpost.services.registry import OutpostSettings
-from tests.conftest import Collector, ServiceProcess, ServiceThread, wait_status, wait_until
+from tests.conftest import Collector, ServiceProcess, ServiceThread, make_event, wait_status, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -770,3 +770,108 @@ def test_a_timeouts_safe_default_stays_within_the_budget(site_of: Callable[..., 
     kinds = [d["kind"] for d in site.decisions("unsure")[5:]]
     assert sorted(kinds) == ["act", "act", "ignore", "ignore", "ignore"]
     assert len(site.keys("notify")) == 2
+
+
+def test_cost_per_hour_halts_within_one_step(site_of: Callable[..., Site]) -> None:
+    site = site_of(spender=every_agent(costs={"notify.staff": 1.0}, limits={"cost_per_hour": 2.5}))
+    for i in range(4):
+        site.score(f"shelf-{i}")
+    r = site.wait_reported("spender", lambda r: r["state"] == "halted")
+    assert r["cost_last_hour"] == 2.0 and r["breaches"] == 1
+    assert wait_until(lambda: len(site.decisions("spender")) == 3, 15)
+    ds = site.decisions("spender")
+    assert [d["kind"] for d in ds] == ["act", "act", "halt"] and "cost_per_hour" in ds[2]["reason"]
+    assert len(site.keys("notify")) == 2
+
+
+def test_the_breaker_half_opens_after_cooling_and_a_good_trial_closes_it(
+    site_of: Callable[..., Site], settings: OutpostSettings
+) -> None:
+    conn = FakeConnector(settings, "notify", outcome="failed")
+    try:
+        site = site_of(flaky=every_agent(breaker={"failures": 1, "cool_s": 1}))
+        site.score("shelf-1")
+        site.wait_reported("flaky", lambda r: "notify.staff" in r["breakers"])
+        site.score("shelf-2")
+        assert wait_until(lambda: len(site.escalations("flaky")) == 1, 15)
+        conn.outcome = "done"
+        site.wait_reported("flaky", lambda r: r["breakers"].get("notify.staff") == 0)
+        site.score("shelf-3")  # the one trial
+        site.wait_reported("flaky", lambda r: r["breakers"] == {})
+        site.score("shelf-4")
+        assert wait_until(lambda: len(site.decisions("flaky")) == 4, 15)
+        assert [d["kind"] for d in site.decisions("flaky")] == ["act", "escalate", "act", "act"]
+        assert len(conn.keys) == 3
+    finally:
+        conn.stop()
+
+
+def test_a_protected_capability_always_asks_a_person(site_of: Callable[..., Site]) -> None:
+    site = site_of(restock=reorder_agent(escalation={"below": 0.1, "protected": ["inventory.reorder"]}))
+    site.score("shelf-1", confidence=1.0)
+    assert wait_until(lambda: len(site.escalations("restock")) == 1, 15)
+    assert "inventory.reorder is protected" in site.escalations("restock")[0]["question"]
+    assert [d["kind"] for d in site.decisions("restock")] == ["escalate"]
+
+
+def test_drifted_inputs_go_to_a_person(site_of: Callable[..., Site]) -> None:
+    site = site_of(
+        watcher=every_agent(drift={"baseline": 20, "window": 20}, limits={"actions_per_minute": 1000})
+    )
+    for i in range(20):
+        site.score(f"shelf-{i}", alert=False)  # score 0.1: the baseline
+    for i in range(20):
+        site.score(f"shelf-{i}", alert=True)  # score 0.9
+    assert wait_until(lambda: len(site.decisions("watcher")) == 40, 15)
+    assert wait_until(lambda: len(site.escalations("watcher")) >= 1, 15)
+    assert site.decisions("watcher")[-1]["kind"] == "escalate"
+    assert "inputs drifted" in site.escalations("watcher")[-1]["question"]
+    site.wait_reported("watcher", lambda r: r["drift"]["drifted"] is True)
+
+
+def test_batched_asks_become_one_action_also_across_a_restart(site_of: Callable[..., Site]) -> None:
+    spec = AgentSpec.model_validate(
+        {
+            "sense": ["events/+"],
+            "rules": [
+                {
+                    "when": {"metric": "sale_amount", "value": {"ge": 40.0}},
+                    "do": ["notify.customer"],
+                    "args": {"till": "{device}", "amount": "{value}"},
+                    "batch": 3,
+                    "batch_wait_s": 5,
+                }
+            ],
+            "may": ["notify.customer"],
+            "escalation": {"below": 0.5},
+            "drift": {"enabled": False},
+        }
+    )
+    site = site_of(thanks=spec)
+    seq = iter(range(1, 100))
+
+    def sale(till: str, amount: float) -> None:
+        ev = make_event(till, next(seq), "sale_amount", amount, unit="EUR")
+        site.pub.publish(site.t.events(till), orjson.dumps([ev]), qos=1)
+
+    sale("till-1", 50.0)
+    sale("till-1", 10.0)  # too small: not asked
+    sale("till-2", 45.5)
+    assert wait_until(lambda: rows(site.settings, "SELECT COUNT(*) FROM batched") == [(2,)], 15)
+    site.restart()
+    sale("till-3", 99.0)
+    assert wait_until(lambda: len(site.actions("notify")) >= 1, 15), (
+        site.decisions("thanks"),
+        site.dead(),
+        rows(site.settings, "SELECT * FROM batched"),
+        site.reported("thanks"),
+    )
+    req = site.actions("notify")[0]
+    assert req["args"]["count"] == 3
+    assert [i["amount"] for i in req["args"]["items"]] == [50.0, 45.5, 99.0]
+    # a partial batch goes after batch_wait_s
+    sale("till-4", 41.0)
+    assert wait_until(lambda: len(site.keys("notify")) == 2, 15)
+    last = [a for a in site.actions("notify") if a["args"]["count"] == 1]
+    assert last and last[0]["args"]["items"] == [{"till": "till-4", "amount": 41.0}]
+    assert rows(site.settings, "SELECT COUNT(*) FROM batched") == [(0,)]
