@@ -104,6 +104,15 @@ def offered_capabilities(settings: OutpostSettings, specs: Mapping[str, AgentSpe
     return offered
 
 
+def _declared_batch(spec: AgentSpec, rule: str, cap: str) -> Proposal | None:
+    """A restored batch's rule as declared (its ``batch_wait_s``; else a restart made a partial
+    batch wait the default 30 s, whatever its rule said)."""
+    for i, r in enumerate(spec.rules):
+        if (r.name or f"rule {i}") == rule:
+            return Proposal(cap, {}, 1.0, "", rule, r.batch, r.batch_wait_s)
+    return None
+
+
 class AgentService:
     def __init__(self, settings: OutpostSettings) -> None:
         cfg = self.cfg = settings.agents
@@ -177,6 +186,7 @@ class AgentService:
             if agent in self.agents:
                 b = self._batches.setdefault((agent, rule, cap), _Batch())
                 b.items.append((inp, trace, ts, orjson.loads(args), 1.0))
+                b.proposal = b.proposal or _declared_batch(self.agents[agent].spec, rule, cap)
         for a in self.agents.values():
             a.stats = self._figures(a.name)
 
