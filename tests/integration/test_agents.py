@@ -875,3 +875,8 @@ def test_batched_asks_become_one_action_also_across_a_restart(site_of: Callable[
     last = [a for a in site.actions("notify") if a["args"]["count"] == 1]
     assert last and last[0]["args"]["items"] == [{"till": "till-4", "amount": 41.0}]
     assert rows(site.settings, "SELECT COUNT(*) FROM batched") == [(0,)]
+    # a partial batch restored after a restart still goes after its rule's batch_wait_s
+    sale("till-5", 42.0)
+    assert wait_until(lambda: rows(site.settings, "SELECT COUNT(*) FROM batched") == [(1,)], 15)
+    site.restart()
+    assert wait_until(lambda: len(site.keys("notify")) == 3, 15)
