@@ -708,7 +708,16 @@ def test_hostile_input_is_dead_lettered_and_the_service_carries_on(site_of: Call
     def reasons() -> list[str]:
         return sorted(d["reason"] for d in site.dead())
 
-    want = sorted(["not_json", "unknown_escalation", "unknown_escalation"] + ["bad_control"] * 6)
+    site.pub.publish(
+        t.escalation_reply("restock", "abc123"), orjson.dumps({**header(""), "choice": "x"}), qos=1
+    )
+    site.pub.publish(t.action_results("inventory"), b"\xff\xfe", qos=1)
+    unknown = {**header(""), "key": "k1", "request": "r1", "outcome": "done", "attempts": 1}
+    site.pub.publish(t.action_results("inventory"), orjson.dumps(unknown), qos=1)  # another's: counted
+    want = sorted(
+        ["not_json", "unknown_escalation", "unknown_escalation", "missing_field", "not_json"]
+        + ["bad_control"] * 6
+    )
     assert wait_until(lambda: reasons() == want, 15), reasons()
     # a reply with a choice not offered
     s = site.score("shelf-1", confidence=0.5)
@@ -880,3 +889,23 @@ def test_batched_asks_become_one_action_also_across_a_restart(site_of: Callable[
     assert wait_until(lambda: rows(site.settings, "SELECT COUNT(*) FROM batched") == [(1,)], 15)
     site.restart()
     assert wait_until(lambda: len(site.keys("notify")) == 3, 15)
+
+
+def test_keep_halted_and_an_unanswered_resume_keep_the_agent_halted(site_of: Callable[..., Site]) -> None:
+    site = site_of(
+        a=every_agent(limits={"actions_per_minute": 1}),
+        b=every_agent(limits={"actions_per_minute": 1}, escalation={"below": 0.5, "timeout_s": 1}),
+    )
+    site.score("shelf-1")
+    site.score("shelf-2")
+    site.wait_reported("a", lambda r: r["state"] == "halted")
+    site.wait_reported("b", lambda r: r["state"] == "halted")
+    assert wait_until(lambda: len(site.escalations("a")) == 1, 15)
+    site.reply("a", site.escalations("a")[0]["decision"], "keep-halted")
+    site.wait_reported("a", lambda r: r["escalations_open"] == 0)
+    r = site.wait_reported("b", lambda r: r["timeouts"] == 1 and r["escalations_open"] == 0)
+    assert r["state"] == "halted"  # nobody answered: the default keeps it halted
+    site.reply("b", site.escalations("b")[0]["decision"], "resume")  # too late
+    assert wait_until(lambda: [d["reason"] for d in site.dead()] == ["already_answered"], 15)
+    assert site.reported("a")["state"] == "halted" and site.reported("b")["state"] == "halted"
+    assert len(site.keys("notify")) == 2
