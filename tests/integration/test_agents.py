@@ -308,7 +308,7 @@ def test_no_action_repeats_after_kill_9_at_any_step(
     actions = Collector(settings.mqtt, t.actions("inventory"), client_id="a-" + settings.site).start()
     decisions = Collector(settings.mqtt, t.decisions("restock"), client_id="d-" + settings.site).start()
     proc = ServiceProcess("outpost.services.agent", "agents", env, tmp_path / "proc")
-    scores = [make_score(f"shelf-{i:03d}") for i in range(60)]
+    scores = [make_score(f"shelf-{i:03d}") for i in range(300)]
 
     def publish(part: list[dict[str, Any]]) -> None:
         for s in part:
@@ -337,12 +337,12 @@ def test_no_action_repeats_after_kill_9_at_any_step(
         proc.kill()
         # 3. in the middle of a stream, with more arriving while it is down
         start()
-        publish(scores[30:38])
-        assert actions.wait_for(lambda c: acted_on(scores[30:38]) >= 2, 30), proc.logs()
+        publish(scores[30:230])
+        assert actions.wait_for(lambda c: acted_on(scores[30:230]) >= 20, 30), proc.logs()
         proc.kill()
-        publish(scores[38:45])
+        publish(scores[230:260])
         start()
-        publish(scores[45:])
+        publish(scores[260:])
         expected = {s["trace"]: derived_id(derived_id("restock", s["id"], "0"), "action") for s in scores}
         assert actions.wait_for(lambda c: {a["key"] for a in c.json()} >= set(expected.values()), 60), (
             len({a["key"] for a in actions.json()}),
