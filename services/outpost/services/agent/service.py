@@ -104,6 +104,15 @@ def offered_capabilities(settings: OutpostSettings, specs: Mapping[str, AgentSpe
     return offered
 
 
+def _declared_batch(spec: AgentSpec, rule: str, cap: str) -> Proposal | None:
+    """A restored batch's rule as declared (its ``batch_wait_s``; else a restart made a partial
+    batch wait the default 30 s, whatever its rule said)."""
+    for i, r in enumerate(spec.rules):
+        if (r.name or f"rule {i}") == rule:
+            return Proposal(cap, {}, 1.0, "", rule, r.batch, r.batch_wait_s)
+    return None
+
+
 class AgentService:
     def __init__(self, settings: OutpostSettings) -> None:
         cfg = self.cfg = settings.agents
@@ -112,7 +121,7 @@ class AgentService:
         self.rt = ServiceRuntime(NAME, settings, reasons=REASONS, durable=True, tick_s=0.002)
         t = self.topics = self.rt.topics
         self.metrics = self.rt.metrics
-        self.store = AgentStore(self.rt.state_dir() / "agent.db", synchronous=cfg.log_sync)
+        self.store = AgentStore(self.rt.state_dir(NAME) / "agent.db", synchronous=cfg.log_sync)
         self.agents: dict[str, Agent] = {}
         for name, spec in specs.items():
             self.agents[name] = Agent(
@@ -177,6 +186,7 @@ class AgentService:
             if agent in self.agents:
                 b = self._batches.setdefault((agent, rule, cap), _Batch())
                 b.items.append((inp, trace, ts, orjson.loads(args), 1.0))
+                b.proposal = b.proposal or _declared_batch(self.agents[agent].spec, rule, cap)
         for a in self.agents.values():
             a.stats = self._figures(a.name)
 
@@ -323,6 +333,8 @@ class AgentService:
 
     # --- deciding (network thread) ---------------------------------------------------------------
     def _decide(self, a: Agent, obs: Observation, task: str | None = None, steps_before: int = 0) -> None:
+        if self._decided_before(a, obs):
+            return
         if not a.governor.acting:
             self.metrics.counters[f"skipped.{a.name}.{a.governor.state}"] += 1
             return
@@ -343,6 +355,21 @@ class AgentService:
                 self._step(a, obs, p, task, steps_before + step, step)
             if not a.governor.acting:
                 break  # a breach halted it in this step: nothing after it acts
+
+    def _decided_before(self, a: Agent, obs: Observation) -> bool:
+        """A redelivered input (a crash before its acknowledgement) that ``a`` already decided on:
+        its stored messages go out again, and the policy is not asked twice: its committed state
+        already holds this input, so a cooldown or a repeat count would make it decide otherwise,
+        and the decision and escalation it made would never be published."""
+        did = derived_id(a.name, obs.id, "0")
+        if did in self._pending_ids:
+            return True
+        step = 0
+        while self.store.one("SELECT 1 FROM decisions WHERE id = ?", (did,)) is not None:
+            self._republish(did)
+            step += 1
+            did = derived_id(a.name, obs.id, str(step))
+        return step > 0
 
     def _step(self, a: Agent, obs: Observation, p: Proposal, task: str, steps_before: int, step: int) -> None:
         did = derived_id(a.name, obs.id, str(step))
@@ -791,7 +818,12 @@ class AgentService:
             "",
             rule,
         )
-        if choice in ("approve", "edit") and a.governor.desired == "running":
+        # a person's approval is theirs to give; the timeout's default stays within the budgets and
+        # acts for no halted agent (else a runaway's low-confidence asks would all act, unbudgeted)
+        held = "" if human or a.governor.acting else f"the agent is {a.governor.state}"
+        if not held and not human:
+            held = a.governor.check(cap, 0, now).why
+        if choice in ("approve", "edit") and a.governor.desired == "running" and not held:
             self._act(
                 a, trace, "", p, task, follow, step, f"{choice} by {who}", now, obs_id=inp, input_ts=input_ts
             )
@@ -799,7 +831,7 @@ class AgentService:
             why = (
                 f"{choice} by {who}"
                 if choice == "reject"
-                else f"{choice} by {who}, but the agent is {a.governor.desired}"
+                else f"{choice} by {who}, but {held or f'the agent is {a.governor.desired}'}"
             )
             self._decision_row(a, trace, inp, input_ts, p, task, follow, step, "ignore", why, now)
 
@@ -813,7 +845,9 @@ class AgentService:
             raise Rejected("bad_control", f"not JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise Rejected("bad_control", "not an object")
-        wanted = dict(doc.get("agents") or {})
+        wanted = doc.get("agents") or {}
+        if not isinstance(wanted, dict):
+            raise Rejected("bad_control", "agents must be an object of name: state")
         states = [doc.get("all", "running"), *wanted.values()]
         if any(s not in STATES for s in states):
             raise Rejected("bad_control", f"states must be one of {', '.join(STATES)}")
@@ -931,7 +965,7 @@ class AgentService:
     def _resend(self, now: int, *, everything: bool = False) -> None:
         """Action requests with no result yet go out again (same bytes, same key); past their age
         they expire, are dead-lettered with the reason and count as failures."""
-        before = now if everything else now - int(self.cfg.resend_s * 1e9)
+        before = self.rt.started_ns if everything else now - int(self.cfg.resend_s * 1e9)
         max_age = int(self.cfg.action_max_age_s * 1e9)
         for key, payload, connector, agent, cap, created, decision, trace in self.store.all(
             "SELECT key, payload, connector, agent, capability, created_ns, decision, trace FROM actions "
