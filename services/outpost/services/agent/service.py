@@ -180,12 +180,12 @@ class AgentService:
             a.drift.load(orjson.loads(drift))
         for device, values in self.store.all('SELECT device, "values" FROM features'):
             self._features[device] = orjson.loads(values)
-        for agent, rule, cap, inp, trace, ts, args in self.store.all(
-            "SELECT agent, rule, capability, input, trace, ts, args FROM batched ORDER BY ts"
+        for agent, rule, cap, inp, trace, ts, args, confidence in self.store.all(
+            "SELECT agent, rule, capability, input, trace, ts, args, confidence FROM batched ORDER BY ts"
         ):
             if agent in self.agents:
                 b = self._batches.setdefault((agent, rule, cap), _Batch())
-                b.items.append((inp, trace, ts, orjson.loads(args), 1.0))
+                b.items.append((inp, trace, ts, orjson.loads(args), confidence))
                 b.proposal = b.proposal or _declared_batch(self.agents[agent].spec, rule, cap)
         for a in self.agents.values():
             a.stats = self._figures(a.name)
@@ -665,9 +665,18 @@ class AgentService:
         b.proposal = p
         self._writes.append(
             (
-                "INSERT OR IGNORE INTO batched (agent, rule, capability, input, trace, ts, args) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (a.name, p.rule, p.capability, obs.id, obs.trace, now, orjson.dumps(p.args).decode()),
+                "INSERT OR IGNORE INTO batched (agent, rule, capability, input, trace, ts, args, confidence) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    a.name,
+                    p.rule,
+                    p.capability,
+                    obs.id,
+                    obs.trace,
+                    now,
+                    orjson.dumps(p.args).decode(),
+                    p.confidence,
+                ),
             )
         )
         if len(b.items) >= p.batch:

@@ -100,6 +100,7 @@ CREATE TABLE IF NOT EXISTS batched (
     trace TEXT NOT NULL,
     ts INTEGER NOT NULL,
     args TEXT NOT NULL,
+    confidence REAL NOT NULL DEFAULT 1.0,
     PRIMARY KEY (agent, rule, capability, input)
 );
 CREATE TABLE IF NOT EXISTS runs (
