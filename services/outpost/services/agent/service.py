@@ -50,10 +50,10 @@ from outpost.services.agent.drift import DriftWatch
 from outpost.services.agent.inputs import from_decision, from_event, from_result, from_score
 from outpost.services.agent.policy import Observation, Policy, Proposal, make_policy
 from outpost.services.agent.spec import AgentSpec
-from outpost.services.agent.store import AgentStore, Statement
+from outpost.services.agent.store import open_agent_db
 from outpost.services.agent.supervisor import STATES, Governor, desired_state
 from outpost.services.registry import OutpostSettings
-from outpost.store import DiskFull
+from outpost.store import DiskFull, Statement
 
 log = get_logger("outpost.agents")
 
@@ -121,7 +121,7 @@ class AgentService:
         self.rt = ServiceRuntime(NAME, settings, reasons=REASONS, durable=True, tick_s=0.002)
         t = self.topics = self.rt.topics
         self.metrics = self.rt.metrics
-        self.store = AgentStore(self.rt.state_dir(NAME) / "agent.db", synchronous=cfg.log_sync)
+        self.store = open_agent_db(self.rt.state_dir(NAME) / "agent.db", synchronous=cfg.log_sync)
         self.agents: dict[str, Agent] = {}
         for name, spec in specs.items():
             self.agents[name] = Agent(
@@ -171,16 +171,16 @@ class AgentService:
     # --- restart ---------------------------------------------------------------------------------
     def _restore(self) -> None:
         """Supervision, policy and drift state, features and batches, as last committed."""
-        for name, gov, pol, drift in self.store.all("SELECT name, governor, policy, drift FROM agents"):
+        for name, gov, pol, drift in self.store.query("SELECT name, governor, policy, drift FROM agents"):
             a = self.agents.get(name)
             if a is None:
                 continue
             a.governor.load(orjson.loads(gov))
             a.policy.restore(orjson.loads(pol))
             a.drift.load(orjson.loads(drift))
-        for device, values in self.store.all('SELECT device, "values" FROM features'):
+        for device, values in self.store.query('SELECT device, "values" FROM features'):
             self._features[device] = orjson.loads(values)
-        for agent, rule, cap, inp, trace, ts, args, confidence in self.store.all(
+        for agent, rule, cap, inp, trace, ts, args, confidence in self.store.query(
             "SELECT agent, rule, capability, input, trace, ts, args, confidence FROM batched ORDER BY ts"
         ):
             if agent in self.agents:
@@ -205,14 +205,14 @@ class AgentService:
             "failed": 0,
             "cost": 0.0,
         }
-        for kind, dry, n in self.store.all(
+        for kind, dry, n in self.store.query(
             "SELECT kind, dry_run, COUNT(*) FROM decisions WHERE agent = ? GROUP BY kind, dry_run", (agent,)
         ):
             s["decisions"] += n
             s[kind] = s.get(kind, 0) + n
             if dry:
                 s["dry_run"] += n
-        for state, choice, purpose, n in self.store.all(
+        for state, choice, purpose, n in self.store.query(
             "SELECT state, choice, purpose, COUNT(*) FROM escalations "
             "WHERE agent = ? AND state != 'open' GROUP BY state, choice, purpose",
             (agent,),
@@ -223,7 +223,7 @@ class AgentService:
                 s["answered"] += n
                 if choice in ("reject", "edit"):
                     s["overrides"] += n
-        for state, n, cost in self.store.all(
+        for state, n, cost in self.store.query(
             "SELECT state, COUNT(*), COALESCE(SUM(cost), 0) FROM actions WHERE agent = ? GROUP BY state",
             (agent,),
         ):
@@ -715,15 +715,15 @@ class AgentService:
     def _republish(self, did: str) -> None:
         """A decision made before a crash, whose input came again: its messages, not a new one."""
         self.metrics.counters["decisions_again"] += 1
-        for payload, topic_agent in self.store.all(
+        for payload, topic_agent in self.store.query(
             "SELECT payload, agent FROM decisions WHERE id = ?", (did,)
         ):
             self._publishes.append((self.topics.decisions(topic_agent), payload))
-        for payload, agent in self.store.all(
+        for payload, agent in self.store.query(
             "SELECT payload, agent FROM escalations WHERE decision = ? AND state = 'open'", (did,)
         ):
             self._publishes.append((self.topics.escalations(agent), payload))
-        for payload, connector in self.store.all(
+        for payload, connector in self.store.query(
             "SELECT payload, connector FROM actions WHERE decision = ? AND state = 'pending'", (did,)
         ):
             self._publishes.append((self.topics.actions(connector), payload))
@@ -950,7 +950,7 @@ class AgentService:
                     (self.rt.started_ns, self._recovered_ms),
                 )
             )
-        for decision, agent, purpose in self.store.all(
+        for decision, agent, purpose in self.store.query(
             "SELECT decision, agent, purpose FROM escalations "
             "WHERE state = 'open' AND expires_ns <= ? LIMIT 500",
             (now,),
@@ -976,7 +976,7 @@ class AgentService:
         they expire, are dead-lettered with the reason and count as failures."""
         before = self.rt.started_ns if everything else now - int(self.cfg.resend_s * 1e9)
         max_age = int(self.cfg.action_max_age_s * 1e9)
-        for key, payload, connector, agent, cap, created, decision, trace in self.store.all(
+        for key, payload, connector, agent, cap, created, decision, trace in self.store.query(
             "SELECT key, payload, connector, agent, capability, created_ns, decision, trace FROM actions "
             "WHERE state = 'pending' AND sent_ns <= ? ORDER BY sent_ns LIMIT 1000",
             (before,),
@@ -1028,7 +1028,7 @@ class AgentService:
         ``control/agents/reported`` (what ``outpost agents list`` shows)."""
         now = time.time_ns()
         open_by_agent = dict(
-            self.store.all("SELECT agent, COUNT(*) FROM escalations WHERE state = 'open' GROUP BY agent")
+            self.store.query("SELECT agent, COUNT(*) FROM escalations WHERE state = 'open' GROUP BY agent")
         )
         agents: dict[str, Any] = {}
         for a in self.agents.values():
