@@ -14,7 +14,7 @@ from outpost.contracts import derived_id
 from outpost.services.agent.service import AgentService, run
 from outpost.services.agent.spec import AgentSpec
 from outpost.services.registry import OutpostSettings
-from tests.conftest import Collector, ServiceThread, wait_status, wait_until
+from tests.conftest import Collector, ServiceThread, wait_status
 
 pytestmark = pytest.mark.integration
 
