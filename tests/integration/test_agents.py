@@ -21,23 +21,49 @@ pytestmark = pytest.mark.integration
 _seq = iter(range(1, 10**9))
 
 
-def make_score(device: str, *, model: str = "shelf-stock", label: str = "low", confidence: float = 0.95,
-               alert: bool = True, n: int | None = None) -> dict[str, Any]:
+def make_score(
+    device: str,
+    *,
+    model: str = "shelf-stock",
+    label: str = "low",
+    confidence: float = 0.95,
+    alert: bool = True,
+    n: int | None = None,
+) -> dict[str, Any]:
     n = next(_seq) if n is None else n
     ts = time.time_ns()
     return {
-        "v": 1, "id": f"s-{device}-{n}", "ts": ts, "trace": f"r-{device}-{n}", "event": f"e-{device}-{n}",
-        "device": device, "model": model, "version": "1.0.0", "backend": "onnxruntime-cpu",
-        "score": 0.9 if alert else 0.1, "label": label, "confidence": confidence, "alert": alert,
-        "queue_ms": 0.1, "compute_ms": 0.1, "batch": 1, "ingest_ns": ts,
+        "v": 1,
+        "id": f"s-{device}-{n}",
+        "ts": ts,
+        "trace": f"r-{device}-{n}",
+        "event": f"e-{device}-{n}",
+        "device": device,
+        "model": model,
+        "version": "1.0.0",
+        "backend": "onnxruntime-cpu",
+        "score": 0.9 if alert else 0.1,
+        "label": label,
+        "confidence": confidence,
+        "alert": alert,
+        "queue_ms": 0.1,
+        "compute_ms": 0.1,
+        "batch": 1,
+        "ingest_ns": ts,
     }
 
 
 def reorder_agent(**over: Any) -> AgentSpec:
     doc: dict[str, Any] = {
         "sense": ["inference/shelf-stock/+"],
-        "rules": [{"name": "low", "when": {"label": {"in": ["low", "empty"]}}, "do": ["inventory.reorder"],
-                   "args": {"shelf": "{device}", "quantity": 5}}],
+        "rules": [
+            {
+                "name": "low",
+                "when": {"label": {"in": ["low", "empty"]}},
+                "do": ["inventory.reorder"],
+                "args": {"shelf": "{device}", "quantity": 5},
+            }
+        ],
         "may": ["inventory.reorder"],
         "escalation": {"below": 0.8, "timeout_s": 600},
         "drift": {"enabled": False},
