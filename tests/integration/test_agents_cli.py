@@ -21,7 +21,7 @@ import yaml
 
 from outpost.broker import Mosquitto
 from outpost.bus import Bus
-from outpost.contracts import derived_id
+from outpost.contracts import derived_id, header
 from outpost.services.agent.report import db_path, open_ro
 from outpost.services.agent.service import run as run_agents
 from outpost.services.memory.oplog import OpLog
@@ -220,6 +220,8 @@ def test_escalations_are_answered_once_and_the_chain_is_in_the_log(running: Site
     again = running.cli("escalations", "reject", three)
     assert again.returncode == 2 and "already answered (approve by alice)" in again.stderr, again.stderr
 
+    nobody = running.cli("escalations", "approve", seven, "--broker", "127.0.0.1:1")
+    assert nobody.returncode == 2 and "no broker at 127.0.0.1:1" in nobody.stderr, nobody.stderr
     bad = running.cli("escalations", "edit", seven, "--args", "{quantity: 3")
     assert bad.returncode == 2 and "--args is not JSON" in bad.stderr, bad.stderr
     edited = running.json("escalations", "edit", seven, "--args", '{"shelf": "shelf-7", "quantity": 3}')
@@ -248,6 +250,17 @@ def test_escalations_are_answered_once_and_the_chain_is_in_the_log(running: Site
         if line.startswith("{") and orjson.loads(line)["kind"] == "action"
     )
     assert action["args"] == {"shelf": "shelf-7", "quantity": 3}
+    # the connector's result closes the chain (and the agent counts it)
+    result = {
+        **header(trace), "key": action["key"], "request": action["id"], "outcome": "done", "attempts": 1,
+    }  # fmt: skip
+    pub = Bus(running.settings.mqtt, client_id=f"connector-{running.settings.site}")
+    pub.start()
+    pub.publish(running.settings.topics.action_results("inventory"), orjson.dumps(result), qos=1)
+    assert pub.drain(10)
+    pub.stop()
+    assert wait_until(lambda: "result" in chain(), 15), chain()
+    assert wait_until(lambda: running.json("agents", "list")["agents"]["restock"]["success_rate"] == 1.0, 15)
 
     # a person's answers never count as the policy's decisions in a replay
     r = running.json("replay", "--agent", "restock")
