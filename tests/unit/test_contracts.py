@@ -324,6 +324,7 @@ def _inference_score() -> dict[str, object]:
         "queue_ms": 0.5,
         "compute_ms": 0.1,
         "batch": 4,
+        "ingest_ns": 1_699_999_999_999_000_000,
     }
 
 

@@ -278,7 +278,7 @@ def test_a_section_given_as_a_scalar_is_refused_even_beside_env(
 def test_the_registry_composes_the_settings_and_the_services_to_run() -> None:
     """One row per service: its section is a field of OutpostSettings and its module is what
     ``outpost up`` supervises, in the table's order; the core alone knows no service."""
-    assert [s.name for s in REGISTRY] == ["ingest", "inference", "memory"]
+    assert [s.name for s in REGISTRY] == ["ingest", "inference", "memory", "agents"]
     for row in REGISTRY:
         assert OutpostSettings.model_fields[row.name].annotation is row.settings
         assert row.name not in CoreSettings.model_fields
