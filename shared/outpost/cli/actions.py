@@ -47,8 +47,10 @@ def _when(ns: int | None) -> str:
 
 
 def _open(w: Where) -> tuple[sqlite3.Connection | None, sqlite3.Connection | None]:
+    from outpost.services.agent.report import db_path
+
     outbox = _db(w.site_path("connectors", "outbox.db"))
-    agents = _db(w.site_path("agents", "agent.db"))
+    agents = _db(db_path(w.data_dir, w.site))
     if outbox is None and agents is None:
         raise w.missing(
             "actions (neither the gateway's outbox nor the agents' log)", w.site_path("connectors")

@@ -49,6 +49,7 @@ from outpost.service import Ack, Inbound, Rejected, ServiceRuntime, run_until, s
 from outpost.services.agent.drift import DriftWatch
 from outpost.services.agent.inputs import from_decision, from_event, from_result, from_score
 from outpost.services.agent.policy import Observation, Policy, Proposal, make_policy
+from outpost.services.agent.report import DB_NAME, FOLDER
 from outpost.services.agent.spec import AgentSpec
 from outpost.services.agent.store import open_agent_db
 from outpost.services.agent.supervisor import STATES, Governor, desired_state
@@ -121,7 +122,7 @@ class AgentService:
         self.rt = ServiceRuntime(NAME, settings, reasons=REASONS, durable=True, tick_s=0.002)
         t = self.topics = self.rt.topics
         self.metrics = self.rt.metrics
-        self.store = open_agent_db(self.rt.state_dir(NAME) / "agent.db", synchronous=cfg.log_sync)
+        self.store = open_agent_db(self.rt.state_dir(FOLDER) / DB_NAME, synchronous=cfg.log_sync)
         self.agents: dict[str, Agent] = {}
         for name, spec in specs.items():
             self.agents[name] = Agent(
