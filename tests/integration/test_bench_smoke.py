@@ -190,6 +190,8 @@ AGENT_PIPELINE_KEYS = {
     "missing_in_window",
     "duplicates",
     "unknown",
+    "unscored_expected",
+    "not_decided",
     "kinds",
     "offered_per_s",
     "decisions_per_s",
@@ -226,7 +228,8 @@ def test_agent_bench_prints_its_figures_as_json() -> None:
     assert pipe["duplicates"] == 0 and pipe["unknown"] == 0
     assert set(pipe["kinds"]) == {"act (dry run)"}  # every decision acts, dry-run: none held back
     inference = pipe["service_counters"]["inference"]
-    assert inference["warming.shelf-stock"] == 10 * 3  # min_readings 4: three per shelf unscored
+    assert inference["warming.shelf-stock"] == pipe["unscored_expected"] == 10 * 3  # min_readings 4
+    assert pipe["not_decided"] == pipe["unscored_expected"]  # every scored reading got its decision
     assert {"ingest", "inference", "agents", "mosquitto"} <= set(pipe["cpu_pct"])
     assert {"pipeline_p99_ms", "hops_p99_ms", "decisions_per_s", "all_targets_met"} <= set(result["summary"])
     for svc in result["services"].values():

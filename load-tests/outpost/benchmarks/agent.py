@@ -104,6 +104,16 @@ class AgentBenchOptions:
         return int(self.rate * (self.warmup_s + self.duration_s) * 1.25) + 10 * self.devices + 1000
 
 
+def unscored_per_device() -> int:
+    """Readings of a device inference does not score: those before its window holds the shipped
+    shelf-stock model's ``min_readings``."""
+    from outpost.services.inference.manifest import read_manifest
+    from outpost.services.inference.registry import PACKAGED_MODELS
+
+    folder = max((PACKAGED_MODELS / MODEL).iterdir(), key=lambda p: p.name)
+    return read_manifest(folder).min_readings - 1
+
+
 def agent_declaration(act: bool) -> dict[str, Any]:
     """The bench agent: a decision for every shelf-stock score, nothing that would hold one back."""
     return {
@@ -373,7 +383,9 @@ def _run(o: AgentBenchOptions, work: Path, say: Progress) -> dict[str, Any]:
             f"and the agent, {o.warmup_s:g} s + {o.duration_s:g} s"
         )
         profile = _Profiler(o, _pids(stack)) if o.profile_dir is not None else None
-        pipeline = _phase("pipeline", o, pipe_ch, byname["pipeline_load"], cpu, profile)
+        unscored = o.devices * unscored_per_device()
+        pipeline = _phase("pipeline", o, pipe_ch, byname["pipeline_load"], cpu, profile, unscored)
+        pipeline["unscored"] = unscored
         pipeline["sent_in_window"] = _in_window(stamps, pipeline["sent"], pipe_ch)
         final = stack.supervisor.status() if stack.supervisor is not None else []
         if stack.supervisor is not None:
@@ -406,6 +418,7 @@ def _phase(
     publisher: BaseProcess,
     cpu: Procs,
     profile: _Profiler | None,
+    unscored: int = 0,
 ) -> dict[str, Any]:
     ch.go.value = 1
     time.sleep(o.warmup_s)
@@ -424,7 +437,7 @@ def _phase(
     if "error" in load:
         raise BenchError(f"{name}: the publisher failed:\n{load['error']}")
     sent = ch.sent.value
-    drained = _drain(o, ch, sent)
+    drained = _drain(o, ch, sent - unscored)
     if profile is not None:
         profile.stop()
     dt = b.t - a.t
@@ -441,8 +454,8 @@ def _phase(
 
 
 def _drain(o: AgentBenchOptions, ch: Channels, sent: int) -> dict[str, Any]:
-    """Until the subscriber has as much as was sent, ``drain_s`` passed, or ``stall_s`` with nothing
-    new (the pipeline's first readings of each device are not scored: it never gets them all)."""
+    """Until the subscriber has ``sent`` (for the pipeline: what was sent less the readings inference
+    does not score), ``drain_s`` passed, or ``stall_s`` with nothing new."""
     t0 = last_change = time.monotonic()
     last = ch.received.value
     while True:
@@ -518,7 +531,8 @@ def _pipeline_figures(p: dict[str, Any], o: AgentBenchOptions) -> dict[str, Any]
         "decided": sink["decided"],
         "decided_in_window": sink["decided_in_window"],
         "missing_in_window": max(0, p["sent_in_window"] - sink["decided_in_window"]),
-        "not_scored_expected": o.devices * 3,  # shelf-stock's min_readings 4: 3 warming readings per device
+        "unscored_expected": p["unscored"],  # each device's first min_readings - 1: inference's warming
+        "not_decided": p["sent"] - sink["decided"],  # whole run: = unscored_expected when all arrived
         "duplicates": sink["duplicates"],
         "unknown": sink["unknown"],
         "kinds": sink["kinds"],

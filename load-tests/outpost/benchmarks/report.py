@@ -265,6 +265,11 @@ def agent_table(result: dict[str, Any]) -> Table:
         "",
         f"{p['decided_in_window']:,} / {p['sent_in_window']:,} (missing {p['missing_in_window']:,})",
     )
+    t.add_row(
+        "not decided (whole run) / unscored",
+        "",
+        f"{p['not_decided']:,} / {p['unscored_expected']:,} (first readings of each device)",
+    )
     t.add_row("duplicates / unknown", "", f"{p['duplicates']:,} / {p['unknown']:,}")
     roles = [r for r in p["cpu_pct"] if r not in ("other", "steal")] + ["other", "steal"]
     for role in roles:
