@@ -234,3 +234,27 @@ def test_agent_bench_prints_its_figures_as_json() -> None:
     assert {"pipeline_p99_ms", "hops_p99_ms", "decisions_per_s", "all_targets_met"} <= set(result["summary"])
     for svc in result["services"].values():
         assert svc["restarts"] == 0
+
+
+def test_agent_bench_acts_when_asked() -> None:
+    """--act: every decision acts (an action request to a connector nobody serves), none held back
+    by the breaker though the site's gateway refuses each request."""
+    p = outpost(
+        "bench",
+        "agent",
+        "--quick",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--rate",
+        "200",
+        "--devices",
+        "10",
+        "--act",
+        "--json",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    pipe = orjson.loads(p.stdout.strip().splitlines()[-1])["phases"]["pipeline"]
+    assert set(pipe["kinds"]) == {"act"}
+    assert pipe["service_counters"]["agents"]["actions.bench"] == pipe["decided"] > 0

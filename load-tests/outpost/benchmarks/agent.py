@@ -4,7 +4,7 @@ to the broker hops alone, in one run on one site.
 The site is the real one (:class:`outpost.stack.Stack`: its own Mosquitto and every service, as
 ``outpost up`` runs them), with one agent declared through the site file and no shipped pack: it
 senses the shelf-stock model's scores and decides on every one (a rule that always holds, no
-cooldown, limits far above the load, no escalation threshold, drift off), dry-run by default, so
+cooldown, limits and breaker far above the load, no escalation threshold, drift off), dry-run by default, so
 that nothing but the decision leaves it; ``act`` makes it ask a capability of a connector nobody
 serves instead (the action request is written to the outbox and published as well).
 
@@ -130,6 +130,9 @@ def agent_declaration(act: bool) -> dict[str, Any]:
         ],
         "may": [CAPABILITY],
         "limits": {"actions_per_minute": 100_000_000, "cost_per_hour": 1e12, "steps_per_task": 8},
+        # with --act the site's connector gateway answers each request for the undeclared connector
+        # with a failure: the breaker must not open (it would turn the decisions into escalations)
+        "breaker": {"failures": 1_000_000_000},
         "escalation": {"below": 0.0},
         "drift": {"enabled": False},
         "dry_run": not act,
