@@ -165,3 +165,96 @@ def test_overload_bench_prints_its_figures_as_json() -> None:
     table = io.StringIO()
     print_overload(result, Console(file=table, width=160))  # the form without --json
     assert "canaries delivered / sent" in table.getvalue()
+
+
+def test_agent_bench_finds_each_decisions_reading() -> None:
+    """A decision's trace is its reading's id as ingest gives it: the sink's index must agree."""
+    from outpost.benchmarks.agent import collapsed_summary, reading_index
+    from outpost.contracts import reading_id
+
+    index = reading_index("bench-agent", 3, 12)
+    assert len(index) == 12
+    for k in range(12):
+        assert index[reading_id("bench-agent", f"shelf-{k % 3:05d}", k // 3)] == k
+    prof = collapsed_summary("main;work;hash 3\nmain;work 1\nmain;wait 4\nnot a line\n")
+    assert prof["samples"] == 8
+    assert prof["self_pct"][0] == ("wait", 50.0)
+    assert ("main", 100.0) in prof["inclusive_pct"]
+
+
+AGENT_PIPELINE_KEYS = {
+    "sent",
+    "sent_in_window",
+    "decided",
+    "decided_in_window",
+    "missing_in_window",
+    "duplicates",
+    "unknown",
+    "unscored_expected",
+    "not_decided",
+    "kinds",
+    "offered_per_s",
+    "decisions_per_s",
+    "latency",
+    "cpu_pct",
+    "service_counters",
+    "service_histograms",
+}
+
+
+def test_agent_bench_prints_its_figures_as_json() -> None:
+    p = outpost(
+        "bench",
+        "agent",
+        "--quick",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--rate",
+        "200",
+        "--devices",
+        "10",
+        "--json",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = orjson.loads(p.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "agent"
+    assert set(result["phases"]) == {"hops", "pipeline"}
+    hops, pipe = result["phases"]["hops"], result["phases"]["pipeline"]
+    assert hops["sent"] > 0 and hops["received"] > 0 and hops["latency"]["count"] > 0
+    assert set(pipe) >= AGENT_PIPELINE_KEYS
+    assert pipe["sent"] > 0 and 0 < pipe["decided"] <= pipe["sent"]
+    assert pipe["duplicates"] == 0 and pipe["unknown"] == 0
+    assert set(pipe["kinds"]) == {"act (dry run)"}  # every decision acts, dry-run: none held back
+    inference = pipe["service_counters"]["inference"]
+    assert inference["warming.shelf-stock"] == pipe["unscored_expected"] == 10 * 3  # min_readings 4
+    assert pipe["not_decided"] == pipe["unscored_expected"]  # every scored reading got its decision
+    assert {"ingest", "inference", "agents", "mosquitto"} <= set(pipe["cpu_pct"])
+    assert {"pipeline_p99_ms", "hops_p99_ms", "decisions_per_s", "all_targets_met"} <= set(result["summary"])
+    for svc in result["services"].values():
+        assert svc["restarts"] == 0
+
+
+def test_agent_bench_acts_when_asked() -> None:
+    """--act: every decision acts (an action request to a connector nobody serves), none held back
+    by the breaker though the site's gateway refuses each request."""
+    p = outpost(
+        "bench",
+        "agent",
+        "--quick",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--rate",
+        "200",
+        "--devices",
+        "10",
+        "--act",
+        "--json",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    pipe = orjson.loads(p.stdout.strip().splitlines()[-1])["phases"]["pipeline"]
+    assert set(pipe["kinds"]) == {"act"}
+    assert pipe["service_counters"]["agents"]["actions.bench"] == pipe["decided"] > 0

@@ -29,7 +29,7 @@ from outpost.topics import Topics
 
 # 64 plausible temperatures, formatted once.
 _VALUES = [b"%.4f" % (18.0 + (i * 7919 % 1000) / 100.0) for i in range(64)]
-_TAIL = b',"metric":"temperature","value":%s,"unit":"C"}'
+_TAIL = b',"metric":"%s","value":%%s,"unit":"%s"}'
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,9 @@ class LoadSpec:
     limit: int = 0  # > 0: stop after this many messages (a flood of a given size)
     junk_bytes: int = 0  # > 0: every message is a batch of ``batch`` invalid readings, about this size
     raw: bool = False  # QoS 0 PUBLISH packets written to a socket, no client library (the fastest flood)
+    metric: str = "temperature"  # of every reading (shelf_weight in kg feeds the shelf-stock model)
+    unit: str = "C"
+    topic_root: str = ""  # '': each device's telemetry topic; else '{topic_root}/{device}' (no ingest)
 
 
 class PayloadSource(Protocol):
@@ -99,10 +102,21 @@ class Payloads:
     """Readings for ``devices`` devices, built with bytes formatting (about 0.5 us a reading, half of
     what building a dict and ``orjson.dumps`` costs), one message at a time."""
 
-    def __init__(self, site: str, devices: int, batch: int, prefix: str = "bench-dev") -> None:
+    def __init__(
+        self,
+        site: str,
+        devices: int,
+        batch: int,
+        prefix: str = "bench-dev",
+        *,
+        metric: str = "temperature",
+        unit: str = "C",
+        topic_root: str = "",
+    ) -> None:
         names = [f"{prefix}-{i:05d}" for i in range(devices)]
         topics = Topics(site=site)
-        self.topics = [topics.telemetry(n) for n in names]
+        self.topics = [f"{topic_root}/{n}" if topic_root else topics.telemetry(n) for n in names]
+        self._tail = _TAIL % (metric.encode(), unit.encode())
         self._heads = [b'{"device":"%s","seq":' % n.encode() for n in names]
         self._seqs = [0] * devices
         self.batch = batch
@@ -110,7 +124,7 @@ class Payloads:
 
     def _reading(self, head: bytes, seq: int, ts: int) -> bytes:
         self._v = (self._v + 1) & 63
-        return head + b'%d,"ts":%d' % (seq, ts) + _TAIL % _VALUES[self._v]
+        return head + b'%d,"ts":%d' % (seq, ts) + self._tail % _VALUES[self._v]
 
     def make(self, device: int, ts: int) -> bytes:
         """The next message of ``device``: one reading (an object) or a batch (a list)."""
@@ -122,11 +136,23 @@ class Payloads:
         return b"[" + b",".join([self._reading(head, s, ts) for s in range(seq, seq + self.batch)]) + b"]"
 
 
-def run_publisher(spec: LoadSpec, ch: Channels) -> None:
-    """Process entry point: connect, wait for ``go``, publish until ``stop_pub``, report."""
+class Stamps(Protocol):
+    """A shared array of int64 (``multiprocessing.RawArray('q', n)``)."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> int: ...
+    def __setitem__(self, i: int, v: int) -> None: ...
+
+
+def run_publisher(spec: LoadSpec, ch: Channels, stamps: Stamps | None = None) -> None:
+    """Process entry point: connect, wait for ``go``, publish until ``stop_pub``, report.
+
+    With ``stamps`` (paced mode), message *k*'s ``ts`` is written to ``stamps[k]`` while it fits:
+    a far end that sees only an id derived from the reading (an agent's decision) finds its send
+    time there."""
     result: dict[str, Any] = {"spec": asdict(spec)}
     try:
-        result.update(_publish(spec, ch))
+        result.update(_publish(spec, ch, stamps))
     except BaseException:  # the parent reports it: a child's traceback alone is easy to miss
         result["error"] = traceback.format_exc()
         raise
@@ -134,7 +160,7 @@ def run_publisher(spec: LoadSpec, ch: Channels) -> None:
         ch.results.put(("load", result))
 
 
-def _publish(spec: LoadSpec, ch: Channels) -> dict[str, Any]:
+def _publish(spec: LoadSpec, ch: Channels, stamps: Stamps | None = None) -> dict[str, Any]:
     if spec.raw:
         return _publish_raw(spec, ch)
     client = paho_client(spec.client_id, mqtt5=spec.mqtt5)
@@ -158,10 +184,18 @@ def _publish(spec: LoadSpec, ch: Channels) -> dict[str, Any]:
     elif spec.junk_bytes:
         payloads = JunkBatch(spec.site, spec.batch, spec.junk_bytes, spec.device_prefix)
     else:
-        payloads = Payloads(spec.site, spec.devices, spec.batch, spec.device_prefix)
+        payloads = Payloads(
+            spec.site,
+            spec.devices,
+            spec.batch,
+            spec.device_prefix,
+            metric=spec.metric,
+            unit=spec.unit,
+            topic_root=spec.topic_root,
+        )
     t0 = time.perf_counter()
     if spec.rate > 0:
-        msgs, nbytes, errors = _paced(client, spec, payloads, ch)
+        msgs, nbytes, errors = _paced(client, spec, payloads, ch, stamps)
     else:
         msgs, nbytes, errors = _windowed(client, spec, payloads, ch)
     elapsed = time.perf_counter() - t0
@@ -209,10 +243,13 @@ def _windowed(client: Any, spec: LoadSpec, payloads: PayloadSource, ch: Channels
     return msgs, nbytes, errors
 
 
-def _paced(client: Any, spec: LoadSpec, payloads: PayloadSource, ch: Channels) -> tuple[int, int, int]:
+def _paced(
+    client: Any, spec: LoadSpec, payloads: PayloadSource, ch: Channels, stamps: Stamps | None = None
+) -> tuple[int, int, int]:
     publish, loop, make, topics = client.publish, client.loop, payloads.make, payloads.topics
     stop, sent_cell = ch.stop_pub, ch.sent
     qos, batch, ndev, limit = spec.qos, spec.batch, len(topics), spec.limit
+    nstamps = len(stamps) if stamps is not None else 0
     interval = batch / spec.rate
     msgs = nbytes = errors = dev = 0
     start = time.perf_counter()
@@ -221,7 +258,10 @@ def _paced(client: Any, spec: LoadSpec, payloads: PayloadSource, ch: Channels) -
         if wait > 0:
             loop(min(wait, 0.002))  # sleeps in select() and reads PUBACKs meanwhile
             continue
-        payload = make(dev, time.time_ns())
+        ts = time.time_ns()
+        payload = make(dev, ts)
+        if msgs < nstamps:
+            stamps[msgs] = ts  # type: ignore[index]
         if publish(topics[dev], payload, qos).rc:
             errors += 1
         dev = dev + 1 if dev + 1 < ndev else 0

@@ -243,3 +243,55 @@ def print_overload(result: dict[str, Any], console: Console) -> None:
                 f"drain {p['drain']['s']} s ({p['drain']['ended']})"
             )
     console.print(machine_line(result))
+
+
+def agent_table(result: dict[str, Any]) -> Table:
+    """The pipeline next to the broker hops alone: rates, latency, counts, CPU of every process."""
+    h, p = result["phases"]["hops"], result["phases"]["pipeline"]
+    t = Table(title="agents: reading sent -> decision at a subscriber, next to one broker hop (QoS 1)")
+    for col in ("", "broker hops alone", "pipeline (ingest, inference, agent)"):
+        t.add_column(col, justify="left" if not col else "right")
+    hl, pl = h["latency"], p["latency"]
+    t.add_row("offered readings/s", _n(h["offered_per_s"]), _n(p["offered_per_s"]))
+    t.add_row("out/s (readings; decisions)", _n(h["received_per_s"]), _n(p["decisions_per_s"]))
+    for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms"):
+        t.add_row(key.replace("_ms", " ms"), _ms(hl, key), _ms(pl, key))
+    t.add_row("measured (in the window)", _n(hl.get("count")), _n(pl.get("count")))
+    t.add_row(
+        "sent / out (whole run)", f"{h['sent']:,} / {h['received']:,}", f"{p['sent']:,} / {p['decided']:,}"
+    )
+    t.add_row(
+        "decided / sent in the window",
+        "",
+        f"{p['decided_in_window']:,} / {p['sent_in_window']:,} (missing {p['missing_in_window']:,})",
+    )
+    t.add_row(
+        "not decided (whole run) / unscored",
+        "",
+        f"{p['not_decided']:,} / {p['unscored_expected']:,} (first readings of each device)",
+    )
+    t.add_row("duplicates / unknown", "", f"{p['duplicates']:,} / {p['unknown']:,}")
+    roles = [r for r in p["cpu_pct"] if r not in ("other", "steal")] + ["other", "steal"]
+    for role in roles:
+        t.add_row(f"CPU % {role}", _n(h["cpu_pct"].get(role), 1), _n(p["cpu_pct"].get(role), 1))
+    return t
+
+
+def print_agent(result: dict[str, Any], console: Console) -> None:
+    console.print(agent_table(result))
+    s, p = result["summary"], result["phases"]["pipeline"]
+    console.print(
+        f"pipeline p99 < {s['target_p99_ms_max']:.0f} ms: {_met(s['all_targets_met'])} "
+        f"({_n(s['pipeline_p99_ms'], 1)} ms; one hop alone {_n(s['hops_p99_ms'], 1)} ms)"
+    )
+    c = p["service_counters"]
+    console.print(
+        "the services' counters: "
+        + "; ".join(
+            f"{svc} " + ", ".join(f"{k} {v:,}" for k, v in sorted(cs.items())) for svc, cs in c.items()
+        )
+    )
+    for svc, prof in p.get("profile", {}).items():
+        top = ", ".join(f"{f} {v}%" for f, v in prof["self_pct"][:5])
+        console.print(f"profile {svc} ({prof['samples']:,} samples), most self time: {top}")
+    console.print(machine_line(result))

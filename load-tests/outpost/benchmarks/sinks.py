@@ -37,6 +37,7 @@ class SinkSpec:
     mqtt5: bool = False  # the raw sink speaks MQTT 5, like the bus, instead of paho's default 3.1.1
     client_id: str = "bench-sink"
     service: str = "ingest"
+    topic: str = ""  # the raw sink's subscription; '': the site's telemetry
 
 
 def latency_summary(h: Histogram) -> dict[str, float]:
@@ -97,7 +98,7 @@ def _raw(spec: SinkSpec, ch: Channels) -> dict[str, Any]:
 
     client.on_message = on_message_latency if spec.latency else on_message
     connect(client, spec.host, spec.port)
-    subscribe(client, [(Topics(site=spec.site).all_telemetry, spec.qos)])
+    subscribe(client, [(spec.topic or Topics(site=spec.site).all_telemetry, spec.qos)])
     ch.sink_ready.set()
     _loop_until_stopped(client, ch)
     client.disconnect()

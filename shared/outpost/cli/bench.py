@@ -344,6 +344,64 @@ def overload(
         print_overload(result, stdout_console())
 
 
+@bench_app.command("agent")
+def agent(
+    quick: Annotated[bool, typer.Option("--quick", help="3 s windows (about 30 s).")] = False,
+    rate: Annotated[
+        float, typer.Option("--rate", min=1.0, help="Readings/s offered in both phases.")
+    ] = 2000.0,
+    devices: Annotated[int, typer.Option("--devices", min=1, help="Shelf devices (round-robin).")] = 100,
+    duration: Annotated[
+        float | None,
+        typer.Option("--duration", min=0.5, help="Measured seconds per phase (10; --quick: 3)."),
+    ] = None,
+    warmup: Annotated[
+        float | None,
+        typer.Option("--warmup", min=0.0, help="Seconds of load before each window (2; --quick: 1)."),
+    ] = None,
+    act: Annotated[
+        bool,
+        typer.Option("--act", help="The agent acts (to a connector nobody serves) instead of dry-run."),
+    ] = False,
+    without: Annotated[
+        list[str] | None,
+        typer.Option("--without", help="Do not start this service of the site (repeatable): memory."),
+    ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option("--profile", help="py-spy every service in the pipeline's window; stacks here."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The whole pipeline (ingest, inference, an agent deciding on every score) at a fixed rate:
+    decisions/s and reading-to-decision p50/p99, next to the broker hops alone, in one run.
+
+    Starts the real site (its own Mosquitto and every service, as ``outpost up``) with one agent
+    declared in the site file; shelf devices publish shelf_weight readings at QoS 1.
+    """
+    from outpost.benchmarks.agent import AgentBenchOptions, run_agent_bench
+    from outpost.benchmarks.report import print_agent
+
+    kw: dict[str, Any] = {
+        "rate": rate,
+        "devices": devices,
+        "act": act,
+        "without": tuple(without or ()),
+        "profile_dir": profile,
+    }
+    if duration is not None:
+        kw["duration_s"] = duration
+    if warmup is not None:
+        kw["warmup_s"] = warmup
+    options = AgentBenchOptions.make(quick=quick, **kw)
+    err = _progress()
+    result = run_agent_bench(options, progress=lambda m: err.print(f"[dim]{m}[/]"))
+    if json_out:
+        print_json(result)
+    else:
+        print_agent(result, stdout_console())
+
+
 def register(app: typer.Typer) -> None:
     """Add ``outpost bench`` and its commands to the root app."""
     app.add_typer(bench_app, name="bench")
