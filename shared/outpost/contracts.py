@@ -192,7 +192,8 @@ class Score(Envelope):
 
 # --- agents -----------------------------------------------------------------------------------------
 class Decision(Envelope):
-    """What an agent decided, and why, on ``.../decisions/{agent}``."""
+    """What an agent decided, and why, on ``.../decisions/{agent}`` (a JSON list: a commit's
+    decisions of one agent; a single object is read too)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -573,7 +574,7 @@ def model_contract(model: type[BaseModel], *, batches: bool = False) -> Contract
 
 
 SCORE: Final = model_contract(Score, batches=True)
-DECISION: Final = model_contract(Decision)
+DECISION: Final = model_contract(Decision, batches=True)
 ESCALATION: Final = model_contract(Escalation)
 ESCALATION_REPLY: Final = model_contract(EscalationReply)
 ACTION_REQUEST: Final = model_contract(ActionRequest)

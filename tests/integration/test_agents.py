@@ -106,8 +106,8 @@ def test_a_score_becomes_a_decision_and_an_action_request(settings: OutpostSetti
     assert req["trace"] == score["trace"]
     did = derived_id("restock", score["id"], "0")
     assert req["key"] == derived_id(did, "action")
-    assert decisions.wait_for(lambda c: len(c.json()) >= 1, 10)
-    d = decisions.json()[0]
+    assert decisions.wait_for(lambda c: len(c.events()) >= 1, 10)
+    d = decisions.events()[0]
     assert (d["id"], d["kind"], d["trace"]) == (did, "act", score["trace"])
     svc.stop()
 
@@ -134,7 +134,12 @@ def seen(c: Collector, pattern: str) -> list[Any]:
     """The JSON messages ``c`` got on topics matching ``pattern`` (retained clears skipped)."""
     with c.lock:
         got = list(c.messages)
-    return [orjson.loads(p) for topic, p in got if p and topic_matches_sub(pattern, topic)]
+    out: list[Any] = []
+    for topic, p in got:
+        if p and topic_matches_sub(pattern, topic):
+            doc = orjson.loads(p)  # decisions come as a list per commit
+            out.extend(doc if isinstance(doc, list) else [doc])
+    return out
 
 
 def agent_db(settings: OutpostSettings) -> Path:
@@ -364,7 +369,7 @@ def test_no_action_repeats_after_kill_9_at_any_step(
     assert all(len(k) == 1 for k in keys_per_input.values())
     assert set(keys_per_input) == set(expected)
     # each published decision id is its input's
-    for d in decisions.json():
+    for d in decisions.events():
         assert d["id"] == derived_id("restock", d["trace"].replace("r-", "s-", 1), "0")
     # agent.db: each input decided once, each decision one action request
     decided = rows(settings, "SELECT input, COUNT(*) FROM decisions GROUP BY input")

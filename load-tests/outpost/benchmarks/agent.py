@@ -204,22 +204,23 @@ def _decisions(spec: DecisionSinkSpec, ch: Channels, stamps: Stamps) -> dict[str
 
     def on_decision(_c: Any, _u: Any, msg: Any) -> None:
         now = time.time_ns()
-        doc = orjson.loads(msg.payload)
-        k = index.get(doc.get("trace", ""))
-        if k is None:
-            counts["unknown"] += 1
-            return
-        if k in seen:
-            counts["duplicates"] += 1
-            return
-        seen.add(k)
-        received.value = len(seen)
-        kinds[f"{doc.get('kind')}{' (dry run)' if doc.get('dry_run') else ''}"] += 1
-        ts = stamps[k]
-        lo, hi = lat_from.value, lat_to.value
-        if ts and lo and ts >= lo and (not hi or ts < hi):
-            in_window[0] += 1
-            hist.record_ns(now - ts)
+        body = orjson.loads(msg.payload)
+        for doc in body if isinstance(body, list) else [body]:  # a commit's decisions, one message
+            k = index.get(doc.get("trace", ""))
+            if k is None:
+                counts["unknown"] += 1
+                continue
+            if k in seen:
+                counts["duplicates"] += 1
+                continue
+            seen.add(k)
+            received.value = len(seen)
+            kinds[f"{doc.get('kind')}{' (dry run)' if doc.get('dry_run') else ''}"] += 1
+            ts = stamps[k]
+            lo, hi = lat_from.value, lat_to.value
+            if ts and lo and ts >= lo and (not hi or ts < hi):
+                in_window[0] += 1
+                hist.record_ns(now - ts)
 
     def on_metrics(_c: Any, _u: Any, msg: Any) -> None:
         doc = orjson.loads(msg.payload)

@@ -94,6 +94,8 @@ class RulePolicy:
     def __init__(self, rules: list[Rule]) -> None:
         self.rules = rules
         self.names = [r.name or f"rule {i}" for i, r in enumerate(rules)]
+        self._counts = ["repeats" in r.when or "{repeats}" in str(r.args) for r in rules]
+        """Which rules count their matches (they test or show ``repeats``): the others keep none."""
         self._hits: dict[str, list[int]] = {}
         """'{rule}|{device}' -> origin times of its recent matches (within the rule's window)."""
         self._rest: dict[str, int] = {}
@@ -118,23 +120,27 @@ class RulePolicy:
 
         for i, rule in enumerate(self.rules):
             key = f"{i}|{obs.device}"
-            repeats_tested = "repeats" in rule.when
+            repeats_tested = self._counts[i]
             if not all(t.holds(value(f)) for f, t in rule.when.items() if f != "repeats"):
                 continue
             if self._rest.get(key, -1) > obs.ts:
                 continue
-            window_ns = int(rule.window_s * 1e9)
-            hits = [t for t in self._hits.get(key, ()) if t > obs.ts - window_ns]
-            if obs.ts not in hits:  # a redelivered input is one match, not two
-                hits.append(obs.ts)
-            self._hits[key] = hits
-            if repeats_tested and not rule.when["repeats"].holds(len(hits)):
-                continue
+            repeats = 1
+            if repeats_tested:  # only a rule that tests repeats keeps its matches' times
+                cutoff = obs.ts - int(rule.window_s * 1e9)
+                hits = self._hits.setdefault(key, [])
+                while hits and hits[0] <= cutoff:
+                    hits.pop(0)
+                if obs.ts not in hits:  # a redelivered input is one match, not two
+                    hits.append(obs.ts)
+                repeats = len(hits)
+                if "repeats" in rule.when and not rule.when["repeats"].holds(repeats):
+                    continue
             if rule.cooldown_s:
                 self._rest[key] = obs.ts + int(rule.cooldown_s * 1e9)
 
-            def lookup(name: str, _hits: int = len(hits)) -> Any:
-                return _hits if name == "repeats" else value(name)
+            def lookup(name: str, _repeats: int = repeats) -> Any:
+                return _repeats if name == "repeats" else value(name)
 
             conf = rule.confidence
             confidence = float(conf) if not isinstance(conf, str) else lookup(conf)

@@ -64,6 +64,8 @@ DECIDE_OPTIONS = ["approve", "reject", "edit"]
 RESUME_OPTIONS = ["resume", "keep-halted"]
 ACK_OPTIONS = ["acknowledge"]
 _TOPIC_CACHE = 10_000
+RECENT_DECISIONS = 200_000
+"""Decision ids kept in memory for redelivered inputs (~20 MB at most)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -141,6 +143,17 @@ class AgentService:
         self._writes: list[Statement] = []
         self._publishes: list[tuple[str, bytes]] = []
         self._pending_ids: set[str] = set()
+        self._decision_docs: dict[str, list[bytes]] = {}
+        """Decisions of the open commit, by agent: published as one JSON list each."""
+        self._decided: dict[str, None] = {
+            did: None
+            for (did,) in reversed(
+                self.store.query("SELECT id FROM decisions ORDER BY ts DESC LIMIT ?", (RECENT_DECISIONS,))
+            )
+        }
+        """Ids of the decisions committed lately, oldest first: a redelivered input is found here
+        (the broker redelivers only what was not acknowledged, a few thousand at most) without a
+        query per input."""
         self._answered: dict[str, str] = {}
         """Escalations answered since the last commit: decision -> the reply's id."""
         self._retry_at = 0.0
@@ -366,7 +379,7 @@ class AgentService:
         if did in self._pending_ids:
             return True
         step = 0
-        while self.store.one("SELECT 1 FROM decisions WHERE id = ?", (did,)) is not None:
+        while did in self._decided:
             self._republish(did)
             step += 1
             did = derived_id(a.name, obs.id, str(step))
@@ -376,7 +389,7 @@ class AgentService:
         did = derived_id(a.name, obs.id, str(step))
         if did in self._pending_ids:
             return
-        if self.store.one("SELECT 1 FROM decisions WHERE id = ?", (did,)) is not None:
+        if did in self._decided:
             self._republish(did)
             return
         now = time.time_ns()
@@ -558,7 +571,7 @@ class AgentService:
                 ),
             )
         )
-        self._publishes.append((self.topics.decisions(a.name), payload))
+        self._decision_docs.setdefault(a.name, []).append(payload)
         self._pending_ids.add(did)
         s = a.stats
         s["decisions"] += 1
@@ -898,9 +911,19 @@ class AgentService:
                 log.exception("agent.db commit failed; retrying")
             return
         publishes, self._writes, self._publishes = self._publishes, [], []
+        docs, self._decision_docs = self._decision_docs, {}
+        decided = self._decided
+        for did in self._pending_ids:
+            decided[did] = None
+        while len(decided) > RECENT_DECISIONS:
+            del decided[next(iter(decided))]
         self._pending_ids.clear()
         self._answered.clear()
         batch = self.rt.batch
+        for agent, payloads in docs.items():  # a commit's decisions: one message per agent
+            self.rt.publish(
+                self.topics.decisions(agent), b"[" + b",".join(payloads) + b"]", qos=1, for_=batch
+            )
         for topic, payload in publishes:
             self.rt.publish(topic, payload, qos=1, for_=batch)
         self.metrics.counters["commits"] += 1
