@@ -232,6 +232,7 @@ def test_postgres_bad_statement_fails_at_once(settings: OutpostSettings, publish
                     }
                 },
                 "inventory.count": {"op": {"statement": reorder_insert(table)}},
+                "inventory.sneak": {"op": {"statement": f"{reorder_insert(table)}; DROP TABLE {table}"}},
             },
         },
     )
@@ -240,7 +241,8 @@ def test_postgres_bad_statement_fails_at_once(settings: OutpostSettings, publish
     ask(publisher, settings, "db", "inventory.reorder", "bad1", shelf="s")
     ask(publisher, settings, "db", "inventory.count", "bad2", shelf="s", quantity="many")  # not an int
     ask(publisher, settings, "db", "inventory.count", "bad3", shelf="s")  # no quantity
-    got = wait_results(out, "bad1", "bad2", "bad3")
+    ask(publisher, settings, "db", "inventory.sneak", "bad4", shelf="s", quantity=1)  # two statements
+    got = wait_results(out, "bad1", "bad2", "bad3", "bad4")
     g.stop()
     out.stop()
     assert got["bad1"]["outcome"] == "failed"
@@ -249,8 +251,10 @@ def test_postgres_bad_statement_fails_at_once(settings: OutpostSettings, publish
     assert "InvalidTextRepresentation" in got["bad2"]["detail"]
     assert got["bad3"]["outcome"] == "failed"
     assert "quantity" in got["bad3"]["detail"]
-    assert [d["attempts"] for d in got.values()] == [1, 1, 1]
-    assert rows(table) == []
+    assert got["bad4"]["outcome"] == "failed"
+    assert "multiple commands" in got["bad4"]["detail"]
+    assert [d["attempts"] for d in got.values()] == [1, 1, 1, 1]
+    assert rows(table) == []  # and the table is still there
 
 
 def test_postgres_down_is_retried_then_done(settings: OutpostSettings, publisher: Bus, table: str) -> None:
