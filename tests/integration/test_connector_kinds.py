@@ -26,9 +26,14 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from outpost.broker import Mosquitto
 from outpost.bus import Bus
 from outpost.contracts import header
 from outpost.datadir import site_path
+from outpost.services.connectors.kinds import KINDS
+from outpost.services.connectors.kinds.base import Context, Outcome, Request
+from outpost.services.connectors.kinds.mqtt import Endpoint as MqttEndpoint
+from outpost.services.connectors.kinds.mqtt import Op as MqttOp
 from outpost.services.connectors.secrets import SecretStore
 from outpost.services.connectors.service import Gateway, run
 from outpost.services.connectors.spec import ConnectorSpec
@@ -216,6 +221,8 @@ def test_postgres_writes_a_row_once_per_key(settings: OutpostSettings, publisher
         ("k3", "shelf-3", 3, "trace-k3"),
     ]
     assert all(b"s3cret-pg-value" not in p for _, p in out.messages)
+    written = [p for p in state(settings).rglob("*") if p.is_file() and not p.name.startswith("secrets.")]
+    assert written and all(b"s3cret-pg-value" not in p.read_bytes() for p in written)
 
 
 def test_postgres_bad_statement_fails_at_once(settings: OutpostSettings, publisher: Bus, table: str) -> None:
@@ -559,3 +566,27 @@ def test_mqtt_sends_a_device_command(settings: OutpostSettings, publisher: Bus) 
     assert cmd["trace"] == "trace-c1"
     assert cmd["args"] == {"device": "fridge-1", "minutes": 20}
     assert set(cmd) == {"v", "id", "ts", "trace", "key", "args"}
+
+
+def test_mqtt_broker_down_is_retried_then_done(settings: OutpostSettings, broker: Mosquitto) -> None:
+    """The kind's client on its own (the gateway's intake needs the same broker): while the broker
+    is down a call asks to be tried again; once it is back the command is acknowledged."""
+    client = KINDS["mqtt"].open(MqttEndpoint(), 2.0, Context(lambda ref: "", settings))
+    op = MqttOp(command="defrost")
+    req = Request("k1", "r1", "fridge.defrost", {"device": "fridge-1"}, "trace-k1", "test", 0)
+    try:
+        assert wait_until(lambda: client.call(op, [req])[0].ok)
+        broker.stop()
+        (down,) = client.call(op, [req])
+        assert not down.ok and down.retry
+        broker.start()
+        outcomes: list[Outcome] = []
+
+        def acknowledged() -> bool:
+            outcomes.extend(client.call(op, [req]))
+            return outcomes[-1].ok
+
+        assert wait_until(acknowledged, 60)
+        assert all(o.retry for o in outcomes[:-1])
+    finally:
+        client.close()

@@ -63,7 +63,7 @@ class _Conn:
         """Still open, after handling what came while it sat idle (heartbeats, a close)."""
         try:
             self.connection.process_data_events(0)
-        except pe.AMQPError:
+        except (pe.AMQPError, OSError):
             return False
         return bool(self.connection.is_open and self.channel.is_open)
 

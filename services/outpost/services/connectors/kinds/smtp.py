@@ -11,8 +11,9 @@ connection is sent again. Its ``Message-ID`` is derived from the request's key (
 place), so a receiver, or a mail store, can drop the copy by Message-ID.
 
 A refused or lost connection, a timeout and a 4xx answer are tried again; a recipient the server
-refuses (5xx), a template that names what the args lack, a bad address and a failed login are
-final. A request whose recipients are refused fails on its own: the rest of the batch goes on.
+refuses (5xx), a template that names what the args lack, a bad address, a failed login, no
+STARTTLS where it is asked for and a certificate that does not verify are final. A request whose
+recipients are refused fails on its own: the rest of the batch goes on.
 """
 
 from __future__ import annotations
@@ -165,6 +166,9 @@ class SmtpClient:
             return [b if isinstance(b, Outcome) else Outcome(False, f"no secret {exc}") for b in built]
         except smtplib.SMTPAuthenticationError as exc:
             why = f"login refused: {_smtp_error(exc)}"
+            return [b if isinstance(b, Outcome) else Outcome(False, why) for b in built]
+        except (smtplib.SMTPNotSupportedError, ssl.SSLCertVerificationError) as exc:
+            why = f"connect: {type(exc).__name__}: {exc}"[:500]  # STARTTLS not offered, a bad certificate
             return [b if isinstance(b, Outcome) else Outcome(False, why) for b in built]
         except smtplib.SMTPResponseException as exc:
             why, retry = f"connect: {_smtp_error(exc)}", 400 <= exc.smtp_code < 500 or exc.smtp_code == -1
