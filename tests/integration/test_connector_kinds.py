@@ -38,7 +38,7 @@ from outpost.services.connectors.secrets import SecretStore
 from outpost.services.connectors.service import Gateway, run
 from outpost.services.connectors.spec import ConnectorSpec
 from outpost.services.registry import OutpostSettings
-from tests.conftest import Collector, ServiceThread, wait_status, wait_until
+from tests.conftest import Collector, ServiceProcess, ServiceThread, wait_status, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -590,3 +590,76 @@ def test_mqtt_broker_down_is_retried_then_done(settings: OutpostSettings, broker
         assert all(o.retry for o in outcomes[:-1])
     finally:
         client.close()
+
+
+def test_postgres_kill_9_mid_stream_has_each_effect_once(
+    settings: OutpostSettings, broker: Mosquitto, publisher: Bus, table: str, tmp_path: Path
+) -> None:
+    """The gateway as a process, killed -9 while statements are in flight, then started again: the
+    requests it had not settled are tried again, and the key's unique constraint makes a statement
+    that had committed before the kill a duplicate, so each key is one row. Results lost with the
+    process come back when a request is sent again (as the agent service does until it has one)."""
+    n = 300
+    site_file = tmp_path / "outpost.yaml"
+    statement = (
+        f"INSERT INTO {table} (key, shelf, quantity, trace) "
+        "SELECT %(key)s, %(shelf)s, %(quantity)s, %(trace)s FROM pg_sleep(0.01) ON CONFLICT (key) DO NOTHING"
+    )
+    doc = {
+        "connectors": {
+            "declared": {
+                "db": {
+                    "kind": "postgres",
+                    "endpoint": {"dsn": PG_DSN},
+                    "capabilities": {"inventory.reorder": {"op": {"statement": statement}}},
+                    "concurrency": 8,
+                    "rate": {"per_s": 10000, "burst": 1000},
+                    "retry": RETRY,
+                }
+            }
+        }
+    }
+    site_file.write_bytes(orjson.dumps(doc))  # JSON is YAML
+    env = {
+        "OUTPOST_CONFIG": str(site_file),
+        "OUTPOST_SITE": settings.site,
+        "OUTPOST_DATA_DIR": str(settings.data_dir),
+        "OUTPOST_MQTT__PORT": str(broker.port),
+    }
+    out = results(settings, "db")
+    gateway = ServiceProcess("outpost.services.connectors", "connectors", env, tmp_path / "proc")
+    proc = gateway.start()
+    try:
+        wait_status(settings, "connectors", pid=proc.pid, timeout=60)
+        keys = [f"kill-{i:04d}" for i in range(n)]
+        for i, key in enumerate(keys):
+            ask(publisher, settings, "db", "inventory.reorder", key, shelf=f"s{i % 7}", quantity=i % 5 + 1)
+        assert out.wait_for(lambda c: len(by_key(c)) >= n // 5, 60), gateway.logs()
+        gateway.kill()
+        settled_before = len(by_key(out))
+        proc = gateway.start()
+        wait_status(settings, "connectors", pid=proc.pid, timeout=60)
+
+        def all_settled() -> bool:
+            missing = [k for k in keys if k not in by_key(out)]
+            for key in missing[:50]:  # the agent's re-send: the stored result, or the request anew
+                i = keys.index(key)
+                ask(
+                    publisher, settings, "db", "inventory.reorder", key, shelf=f"s{i % 7}", quantity=i % 5 + 1
+                )
+            return not missing
+
+        assert wait_until(all_settled, 120), gateway.logs()
+        assert gateway.terminate() == 0
+    finally:
+        gateway.close()
+        out.stop()
+    got = by_key(out)
+    assert settled_before < n  # the kill came mid-stream
+    assert {d["outcome"] for d in got.values()} <= {"done", "duplicate"}
+    with psycopg.connect(PG_DSN, autocommit=True) as db:
+        count, distinct = db.execute(f"SELECT count(*), count(DISTINCT key) FROM {table}").fetchone() or (
+            0,
+            0,
+        )
+    assert (count, distinct) == (n, n)
