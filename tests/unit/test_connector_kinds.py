@@ -92,6 +92,7 @@ def test_amqp_op_and_endpoint_are_checked() -> None:
     assert "op.routing_key" in msg and "only {field}" in msg
     assert "endpoint.port" in refused("amqp", endpoint={"port": 0})
     assert "endpoint.passwd" in refused("amqp", endpoint={"passwd": "x"})
+    assert "needs a password" in refused("amqp", endpoint={"user": "outpost"})
 
 
 def test_smtp_op_and_endpoint_are_checked() -> None:

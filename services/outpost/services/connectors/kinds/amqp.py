@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import orjson
 import pika
 import pika.exceptions as pe
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from outpost.services.connectors.kinds import template
 from outpost.services.connectors.kinds.base import Context, Kind, Outcome, Request, SecretRef, Strict
@@ -39,6 +39,12 @@ class Endpoint(Strict):
     user: str = Field("guest", min_length=1, max_length=255)
     password: SecretRef | None = Field(None, description="The user's password (guest's: none needed).")
     heartbeat_s: int = Field(60, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _login(self) -> Endpoint:
+        if self.password is None and self.user != "guest":
+            raise ValueError(f"user {self.user!r} needs a password: {{secret: NAME}}")
+        return self
 
 
 class Op(Strict):
@@ -81,7 +87,7 @@ class AmqpClient:
 
     def _connect(self) -> _Conn:
         e = self.endpoint
-        password = self.resolve(e.password) if e.password is not None else "guest"
+        password = self.resolve(e.password) if e.password is not None else "guest"  # guest's own
         params = pika.ConnectionParameters(
             host=e.host,
             port=e.port,
