@@ -1,5 +1,6 @@
 """Watch a site from the outside, as an operator would: events, dead letters, service status and
-metrics, all from the broker. Used by ``outpost demo`` and ``outpost status``."""
+metrics, and what the agents report, all from the broker. Used by ``outpost demo`` and ``outpost
+status``."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ class SiteMonitor:
         """Per service, the snapshot before the latest and when it arrived (monotonic s)."""
         self.metrics_at: dict[str, float] = {}
         self.devices_online: dict[str, bool] = {}
+        self.agents: dict[str, dict[str, Any]] = {}
+        """Each agent's figures, as the agent service last reported them (control/agents/reported)."""
         self._window: deque[tuple[float, int]] = deque(maxlen=64)
         self.bus = Bus(mqtt, client_id=client_id)
         if watch_events:
@@ -50,6 +53,7 @@ class SiteMonitor:
             self.bus.subscribe(topics.all_inference, self._on_scores, qos=1)
         self.bus.subscribe(topics.all_service_status, self._on_status, qos=1)
         self.bus.subscribe(topics.all_metrics, self._on_metrics, qos=0)
+        self.bus.subscribe(topics.control("agents", "reported"), self._on_agents, qos=1)
         self.bus.every(0.5, self._sample)
 
     def start(self, wait_s: float = 10.0) -> SiteMonitor:
@@ -136,6 +140,35 @@ class SiteMonitor:
                 self.previous_metrics[name] = (self.metrics_at[name], self.metrics[name])
             self.metrics[name], self.metrics_at[name] = doc, now
 
+    def _on_agents(self, msg: Message) -> None:
+        try:
+            doc = orjson.loads(msg.payload) if msg.payload else {}
+        except orjson.JSONDecodeError:
+            return
+        agents = doc.get("agents") if isinstance(doc, dict) else None
+        if isinstance(agents, dict):
+            with self.lock:
+                self.agents = {str(k): v for k, v in agents.items() if isinstance(v, dict)}
+
+    def agents_summary(self) -> dict[str, dict[str, Any]]:
+        """Per agent: its state, decisions, escalations (and how many are open), actions and the
+        human override rate (None until a person answered one), as last reported."""
+        with self.lock:
+            return self._agents_summary()
+
+    def _agents_summary(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {
+                "state": a.get("state"),
+                "decisions": a.get("decisions", 0),
+                "escalations": a.get("escalated", 0),
+                "escalations_open": a.get("escalations_open", 0),
+                "actions": a.get("acted", 0),
+                "override_rate": a.get("override_rate"),
+            }
+            for name, a in sorted(self.agents.items())
+        }
+
     def message_rate(self, service: str) -> float | None:
         """Messages per second a service took between its last two metrics snapshots; None before
         it has published two."""
@@ -186,6 +219,7 @@ class SiteMonitor:
                     "p99": self.score_latency.percentile_ms(99),
                 },
                 "services": {k: v.get("state") for k, v in self.status.items()},
+                "agents": self._agents_summary(),
             }
 
 

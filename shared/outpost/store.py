@@ -125,6 +125,10 @@ def sequence(db: sqlite3.Connection, table: str) -> int:
     return int(row[0]) if row else 0
 
 
+Statement = tuple[str, Sequence[Any]]
+"""One SQL statement and its parameters, to run in a :meth:`Store.commit`."""
+
+
 class Store:
     """One SQLite database file with WAL on, a schema applied at open, and batched writes."""
 
@@ -146,6 +150,18 @@ class Store:
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self.db.execute(sql, params).fetchall()
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        """The first row, or None."""
+        row = self.db.execute(sql, params).fetchone()
+        return tuple(row) if row is not None else None
+
+    def commit(self, statements: Iterable[Statement]) -> None:
+        """Statements in one transaction (one fsync): what a service's commit has collected (the
+        agent service's decisions, the gateway's outbox)."""
+        with transaction(self.db) as db:
+            for sql, params in statements:
+                db.execute(sql, params)
 
     def write_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """Write rows in one transaction: one fsync for the lot."""

@@ -40,18 +40,30 @@ def test_demo_runs_reports_and_stops_everything() -> None:
     assert summary["validated"] == summary["sent"]
     assert summary["rejected"] == sim["bad_total"] > 0
     assert summary["duplicates_dropped_by_consumer"] == 0
-    assert summary["restarts"] == {"ingest": 0, "inference": 0, "memory": 0}
+    assert summary["restarts"] == {"ingest": 0, "inference": 0, "memory": 0, "agents": 0}
     # scores flow, each with its model and version, from both shipped models
     assert summary["scores"] > 0
     assert {m.split("@")[0] for m in summary["scores_by_model"]} == {"fridge-anomaly", "shelf-stock"}
     # the services were stopped before the summary: their final counters are in it
-    assert summary["services"] == {"ingest": "stopped", "inference": "stopped", "memory": "stopped"}
-    assert summary["exit_codes"] == {"ingest": 0, "inference": 0, "memory": 0}
+    assert summary["services"] == {
+        "ingest": "stopped",
+        "inference": "stopped",
+        "memory": "stopped",
+        "agents": "stopped",
+    }
+    assert summary["exit_codes"] == {"ingest": 0, "inference": 0, "memory": 0, "agents": 0}
     assert summary["ingest_counters"]["events"] == summary["validated"]
     # the operational log holds every event, score and dead letter of the run
     logged = summary["memory_counters"]["entries"]
     assert logged >= summary["validated"] + summary["scores"] + summary["rejected"]
     assert summary["stopped_cleanly"] is True
+    # the retail agents, as the agent service reported them (control/agents/reported)
+    agents = summary["agents"]
+    assert set(agents) == {"restock", "cold-chain", "customer-messages"}
+    for a in agents.values():
+        assert set(a) == {"state", "decisions", "escalations", "escalations_open", "actions", "override_rate"}
+        assert a["decisions"] >= a["actions"] + a["escalations"]
+        assert a["escalations"] >= a["escalations_open"] >= 0
     # a clean demo leaves no state folder behind (and says so)
     assert summary["state_dir"] is None
     assert summary["latency_ms"]["p99"] >= summary["latency_ms"]["p50"] > 0

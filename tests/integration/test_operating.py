@@ -27,7 +27,7 @@ from tests.conftest import OUTPOST, Collector, ServiceThread, make_reading, outp
 
 pytestmark = pytest.mark.integration
 
-SERVICES = {"ingest", "inference", "memory"}
+SERVICES = {"ingest", "inference", "memory", "agents"}
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:

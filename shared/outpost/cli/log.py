@@ -4,6 +4,7 @@ reading ("everything that happened because of it"). Reads only; safe beside the 
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -30,6 +31,11 @@ class Kind(StrEnum):
     event = "event"
     score = "score"
     dlq = "dlq"
+    decision = "decision"
+    escalation = "escalation"
+    reply = "reply"
+    action = "action"
+    result = "result"
 
 
 KindOpt = Annotated[Kind | None, typer.Option("--kind", help="Only entries of this kind.")]
@@ -48,17 +54,27 @@ def _open(data_dir: Path | None, site: str | None) -> Any:
     return OpLog(path, synchronous="NORMAL")
 
 
-def _time(value: str | None, what: str) -> int | None:
-    """Epoch nanoseconds from an ISO 8601 time (UTC unless it says otherwise) or an integer."""
+_RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)(s|m|h|d)$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def when_ns(value: str | None, what: str, now_ns: int | None = None) -> int | None:
+    """Epoch nanoseconds from an ISO 8601 time (UTC unless it says otherwise), a time relative to
+    now (``-30m``, ``-1h``, ``-2d``, ``-90s``) or an integer (epoch ns)."""
     if value is None:
         return None
     if value.isdigit():
         return int(value)
+    rel = _RELATIVE.match(value.strip())
+    if rel:
+        now = time.time_ns() if now_ns is None else now_ns
+        return now - int(float(rel.group(1)) * _UNIT_S[rel.group(2)] * 1e9)
     try:
         dt = datetime.fromisoformat(value)
     except ValueError:
         raise ConfigError(
-            f"{what} must be ISO 8601 (2026-12-01T20:00:00) or epoch ns, got {value!r}"
+            f"{what} must be ISO 8601 (2026-12-01T20:00:00), relative (-30m, -1h, -2d) or epoch ns, "
+            f"got {value!r}"
         ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
@@ -163,7 +179,7 @@ def replay(
     from_offset: Annotated[int | None, typer.Option("--from", min=1, help="First offset.")] = None,
     to_offset: Annotated[int | None, typer.Option("--to", min=1, help="Last offset.")] = None,
     since: Annotated[
-        str | None, typer.Option("--since", help="From this origin time (ISO 8601 UTC or epoch ns).")
+        str | None, typer.Option("--since", help="From this origin time (ISO 8601 UTC, -1h, or epoch ns).")
     ] = None,
     until: Annotated[str | None, typer.Option("--until", help="Before this origin time.")] = None,
     trace: Annotated[str | None, typer.Option("--trace", help="Only this trace id.")] = None,
@@ -179,8 +195,8 @@ def replay(
     entries = _open(data_dir, site).replay(
         from_offset=from_offset,
         to_offset=to_offset,
-        since_ns=_time(since, "--since"),
-        until_ns=_time(until, "--until"),
+        since_ns=when_ns(since, "--since"),
+        until_ns=when_ns(until, "--until"),
         trace=trace,
         kind=kind,
         limit=limit,
@@ -195,7 +211,8 @@ def trace(
     data_dir: DataDirOpt = None,
     site: SiteOpt = None,
 ) -> None:
-    """Everything that happened because of one reading: its event, its scores, any dead letter."""
+    """Everything that happened because of one reading: its event, its scores, the agents'
+    decisions, escalations and replies, action requests and results, any dead letter."""
     entries = _open(data_dir, site).trace(trace_id)
     if not entries:
         raise ConfigError(f"nothing in the log carries trace {trace_id!r}")

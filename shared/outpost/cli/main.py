@@ -10,7 +10,7 @@ import typer
 from typer.core import TyperOption
 from typer.models import CommandInfo
 
-from outpost.cli import bench, config, data, log, memory, model, sim, site, stack
+from outpost.cli import actions, agents, bench, config, data, log, memory, model, secrets, sim, site, stack
 from outpost.errors import OutpostError
 
 app = typer.Typer(
@@ -29,6 +29,9 @@ model.register(app)
 log.register(app)
 memory.register(app)
 data.register(app)
+agents.register(app)
+secrets.register(app)
+actions.register(app)
 
 
 def _reflow(text: str) -> str:

@@ -127,6 +127,29 @@ def _flow_table(mon: SiteMonitor, sent: int | None = None, bad: int | None = Non
     return t
 
 
+def _agents_table(mon: SiteMonitor) -> Table:
+    """Each agent's decisions, escalations (open), actions and override rate, as the agent service
+    reports them (control/agents/reported); ``outpost agents list`` shows more."""
+    t = Table(title="Agents", expand=False)
+    for col in ("agent", "state", "decisions", "escalations (open)", "actions", "override rate"):
+        t.add_column(col, justify="left" if col in ("agent", "state") else "right")
+    for name, a in mon.agents_summary().items():
+        rate = a["override_rate"]
+        t.add_row(
+            name,
+            str(a["state"]),
+            f"{a['decisions']:,}",
+            f"{a['escalations']:,} ({a['escalations_open']:,})",
+            f"{a['actions']:,}",
+            "-" if rate is None else f"{rate:.0%}",
+        )
+    return t
+
+
+def _live(stack: Stack, mon: SiteMonitor, sent: int | None = None, bad: int | None = None) -> Group:
+    return Group(_services_table(stack, mon), _flow_table(mon, sent, bad), _agents_table(mon))
+
+
 def up(
     broker: BrokerOpt = None,
     site: SiteOpt = None,
@@ -261,7 +284,7 @@ def demo(
             )
             live_on = console.is_terminal and not json_out
             with Live(
-                Group(_services_table(stack, mon), _flow_table(mon)),
+                _live(stack, mon),
                 console=console,
                 refresh_per_second=2,
                 auto_refresh=live_on,
@@ -269,7 +292,7 @@ def demo(
             ) as live:
                 while sim.poll() is None and not stop.wait(0.5):
                     if live_on:
-                        live.update(Group(_services_table(stack, mon), _flow_table(mon)))
+                        live.update(_live(stack, mon))
                 if stop.is_set() and sim.poll() is None:
                     sim.send_signal(signal.SIGTERM)
                 report = _sim_report(sim)
@@ -280,7 +303,7 @@ def demo(
                 _wait_for(lambda: all(mon.status.get(n, {}).get("state") == "stopped" for n in names), 15)
                 sent = int(report.get("sent_readings", 0) or 0)
                 bad = int(report.get("bad_total", 0) or 0)
-                live.update(Group(_services_table(stack, mon), _flow_table(mon, sent, bad)))
+                live.update(_live(stack, mon, sent, bad))
             summary = {"sent": sent, "sim": report, **mon.summary()}
             rows = stack.supervisor.status()
             summary["restarts"] = {r["service"]: r["restarts"] for r in rows}
@@ -304,9 +327,17 @@ def demo(
         sys.stdout.write(orjson.dumps(summary).decode() + "\n")
     else:
         where = "its state was removed (--keep keeps it)" if removed else f"state is in {tmp}"
+        agents = summary.get("agents") or {}
+        decided = ", ".join(
+            f"{name} {a['decisions']:,} decisions / {a['actions']:,} actions / "
+            f"{a['escalations']:,} escalations"
+            for name, a in agents.items()
+        )
         console.print(
             f"[green]demo finished[/]: {summary['sent']:,} sent, {summary['validated']:,} validated, "
-            f"{summary['rejected']:,} rejected; everything stopped, {where}"
+            f"{summary['rejected']:,} rejected"
+            + (f"; agents: {decided}" if decided else "")
+            + f"; everything stopped, {where}"
         )
 
 

@@ -43,17 +43,18 @@ from outpost.contracts import (
     derived_id,
     header,
 )
-from outpost.errors import TopicError
+from outpost.errors import ConfigError, TopicError
 from outpost.log import get_logger
 from outpost.service import Ack, Inbound, Rejected, ServiceRuntime, run_until, service_main
 from outpost.services.agent.drift import DriftWatch
 from outpost.services.agent.inputs import from_decision, from_event, from_result, from_score
 from outpost.services.agent.policy import Observation, Policy, Proposal, make_policy
+from outpost.services.agent.report import DB_NAME, FOLDER
 from outpost.services.agent.spec import AgentSpec
-from outpost.services.agent.store import AgentStore, Statement
+from outpost.services.agent.store import open_agent_db
 from outpost.services.agent.supervisor import STATES, Governor, desired_state
 from outpost.services.registry import OutpostSettings
-from outpost.store import DiskFull
+from outpost.store import DiskFull, Statement
 
 log = get_logger("outpost.agents")
 
@@ -87,14 +88,41 @@ class _Batch:
     proposal: Proposal | None = None
 
 
+def offered_capabilities(settings: OutpostSettings, specs: Mapping[str, AgentSpec]) -> dict[str, str]:
+    """Capability -> the connector that offers it, from the site's connector declarations. Where the
+    site declares connectors, an agent that may ask for a capability none offers is refused here, at
+    start, not at its first action; where it declares none, action requests go by the capability's
+    first part (``agents.routes``) and wait in the outbox for a gateway."""
+    offered = {cap: c.name for c in settings.connectors.connectors().values() for cap in c.capabilities}
+    if offered:
+        for name, spec in specs.items():
+            missing = sorted(set(spec.may) - set(offered))
+            if missing:
+                raise ConfigError(
+                    f"agents.declared.{name}.may: no connector offers {', '.join(missing)} "
+                    f"(offered: {', '.join(sorted(offered))})"
+                )
+    return offered
+
+
+def _declared_batch(spec: AgentSpec, rule: str, cap: str) -> Proposal | None:
+    """A restored batch's rule as declared (its ``batch_wait_s``; else a restart made a partial
+    batch wait the default 30 s, whatever its rule said)."""
+    for i, r in enumerate(spec.rules):
+        if (r.name or f"rule {i}") == rule:
+            return Proposal(cap, {}, 1.0, "", rule, r.batch, r.batch_wait_s)
+    return None
+
+
 class AgentService:
     def __init__(self, settings: OutpostSettings) -> None:
         cfg = self.cfg = settings.agents
         specs = cfg.agents()  # a bad declaration or pack: ConfigError naming the field
+        self.offered = offered_capabilities(settings, specs)
         self.rt = ServiceRuntime(NAME, settings, reasons=REASONS, durable=True, tick_s=0.002)
         t = self.topics = self.rt.topics
         self.metrics = self.rt.metrics
-        self.store = AgentStore(self.rt.state_dir() / "agent.db", synchronous=cfg.log_sync)
+        self.store = open_agent_db(self.rt.state_dir(FOLDER) / DB_NAME, synchronous=cfg.log_sync)
         self.agents: dict[str, Agent] = {}
         for name, spec in specs.items():
             self.agents[name] = Agent(
@@ -144,21 +172,22 @@ class AgentService:
     # --- restart ---------------------------------------------------------------------------------
     def _restore(self) -> None:
         """Supervision, policy and drift state, features and batches, as last committed."""
-        for name, gov, pol, drift in self.store.all("SELECT name, governor, policy, drift FROM agents"):
+        for name, gov, pol, drift in self.store.query("SELECT name, governor, policy, drift FROM agents"):
             a = self.agents.get(name)
             if a is None:
                 continue
             a.governor.load(orjson.loads(gov))
             a.policy.restore(orjson.loads(pol))
             a.drift.load(orjson.loads(drift))
-        for device, values in self.store.all('SELECT device, "values" FROM features'):
+        for device, values in self.store.query('SELECT device, "values" FROM features'):
             self._features[device] = orjson.loads(values)
-        for agent, rule, cap, inp, trace, ts, args in self.store.all(
-            "SELECT agent, rule, capability, input, trace, ts, args FROM batched ORDER BY ts"
+        for agent, rule, cap, inp, trace, ts, args, confidence in self.store.query(
+            "SELECT agent, rule, capability, input, trace, ts, args, confidence FROM batched ORDER BY ts"
         ):
             if agent in self.agents:
                 b = self._batches.setdefault((agent, rule, cap), _Batch())
-                b.items.append((inp, trace, ts, orjson.loads(args), 1.0))
+                b.items.append((inp, trace, ts, orjson.loads(args), confidence))
+                b.proposal = b.proposal or _declared_batch(self.agents[agent].spec, rule, cap)
         for a in self.agents.values():
             a.stats = self._figures(a.name)
 
@@ -177,14 +206,14 @@ class AgentService:
             "failed": 0,
             "cost": 0.0,
         }
-        for kind, dry, n in self.store.all(
+        for kind, dry, n in self.store.query(
             "SELECT kind, dry_run, COUNT(*) FROM decisions WHERE agent = ? GROUP BY kind, dry_run", (agent,)
         ):
             s["decisions"] += n
             s[kind] = s.get(kind, 0) + n
             if dry:
                 s["dry_run"] += n
-        for state, choice, purpose, n in self.store.all(
+        for state, choice, purpose, n in self.store.query(
             "SELECT state, choice, purpose, COUNT(*) FROM escalations "
             "WHERE agent = ? AND state != 'open' GROUP BY state, choice, purpose",
             (agent,),
@@ -195,7 +224,7 @@ class AgentService:
                 s["answered"] += n
                 if choice in ("reject", "edit"):
                     s["overrides"] += n
-        for state, n, cost in self.store.all(
+        for state, n, cost in self.store.query(
             "SELECT state, COUNT(*), COALESCE(SUM(cost), 0) FROM actions WHERE agent = ? GROUP BY state",
             (agent,),
         ):
@@ -305,6 +334,8 @@ class AgentService:
 
     # --- deciding (network thread) ---------------------------------------------------------------
     def _decide(self, a: Agent, obs: Observation, task: str | None = None, steps_before: int = 0) -> None:
+        if self._decided_before(a, obs):
+            return
         if not a.governor.acting:
             self.metrics.counters[f"skipped.{a.name}.{a.governor.state}"] += 1
             return
@@ -325,6 +356,21 @@ class AgentService:
                 self._step(a, obs, p, task, steps_before + step, step)
             if not a.governor.acting:
                 break  # a breach halted it in this step: nothing after it acts
+
+    def _decided_before(self, a: Agent, obs: Observation) -> bool:
+        """A redelivered input (a crash before its acknowledgement) that ``a`` already decided on:
+        its stored messages go out again, and the policy is not asked twice: its committed state
+        already holds this input, so a cooldown or a repeat count would make it decide otherwise,
+        and the decision and escalation it made would never be published."""
+        did = derived_id(a.name, obs.id, "0")
+        if did in self._pending_ids:
+            return True
+        step = 0
+        while self.store.one("SELECT 1 FROM decisions WHERE id = ?", (did,)) is not None:
+            self._republish(did)
+            step += 1
+            did = derived_id(a.name, obs.id, str(step))
+        return step > 0
 
     def _step(self, a: Agent, obs: Observation, p: Proposal, task: str, steps_before: int, step: int) -> None:
         did = derived_id(a.name, obs.id, str(step))
@@ -414,7 +460,7 @@ class AgentService:
             return
         key = derived_id(did, "action")
         req_id = derived_id(did, "request")
-        connector = self.cfg.connector(p.capability)
+        connector = self.offered.get(p.capability) or self.cfg.connector(p.capability)
         payload = orjson.dumps(
             {
                 **header(trace, id=req_id, ts=now),
@@ -620,9 +666,18 @@ class AgentService:
         b.proposal = p
         self._writes.append(
             (
-                "INSERT OR IGNORE INTO batched (agent, rule, capability, input, trace, ts, args) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (a.name, p.rule, p.capability, obs.id, obs.trace, now, orjson.dumps(p.args).decode()),
+                "INSERT OR IGNORE INTO batched (agent, rule, capability, input, trace, ts, args, confidence) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    a.name,
+                    p.rule,
+                    p.capability,
+                    obs.id,
+                    obs.trace,
+                    now,
+                    orjson.dumps(p.args).decode(),
+                    p.confidence,
+                ),
             )
         )
         if len(b.items) >= p.batch:
@@ -661,15 +716,15 @@ class AgentService:
     def _republish(self, did: str) -> None:
         """A decision made before a crash, whose input came again: its messages, not a new one."""
         self.metrics.counters["decisions_again"] += 1
-        for payload, topic_agent in self.store.all(
+        for payload, topic_agent in self.store.query(
             "SELECT payload, agent FROM decisions WHERE id = ?", (did,)
         ):
             self._publishes.append((self.topics.decisions(topic_agent), payload))
-        for payload, agent in self.store.all(
+        for payload, agent in self.store.query(
             "SELECT payload, agent FROM escalations WHERE decision = ? AND state = 'open'", (did,)
         ):
             self._publishes.append((self.topics.escalations(agent), payload))
-        for payload, connector in self.store.all(
+        for payload, connector in self.store.query(
             "SELECT payload, connector FROM actions WHERE decision = ? AND state = 'pending'", (did,)
         ):
             self._publishes.append((self.topics.actions(connector), payload))
@@ -773,7 +828,12 @@ class AgentService:
             "",
             rule,
         )
-        if choice in ("approve", "edit") and a.governor.desired == "running":
+        # a person's approval is theirs to give; the timeout's default stays within the budgets and
+        # acts for no halted agent (else a runaway's low-confidence asks would all act, unbudgeted)
+        held = "" if human or a.governor.acting else f"the agent is {a.governor.state}"
+        if not held and not human:
+            held = a.governor.check(cap, 0, now).why
+        if choice in ("approve", "edit") and a.governor.desired == "running" and not held:
             self._act(
                 a, trace, "", p, task, follow, step, f"{choice} by {who}", now, obs_id=inp, input_ts=input_ts
             )
@@ -781,7 +841,7 @@ class AgentService:
             why = (
                 f"{choice} by {who}"
                 if choice == "reject"
-                else f"{choice} by {who}, but the agent is {a.governor.desired}"
+                else f"{choice} by {who}, but {held or f'the agent is {a.governor.desired}'}"
             )
             self._decision_row(a, trace, inp, input_ts, p, task, follow, step, "ignore", why, now)
 
@@ -795,7 +855,9 @@ class AgentService:
             raise Rejected("bad_control", f"not JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise Rejected("bad_control", "not an object")
-        wanted = dict(doc.get("agents") or {})
+        wanted = doc.get("agents") or {}
+        if not isinstance(wanted, dict):
+            raise Rejected("bad_control", "agents must be an object of name: state")
         states = [doc.get("all", "running"), *wanted.values()]
         if any(s not in STATES for s in states):
             raise Rejected("bad_control", f"states must be one of {', '.join(STATES)}")
@@ -889,7 +951,7 @@ class AgentService:
                     (self.rt.started_ns, self._recovered_ms),
                 )
             )
-        for decision, agent, purpose in self.store.all(
+        for decision, agent, purpose in self.store.query(
             "SELECT decision, agent, purpose FROM escalations "
             "WHERE state = 'open' AND expires_ns <= ? LIMIT 500",
             (now,),
@@ -913,9 +975,9 @@ class AgentService:
     def _resend(self, now: int, *, everything: bool = False) -> None:
         """Action requests with no result yet go out again (same bytes, same key); past their age
         they expire, are dead-lettered with the reason and count as failures."""
-        before = now if everything else now - int(self.cfg.resend_s * 1e9)
+        before = self.rt.started_ns if everything else now - int(self.cfg.resend_s * 1e9)
         max_age = int(self.cfg.action_max_age_s * 1e9)
-        for key, payload, connector, agent, cap, created, decision, trace in self.store.all(
+        for key, payload, connector, agent, cap, created, decision, trace in self.store.query(
             "SELECT key, payload, connector, agent, capability, created_ns, decision, trace FROM actions "
             "WHERE state = 'pending' AND sent_ns <= ? ORDER BY sent_ns LIMIT 1000",
             (before,),
@@ -967,7 +1029,7 @@ class AgentService:
         ``control/agents/reported`` (what ``outpost agents list`` shows)."""
         now = time.time_ns()
         open_by_agent = dict(
-            self.store.all("SELECT agent, COUNT(*) FROM escalations WHERE state = 'open' GROUP BY agent")
+            self.store.query("SELECT agent, COUNT(*) FROM escalations WHERE state = 'open' GROUP BY agent")
         )
         agents: dict[str, Any] = {}
         for a in self.agents.values():

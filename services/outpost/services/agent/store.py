@@ -17,11 +17,9 @@ Tables:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
-from outpost.store import Store, Sync, transaction
+from outpost.store import Store, Sync
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
@@ -100,6 +98,7 @@ CREATE TABLE IF NOT EXISTS batched (
     trace TEXT NOT NULL,
     ts INTEGER NOT NULL,
     args TEXT NOT NULL,
+    confidence REAL NOT NULL DEFAULT 1.0,
     PRIMARY KEY (agent, rule, capability, input)
 );
 CREATE TABLE IF NOT EXISTS runs (
@@ -112,39 +111,7 @@ CREATE TABLE IF NOT EXISTS features (
 );
 """
 
-Statement = tuple[str, Sequence[Any]]
 
-DECISION_COLUMNS = (
-    "id, agent, task, step, kind, capability, args, confidence, reason, trace, input, input_ts, "
-    "rule, dry_run, ts, outcome, feedback"
-)
-ESCALATION_COLUMNS = (
-    "decision, agent, purpose, question, options, capability, args, trace, created_ns, expires_ns, "
-    "state, choice, by, note, answered_ns"
-)
-ACTION_COLUMNS = (
-    "key, id, decision, agent, connector, capability, device, trace, created_ns, sent_ns, attempts, "
-    "state, detail, cost"
-)
-
-
-class AgentStore:
-    def __init__(self, path: Path, *, synchronous: Sync = "FULL") -> None:
-        self.store = Store(path, SCHEMA, synchronous=synchronous)
-        self.db = self.store.db
-
-    def commit(self, statements: Iterable[Statement]) -> None:
-        """Everything one commit of the service holds, in one transaction (one fsync)."""
-        with transaction(self.db) as db:
-            for sql, params in statements:
-                db.execute(sql, params)
-
-    def one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
-        row = self.db.execute(sql, params).fetchone()
-        return tuple(row) if row is not None else None
-
-    def all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return self.store.query(sql, params)
-
-    def close(self) -> None:
-        self.store.close()
+def open_agent_db(path: Path, *, synchronous: Sync = "FULL") -> Store:
+    """agent.db, its schema applied (commit, one, query: :class:`outpost.store.Store`)."""
+    return Store(path, SCHEMA, synchronous=synchronous)

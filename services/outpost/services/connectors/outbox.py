@@ -11,11 +11,9 @@ mid-call by a crash is still ``queued`` with the attempts it had, and is tried a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
-from outpost.store import Store, Sync, transaction
+from outpost.store import Store, Sync
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -41,29 +39,7 @@ CREATE INDEX IF NOT EXISTS requests_state ON requests (state, received_ns);
 CREATE INDEX IF NOT EXISTS requests_trace ON requests (trace);
 """
 
-Statement = tuple[str, Sequence[Any]]
-COLUMNS = (
-    "key, id, connector, capability, args, trace, agent, received_ns, deadline_ns, state, attempts, "
-    "next_ns, detail, result, cost, settled_ns"
-)
 
-
-class Outbox:
-    def __init__(self, path: Path, *, synchronous: Sync = "FULL") -> None:
-        self.store = Store(path, SCHEMA, synchronous=synchronous)
-        self.db = self.store.db
-
-    def commit(self, statements: Iterable[Statement]) -> None:
-        with transaction(self.db) as db:
-            for sql, params in statements:
-                db.execute(sql, params)
-
-    def one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
-        row = self.db.execute(sql, params).fetchone()
-        return tuple(row) if row is not None else None
-
-    def all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return self.store.query(sql, params)
-
-    def close(self) -> None:
-        self.store.close()
+def open_outbox(path: Path, *, synchronous: Sync = "FULL") -> Store:
+    """outbox.db, its schema applied (commit, one, query: :class:`outpost.store.Store`)."""
+    return Store(path, SCHEMA, synchronous=synchronous)

@@ -36,6 +36,7 @@ class SecretStore:
         self.path = folder / STORE_FILE
         self._lock = threading.Lock()
         self._values: dict[str, str] | None = None
+        self._read_at = (0, 0)
 
     # --- key --------------------------------------------------------------------------------------
     def _key(self, *, create: bool) -> bytes:
@@ -103,11 +104,20 @@ class SecretStore:
             return len(doc)
 
     def get(self, name: str) -> str:
-        """The value of ``name``; KeyError when there is none."""
+        """The value of ``name``; KeyError when there is none. A store changed on disk since
+        (``outpost secrets set`` or ``rotate`` beside the running gateway) is read again."""
         with self._lock:
-            if self._values is None:
+            stamp = self._stamp()
+            if self._values is None or stamp != self._read_at:
                 self._values = self._decrypt_all()
+                self._read_at = stamp
             return self._values[name]
+
+    def _stamp(self) -> tuple[int, int]:
+        try:
+            return self.path.stat().st_mtime_ns, self.key_path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0, 0
 
     def _decrypt_all(self) -> dict[str, str]:
         doc = self._read()

@@ -38,11 +38,11 @@ from outpost.log import get_logger
 from outpost.ratelimit import RateLimiter
 from outpost.service import Ack, Inbound, ServiceRuntime, run_until, service_main
 from outpost.services.connectors.kinds.base import Client, Context, Outcome, Request, SecretRef
-from outpost.services.connectors.outbox import Outbox, Statement
+from outpost.services.connectors.outbox import open_outbox
 from outpost.services.connectors.secrets import SecretStore
 from outpost.services.connectors.spec import Capability, Connector
 from outpost.services.registry import OutpostSettings
-from outpost.store import DiskFull
+from outpost.store import DiskFull, Statement
 
 log = get_logger("outpost.connectors")
 
@@ -142,7 +142,7 @@ class Gateway:
                     self.buckets[f"{c.name}/{cap.name}"] = RateLimiter(
                         cap.spec.rate.per_s, cap.spec.rate.burst, NEVER, 0.0
                     )
-        self.outbox = Outbox(folder / "outbox.db", synchronous=cfg.log_sync)
+        self.outbox = open_outbox(folder / "outbox.db", synchronous=cfg.log_sync)
         self._writes: list[Statement] = []
         self._publishes: list[tuple[str, bytes]] = []
         self._accepted: list[Queued] = []
@@ -167,7 +167,7 @@ class Gateway:
 
     def _restore(self) -> None:
         """Requests queued before a stop or a crash (one caught mid-call too) go back in their lanes."""
-        for row in self.outbox.all(
+        for row in self.outbox.query(
             "SELECT key, id, connector, capability, args, trace, agent, received_ns, deadline_ns, attempts, "
             "next_ns FROM requests WHERE state = 'queued' ORDER BY received_ns"
         ):

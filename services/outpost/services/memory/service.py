@@ -1,8 +1,9 @@
 """The memory service: the site's operational log, and the home of short-term context, checkpoints,
 long-term memory (with text embeddings), the MQTT 5 request API and sync to the cloud (docs/memory.md).
 
-For the log, it takes what the other services publish (events, scores, dead letters) at QoS 1 with a
-durable session, appends one log entry per event, score or dead letter, and commits in batches
+For the log, it takes what the other services publish (events, scores, dead letters, and the agents'
+decisions, escalations, replies, action requests and results) at QoS 1 with a durable session,
+appends one log entry per message item, and commits in batches
 (``memory.commit_ms`` or ``memory.commit_max``, whichever comes first). The log's subscriptions are
 acknowledged after the commit (:attr:`Ack.AFTER_COMMIT`): kill -9 at any point leaves what was not
 committed unacknowledged on the broker, which redelivers it, so nothing published is missing from
@@ -156,6 +157,16 @@ class MemoryService:
         )
         rt.subscribe(t.all_events, self._log("event"), contract=LOGGED, ack=Ack.AFTER_COMMIT)
         rt.subscribe(t.all_inference, self._log("score"), contract=LOGGED, ack=Ack.AFTER_COMMIT)
+        # the agents' side of a reading's chain (docs/agents.md), so `outpost log trace` shows
+        # reading -> event -> score -> decision -> escalation -> reply -> action -> result
+        for pattern, kind in (
+            (t.all_decisions, "decision"),
+            (t.all_escalations, "escalation"),
+            (t.all_escalation_replies, "reply"),
+            (t.all_actions, "action"),
+            (t.all_action_results, "result"),
+        ):
+            rt.subscribe(pattern, self._log(kind), contract=LOGGED, ack=Ack.AFTER_COMMIT)
         # a dead letter that is not JSON is still what happened: no contract, its bytes are kept
         rt.subscribe(t.all_dlq, self._log("dlq"), ack=Ack.AFTER_COMMIT)
         rt.every(5.0, lambda: self.metrics.inc("context_expired", self.context.sweep()))
