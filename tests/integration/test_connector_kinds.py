@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import sqlite3
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ from outpost.services.connectors.secrets import SecretStore
 from outpost.services.connectors.service import Gateway, run
 from outpost.services.connectors.spec import ConnectorSpec
 from outpost.services.registry import OutpostSettings
-from tests.conftest import Collector, ServiceProcess, ServiceThread, wait_status, wait_until
+from tests.conftest import OUTPOST, Collector, ServiceProcess, ServiceThread, wait_status, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -148,8 +149,9 @@ def wait_results(c: Collector, *keys: str, timeout: float = 60.0) -> dict[str, d
 
 
 def state(settings: OutpostSettings) -> Path:
-    """The gateway's state folder (its secrets and outbox.db): ``ServiceRuntime.state_dir()``."""
-    return site_path(settings.data_dir, settings.site)
+    """The gateway's state folder (its secrets and outbox.db), where ``outpost secrets`` and
+    ``outpost actions`` look."""
+    return site_path(settings.data_dir, settings.site, "connectors")
 
 
 def outbox_attempts(settings: OutpostSettings, key: str) -> int:
@@ -344,7 +346,16 @@ def test_amqp_publishes_confirmed_messages(
             },
         },
     )
-    SecretStore(state(settings)).set("rabbit", "guest")
+    # the operator's way: `outpost secrets set`, the value on standard input
+    proc = subprocess.run(
+        [*OUTPOST, "secrets", "set", "rabbit", "--data-dir", str(settings.data_dir), "--site", settings.site],
+        input="guest\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
     out = results(settings, "bus")
     g = start_gateway(settings)
     ask(publisher, settings, "bus", "stock.reorder", "a1", shelf="s1", quantity=2)
