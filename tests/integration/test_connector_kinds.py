@@ -39,6 +39,7 @@ from outpost.services.connectors.secrets import SecretStore
 from outpost.services.connectors.service import Gateway, run
 from outpost.services.connectors.spec import ConnectorSpec
 from outpost.services.registry import OutpostSettings
+from outpost.sim.mailbox import Mailbox
 from tests.conftest import OUTPOST, Collector, ServiceProcess, ServiceThread, wait_status, wait_until
 
 pytestmark = pytest.mark.integration
@@ -509,41 +510,36 @@ def test_smtp_sends_a_batch_over_one_connection(
     assert inbox.messages[0][1] == ["ann@example.com"]
 
 
-def test_smtp_down_is_retried_then_done(
-    settings: OutpostSettings, publisher: Bus, smtpd: tuple[Inbox, Controller]
-) -> None:
-    inbox, server = smtpd
-    port = server.port
+def test_smtp_down_is_retried_then_done(settings: OutpostSettings, publisher: Bus) -> None:
+    mailbox = Mailbox()  # the demo's mail server; down when the request comes
     declare(
         settings,
         "mail",
         {
             "kind": "smtp",
-            "endpoint": {"port": port},
+            "endpoint": {"port": mailbox.port},
             "capabilities": {"customer.notify": {"op": MAIL_OP}},
             "timeout_s": 5,
         },
     )
     out = results(settings, "mail")
     g = start_gateway(settings)
-    server.stop()
-    again = Controller(inbox, hostname="127.0.0.1", port=port)
     try:
         ask(
             publisher, settings, "mail", "customer.notify", "n1", email="ann@example.com", name="Ann", order=1
         )
         assert wait_until(lambda: outbox_attempts(settings, "n1") >= 2)
         assert "n1" not in by_key(out)
-        again.start()
+        mailbox.start()
         got = wait_results(out, "n1")["n1"]
     finally:
         g.stop()
         out.stop()
-        with contextlib.suppress(Exception):
-            again.stop()
+        mailbox.stop()
     assert got["outcome"] == "done"
     assert got["attempts"] >= 3
-    assert inbox.message_ids() == ["<n1@outpost>"]
+    assert mailbox.by_message_id() == {"<n1@outpost>": 1}
+    assert [(m.recipients, m.subject) for m in mailbox.messages] == [(("ann@example.com",), "Your order 1")]
 
 
 # --- mqtt -----------------------------------------------------------------------------------------
