@@ -224,6 +224,26 @@ def test_postgres_writes_a_row_once_per_key(settings: OutpostSettings, publisher
         ("k3", "shelf-3", 3, "trace-k3"),
     ]
     assert all(b"s3cret-pg-value" not in p for _, p in out.messages)
+    listed = subprocess.run(
+        [
+            *OUTPOST,
+            "actions",
+            "list",
+            "--json",
+            "--data-dir",
+            str(settings.data_dir),
+            "--site",
+            settings.site,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    states = {r["key"]: r["state"] for r in orjson.loads(listed.stdout.strip().splitlines()[-1])["requests"]}
+    assert states == {"k1": "done", "k2": "done", "k3": "duplicate"}
+    assert "s3cret-pg-value" not in listed.stdout
     written = [p for p in state(settings).rglob("*") if p.is_file() and not p.name.startswith("secrets.")]
     assert written and all(b"s3cret-pg-value" not in p.read_bytes() for p in written)
 
