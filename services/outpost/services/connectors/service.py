@@ -116,7 +116,7 @@ class Gateway:
         )
         self.topics = self.rt.topics
         self.metrics = self.rt.metrics
-        folder = self.rt.state_dir()
+        folder = self.rt.state_dir("connectors")
         self.secrets = SecretStore(folder)
         for c in self.connectors.values():
             for ref in secret_refs(c.endpoint):
