@@ -497,6 +497,10 @@ class Gateway:
                 bisect.insort(lane.queue, q, key=lambda x: x.received_ns)
                 self.metrics.counters[f"retries.{conn.name}"] += 1
                 continue
+            if o.retry and not age_ok:  # its age ran out during the call: expired, as in _dispatch
+                why = f"not done within its age ({attempts} attempts; last: {detail})"
+                self._settle(lane, q, "expired", why, o.result, attempts, share, now, reason="expired")
+                continue
             why = detail if not o.retry else f"{detail} (gave up after {attempts} attempts)"
             self._settle(lane, q, "failed", why, o.result, attempts, share, now, reason="failed")
         if any(o.ok for o in out):
