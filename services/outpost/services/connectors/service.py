@@ -39,7 +39,7 @@ from outpost.ratelimit import RateLimiter
 from outpost.service import Ack, Inbound, ServiceRuntime, run_until, service_main
 from outpost.services.connectors.kinds.base import Client, Context, Outcome, Request, SecretRef
 from outpost.services.connectors.outbox import Outbox, Statement
-from outpost.services.connectors.secrets import SecretStore
+from outpost.services.connectors.secrets import SecretStore, redact_tree
 from outpost.services.connectors.spec import Capability, Connector
 from outpost.services.registry import OutpostSettings
 from outpost.store import DiskFull
@@ -477,6 +477,7 @@ class Gateway:
         for q, o in zip(batch, out, strict=True):
             attempts = q.attempts + 1
             detail = self.secrets.redact(o.detail)
+            o.result = redact_tree(o.result, self.secrets.redact)  # a peer may echo what it was sent
             if o.ok:
                 self._settle(
                     lane, q, "duplicate" if o.duplicate else "done", detail, o.result, attempts, share, now
