@@ -21,6 +21,7 @@ import httpx
 from pydantic import Field
 
 from outpost.services.connectors.kinds.base import Context, Kind, Outcome, Request, SecretRef, Strict
+from outpost.services.connectors.secrets import redact_tree
 
 RETRY_STATUSES = frozenset((408, 425, 429, 500, 502, 503, 504))
 RESULT_MAX = 4000
@@ -174,6 +175,8 @@ class HttpClient:
             self.tokens.forget(token)  # revoked or expired early: one fresh token, one more try
             return self._one(op, req, again=True)
         result = _answer(r)
+        if token:  # the access token is no stored secret the gateway knows: blank it here
+            result = redact_tree(result, lambda text: text.replace(token, "***"))
         if 200 <= status < 300:
             replayed = r.headers.get("Idempotent-Replayed", "").lower() == "true"
             return Outcome(True, f"{status}", result, duplicate=replayed, extra={"status": status})
