@@ -8,7 +8,8 @@ benchmark. It behaves like a careful SaaS API, and fails on command like a real 
   HTTP Basic); with auth on, every other call needs ``Authorization: Bearer`` with a live token.
 * ``GET /_effects``: what took effect, by key (path, body, ``effects`` and ``requests`` counts);
   ``GET /_arrivals``: every request to an action path in arrival order, stamped by the peer's clock
-  (what rate-limit and order tests measure); ``GET /_stats``: token fetches and the like.
+  (what rate-limit and order tests measure); ``GET /_stats``: token fetches and the like;
+  ``GET /_issued``: every access token issued (what a leak test looks for).
 * ``POST /_faults`` (JSON, fields optional): ``fail_next: N`` (the next N calls answer 500, no
   effect), ``status: S`` with ``count`` and ``retry_after`` (the next ``count`` calls answer S,
   Retry-After set when given), ``slow_ms: M`` (every call waits M ms before its effect),
@@ -68,6 +69,8 @@ class State:
     tokens: dict[str, float] = field(default_factory=dict)
     """Live access token -> its expiry (monotonic)."""
     token_fetches: int = 0
+    issued: list[str] = field(default_factory=list)
+    """Every access token issued (a leak test looks for them where they must not be)."""
     unauthorized: int = 0
     faults: Faults = field(default_factory=Faults)
 
@@ -190,6 +193,10 @@ class StoreAPI:
                 "effects": sum(e.effects for e in s.effects.values()),
             }
 
+    def issued(self) -> list[str]:
+        with self.lock:
+            return list(self.state.issued)
+
     def faults(self, **spec: Any) -> None:
         """What ``POST /_faults`` takes (module docstring)."""
         with self.lock:
@@ -238,6 +245,7 @@ class StoreAPI:
             ttl = self.token_ttl_s
             self.state.tokens[token] = time.monotonic() + ttl
             self.state.token_fetches += 1
+            self.state.issued.append(token)
         return 200, {"access_token": token, "token_type": "bearer", "expires_in": ttl}
 
     def _authorized(self, handler: _Handler) -> bool:
@@ -335,6 +343,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, api.arrivals())
         elif self.path == "/_stats":
             self._send(200, api.stats())
+        elif self.path == "/_issued":
+            self._send(200, api.issued())
         else:
             self._send(404, {"error": f"no {self.path}"})
 
