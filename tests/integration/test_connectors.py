@@ -556,9 +556,13 @@ def test_kill_9_mid_call_then_restart_has_each_effect_once_and_one_outcome_per_r
         effects = api.effects()
         assert {k: effects[k]["effects"] for k in keys} == dict.fromkeys(keys, 1)
         assert set(effects) == set(keys)
-        # the calls the kill caught were sent again after the restart, and the peer replayed them
-        assert all(effects[k]["requests"] == 2 for k in inflight), {k: effects[k] for k in inflight}
-        assert all(outcomes[k] == "duplicate" for k in inflight)
+        # the calls the kill caught were sent again after the restart and the peer replayed them
+        # (duplicate); one that had come back before the kill (a very slow machine) was not
+        caught = {k for k in inflight if effects[k]["requests"] == 2}
+        assert caught, "the kill caught no call mid-way"
+        assert all(outcomes[k] == "duplicate" for k in caught), {k: outcomes[k] for k in caught}
+        assert all(effects[k]["requests"] == 1 for k in set(keys) - caught)
+        assert all(outcomes[k] == "done" for k in set(keys) - caught)
         assert proc.terminate() == 0, proc.logs()
     finally:
         proc.close()

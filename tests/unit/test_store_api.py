@@ -3,6 +3,7 @@ behaves as they rely on: once per key, faults on command, OAuth2 tokens, down me
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -82,3 +83,14 @@ def test_down_refuses_connections_then_comes_back_on_the_same_port(api: StoreAPI
     api.up()
     assert api.port == port
     assert httpx.post(f"{api.url}/reorders", json={}).status_code == 201
+
+
+def test_down_on_command_comes_back_after_down_s(api: StoreAPI) -> None:
+    assert httpx.post(f"{api.url}/_faults", json={"down": True, "down_s": 0.5}).status_code == 200
+    deadline = time.monotonic() + 10
+    while api.listening and time.monotonic() < deadline:
+        time.sleep(0.01)
+    while not api.listening and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert api.listening
+    assert httpx.post(f"{api.url}/notify", json={}).status_code == 201
