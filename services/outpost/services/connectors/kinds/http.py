@@ -148,9 +148,9 @@ class HttpClient:
             path = op.path.format_map(_Quoted(req.args))
         except (KeyError, IndexError, ValueError) as exc:
             return Outcome(False, f"path {op.path!r} names what args lack: {exc}")
-        headers = {"X-Outpost-Trace": req.trace}
+        headers = {"X-Outpost-Trace": header_value(req.trace)}
         if self.endpoint.idempotency_header:
-            headers[self.endpoint.idempotency_header] = req.key
+            headers[self.endpoint.idempotency_header] = header_value(req.key)
         token = ""
         auth = self.endpoint.auth
         try:
@@ -192,6 +192,18 @@ class HttpClient:
 
     def close(self) -> None:
         self.http.close()
+
+
+_PLAIN = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"%"}
+
+
+def header_value(text: str) -> str:
+    """``text`` as a header value: as it is when it is printable ASCII without ``%`` (every key an
+    agent derives), else percent-encoded (a key or trace that is not ASCII, holds a line break or
+    spaces: no valid header as it is). One text, one value, and two texts never share one."""
+    if text and set(text) <= _PLAIN:
+        return text
+    return urllib.parse.quote(text, safe="".join(sorted(_PLAIN)))
 
 
 class _Quoted(dict[str, Any]):
