@@ -655,3 +655,25 @@ def test_no_secret_appears_anywhere_the_gateway_writes(
         if proc is not None:
             proc.close()
         api.stop()
+
+
+def test_keys_no_header_can_carry_as_they_are_still_take_effect_once_each(
+    settings: OutpostSettings, api: StoreAPI, gateway: list[Any], collect: Any, publisher: Bus
+) -> None:
+    """An idempotency key is any string up to 128 characters (the contract): one that is not a
+    valid HTTP header value as it is (not ASCII, a line break, spaces at its ends) must still
+    reach the peer as a key of its own, not stall the connector in retries."""
+    declare(settings, store=store_connector(api.url, retry={"attempts": 5, "backoff_s": [0.05, 0.2]}))
+    start_gateway(gateway, settings)
+    res = collect(settings.topics.all_action_results)
+    keys = ["ключ-1", "line\nbreak", " padded ", "tab\there", "percent%41", "percentA", "plain-1"]
+    for k in keys:
+        send(publisher, settings, request(k))
+        send(publisher, settings, request(k))
+    assert res.wait_for(lambda c: set(keys) <= set(final(c)), WAIT), results(res)
+    assert {k: final(res)[k] for k in keys} == dict.fromkeys(keys, "done"), [
+        (d["key"], d["outcome"], d["detail"]) for d in res.json()
+    ]
+    effects = api.effects()
+    assert len(effects) == len(keys), effects.keys()
+    assert all(e["effects"] == 1 for e in effects.values())
