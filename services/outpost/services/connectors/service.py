@@ -486,7 +486,11 @@ class Gateway:
             age_ok = now + 1 < q.received_ns + int(retry.max_age_s * 1e9)
             if o.retry and attempts < retry.attempts and age_ok:
                 delay = max(o.retry_after_s or 0.0, backoff_delay(attempts - 1, *retry.backoff_s))
-                q.attempts, q.next_ns = attempts, now + int(delay * 1e9)
+                # never past its age or deadline (a Retry-After of an hour): it expires then instead
+                last = q.received_ns + int(retry.max_age_s * 1e9)
+                if q.deadline_ns is not None:
+                    last = min(last, q.deadline_ns)
+                q.attempts, q.next_ns = attempts, min(now + int(delay * 1e9), last + 1)
                 lane.paused_until = max(lane.paused_until, q.next_ns)
                 self._writes.append(
                     (
