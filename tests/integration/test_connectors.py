@@ -677,3 +677,24 @@ def test_keys_no_header_can_carry_as_they_are_still_take_effect_once_each(
     effects = api.effects()
     assert len(effects) == len(keys), effects.keys()
     assert all(e["effects"] == 1 for e in effects.values())
+
+
+def test_a_retry_after_longer_than_a_requests_age_does_not_hold_it_past_its_age(
+    settings: OutpostSettings, api: StoreAPI, gateway: list[Any], collect: Any, publisher: Bus
+) -> None:
+    """A peer may say come back in an hour; a request that may wait 2 s expires then (result
+    expired, dead letter expired), and the connector is not held for the hour."""
+    retry = {"attempts": 50, "backoff_s": [0.05, 0.5], "max_age_s": 2}
+    declare(settings, store=store_connector(api.url, retry=retry))
+    start_gateway(gateway, settings)
+    res = collect(settings.topics.all_action_results)
+    dlq = collect(settings.topics.dlq("connectors"))
+    api.faults(status=429, retry_after=3600, count=1)
+    send(publisher, settings, request("hour"))
+    assert res.wait_for(lambda c: "hour" in final(c), 30), "held past its age"
+    assert final(res)["hour"] == "expired", results(res)["hour"]
+    assert dlq.wait_for(lambda c: [d["reason"] for d in c.json()] == ["expired"], WAIT), dlq.json()
+    send(publisher, settings, request("after"))
+    assert res.wait_for(lambda c: "after" in final(c), 30)
+    assert final(res)["after"] == "done"
+    assert "hour" not in api.effects()
