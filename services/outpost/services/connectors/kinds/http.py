@@ -72,12 +72,12 @@ class TokenCache:
         self.resolve = resolve
         self._lock = threading.Lock()
         self._token = ""
-        self._expires = 0.0
+        self._refresh_at = 0.0
         self.fetched = 0
 
     def token(self) -> str:
         with self._lock:
-            if not self._token or time.monotonic() >= self._expires - self.auth.refresh_before_s:
+            if not self._token or time.monotonic() >= self._refresh_at:
                 self._fetch()
             return self._token
 
@@ -102,7 +102,9 @@ class TokenCache:
         if not isinstance(token, str) or not token:
             raise TokenError("token endpoint gave no access_token", False)
         self._token = token
-        self._expires = time.monotonic() + float(ttl)
+        ttl = float(ttl)
+        # refresh_before_s ahead of expiry, or halfway for a token that lives less than twice that
+        self._refresh_at = time.monotonic() + ttl - min(self.auth.refresh_before_s, ttl / 2)
         self.fetched += 1
 
 
