@@ -698,3 +698,37 @@ def test_a_retry_after_longer_than_a_requests_age_does_not_hold_it_past_its_age(
     assert res.wait_for(lambda c: "after" in final(c), 30)
     assert final(res)["after"] == "done"
     assert "hour" not in api.effects()
+
+
+def test_a_token_shorter_lived_than_refresh_before_s_is_still_cached(
+    settings: OutpostSettings, gateway: list[Any], collect: Any, publisher: Bus
+) -> None:
+    """Tokens that live 4 s, under the default refresh_before_s (30 s): reused for a while, not
+    fetched again for every call, and still refreshed before they expire."""
+    api = StoreAPI(auth=True, client_secret="short-lived-secret", token_ttl_s=4).start()
+    try:
+        SecretStore(site_path(settings.data_dir, settings.site, "connectors")).set(
+            "store-client", "short-lived-secret"
+        )
+        auth = {
+            "kind": "oauth2",
+            "token_url": f"{api.url}/oauth/token",
+            "client_id": "outpost",
+            "client_secret": {"secret": "store-client"},
+        }
+        declare(settings, store=store_connector(api.url, endpoint={"base_url": api.url, "auth": auth}))
+        start_gateway(gateway, settings)
+        res = collect(settings.topics.all_action_results)
+        for i in range(10):
+            send(publisher, settings, request(f"short-{i}"))
+        assert res.wait_for(lambda c: len(final(c)) == 10, WAIT)
+        assert api.stats()["token_fetches"] <= 2, api.stats()
+        for i in range(10, 20):
+            send(publisher, settings, request(f"short-{i}"))
+            time.sleep(0.5)
+        assert res.wait_for(lambda c: len(final(c)) == 20, WAIT)
+        s = api.stats()
+        assert s["unauthorized"] == 0 and 2 <= s["token_fetches"] <= 10, s
+        assert set(final(res).values()) == {"done"}
+    finally:
+        api.stop()
