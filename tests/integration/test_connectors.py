@@ -373,6 +373,12 @@ def test_while_the_peer_is_down_requests_wait_then_are_done_once_and_old_ones_ex
     assert dlq.wait_for(lambda c: any(d["reason"] == "expired" for d in c.json()), WAIT)
     assert [d["reason"] for d in dead(dlq)] == ["expired"]
     assert not set(keys) & set(results(res)), "nothing was done while the peer was down"
+
+    def queued(c: Collector) -> bool:  # the gateway's metrics: its connectors' queues
+        return any(d["state"]["connectors"]["store"]["queued"] >= len(keys) for d in c.json())
+
+    metrics = collect(settings.topics.metrics("connectors"))
+    assert metrics.wait_for(queued, WAIT), "the requests wait in the queue"
     api.up()
     assert res.wait_for(lambda c: set(keys) <= set(final(c)), WAIT), results(res)
     assert {final(res)[k] for k in keys} == {"done"}
@@ -505,6 +511,7 @@ def test_a_network_cut_mid_call_loses_nothing_and_doubles_nothing(
         effects = peer.get("/_effects")
         assert {k: effects[k]["effects"] for k in keys} == dict.fromkeys(keys, 1)
         assert "cut-old" not in effects
+        assert any(e["requests"] >= 2 for e in effects.values()), "calls caught by the cut were tried again"
         assert final(res)["cut-old"] == "expired", [
             (d["detail"], d["attempts"]) for d in results(res)["cut-old"]
         ]
