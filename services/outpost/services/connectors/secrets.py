@@ -16,6 +16,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,17 @@ class SecretStore:
             if v and v in text:
                 text = text.replace(v, "***")
         return text
+
+
+def redact_tree(value: Any, redact: Callable[[str], str]) -> Any:
+    """A JSON value (a peer's answer) with ``redact`` applied to every string in it, keys too."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact_tree(k, redact): redact_tree(v, redact) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_tree(v, redact) for v in value]
+    return value
 
 
 def check_name(name: str) -> None:

@@ -39,7 +39,7 @@ from outpost.ratelimit import RateLimiter
 from outpost.service import Ack, Inbound, ServiceRuntime, run_until, service_main
 from outpost.services.connectors.kinds.base import Client, Context, Outcome, Request, SecretRef
 from outpost.services.connectors.outbox import open_outbox
-from outpost.services.connectors.secrets import SecretStore
+from outpost.services.connectors.secrets import SecretStore, redact_tree
 from outpost.services.connectors.spec import Capability, Connector
 from outpost.services.registry import OutpostSettings
 from outpost.store import DiskFull, Statement
@@ -477,6 +477,7 @@ class Gateway:
         for q, o in zip(batch, out, strict=True):
             attempts = q.attempts + 1
             detail = self.secrets.redact(o.detail)
+            o.result = redact_tree(o.result, self.secrets.redact)  # a peer may echo what it was sent
             if o.ok:
                 self._settle(
                     lane, q, "duplicate" if o.duplicate else "done", detail, o.result, attempts, share, now
@@ -485,7 +486,11 @@ class Gateway:
             age_ok = now + 1 < q.received_ns + int(retry.max_age_s * 1e9)
             if o.retry and attempts < retry.attempts and age_ok:
                 delay = max(o.retry_after_s or 0.0, backoff_delay(attempts - 1, *retry.backoff_s))
-                q.attempts, q.next_ns = attempts, now + int(delay * 1e9)
+                # never past its age or deadline (a Retry-After of an hour): it expires then instead
+                last = q.received_ns + int(retry.max_age_s * 1e9)
+                if q.deadline_ns is not None:
+                    last = min(last, q.deadline_ns)
+                q.attempts, q.next_ns = attempts, min(now + int(delay * 1e9), last + 1)
                 lane.paused_until = max(lane.paused_until, q.next_ns)
                 self._writes.append(
                     (
@@ -496,6 +501,10 @@ class Gateway:
                 )
                 bisect.insort(lane.queue, q, key=lambda x: x.received_ns)
                 self.metrics.counters[f"retries.{conn.name}"] += 1
+                continue
+            if o.retry and not age_ok:  # its age ran out during the call: expired, as in _dispatch
+                why = f"not done within its age ({attempts} attempts; last: {detail})"
+                self._settle(lane, q, "expired", why, o.result, attempts, share, now, reason="expired")
                 continue
             why = detail if not o.retry else f"{detail} (gave up after {attempts} attempts)"
             self._settle(lane, q, "failed", why, o.result, attempts, share, now, reason="failed")

@@ -21,6 +21,7 @@ import httpx
 from pydantic import Field
 
 from outpost.services.connectors.kinds.base import Context, Kind, Outcome, Request, SecretRef, Strict
+from outpost.services.connectors.secrets import redact_tree
 
 RETRY_STATUSES = frozenset((408, 425, 429, 500, 502, 503, 504))
 RESULT_MAX = 4000
@@ -71,12 +72,12 @@ class TokenCache:
         self.resolve = resolve
         self._lock = threading.Lock()
         self._token = ""
-        self._expires = 0.0
+        self._refresh_at = 0.0
         self.fetched = 0
 
     def token(self) -> str:
         with self._lock:
-            if not self._token or time.monotonic() >= self._expires - self.auth.refresh_before_s:
+            if not self._token or time.monotonic() >= self._refresh_at:
                 self._fetch()
             return self._token
 
@@ -101,7 +102,9 @@ class TokenCache:
         if not isinstance(token, str) or not token:
             raise TokenError("token endpoint gave no access_token", False)
         self._token = token
-        self._expires = time.monotonic() + float(ttl)
+        ttl = float(ttl)
+        # refresh_before_s ahead of expiry, or halfway for a token that lives less than twice that
+        self._refresh_at = time.monotonic() + ttl - min(self.auth.refresh_before_s, ttl / 2)
         self.fetched += 1
 
 
@@ -147,9 +150,9 @@ class HttpClient:
             path = op.path.format_map(_Quoted(req.args))
         except (KeyError, IndexError, ValueError) as exc:
             return Outcome(False, f"path {op.path!r} names what args lack: {exc}")
-        headers = {"X-Outpost-Trace": req.trace}
+        headers = {"X-Outpost-Trace": header_value(req.trace)}
         if self.endpoint.idempotency_header:
-            headers[self.endpoint.idempotency_header] = req.key
+            headers[self.endpoint.idempotency_header] = header_value(req.key)
         token = ""
         auth = self.endpoint.auth
         try:
@@ -174,6 +177,8 @@ class HttpClient:
             self.tokens.forget(token)  # revoked or expired early: one fresh token, one more try
             return self._one(op, req, again=True)
         result = _answer(r)
+        if token:  # the access token is no stored secret the gateway knows: blank it here
+            result = redact_tree(result, lambda text: text.replace(token, "***"))
         if 200 <= status < 300:
             replayed = r.headers.get("Idempotent-Replayed", "").lower() == "true"
             return Outcome(True, f"{status}", result, duplicate=replayed, extra={"status": status})
@@ -189,6 +194,18 @@ class HttpClient:
 
     def close(self) -> None:
         self.http.close()
+
+
+_PLAIN = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"%"}
+
+
+def header_value(text: str) -> str:
+    """``text`` as a header value: as it is when it is printable ASCII without ``%`` (every key an
+    agent derives), else percent-encoded (a key or trace that is not ASCII, holds a line break or
+    spaces: no valid header as it is). One text, one value, and two texts never share one."""
+    if text and set(text) <= _PLAIN:
+        return text
+    return urllib.parse.quote(text, safe="".join(sorted(_PLAIN)))
 
 
 class _Quoted(dict[str, Any]):
