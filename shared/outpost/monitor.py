@@ -169,6 +169,24 @@ class SiteMonitor:
             for name, a in sorted(self.agents.items())
         }
 
+    def actions_summary(self) -> dict[str, dict[str, Any]]:
+        """Per connector: its requests' outcomes (done, duplicate, failed, expired, refused) and the
+        cost of its calls, from the gateway's metrics (``results.{connector}.{outcome}``)."""
+        with self.lock:
+            return self._actions_summary()
+
+    def _actions_summary(self) -> dict[str, dict[str, Any]]:
+        counters = self.metrics.get("connectors", {}).get("counters", {})
+        out: dict[str, dict[str, Any]] = {}
+        for name, n in counters.items():
+            kind, _, rest = str(name).partition(".")
+            if kind == "results":
+                connector, _, outcome = rest.rpartition(".")
+                out.setdefault(connector, {"outcomes": {}, "cost": 0.0})["outcomes"][outcome] = int(n)
+            elif kind == "cost_millis":
+                out.setdefault(rest, {"outcomes": {}, "cost": 0.0})["cost"] = int(n) / 1000.0
+        return dict(sorted(out.items()))
+
     def message_rate(self, service: str) -> float | None:
         """Messages per second a service took between its last two metrics snapshots; None before
         it has published two."""
@@ -220,6 +238,7 @@ class SiteMonitor:
                 },
                 "services": {k: v.get("state") for k, v in self.status.items()},
                 "agents": self._agents_summary(),
+                "actions": self._actions_summary(),
             }
 
 

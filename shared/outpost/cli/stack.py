@@ -24,11 +24,14 @@ from rich.table import Table
 from outpost.broker import port_open
 from outpost.cli.output import print_json
 from outpost.cli.site import DataDirOpt, SiteOpt, Where, find_site
+from outpost.datadir import site_path
 from outpost.errors import BrokerError
 from outpost.log import setup_logging
 from outpost.monitor import SiteMonitor
 from outpost.service import install_stop_signals
+from outpost.services.connectors.secrets import SecretStore
 from outpost.services.registry import OutpostSettings
+from outpost.sim.shop import ShopPeers
 from outpost.stack import Stack, parse_broker
 
 console = Console()
@@ -146,8 +149,26 @@ def _agents_table(mon: SiteMonitor) -> Table:
     return t
 
 
+def _actions_table(mon: SiteMonitor) -> Table:
+    """The gateway's outcomes by connector, and the cost of its calls (``outpost actions list``
+    shows each request)."""
+    t = Table(title="Actions", expand=False)
+    for col in ("connector", "done", "duplicate", "failed", "expired", "refused", "cost"):
+        t.add_column(col, justify="left" if col == "connector" else "right")
+    for name, a in mon.actions_summary().items():
+        o = a["outcomes"]
+        t.add_row(
+            name,
+            *(f"{o.get(k, 0):,}" for k in ("done", "duplicate", "failed", "expired", "refused")),
+            f"{a['cost']:.2f}",
+        )
+    return t
+
+
 def _live(stack: Stack, mon: SiteMonitor, sent: int | None = None, bad: int | None = None) -> Group:
-    return Group(_services_table(stack, mon), _flow_table(mon, sent, bad), _agents_table(mon))
+    return Group(
+        _services_table(stack, mon), _flow_table(mon, sent, bad), _agents_table(mon), _actions_table(mon)
+    )
 
 
 def up(
@@ -248,7 +269,12 @@ def demo(
     stop = threading.Event()
     install_stop_signals(stop)
     summary: dict[str, Any] = {}
-    with Stack(settings, external_broker=broker) as stack:
+    # the shop's own systems, which the retail agents act on through the connector gateway
+    shop = ShopPeers().start()
+    SecretStore(site_path(tmp, settings.site, "connectors")).set(ShopPeers.SECRET, shop.api.client_secret)
+    env = {"OUTPOST_CONNECTORS__DECLARED": orjson.dumps(shop.connectors()).decode()}
+    with contextlib.ExitStack() as cleanup, Stack(settings, external_broker=broker, env=env) as stack:
+        cleanup.callback(shop.stop)
         mon = SiteMonitor(settings.mqtt, settings.topics, client_id=f"outpost-demo-{os.getpid()}")
         mon.start()
         sim: subprocess.Popen[bytes] | None = None
@@ -304,7 +330,7 @@ def demo(
                 sent = int(report.get("sent_readings", 0) or 0)
                 bad = int(report.get("bad_total", 0) or 0)
                 live.update(_live(stack, mon, sent, bad))
-            summary = {"sent": sent, "sim": report, **mon.summary()}
+            summary = {"sent": sent, "sim": report, **mon.summary(), "peers": shop.summary()}
             rows = stack.supervisor.status()
             summary["restarts"] = {r["service"]: r["restarts"] for r in rows}
             summary["exit_codes"] = {r["service"]: r["last_exit"] for r in rows}
@@ -333,10 +359,15 @@ def demo(
             f"{a['escalations']:,} escalations"
             for name, a in agents.items()
         )
+        acted = ", ".join(
+            f"{name} " + " / ".join(f"{n:,} {outcome}" for outcome, n in sorted(a["outcomes"].items()))
+            for name, a in (summary.get("actions") or {}).items()
+        )
         console.print(
             f"[green]demo finished[/]: {summary['sent']:,} sent, {summary['validated']:,} validated, "
             f"{summary['rejected']:,} rejected"
             + (f"; agents: {decided}" if decided else "")
+            + (f"; actions: {acted}" if acted else "")
             + f"; everything stopped, {where}"
         )
 
