@@ -27,11 +27,10 @@ from typing import Any
 
 import orjson
 
-from outpost.bus import Message
 from outpost.contracts import READING, SCHEMA_VERSION, ReadingDict, Reject, reading_id, reading_id_prefix
 from outpost.log import get_logger
 from outpost.ratelimit import RateLimiter
-from outpost.service import SKIP, Ack, Inbound, Rejected, ServiceRuntime, run_until, service_main
+from outpost.service import SKIP, Ack, Inbound, Peek, Rejected, ServiceRuntime, run_until, service_main
 from outpost.services.ingest.parse import OWN_REASONS
 from outpost.services.ingest.seqstore import SeqStore
 from outpost.services.ingest.seqtrack import Seen, SeqState, observe
@@ -112,7 +111,7 @@ class IngestService:
         }
 
     # --- intake ----------------------------------------------------------------------------------
-    def _screen(self, device: str, msg: Message) -> str | None:
+    def _screen(self, device: str, msg: Peek) -> str | None:
         """Before a message is decoded: a quarantined device's messages are shed unread (counted,
         dead-lettered in aggregate by the kit); an empty message (a retained message being
         cleared) is counted; a retained message the broker replays is dead-lettered once."""
@@ -125,7 +124,7 @@ class IngestService:
             return "quarantined"
         return None
 
-    def _replayed(self, msg: Message) -> str | None:
+    def _replayed(self, msg: Peek) -> str | None:
         """A message with the retain flag: the broker's stored copy, sent again at every subscribe
         (each restart and reconnect). Telemetry must not be retained; the first time a stored copy
         is seen it is dead-lettered as ``retained`` (with its bytes, for a person to replay), and
