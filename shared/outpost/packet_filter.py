@@ -33,6 +33,9 @@ CHUNK: Final = 256 * 1024
 WHOLE_MAX: Final = 64 * 1024
 """Largest QoS 0 PUBLISH held back until complete to be offered for shedding."""
 
+PASS_MAX: Final = 64
+"""Packets handed to paho per parse: see :meth:`FilteringSocket._parse`."""
+
 READS_PER_CALL: Final = 4
 """Reads one ``recv`` call makes while everything it read was shed: then it says "nothing yet" so
 the network thread runs its timers (flushes, keepalive) between chunks of a flood."""
@@ -109,6 +112,7 @@ class FilteringSocket:
         chunk: int = CHUNK,
         whole_max: int = WHOLE_MAX,
         reads_per_call: int = READS_PER_CALL,
+        pass_max: int = PASS_MAX,
     ) -> None:
         self.sock = sock
         self._shed_topics = shed_topics
@@ -117,12 +121,16 @@ class FilteringSocket:
         self._chunk = chunk
         self._whole_max = whole_max
         self._reads = reads_per_call
+        self._pass_max = pass_max
         self._out = b""
         """Bytes for paho, from ``_pos`` on."""
         self._pos = 0
-        self._tail = b""
-        """Read but not yet parsed: the start of a packet whose header (or whole body, for one
-        that may be shed) has not all arrived."""
+        self._buf = b""
+        """Read but not yet parsed, from ``_bpos`` on (which is a packet boundary)."""
+        self._bpos = 0
+        self._waiting = False
+        """What ``_buf`` holds from ``_bpos`` is the start of a packet that has not all arrived (its
+        header, or the whole of one that may be shed)."""
         self._pass_left = 0
         """Bytes of the current packet still to come that go to paho as they arrive."""
         self._eof = False
@@ -158,8 +166,11 @@ class FilteringSocket:
         return data
 
     def pending(self) -> int:
-        """Bytes paho can read without the socket (paho's loop does not wait in select() then)."""
-        return len(self._out) - self._pos
+        """Bytes read from the socket that paho may get without waiting for it (paho's loop does
+        not wait in select() while there are some): parsed ones, and complete packets not yet
+        parsed."""
+        held = 0 if self._waiting else len(self._buf) - self._bpos
+        return len(self._out) - self._pos + held
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -177,38 +188,71 @@ class FilteringSocket:
         return getattr(self.sock, name)
 
     # --- reading ---------------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Take ``data`` (what the socket gave next) and parse the first of it: see :meth:`_parse`."""
+        self._append(data)
+        self._parse()
+
     def _fill(self) -> None:
-        for _ in range(self._reads):
+        """Give paho something: parse what was read and not yet parsed, and read the socket when
+        that is used up or ends in an incomplete packet, ``reads_per_call`` reads at most."""
+        reads = 0
+        while True:
+            if not self._waiting and self._bpos < len(self._buf):
+                self._parse()
+                if self._out:
+                    return
+                continue  # all of it shed, or an incomplete packet left: read on
+            if reads >= self._reads:
+                return
             data = self.sock.recv(self._chunk)
+            reads += 1
             self.reads += 1
             if not data:
                 self._eof = True
-                if self._tail:  # a packet cut by the close: paho sees what came of it
-                    self._out, self._tail = self._tail, b""
+                rest = self._buf[self._bpos :]  # a packet cut by the close: paho sees what came of it
+                self._buf, self._bpos, self._waiting = b"", 0, False
+                if rest:
+                    self._add_out(rest)
                 return
-            self.feed(data)
-            if self._out:
-                return
+            self._append(data)
 
-    def feed(self, data: bytes) -> None:
-        """Parse ``data`` (what the socket gave next): complete packets and the passing part of a
-        long one go to paho's buffer, shed packets are consumed, an incomplete start is kept."""
-        if self._raw:
-            self._out = self._out[self._pos :] + data if self._out else data
-            self._pos = 0
-            return
-        buf = self._tail + data if self._tail else data
-        self._tail = b""
+    def _append(self, data: bytes) -> None:
+        if self._bpos < len(self._buf):
+            self._buf = self._buf[self._bpos :] + data
+        else:
+            self._buf = data
+        self._bpos = 0
+        self._waiting = False
+
+    def _add_out(self, passed: bytes) -> None:
+        self._out = self._out[self._pos :] + passed if self._out else passed
+        self._pos = 0
+
+    def _parse(self) -> None:
+        """Parse from ``_bpos``: packets that go to paho are appended to its buffer, shed ones are
+        consumed, an incomplete one is kept for the next read. It stops after ``pass_max`` packets
+        for paho, so that a topic the service starts shedding while paho handles them is shed from
+        the next packets on, not from the next read of the socket (up to ``chunk`` bytes later)."""
+        buf = self._buf
         n = len(buf)
-        i = 0
+        i = self._bpos
+        if self._raw:
+            self._add_out(buf[i:])
+            self._buf, self._bpos = b"", 0
+            return
         if self._pass_left:
-            i = min(self._pass_left, n)
-            self._pass_left -= i
+            k = min(self._pass_left, n - i)
+            self._pass_left -= k
+            i += k
         runs: list[bytes] = []
-        run = 0  # start of the run of bytes that go to paho
+        run = self._bpos  # start of the run of bytes that go to paho
+        passed = 0
+        pass_max = self._pass_max
         shed_topics = self._shed_topics
+        waiting = False
         try:
-            while i < n:
+            while i < n and passed < pass_max:
                 first = buf[i]
                 if first & 0xF7 == _PUBLISH and shed_topics:  # PUBLISH, QoS 0, not retained
                     if n - i >= _MAX_HEADER and buf[i + 1] < 0x80:
@@ -216,15 +260,18 @@ class FilteringSocket:
                     else:
                         head = fixed_header(buf, i)
                         if head is None:
+                            waiting = True
                             break
                         hlen, rlen = head
                     end = i + hlen + rlen
                     if rlen > self._whole_max:
                         self._pass_left = max(0, end - n)
                         i = min(end, n)
+                        passed += 1
                         continue
                     if end > n:
-                        break  # held back until it is all here
+                        waiting = True  # held back until it is all here
+                        break
                     t = i + hlen + 2
                     if t <= end:
                         te = t + ((buf[t - 2] << 8) | buf[t - 1])
@@ -234,14 +281,17 @@ class FilteringSocket:
                                 self.shed_packets += 1
                                 if i > run:
                                     runs.append(buf[run:i])
-                                run = end
+                                run = i = end
+                                continue
                     i = end
+                    passed += 1
                     continue
                 if n - i >= _MAX_HEADER and buf[i + 1] < 0x80:  # the common case, inline
                     end = i + 2 + buf[i + 1]
                 else:
                     head = fixed_header(buf, i)
                     if head is None:
+                        waiting = True
                         break
                     end = i + head[0] + head[1]
                 if end > n:
@@ -249,16 +299,19 @@ class FilteringSocket:
                     i = n
                     break
                 i = end
+                passed += 1
         except PacketError:
             self._raw = True
             i = n
-        if i < n:
-            self._tail = buf[i:]
         if run == 0 and i == n and not runs:
-            passed = buf
+            out = buf
         else:
             runs.append(buf[run:i])
-            passed = b"".join(runs)
-        if passed:
-            self._out = self._out[self._pos :] + passed if self._out else passed
-            self._pos = 0
+            out = b"".join(runs)
+        if out:
+            self._add_out(out)
+        if i >= n:
+            self._buf, self._bpos = b"", 0
+        else:
+            self._bpos = i
+        self._waiting = waiting
