@@ -221,6 +221,11 @@ class Bus:
         if self._connected.is_set():
             self._client.subscribe(pattern, qos=qos)
 
+    @property
+    def subscriptions(self) -> int:
+        """Subscriptions registered (a message may match more than one of them)."""
+        return len(self._subs)
+
     def every(self, interval_s: float, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the network thread about every ``interval_s`` seconds."""
         self._timers.append(_Timer(interval_s, fn, time.monotonic() + interval_s))

@@ -264,7 +264,6 @@ class ServiceRuntime:
         self.dlq_items_per_message = dlq_items_per_message
         self._piles: dict[tuple[str, str], _Pile] = {}
         self._piles_held = False
-        self._subscriptions: list[Subscription] = []
         self._shed_topics: dict[bytes, tuple[Subscription, str, str]] = {}
         """Topics whose last QoS 0 message was shed -> (subscription, key, topic): the bus offers
         their next QoS 0 messages to :meth:`_shed_unread` before paho reads them."""
@@ -355,7 +354,6 @@ class ServiceRuntime:
             screen,
             charge,
         )
-        self._subscriptions.append(sub)
         self._shed_topics.clear()  # with two subscriptions a message may be for both: see _handle
         self.bus.subscribe(pattern, lambda msg: self._deliver(sub, msg), qos=qos)
 
@@ -436,7 +434,7 @@ class ServiceRuntime:
         if shed is not None:
             if shed:
                 self._shed(shed, key, topic, raw, turn if msg.qos else None)
-                if msg.qos == 0 and not msg.retain and len(self._subscriptions) == 1:
+                if msg.qos == 0 and not msg.retain and self.bus.subscriptions == 1:
                     # the next QoS 0 messages on this topic are screened before paho reads them
                     if len(self._shed_topics) >= _KEYS_CACHED:
                         self._shed_topics.clear()
@@ -476,11 +474,15 @@ class ServiceRuntime:
         before paho has read it (:meth:`Bus.set_shedder`): screened as :meth:`_handle` would,
         and shed here when the screen still says so (counted, into the same piles); otherwise
         the topic is forgotten and paho reads the message as any other. A flood of QoS 0 messages
-        from a quarantined device then costs ~1-2 us a message instead of paho's ~12
-        (docs/benchmarks.md, "Overload (issue 14)"). The screen runs once more only for messages
-        it lets through, so it must be a pure check for such messages (ingest's is)."""
+        from a quarantined device then costs ~2 us a message instead of paho's ~12
+        (docs/benchmarks.md, "Overload (issue 14)"). Only while the bus has one subscription: a
+        message matching two would be lost to the other.
+
+        The screen sees the message it lets through twice (here, and once paho has read it): once
+        each time a topic stops being shed. Ingest's message count then counts that one message
+        twice, which only brings a flooding device's next quarantine one message nearer."""
         mark = self._shed_topics.get(topic_b)
-        if mark is None or self._draining:
+        if mark is None or self._draining or self.bus.subscriptions != 1:
             return False
         sub, key, topic = mark
         try:

@@ -255,3 +255,24 @@ def test_a_shed_topic_is_shed_below_paho_and_every_message_is_accounted(
     assert wait_until(lambda: (flood, b"back") in handled)
     assert rt.metrics.counters["shed_unread"] == n
     assert rt.metrics.counters["rejected.overloaded"] == shed()
+
+
+def test_with_two_subscriptions_nothing_is_shed_below_paho(
+    settings: OutpostSettings,
+    runtimes: Callable[..., ServiceRuntime],
+    publisher: Bus,
+) -> None:
+    """A message may match two subscriptions: one that sheds it must not take it from the other."""
+    flood = _topic(settings, "flood2")
+    rt = runtimes()
+    other: list[bytes] = []
+    rt.subscribe(f"{settings.topics.root}/test/+", lambda _m: None, qos=1, screen=lambda _k, _m: "overloaded")
+    rt.subscribe(flood, lambda m: other.append(m.raw), qos=1)
+    rt.start()
+    n = 50
+    for i in range(n):
+        publisher.publish(flood, b"%d" % i, qos=0)
+    # (Mosquitto sends an MQTT 5 client one copy per matching subscription, and paho hands each
+    # copy to both handlers: at least n each)
+    assert wait_until(lambda: len(set(other)) == n and rt.metrics.counters["shed"] >= n), len(other)
+    assert rt.metrics.counters["shed_unread"] == 0
