@@ -28,7 +28,10 @@ What the loop adds to paho:
   than let its output grow without bound. The thread never stops reading for it, since the
   broker's acknowledgements arrive on the same socket;
 * while disconnected, calls posted from other threads (a stop) run at once, not after the next
-  reconnect attempt (which can be ``reconnect_max_s`` away).
+  reconnect attempt (which can be ``reconnect_max_s`` away);
+* packets read below paho (:mod:`outpost.packet_filter`): big reads instead of paho's three
+  ``recv`` calls a packet, and a QoS 0 publish on a topic the service sheds (:meth:`Bus.set_shedder`)
+  consumed before paho parses it, so a flood costs the network thread little.
 
 paho's private attributes are used only through :mod:`outpost.paho_internals`.
 """
@@ -41,7 +44,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +56,7 @@ from paho.mqtt.properties import Properties
 from outpost import paho_internals as internals
 from outpost.backoff import backoff_delays
 from outpost.errors import BrokerError
+from outpost.packet_filter import FilteringSocket
 from outpost.settings import MqttSettings
 
 log = logging.getLogger("outpost.bus")
@@ -81,6 +85,10 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
+
+
+def _never(_topic: bytes, _payload: bytes) -> bool:
+    return False
 
 
 def _filter_of(pattern: str) -> str:
@@ -131,6 +139,9 @@ class Bus:
         self._after_reading: list[Callable[[], None]] = []
         self._publish_listeners: list[Callable[[int], None]] = []
         self._read_gate: Callable[[], bool] | None = None
+        self._shed_topics: Collection[bytes] = frozenset()
+        self._shed: Callable[[bytes, bytes], bool] = _never
+        self._filter: FilteringSocket | None = None
         self._wake = threading.Event()
         self._pending: set[int] = set()
         self._pending_lock = threading.Lock()
@@ -210,6 +221,11 @@ class Bus:
         if self._connected.is_set():
             self._client.subscribe(pattern, qos=qos)
 
+    @property
+    def subscriptions(self) -> int:
+        """Subscriptions registered (a message may match more than one of them)."""
+        return len(self._subs)
+
     def every(self, interval_s: float, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the network thread about every ``interval_s`` seconds."""
         self._timers.append(_Timer(interval_s, fn, time.monotonic() + interval_s))
@@ -231,6 +247,17 @@ class Bus:
     def set_read_gate(self, gate: Callable[[], bool] | None) -> None:
         """While ``gate()`` is False the network thread reads no new packets (backpressure)."""
         self._read_gate = gate
+
+    def set_shedder(self, topics: Collection[bytes], shed: Callable[[bytes, bytes], bool]) -> None:
+        """Offer ``shed(topic, payload)`` every QoS 0 publish, neither retained nor empty, that
+        arrives on one of ``topics`` (a container the caller keeps up to date), before paho reads
+        it; True means the caller has dealt with it (counted it) and paho never sees it. Called on
+        the network thread, from inside paho's reading (so before paho handles the packets that
+        came before it in the same read: shedding must only count, never depend on their order)."""
+        self._shed_topics = topics
+        self._shed = shed
+        if self._filter is not None:
+            self._filter.set_shedder(topics, shed)
 
     # --- use -------------------------------------------------------------------------------------
     def publish(
@@ -540,9 +567,11 @@ class Bus:
         except Exception:
             log.exception("call failed", extra={"client": self.client_id})
 
-    def _on_socket_open(self, _c: paho.Client, _u: Any, sock: Any) -> None:
+    def _on_socket_open(self, client: paho.Client, _u: Any, sock: Any) -> None:
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._filter = FilteringSocket(sock, self._shed_topics, self._shed, mqtt5=self._mqtt5)
+        internals.use_socket(client, self._filter)
 
     def _on_connect(self, client: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
@@ -49,6 +50,14 @@ def wake(client: paho.Client) -> None:
     if w is not None:
         with contextlib.suppress(OSError):
             w.send(b"0")
+
+
+def use_socket(client: paho.Client, sock: Any) -> None:
+    """Make paho read and write through ``sock`` (an object with the socket's methods, e.g.
+    :class:`outpost.packet_filter.FilteringSocket`) from now on: call it from ``on_socket_open``,
+    which paho calls after it set its socket and before it writes CONNECT. paho's loop asks the
+    object's ``pending()`` before it waits in select()."""
+    client._sock = sock
 
 
 def read_waiting(

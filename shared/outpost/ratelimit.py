@@ -12,24 +12,65 @@ class _Bucket:
     window_start: float = 0.0
     rejected_in_window: int = 0
     quarantined_until: float = 0.0
+    messages_from: float = 0.0
+    messages: int = 0
 
 
 class RateLimiter:
     """``take(device, n, now)`` grants up to n readings. A device whose rejections within one second
-    reach ``quarantine_after`` is quarantined for ``quarantine_s``: everything it sends is refused
-    without parsing, which keeps a flooding device from starving the others."""
+    reach ``quarantine_after``, or (``admit``) that sends more than ``quarantine_messages``
+    messages within one second, is quarantined for ``quarantine_s``: everything it sends is refused
+    without parsing, which keeps a flooding device from starving the others.
 
-    def __init__(self, rate: float, burst: float, quarantine_after: int, quarantine_s: float) -> None:
+    Why a message count beside the readings' bucket: a flood of one-reading messages costs the
+    service per message (reading, decoding), and the readings' burst (20,000 by default, so that a
+    device can send its backlog after an outage) let a flooder's first ~22,000 messages through
+    the whole path before the quarantine began (docs/benchmarks.md, "Overload (issue 14)"). A
+    backlog sent in batches is a few messages and stays within the message count."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        quarantine_after: int,
+        quarantine_s: float,
+        quarantine_messages: int = 0,
+    ) -> None:
+        """``quarantine_messages`` 0: no limit on messages (only on readings)."""
         self.rate = rate
         self.burst = burst
         self.quarantine_after = quarantine_after
         self.quarantine_s = quarantine_s
+        self.quarantine_messages = quarantine_messages
         self._buckets: dict[str, _Bucket] = {}
         self.quarantines = 0
 
     def quarantined(self, device: str, now: float) -> bool:
         b = self._buckets.get(device)
         return b is not None and now < b.quarantined_until
+
+    def admit(self, device: str, now: float) -> bool:
+        """Count one message of ``device``: False when the device is quarantined, already or from
+        this message on (it is past ``quarantine_messages`` within one second)."""
+        b = self._buckets.get(device)
+        if b is None:
+            b = self._buckets[device] = _Bucket(self.burst, now, now, messages_from=now)
+        elif now < b.quarantined_until:
+            return False
+        limit = self.quarantine_messages
+        if not limit:
+            return True
+        if now - b.messages_from >= 1.0:
+            b.messages_from = now
+            b.messages = 0
+        b.messages += 1
+        if b.messages <= limit:
+            return True
+        b.quarantined_until = now + self.quarantine_s
+        b.messages = 0
+        b.rejected_in_window = 0
+        self.quarantines += 1
+        return False
 
     def take(self, device: str, n: int, now: float) -> int:
         b = self._buckets.get(device)

@@ -155,8 +155,37 @@ class Inbound(Generic[T]):
         return bool(self.msg.dup)
 
 
+class Peek(Protocol):
+    """What a screen looks at: a message paho has read, or one the bus has not handed to paho yet
+    (:class:`Unread`)."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def payload(self) -> bytes | bytearray: ...
+
+    @property
+    def qos(self) -> int: ...
+
+    @property
+    def retain(self) -> bool: ...
+
+
+@dataclass(slots=True)
+class Unread:
+    """A QoS 0 message, neither retained nor empty, that paho has not read (the kit screens it
+    below paho: :meth:`ServiceRuntime._shed_unread`). Cheaper to make than paho's message, whose
+    ``info`` holds a ``threading.Condition``."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+
+
 Handler = Callable[[Inbound[Any]], None]
-Screen = Callable[[str, Message], "str | None"]
+Screen = Callable[[str, Peek], "str | None"]
 """``screen(key, msg)``: None to go on (decode, handler), a reason to shed the message (counted,
 dead-lettered in aggregate), :data:`SKIP` for a message the screen has dealt with itself; it may
 also raise :class:`Rejected` to dead-letter the message at once."""
@@ -235,6 +264,9 @@ class ServiceRuntime:
         self.dlq_items_per_message = dlq_items_per_message
         self._piles: dict[tuple[str, str], _Pile] = {}
         self._piles_held = False
+        self._shed_topics: dict[bytes, tuple[Subscription, str, str]] = {}
+        """Topics whose last QoS 0 message was shed -> (subscription, key, topic): the bus offers
+        their next QoS 0 messages to :meth:`_shed_unread` before paho reads them."""
         self.shed_details: dict[str, str] = {
             "overloaded": "the broker was not taking this service's output, so QoS 0 input gave way"
         }
@@ -271,6 +303,7 @@ class ServiceRuntime:
         self.bus.every(settings.disk.check_s, self.disk.measure)
         self.bus.every(shed_interval_s, self._publish_piles)
         self.bus.after_reading(self._publish_held_piles)
+        self.bus.set_shedder(self._shed_topics, self._shed_unread)
 
     # --- declaring -------------------------------------------------------------------------------
     def subscribe(
@@ -321,6 +354,7 @@ class ServiceRuntime:
             screen,
             charge,
         )
+        self._shed_topics.clear()  # with two subscriptions a message may be for both: see _handle
         self.bus.subscribe(pattern, lambda msg: self._deliver(sub, msg), qos=qos)
 
     def every(self, interval_s: float, fn: Callable[[], None]) -> None:
@@ -396,12 +430,15 @@ class ServiceRuntime:
                 if len(sub.keys) >= _KEYS_CACHED:
                     sub.keys.clear()
                 sub.keys[topic] = key = got
-        shed = sub.screen(key, msg) if sub.screen is not None else None
-        if shed is None and msg.qos == 0 and self.bus.backlogged:
-            shed = "overloaded"  # the broker is not taking our output: QoS 0 input gives way
+        shed = self._screen(sub, key, msg)
         if shed is not None:
             if shed:
                 self._shed(shed, key, topic, raw, turn if msg.qos else None)
+                if msg.qos == 0 and not msg.retain and self.bus.subscriptions == 1:
+                    # the next QoS 0 messages on this topic are screened before paho reads them
+                    if len(self._shed_topics) >= _KEYS_CACHED:
+                        self._shed_topics.clear()
+                    self._shed_topics[topic.encode()] = (sub, key, topic)
             return
         contract = sub.contract
         if contract is None:
@@ -423,7 +460,44 @@ class ServiceRuntime:
         if inbound.spill:
             self._publish_groups(inbound, inbound.spill)
 
+    def _screen(self, sub: Subscription, key: str, msg: Peek) -> str | None:
+        """The subscription's screen, then the kit's own: QoS 0 input gives way while the broker
+        is not taking this service's output."""
+        shed = sub.screen(key, msg) if sub.screen is not None else None
+        if shed is None and msg.qos == 0 and self.bus.backlogged:
+            shed = "overloaded"
+        return shed
+
     # --- shedding and grouping -------------------------------------------------------------------
+    def _shed_unread(self, topic_b: bytes, payload: bytes) -> bool:
+        """A QoS 0 message (neither retained nor empty) on a topic whose last message was shed,
+        before paho has read it (:meth:`Bus.set_shedder`): screened as :meth:`_handle` would,
+        and shed here when the screen still says so (counted, into the same piles); otherwise
+        the topic is forgotten and paho reads the message as any other. A flood of QoS 0 messages
+        from a quarantined device then costs ~2 us a message instead of paho's ~12
+        (docs/benchmarks.md, "Overload (issue 14)"). Only while the bus has one subscription: a
+        message matching two would be lost to the other.
+
+        The screen sees the message it lets through twice (here, and once paho has read it): once
+        each time a topic stops being shed. Ingest's message count then counts that one message
+        twice, which only brings a flooding device's next quarantine one message nearer."""
+        mark = self._shed_topics.get(topic_b)
+        if mark is None or self._draining or self.bus.subscriptions != 1:
+            return False
+        sub, key, topic = mark
+        try:
+            shed = self._screen(sub, key, Unread(topic, payload))
+        except Exception:  # noqa: BLE001 - Rejected and the like: paho reads it, _deliver deals with it
+            shed = None
+        if not shed:
+            del self._shed_topics[topic_b]
+            return False
+        c = self.metrics.counters
+        c[sub.counter] += 1
+        c["shed_unread"] += 1
+        self._shed(shed, key, topic, payload, None)
+        return True
+
     def _shed(self, reason: str, key: str, topic: str, raw: bytes, turn: Turn | None) -> None:
         """Count a shed message now; its dead letter is the aggregate of its pile."""
         c = self.metrics.counters

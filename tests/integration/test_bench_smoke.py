@@ -151,7 +151,9 @@ def test_overload_bench_prints_its_figures_as_json() -> None:
             assert set(phase["load"]) >= OVERLOAD_LOAD_KEYS, phase["load"]
             assert phase["load"]["sent"] > 0
             ld = phase["load"]
-            assert ld["accounted"] == ld["events"] + ld["dead_lettered"] + ld["shed_counted"]
+            # shed messages are in the aggregate dead letters' counts: shown beside, never added
+            assert ld["accounted"] == ld["events"] + ld["dead_lettered"]
+            assert ld["shed_counted"] <= ld["dead_lettered"]
     assert (
         result["phases"]["bad_batches"]["load"]["sent"]
         == 200 * result["phases"]["bad_batches"]["load"]["messages"]

@@ -181,6 +181,9 @@ def test_flood_with_canaries(
     # never dropped by the broker (a keepalive missed while the network thread was busy, as before)
     connects = {m["counters"].get("bus_connects") for m in metrics.json()}
     assert connects == {1}, connects
+    # quarantined early (QoS 0 messages a second), and most of the flood shed before paho read it
+    assert n_events <= 1000 + 100, n_events
+    assert max(m["counters"].get("shed_unread", 0) for m in metrics.json()) > 0
     assert ingest_proc.terminate() == 0
 
 
@@ -282,3 +285,57 @@ def test_more_unacknowledged_publishes_than_message_ids_wait_instead_of_failing(
         assert sorted(set(order)) == list(range(n))
     finally:
         pub.stop()
+
+
+def test_a_qos1_backlog_is_taken_whole_and_a_qos0_flood_is_quarantined_early(
+    settings: OutpostSettings,
+    broker: Mosquitto,
+    publisher: Bus,
+    tmp_path: Path,
+    collect: Callable[..., Collector],
+) -> None:
+    """The quarantine on QoS 0 messages a second (``ingest.quarantine_qos0_messages_per_s``, 200
+    here) starts a flood of one-reading messages long before the readings' burst is spent, while a
+    backlog the broker kept for ingest at QoS 1 (delivered all at once when ingest comes back) is
+    taken whole: QoS 1 messages do not count."""
+    t = settings.topics
+    events = collect(t.all_events, durable=True)
+    dlq = collect(t.dlq("ingest"), durable=True)
+    status = collect(t.service_status("ingest"))
+    ingest = IngestProcess(
+        settings, tmp_path / "ingest-run", OUTPOST_INGEST__QUARANTINE_QOS0_MESSAGES_PER_S="200"
+    )
+    try:
+        start_and_wait(ingest, status)  # its durable session exists from now on
+        assert ingest.terminate() == 0
+        backlog = 600
+        for seq in range(backlog):
+            publisher.publish(t.telemetry("backlog"), orjson.dumps(make_reading("backlog", seq)), qos=1)
+        assert publisher.drain(WAIT)
+        start_and_wait(ingest, status)
+
+        def of(device: str) -> int:
+            return sum(1 for e in events.events() if e["device"] == device)
+
+        assert events.wait_for(lambda _c: of("backlog") == backlog, WAIT), ingest.logs()
+        flood = 2000
+        for seq in range(flood):
+            publisher.publish(t.telemetry("q0"), orjson.dumps(make_reading("q0", seq)), qos=0)
+
+        def dead(device: str) -> dict[str, int]:
+            by: dict[str, int] = {}
+            for d in dlq.json():
+                if d["topic"] == t.telemetry(device):
+                    by[d["reason"]] = by.get(d["reason"], 0) + count_of(d)
+            return by
+
+        assert dlq.wait_for(lambda _c: of("q0") + sum(dead("q0").values()) == flood, WAIT), (
+            of("q0"),
+            dead("q0"),
+        )
+        assert dead("backlog") == {}
+        assert set(dead("q0")) == {"quarantined"}
+        assert of("q0") <= 200  # quarantined past 200 QoS 0 messages, not after the 20,000 burst
+        assert ingest.terminate() == 0
+    finally:
+        ingest.close()

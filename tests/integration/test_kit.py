@@ -208,3 +208,71 @@ def test_qos0_input_is_shed_while_the_broker_does_not_take_our_output(
     assert shed() > 0
     assert rt.metrics.counters["rejected.overloaded"] == shed() == rt.metrics.counters["shed"]
     assert len(dlq.json()) < shed()  # aggregated
+
+
+def test_a_shed_topic_is_shed_below_paho_and_every_message_is_accounted(
+    settings: OutpostSettings,
+    runtimes: Callable[..., ServiceRuntime],
+    publisher: Bus,
+    collect: Callable[..., Collector],
+) -> None:
+    """Once a QoS 0 message on a topic has been shed by the screen, the next QoS 0 messages on it
+    are screened before paho reads them (``shed_unread``), into the same piles: the dead letters'
+    counts still say how many. QoS 1 messages on it, and other topics, are read as before, and
+    once the screen lets the topic through again, its messages reach the handler."""
+    flood = _topic(settings, "flood")
+    other = _topic(settings, "other")
+    rt = runtimes()
+    dlq = collect(rt.dlq_topic)
+    handled: list[tuple[str, bytes]] = []
+    shedding = [True]
+
+    def screen(_key: str, msg: Any) -> str | None:
+        return "overloaded" if shedding[0] and msg.topic == flood else None
+
+    rt.subscribe(
+        f"{settings.topics.root}/test/+", lambda m: handled.append((m.topic, m.raw)), qos=1, screen=screen
+    )
+    rt.start()
+
+    def shed() -> int:
+        return sum(d.get("count", 1) for d in dlq.json() if d["reason"] == "overloaded")
+
+    publisher.publish(flood, b"first", qos=0)  # shed by paho's path: the topic is marked
+    assert wait_until(lambda: rt.metrics.counters["shed"] == 1)
+    n = 300
+    for i in range(n):
+        publisher.publish(flood, b"f%d" % i, qos=0)
+        if i % 100 == 0:
+            publisher.publish(other, b"o%d" % i, qos=0)
+            publisher.publish(flood, b"q%d" % i, qos=1)
+    assert wait_until(lambda: shed() == n + 1 + 3), shed()
+    assert rt.metrics.counters["shed_unread"] == n  # every QoS 0 one after the first
+    assert rt.metrics.counters["shed"] == n + 1 + 3  # and the QoS 1 ones, read by paho
+    assert [p for _t, p in handled] == [b"o0", b"o100", b"o200"]
+    shedding[0] = False
+    publisher.publish(flood, b"back", qos=0)
+    assert wait_until(lambda: (flood, b"back") in handled)
+    assert rt.metrics.counters["shed_unread"] == n
+    assert rt.metrics.counters["rejected.overloaded"] == shed()
+
+
+def test_with_two_subscriptions_nothing_is_shed_below_paho(
+    settings: OutpostSettings,
+    runtimes: Callable[..., ServiceRuntime],
+    publisher: Bus,
+) -> None:
+    """A message may match two subscriptions: one that sheds it must not take it from the other."""
+    flood = _topic(settings, "flood2")
+    rt = runtimes()
+    other: list[bytes] = []
+    rt.subscribe(f"{settings.topics.root}/test/+", lambda _m: None, qos=1, screen=lambda _k, _m: "overloaded")
+    rt.subscribe(flood, lambda m: other.append(m.raw), qos=1)
+    rt.start()
+    n = 50
+    for i in range(n):
+        publisher.publish(flood, b"%d" % i, qos=0)
+    # (Mosquitto sends an MQTT 5 client one copy per matching subscription, and paho hands each
+    # copy to both handlers: at least n each)
+    assert wait_until(lambda: len(set(other)) == n and rt.metrics.counters["shed"] >= n), len(other)
+    assert rt.metrics.counters["shed_unread"] == 0

@@ -51,3 +51,35 @@ def test_one_big_batch_over_the_limit_quarantines() -> None:
     rl = RateLimiter(rate=1, burst=10, quarantine_after=100, quarantine_s=5)
     assert rl.take("d", 500, 0.0) == 10
     assert rl.quarantined("d", 0.0)
+
+
+def test_message_count_quarantines_past_its_limit_within_a_second() -> None:
+    rl = RateLimiter(rate=1000, burst=20_000, quarantine_after=2000, quarantine_s=30, quarantine_messages=5)
+    assert all(rl.admit("flood", 0.01 * i) for i in range(5))
+    assert not rl.admit("flood", 0.05)  # the sixth within the second
+    assert rl.quarantined("flood", 0.06)
+    assert rl.quarantines == 1
+    assert not rl.admit("flood", 29.0)  # quarantined: refused, and not counted again
+    assert rl.quarantines == 1
+    assert rl.admit("flood", 30.1)  # the quarantine is over; a new second
+
+
+def test_message_count_starts_again_every_second() -> None:
+    rl = RateLimiter(rate=1000, burst=20_000, quarantine_after=2000, quarantine_s=30, quarantine_messages=5)
+    for second in range(10):
+        assert all(rl.admit("steady", second + 0.1 * i) for i in range(5))
+    assert not rl.quarantined("steady", 10.0)
+    assert rl.admit("other", 0.0)  # devices are counted apart
+
+
+def test_no_message_limit_by_default() -> None:
+    rl = RateLimiter(rate=1, burst=2, quarantine_after=1000, quarantine_s=30)
+    assert all(rl.admit("d", 0.0) for _ in range(100_000))
+    assert rl.take("d", 3, 0.0) == 2  # the readings' bucket is the same one
+
+
+def test_admit_refuses_a_device_quarantined_for_its_readings() -> None:
+    rl = RateLimiter(rate=1, burst=1, quarantine_after=2, quarantine_s=30, quarantine_messages=100)
+    assert rl.take("d", 3, 0.0) == 1
+    assert rl.quarantined("d", 0.0)
+    assert not rl.admit("d", 0.1)

@@ -27,11 +27,10 @@ from typing import Any
 
 import orjson
 
-from outpost.bus import Message
 from outpost.contracts import READING, SCHEMA_VERSION, ReadingDict, Reject, reading_id, reading_id_prefix
 from outpost.log import get_logger
 from outpost.ratelimit import RateLimiter
-from outpost.service import SKIP, Ack, Inbound, Rejected, ServiceRuntime, run_until, service_main
+from outpost.service import SKIP, Ack, Inbound, Peek, Rejected, ServiceRuntime, run_until, service_main
 from outpost.services.ingest.parse import OWN_REASONS
 from outpost.services.ingest.seqstore import SeqStore
 from outpost.services.ingest.seqtrack import Seen, SeqState, observe
@@ -64,7 +63,11 @@ class IngestService:
         self._retained = self.seqstore.load_retained()
         self._retained_new: dict[str, bytes] = {}
         self.limiter = RateLimiter(
-            cfg.rate_per_device, cfg.burst_per_device, cfg.quarantine_after, cfg.quarantine_s
+            cfg.rate_per_device,
+            cfg.burst_per_device,
+            cfg.quarantine_after,
+            cfg.quarantine_s,
+            cfg.quarantine_qos0_messages_per_s,
         )
         self._batches: dict[str, list[dict[str, Any]]] = {}
         self._batched = 0
@@ -98,8 +101,9 @@ class IngestService:
         legacy = self.topics.all_telemetry
         self.rt.bus.on_connect(lambda _present: self.rt.bus.unsubscribe(legacy))
         self.rt.shed_details["quarantined"] = (
-            f"the device flooded ({cfg.quarantine_after} readings over its rate within a second) and "
-            f"is quarantined for {cfg.quarantine_s}s; its messages are not read"
+            f"the device flooded ({cfg.quarantine_after} readings over its rate, or more than "
+            f"{cfg.quarantine_qos0_messages_per_s} QoS 0 messages, within a second) and is quarantined for "
+            f"{cfg.quarantine_s}s; its messages are not read"
         )
         # flushed once what waited on the socket is read (a light load waits for nothing, a heavy
         # one batches what a burst brought), and every flush_ms at the latest
@@ -112,20 +116,27 @@ class IngestService:
         }
 
     # --- intake ----------------------------------------------------------------------------------
-    def _screen(self, device: str, msg: Message) -> str | None:
+    def _screen(self, device: str, msg: Peek) -> str | None:
         """Before a message is decoded: a quarantined device's messages are shed unread (counted,
-        dead-lettered in aggregate by the kit); an empty message (a retained message being
-        cleared) is counted; a retained message the broker replays is dead-lettered once."""
+        dead-lettered in aggregate by the kit), and each QoS 0 message counts towards the device's
+        message rate (``quarantine_qos0_messages_per_s``: a QoS 1 backlog the broker kept while
+        ingest was down arrives all at once, and must not quarantine its device); an empty message
+        (a retained message being cleared) is counted; a retained message the broker replays is
+        dead-lettered once."""
         if not msg.payload:
             self.metrics.counters["empty_ignored"] += 1
             return SKIP
         if msg.retain:
             return self._replayed(msg)
-        if self.limiter.quarantined(device, time.monotonic()):
+        now = time.monotonic()
+        if msg.qos == 0:
+            if not self.limiter.admit(device, now):
+                return "quarantined"
+        elif self.limiter.quarantined(device, now):
             return "quarantined"
         return None
 
-    def _replayed(self, msg: Message) -> str | None:
+    def _replayed(self, msg: Peek) -> str | None:
         """A message with the retain flag: the broker's stored copy, sent again at every subscribe
         (each restart and reconnect). Telemetry must not be retained; the first time a stored copy
         is seen it is dead-lettered as ``retained`` (with its bytes, for a person to replay), and

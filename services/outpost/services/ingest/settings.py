@@ -25,6 +25,15 @@ class IngestSettings(Section):
         2000, ge=1, description="Rate-limited readings within one second that put a device in quarantine."
     )
     quarantine_s: float = Field(30.0, gt=0, description="How long a flooding device stays quarantined.")
+    quarantine_qos0_messages_per_s: int = Field(
+        1000,
+        ge=0,
+        description=(
+            "QoS 0 messages from one device within one second past which it is quarantined (a batch "
+            "is one message; 0: no limit). Stops a flood of one-reading messages before the "
+            "readings' burst is spent; QoS 1 messages (a backlog the broker kept) do not count."
+        ),
+    )
     flush_ms: float = Field(5.0, gt=0, le=1000, description="Longest time a validated event waits.")
     flush_max: int = Field(500, ge=1, description="Events per device batch that trigger a flush.")
     commit_ms: float = Field(100.0, gt=0, description="How often confirmed dedup state is committed.")
