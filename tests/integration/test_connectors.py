@@ -180,6 +180,11 @@ def test_hostile_input_is_refused_and_dead_lettered_without_a_crash(
     send(publisher, settings, request("h-missing", args={"quantity": 2}))
     send(publisher, settings, request("h-late", deadline_ns=time.time_ns() - 10**9))
     send(publisher, settings, request("h-good"))
+    publisher.publish(topic, b"{" + b" " * 4_000_001 + b"}", qos=1)  # past the 4 MB a message may be
+    publisher.publish(settings.topics.root + "/actions/bad.topic", request("h-topic"), qos=1)
+    publisher.publish(topic, orjson.dumps([orjson.loads(request("h-batch"))]), qos=1)  # one at a time
+    late_agent = {**orjson.loads(request("h-agent")), "agent": "not/a segment"}
+    publisher.publish(topic, orjson.dumps(late_agent), qos=1)
     expected = {
         "h-conn": ("refused", "unknown_connector"),
         "h-cap": ("refused", "unknown_capability"),
@@ -188,13 +193,15 @@ def test_hostile_input_is_refused_and_dead_lettered_without_a_crash(
         "h-late": ("expired", "expired"),
     }
     assert res.wait_for(lambda c: set(final(c)) >= {*expected, "h-good"}, WAIT), results(res)
-    assert dlq.wait_for(lambda c: len(c.json()) >= len(expected) + 2, WAIT), dlq.json()
+    assert dlq.wait_for(lambda c: len(c.json()) >= len(expected) + 6, WAIT), dlq.json()
     got = final(res)
     assert got["h-good"] == "done"
+    assert not {"h-topic", "h-batch", "h-agent"} & set(got)
     for key, (outcome, _) in expected.items():
         assert got[key] == outcome, (key, results(res)[key])
     reasons = sorted(d["reason"] for d in dead(dlq))
-    want = sorted([r for _, r in expected.values()] + ["not_json", "wrong_type"])
+    kit = ["not_json", "wrong_type", "too_large", "bad_topic", "wrong_shape", "bad_identifier"]
+    want = sorted([r for _, r in expected.values()] + kit)
     assert reasons == want, reasons
     assert set(api.effects()) == {"h-good"}, "nothing refused reached the peer"
     assert g.thread.is_alive()
