@@ -180,6 +180,11 @@ def test_hostile_input_is_refused_and_dead_lettered_without_a_crash(
     send(publisher, settings, request("h-missing", args={"quantity": 2}))
     send(publisher, settings, request("h-late", deadline_ns=time.time_ns() - 10**9))
     send(publisher, settings, request("h-good"))
+    publisher.publish(topic, b"{" + b" " * 4_000_001 + b"}", qos=1)  # past the 4 MB a message may be
+    publisher.publish(settings.topics.root + "/actions/bad.topic", request("h-topic"), qos=1)
+    publisher.publish(topic, orjson.dumps([orjson.loads(request("h-batch"))]), qos=1)  # one at a time
+    late_agent = {**orjson.loads(request("h-agent")), "agent": "not/a segment"}
+    publisher.publish(topic, orjson.dumps(late_agent), qos=1)
     expected = {
         "h-conn": ("refused", "unknown_connector"),
         "h-cap": ("refused", "unknown_capability"),
@@ -188,13 +193,15 @@ def test_hostile_input_is_refused_and_dead_lettered_without_a_crash(
         "h-late": ("expired", "expired"),
     }
     assert res.wait_for(lambda c: set(final(c)) >= {*expected, "h-good"}, WAIT), results(res)
-    assert dlq.wait_for(lambda c: len(c.json()) >= len(expected) + 2, WAIT), dlq.json()
+    assert dlq.wait_for(lambda c: len(c.json()) >= len(expected) + 6, WAIT), dlq.json()
     got = final(res)
     assert got["h-good"] == "done"
+    assert not {"h-topic", "h-batch", "h-agent"} & set(got)
     for key, (outcome, _) in expected.items():
         assert got[key] == outcome, (key, results(res)[key])
     reasons = sorted(d["reason"] for d in dead(dlq))
-    want = sorted([r for _, r in expected.values()] + ["not_json", "wrong_type"])
+    kit = ["not_json", "wrong_type", "too_large", "bad_topic", "wrong_shape", "bad_identifier"]
+    want = sorted([r for _, r in expected.values()] + kit)
     assert reasons == want, reasons
     assert set(api.effects()) == {"h-good"}, "nothing refused reached the peer"
     assert g.thread.is_alive()
@@ -739,3 +746,27 @@ def test_a_token_shorter_lived_than_refresh_before_s_is_still_cached(
         assert set(final(res).values()) == {"done"}
     finally:
         api.stop()
+
+
+def test_a_failing_peer_is_probed_by_one_call_at_a_time_not_by_every_lane_slot(
+    settings: OutpostSettings, api: StoreAPI, gateway: list[Any], collect: Any, publisher: Bus
+) -> None:
+    """While the peer fails (500, slowly), the connector tries one request at a time rather than
+    ``concurrency`` of them each round; once one succeeds, it goes at full width again."""
+    retry = {"attempts": 1000, "backoff_s": [0.05, 0.1], "max_age_s": 120}
+    declare(settings, store=store_connector(api.url, concurrency=8, retry=retry))
+    start_gateway(gateway, settings)
+    res = collect(settings.topics.all_action_results)
+    api.faults(fail_next=10**6, slow_ms=100)
+    keys = [f"p-{i}" for i in range(40)]
+    for k in keys:
+        send(publisher, settings, request(k, args={"shelf": k, "quantity": 1}))
+    assert wait_until(lambda: len(api.arrivals()) >= 40, WAIT)
+    api.faults(fail_next=0)
+    assert res.wait_for(lambda c: set(keys) <= set(final(c)), WAIT)
+    failing = [a for a in api.arrivals() if a["status"] == 500]
+    overlapped = [a for a in failing if a["concurrent"] > 1]
+    # only the first round (up to 8 calls sent before any failure came back) overlaps
+    assert len(overlapped) <= 8, f"{len(overlapped)} of {len(failing)} failing calls overlapped"
+    assert {final(res)[k] for k in keys} == {"done"}
+    assert all(e["effects"] == 1 for e in api.effects().values())

@@ -12,7 +12,7 @@ benchmark. It behaves like a careful SaaS API, and fails on command like a real 
   ``GET /_issued``: every access token issued (what a leak test looks for).
 * ``POST /_faults`` (JSON, fields optional): ``fail_next: N`` (the next N calls answer 500, no
   effect), ``status: S`` with ``count`` and ``retry_after`` (the next ``count`` calls answer S,
-  Retry-After set when given), ``slow_ms: M`` (every call waits M ms before its effect),
+  Retry-After set when given), ``slow_ms: M`` (every call waits M ms before its effect or its fault),
   ``down: true`` with ``down_s`` (stop listening: connections are refused, open ones cut; back after
   ``down_s``, or on :meth:`StoreAPI.up` in-process), ``revoke_tokens: true``, ``token_ttl_s: T``
   (``expires_in`` of the tokens issued next), ``echo_headers: true`` (error answers carry the
@@ -72,6 +72,8 @@ class State:
     issued: list[str] = field(default_factory=list)
     """Every access token issued (a leak test looks for them where they must not be)."""
     unauthorized: int = 0
+    inflight: int = 0
+    """Calls being answered now (each arrival notes how many, itself included: ``concurrent``)."""
     faults: Faults = field(default_factory=Faults)
 
 
@@ -260,9 +262,20 @@ class StoreAPI:
             return ok
 
     def _action(self, handler: _Handler) -> tuple[int, dict[str, Any], dict[str, str]]:
+        with self.lock:
+            self.state.inflight += 1
+            concurrent = self.state.inflight
+        try:
+            return self._act(handler, concurrent)
+        finally:
+            with self.lock:
+                self.state.inflight -= 1
+
+    def _act(self, handler: _Handler, concurrent: int) -> tuple[int, dict[str, Any], dict[str, str]]:
         path = handler.path
         key = handler.headers.get("Idempotency-Key")
         arrival: dict[str, Any] = {"path": path, "key": key, "t_ns": time.monotonic_ns()}
+        arrival["concurrent"] = concurrent
         try:
             body = orjson.loads(handler.body)
         except orjson.JSONDecodeError:
@@ -275,13 +288,20 @@ class StoreAPI:
             if not authorized:
                 arrival["status"] = 401
                 return 401, self._error(handler, "invalid or expired token", f), {}
+            slow = f.slow_ms
             if f.fail > 0:
                 f.fail -= 1
                 status, ra = f.fail_status, f.retry_after
                 arrival["status"] = status
                 extra = {} if ra is None else {"Retry-After": f"{ra:g}"}
-                return status, self._error(handler, "fault on command", f), extra
-            slow = f.slow_ms
+                doc = self._error(handler, "fault on command", f)
+            else:
+                status = 0
+        if status:
+            if slow:  # a slow peer is slow to fail too
+                time.sleep(slow / 1000.0)
+            return status, doc, extra
+        with self.lock:
             if key is None:
                 key = "unkeyed-" + secrets.token_hex(8)
             lock = self._key_locks.setdefault(key, threading.Lock())

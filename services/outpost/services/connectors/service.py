@@ -85,6 +85,8 @@ class Lane:
     """order_by values with a call in flight."""
     paused_until: int = 0
     """After a transient failure: the connector waits until the failed request's next try."""
+    probing: bool = False
+    """After a transient failure: one call at a time until one succeeds (a probe, not a volley)."""
     calls: int = 0
 
 
@@ -375,7 +377,7 @@ class Gateway:
             if not lane.queue or now < lane.paused_until:
                 continue
             conn = lane.conn
-            limit = conn.spec.concurrency
+            limit = 1 if lane.probing else conn.spec.concurrency
             blocked: set[str] = set(lane.orders)
             waiting_caps: set[str] = set()
             i = 0
@@ -492,6 +494,7 @@ class Gateway:
                     last = min(last, q.deadline_ns)
                 q.attempts, q.next_ns = attempts, min(now + int(delay * 1e9), last + 1)
                 lane.paused_until = max(lane.paused_until, q.next_ns)
+                lane.probing = True
                 self._writes.append(
                     (
                         "UPDATE requests SET attempts = ?, next_ns = ?, detail = ? "
@@ -510,6 +513,7 @@ class Gateway:
             self._settle(lane, q, "failed", why, o.result, attempts, share, now, reason="failed")
         if any(o.ok for o in out):
             lane.paused_until = 0  # it answers again: the rest need not wait out the pause
+            lane.probing = False
         if self._draining:
             self._commit()
 
