@@ -410,11 +410,14 @@ class Bus:
             )
 
     def drain(self, timeout_s: float) -> bool:
-        """Wait until every QoS 1 publish has been acknowledged, or the timeout passes."""
+        """Wait until every QoS 1 publish has been acknowledged and everything paho holds for the
+        socket (the acknowledgements of what we received, too) is written, or the timeout passes:
+        a stop right after a commit must not cut its acknowledgements (they came back once, under
+        load, as redeliveries of what had been committed)."""
         deadline = time.monotonic() + timeout_s
-        while self.pending and time.monotonic() < deadline:
+        while (self.pending or internals.queued_packets(self._client)) and time.monotonic() < deadline:
             time.sleep(0.01)
-        return self.pending == 0
+        return self.pending == 0 and not internals.queued_packets(self._client)
 
     def stop(self, *, drain_s: float = 5.0, final: list[tuple[str, bytes, bool]] | None = None) -> None:
         """Drain, publish ``final`` messages (topic, payload, retain) at QoS 1, disconnect, join."""

@@ -40,7 +40,7 @@ def test_demo_runs_reports_and_stops_everything() -> None:
     assert summary["validated"] == summary["sent"]
     assert summary["rejected"] == sim["bad_total"] > 0
     assert summary["duplicates_dropped_by_consumer"] == 0
-    assert summary["restarts"] == {"ingest": 0, "inference": 0, "memory": 0, "agents": 0}
+    assert summary["restarts"] == {"ingest": 0, "inference": 0, "memory": 0, "agents": 0, "connectors": 0}
     # scores flow, each with its model and version, from both shipped models
     assert summary["scores"] > 0
     assert {m.split("@")[0] for m in summary["scores_by_model"]} == {"fridge-anomaly", "shelf-stock"}
@@ -50,8 +50,9 @@ def test_demo_runs_reports_and_stops_everything() -> None:
         "inference": "stopped",
         "memory": "stopped",
         "agents": "stopped",
+        "connectors": "stopped",
     }
-    assert summary["exit_codes"] == {"ingest": 0, "inference": 0, "memory": 0, "agents": 0}
+    assert summary["exit_codes"] == {"ingest": 0, "inference": 0, "memory": 0, "agents": 0, "connectors": 0}
     assert summary["ingest_counters"]["events"] == summary["validated"]
     # the operational log holds every event, score and dead letter of the run
     logged = summary["memory_counters"]["entries"]
@@ -64,6 +65,15 @@ def test_demo_runs_reports_and_stops_everything() -> None:
         assert set(a) == {"state", "decisions", "escalations", "escalations_open", "actions", "override_rate"}
         assert a["decisions"] >= a["actions"] + a["escalations"]
         assert a["escalations"] >= a["escalations_open"] >= 0
+    # the agents' actions were carried out on the shop's peers the demo started, each once
+    actions, peers = summary["actions"], summary["peers"]
+    for connector, a in actions.items():
+        assert connector in ("store", "mail")
+        assert set(a["outcomes"]) <= {"done", "duplicate"}, a  # nothing failed, expired or refused
+    store_done = actions.get("store", {}).get("outcomes", {}).get("done", 0)
+    assert sum(p["effects"] for p in peers["store_api"].values()) == store_done
+    assert all(p["effects"] <= p["requests"] for p in peers["store_api"].values())
+    assert peers["mails_duplicated"] == 0
     # a clean demo leaves no state folder behind (and says so)
     assert summary["state_dir"] is None
     assert summary["latency_ms"]["p99"] >= summary["latency_ms"]["p50"] > 0

@@ -70,7 +70,7 @@ def test_after_commit_messages_are_redelivered_until_committed(
     rt3.subscribe(topic, lambda m: third.append(m.raw), ack=Ack.AFTER_COMMIT)
     rt3.start()
     publisher.publish(topic, b"new", qos=1)
-    assert wait_until(lambda: third == [b"new"])  # the committed five never came back
+    assert wait_until(lambda: third == [b"new"]), third  # the committed five never came back
 
 
 def test_outputs_hold_their_message_and_bad_input_reaches_the_dlq(

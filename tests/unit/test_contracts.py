@@ -19,9 +19,9 @@ from pydantic import ValidationError
 from outpost.contracts import (
     CONTRACTS,
     DEAD_LETTER,
-    DECISION,
     DECODE_REASONS,
     DLQ_PAYLOAD_MAX,
+    ESCALATION,
     EVENT,
     METRICS,
     READING,
@@ -565,7 +565,7 @@ def test_wrong_shape_items_of_a_batch() -> None:
 
 
 def test_a_list_for_a_contract_that_does_not_batch_is_the_wrong_shape() -> None:
-    out = _decode(b"[{}]", DECISION)
+    out = _decode(b"[{}]", ESCALATION)
     assert out.batch is False
     assert _reasons(out) == [("wrong_shape", None)]
     assert out.rejects[0].detail == "expected an object, got list"
