@@ -311,6 +311,9 @@ def test_connectors_bench_prints_its_figures_as_json() -> None:
         assert g["peer_keys"] == g["sent"] and g["peer_effects_not_once"] == 0
         assert {"connectors", "mosquitto", "store_api"} <= set(g["cpu_pct"])
     assert phases["gateway"]["latency"]["count"] > 0
+    stages = phases["gateway"]["stages"]  # from the outbox's times: every request in the window
+    assert set(stages) == {"to_gateway", "in_gateway", "result_out"}
+    assert all(st["count"] == phases["gateway"]["latency"]["count"] for st in stages.values()), stages
     s = result["summary"]
     assert {"added_p50_ms", "added_p99_ms", "gateway_max_actions_per_s", "all_targets_met"} <= set(s)
     assert s["every_request_accounted"] is True

@@ -35,6 +35,7 @@ import contextlib
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -312,12 +313,13 @@ class ResultSinkSpec:
     capacity: int
 
 
-def run_result_sink(spec: ResultSinkSpec, ch: Channels, stamps: Stamps) -> None:
-    """Process entry point: the phase's ActionResults (latency from the request's publish time), and
-    the gateway's status (``service_ready`` once it is online)."""
+def run_result_sink(spec: ResultSinkSpec, ch: Channels, stamps: Stamps, arrivals: Stamps) -> None:
+    """Process entry point: the phase's ActionResults (latency from the request's publish time; the
+    arrival of result *k* in ``arrivals[k]``), and the gateway's status (``service_ready`` once it is
+    online)."""
     result: dict[str, Any] = {"spec": asdict(spec)}
     try:
-        result.update(_results(spec, ch, stamps))
+        result.update(_results(spec, ch, stamps, arrivals))
     except BaseException:
         result["error"] = traceback.format_exc()
         raise
@@ -325,7 +327,7 @@ def run_result_sink(spec: ResultSinkSpec, ch: Channels, stamps: Stamps) -> None:
         ch.results.put(("sink", result))
 
 
-def _results(spec: ResultSinkSpec, ch: Channels, stamps: Stamps) -> dict[str, Any]:
+def _results(spec: ResultSinkSpec, ch: Channels, stamps: Stamps, arrivals: Stamps) -> dict[str, Any]:
     topics = Topics(site=spec.site)
     client = paho_client(spec.client_id)
     mine = spec.prefix + "-"
@@ -357,6 +359,7 @@ def _results(spec: ResultSinkSpec, ch: Channels, stamps: Stamps) -> dict[str, An
                 counts["duplicates"] += 1
                 continue
             seen[k] = 1
+            arrivals[k] = now
             received.value += 1
             outcomes[str(doc.get("outcome"))] += 1
             attempts[int(doc.get("attempts", 0))] += 1
@@ -458,6 +461,7 @@ def _run(o: ConnectorsBenchOptions, work: Path, say: Progress) -> dict[str, Any]
     names = ("direct", "direct_max", "hops", "gateway", "gateway_max")
     chans = {n: Channels.create(ctx) for n in names}
     stamps = {n: cast(Stamps, ctx.RawArray("q", o.capacity)) for n in ("gateway", "gateway_max")}
+    arrivals = {n: cast(Stamps, ctx.RawArray("q", o.capacity)) for n in ("gateway", "gateway_max")}
     procs: list[BaseProcess] = []
     phases: dict[str, dict[str, Any]] = {}
     cpu = Procs()
@@ -523,6 +527,7 @@ def _run(o: ConnectorsBenchOptions, work: Path, say: Progress) -> dict[str, Any]
                         ResultSinkSpec(host, port, site, prefix, f"bench-{name}-sink", o.capacity),
                         chans[name],
                         stamps[name],
+                        arrivals[name],
                     ),
                 ),
                 (
@@ -605,12 +610,50 @@ def _run(o: ConnectorsBenchOptions, work: Path, say: Progress) -> dict[str, Any]
         if api.poll() is None:
             api.kill()
             api.wait()
+    outbox = _outbox_times(work)
+    for name, prefix in (("gateway", "gp"), ("gateway_max", "gm")):
+        phases[name]["stages"] = stages(outbox, prefix, stamps[name], arrivals[name], chans[name])
     return {
         "phases": {n: _figures(n, phases[n], effects, stamps.get(n), chans[n]) for n in names},
         "services": {
             str(r["service"]): {"restarts": r["restarts"], "last_exit": r["last_exit"]} for r in final
         },
     }
+
+
+def _outbox_times(work: Path) -> dict[str, tuple[int, int]]:
+    """key -> (received_ns, settled_ns) from the gateway's outbox, read once the site has stopped."""
+    found = sorted(work.glob("data/**/outbox.db"))
+    if not found:
+        return {}
+    db = sqlite3.connect(f"file:{found[0]}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT key, received_ns, settled_ns FROM requests").fetchall()
+    finally:
+        db.close()
+    return {str(k): (int(r or 0), int(s or 0)) for k, r, s in rows}
+
+
+def stages(
+    outbox: dict[str, tuple[int, int]], prefix: str, stamps: Stamps, arrivals: Stamps, ch: Channels
+) -> dict[str, dict[str, float]]:
+    """Where a request's time went, for those published inside the window (one clock: every process
+    is on this machine): ``to_gateway`` publish -> the gateway's intake (one broker hop, the bus);
+    ``in_gateway`` intake -> the call's answer back on the gateway's network thread (the outbox
+    commit, the queue, the HTTP call); ``result_out`` -> the result at the subscriber (the settled
+    state's commit, the publish, one broker hop)."""
+    lo, hi = ch.lat_from.value, ch.lat_to.value
+    hs = {n: Histogram() for n in ("to_gateway", "in_gateway", "result_out")}
+    for k in range(min(ch.sent.value, len(stamps))):
+        sent, got = stamps[k], arrivals[k]
+        times = outbox.get(f"{prefix}-{k}")
+        if not (lo <= sent < hi) or not got or times is None or not all(times):
+            continue
+        received, settled = times
+        hs["to_gateway"].record_ns(max(0, received - sent))
+        hs["in_gateway"].record_ns(max(0, settled - received))
+        hs["result_out"].record_ns(max(0, got - settled))
+    return {n: latency_summary(h) for n, h in hs.items()}
 
 
 def _take(ch: Channels, role: str) -> dict[str, Any]:
@@ -719,7 +762,9 @@ def _figures(
             peer_effects_not_once=sum(1 for e in mine if e["effects"] != 1),
             peer_requests=sum(int(e["requests"]) for e in mine),
             publish_errors=ld.get("errors"),
+            stages=p.get("stages", {}),
             gateway_counters=sink["metrics"].get("counters", {}),
+            gateway_histograms=sink["metrics"].get("histograms", {}),
         )
         if "profile" in p:
             out["profile"] = p["profile"]

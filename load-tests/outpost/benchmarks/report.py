@@ -361,6 +361,19 @@ def print_connectors(result: dict[str, Any], console: Console) -> None:
         f"direct calls flat out {_n(s['direct_max_calls_per_s'])}/s; every request accounted for: "
         f"{_met(s['every_request_accounted'])}"
     )
+    st = result["phases"]["gateway"].get("stages", {})
+    if st.get("in_gateway", {}).get("count"):
+        console.print(
+            "the paced gateway's requests, stage by stage (p50 / p99 ms): "
+            + "; ".join(
+                f"{label} {_ms(st[k], 'p50_ms')} / {_ms(st[k], 'p99_ms')}"
+                for k, label in (
+                    ("to_gateway", "publish -> intake"),
+                    ("in_gateway", "intake -> answer (outbox commit, queue, call)"),
+                    ("result_out", "answer -> result at the subscriber (commit, publish)"),
+                )
+            )
+        )
     prof = result["phases"]["gateway"].get("profile", {}).get("connectors")
     if prof:
         top = ", ".join(f"{f} {v}%" for f, v in prof["self_pct"][:6])
