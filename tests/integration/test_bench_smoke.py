@@ -260,3 +260,70 @@ def test_agent_bench_acts_when_asked() -> None:
     pipe = orjson.loads(p.stdout.strip().splitlines()[-1])["phases"]["pipeline"]
     assert set(pipe["kinds"]) == {"act"}
     assert pipe["service_counters"]["agents"]["actions.bench"] == pipe["decided"] > 0
+
+
+CONNECTOR_GATEWAY_KEYS = {
+    "sent",
+    "results",
+    "outcomes",
+    "missing",
+    "duplicates",
+    "unknown",
+    "latency",
+    "peer_keys",
+    "peer_effects_not_once",
+    "cpu_pct",
+}
+
+
+def test_connectors_bench_prints_its_figures_as_json() -> None:
+    """Direct calls, the broker hop and the gateway in one run: every request of the gateway phases
+    has its result and its effect at the peer once."""
+    p = outpost(
+        "bench",
+        "connectors",
+        "--quick",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--rate",
+        "100",
+        "--window",
+        "200",
+        "--json",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = orjson.loads(p.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "connectors"
+    phases = result["phases"]
+    assert set(phases) == {"direct", "direct_max", "hops", "gateway", "gateway_max"}
+    for name in ("direct", "direct_max"):
+        d = phases[name]
+        assert d["answered"] == d["sent"] > 0 and set(d["statuses"]) == {"201"}, d
+        assert d["latency"]["count"] > 0
+    assert phases["hops"]["received"] == phases["hops"]["sent"] > 0
+    for name in ("gateway", "gateway_max"):
+        g = phases[name]
+        assert set(g) >= CONNECTOR_GATEWAY_KEYS, name
+        assert g["results"] == g["sent"] > 0 and g["outcomes"] == {"done": g["sent"]}, g
+        assert g["missing"] == g["duplicates"] == g["unknown"] == 0
+        assert g["peer_keys"] == g["sent"] and g["peer_effects_not_once"] == 0
+        assert {"connectors", "mosquitto", "store_api"} <= set(g["cpu_pct"])
+    assert phases["gateway"]["latency"]["count"] > 0
+    stages = phases["gateway"]["stages"]  # from the outbox's times: every request in the window
+    assert set(stages) == {"to_gateway", "in_gateway", "result_out"}
+    assert all(st["count"] == phases["gateway"]["latency"]["count"] for st in stages.values()), stages
+    s = result["summary"]
+    assert {"added_p50_ms", "added_p99_ms", "gateway_max_actions_per_s", "all_targets_met"} <= set(s)
+    assert s["every_request_accounted"] is True
+    for svc in result["services"].values():
+        assert svc["restarts"] == 0
+
+    from rich.console import Console
+
+    from outpost.benchmarks.report import print_connectors
+
+    table = io.StringIO()
+    print_connectors(result, Console(file=table, width=200))  # the form without --json
+    assert "added by the gateway" in table.getvalue()

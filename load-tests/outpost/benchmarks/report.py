@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -294,4 +295,87 @@ def print_agent(result: dict[str, Any], console: Console) -> None:
     for svc, prof in p.get("profile", {}).items():
         top = ", ".join(f"{f} {v}%" for f, v in prof["self_pct"][:5])
         console.print(f"profile {svc} ({prof['samples']:,} samples), most self time: {top}")
+    console.print(machine_line(result))
+
+
+CONNECTOR_PHASES = (
+    ("direct", "direct, paced"),
+    ("direct_max", "direct, flat out"),
+    ("hops", "broker hop alone"),
+    ("gateway", "gateway, paced"),
+    ("gateway_max", "gateway, flat out"),
+)
+
+
+def connectors_table(result: dict[str, Any]) -> Table:
+    """Every phase side by side: rates, latency, what was accounted for, CPU of every process."""
+    ph = result["phases"]
+    t = Table(title="connectors: direct httpx calls vs the gateway (QoS 1, durable outbox), same run")
+    t.add_column("")
+    for _, label in CONNECTOR_PHASES:
+        t.add_column(label, justify="right")
+
+    def row(label: str, f: Callable[[dict[str, Any]], str], only: tuple[str, ...] = ()) -> None:
+        t.add_row(label, *(f(ph[n]) if not only or n in only else "" for n, _ in CONNECTOR_PHASES))
+
+    row("offered/s", lambda p: _n(p["offered_per_s"]) if p["offered_per_s"] else "flat out")
+    row("answered/s (calls; messages; results)", lambda p: _n(p["out_per_s"]))
+
+    def lat(key: str) -> Callable[[dict[str, Any]], str]:
+        return lambda p: _ms(p["latency"], key)
+
+    def cpu(role: str) -> Callable[[dict[str, Any]], str]:
+        return lambda p: _n(p["cpu_pct"].get(role), 1)
+
+    for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms"):
+        row(key.replace("_ms", " ms"), lat(key))
+    row("measured (in the window)", lambda p: _n(p["latency"].get("count")))
+    row("sent", lambda p: _n(p["sent"]))
+    gw = ("gateway", "gateway_max")
+    row(
+        "results done / other",
+        lambda p: (
+            f"{p['outcomes'].get('done', 0):,} / {sum(v for k, v in p['outcomes'].items() if k != 'done'):,}"
+        ),
+        gw,
+    )
+    row("missing / duplicates", lambda p: f"{p['missing']:,} / {p['duplicates']:,}", gw)
+    row("peer: keys / effects not once", lambda p: f"{p['peer_keys']:,} / {p['peer_effects_not_once']:,}", gw)
+    roles = [*sorted({r for p in ph.values() for r in p["cpu_pct"]} - {"other", "steal"}), "other", "steal"]
+    for role in roles:
+        row(f"CPU % {role}", cpu(role))
+    return t
+
+
+def print_connectors(result: dict[str, Any], console: Console) -> None:
+    console.print(connectors_table(result))
+    s = result["summary"]
+    console.print(
+        f"added by the gateway: p50 {_n(s['added_p50_ms'], 2)} ms, p99 {_n(s['added_p99_ms'], 2)} ms "
+        f"(target <= {s['target_added_p99_ms_max']:g} ms: {_met(s['targets_met']['added_p99'])}); "
+        f"one broker hop alone p50 {_n(s['hops_p50_ms'], 2)} ms, p99 {_n(s['hops_p99_ms'], 2)} ms"
+    )
+    console.print(
+        f"actions/s flat out {_n(s['gateway_max_actions_per_s'])} "
+        f"(target >= {s['target_actions_per_s_min']:,.0f}: {_met(s['targets_met']['actions_per_s'])}); "
+        f"direct calls flat out {_n(s['direct_max_calls_per_s'])}/s; every request accounted for: "
+        f"{_met(s['every_request_accounted'])}"
+    )
+    st = result["phases"]["gateway"].get("stages", {})
+    if st.get("in_gateway", {}).get("count"):
+        console.print(
+            "the paced gateway's requests, stage by stage (p50 / p99 ms): "
+            + "; ".join(
+                f"{label} {_ms(st[k], 'p50_ms')} / {_ms(st[k], 'p99_ms')}"
+                for k, label in (
+                    ("to_gateway", "publish -> intake"),
+                    ("in_gateway", "intake -> answer (outbox commit, queue, call)"),
+                    ("result_out", "answer -> result at the subscriber (commit, publish)"),
+                )
+            )
+        )
+    prof = result["phases"]["gateway"].get("profile", {}).get("connectors")
+    if prof:
+        top = ", ".join(f"{f} {v}%" for f, v in prof["self_pct"][:6])
+        console.print(f"profile connectors ({prof['samples']:,} samples), most self time: {top}")
     console.print(machine_line(result))

@@ -402,6 +402,67 @@ def agent(
         print_agent(result, stdout_console())
 
 
+@bench_app.command("connectors")
+def connectors(
+    quick: Annotated[bool, typer.Option("--quick", help="3 s windows (about 40 s).")] = False,
+    rate: Annotated[
+        float, typer.Option("--rate", min=1.0, help="Actions/s offered in the paced phases.")
+    ] = 1000.0,
+    concurrency: Annotated[
+        int,
+        typer.Option("--concurrency", min=1, max=256, help="Calls in flight: the connector's and direct."),
+    ] = 8,
+    duration: Annotated[
+        float | None,
+        typer.Option("--duration", min=0.5, help="Measured seconds per phase (10; --quick: 3)."),
+    ] = None,
+    warmup: Annotated[
+        float | None,
+        typer.Option("--warmup", min=0.0, help="Seconds of load before each window (2; --quick: 1)."),
+    ] = None,
+    window: Annotated[
+        int, typer.Option("--window", min=1, help="Flat-out gateway phase: most requests unanswered.")
+    ] = 2000,
+    log_sync: Annotated[
+        str, typer.Option("--log-sync", help="The outbox's SQLite synchronous: FULL (default), NORMAL, OFF.")
+    ] = "FULL",
+    profile: Annotated[
+        Path | None,
+        typer.Option("--profile", help="py-spy the gateway during the paced gateway window; stacks here."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The connector gateway against direct httpx calls to the same local endpoint, in one run:
+    actions/s and the p50/p99 latency the gateway adds, next to the broker hops alone.
+
+    Starts the simulated store API (a process of its own) and the site with only the connector
+    gateway (its own Mosquitto, the durable outbox); every request has a key of its own.
+    """
+    from outpost.benchmarks.connectors import ConnectorsBenchOptions, run_connectors_bench
+    from outpost.benchmarks.report import print_connectors
+
+    if log_sync not in ("FULL", "NORMAL", "OFF"):
+        raise ConfigError(f"--log-sync must be FULL, NORMAL or OFF, got {log_sync!r}")
+    kw: dict[str, Any] = {
+        "rate": rate,
+        "concurrency": concurrency,
+        "window": window,
+        "log_sync": log_sync,
+        "profile_dir": profile,
+    }
+    if duration is not None:
+        kw["duration_s"] = duration
+    if warmup is not None:
+        kw["warmup_s"] = warmup
+    options = ConnectorsBenchOptions.make(quick=quick, **kw)
+    err = _progress()
+    result = run_connectors_bench(options, progress=lambda m: err.print(f"[dim]{m}[/]"))
+    if json_out:
+        print_json(result)
+    else:
+        print_connectors(result, stdout_console())
+
+
 def register(app: typer.Typer) -> None:
     """Add ``outpost bench`` and its commands to the root app."""
     app.add_typer(bench_app, name="bench")
