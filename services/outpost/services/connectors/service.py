@@ -50,6 +50,8 @@ NAME = "connectors"
 REASONS = ("unknown_connector", "unknown_capability", "bad_args", "expired", "failed")
 NEVER = 2**62
 """A quarantine threshold no bucket reaches: the core's rate limiter as a plain token bucket."""
+RECENT_KEYS = 200_000
+"""Outbox keys kept in memory (~25 MB at most)."""
 
 
 @dataclass(slots=True)
@@ -151,6 +153,17 @@ class Gateway:
         self._keys: set[str] = set()
         """Keys accepted since the last commit (a copy in the same commit is a duplicate)."""
         self._retry_at = 0.0
+        self._known: dict[str, None] = {
+            key: None
+            for (key,) in reversed(
+                self.outbox.query(
+                    "SELECT key FROM requests ORDER BY received_ns DESC LIMIT ?", (RECENT_KEYS,)
+                )
+            )
+        }
+        """Keys in the outbox, the newest first in, oldest first out: a new key (nearly every
+        request) is known new without a query; a key seen before is looked up for its result."""
+        self._flush_posted = False
         self._draining = False
         self._restore()
         self.rt.subscribe(
@@ -205,7 +218,11 @@ class Gateway:
             if req.key in self._keys:
                 self.metrics.counters["duplicates"] += 1
                 continue
-            row = self.outbox.one("SELECT state, payload, connector FROM requests WHERE key = ?", (req.key,))
+            row = (
+                self.outbox.one("SELECT state, payload, connector FROM requests WHERE key = ?", (req.key,))
+                if req.key in self._known
+                else None
+            )
             if row is not None:
                 state, payload, conn = row
                 self.metrics.counters["duplicates"] += 1
@@ -276,6 +293,8 @@ class Gateway:
             )
             q.order = self._order(cap, req.args)
             self._accepted.append(q)
+        if self._writes or self._publishes:
+            self._soon()
 
     def _refuse(
         self, req: ActionRequest, conn: str, reason: str, detail: str, inbound: Inbound[Any], now: int
@@ -344,6 +363,18 @@ class Gateway:
             self.rt.committed()
         self._dispatch()
 
+    def _soon(self) -> None:
+        """Commit and dispatch once the network thread has done what it is doing (a read's
+        messages, the calls that finished meanwhile) rather than at the next tick: a request
+        waits for no timer, and what arrived together still shares one commit (one fsync)."""
+        if not self._flush_posted:
+            self._flush_posted = True
+            self.rt.bus.post(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_posted = False
+        self._tick()
+
     def _commit(self) -> None:
         try:
             self.outbox.commit(self._writes)
@@ -357,6 +388,11 @@ class Gateway:
             return
         publishes, self._writes, self._publishes = self._publishes, [], []
         accepted, self._accepted = self._accepted, []
+        known = self._known
+        for key in self._keys:
+            known[key] = None
+        while len(known) > RECENT_KEYS:
+            del known[next(iter(known))]
         self._keys.clear()
         for topic, payload in publishes:
             self.rt.publish(topic, payload, qos=1)
@@ -516,6 +552,8 @@ class Gateway:
             lane.probing = False
         if self._draining:
             self._commit()
+        else:
+            self._soon()
 
     def _settle(
         self,
