@@ -93,5 +93,12 @@ class RateLimiter:
                 self.quarantines += 1
         return granted
 
+    def give_back(self, device: str, n: int) -> None:
+        """Return ``n`` tokens taken but not used (the connector gateway takes a capability's token,
+        then its connector's: when the second is refused, the first goes back)."""
+        b = self._buckets.get(device)
+        if b is not None:
+            b.tokens = min(self.burst, b.tokens + n)
+
     def quarantined_devices(self, now: float) -> list[str]:
         return sorted(d for d, b in self._buckets.items() if now < b.quarantined_until)

@@ -83,3 +83,14 @@ def test_admit_refuses_a_device_quarantined_for_its_readings() -> None:
     assert rl.take("d", 3, 0.0) == 1
     assert rl.quarantined("d", 0.0)
     assert not rl.admit("d", 0.1)
+
+
+def test_a_token_given_back_can_be_taken_again() -> None:
+    rl = RateLimiter(rate=1, burst=2, quarantine_after=1000, quarantine_s=30)
+    assert rl.take("cap", 2, 0.0) == 2
+    assert rl.take("cap", 1, 0.0) == 0
+    rl.give_back("cap", 1)
+    assert rl.take("cap", 1, 0.0) == 1
+    rl.give_back("cap", 5)  # never past the burst
+    assert rl.take("cap", 5, 0.0) == 2
+    rl.give_back("never-seen", 1)  # a bucket that took nothing has nothing to get back

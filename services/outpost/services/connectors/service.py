@@ -404,7 +404,11 @@ class Gateway:
         capb = self.buckets.get(f"{conn.name}/{cap.name}")
         if capb is not None and not capb.take(cap.name, 1, mono):
             return False
-        return self.buckets[conn.name].take(conn.name, 1, mono) == 1
+        if self.buckets[conn.name].take(conn.name, 1, mono) == 1:
+            return True
+        if capb is not None:  # the connector said no: the capability's token was not used
+            capb.give_back(cap.name, 1)
+        return False
 
     def _dispatch(self) -> None:
         now = time.time_ns()
