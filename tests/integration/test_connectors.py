@@ -142,6 +142,22 @@ def start_gateway(started: list[ServiceThread[Gateway]], settings: OutpostSettin
     return g
 
 
+def test_a_site_with_no_connector_leaves_requests_to_the_agents_outbox(
+    settings: OutpostSettings, gateway: list[ServiceThread[Gateway]], publisher: Bus
+) -> None:
+    """No connector declared (the default): the gateway takes no request, so an agent's request is
+    neither refused nor dead-lettered (which would count as failures and open its breaker): it stays
+    in the agent's outbox, re-sent until a gateway takes it."""
+    t = settings.topics
+    out = Collector(settings.mqtt, t.all_action_results, client_id="r-" + settings.site).start()
+    dlq = Collector(settings.mqtt, t.dlq("connectors"), client_id="d-" + settings.site).start()
+    g = start_gateway(gateway, settings)
+    send(publisher, settings, request("k-none"), connector="inventory")
+    time.sleep(1.0)  # what would have come (a refusal takes milliseconds) has had its time
+    assert out.json() == [] and dlq.json() == []
+    assert g.stop().metrics.counters["requests"] == 0
+
+
 # --- duplicates, hostile input -------------------------------------------------------------------
 def test_the_same_key_has_one_effect_and_gets_its_stored_result_again(
     settings: OutpostSettings, api: StoreAPI, gateway: list[Any], collect: Any, publisher: Bus

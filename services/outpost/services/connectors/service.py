@@ -166,13 +166,19 @@ class Gateway:
         self._flush_posted = False
         self._draining = False
         self._restore()
-        self.rt.subscribe(
-            self.topics.all_actions,
-            self._on_requests,
-            contract=ACTION_REQUEST,
-            ack=Ack.AFTER_COMMIT,
-            topic_key=self.topics.action_connector,
-        )
+        if self.connectors:
+            self.rt.subscribe(
+                self.topics.all_actions,
+                self._on_requests,
+                contract=ACTION_REQUEST,
+                ack=Ack.AFTER_COMMIT,
+                topic_key=self.topics.action_connector,
+            )
+        else:
+            # A site that declares no connector has no gateway to speak of: its agents' requests
+            # stay in their outbox (re-sent until a gateway takes them), rather than each being
+            # refused as unknown_connector, which would count as failures and open their breakers.
+            log.info("no connectors declared: action requests wait in the agents' outbox")
         self.rt.every(cfg.commit_ms / 1000.0, self._tick)
         self.rt.every(60.0, self._forget)
         self.rt.extra_status = self._state
