@@ -27,7 +27,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from outpost.broker import Mosquitto
+from outpost.broker import Mosquitto, free_port
 from outpost.bus import Bus
 from outpost.contracts import header
 from outpost.datadir import site_path
@@ -49,10 +49,6 @@ RETRY = {"attempts": 100, "backoff_s": [0.05, 0.3], "max_age_s": 300}
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Relay:

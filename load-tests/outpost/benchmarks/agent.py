@@ -54,7 +54,15 @@ from outpost.benchmarks.channels import Channels, spawn_context
 from outpost.benchmarks.ingest import machine
 from outpost.benchmarks.load import LoadSpec, Stamps, run_publisher
 from outpost.benchmarks.mqtt import connect, paho_client, subscribe
-from outpost.benchmarks.phase import BenchError, Procs, cpu_between
+from outpost.benchmarks.phase import (
+    BenchError,
+    Procs,
+    cpu_between,
+    drain_until,
+    stack_pids,
+    take_result,
+    wait_ready,
+)
 from outpost.benchmarks.sinks import SinkSpec, latency_summary, run_raw_sink
 from outpost.contracts import reading_id_prefix
 from outpost.metrics import Histogram
@@ -367,14 +375,16 @@ def _run(o: AgentBenchOptions, work: Path, say: Progress) -> dict[str, Any]:
                     return f"{q.name} exited with {q.exitcode}"
             return None
 
-        _wait(
+        wait_ready(
             "the subscribers", lambda: hops_ch.sink_ready.is_set() and pipe_ch.sink_ready.is_set(), 60, dead
         )
-        _wait("every service online", pipe_ch.service_ready.is_set, 90, dead)
-        _wait("the publishers", lambda: hops_ch.pub_ready.is_set() and pipe_ch.pub_ready.is_set(), 30, dead)
+        wait_ready("every service online", pipe_ch.service_ready.is_set, 90, dead)
+        wait_ready(
+            "the publishers", lambda: hops_ch.pub_ready.is_set() and pipe_ch.pub_ready.is_set(), 30, dead
+        )
         time.sleep(o.settle_s)
         cpu = Procs()
-        for role, pid in _pids(stack).items():
+        for role, pid in stack_pids(stack).items():
             cpu.add(role, pid)
         for role, proc_ in byname.items():
             cpu.add(role, proc_.pid)
@@ -386,7 +396,7 @@ def _run(o: AgentBenchOptions, work: Path, say: Progress) -> dict[str, Any]:
             f"pipeline: {o.rate:,.0f} readings/s from {o.devices} shelves through ingest, inference "
             f"and the agent, {o.warmup_s:g} s + {o.duration_s:g} s"
         )
-        profile = _Profiler(o, _pids(stack)) if o.profile_dir is not None else None
+        profile = _Profiler(o, stack_pids(stack)) if o.profile_dir is not None else None
         unscored = o.devices * unscored_per_device()
         pipeline = _phase("pipeline", o, pipe_ch, byname["pipeline_load"], cpu, profile, unscored)
         pipeline["unscored"] = unscored
@@ -396,8 +406,8 @@ def _run(o: AgentBenchOptions, work: Path, say: Progress) -> dict[str, Any]:
             stack.supervisor.stop(grace_s=10.0)  # their last metrics batch goes out on the way
         time.sleep(0.5)
         hops_ch.stop_sink.value = pipe_ch.stop_sink.value = 1
-        hops["sink"] = _result(hops_ch, "sink")
-        pipeline["sink"] = _result(pipe_ch, "decision_sink")
+        hops["sink"] = take_result(hops_ch, "sink")
+        pipeline["sink"] = take_result(pipe_ch, "decision_sink")
         hops["load"], pipeline["load"] = hops.pop("_load"), pipeline.pop("_load")
         if profile is not None:
             pipeline["profile"] = profile.summary()
@@ -460,37 +470,12 @@ def _phase(
 def _drain(o: AgentBenchOptions, ch: Channels, sent: int) -> dict[str, Any]:
     """Until the subscriber has ``sent`` (for the pipeline: what was sent less the readings inference
     does not score), ``drain_s`` passed, or ``stall_s`` with nothing new."""
-    t0 = last_change = time.monotonic()
-    last = ch.received.value
-    while True:
-        now, got = time.monotonic(), ch.received.value
-        if got >= sent:
-            reason = "complete"
-            break
-        if got != last:
-            last, last_change = got, now
-        elif now - last_change > o.stall_s:
-            reason = f"nothing new for {o.stall_s:g} s"
-            break
-        if now - t0 > o.drain_s:
-            reason = f"deadline ({o.drain_s:g} s)"
-            break
-        time.sleep(0.02)
-    return {"s": round(time.monotonic() - t0, 2), "ended": reason}
+    return drain_until(lambda: ch.received.value, lambda got: got >= sent, o.drain_s, o.stall_s)
 
 
 def _in_window(stamps: Stamps, sent: int, ch: Channels) -> int:
     lo, hi = ch.lat_from.value, ch.lat_to.value
     return sum(1 for k in range(min(sent, len(stamps))) if lo <= stamps[k] < hi)
-
-
-def _result(ch: Channels, role: str) -> dict[str, Any]:
-    r = ch.take_results(1, 20).get(role)
-    if r is None:
-        raise BenchError(f"the {role} process did not report")
-    if "error" in r:
-        raise BenchError(f"the {role} process failed:\n{r['error']}")
-    return r
 
 
 def _load_figures(ld: dict[str, Any]) -> dict[str, Any]:
@@ -584,28 +569,6 @@ def _brief(p: dict[str, Any]) -> str:
         f"{p['sent']:,} sent, {p['received']:,} received, {p['out_per_s']:,.0f}/s in the window; "
         f"drain {p['drain']['s']} s ({p['drain']['ended']})"
     )
-
-
-def _wait(what: str, ok: Callable[[], bool], timeout_s: float, dead: Callable[[], str | None]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not ok():
-        gone = dead()
-        if gone:
-            raise BenchError(f"{what}: {gone}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"{what}: not ready within {timeout_s}s")
-        time.sleep(0.02)
-
-
-def _pids(stack: Stack) -> dict[str, int | None]:
-    out: dict[str, int | None] = {}
-    if stack.supervisor is not None:
-        for row in stack.supervisor.status():
-            pid = row["pid"]
-            out[str(row["service"])] = pid if isinstance(pid, int) else None
-    if stack.broker is not None and stack.broker.proc is not None:
-        out["mosquitto"] = stack.broker.proc.pid
-    return out
 
 
 # --- profiling -------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -52,13 +51,22 @@ from typing import Any, cast
 import httpx
 import orjson
 
-from outpost.benchmarks.agent import _pids, _Profiler, _wait
+from outpost.benchmarks.agent import _Profiler
 from outpost.benchmarks.channels import Channels, spawn_context
 from outpost.benchmarks.ingest import machine
 from outpost.benchmarks.load import LoadSpec, Stamps, run_publisher
 from outpost.benchmarks.mqtt import connect, drain, paho_client, subscribe
-from outpost.benchmarks.phase import BenchError, Procs, cpu_between
+from outpost.benchmarks.phase import (
+    BenchError,
+    Procs,
+    cpu_between,
+    drain_until,
+    stack_pids,
+    take_result,
+    wait_ready,
+)
 from outpost.benchmarks.sinks import SinkSpec, latency_summary, run_raw_sink
+from outpost.broker import free_port
 from outpost.metrics import Histogram
 from outpost.services.registry import OutpostSettings
 from outpost.stack import Stack
@@ -121,12 +129,6 @@ def connector_declaration(url: str, concurrency: int) -> dict[str, Any]:
             "concurrency": concurrency,
         }
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the direct phase --------------------------------------------------------------------------------
@@ -565,16 +567,18 @@ def _run(o: ConnectorsBenchOptions, work: Path, say: Progress) -> dict[str, Any]
             return None
 
         sinks = [c for n, c in chans.items() if n not in ("direct", "direct_max")]
-        _wait("the subscribers", lambda: all(c.sink_ready.is_set() for c in sinks), 60, dead)
-        _wait("the gateway online", chans["gateway"].service_ready.is_set, 90, dead)
-        _wait("the load processes", lambda: all(c.pub_ready.is_set() for c in chans.values()), 60, dead)
+        wait_ready("the subscribers", lambda: all(c.sink_ready.is_set() for c in sinks), 60, dead)
+        wait_ready("the gateway online", chans["gateway"].service_ready.is_set, 90, dead)
+        wait_ready("the load processes", lambda: all(c.pub_ready.is_set() for c in chans.values()), 60, dead)
         time.sleep(o.settle_s)
-        for role, pid in _pids(stack).items():
+        for role, pid in stack_pids(stack).items():
             cpu.add(role, pid)
         for role, proc_ in byname.items():
             cpu.add(role, proc_.pid)
 
-        profile = _Profiler(cast(Any, o), {SERVICE: _pids(stack).get(SERVICE)}) if o.profile_dir else None
+        profile = (
+            _Profiler(cast(Any, o), {SERVICE: stack_pids(stack).get(SERVICE)}) if o.profile_dir else None
+        )
         for name in names:
             what = {
                 "direct": f"{o.rate:,.0f} calls/s straight to the store API, {o.concurrency} threads",
@@ -593,7 +597,7 @@ def _run(o: ConnectorsBenchOptions, work: Path, say: Progress) -> dict[str, Any]
             if name.startswith("direct"):
                 phases[name]["sink"] = {}
             else:
-                phases[name]["sink"] = _take(chans[name], "sink")
+                phases[name]["sink"] = take_result(chans[name], "sink")
         effects = httpx.get(f"{url}/_effects", timeout=60.0).json()
         if profile is not None:
             phases["gateway"]["profile"] = profile.summary()
@@ -656,15 +660,6 @@ def stages(
     return {n: latency_summary(h) for n, h in hs.items()}
 
 
-def _take(ch: Channels, role: str) -> dict[str, Any]:
-    r = ch.take_results(1, 20).get(role)
-    if r is None:
-        raise BenchError(f"the {role} process did not report")
-    if "error" in r:
-        raise BenchError(f"the {role} process failed:\n{r['error']}")
-    return r
-
-
 def _phase(
     name: str,
     o: ConnectorsBenchOptions,
@@ -684,24 +679,9 @@ def _phase(
     ch.lat_to.value = time.time_ns()
     ch.stop_pub.value = 1
     load.join(60.0)
-    ld = _take(ch, "load")
+    ld = take_result(ch, "load")
     sent = ch.sent.value
-    t0 = last_change = time.monotonic()
-    last = ch.received.value
-    while True:
-        now, got = time.monotonic(), ch.received.value
-        if got >= sent:
-            ended = "complete"
-            break
-        if got != last:
-            last, last_change = got, now
-        elif now - last_change > o.stall_s:
-            ended = f"nothing new for {o.stall_s:g} s"
-            break
-        if now - t0 > o.drain_s:
-            ended = f"deadline ({o.drain_s:g} s)"
-            break
-        time.sleep(0.02)
+    drained = drain_until(lambda: ch.received.value, lambda got: got >= sent, o.drain_s, o.stall_s)
     if profile is not None:
         profile.stop()
     dt = b.t - a.t
@@ -712,7 +692,7 @@ def _phase(
         "offered_per_s": round((b.sent - a.sent) / dt, 1),
         "out_per_s": round((b.received - a.received) / dt, 1),
         "cpu_pct": cpu_between(a, b),
-        "drain": {"s": round(time.monotonic() - t0, 2), "ended": ended},
+        "drain": drained,
         "load": ld,
     }
 

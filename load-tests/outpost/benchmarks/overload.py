@@ -49,7 +49,14 @@ from typing import Any
 from outpost.benchmarks.channels import Channels, spawn_context
 from outpost.benchmarks.ingest import machine
 from outpost.benchmarks.load import LoadSpec, run_publisher
-from outpost.benchmarks.phase import BenchError, Procs, cpu_between
+from outpost.benchmarks.phase import (
+    BenchError,
+    Procs,
+    cpu_between,
+    drain_until,
+    stack_pids,
+    wait_ready,
+)
 from outpost.benchmarks.sinks import (
     AccountSpec,
     CanarySpec,
@@ -140,17 +147,6 @@ def _vm_hwm_kb(pid: int) -> int | None:
     return None
 
 
-def _pids(stack: Stack) -> dict[str, int | None]:
-    out: dict[str, int | None] = {}
-    if stack.supervisor is not None:
-        for row in stack.supervisor.status():
-            pid = row["pid"]
-            out[str(row["service"])] = pid if isinstance(pid, int) else None
-    if stack.broker is not None and stack.broker.proc is not None:
-        out["mosquitto"] = stack.broker.proc.pid
-    return out
-
-
 def _load_spec(name: str, o: OverloadOptions, host: str, port: int, site: str) -> LoadSpec | None:
     base = LoadSpec(host=host, port=port, site=site, devices=1, client_id=f"bench-{name}-{site}")
     if name == "flood":
@@ -238,15 +234,15 @@ def run_overload_phase(name: str, o: OverloadOptions, workdir: Path, say: Progre
                     return f"{q.name} exited with {q.exitcode}"
             return None
 
-        _wait("the sinks", lambda: load_ch.sink_ready.is_set() and can_ch.sink_ready.is_set(), 30, dead)
-        _wait("every service online", load_ch.service_ready.is_set, 60, dead)
-        _wait(
+        wait_ready("the sinks", lambda: load_ch.sink_ready.is_set() and can_ch.sink_ready.is_set(), 30, dead)
+        wait_ready("every service online", load_ch.service_ready.is_set, 60, dead)
+        wait_ready(
             "the publishers",
             lambda: can_ch.pub_ready.is_set() and (load is None or load_ch.pub_ready.is_set()),
             30,
             dead,
         )
-        for role, pid in _pids(stack).items():
+        for role, pid in stack_pids(stack).items():
             cpu.add(role, pid)
 
         can_ch.go.value = 1
@@ -269,7 +265,7 @@ def run_overload_phase(name: str, o: OverloadOptions, workdir: Path, say: Progre
         canary_sent = can_ch.sent.value
         load_sent = load_ch.sent.value
         drained = _drain(o, can_ch, canary_sent, load_ch, load_sent if load is not None else 0, stack, peaks)
-        peaks.sample(_pids(stack))
+        peaks.sample(stack_pids(stack))
         final = stack.supervisor.status() if stack.supervisor is not None else []
         if stack.supervisor is not None:
             stack.supervisor.stop(grace_s=10.0)  # their last metrics batch goes out on the way
@@ -416,28 +412,17 @@ def summarize(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return s
 
 
-def _wait(what: str, ok: Callable[[], bool], timeout_s: float, dead: Callable[[], str | None]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not ok():
-        gone = dead()
-        if gone:
-            raise BenchError(f"{what}: {gone}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"{what}: not ready within {timeout_s}s")
-        time.sleep(0.02)
-
-
 def _sleep_sampling(seconds: float, stack: Stack, peaks: _Peaks) -> None:
     end = time.monotonic() + seconds
     while (left := end - time.monotonic()) > 0:
-        peaks.sample(_pids(stack))
+        peaks.sample(stack_pids(stack))
         time.sleep(min(0.25, left))
 
 
 def _join_sampling(p: BaseProcess, timeout_s: float, stack: Stack, peaks: _Peaks) -> None:
     end = time.monotonic() + timeout_s
     while p.is_alive() and time.monotonic() < end:
-        peaks.sample(_pids(stack))
+        peaks.sample(stack_pids(stack))
         p.join(0.25)
 
 
@@ -453,26 +438,14 @@ def _drain(
     """Wait until every canary reading arrived and the load device's readings are all accounted for,
     or ``drain_s`` passed, or nothing arrived for ``stall_s``: a slow site is waited for, a site that
     lost readings or stopped is not waited for forever."""
-    t0 = time.monotonic()
-    last = (can_ch.received.value, load_ch.received.value)
-    last_change = t0
-    while True:
-        now = time.monotonic()
-        got = (can_ch.received.value, load_ch.received.value)
-        if got[0] >= canary_sent and got[1] >= load_sent:
-            reason = "complete"
-            break
-        if got != last:
-            last, last_change = got, now
-        elif now - last_change > o.stall_s:
-            reason = f"nothing new for {o.stall_s:g} s"
-            break
-        if now - t0 > o.drain_s:
-            reason = f"deadline ({o.drain_s:g} s)"
-            break
-        peaks.sample(_pids(stack))
-        time.sleep(0.1)
-    return {"s": round(time.monotonic() - t0, 2), "ended": reason}
+    return drain_until(
+        lambda: (can_ch.received.value, load_ch.received.value),
+        lambda got: got[0] >= canary_sent and got[1] >= load_sent,
+        o.drain_s,
+        o.stall_s,
+        tick_s=0.1,
+        on_tick=lambda: peaks.sample(stack_pids(stack)),
+    )
 
 
 def _brief(p: dict[str, Any]) -> str:

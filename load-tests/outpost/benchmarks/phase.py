@@ -28,6 +28,7 @@ from outpost.benchmarks.load import LoadSpec, run_publisher
 from outpost.benchmarks.sinks import SinkSpec, run_event_sink, run_raw_sink
 from outpost.broker import Mosquitto
 from outpost.errors import OutpostError
+from outpost.stack import Stack
 
 
 class BenchError(OutpostError):
@@ -180,7 +181,8 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 15.0) 
     return proc.returncode
 
 
-def _wait(what: str, ok: Callable[[], bool], timeout_s: float, alive: Callable[[], str | None]) -> None:
+def wait_ready(what: str, ok: Callable[[], bool], timeout_s: float, alive: Callable[[], str | None]) -> None:
+    """Until ``ok()``; a BenchError when ``alive()`` names a process that died, or past the timeout."""
     deadline = time.monotonic() + timeout_s
     while not ok():
         dead = alive()
@@ -189,6 +191,61 @@ def _wait(what: str, ok: Callable[[], bool], timeout_s: float, alive: Callable[[
         if time.monotonic() > deadline:
             raise BenchError(f"{what}: not ready within {timeout_s}s")
         time.sleep(0.01)
+
+
+def drain_until(
+    received: Callable[[], Any],
+    done: Callable[[Any], bool],
+    drain_s: float,
+    stall_s: float,
+    *,
+    tick_s: float = 0.02,
+    on_tick: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Wait until ``done(received())``, or ``drain_s`` passed, or ``received()`` has not changed for
+    ``stall_s``: a slow site is waited for, one that lost messages or stopped is not waited for
+    forever. Returns how long it waited and why it ended."""
+    t0 = last_change = time.monotonic()
+    last = received()
+    while True:
+        now, got = time.monotonic(), received()
+        if done(got):
+            reason = "complete"
+            break
+        if got != last:
+            last, last_change = got, now
+        elif now - last_change > stall_s:
+            reason = f"nothing new for {stall_s:g} s"
+            break
+        if now - t0 > drain_s:
+            reason = f"deadline ({drain_s:g} s)"
+            break
+        if on_tick is not None:
+            on_tick()
+        time.sleep(tick_s)
+    return {"s": round(time.monotonic() - t0, 2), "ended": reason}
+
+
+def take_result(ch: Channels, role: str) -> dict[str, Any]:
+    """The figures a load or sink process reported; a BenchError when it did not, or failed."""
+    r = ch.take_results(1, 20).get(role)
+    if r is None:
+        raise BenchError(f"the {role} process did not report")
+    if "error" in r:
+        raise BenchError(f"the {role} process failed:\n{r['error']}")
+    return r
+
+
+def stack_pids(stack: Stack) -> dict[str, int | None]:
+    """Each service's pid and the broker's, as the stack runs them now."""
+    out: dict[str, int | None] = {}
+    if stack.supervisor is not None:
+        for row in stack.supervisor.status():
+            pid = row["pid"]
+            out[str(row["service"])] = pid if isinstance(pid, int) else None
+    if stack.broker is not None and stack.broker.proc is not None:
+        out["mosquitto"] = stack.broker.proc.pid
+    return out
 
 
 @contextmanager
@@ -264,12 +321,12 @@ def run_phase(broker: Mosquitto, spec: PhaseSpec, workdir: Path) -> dict[str, An
         procs.add("load", pub_p.pid)
         if broker.proc is not None:
             procs.add("mosquitto", broker.proc.pid)
-        _wait("sink", ch.sink_ready.is_set, 30, dead)
+        wait_ready("sink", ch.sink_ready.is_set, 30, dead)
         if spec.target == "ingest":
             ingest = start_ingest(broker.port, site, spec.qos, phase_dir, dict(spec.ingest_env))
             procs.add("ingest", ingest.pid)
-            _wait("ingest", ch.service_ready.is_set, 30, dead)
-        _wait("load generator", ch.pub_ready.is_set, 30, dead)
+            wait_ready("ingest", ch.service_ready.is_set, 30, dead)
+        wait_ready("load generator", ch.pub_ready.is_set, 30, dead)
 
         ch.go.value = 1
         time.sleep(spec.warmup_s)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import email
 import email.policy
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from aiosmtpd.controller import Controller
+
+from outpost.broker import free_port
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +53,6 @@ class _Handler:
         with self.box.lock:
             self.box.messages.append(mail)
         return "250 OK"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Mailbox:

@@ -31,12 +31,15 @@ def open_ro(path: Path) -> sqlite3.Connection:
 
 
 def figures(db: sqlite3.Connection, agent: str) -> dict[str, float]:
-    """An agent's operating counts from its decisions, escalations and actions (as the service
-    rebuilds them at start)."""
+    """An agent's operating counts from its decisions, escalations and actions: what the service
+    rebuilds at start (and then keeps counting) and what ``outpost agents list`` shows offline."""
     s: dict[str, float] = {
         "decisions": 0,
         "act": 0,
         "escalate": 0,
+        "ignore": 0,
+        "halt": 0,
+        "dry_run": 0,
         "answered": 0,
         "overrides": 0,
         "timeouts": 0,
@@ -44,9 +47,13 @@ def figures(db: sqlite3.Connection, agent: str) -> dict[str, float]:
         "failed": 0,
         "cost": 0.0,
     }
-    for kind, n in db.execute("SELECT kind, COUNT(*) FROM decisions WHERE agent = ? GROUP BY kind", (agent,)):
+    for kind, dry, n in db.execute(
+        "SELECT kind, dry_run, COUNT(*) FROM decisions WHERE agent = ? GROUP BY kind, dry_run", (agent,)
+    ):
         s["decisions"] += n
         s[kind] = s.get(kind, 0) + n
+        if dry:
+            s["dry_run"] += n
     for state, choice, purpose, n in db.execute(
         "SELECT state, choice, purpose, COUNT(*) FROM escalations "
         "WHERE agent = ? AND state != 'open' GROUP BY state, choice, purpose",
@@ -69,6 +76,43 @@ def figures(db: sqlite3.Connection, agent: str) -> dict[str, float]:
     return s
 
 
+def open_escalations(db: sqlite3.Connection) -> dict[str, int]:
+    """Agent -> escalations waiting for a person."""
+    return dict(db.execute("SELECT agent, COUNT(*) FROM escalations WHERE state = 'open' GROUP BY agent"))
+
+
+def supervision(spec: AgentSpec, gov: Governor, drift: DriftWatch, now: int) -> dict[str, Any]:
+    """An agent's entry of ``control/agents/reported``: its state, budgets used, breakers, drift."""
+    return {
+        "state": gov.state,
+        "halted": gov.halted,
+        "dry_run": spec.dry_run,
+        **gov.used(now),
+        "actions_per_minute": spec.limits.actions_per_minute,
+        "cost_per_hour": spec.limits.cost_per_hour,
+        "breaches": gov.breaches,
+        "breakers": gov.open_breakers(now),
+        "drift": drift.view(),
+    }
+
+
+def operating(s: dict[str, float], escalations_open: int) -> dict[str, Any]:
+    """An agent's entry of ``control/agents/reported``: its operating figures from :func:`figures`."""
+    answered, acted, settled = s["answered"], s.get("act", 0), s["done"] + s["failed"]
+    return {
+        "decisions": int(s["decisions"]),
+        "acted": int(acted),
+        "escalated": int(s.get("escalate", 0)),
+        "escalations_open": escalations_open,
+        "answered": int(answered),
+        "timeouts": int(s["timeouts"]),
+        "override_rate": round(s["overrides"] / answered, 4) if answered else None,
+        "success_rate": round(s["done"] / settled, 4) if settled else None,
+        "cost": round(s["cost"], 6),
+        "cost_per_decision": round(s["cost"] / acted, 6) if acted else None,
+    }
+
+
 def offline(db: sqlite3.Connection, specs: dict[str, AgentSpec], now: int | None = None) -> dict[str, Any]:
     """Each agent's entry of ``control/agents/reported``, from agent.db as last committed (the
     agents the site declares, and any other agent.db knows of)."""
@@ -76,44 +120,18 @@ def offline(db: sqlite3.Connection, specs: dict[str, AgentSpec], now: int | None
     states = {
         name: (gov, drift) for name, gov, drift in db.execute("SELECT name, governor, drift FROM agents")
     }
-    opened = dict(
-        db.execute("SELECT agent, COUNT(*) FROM escalations WHERE state = 'open' GROUP BY agent").fetchall()
-    )
+    opened = open_escalations(db)
     out: dict[str, Any] = {}
     for name in sorted({*specs, *states}):
         spec = specs.get(name)
-        s = figures(db, name)
-        answered, acted, settled = s["answered"], s["act"], s["done"] + s["failed"]
         entry: dict[str, Any] = {"declared": spec is not None}
         if spec is not None:
             gov, drift = Governor(spec), DriftWatch(spec.drift)
             raw_gov, raw_drift = states.get(name, ("{}", "{}"))
             gov.load(orjson.loads(raw_gov))
             drift.load(orjson.loads(raw_drift))
-            entry |= {
-                "state": gov.state,
-                "halted": gov.halted,
-                "dry_run": spec.dry_run,
-                **gov.used(now),
-                "actions_per_minute": spec.limits.actions_per_minute,
-                "cost_per_hour": spec.limits.cost_per_hour,
-                "breaches": gov.breaches,
-                "breakers": gov.open_breakers(now),
-                "drift": drift.view(),
-            }
-        entry |= {
-            "decisions": int(s["decisions"]),
-            "acted": int(acted),
-            "escalated": int(s["escalate"]),
-            "escalations_open": int(opened.get(name, 0)),
-            "answered": int(answered),
-            "timeouts": int(s["timeouts"]),
-            "override_rate": round(s["overrides"] / answered, 4) if answered else None,
-            "success_rate": round(s["done"] / settled, 4) if settled else None,
-            "cost": round(s["cost"], 6),
-            "cost_per_decision": round(s["cost"] / acted, 6) if acted else None,
-        }
-        out[name] = entry
+            entry |= supervision(spec, gov, drift, now)
+        out[name] = entry | operating(figures(db, name), int(opened.get(name, 0)))
     return out
 
 

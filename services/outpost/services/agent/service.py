@@ -45,11 +45,12 @@ from outpost.contracts import (
 )
 from outpost.errors import ConfigError, TopicError
 from outpost.log import get_logger
+from outpost.recent import RecentIds
 from outpost.service import Ack, Inbound, Rejected, ServiceRuntime, run_until, service_main
 from outpost.services.agent.drift import DriftWatch
 from outpost.services.agent.inputs import from_decision, from_event, from_result, from_score
 from outpost.services.agent.policy import Observation, Policy, Proposal, make_policy
-from outpost.services.agent.report import DB_NAME, FOLDER
+from outpost.services.agent.report import DB_NAME, FOLDER, figures, open_escalations, operating, supervision
 from outpost.services.agent.spec import AgentSpec
 from outpost.services.agent.store import open_agent_db
 from outpost.services.agent.supervisor import STATES, Governor, desired_state
@@ -145,12 +146,15 @@ class AgentService:
         self._pending_ids: set[str] = set()
         self._decision_docs: dict[str, list[bytes]] = {}
         """Decisions of the open commit, by agent: published as one JSON list each."""
-        self._decided: dict[str, None] = {
-            did: None
-            for (did,) in reversed(
-                self.store.query("SELECT id FROM decisions ORDER BY ts DESC LIMIT ?", (RECENT_DECISIONS,))
-            )
-        }
+        self._decided = RecentIds(
+            RECENT_DECISIONS,
+            (
+                did
+                for (did,) in reversed(
+                    self.store.query("SELECT id FROM decisions ORDER BY ts DESC LIMIT ?", (RECENT_DECISIONS,))
+                )
+            ),
+        )
         """Ids of the decisions committed lately, oldest first: a redelivered input is found here
         (the broker redelivers only what was not acknowledged, a few thousand at most) without a
         query per input."""
@@ -202,51 +206,7 @@ class AgentService:
                 b.items.append((inp, trace, ts, orjson.loads(args), confidence))
                 b.proposal = b.proposal or _declared_batch(self.agents[agent].spec, rule, cap)
         for a in self.agents.values():
-            a.stats = self._figures(a.name)
-
-    def _figures(self, agent: str) -> dict[str, float]:
-        s: dict[str, float] = {
-            "decisions": 0,
-            "act": 0,
-            "escalate": 0,
-            "ignore": 0,
-            "halt": 0,
-            "dry_run": 0,
-            "answered": 0,
-            "overrides": 0,
-            "timeouts": 0,
-            "done": 0,
-            "failed": 0,
-            "cost": 0.0,
-        }
-        for kind, dry, n in self.store.query(
-            "SELECT kind, dry_run, COUNT(*) FROM decisions WHERE agent = ? GROUP BY kind, dry_run", (agent,)
-        ):
-            s["decisions"] += n
-            s[kind] = s.get(kind, 0) + n
-            if dry:
-                s["dry_run"] += n
-        for state, choice, purpose, n in self.store.query(
-            "SELECT state, choice, purpose, COUNT(*) FROM escalations "
-            "WHERE agent = ? AND state != 'open' GROUP BY state, choice, purpose",
-            (agent,),
-        ):
-            if state == "timed_out":
-                s["timeouts"] += n
-            elif purpose == "decide":
-                s["answered"] += n
-                if choice in ("reject", "edit"):
-                    s["overrides"] += n
-        for state, n, cost in self.store.query(
-            "SELECT state, COUNT(*), COALESCE(SUM(cost), 0) FROM actions WHERE agent = ? GROUP BY state",
-            (agent,),
-        ):
-            if state in ("done", "duplicate"):
-                s["done"] += n
-            elif state in ("failed", "expired", "refused"):
-                s["failed"] += n
-            s["cost"] += cost
-        return s
+            a.stats = figures(self.store.db, a.name)
 
     # --- sensing (network thread) ----------------------------------------------------------------
     def _sensing(self, topic: str) -> list[Agent]:
@@ -912,11 +872,7 @@ class AgentService:
             return
         publishes, self._writes, self._publishes = self._publishes, [], []
         docs, self._decision_docs = self._decision_docs, {}
-        decided = self._decided
-        for did in self._pending_ids:
-            decided[did] = None
-        while len(decided) > RECENT_DECISIONS:
-            del decided[next(iter(decided))]
+        self._decided.add_all(self._pending_ids)
         self._pending_ids.clear()
         self._answered.clear()
         batch = self.rt.batch
@@ -1051,36 +1007,13 @@ class AgentService:
         """Each agent's state, budgets used, breakers, drift and operating figures, retained on
         ``control/agents/reported`` (what ``outpost agents list`` shows)."""
         now = time.time_ns()
-        open_by_agent = dict(
-            self.store.query("SELECT agent, COUNT(*) FROM escalations WHERE state = 'open' GROUP BY agent")
-        )
+        opened = open_escalations(self.store.db)
         agents: dict[str, Any] = {}
         for a in self.agents.values():
-            s, lim = a.stats, a.spec.limits
             h = self._latency[a.name]
-            acted = s.get("act", 0)
-            settled = s["done"] + s["failed"]
-            answered = s["answered"]
             agents[a.name] = {
-                "state": a.governor.state,
-                "halted": a.governor.halted,
-                "dry_run": a.spec.dry_run,
-                **a.governor.used(now),
-                "actions_per_minute": lim.actions_per_minute,
-                "cost_per_hour": lim.cost_per_hour,
-                "breaches": a.governor.breaches,
-                "breakers": a.governor.open_breakers(now),
-                "drift": a.drift.view(),
-                "decisions": int(s["decisions"]),
-                "acted": int(acted),
-                "escalated": int(s.get("escalate", 0)),
-                "escalations_open": int(open_by_agent.get(a.name, 0)),
-                "answered": int(answered),
-                "timeouts": int(s["timeouts"]),
-                "override_rate": round(s["overrides"] / answered, 4) if answered else None,
-                "success_rate": round(s["done"] / settled, 4) if settled else None,
-                "cost": round(s["cost"], 6),
-                "cost_per_decision": round(s["cost"] / acted, 6) if acted else None,
+                **supervision(a.spec, a.governor, a.drift, now),
+                **operating(a.stats, int(opened.get(a.name, 0))),
                 "latency_p50_ms": round(h.percentile_ms(50), 3) if h.count else None,
                 "latency_p99_ms": round(h.percentile_ms(99), 3) if h.count else None,
             }

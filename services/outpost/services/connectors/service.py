@@ -36,6 +36,7 @@ from outpost.contracts import ACTION_REQUEST, ActionRequest, derived_id, header
 from outpost.errors import ConfigError
 from outpost.log import get_logger
 from outpost.ratelimit import RateLimiter
+from outpost.recent import RecentIds
 from outpost.service import Ack, Inbound, ServiceRuntime, run_until, service_main
 from outpost.services.connectors.kinds.base import Client, Context, Outcome, Request, SecretRef
 from outpost.services.connectors.outbox import open_outbox
@@ -153,16 +154,19 @@ class Gateway:
         self._keys: set[str] = set()
         """Keys accepted since the last commit (a copy in the same commit is a duplicate)."""
         self._retry_at = 0.0
-        self._known: dict[str, None] = {
-            key: None
-            for (key,) in reversed(
-                self.outbox.query(
-                    "SELECT key FROM requests ORDER BY received_ns DESC LIMIT ?", (RECENT_KEYS,)
+        self._known = RecentIds(
+            RECENT_KEYS,
+            (
+                key
+                for (key,) in reversed(
+                    self.outbox.query(
+                        "SELECT key FROM requests ORDER BY received_ns DESC LIMIT ?", (RECENT_KEYS,)
+                    )
                 )
-            )
-        }
-        """Keys in the outbox, the newest first in, oldest first out: a new key (nearly every
-        request) is known new without a query; a key seen before is looked up for its result."""
+            ),
+        )
+        """The outbox's recent keys: a new key (nearly every request) is known new without a query;
+        a key seen before is looked up for its stored result."""
         self._flush_posted = False
         self._draining = False
         self._restore()
@@ -394,11 +398,7 @@ class Gateway:
             return
         publishes, self._writes, self._publishes = self._publishes, [], []
         accepted, self._accepted = self._accepted, []
-        known = self._known
-        for key in self._keys:
-            known[key] = None
-        while len(known) > RECENT_KEYS:
-            del known[next(iter(known))]
+        self._known.add_all(self._keys)
         self._keys.clear()
         for topic, payload in publishes:
             self.rt.publish(topic, payload, qos=1)
