@@ -16,6 +16,7 @@ for space, the space a retry needs is twice its size: once in the WAL, once in t
 from __future__ import annotations
 
 import errno
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -116,6 +117,16 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
             raise _disk_full(db, exc) from exc
         raise
     _wrote(db)
+
+
+def log_failed_commit(logger: logging.Logger, what: str, exc: BaseException) -> None:
+    """A service's commit that failed and will be tried again, said once: a full disk in one line
+    (no traceback: the log may be on that very disk), anything else with its traceback. Call it
+    from the ``except`` block."""
+    if isinstance(exc, DiskFull):
+        logger.error(f"{what} commit failed: disk full; retrying", extra={"error": str(exc)})
+    else:
+        logger.exception(f"{what} commit failed; retrying")
 
 
 def sequence(db: sqlite3.Connection, table: str) -> int:

@@ -55,7 +55,7 @@ from outpost.services.agent.spec import AgentSpec
 from outpost.services.agent.store import open_agent_db
 from outpost.services.agent.supervisor import STATES, Governor, desired_state
 from outpost.services.registry import OutpostSettings
-from outpost.store import DiskFull, Statement
+from outpost.store import Statement, log_failed_commit
 
 log = get_logger("outpost.agents")
 
@@ -862,13 +862,10 @@ class AgentService:
         writes = self._writes + self._agent_states()
         try:
             self.store.commit(writes)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - log_failed_commit logs it, with its traceback
             self.metrics.counters["commit_failures"] += 1
             self._retry_at = time.monotonic() + 1.0
-            if isinstance(exc, DiskFull):
-                log.error("agent.db commit failed: disk full; retrying", extra={"error": str(exc)})
-            else:
-                log.exception("agent.db commit failed; retrying")
+            log_failed_commit(log, "agent.db", exc)
             return
         publishes, self._writes, self._publishes = self._publishes, [], []
         docs, self._decision_docs = self._decision_docs, {}

@@ -43,7 +43,7 @@ from outpost.services.connectors.outbox import open_outbox
 from outpost.services.connectors.secrets import SecretStore, redact_tree
 from outpost.services.connectors.spec import Capability, Connector
 from outpost.services.registry import OutpostSettings
-from outpost.store import DiskFull, Statement
+from outpost.store import Statement, log_failed_commit
 
 log = get_logger("outpost.connectors")
 
@@ -388,13 +388,10 @@ class Gateway:
     def _commit(self) -> None:
         try:
             self.outbox.commit(self._writes)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - log_failed_commit logs it, with its traceback
             self.metrics.counters["commit_failures"] += 1
             self._retry_at = time.monotonic() + 1.0
-            if isinstance(exc, DiskFull):
-                log.error("outbox commit failed: disk full; retrying", extra={"error": str(exc)})
-            else:
-                log.exception("outbox commit failed; retrying")
+            log_failed_commit(log, "outbox", exc)
             return
         publishes, self._writes, self._publishes = self._publishes, [], []
         accepted, self._accepted = self._accepted, []

@@ -46,7 +46,7 @@ from outpost.services.memory.oplog import OpLog, Record
 from outpost.services.memory.sync import start_sync, sync_mode
 from outpost.services.memory.vectors import LongTermMemory
 from outpost.services.registry import OutpostSettings
-from outpost.store import DiskFull
+from outpost.store import DiskFull, log_failed_commit
 from outpost.streams import REASONS as STREAM_REASONS
 
 NAME = "memory"
@@ -375,7 +375,7 @@ class MemoryService:
                 c["commits"] += 1
                 if self._backoff:
                     self.oplog.store.checkpoint()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - log_failed_commit logs it, with its traceback
             # Not acknowledged: the broker redelivers them after a restart. Kept for the next try
             # in this process too, so a transient error (disk full, locked) loses nothing.
             self._pending = records[done:] + self._pending
@@ -386,10 +386,7 @@ class MemoryService:
             self._backoff = min(hi, self._backoff * 2) if self._backoff else lo
             self._retry_at = time.monotonic() + self._backoff
             if first:  # once per outage, not once per try: the log may be on the same disk
-                if isinstance(exc, DiskFull):
-                    log.error("log commit failed: disk full; retrying", extra={"error": str(exc)})
-                else:
-                    log.exception("log commit failed; retrying")
+                log_failed_commit(log, "log", exc)
             return
         if self._backoff:
             log.info("log commits resumed", extra={"failures": c["commit_failures"]})
