@@ -114,7 +114,6 @@ class Relay:
 
 
 def declare(settings: OutpostSettings, name: str, doc: dict[str, Any]) -> None:
-    settings.connectors.packs = []
     settings.connectors.declared = {name: ConnectorSpec.model_validate({"retry": RETRY, **doc})}
 
 
