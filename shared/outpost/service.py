@@ -834,9 +834,12 @@ def install_stop_signals(stop: threading.Event) -> None:
 
 
 def wait(stop: threading.Event, tick_s: float = 0.5) -> None:
-    """Block until ``stop`` is set, waking regularly so signals are handled promptly."""
-    while not stop.wait(tick_s):
-        pass
+    """Block until ``stop`` is set, waking regularly so signals are handled promptly. It sleeps and
+    looks rather than ``stop.wait()``: the SIGTERM handler sets ``stop`` on this very thread, and
+    ``Event.wait`` holds the event's lock at moments, so a signal landing then made ``set()`` wait
+    for that lock for ever (a memory service outlived a kill -9 of ``outpost up`` this way)."""
+    while not stop.is_set():
+        time.sleep(tick_s)
 
 
 class Runnable(Protocol):
