@@ -328,14 +328,39 @@ class HistogramSummary(BaseModel):
     max_ms: float
 
 
+class Sketch(BaseModel):
+    """Latencies (ms) one histogram recorded in one metrics interval, as the non-empty bins of a
+    DDSketch of relative accuracy ``alpha`` (outpost.sketch): mergeable across intervals, services
+    and devices with its quantiles still within ``alpha``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = Field(gt=0, lt=1, description="Relative accuracy; bins line up only for one alpha.")
+    count: int = Field(ge=0)
+    zeros: int = Field(0, ge=0, description="Values of 0 (below the mapping's range).")
+    sum_ms: float = Field(ge=0, allow_inf_nan=False)
+    min_ms: float = Field(ge=0, allow_inf_nan=False)
+    max_ms: float = Field(ge=0, allow_inf_nan=False)
+    keys: list[int] = Field(description="Bin keys of the logarithmic mapping, ascending.")
+    counts: list[int] = Field(description="The count in each bin of ``keys``.")
+
+
 class MetricsBatch(Envelope):
     """A service's counters and latency histograms, on ``.../metrics/{service}`` (docs/metrics.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
     service: str
+    started: EpochNs | None = Field(
+        None, description="When the publishing process started: counters restart from 0 with a new one."
+    )
     counters: dict[str, int]
     histograms: dict[str, HistogramSummary]
+    sketches: dict[str, Sketch] = Field(
+        default_factory=dict,
+        description="Per histogram, what it recorded since this process's previous batch (none when "
+        "nothing); a consumer that merges them gets exact-to-alpha quantiles over any span.",
+    )
     state: dict[str, Any] | None = Field(None, description="What the service says of itself.")
 
 

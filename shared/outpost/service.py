@@ -73,7 +73,7 @@ from outpost.datadir import site_path
 from outpost.disk import DiskWatch
 from outpost.errors import OutpostError, TopicError
 from outpost.log import get_logger
-from outpost.metrics import Metrics
+from outpost.metrics import Metrics, process_usage
 from outpost.settings import CoreSettings, load_settings
 from outpost.version import __version__
 from outpost.worker import Worker
@@ -764,6 +764,8 @@ class ServiceRuntime:
     def publish_metrics(self) -> None:
         snap = self.metrics.snapshot()
         snap.update(header())
+        snap["started"] = self.started_ns
+        snap["sketches"] = self.metrics.take_sketches()
         counters = snap["counters"]
         bus = self.bus.stats()
         counters["bus_connects"] = bus["connects"]
@@ -777,6 +779,7 @@ class ServiceRuntime:
             **self.acks.stats(),
             "worker_queued": self.worker.queued,
             **self.disk.state(),
+            **process_usage(),
         }
         if self.extra_status is not None:
             state.update(self.extra_status())
