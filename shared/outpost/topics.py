@@ -38,6 +38,17 @@ def check_segment(value: str, what: str = "identifier") -> str:
     return value
 
 
+_CLASS_RE = re.compile(r"(.*[^0-9_-])[-_]?[0-9]+")
+
+
+def device_class(device: str) -> str:
+    """The class of a device, for figures per kind of device (readings/s per class, raw readings
+    opted in per class): its id without the trailing number (``fridge-007`` -> ``fridge``, the
+    simulator's and most fleets' naming); an id with no trailing number is its own class."""
+    m = _CLASS_RE.fullmatch(device)
+    return m.group(1) if m else device
+
+
 def is_segment(value: str) -> bool:
     return SEGMENT_RE.fullmatch(value) is not None
 
