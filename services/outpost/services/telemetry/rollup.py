@@ -200,6 +200,7 @@ class Rollups:
 
         alerts = dict(w.alerts)
         per_agent: dict[str, dict[str, int]] = {}
+        readings: dict[str, int] = {}  # by device class, summed over the processes that count them
         for (svc, name), n in sorted(w.counters.items()):
             head, _, rest = name.partition(".")
             if name == "rejected":
@@ -207,7 +208,7 @@ class Rollups:
             if head == "rejected" and rest:
                 add("dlq", {"service": svc, "reason": rest}, {"count": n, "rate": n / win})
             elif head == "readings" and rest:
-                add("readings", {"device_class": rest}, {"count": n, "rate": n / win})
+                readings[rest] = readings.get(rest, 0) + n
             elif head == "results" and "." in rest:
                 agent, _, state = rest.rpartition(".")
                 acc = per_agent.setdefault(agent, {})
@@ -250,15 +251,28 @@ class Rollups:
                 if decisions:
                     f["per_decision"] = cost / decisions
                 add("cost", tags, f)
+        for cls, n in sorted(readings.items()):
+            add("readings", {"device_class": cls}, {"count": n, "rate": n / win})
+        # SLO latencies are merged across the processes that record them (one series per model
+        # and version, per agent): a window's p99 over all of them, exact to the sketch's alpha
+        merged: dict[tuple[str, tuple[tuple[str, str], ...]], DDSketch] = {}
         for (svc, name), s in sorted(w.sketches.items()):
             head, _, rest = name.partition(".")
             if head == "infer" and rest:
                 model, _, version = rest.partition(".")
-                add("inference_latency", {"model": model, "version": version or "-"}, _latency_fields(s))
+                key = ("inference_latency", (("model", model), ("version", version or "-")))
             elif head == "decision_latency" and rest:
-                add("decision_latency", {"agent": rest}, _latency_fields(s))
+                key = ("decision_latency", (("agent", rest),))
             else:
                 add("service_latency", {"service": svc, "name": name}, _latency_fields(s))
+                continue
+            have = merged.get(key)
+            if have is None:
+                merged[key] = s
+            else:
+                have.merge(s)
+        for (m, tags), s in merged.items():
+            add(m, dict(tags), _latency_fields(s))
         for subject, downs in sorted(w.downtimes.items()):
             add(
                 "recovery",
