@@ -256,23 +256,24 @@ class Rollups:
         # SLO latencies are merged across the processes that record them (one series per model
         # and version, per agent): a window's p99 over all of them, exact to the sketch's alpha
         merged: dict[tuple[str, tuple[tuple[str, str], ...]], DDSketch] = {}
+        series: tuple[str, tuple[tuple[str, str], ...]]
         for (svc, name), s in sorted(w.sketches.items()):
             head, _, rest = name.partition(".")
             if head == "infer" and rest:
                 model, _, version = rest.partition(".")
-                key = ("inference_latency", (("model", model), ("version", version or "-")))
+                series = ("inference_latency", (("model", model), ("version", version or "-")))
             elif head == "decision_latency" and rest:
-                key = ("decision_latency", (("agent", rest),))
+                series = ("decision_latency", (("agent", rest),))
             else:
                 add("service_latency", {"service": svc, "name": name}, _latency_fields(s))
                 continue
-            have = merged.get(key)
+            have = merged.get(series)
             if have is None:
-                merged[key] = s
+                merged[series] = s
             else:
                 have.merge(s)
-        for (m, tags), s in merged.items():
-            add(m, dict(tags), _latency_fields(s))
+        for (m, pairs), s in merged.items():
+            add(m, dict(pairs), _latency_fields(s))
         for subject, downs in sorted(w.downtimes.items()):
             add(
                 "recovery",
