@@ -276,7 +276,7 @@ def demo(
     env = {"OUTPOST_CONNECTORS__DECLARED": orjson.dumps(shop.connectors()).decode()}
     # a real time-series server for the telemetry service to write to (docs/telemetry.md)
     tsdb = VictoriaMetrics(tmp / "tsdb").start()
-    env |= {"OUTPOST_TELEMETRY__INFLUX__URL": tsdb.url, "OUTPOST_TELEMETRY__ROLLUP_S": "10"}
+    env |= {"OUTPOST_TELEMETRY__INFLUX__URL": tsdb.url, "OUTPOST_TELEMETRY__ROLLUP_S": "5"}
     with contextlib.ExitStack() as cleanup, Stack(settings, external_broker=broker, env=env) as stack:
         cleanup.callback(tsdb.stop)
         cleanup.callback(shop.stop)
