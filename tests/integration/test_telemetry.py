@@ -23,7 +23,7 @@ from outpost.datadir import site_path
 from outpost.services.registry import OutpostSettings
 from outpost.sketch import new_sketch, to_wire
 from outpost.tsdb import VictoriaMetrics
-from tests.conftest import Collector, ServiceProcess, wait_status, wait_until
+from tests.conftest import Collector, ServiceProcess, make_event, wait_status, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -99,10 +99,15 @@ def test_points_read_back_equal_what_was_fed_and_the_token_shows_nowhere(
     everything = Collector(
         settings.mqtt, f"{settings.topics.root}/#", client_id="all-" + settings.site
     ).start()
-    svc = telemetry(settings, vm, tmp_path)
+    svc = telemetry(settings, vm, tmp_path, OUTPOST_TELEMETRY__RAW_DEVICE_CLASSES='["fridge"]')
     svc.start()
     try:
         wait_status(settings, "telemetry")
+        # raw readings leave only for the classes the site opts in
+        for dev in ("fridge-001", "scale-002"):
+            publisher.publish(
+                settings.topics.events(dev), orjson.dumps([make_event(dev, 1, "temp_c", 4.25)]), qos=1
+            )
         ingest, agents = Feeder(publisher, settings, "ingest"), Feeder(publisher, settings, "agents")
         latencies = [0.5 + (i % 97) * 1.7 + (i % 13) * 0.31 for i in range(3000)]
         agents.send(
@@ -119,6 +124,8 @@ def test_points_read_back_equal_what_was_fed_and_the_token_shows_nowhere(
             svc.logs(),
         )
         assert series_sum(vm, "dlq_count", service="ingest", reason="bad_json") == 10
+        raw = vm.export('{__name__="reading_value"}')
+        assert [(r["metric"]["device"], r["values"]) for r in raw] == [("fridge-001", [4.25])]
         assert series_sum(vm, "task_success_done", agent="triage") == 9
         assert series_sum(vm, "decision_latency_count", agent="triage") == len(latencies)
         (p99,) = vm.export('{__name__="decision_latency_p99_ms"}')
