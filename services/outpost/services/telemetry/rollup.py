@@ -31,6 +31,9 @@ from outpost.services.telemetry.catalog import Point, point
 from outpost.sketch import from_wire, quantile
 from outpost.topics import device_class
 
+MAX_PROCESSES = 1000
+"""Publishing services a rollup tracks at most (their last counters each)."""
+
 _DONE_STATES = frozenset(("done", "duplicate"))
 """Action result states that count as success (the agents service's own reading of them)."""
 
@@ -85,6 +88,8 @@ class Rollups:
         self.window_ns = int(window_s * 1e9)
         self.started_ns = started_ns
         self._procs: dict[str, _Process] = {}
+        self.ignored = 0
+        """Batches of services past :data:`MAX_PROCESSES`, not rolled up."""
         self._windows: dict[int, _Window] = {}
         self._closed_until = 0
         self._online: dict[str, bool] = {}
@@ -101,9 +106,12 @@ class Rollups:
     def add(self, batch: MetricsBatch, now_ns: int) -> None:
         """Fold one metrics batch in (its counters' increases since the service's previous batch,
         its sketches, its state)."""
-        w = self._window(now_ns)
         svc = batch.service
         prev = self._procs.get(svc)
+        if prev is None and len(self._procs) >= MAX_PROCESSES:
+            self.ignored += 1  # a flood of made-up service names costs nothing more
+            return
+        w = self._window(now_ns)
         restarted = prev is None or (batch.started is not None and batch.started != prev.started)
         baseline = (
             prev is None

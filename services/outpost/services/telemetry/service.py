@@ -42,6 +42,11 @@ FLUSH_ROUNDS = 20
 over several jobs, so a new window's spooling never waits behind all of it)."""
 
 
+REFUSED = frozenset((400, 422))
+"""Statuses that refuse the request's lines (InfluxDB 2 writes the good lines of a partial write and
+answers 400 for the rest): those points leave the spool, counted, instead of blocking it."""
+
+
 @dataclass(slots=True)
 class Outcome:
     """What a worker job did, counted on the network thread."""
@@ -187,6 +192,12 @@ class Telemetry:
             try:
                 sent = self.writer.write(lines)
             except WriteFailed as exc:
+                if exc.status in REFUSED:  # the lines themselves: a retry would block the spool
+                    self.spool.remove(taken)
+                    for p in taken:
+                        out.counts[f"points_refused.{_p(p.priority)}"] += 1
+                    out.error = str(exc)
+                    continue
                 self.budget.refund(taken)
                 self._failures += 1
                 out.counts["write_failures"] += 1
