@@ -179,7 +179,15 @@ def test_store_down_spools_survives_kill_9_and_writes_later_with_original_timest
         wait_status(settings, "telemetry")
         feeder.start()
         assert wait_until(lambda: series_sum(vm, "readings_count") > 0, 20), svc.logs()
-        vm.kill()  # the store goes away
+        status = Collector(
+            settings.mqtt, settings.topics.service_status("telemetry"), client_id="st-" + settings.site
+        ).start()
+        vm.kill()  # the store goes away: the service says so in its status
+        assert status.wait_for(
+            lambda c: any(d.get("health") == "degraded" and "spool" in str(d["problems"]) for d in c.json()),
+            20,
+        )
+        status.stop()
         assert wait_until(lambda: sum(line.startswith("readings,") for line in spooled(settings)) >= 3, 20), (
             svc.logs()
         )

@@ -54,6 +54,8 @@ class Outcome:
     counts: Counter[str] = field(default_factory=Counter)
     error: str | None = None
     retry_in_s: float | None = None
+    wrote: bool = False
+    """A write went through (a store that was failing is back)."""
     spooled: tuple[int, int] = (0, 0)
 
 
@@ -156,9 +158,12 @@ class Telemetry:
             self._retry_at = time.monotonic() + result.retry_in_s
         if result.error is not None and result.error != self._last_error:
             log.warning("cannot write rollups; they wait in the spool", extra={"error": result.error})
-        elif result.error is None and self._last_error is not None:
+            self.rt.set_problems([f"rollups wait in the spool: {result.error}"])
+        elif result.error is None and result.wrote and self._last_error is not None:
             log.info("writing rollups again")
-        self._last_error = result.error
+            self.rt.set_problems([])
+        if result.error is not None or result.wrote:
+            self._last_error = result.error
 
     # --- the worker ------------------------------------------------------------------------------
     def _store(self, points: list[Point], now_ns: int) -> Outcome:
@@ -196,7 +201,7 @@ class Telemetry:
                     self.spool.remove(taken)
                     for p in taken:
                         out.counts[f"points_refused.{_p(p.priority)}"] += 1
-                    out.error = str(exc)
+                    log.error("the store refused rollup lines; they are dropped", extra={"error": str(exc)})
                     continue
                 self.budget.refund(taken)
                 self._failures += 1
@@ -205,6 +210,7 @@ class Telemetry:
                 out.retry_in_s = backoff_delay(self._failures - 1, 1.0, self.cfg.influx.retry_max_s)
                 break
             self._failures = 0
+            out.wrote = True
             self.spool.remove(taken)
             out.counts["writes"] += 1
             out.counts["bytes_sent"] += sent
