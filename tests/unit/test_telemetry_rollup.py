@@ -180,6 +180,15 @@ def test_status_recovery_and_service_down() -> None:
     assert sorted(p.tag("service") for p in alerts) == ["memory", "uplink"]
 
 
+def test_a_retained_down_status_counts_its_recovery_but_raises_no_alert() -> None:
+    r = Rollups("s1", 60)
+    r.status("ingest", False, T0, alert=False)
+    r.status("ingest", True, T0 + 2 * S)
+    pts = r.close(T0 + 60 * S)
+    assert not by(pts, "alert")
+    assert by(pts, "recovery", subject="ingest")[0].fields == {"recoveries": 1, "mttr_s": 2.0}
+
+
 def test_process_uplink_and_other_histograms() -> None:
     r = Rollups("s1", 60)
     r.add(batch("memory", T0, {}, state={"cpu_s": 10.0, "rss_mb": 50.0}), T0)

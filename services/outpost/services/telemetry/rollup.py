@@ -159,9 +159,10 @@ class Rollups:
                         w.uplink[str(stream)] = (backlog, age if age is not None else 0.0)
         self._procs[svc] = _Process(batch.started, dict(batch.counters), batch.ts, cpu)
 
-    def status(self, service: str, online: bool, now_ns: int) -> None:
-        """A service's status (or ``uplink``'s): going down raises a ``service_down`` alert and
-        starts its downtime; coming back online ends it (one recovery)."""
+    def status(self, service: str, online: bool, now_ns: int, *, alert: bool = True) -> None:
+        """A service's status (or ``uplink``'s): going down raises a ``service_down`` alert (unless
+        ``alert`` is False: a retained status from before, whose alert went out then) and starts
+        its downtime; coming back online ends it (one recovery)."""
         was = self._online.get(service)
         self._online[service] = online
         if online:
@@ -172,9 +173,10 @@ class Rollups:
             return
         if was is not False:
             self._down_since[service] = now_ns
-            w = self._window(now_ns)
-            key = ("service_down", service)
-            w.alerts[key] = w.alerts.get(key, 0) + 1
+            if alert:
+                w = self._window(now_ns)
+                key = ("service_down", service)
+                w.alerts[key] = w.alerts.get(key, 0) + 1
 
     def reading(self, device: str, metric: str, value: float, ts_ns: int, now_ns: int) -> None:
         """One raw reading (only for the device classes the site lets out): a ``reading`` point at

@@ -112,12 +112,16 @@ class Telemetry:
 
     def _on_status(self, inbound: Inbound[Status]) -> None:
         now = time.time_ns()
+        # a retained status is the broker's copy from before this service started: a service found
+        # down then is down (its recovery will count), but its alert went out when it went down
+        alert = not inbound.msg.retain
         for _i, st in inbound.items:
             if st.service != NAME:  # its own going down is never seen by itself
-                self.rollups.status(st.service, st.state == "online", now)
+                self.rollups.status(st.service, st.state == "online", now, alert=alert)
 
     def _on_uplink(self, inbound: Inbound[bytes]) -> None:
-        self.rollups.status("uplink", inbound.raw.strip() == b"1", time.time_ns())
+        up = inbound.raw.strip() == b"1"
+        self.rollups.status("uplink", up, time.time_ns(), alert=not inbound.msg.retain)
 
     def _on_events(self, inbound: Inbound[EventDict]) -> None:
         now = time.time_ns()
