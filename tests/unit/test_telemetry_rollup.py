@@ -236,3 +236,12 @@ def test_line_protocol_escapes() -> None:
     assert p.line() == "service_counter,name=x\\=y,service=a\\,b,site=s\\ 1 count=3i,rate=0.5 7"
     q = point("process", "s", {"service": "m"}, {"cpu_pct": float("nan"), "rss_mb": 1.0}, 1)
     assert "nan" not in q.line()
+
+
+def test_a_service_stopped_on_purpose_is_no_failure() -> None:
+    r = Rollups("s1", 60)
+    r.status("memory", True, T0)
+    r.stopped("memory")
+    r.status("memory", True, T0 + 30 * S)
+    pts = r.close(T0 + 60 * S)
+    assert not by(pts, "alert") and not by(pts, "recovery")

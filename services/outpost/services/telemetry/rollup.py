@@ -178,6 +178,12 @@ class Rollups:
                 key = ("service_down", service)
                 w.alerts[key] = w.alerts.get(key, 0) + 1
 
+    def stopped(self, service: str) -> None:
+        """A service stopped on purpose (an operator's ``outpost down``, a clean SIGTERM): not a
+        failure, so no alert and no downtime; it starts afresh when it comes back."""
+        self._online.pop(service, None)
+        self._down_since.pop(service, None)
+
     def reading(self, device: str, metric: str, value: float, ts_ns: int, now_ns: int) -> None:
         """One raw reading (only for the device classes the site lets out): a ``reading`` point at
         the reading's own time, sent with the window that holds ``now_ns``."""

@@ -116,7 +116,11 @@ class Telemetry:
         # down then is down (its recovery will count), but its alert went out when it went down
         alert = not inbound.msg.retain
         for _i, st in inbound.items:
-            if st.service != NAME:  # its own going down is never seen by itself
+            if st.service == NAME:  # its own going down is never seen by itself
+                continue
+            if st.state == "stopped":  # stopped on purpose: no failure to recover from
+                self.rollups.stopped(st.service)
+            else:
                 self.rollups.status(st.service, st.state == "online", now, alert=alert)
 
     def _on_uplink(self, inbound: Inbound[bytes]) -> None:
