@@ -330,3 +330,21 @@ def test_page_settings_and_url() -> None:
     assert page_url("10.0.0.2", 81) == "http://10.0.0.2:81/"
     with pytest.raises(ValueError):
         PageSettings(port=70_000)
+
+
+def test_up_picks_a_free_port_for_the_page_before_the_stack_starts() -> None:
+    from types import SimpleNamespace
+    from typing import cast
+
+    from outpost.cli.stack import status_page
+    from outpost.services.registry import OutpostSettings
+
+    def site_with(page: PageSettings | None) -> OutpostSettings:
+        return cast(OutpostSettings, SimpleNamespace(telemetry=SimpleNamespace(page=page)))
+
+    url, env = status_page(site_with(PageSettings(port=0)))
+    port = int(env["OUTPOST_TELEMETRY__PAGE__PORT"])
+    assert url == f"http://127.0.0.1:{port}/" and port > 0
+    assert status_page(site_with(PageSettings(port=9100, host="0.0.0.0"))) == ("http://127.0.0.1:9100/", {})
+    assert status_page(site_with(PageSettings(enabled=False))) == (None, {})
+    assert status_page(site_with(None)) == (None, {})

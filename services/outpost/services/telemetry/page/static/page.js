@@ -32,13 +32,22 @@
     }
   }
 
+  // the data's own span; one point (a histogram that recorded once) gets a minute around it
+  function xRange(u) {
+    const t = u.data[0];
+    if (t.length > 1) return [t[0], t[t.length - 1]];
+    const v = t.length ? t[0] : Date.now() / 1000;
+    return [v - 30, v + 30];
+  }
+
   function chart(key, el, labels, colors, height) {
     if (charts[key]) return charts[key];
     const opts = {
       width: Math.max(300, el.clientWidth - 4),
       height: height,
-      scales: { x: { time: true } },
-      series: [{}].concat(labels.map((l, i) => ({ label: l, stroke: colors[i], width: 1.5, points: { show: false } }))),
+      // one point (a histogram that recorded once) gets a minute around it, not an axis of years
+      scales: { x: { time: true, range: xRange } },
+      series: [{}].concat(labels.map((l, i) => ({ label: l, stroke: colors[i], width: 1.5 }))),
       axes: [{}, { size: 60 }],
       legend: { live: true },
     };
@@ -114,9 +123,11 @@
     const link = $("link");
     link.textContent = d.uplink.connected === null ? "" : d.uplink.connected ? "connected" : "down";
     link.className = "pill " + (d.uplink.connected === null ? "" : d.uplink.connected ? "ok" : "bad");
+    link.hidden = d.uplink.connected === null;
     fill("uplink", d.uplink.streams, (tr, s) => {
       cell(tr, s.stream); cell(tr, fmt(s.backlog, 0), "n"); cell(tr, fmt(s.age_s), "n");
     }, "no uplink reported");
+    $("chart-backlog").hidden = !d.uplink.chart.t.length;
     state.drawn.backlog = draw("backlog", $("chart-backlog"), ["backlog"], ["#a15c00"], [d.uplink.chart.t, d.uplink.chart.backlog], 140);
 
     fill("rollups", d.rollups, (tr, r) => {
