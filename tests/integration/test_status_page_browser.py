@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from playwright.sync_api import Request, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+from outpost.broker import Mosquitto, port_open
+from outpost.datadir import read_run
 from outpost.services.registry import OutpostSettings
 from outpost.services.telemetry.page import PageSettings, StatusPage
 from outpost.sim import SimOptions, run
@@ -133,3 +136,25 @@ def test_the_page_draws_a_running_site_in_chromium(stack: Stack, tmp_path: Path)
 
 def _url(r: Request) -> str:
     return r.url
+
+
+def test_the_page_serves_and_stops_cleanly_and_the_run_file_has_it(
+    settings: OutpostSettings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    page_server = StatusPage(PageSettings(port=0), settings)
+    url = page_server.start()
+    try:
+        assert wait_until(lambda: httpx.get(url + "healthz").status_code == 200)
+        assert httpx.get(url + "metrics").text.count("outpost_service_up") >= 1
+        port = urlsplit(url).port
+        assert port is not None
+        # what `outpost up` does with the address: the run file says where the page is
+        data = tmp_path / "run-site"
+        data.mkdir()
+        with Stack(OutpostSettings(site=settings.site, data_dir=data), services={}, status_page=url):
+            info = read_run(data)
+            assert info is not None and info.status_page == url
+    finally:
+        page_server.stop()
+    assert not port_open("127.0.0.1", port)  # uvicorn finished and the socket is closed
+    assert page_server._thread is None
