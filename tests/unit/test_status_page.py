@@ -20,7 +20,7 @@ from outpost.errors import ConfigError
 from outpost.metrics import Metrics
 from outpost.services.telemetry.page import PageSettings, StatusPage, page_url
 from outpost.services.telemetry.page.app import make_app
-from outpost.services.telemetry.page.live import MAX_POINTS, MAX_SERIES, MAX_SERVICES, LiveView
+from outpost.services.telemetry.page.live import CHART_POINTS, MAX_POINTS, MAX_SERIES, MAX_SERVICES, LiveView
 from outpost.settings import CoreSettings, MqttSettings
 from outpost.topics import Topics
 
@@ -278,6 +278,11 @@ def test_history_is_bounded_in_time_points_and_series(client: TestClient) -> Non
         m.histogram("reading_age").record_us(1000)
         site.publish("ingest", T0 + i * 1_000_000_000)
     assert len(huge.throughput.points) == MAX_POINTS
+    sent = TestClient(make_app(huge, PageSettings())).get("/api/live").json()
+    chart = sent["throughput"]["chart"]
+    assert 0 < len(chart["t"]) <= CHART_POINTS and chart["t"][-1] == huge.throughput.points[-1][0]
+    assert chart["t"] == sorted(chart["t"]) and max(chart["readings_per_s"]) == 10.0
+    assert all(0 < len(s["chart"]["t"]) <= CHART_POINTS for s in sent["latency"])
     assert len(huge.latency_series[("ingest", "reading_age")].points) == MAX_POINTS
     m = site.metrics("ingest")
     for n in range(MAX_SERIES * 3):

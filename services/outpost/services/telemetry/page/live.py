@@ -33,6 +33,9 @@ from outpost.topics import Topics
 
 MAX_POINTS = 4096
 """Points one chart keeps at most, whatever ``history_s`` and the metrics interval are."""
+CHART_POINTS = 600
+"""Points a chart is sent at most (a chart is narrower than that in pixels): longer series are
+bucketed (:meth:`Series.columns`)."""
 MAX_SERIES = 64
 """Latency charts at most (service x histogram): names beyond are not drawn (counted)."""
 MAX_SERVICES = 64
@@ -68,9 +71,19 @@ class Series:
         while self.points and self.points[0][0] < t - keep_s:
             self.points.popleft()
 
-    def columns(self) -> dict[str, list[float]]:
-        """The series as uPlot's columns: ``t`` then one list per value."""
-        cols = list(zip(*self.points, strict=True)) if self.points else [()] * (1 + len(self.names))
+    def columns(self, max_points: int = CHART_POINTS) -> dict[str, list[float]]:
+        """The series as uPlot's columns (``t`` then one list per value), at most ``max_points``:
+        a longer one is cut into buckets that each give their last time and their largest values
+        (a p99 spike or a throughput peak stays on the chart), so a poll stays small whatever
+        ``history_s`` keeps."""
+        points = list(self.points)
+        if len(points) > max_points:
+            k = -(-len(points) // max_points)
+            points = [
+                (b[-1][0], *(max(col) for col in list(zip(*b, strict=True))[1:]))
+                for b in (points[i : i + k] for i in range(0, len(points), k))
+            ]
+        cols = list(zip(*points, strict=True)) if points else [()] * (1 + len(self.names))
         return {"t": list(cols[0]), **{n: list(c) for n, c in zip(self.names, cols[1:], strict=True)}}
 
 
