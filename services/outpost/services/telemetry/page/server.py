@@ -59,8 +59,15 @@ class StatusPage:
         sock.listen(128)
         self._sock = sock
         port = int(sock.getsockname()[1])
+        # log_config None: uvicorn's few warnings go through the service's own logging (JSON or
+        # not), not through handlers of its own; no access log (the page polls every second)
         config = uvicorn.Config(
-            self.app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2
+            self.app,
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=2,
         )
         self._server = uvicorn.Server(config)
         started = threading.Event()
