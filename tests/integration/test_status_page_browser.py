@@ -14,11 +14,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import orjson
 import pytest
 from playwright.sync_api import Request, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from outpost.broker import Mosquitto, port_open
+from outpost.bus import Bus
 from outpost.datadir import read_run
 from outpost.services.registry import OutpostSettings
 from outpost.services.telemetry.page import PageSettings, StatusPage
@@ -43,6 +45,8 @@ SCREENSHOT_TO = "STATUS_PAGE_SCREENSHOT_TO"
 """Set to a path to copy the screenshot there too (docs/images/status-page.png was made so). Not an
 OUTPOST_* name: the stack's services refuse settings they do not know."""
 
+EVIL = '<img src="nowhere.png" onerror="window.pwned = 1">'
+
 DRAWN = """() => {
   const p = window.outpostPage;
   if (!p || !p.live) return false;
@@ -51,7 +55,8 @@ DRAWN = """() => {
   return p.drawn.throughput >= 3 && t.readings_per_s.some((v) => v > 0)
     && lat !== undefined && p.drawn.latency["ingest/reading_age"] >= 3 && lat.chart.p99_ms.some((v) => v > 0)
     && Number(document.getElementById("chart-throughput").dataset.points) >= 3
-    && p.live.services.filter((s) => s.state === "online").length >= 5
+    && ["ingest", "inference", "memory", "agents", "connectors"].every(
+      (n) => p.live.services.some((s) => s.name === n && s.state === "online"))
     && p.live.dlq.length > 0;
 }"""
 
@@ -98,6 +103,13 @@ def test_the_page_draws_a_running_site_in_chromium(stack: Stack, tmp_path: Path)
     shot = tmp_path / "status-page.png"
     try:
         assert wait_until(lambda: page_server.view.bus.connected, 30)
+        # a hostile publisher on the same broker: markup in a status, garbage as metrics
+        hostile = Bus(settings.mqtt, client_id=f"hostile-{settings.site}")
+        hostile.start(wait_s=30)
+        status = {"service": EVIL, "state": "online", "problems": [EVIL]}
+        hostile.publish(settings.topics.service_status("evil"), orjson.dumps(status), qos=1, retain=True)
+        hostile.publish(settings.topics.metrics("ingest"), b'{"service": "ingest", "counters": [1]}', qos=1)
+        hostile.stop()
         sim.start()
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -112,6 +124,8 @@ def test_the_page_draws_a_running_site_in_chromium(stack: Stack, tmp_path: Path)
                 except PlaywrightTimeout:
                     pytest.fail(f"the page never drew the site: it holds {_held(page.evaluate(HELD))}")
                 live: dict[str, Any] = page.evaluate("() => window.outpostPage.live")
+                pwned = page.evaluate("() => window.pwned === undefined ? null : window.pwned")
+                shown = page.inner_text("#services")
                 page.screenshot(path=str(shot), full_page=True)
             finally:
                 browser.close()
@@ -120,6 +134,8 @@ def test_the_page_draws_a_running_site_in_chromium(stack: Stack, tmp_path: Path)
         sim.join(30)
         page_server.stop()
     assert errors == []
+    assert pwned is None and EVIL in shown  # names from the broker are text, never markup
+    assert live["ignored_metrics"] >= 1
     # real figures: ingest's rates and the interval quantiles from its sketches
     assert max(live["throughput"]["chart"]["readings_per_s"]) > 0
     assert {"ingest", "inference", "memory", "agents", "connectors"} <= {s["name"] for s in live["services"]}
