@@ -353,3 +353,14 @@ def test_up_picks_a_free_port_for_the_page_before_the_stack_starts() -> None:
     assert status_page(site_with(PageSettings(port=9100, host="0.0.0.0"))) == ("http://127.0.0.1:9100/", {})
     assert status_page(site_with(PageSettings(enabled=False))) == (None, {})
     assert status_page(site_with(None)) == (None, {})
+
+
+def test_a_silent_ingest_is_not_shown_as_busy(site: Site, view: LiveView, client: TestClient) -> None:
+    assert client.get("/api/live").json()["throughput"]["readings_per_s"] is None  # nothing yet
+    _run_site(site)
+    assert client.get("/api/live").json()["throughput"]["readings_per_s"] == 1000.0
+    view.metrics_at["ingest"] -= 60  # its last batch a minute ago (intervals of 5 s)
+    live = client.get("/api/live").json()
+    assert live["throughput"]["readings_per_s"] is None and live["throughput"]["events_per_s"] is None
+    assert len(live["throughput"]["chart"]["t"]) == 4  # the history stays
+    assert "outpost_readings_per_second{" not in client.get("/metrics").text

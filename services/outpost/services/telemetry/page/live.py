@@ -102,7 +102,8 @@ class LiveView(SiteMonitor):
         self.series_dropped = 0
         self.rollups: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, Any]] = {}
         self._ingest_prev: tuple[int | None, int, int, int] | None = None
-        self._rates: tuple[float, float] = (0.0, 0.0)
+        self._rates: tuple[float, float] | None = None
+        self._ingest_gap_s = 0.0
         super().__init__(mqtt, topics, client_id=client_id, watch_events=False)
 
     # --- from the broker (the bus's network thread) ---------------------------------------------
@@ -135,6 +136,7 @@ class LiveView(SiteMonitor):
             return  # the first batch of a process: no interval to take a rate over
         dt = (batch.ts - prev[1]) / 1e9
         self._rates = (max(0, readings - prev[2]) / dt, max(0, events - prev[3]) / dt)
+        self._ingest_gap_s = dt
         self.throughput.add(t, *self._rates, keep_s=self.history_s)
 
     def _add_latency(self, batch: MetricsBatch, t: float) -> None:
@@ -199,6 +201,7 @@ class LiveView(SiteMonitor):
             streams = self._uplink_streams()
             memory_state = _state(self.metrics.get("memory", {}))
             link = memory_state.get("uplink")
+            rates = self._current_rates(now)
             return {
                 "site": self.topics.site,
                 "now_ms": time.time_ns() // 1_000_000,
@@ -206,8 +209,8 @@ class LiveView(SiteMonitor):
                 "broker_connected": self.bus.connected,
                 "services": self._services(now),
                 "throughput": {
-                    "readings_per_s": self._rates[0],
-                    "events_per_s": self._rates[1],
+                    "readings_per_s": None if rates is None else rates[0],
+                    "events_per_s": None if rates is None else rates[1],
                     "chart": self.throughput.columns(),
                 },
                 "latency": [
@@ -228,6 +231,14 @@ class LiveView(SiteMonitor):
                 "ignored_metrics": self.ignored_metrics,
                 "series_dropped": self.series_dropped,
             }
+
+    def _current_rates(self, now: float) -> tuple[float, float] | None:
+        """Ingest's latest rates; None before two batches or once its batches stopped coming (three
+        of its intervals and at least 10 s without one): a stopped ingest is not shown as busy."""
+        at = self.metrics_at.get("ingest")
+        if self._rates is None or at is None or now - at > max(10.0, 3 * self._ingest_gap_s):
+            return None
+        return self._rates
 
     def _services(self, now: float) -> list[dict[str, Any]]:
         out = []

@@ -41,7 +41,8 @@ class LiveCollector(Collector):
             ("outpost_events_per_second", "events_per_s", "Events/s ingest published (last interval)."),
         ):
             g = GaugeMetricFamily(name, doc, labels=["site"])
-            g.add_metric([site], float(live["throughput"][key]))
+            if live["throughput"][key] is not None:  # none before two batches, or once ingest is silent
+                g.add_metric([site], float(live["throughput"][key]))
             yield g
         lat = GaugeMetricFamily(
             "outpost_latency_ms",
