@@ -125,6 +125,8 @@ class SiteMonitor:
             doc = orjson.loads(msg.payload)
         except orjson.JSONDecodeError:
             return
+        if not isinstance(doc, dict):
+            return
         with self.lock:
             self.status[str(doc.get("service", msg.topic.split("/")[-2]))] = doc
 
@@ -132,6 +134,8 @@ class SiteMonitor:
         try:
             doc = orjson.loads(msg.payload)
         except orjson.JSONDecodeError:
+            return
+        if not isinstance(doc, dict):
             return
         name = str(doc.get("service", msg.topic.split("/")[-1]))
         now = time.monotonic()

@@ -47,6 +47,9 @@ class Stack:
     final_status: list[dict[str, object]] = field(default_factory=list)
     """The services' states and exit codes as the stop left them."""
     lock: DataDirLock | None = None
+    status_page: str | None = None
+    """The address the telemetry service will serve the status page on (``outpost up`` works it out
+    before anything starts): written to the run file with the broker's, where ``outpost`` finds it."""
 
     @property
     def data_dir(self) -> Path:
@@ -99,7 +102,7 @@ class Stack:
             env["OUTPOST_MQTT__PASSWORD"] = s.mqtt.password.get_secret_value()
         env.update(self.env)
         assert self.lock is not None
-        self.lock.write_run(s.site, self.broker_address)
+        self.lock.write_run(s.site, self.broker_address, self.status_page)
         services = dict(type(s).SERVICES if self.services is None else self.services)
         self.supervisor = Supervisor(env=env, log_dir=self.log_dir, services=services)
         self.supervisor.start()

@@ -73,6 +73,10 @@ def test_the_wheel_holds_every_module_and_model(wheel: set[str]) -> None:
     assert {Path(n).name for n in models} == {"manifest.yaml", "model.onnx"}
     assert len(models) == 2 * len(list((ROOT / "services").rglob("models/*/*/manifest.yaml")))
     assert {"outpost/py.typed", "outpost/services/py.typed", "outpost/sim/py.typed"} <= wheel
+    # the status page's files: served by the gateway itself (it works with no internet)
+    page = "outpost/services/telemetry/page/static/"
+    assert {page + n for n in ("index.html", "page.js", "page.css")} <= wheel
+    assert {page + "vendor/" + n for n in ("uPlot.iife.min.js", "uPlot.min.css", "uPlot.LICENSE")} <= wheel
     assert "outpost/__init__.py" not in wheel
     assert not [n for n in wheel if n.endswith("ruff.toml")]
 

@@ -21,7 +21,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from outpost.broker import port_open
+from outpost.broker import free_port, port_open
 from outpost.cli.output import print_json
 from outpost.cli.site import DataDirOpt, SiteOpt, Where, find_site
 from outpost.datadir import site_path
@@ -31,6 +31,7 @@ from outpost.monitor import SiteMonitor
 from outpost.service import install_stop_signals
 from outpost.services.connectors.secrets import SecretStore
 from outpost.services.registry import OutpostSettings
+from outpost.services.telemetry.page import page_url, status_page_of
 from outpost.sim.shop import ShopPeers
 from outpost.stack import Stack, parse_broker
 from outpost.tsdb import VictoriaMetrics
@@ -172,6 +173,19 @@ def _live(stack: Stack, mon: SiteMonitor, sent: int | None = None, bad: int | No
     )
 
 
+def status_page(settings: OutpostSettings) -> tuple[str | None, dict[str, str]]:
+    """Where the telemetry service will serve the status page, and the services' environment that
+    says so: with ``telemetry.page.port`` 0 a free port is picked here, so the address is known (and
+    printed, and in the run file) before the service starts. (None, {}) when the site has no page."""
+    page = status_page_of(settings)
+    if page is None:
+        return None, {}
+    if page.port:
+        return page_url(page.host, page.port), {}
+    port = free_port()
+    return page_url(page.host, port), {"OUTPOST_TELEMETRY__PAGE__PORT": str(port)}
+
+
 def up(
     broker: BrokerOpt = None,
     site: SiteOpt = None,
@@ -185,11 +199,13 @@ def up(
         parse_broker(broker)
     stop = threading.Event()
     install_stop_signals(stop)
-    with Stack(settings, external_broker=broker) as stack:
+    page, env = status_page(settings)
+    with Stack(settings, external_broker=broker, env=env, status_page=page) as stack:
         # said at once and plainly, so a stack run in the background (output to a file) tells
-        # where its broker listens; the live table below refreshes only on a terminal
+        # where its broker and status page listen; the live table below refreshes only on a terminal
         console.print(
             f"Outpost site {settings.site!r}: broker {settings.mqtt.host}:{settings.mqtt.port}, "
+            f"status page: {page or 'none'}, "
             f"state in {stack.site_dir}, uplink {settings.uplink.cloud or 'none'}, PID {os.getpid()}; "
             "Ctrl-C or SIGTERM stops it",
             soft_wrap=True,
