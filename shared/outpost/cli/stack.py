@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from outpost.monitor import SiteMonitor
 from outpost.service import install_stop_signals
 from outpost.services.connectors.secrets import SecretStore
 from outpost.services.registry import OutpostSettings
-from outpost.services.telemetry.page import page_url, status_page_of
+from outpost.services.telemetry.page import page_url
 from outpost.sim.shop import ShopPeers
 from outpost.stack import Stack, parse_broker
 from outpost.tsdb import VictoriaMetrics
@@ -175,15 +176,29 @@ def _live(stack: Stack, mon: SiteMonitor, sent: int | None = None, bad: int | No
 
 def status_page(settings: OutpostSettings) -> tuple[str | None, dict[str, str]]:
     """Where the telemetry service will serve the status page, and the services' environment that
-    says so: with ``telemetry.page.port`` 0 a free port is picked here, so the address is known (and
-    printed, and in the run file) before the service starts. (None, {}) when the site has no page."""
-    page = status_page_of(settings)
-    if page is None:
+    says so: with ``telemetry.page.port`` 0, or a port something else holds already (a second site
+    on the gateway, another program), a free port is picked here, so the address is known (and
+    printed, and in the run file) before the service starts. (None, {}) when the page is off."""
+    page = settings.telemetry.page
+    if not page.enabled:
         return None, {}
-    if page.port:
+    if page.port and _can_listen(page.host, page.port):
         return page_url(page.host, page.port), {}
+    if page.port:
+        console.print(f"[yellow]status page: port {page.port} is in use; serving on a free port[/]")
     port = free_port()
     return page_url(page.host, port), {"OUTPOST_TELEMETRY__PAGE__PORT": str(port)}
+
+
+def _can_listen(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def up(

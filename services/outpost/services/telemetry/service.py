@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 
 from outpost.backoff import backoff_delay
 from outpost.contracts import EVENT, METRICS, STATUS, EventDict, MetricsBatch, Status
+from outpost.errors import ConfigError
 from outpost.log import get_logger
 from outpost.service import SKIP, Ack, Inbound, Peek, ServiceRuntime, run_until, service_main
 from outpost.services.registry import OutpostSettings
 from outpost.services.telemetry.budget import Budget
 from outpost.services.telemetry.catalog import Point, Priority
+from outpost.services.telemetry.page import StatusPage
 from outpost.services.telemetry.rollup import Rollups
 from outpost.services.telemetry.spool import Spool
 from outpost.services.telemetry.writer import WriteFailed, Writer
@@ -84,10 +86,8 @@ class Telemetry:
         self._spooled = (self.spool.count, self.spool.bytes) if self.spool else (0, 0)
         self._last_error: str | None = None
         self.rt.extra_status = self._state
-        # --- status page: the integrator starts it here and feeds it each closed window ---------
-        # self.page = StatusPage(cfg.page, settings)   (started in start(), fed in _tick's points,
-        # stopped in stop(); outpost.services.telemetry.page)
-        # --------------------------------------------------------------------------------------------
+        self.page = StatusPage(cfg.page, settings) if cfg.page.enabled else None
+        """The status page and /metrics (its own live view from the broker; fed each closed window)."""
         self.rt.subscribe(self.topics.all_metrics, self._on_metrics, contract=METRICS, ack=Ack.AT_ONCE, qos=0)
         self.rt.subscribe(
             self.topics.all_service_status,
@@ -141,7 +141,8 @@ class Telemetry:
         if points:
             self.metrics.counters["windows"] += 1
             self.metrics.counters["points"] += len(points)
-            # status page: self.page.on_rollup(points)
+            if self.page is not None:
+                self.page.on_rollup(points)
         if self.writer is None:
             return
         if points:
@@ -246,19 +247,27 @@ class Telemetry:
         if points:
             self.metrics.counters["windows"] += 1
             self.metrics.counters["points"] += len(points)
-            # status page: self.page.on_rollup(points)
+            if self.page is not None:
+                self.page.on_rollup(points)
             if self.writer is not None:
                 self._submit(lambda: self._store(points, now))
 
     def start(self) -> None:
         self.rt.start()
-        # status page: self.address = self.page.start()
+        if self.page is not None:
+            try:
+                log.info("status page", extra={"address": self.page.start()})
+            except ConfigError as exc:  # the port is taken: the rollups go on without a page
+                log.error("no status page", extra={"error": str(exc)})
+                self.rt.set_problems([str(exc)])
+                self.page = None
 
     def stop(self) -> None:
         try:
             self.rt.stop(self._drain)
         finally:
-            # status page: self.page.stop()
+            if self.page is not None:
+                self.page.stop()
             if self.writer is not None:
                 self.writer.close()
             if self.spool is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator
 
 from outpost.contracts import Segment
+from outpost.services.telemetry.page.settings import PageSettings
 from outpost.settings import Section, TelemetrySettings
 
 
@@ -53,5 +54,7 @@ class TelemetryServiceSettings(TelemetrySettings):
         default_factory=list,
         description="Device classes whose raw readings may leave the site (default: aggregates only).",
     )
-    # page: PageSettings  -- the status page's settings (outpost.services.telemetry.page.settings),
-    # added by the integrator with the page itself (OUTPOST_TELEMETRY__PAGE__PORT).
+    page: PageSettings = Field(
+        default_factory=PageSettings,
+        description="The status page and Prometheus endpoint (docs/telemetry.md).",
+    )

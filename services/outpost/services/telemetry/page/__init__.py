@@ -2,6 +2,6 @@
 (docs/status-page.md): :class:`StatusPage` with its :class:`PageSettings` (``telemetry.page``)."""
 
 from outpost.services.telemetry.page.server import StatusPage
-from outpost.services.telemetry.page.settings import PageSettings, page_url, status_page_of
+from outpost.services.telemetry.page.settings import PageSettings, page_url
 
-__all__ = ["PageSettings", "StatusPage", "page_url", "status_page_of"]
+__all__ = ["PageSettings", "StatusPage", "page_url"]

@@ -25,13 +25,6 @@ class PageSettings(Section):
     poll_s: float = Field(1.0, ge=0.2, le=60, description="How often the page asks for new figures.")
 
 
-def status_page_of(settings: object) -> PageSettings | None:
-    """The site's ``telemetry.page`` where its settings have the telemetry service's section and the
-    page is enabled; None otherwise (a site composed without the telemetry service has no page)."""
-    page = getattr(getattr(settings, "telemetry", None), "page", None)
-    return page if isinstance(page, PageSettings) and page.enabled else None
-
-
 def page_url(host: str, port: int) -> str:
     """The address a browser on this machine opens: a wildcard listen address is reached on loopback."""
     shown = "127.0.0.1" if host in ("", "0.0.0.0") else "[::1]" if host == "::" else host
