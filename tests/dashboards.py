@@ -9,8 +9,9 @@ server (VictoriaMetrics stores measurement ``m``, field ``f`` as the series ``m_
 
 A query is read pipeline by pipeline (each ``from(...)`` or ``schema.*(...)`` call starts one):
 a pipeline names one measurement with ``r._measurement == "..."`` and its fields with
-``r._field == "..."``; tags are the other ``r.<name>`` comparisons, the columns of ``group(columns: [...])``
-(``_field`` and the like aside) and ``tag: "..."`` of ``schema.tagValues``. A regex or a negation on ``_measurement`` or ``_field`` is refused: what it
+``r._field == "..."``; tags are the other ``r.<name>`` comparisons, the columns of
+``group(columns: [...])`` (``_field`` and the like aside) and ``tag: "..."`` of
+``schema.tagValues``. A regex or a negation on ``_measurement`` or ``_field`` is refused: what it
 matches cannot be checked, so the dashboards do not use one.
 """
 
@@ -27,7 +28,9 @@ DASHBOARDS = Path(__file__).resolve().parents[1] / "compose" / "grafana" / "dash
 """The shipped dashboards' folder."""
 
 _SOURCE = re.compile(r"\bfrom\s*\(|\bschema\.\w+\s*\(")
-_NAMED = re.compile(r'r(?:\.(\w+)|\[\s*"(\w+)"\s*\])\s*(==|!=|=~|!~)\s*("(?:[^"\\]|\\.)*"|/(?:[^/\\]|\\.)*/)?')
+_NAMED = re.compile(
+    r'r(?:\.(\w+)|\[\s*"(\w+)"\s*\])\s*(==|!=|=~|!~)\s*("(?:[^"\\]|\\.)*"|/(?:[^/\\]|\\.)*/)?'
+)
 _TAG_ARG = re.compile(r'\btag\s*:\s*"(\w+)"')
 _GROUP = re.compile(r"\bgroup\s*\(\s*columns\s*:\s*\[([^\]]*)\]")
 
@@ -136,7 +139,8 @@ def named(folder: Path = DASHBOARDS) -> dict[tuple[str, str], list[str]]:
     out: dict[tuple[str, str], list[str]] = {}
     for name, doc in dashboards(folder).items():
         for p in panels(doc):
-            if p.get("type") != "row" and not any(str(t.get("query", "")).strip() for t in p.get("targets", [])):
+            has_query = any(str(t.get("query", "")).strip() for t in p.get("targets", []))
+            if p.get("type") != "row" and not has_query:
                 raise DashboardError(f"{name}: panel {p.get('id')} {p.get('title')!r} has no query")
         for q in queries(name, doc):
             if q.variable:
