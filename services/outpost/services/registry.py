@@ -36,6 +36,7 @@ from outpost.services.connectors.settings import ConnectorsSettings
 from outpost.services.inference.settings import InferenceSettings
 from outpost.services.ingest.settings import IngestSettings
 from outpost.services.memory.settings import MemorySettings
+from outpost.services.telemetry.settings import TelemetryServiceSettings
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ REGISTRY: tuple[Service, ...] = (
     Service("memory", MemorySettings, "outpost.services.memory"),
     Service("agents", AgentSettings, "outpost.services.agent"),
     Service("connectors", ConnectorsSettings, "outpost.services.connectors"),
+    Service("telemetry", TelemetryServiceSettings, "outpost.services.telemetry"),
 )
 """Every service ``outpost up`` runs, in the order it starts them."""
 
@@ -68,6 +70,9 @@ class OutpostSettings(core.CoreSettings):
     memory: MemorySettings = Field(default_factory=MemorySettings)
     agents: AgentSettings = Field(default_factory=AgentSettings)
     connectors: ConnectorsSettings = Field(default_factory=ConnectorsSettings)
+    telemetry: TelemetryServiceSettings = Field(default_factory=TelemetryServiceSettings)
+    """The core's ``telemetry`` section (``metrics_interval_s``) widened by the telemetry service's own
+    settings: the same key in the site file."""
 
 
 def check_registry(table: tuple[Service, ...], composed: type[core.CoreSettings]) -> None:
@@ -77,10 +82,11 @@ def check_registry(table: tuple[Service, ...], composed: type[core.CoreSettings]
     if len(set(names)) != len(names):
         raise TypeError(f"service registry: a name twice in {names}")
     sections = {s.name: s.settings for s in table if s.settings is not None}
+    core_fields = core.CoreSettings.model_fields
     fields = {
         name: f.annotation
         for name, f in composed.model_fields.items()
-        if name not in core.CoreSettings.model_fields
+        if name not in core_fields or f.annotation is not core_fields[name].annotation
     }
     if sections != fields:
         raise TypeError(
