@@ -14,8 +14,9 @@ simulator's retail fleet (:func:`outpost.sim.run`, ``--scenario retail``) for ``
   distinct timestamps the server holds (a point's timestamp is its window's start).
 * **raw**: a subscriber process on ``.../events/+`` turns every validated reading into the line a
   raw ``reading`` point would be (:func:`outpost.services.telemetry.catalog.point`) and writes them
-  with influxdb-client to the second server, ``batch_points`` lines a request or every
-  ``raw_flush_s``; bytes counted the same way; per minute = bytes / the fleet's sending time.
+  with the telemetry service's own writer (influxdb-client, no compression, as the service sends)
+  to the second server, ``batch_points`` lines a request or every ``raw_flush_s``; bytes counted
+  the same way; per minute = bytes / the fleet's sending time.
 * Both also as line-protocol bytes alone (no HTTP): the raw lines' length, and the lines of the
   points a :class:`~outpost.services.telemetry.rollup.Rollups` makes from the metrics batches and
   statuses the subscriber saw (the same batches the service rolled up). Where the site has no
@@ -79,7 +80,6 @@ class TelemetryBenchOptions:
     drain_s: float = 30.0  # after the load, the longest wait for the events on their way
     batch_points: int = 5000  # raw forwarding: lines a request at most (as the service's influx.batch_points)
     raw_flush_s: float = 1.0  # raw forwarding: a request at least this often while lines wait
-    gzip: bool = False  # raw forwarding compresses its requests (as the service's writer would)
     without: tuple[str, ...] = ()  # services of the site not started
 
     @classmethod
@@ -108,7 +108,6 @@ class TelemetrySinkSpec:
     out_dir: str
     batch_points: int
     raw_flush_s: float
-    gzip: bool
     client_id: str = "bench-telemetry-sink"
 
 
@@ -125,24 +124,23 @@ def run_telemetry_sink(spec: TelemetrySinkSpec, ch: Channels) -> None:
 
 
 class _RawForwarder:
-    """Every validated reading as a raw ``reading`` line, written upstream by influxdb-client from a
-    thread of its own: ``batch_points`` lines a request, or what waits every ``flush_s``."""
+    """Every validated reading as a raw ``reading`` line, written upstream by the telemetry service's
+    own :class:`~outpost.services.telemetry.writer.Writer` (influxdb-client, one request a call) from
+    a thread of its own: ``batch_points`` lines a request, or what waits every ``flush_s``."""
 
     def __init__(self, spec: TelemetrySinkSpec) -> None:
-        from influxdb_client.client.influxdb_client import InfluxDBClient
-        from influxdb_client.client.write_api import SYNCHRONOUS
-        from influxdb_client.rest import ApiException
-        from urllib3.exceptions import HTTPError
+        from pydantic import SecretStr
 
-        self.failures: tuple[type[BaseException], ...] = (ApiException, HTTPError, OSError)
+        from outpost.services.telemetry.settings import InfluxSettings
+        from outpost.services.telemetry.writer import WriteFailed, Writer
 
         self.spec = spec
-        self.client = InfluxDBClient(
-            url=spec.raw_url, token=TOKEN, org=ORG, timeout=30_000, enable_gzip=spec.gzip
-        )
-        self.api = self.client.write_api(write_options=SYNCHRONOUS)
+        cfg = InfluxSettings(url=spec.raw_url, org=ORG, bucket=BUCKET, token=SecretStr(TOKEN))
+        self.writer = Writer(cfg)
+        self.failures: tuple[type[BaseException], ...] = (WriteFailed,)
         self.lines: deque[str] = deque()
         self.line_bytes = 0
+        self.body_bytes = 0
         self.written = 0
         self.requests = 0
         self.errors: Counter[str] = Counter()
@@ -159,10 +157,10 @@ class _RawForwarder:
         if not batch:
             return
         try:
-            self.api.write(bucket=BUCKET, org=ORG, record=batch)
+            self.body_bytes += self.writer.write(batch)
             self.written += len(batch)
         except self.failures as exc:  # counted and reported: a lost request shows in the figures
-            self.errors[type(exc).__name__] += 1
+            self.errors[str(exc)[:200]] += 1
         self.requests += 1
 
     def _loop(self) -> None:
@@ -181,10 +179,11 @@ class _RawForwarder:
     def close(self) -> dict[str, Any]:
         self.stop.set()
         self.thread.join(120)
-        self.client.close()  # type: ignore[no-untyped-call]
+        self.writer.close()
         return {
             "lines": self.written,
             "line_bytes": self.line_bytes,
+            "body_bytes": self.body_bytes,
             "requests": self.requests,
             "errors": dict(self.errors),
         }
@@ -334,7 +333,6 @@ def _run(o: TelemetryBenchOptions, work: Path, say: Progress) -> dict[str, Any]:
             out_dir=str(sink_dir),
             batch_points=o.batch_points,
             raw_flush_s=o.raw_flush_s,
-            gzip=o.gzip,
         )
         sink_p = ctx.Process(target=run_telemetry_sink, args=(spec, ch), name="bench-sink", daemon=True)
         sink_p.start()
@@ -448,6 +446,7 @@ def _offline_rollups(path: Path, window_s: float) -> dict[str, Any]:
     rollups = Rollups(SITE, window_s, started_ns=None)
     bad = 0
     last = 0
+    service_counters: dict[str, int] = {}
     for line in path.read_bytes().splitlines():
         doc = orjson.loads(line)
         last = max(last, int(doc[1]))
@@ -455,9 +454,13 @@ def _offline_rollups(path: Path, window_s: float) -> dict[str, Any]:
             rollups.status(str(doc[2]), bool(doc[3]), int(doc[1]))
             continue
         try:
-            rollups.add(MetricsBatch.model_validate(doc[2]), int(doc[1]))
+            batch = MetricsBatch.model_validate(doc[2])
         except ValueError:
             bad += 1
+            continue
+        rollups.add(batch, int(doc[1]))
+        if batch.service == "telemetry":
+            service_counters = dict(batch.counters)
     points = rollups.close(last + int(2 * window_s * 1e9))
     windows = sorted({p.ts_ns for p in points})
     line_bytes = sum(len(p.line()) + 1 for p in points)
@@ -468,6 +471,13 @@ def _offline_rollups(path: Path, window_s: float) -> dict[str, Any]:
         "bytes": line_bytes,
         "points_per_window": [per_window[t] for t in windows],
         "batches_refused": bad,
+        # the telemetry service's own counters in its last batch (bytes_sent: line protocol bodies)
+        "telemetry_service_counters": {
+            k: v
+            for k, v in sorted(service_counters.items())
+            if k.split(".")[0] in ("windows", "points", "writes", "bytes_sent", "write_failures")
+            or k.startswith(("points_sent", "points_downsampled", "points_dropped"))
+        },
     }
 
 

@@ -486,7 +486,6 @@ def telemetry(
         float | None,
         typer.Option("--rollup", min=1.0, help="The telemetry service's window, s (60; --quick: 4)."),
     ] = None,
-    gzip: Annotated[bool, typer.Option("--gzip", help="Raw forwarding compresses its requests.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Upstream bytes per device per minute with the telemetry service's rollups against forwarding
@@ -498,7 +497,7 @@ def telemetry(
     """
     from outpost.benchmarks.telemetry import TelemetryBenchOptions, print_telemetry, run_telemetry_bench
 
-    kw: dict[str, Any] = {"gzip": gzip}
+    kw: dict[str, Any] = {}
     for key, value in (("devices", devices), ("rate", rate), ("duration_s", duration), ("rollup_s", rollup)):
         if value is not None:
             kw[key] = value
