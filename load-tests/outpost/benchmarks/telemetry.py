@@ -425,7 +425,7 @@ def _run(o: TelemetryBenchOptions, work: Path, say: Progress) -> dict[str, Any]:
 
 
 def _rollups_written(vm: VictoriaMetrics) -> dict[str, Any]:
-    """What the telemetry service wrote: series, points, and windows (distinct timestamps)."""
+    """What the telemetry service wrote: series, field values, and windows (distinct timestamps)."""
     series = vm.export('{__name__=~".+"}')
     stamps: Counter[int] = Counter()
     names: set[str] = set()
@@ -434,9 +434,9 @@ def _rollups_written(vm: VictoriaMetrics) -> dict[str, Any]:
         stamps.update(int(t) for t in s["timestamps"])
     return {
         "series": len(series),
-        "points": sum(stamps.values()),
+        "field_values": sum(stamps.values()),  # one per field of each point (a series is m_f)
         "windows": len(stamps),
-        "points_per_window": [stamps[t] for t in sorted(stamps)],
+        "field_values_per_window": [stamps[t] for t in sorted(stamps)],
         "series_names": sorted(names),
     }
 
