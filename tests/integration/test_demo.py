@@ -40,19 +40,14 @@ def test_demo_runs_reports_and_stops_everything() -> None:
     assert summary["validated"] == summary["sent"]
     assert summary["rejected"] == sim["bad_total"] > 0
     assert summary["duplicates_dropped_by_consumer"] == 0
-    assert summary["restarts"] == {"ingest": 0, "inference": 0, "memory": 0, "agents": 0, "connectors": 0}
+    everyone = ("ingest", "inference", "memory", "agents", "connectors", "telemetry")
+    assert summary["restarts"] == dict.fromkeys(everyone, 0)
     # scores flow, each with its model and version, from both shipped models
     assert summary["scores"] > 0
     assert {m.split("@")[0] for m in summary["scores_by_model"]} == {"fridge-anomaly", "shelf-stock"}
     # the services were stopped before the summary: their final counters are in it
-    assert summary["services"] == {
-        "ingest": "stopped",
-        "inference": "stopped",
-        "memory": "stopped",
-        "agents": "stopped",
-        "connectors": "stopped",
-    }
-    assert summary["exit_codes"] == {"ingest": 0, "inference": 0, "memory": 0, "agents": 0, "connectors": 0}
+    assert summary["services"] == dict.fromkeys(everyone, "stopped")
+    assert summary["exit_codes"] == dict.fromkeys(everyone, 0)
     assert summary["ingest_counters"]["events"] == summary["validated"]
     # the operational log holds every event, score and dead letter of the run
     logged = summary["memory_counters"]["entries"]
@@ -77,3 +72,7 @@ def test_demo_runs_reports_and_stops_everything() -> None:
     # a clean demo leaves no state folder behind (and says so)
     assert summary["state_dir"] is None
     assert summary["latency_ms"]["p99"] >= summary["latency_ms"]["p50"] > 0
+    # the telemetry service wrote its rollups to the demo's time-series server
+    tel = summary["telemetry"]
+    assert tel["points"] > 0 and tel["bytes_upstream"] > 0
+    assert {"process", "service_counter", "dlq"} <= set(tel["measurements"])

@@ -278,7 +278,8 @@ def test_a_section_given_as_a_scalar_is_refused_even_beside_env(
 def test_the_registry_composes_the_settings_and_the_services_to_run() -> None:
     """One row per service: its section is a field of OutpostSettings and its module is what
     ``outpost up`` supervises, in the table's order; the core alone knows no service."""
-    assert [s.name for s in REGISTRY] == ["ingest", "inference", "memory", "agents", "connectors", "telemetry"]
+    names = [s.name for s in REGISTRY]
+    assert names == ["ingest", "inference", "memory", "agents", "connectors", "telemetry"]
     for row in REGISTRY:
         assert OutpostSettings.model_fields[row.name].annotation is row.settings
         core_field = CoreSettings.model_fields.get(row.name)

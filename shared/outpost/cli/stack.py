@@ -25,7 +25,7 @@ from outpost.broker import port_open
 from outpost.cli.output import print_json
 from outpost.cli.site import DataDirOpt, SiteOpt, Where, find_site
 from outpost.datadir import site_path
-from outpost.errors import BrokerError
+from outpost.errors import BrokerError, OutpostError
 from outpost.log import setup_logging
 from outpost.monitor import SiteMonitor
 from outpost.service import install_stop_signals
@@ -33,6 +33,7 @@ from outpost.services.connectors.secrets import SecretStore
 from outpost.services.registry import OutpostSettings
 from outpost.sim.shop import ShopPeers
 from outpost.stack import Stack, parse_broker
+from outpost.tsdb import VictoriaMetrics
 
 console = Console()
 
@@ -273,7 +274,11 @@ def demo(
     shop = ShopPeers().start()
     SecretStore(site_path(tmp, settings.site, "connectors")).set(ShopPeers.SECRET, shop.api.client_secret)
     env = {"OUTPOST_CONNECTORS__DECLARED": orjson.dumps(shop.connectors()).decode()}
+    # a real time-series server for the telemetry service to write to (docs/telemetry.md)
+    tsdb = VictoriaMetrics(tmp / "tsdb").start()
+    env |= {"OUTPOST_TELEMETRY__INFLUX__URL": tsdb.url, "OUTPOST_TELEMETRY__ROLLUP_S": "5"}
     with contextlib.ExitStack() as cleanup, Stack(settings, external_broker=broker, env=env) as stack:
+        cleanup.callback(tsdb.stop)
         cleanup.callback(shop.stop)
         mon = SiteMonitor(settings.mqtt, settings.topics, client_id=f"outpost-demo-{os.getpid()}")
         mon.start()
@@ -334,6 +339,7 @@ def demo(
             rows = stack.supervisor.status()
             summary["restarts"] = {r["service"]: r["restarts"] for r in rows}
             summary["exit_codes"] = {r["service"]: r["last_exit"] for r in rows}
+            summary["telemetry"] = _telemetry_written(tsdb, settings.site)
         finally:
             if sim is not None and sim.poll() is None:
                 sim.kill()
@@ -368,8 +374,33 @@ def demo(
             f"{summary['rejected']:,} rejected"
             + (f"; agents: {decided}" if decided else "")
             + (f"; actions: {acted}" if acted else "")
+            + (
+                f"; telemetry: {tel['points']:,} points of {len(tel['measurements'])} measurements, "
+                f"{tel['bytes_upstream']:,} bytes upstream"
+                if (tel := summary.get("telemetry"))
+                else ""
+            )
             + f"; everything stopped, {where}"
         )
+
+
+def _telemetry_written(tsdb: VictoriaMetrics, site: str) -> dict[str, Any] | None:
+    """What the telemetry service wrote to the demo's time-series server: points (one per field
+    value), bytes the server read (on the wire, HTTP included) and the measurements seen."""
+    from outpost.services.telemetry.catalog import MEASUREMENTS
+
+    try:
+        series = tsdb.export(f'{{site="{site}"}}')
+        wire = tsdb.bytes_received()
+    except OutpostError:
+        return None
+    names = {s["metric"].get("__name__", "") for s in series}
+    found = sorted({m for m in MEASUREMENTS for n in names if n.startswith(m + "_")})
+    return {
+        "points": sum(len(s["values"]) for s in series),
+        "bytes_upstream": wire,
+        "measurements": found,
+    }
 
 
 def _wait_for(pred: Callable[[], bool], timeout_s: float) -> bool:

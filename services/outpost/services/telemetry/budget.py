@@ -1,9 +1,10 @@
 """The upstream byte budget (``budget_bytes_per_min``): pure logic, the clock passed in.
 
-A token bucket holds up to one minute of bytes and refills at ``budget_bytes_per_min / 60`` a
-second. Each write request is charged its points' line-protocol bytes (a newline each) plus
-:data:`REQUEST_BYTES` for the HTTP request around them, so the bytes on the wire (what the tests
-count at the server) stay within the budget. The priorities (:class:`~.catalog.Priority`):
+A token bucket holds one window's bytes (``rollup_s`` at the budget's rate; at least one request
+with a few lines) and refills at ``budget_bytes_per_min / 60`` a second. Each write request is
+charged its points' line-protocol bytes (a newline each) plus :data:`REQUEST_BYTES` for the HTTP
+request around them, so the bytes on the wire (what the tests count at the server) stay within the
+budget. The priorities (:class:`~.catalog.Priority`):
 
 1. **alerts** always go, whatever the bucket holds (it may go below zero: the SLO points then
    wait until it has refilled);
@@ -53,7 +54,9 @@ class Budget:
     def __init__(self, bytes_per_min: int, window_s: float, *, request_bytes: int = REQUEST_BYTES) -> None:
         self.limited = bytes_per_min > 0
         self.rate = bytes_per_min / 60.0
-        self.capacity = float(bytes_per_min)
+        # one window's bytes may go at once (a window's points leave together), and at least one
+        # request with some lines: a bucket smaller than that would never send anything
+        self.capacity = max(self.rate * window_s, request_bytes + 2048.0)
         self.window_s = window_s
         self.request_bytes = request_bytes
         self.tokens = self.capacity

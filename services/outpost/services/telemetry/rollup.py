@@ -31,6 +31,9 @@ from outpost.services.telemetry.catalog import Point, point
 from outpost.sketch import from_wire, quantile
 from outpost.topics import device_class
 
+MAX_PROCESSES = 1000
+"""Publishing services a rollup tracks at most (their last counters each)."""
+
 _DONE_STATES = frozenset(("done", "duplicate"))
 """Action result states that count as success (the agents service's own reading of them)."""
 
@@ -85,6 +88,8 @@ class Rollups:
         self.window_ns = int(window_s * 1e9)
         self.started_ns = started_ns
         self._procs: dict[str, _Process] = {}
+        self.ignored = 0
+        """Batches of services past :data:`MAX_PROCESSES`, not rolled up."""
         self._windows: dict[int, _Window] = {}
         self._closed_until = 0
         self._online: dict[str, bool] = {}
@@ -101,9 +106,12 @@ class Rollups:
     def add(self, batch: MetricsBatch, now_ns: int) -> None:
         """Fold one metrics batch in (its counters' increases since the service's previous batch,
         its sketches, its state)."""
-        w = self._window(now_ns)
         svc = batch.service
         prev = self._procs.get(svc)
+        if prev is None and len(self._procs) >= MAX_PROCESSES:
+            self.ignored += 1  # a flood of made-up service names costs nothing more
+            return
+        w = self._window(now_ns)
         restarted = prev is None or (batch.started is not None and batch.started != prev.started)
         baseline = (
             prev is None
@@ -151,9 +159,10 @@ class Rollups:
                         w.uplink[str(stream)] = (backlog, age if age is not None else 0.0)
         self._procs[svc] = _Process(batch.started, dict(batch.counters), batch.ts, cpu)
 
-    def status(self, service: str, online: bool, now_ns: int) -> None:
-        """A service's status (or ``uplink``'s): going down raises a ``service_down`` alert and
-        starts its downtime; coming back online ends it (one recovery)."""
+    def status(self, service: str, online: bool, now_ns: int, *, alert: bool = True) -> None:
+        """A service's status (or ``uplink``'s): going down raises a ``service_down`` alert (unless
+        ``alert`` is False: a retained status from before, whose alert went out then) and starts
+        its downtime; coming back online ends it (one recovery)."""
         was = self._online.get(service)
         self._online[service] = online
         if online:
@@ -164,9 +173,10 @@ class Rollups:
             return
         if was is not False:
             self._down_since[service] = now_ns
-            w = self._window(now_ns)
-            key = ("service_down", service)
-            w.alerts[key] = w.alerts.get(key, 0) + 1
+            if alert:
+                w = self._window(now_ns)
+                key = ("service_down", service)
+                w.alerts[key] = w.alerts.get(key, 0) + 1
 
     def reading(self, device: str, metric: str, value: float, ts_ns: int, now_ns: int) -> None:
         """One raw reading (only for the device classes the site lets out): a ``reading`` point at
@@ -200,6 +210,7 @@ class Rollups:
 
         alerts = dict(w.alerts)
         per_agent: dict[str, dict[str, int]] = {}
+        readings: dict[str, int] = {}  # by device class, summed over the processes that count them
         for (svc, name), n in sorted(w.counters.items()):
             head, _, rest = name.partition(".")
             if name == "rejected":
@@ -207,7 +218,7 @@ class Rollups:
             if head == "rejected" and rest:
                 add("dlq", {"service": svc, "reason": rest}, {"count": n, "rate": n / win})
             elif head == "readings" and rest:
-                add("readings", {"device_class": rest}, {"count": n, "rate": n / win})
+                readings[rest] = readings.get(rest, 0) + n
             elif head == "results" and "." in rest:
                 agent, _, state = rest.rpartition(".")
                 acc = per_agent.setdefault(agent, {})
@@ -250,15 +261,29 @@ class Rollups:
                 if decisions:
                     f["per_decision"] = cost / decisions
                 add("cost", tags, f)
+        for cls, n in sorted(readings.items()):
+            add("readings", {"device_class": cls}, {"count": n, "rate": n / win})
+        # SLO latencies are merged across the processes that record them (one series per model
+        # and version, per agent): a window's p99 over all of them, exact to the sketch's alpha
+        merged: dict[tuple[str, tuple[tuple[str, str], ...]], DDSketch] = {}
+        series: tuple[str, tuple[tuple[str, str], ...]]
         for (svc, name), s in sorted(w.sketches.items()):
             head, _, rest = name.partition(".")
             if head == "infer" and rest:
                 model, _, version = rest.partition(".")
-                add("inference_latency", {"model": model, "version": version or "-"}, _latency_fields(s))
+                series = ("inference_latency", (("model", model), ("version", version or "-")))
             elif head == "decision_latency" and rest:
-                add("decision_latency", {"agent": rest}, _latency_fields(s))
+                series = ("decision_latency", (("agent", rest),))
             else:
                 add("service_latency", {"service": svc, "name": name}, _latency_fields(s))
+                continue
+            have = merged.get(series)
+            if have is None:
+                merged[series] = s
+            else:
+                have.merge(s)
+        for (m, pairs), s in merged.items():
+            add(m, dict(pairs), _latency_fields(s))
         for subject, downs in sorted(w.downtimes.items()):
             add(
                 "recovery",

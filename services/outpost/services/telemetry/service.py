@@ -42,6 +42,11 @@ FLUSH_ROUNDS = 20
 over several jobs, so a new window's spooling never waits behind all of it)."""
 
 
+REFUSED = frozenset((400, 422))
+"""Statuses that refuse the request's lines (InfluxDB 2 writes the good lines of a partial write and
+answers 400 for the rest): those points leave the spool, counted, instead of blocking it."""
+
+
 @dataclass(slots=True)
 class Outcome:
     """What a worker job did, counted on the network thread."""
@@ -49,6 +54,8 @@ class Outcome:
     counts: Counter[str] = field(default_factory=Counter)
     error: str | None = None
     retry_in_s: float | None = None
+    wrote: bool = False
+    """A write went through (a store that was failing is back)."""
     spooled: tuple[int, int] = (0, 0)
 
 
@@ -105,12 +112,16 @@ class Telemetry:
 
     def _on_status(self, inbound: Inbound[Status]) -> None:
         now = time.time_ns()
+        # a retained status is the broker's copy from before this service started: a service found
+        # down then is down (its recovery will count), but its alert went out when it went down
+        alert = not inbound.msg.retain
         for _i, st in inbound.items:
             if st.service != NAME:  # its own going down is never seen by itself
-                self.rollups.status(st.service, st.state == "online", now)
+                self.rollups.status(st.service, st.state == "online", now, alert=alert)
 
     def _on_uplink(self, inbound: Inbound[bytes]) -> None:
-        self.rollups.status("uplink", inbound.raw.strip() == b"1", time.time_ns())
+        up = inbound.raw.strip() == b"1"
+        self.rollups.status("uplink", up, time.time_ns(), alert=not inbound.msg.retain)
 
     def _on_events(self, inbound: Inbound[EventDict]) -> None:
         now = time.time_ns()
@@ -151,9 +162,12 @@ class Telemetry:
             self._retry_at = time.monotonic() + result.retry_in_s
         if result.error is not None and result.error != self._last_error:
             log.warning("cannot write rollups; they wait in the spool", extra={"error": result.error})
-        elif result.error is None and self._last_error is not None:
+            self.rt.set_problems([f"rollups wait in the spool: {result.error}"])
+        elif result.error is None and result.wrote and self._last_error is not None:
             log.info("writing rollups again")
-        self._last_error = result.error
+            self.rt.set_problems([])
+        if result.error is not None or result.wrote:
+            self._last_error = result.error
 
     # --- the worker ------------------------------------------------------------------------------
     def _store(self, points: list[Point], now_ns: int) -> Outcome:
@@ -187,6 +201,12 @@ class Telemetry:
             try:
                 sent = self.writer.write(lines)
             except WriteFailed as exc:
+                if exc.status in REFUSED:  # the lines themselves: a retry would block the spool
+                    self.spool.remove(taken)
+                    for p in taken:
+                        out.counts[f"points_refused.{_p(p.priority)}"] += 1
+                    log.error("the store refused rollup lines; they are dropped", extra={"error": str(exc)})
+                    continue
                 self.budget.refund(taken)
                 self._failures += 1
                 out.counts["write_failures"] += 1
@@ -194,6 +214,7 @@ class Telemetry:
                 out.retry_in_s = backoff_delay(self._failures - 1, 1.0, self.cfg.influx.retry_max_s)
                 break
             self._failures = 0
+            out.wrote = True
             self.spool.remove(taken)
             out.counts["writes"] += 1
             out.counts["bytes_sent"] += sent
@@ -213,8 +234,17 @@ class Telemetry:
         }
 
     def _drain(self) -> None:
-        """On SIGTERM: windows that are over are spooled (the open one is lost with the process)."""
-        self._tick()
+        """On SIGTERM: the open window is closed early (a partial window, at its usual timestamp)
+        and everything closed is spooled and tried once more before the process ends. Only a
+        kill loses the open window."""
+        now = time.time_ns()
+        points = self.rollups.close(now + self.rollups.window_ns)
+        if points:
+            self.metrics.counters["windows"] += 1
+            self.metrics.counters["points"] += len(points)
+            # status page: self.page.on_rollup(points)
+            if self.writer is not None:
+                self._submit(lambda: self._store(points, now))
 
     def start(self) -> None:
         self.rt.start()
