@@ -161,3 +161,28 @@ def test_compose_runs_influxdb_2_and_gives_the_site_its_telemetry_settings() -> 
         assert env[f"OUTPOST_TELEMETRY__INFLUX__{key}"].startswith("${"), key
     published = {name for name, s in services.items() if s.get("ports")}
     assert published == {"mosquitto", "grafana", "outpost"}  # broker, Grafana, the status page
+
+
+def test_the_sites_telemetry_variables_in_compose_are_settings_it_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every OUTPOST_* variable compose gives the site is read into the settings (a misspelt name
+    would be refused or, worse, ignored); compose's ``${VAR:-default}`` as compose fills it."""
+    import re
+
+    from outpost.services.registry import OutpostSettings
+
+    env = _yaml(COMPOSE / "docker-compose.yml")["services"]["outpost"]["environment"]
+    filled = {
+        k: re.sub(r"\$\{(\w+)(?::-([^}]*)|:\?[^}]*)?\}", lambda m: m.group(2) or f"from-{m.group(1)}", str(v))
+        for k, v in env.items()
+    }
+    fields = OutpostSettings.model_fields["telemetry"].annotation.model_fields  # type: ignore[union-attr]
+    if "page" not in fields:  # the status page's settings come with the page (issue 10's integration)
+        filled = {k: v for k, v in filled.items() if not k.startswith("OUTPOST_TELEMETRY__PAGE__")}
+    for k, v in filled.items():
+        monkeypatch.setenv(k, v)
+    t = OutpostSettings().telemetry
+    assert t.influx.url == "http://influxdb:8086"
+    assert (t.influx.org, t.influx.bucket) == ("outpost", "outpost")
+    assert t.influx.token is not None and t.influx.token.get_secret_value() == "from-INFLUX_TOKEN"
