@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
+from outpost.broker import free_port
 from outpost.bus import Message
 from outpost.contracts import header
 from outpost.errors import ConfigError
@@ -338,21 +339,25 @@ def test_page_settings_and_url() -> None:
 
 
 def test_up_picks_a_free_port_for_the_page_before_the_stack_starts() -> None:
-    from types import SimpleNamespace
-    from typing import cast
-
     from outpost.cli.stack import status_page
     from outpost.services.registry import OutpostSettings
 
-    def site_with(page: PageSettings | None) -> OutpostSettings:
-        return cast(OutpostSettings, SimpleNamespace(telemetry=SimpleNamespace(page=page)))
+    def site_with(**page: object) -> OutpostSettings:
+        return OutpostSettings.model_validate({"telemetry": {"page": page}})
 
-    url, env = status_page(site_with(PageSettings(port=0)))
+    url, env = status_page(site_with(port=0))
     port = int(env["OUTPOST_TELEMETRY__PAGE__PORT"])
     assert url == f"http://127.0.0.1:{port}/" and port > 0
-    assert status_page(site_with(PageSettings(port=9100, host="0.0.0.0"))) == ("http://127.0.0.1:9100/", {})
-    assert status_page(site_with(PageSettings(enabled=False))) == (None, {})
-    assert status_page(site_with(None)) == (None, {})
+    free = free_port()
+    assert status_page(site_with(port=free, host="0.0.0.0")) == (f"http://127.0.0.1:{free}/", {})
+    assert status_page(site_with(enabled=False)) == (None, {})
+    with socket.socket() as held:  # another program holds the configured port: up takes another
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        taken = held.getsockname()[1]
+        url, env = status_page(site_with(port=taken))
+        assert env and int(env["OUTPOST_TELEMETRY__PAGE__PORT"]) != taken
+        assert url == f"http://127.0.0.1:{env['OUTPOST_TELEMETRY__PAGE__PORT']}/"
 
 
 def test_a_silent_ingest_is_not_shown_as_busy(site: Site, view: LiveView, client: TestClient) -> None:
