@@ -879,7 +879,7 @@ def test_cost_and_decision_latency_are_counted_per_agent(
         site.score("shelf-8", model="other")
 
         def settled(m: dict[str, Any]) -> bool:
-            c = m["counters"]
+            c: dict[str, int] = m["counters"]
             return c.get("results.restock.done") == 3 and c.get("results.spender.done") == 2
 
         c = site.wait_metrics(settled)["counters"]
