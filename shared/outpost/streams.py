@@ -102,7 +102,7 @@ class Source(Protocol):
     def pending(self, after: int) -> tuple[int, int | None]:
         """How many records after ``after`` it holds, and when the oldest of them was made (wall
         ns; None when it holds none): the backlog the receiver has not acknowledged, and its age.
-        Read every metrics interval: an indexed range, not a scan of what was sent."""
+        Read every metrics interval: keep it a range of the offsets' index (the backlog's rows)."""
         ...
 
 

@@ -621,6 +621,9 @@ def test_edit_applies_the_edited_args_reject_acts_not_and_overrides_are_measured
     site.reply("restock", by_device["shelf-2"], "reject")
     r = site.wait_reported("restock", lambda r: r["answered"] == 3)
     assert r["override_rate"] == round(2 / 3, 4) and r["escalations_open"] == 0
+    # the same on metrics/agents, as the telemetry service rolls them up
+    c = site.wait_metrics(lambda m: m["counters"].get("answered.restock") == 3)["counters"]
+    assert c["overrides.restock"] == 2 and c["escalations.restock"] == 3
     assert wait_until(lambda: len(site.keys("inventory")) == 2, 15)
     quantities = {a["key"]: a["args"]["quantity"] for a in site.actions("inventory")}
     assert sorted(quantities.values()) == [5, 50]
@@ -654,6 +657,14 @@ def test_a_timeout_applies_the_safe_default(site_of: Callable[..., Site]) -> Non
     site.reply("no", site.escalations("no")[0]["decision"], "approve")
     assert wait_until(lambda: any(d["reason"] == "already_answered" for d in site.dead()), 15)
     assert site.reported("no")["answered"] == 0 and site.reported("no")["override_rate"] is None
+    # a timeout is no person's answer: not in answered (nor overrides), in escalation_timeouts
+    site.wait_metrics(
+        lambda m: (
+            m["counters"].get("escalation_timeouts.no") == m["counters"].get("escalation_timeouts.yes") == 1
+        )
+    )
+    c = site.metrics()[-1]["counters"]
+    assert not {k for k in c if k.startswith(("answered.", "overrides."))}
 
 
 # --- breaker, dry run, the outbox ------------------------------------------------------------------
