@@ -99,6 +99,12 @@ class Source(Protocol):
         the stream); how many. 0 where what was forgotten cannot be made again."""
         ...
 
+    def pending(self, after: int) -> tuple[int, int | None]:
+        """How many records after ``after`` it holds, and when the oldest of them was made (wall
+        ns; None when it holds none): the backlog the receiver has not acknowledged, and its age.
+        Read every metrics interval: keep it a range of the offsets' index (the backlog's rows)."""
+        ...
+
 
 @dataclass
 class Stream:
@@ -290,16 +296,22 @@ class OffsetStreams:
                 )
 
     def status(self) -> dict[str, Any]:
-        """The link, and per stream the acknowledged offset and the backlog not yet taken."""
+        """For the sending service's metrics state (docs/metrics.md): ``uplink_up``, whether the
+        link is up; ``uplink``, per stream the records the receiver has not acknowledged
+        (``backlog``) and the age in seconds of the oldest of them (``age_s``, 0 without a
+        backlog), which the telemetry service rolls up; ``{prefix}_{stream}``, the acknowledged
+        offset and the same backlog. Records that expired unsent are not in the backlog."""
         if self._final is not None:
             return self._final
-        return {
-            "uplink": self.link_up,
-            **{
-                f"{self._p}_{st.name}": {"acked": st.acked, "backlog": st.source.last() - st.acked}
-                for st in self.streams.values()
-            },
-        }
+        now = time.time_ns()
+        uplink: dict[str, dict[str, float | int]] = {}
+        offsets: dict[str, Any] = {}
+        for st in self.streams.values():
+            backlog, oldest_ns = st.source.pending(st.acked)
+            age_s = 0.0 if oldest_ns is None or not backlog else max(0.0, (now - oldest_ns) / 1e9)
+            uplink[st.name] = {"backlog": backlog, "age_s": round(age_s, 3)}
+            offsets[f"{self._p}_{st.name}"] = {"acked": st.acked, "backlog": backlog}
+        return {"uplink_up": self.link_up, "uplink": uplink, **offsets}
 
     def close(self) -> None:
         """Keep the last status readable (the sources' state may close after this)."""

@@ -219,6 +219,17 @@ class Site:
     def dead(self) -> list[dict[str, Any]]:
         return seen(self.all, self.t.dlq("agents"))
 
+    def metrics(self) -> list[dict[str, Any]]:
+        """The service's metrics batches so far."""
+        return seen(self.all, self.t.metrics("agents"))
+
+    def wait_metrics(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 15) -> dict[str, Any]:
+        """The first metrics batch for which ``pred`` holds."""
+        assert wait_until(lambda: any(pred(m) for m in self.metrics()), timeout), (
+            self.metrics()[-1:] or "no metrics"
+        )
+        return next(m for m in self.metrics() if pred(m))
+
     def reported(self, agent: str) -> dict[str, Any]:
         docs = seen(self.all, self.t.control("agents", "reported"))
         return dict(docs[-1]["agents"][agent]) if docs else {}
@@ -254,10 +265,13 @@ class FakeConnector:
     """What the connector gateway would do: each request's key carried out once, its result
     published (``outcome``); re-sent requests (same key) are answered ``duplicate``."""
 
-    def __init__(self, settings: OutpostSettings, connector: str, outcome: str = "done") -> None:
+    def __init__(
+        self, settings: OutpostSettings, connector: str, outcome: str = "done", *, cost: float = 0.0
+    ) -> None:
         self.t = settings.topics
         self.connector = connector
         self.outcome = outcome
+        self.cost = cost
         self.keys: dict[str, int] = defaultdict(int)
         self.bus = Bus(settings.mqtt, client_id=f"conn-{connector}-{settings.site}")
         self.bus.subscribe(self.t.actions(connector), self._on, qos=1)
@@ -274,6 +288,7 @@ class FakeConnector:
             "request": req["id"],
             "outcome": outcome,
             "attempts": 1,
+            **({"cost": self.cost} if self.cost else {}),
         }
         self.bus.publish(self.t.action_results(self.connector), orjson.dumps(result), qos=1)
 
@@ -606,6 +621,9 @@ def test_edit_applies_the_edited_args_reject_acts_not_and_overrides_are_measured
     site.reply("restock", by_device["shelf-2"], "reject")
     r = site.wait_reported("restock", lambda r: r["answered"] == 3)
     assert r["override_rate"] == round(2 / 3, 4) and r["escalations_open"] == 0
+    # the same on metrics/agents, as the telemetry service rolls them up
+    c = site.wait_metrics(lambda m: m["counters"].get("answered.restock") == 3)["counters"]
+    assert c["overrides.restock"] == 2 and c["escalations.restock"] == 3
     assert wait_until(lambda: len(site.keys("inventory")) == 2, 15)
     quantities = {a["key"]: a["args"]["quantity"] for a in site.actions("inventory")}
     assert sorted(quantities.values()) == [5, 50]
@@ -639,6 +657,14 @@ def test_a_timeout_applies_the_safe_default(site_of: Callable[..., Site]) -> Non
     site.reply("no", site.escalations("no")[0]["decision"], "approve")
     assert wait_until(lambda: any(d["reason"] == "already_answered" for d in site.dead()), 15)
     assert site.reported("no")["answered"] == 0 and site.reported("no")["override_rate"] is None
+    # a timeout is no person's answer: not in answered (nor overrides), in escalation_timeouts
+    site.wait_metrics(
+        lambda m: (
+            m["counters"].get("escalation_timeouts.no") == m["counters"].get("escalation_timeouts.yes") == 1
+        )
+    )
+    c = site.metrics()[-1]["counters"]
+    assert not {k for k in c if k.startswith(("answered.", "overrides."))}
 
 
 # --- breaker, dry run, the outbox ------------------------------------------------------------------
@@ -843,6 +869,42 @@ def test_drifted_inputs_go_to_a_person(site_of: Callable[..., Site]) -> None:
     site.wait_reported("watcher", lambda r: r["drift"]["drifted"] is True)
 
 
+def test_cost_and_decision_latency_are_counted_per_agent(
+    site_of: Callable[..., Site], settings: OutpostSettings
+) -> None:
+    """``cost_millis.{agent}``: the settled actions' cost (the result's, else the declared one), in
+    thousandths, beside ``decisions.{agent}.{kind}``; ``decision_latency.{agent}`` runs from the
+    reading's arrival at ingest (``ingest_ns``), not from the score's arrival at the agent."""
+    conn = FakeConnector(settings, "inventory", cost=0.25)  # reorder reports what it cost
+    notify = FakeConnector(settings, "notify")  # notify reports nothing: its declared cost counts
+    try:
+        site = site_of(
+            restock=reorder_agent(),
+            spender=every_agent(sense=["inference/other/+"], costs={"notify.staff": 0.0025}),
+        )
+        for i in range(3):
+            site.score(f"shelf-{i}")
+        late = make_score("shelf-9", model="other")
+        late["ingest_ns"] = late["ts"] - 5 * 10**9  # its reading reached ingest 5 s ago
+        site.pub.publish(site.t.inference("other", "shelf-9"), orjson.dumps([late]), qos=1)
+        site.score("shelf-8", model="other")
+
+        def settled(m: dict[str, Any]) -> bool:
+            c: dict[str, int] = m["counters"]
+            return c.get("results.restock.done") == 3 and c.get("results.spender.done") == 2
+
+        c = site.wait_metrics(settled)["counters"]
+        assert c["cost_millis.restock"] == 750 and c["decisions.restock.act"] == 3
+        assert c["cost_millis.spender"] == 5 and c["decisions.spender.act"] == 2
+        last = site.metrics()[-1]
+        assert last["histograms"]["decision_latency.restock"]["count"] == 3
+        spent = last["histograms"]["decision_latency.spender"]
+        assert spent["count"] == 2 and spent["max_ms"] >= 5000
+    finally:
+        conn.stop()
+        notify.stop()
+
+
 def test_batched_asks_become_one_action_also_across_a_restart(site_of: Callable[..., Site]) -> None:
     spec = AgentSpec.model_validate(
         {
@@ -873,6 +935,7 @@ def test_batched_asks_become_one_action_also_across_a_restart(site_of: Callable[
     sale("till-2", 45.5)
     assert wait_until(lambda: rows(site.settings, "SELECT COUNT(*) FROM batched") == [(2,)], 15)
     site.restart()
+    site.forget()
     sale("till-3", 99.0)
     assert wait_until(lambda: len(site.actions("notify")) >= 1, 15), (
         site.decisions("thanks"),
@@ -889,6 +952,11 @@ def test_batched_asks_become_one_action_also_across_a_restart(site_of: Callable[
     last = [a for a in site.actions("notify") if a["args"]["count"] == 1]
     assert last and last[0]["args"]["items"] == [{"till": "till-4", "amount": 41.0}]
     assert rows(site.settings, "SELECT COUNT(*) FROM batched") == [(0,)]
+    # each batched decision's latency runs from the first of its readings known to have arrived
+    # (the two restored from before the restart are not known; till-3's is)
+    site.wait_metrics(
+        lambda m: bool((m["histograms"].get("decision_latency.thanks") or {}).get("count") == 2)
+    )
     # a partial batch restored after a restart still goes after its rule's batch_wait_s
     sale("till-5", 42.0)
     assert wait_until(lambda: rows(site.settings, "SELECT COUNT(*) FROM batched") == [(1,)], 15)

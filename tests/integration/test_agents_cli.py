@@ -166,6 +166,17 @@ def test_replay_is_faithful_and_finds_exactly_the_changed_decisions(running: Sit
     assert same["decisions_taken"] == same["decisions_replayed"] == sum(1 for w in WEIGHTS if w < 15)
     assert (same["same"], same["differ"], same["only_taken"], same["only_new"]) == (8, 0, 0, 0)
     assert "not replayed" in running.cli("replay", "--agent", "restock").stdout
+    # its progress is on stderr, also when rich draws (a terminal); stdout ends with the JSON object
+    drawn = outpost(
+        "replay", "--agent", "restock", "--json", env={**running.env, "FORCE_COLOR": "1"}, cwd=running.cwd
+    )
+    assert drawn.returncode == 0, drawn.stderr
+    assert orjson.loads(drawn.stdout.strip().splitlines()[-1])["same"] == 8
+    assert (
+        "reading the operational log" in drawn.stderr
+        and f"comparing {2 * len(WEIGHTS)} inputs" in drawn.stderr
+    )
+    assert "reading the operational log" not in drawn.stdout and "\x1b[?25l" not in drawn.stdout
 
     # the same policy from a file, over a time range that holds everything
     policy = tmp_path / "same.yaml"

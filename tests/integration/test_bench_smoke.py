@@ -53,6 +53,8 @@ def test_cli_json_is_one_object_on_the_last_line() -> None:
     )
     assert p.returncode == 0, p.stderr[-2000:]
     out = p.stdout
+    assert out.count("\n") == 1  # the phases' progress is on stderr
+    assert "single_raw:" in p.stderr and "single_ingest:" in p.stderr
     result = orjson.loads(out.strip().splitlines()[-1])
     assert result["bench"] == "ingest"
     assert result["summary"]["raw_per_s"] > 0 and result["summary"]["ingest_per_s"] > 0

@@ -26,6 +26,7 @@ from outpost.services.inference.manifest import Manifest, read_manifest, sha256_
 from outpost.services.inference.registry import PACKAGED_MODELS, Registry
 from outpost.services.inference.service import InferenceService, run, score_id
 from outpost.services.registry import OutpostSettings
+from outpost.sketch import from_wire
 from tests.conftest import Collector, ServiceThread, wait_status
 from tests.conftest import make_event as event
 
@@ -119,6 +120,7 @@ def test_scores_carry_model_version_trace_and_latency(
 ) -> None:
     t = isettings.topics
     out = collect(t.root + "/inference/#")
+    metrics = collect(t.metrics("inference"))
     start_inference()
     manifest = registry(isettings).manifest(SHELF, registry(isettings).state(SHELF).active or "")
     n = 40
@@ -139,6 +141,23 @@ def test_scores_carry_model_version_trace_and_latency(
         assert s["backend"] == "onnxruntime-cpu"
     # a falling shelf ends low or empty
     assert got[-1]["label"] != manifest.normal_label or got[-1]["score"] > got[0]["score"]
+    # infer.{model}.{version}: one record per scored row, its batch's compute time, whose interval
+    # sketches add up to the same rows (what the telemetry rolls up per model and version)
+    name = f"infer.{SHELF}.{manifest.version}"
+
+    def all_rows(c: Collector) -> bool:
+        return any((d["histograms"].get(name) or {}).get("count") == expected for d in c.json())
+
+    assert metrics.wait_for(all_rows, WAIT), metrics.json()[-1]["histograms"]
+    batches = metrics.json()
+    last = next(d for d in batches if d["histograms"][name]["count"] == expected)
+    assert last["counters"]["rows"] == expected
+    assert last["histograms"]["compute"]["count"] == last["counters"]["batches"]
+    assert last["histograms"][name]["max_ms"] == pytest.approx(
+        max(s["compute_ms"] for s in got), rel=0.01, abs=0.002
+    )
+    upto = batches[: batches.index(last) + 1]
+    assert sum(from_wire(d["sketches"][name]).count for d in upto if name in d["sketches"]) == expected
 
 
 # --- hostile events -------------------------------------------------------------------------------

@@ -425,6 +425,32 @@ def test_broker_disconnects_publisher_of_illegal_topic(rig: Rig, broker: Mosquit
     assert rig.events_of("dev1") == []
 
 
+# --- what is counted ---------------------------------------------------------------------------------
+
+
+def test_accepted_readings_are_counted_per_device_class(rig: Rig) -> None:
+    """``readings.{device_class}`` counts readings turned into events, per class of device: a
+    refused reading and a duplicate are not in it; ``readings`` counts them all."""
+    batch = [make_reading("fridge-001", seq) for seq in range(6)]
+    batch[2]["unit"] = "furlong"  # refused alone: five of six accepted
+    rig.send("fridge-001", batch)
+    rig.send("fridge-012", [make_reading("fridge-012", seq) for seq in range(3)])
+    rig.send("gateway", make_reading("gateway", 1))  # no trailing number: its own class
+    rig.wait_events("fridge-001", 5)
+    rig.wait_events("fridge-012", 3)
+    rig.wait_events("gateway", 1)
+    raw = rig.send("fridge-012", make_reading("fridge-012", 1))  # a duplicate
+    rig.assert_rejected("duplicate", raw)  # then a fresh device alive-1 is accepted
+    rig.wait_counter("readings.alive", 1)
+    last = rig.metrics.json()[-1]["counters"]
+    assert {k: v for k, v in last.items() if k.startswith("readings.")} == {
+        "readings.fridge": 8,
+        "readings.gateway": 1,
+        "readings.alive": 1,
+    }
+    assert last["readings"] == 12
+
+
 # --- seq handling ------------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,8 +185,16 @@ def test_sync_reaches_the_cloud_and_catches_up_after_the_link_is_cut(
         MqttSettings(port=cloud.port), edge_settings.topics.root + "/up/memory/+", client_id="up-tap"
     )
     up.start()
+    metrics = Collector(edge_settings.mqtt, edge_settings.topics.metrics("memory"), client_id="m-tap")
+    metrics.start()
     mem_service = ServiceThread(run_memory, edge_settings).start()
     wait_status(edge_settings, "memory")
+
+    def uplink(pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """The first ``state`` of a metrics batch of memory for which ``pred`` holds."""
+        assert metrics.wait_for(lambda c: any(pred(d["state"]) for d in c.json()), 30), metrics.json()[-1:]
+        return next(d["state"] for d in metrics.json() if pred(d["state"]))
+
     with MemoryClient(edge_settings, "agent") as mem:
         add_items(mem, 0, 30)
         publish_events(edge_settings, "fridge-1", range(1, 101))
@@ -201,11 +209,24 @@ def test_sync_reaches_the_cloud_and_catches_up_after_the_link_is_cut(
         time.sleep(1.5)
         status = mem.request("log-trace", {"trace": "fridge-2-1"})
         assert status and status[0]["kind"] == "event"  # the site works on without the cloud
+        # the backlog the cloud has not acknowledged, and its age, in the metrics state
+        with metrics.lock:  # only what comes from now on
+            metrics.messages.clear()
+        down = uplink(lambda st: st["uplink"]["ltm"]["backlog"] >= 50 and st["uplink"]["ltm"]["age_s"] >= 1)
+        assert down["sync_ltm"]["backlog"] == down["uplink"]["ltm"]["backlog"]
+        if mode == "uplink":
+            assert down["uplink_up"] is False
         cloud.start()
         assert converged(edge_settings, cloud_settings, logged=200)
         items, summaries = in_cloud(cloud_settings, edge_settings.site)
         assert len(items) == 40 and not any(i["subject"] == "s1" for i in items.values())
         check_summaries(summaries, edge_settings)
+        with metrics.lock:  # only what comes from now on
+            metrics.messages.clear()
+        caught_up = uplink(lambda st: all(v["backlog"] == 0 for v in st["uplink"].values()))
+        nothing = {"backlog": 0, "age_s": 0.0}
+        assert caught_up["uplink"] == {"ltm": nothing, "log": nothing}
+        assert caught_up["uplink_up"] is True
 
         # replaying what went up changes nothing in the cloud
         assert up.wait_for(lambda c: len(c.messages) >= 2, 10)
@@ -217,6 +238,7 @@ def test_sync_reaches_the_cloud_and_catches_up_after_the_link_is_cut(
         time.sleep(1.0)
         assert in_cloud(cloud_settings, edge_settings.site) == (items, summaries)
     up.stop()
+    metrics.stop()
     svc = mem_service.stop()
     c = svc.metrics.counters
     if mode == "uplink":

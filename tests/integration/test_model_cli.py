@@ -140,6 +140,10 @@ def test_a_broken_manifest_is_listed_not_fatal(env: dict[str, str]) -> None:
 def test_quantize_reports_size_latency_and_accuracy(env: dict[str, str]) -> None:
     p = model(env, "quantize", "shelf-stock", "1.0.0", "--json")
     assert p.returncode == 0, p.stderr
+    # its progress is on stderr, one line a step (not a terminal: no drawing); stdout is the JSON
+    assert p.stdout.count("\n") == 1
+    steps = p.stderr.strip().splitlines()
+    assert steps[0].startswith("loading the quantizer") and steps[-1] == "latency of INT8, batch 256"
     r = orjson.loads(p.stdout.strip().splitlines()[-1])
     assert r["result"] == "shelf-stock@1.0.0-int8"
     assert r["int8_bytes"] < r["float_bytes"]
@@ -151,6 +155,14 @@ def test_quantize_reports_size_latency_and_accuracy(env: dict[str, str]) -> None
     assert registry(env).state("shelf-stock").active == "1.0.0"
     again = model(env, "quantize", "shelf-stock", "1.0.0")
     assert again.returncode == 2 and "exists already" in again.stderr
+    # on a terminal (rich forced to draw) the bar is drawn on stderr, never on stdout
+    drawn = outpost(
+        "model", "quantize", "shelf-stock", "1.0.0", "--overwrite", "--json", env={**env, "FORCE_COLOR": "1"}
+    )
+    assert drawn.returncode == 0, drawn.stderr
+    assert drawn.stdout.count("\n") == 1 and "\x1b" not in drawn.stdout
+    assert orjson.loads(drawn.stdout)["result"] == "shelf-stock@1.0.0-int8"
+    assert "\x1b[" in drawn.stderr and "/10" in drawn.stderr and "latency of INT8, batch 256" in drawn.stderr
 
 
 def test_unusable_state_and_oversized_manifest_are_clear_errors(env: dict[str, str]) -> None:

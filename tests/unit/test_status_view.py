@@ -43,7 +43,11 @@ def test_status_fits_80_columns_and_cuts_nothing(
             "memory": _service(metrics=None, messages=None, rejected=None),
         },
         "dlq": {"ingest": {"duplicate": 1601, "timestamp_too_far_in_the_past": 12, "bad_identifier": 3}},
-        "uplink": {"up": False, "backlog": {"sync_ltm": 12, "sync_log": 3_000}},
+        "uplink": {
+            "up": False,
+            "backlog": {"ltm": 12, "log": 3_000},
+            "age_s": {"ltm": 95.4, "log": 3_700.0},
+        },
     }
     print_status(report)
     out = capsys.readouterr().out
@@ -57,4 +61,6 @@ def test_status_fits_80_columns_and_cuts_nothing(
         ("bad_identifier", "3"),
     ):
         assert reason in out and n in out
-    assert "uplink: DOWN; backlog not yet in the cloud: sync_ltm 12, sync_log 3,000" in flat
+    assert (
+        "uplink: DOWN; backlog not yet in the cloud: ltm 12 (oldest 95 s), log 3,000 (oldest 3,700 s)" in flat
+    )

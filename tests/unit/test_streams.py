@@ -4,6 +4,7 @@ sent again, and a new epoch when the sender starts afresh."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, cast
@@ -19,9 +20,11 @@ from outpost.topics import Topics
 
 
 class ListSource:
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, *, made_ns: int = 0) -> None:
         self.records: Records = [(i, {"n": i}) for i in range(1, n + 1)]
         self.snapshots = 0
+        self.made_ns = made_ns or time.time_ns()
+        """When record i was made: ``made_ns + i`` s."""
 
     def after(self, offset: int, limit: int) -> Records:
         return [r for r in self.records if r[0] > offset][:limit]
@@ -38,6 +41,10 @@ class ListSource:
     def snapshot(self) -> int:
         self.snapshots += 1
         return 0
+
+    def pending(self, after: int) -> tuple[int, int | None]:
+        held = [o for o, _ in self.records if o > after]
+        return len(held), (self.made_ns + held[0] * 10**9) if held else None
 
 
 class FakeRuntime:
@@ -108,7 +115,34 @@ def test_window_acks_resend_and_link(tmp_path: Path) -> None:
     # the receiver lost the history: a snapshot, and everything again from 0
     s.take(st, StreamAck(stream="ltm", offset=0, epoch=s.epoch, unknown=True))
     assert src.snapshots == 2 and (st.acked, st.sent) == (0, 0)  # one at the first start
-    assert s.status()["sync_ltm"] == {"acked": 0, "backlog": 10}
+    # the backlog is what the source still holds (1..3 were acknowledged and forgotten)
+    assert s.status()["sync_ltm"] == {"acked": 0, "backlog": 7}
+
+
+def test_status_reports_each_streams_backlog_and_the_age_of_its_oldest_record(tmp_path: Path) -> None:
+    """``uplink``: per stream, the records not yet acknowledged and how long ago the oldest of them
+    was made (what the telemetry service rolls up); nothing waiting is age 0."""
+    made = time.time_ns() - 100 * 10**9  # record i was made 100 - i seconds ago
+    src = ListSource(10, made_ns=made)
+    s, _ = make(tmp_path, src)
+    st = s.streams["ltm"]
+    status = s.status()
+    assert status["uplink_up"] is False
+    assert status["uplink"]["ltm"]["backlog"] == 10
+    assert 99.0 <= status["uplink"]["ltm"]["age_s"] < 3600  # record 1 is the oldest
+    s.link(True)
+    s.pump()
+    s.take(st, StreamAck(stream="ltm", offset=4, epoch=s.epoch))
+    status = s.status()
+    assert status["uplink_up"] is True
+    assert status["uplink"]["ltm"]["backlog"] == 6  # sent is not acknowledged: 5..10 still count
+    assert 95.0 <= status["uplink"]["ltm"]["age_s"] < 3600  # now record 5 is the oldest
+    assert status["sync_ltm"] == {"acked": 4, "backlog": 6}
+    s.take(st, StreamAck(stream="ltm", offset=10, epoch=s.epoch))
+    assert s.status()["uplink"] == {"ltm": {"backlog": 0, "age_s": 0.0}}
+    s.close()
+    assert s.status()["uplink"] == {"ltm": {"backlog": 0, "age_s": 0.0}}  # kept after the close
+    s.store.close()
 
 
 def test_the_epoch_survives_a_restart_unless_afresh(tmp_path: Path) -> None:

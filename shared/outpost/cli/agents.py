@@ -15,8 +15,9 @@ import getpass
 import os
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import orjson
 import typer
@@ -26,9 +27,12 @@ from outpost.broker import port_open
 from outpost.bus import Bus, Message
 from outpost.cli.log import when_ns
 from outpost.cli.output import print_json, stdout_console
+from outpost.cli.progress import Phases
 from outpost.cli.site import DataDirOpt, SiteOpt, Where, find_site, group_options
 from outpost.contracts import header
 from outpost.errors import BrokerError, ConfigError
+
+T = TypeVar("T")
 
 agents_app = typer.Typer(help="The site's agents: list, stop, pause, resume.", no_args_is_help=True)
 escalations_app = typer.Typer(
@@ -542,8 +546,12 @@ def replay(
     db = _db(where)
     oplog = OpLog(log_path, synchronous="NORMAL")
     try:
-        replayed = shadow(agent, spec, where.settings.topics.root, logged(oplog, since_ns, until_ns))
-        report = compare(replayed, taken(db, agent, replayed.input_ids), first=first)
+        with Phases(f"replay {agent}") as say:  # on stderr: --json's last line stays the report
+            say(f"reading the operational log and running {source}")
+            entries = _counted(logged(oplog, since_ns, until_ns), say)
+            replayed = shadow(agent, spec, where.settings.topics.root, entries)
+            say(f"comparing {replayed.inputs:,} inputs with the decisions {agent} took")
+            report = compare(replayed, taken(db, agent, replayed.input_ids), first=first)
     finally:
         oplog.close()
         db.close()
@@ -551,6 +559,16 @@ def replay(
     _print_replay(report)
     if json_out:
         print_json(report)
+
+
+def _counted(entries: Iterable[T], phases: Phases, every: int = 1_000) -> Iterator[T]:
+    """``entries``, with the running count shown every ``every`` of them."""
+    n = 0
+    for n, entry in enumerate(entries, 1):
+        if n % every == 0:
+            phases.count(n, "log entries")
+        yield entry
+    phases.count(n, "log entries")
 
 
 def _print_replay(r: dict[str, Any]) -> None:

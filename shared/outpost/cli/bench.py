@@ -6,7 +6,6 @@ smoke test run the same code; this module only parses options and prints.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +16,7 @@ from outpost.benchmarks.clients import CLIENTS, run_clients_bench
 from outpost.benchmarks.ingest import IngestBenchOptions, plan, run_ingest_bench
 from outpost.benchmarks.report import clients_table, machine_line, print_ingest
 from outpost.cli.output import print_json, stdout_console
+from outpost.cli.progress import Phases, stderr_console
 from outpost.errors import ConfigError
 
 bench_app = typer.Typer(
@@ -30,8 +30,9 @@ QuickOpt = Annotated[bool, typer.Option("--quick", help="A short run (about 20 s
 
 
 def _progress() -> Console:
-    """Progress goes to stderr, so that with --json stdout holds only the JSON object."""
-    return Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+    """Progress goes to stderr, so that with --json stdout holds only the JSON object (the commands
+    here use :class:`outpost.cli.progress.Phases`, which draws a spinner there too)."""
+    return stderr_console()
 
 
 @bench_app.command("ingest")
@@ -78,8 +79,8 @@ def ingest(
     only = set(scenario) if scenario else None
     if only is not None and not only <= known:
         raise ConfigError(f"unknown scenario {sorted(only - known)}; known: {sorted(known)}")
-    err = _progress()
-    result = run_ingest_bench(options, progress=lambda m: err.print(f"[dim]{m}[/]"), only=only)
+    with Phases("bench ingest") as say:
+        result = run_ingest_bench(options, progress=say, only=only)
     if json_out:
         print_json(result)
     else:
@@ -107,13 +108,13 @@ def bus(
     if unknown:
         raise ConfigError(f"unknown client {sorted(unknown)}; known: {', '.join(CLIENTS)}")
     measure = duration if duration is not None else (1.5 if quick else 4.0)
-    err = _progress()
-    result = run_clients_bench(
-        clients=clients,
-        warmup_s=0.5 if quick else 1.0,
-        measure_s=measure,
-        progress=lambda m: err.print(f"[dim]{m}[/]"),
-    )
+    with Phases("bench bus") as say:
+        result = run_clients_bench(
+            clients=clients,
+            warmup_s=0.5 if quick else 1.0,
+            measure_s=measure,
+            progress=say,
+        )
     if json_out:
         print_json(result)
     else:
@@ -154,8 +155,8 @@ def inference(
     if duration is not None:
         kw["duration_s"] = duration
     options = InferenceBenchOptions.make(quick=quick, **kw)
-    err = _progress()
-    result = run_inference_bench(options, progress=lambda m: err.print(f"[dim]{m}[/]"))
+    with Phases("bench inference") as say:
+        result = run_inference_bench(options, progress=say)
     if json_out:
         print_json(result)
         return
@@ -229,7 +230,9 @@ def memory(
 
     if sync not in ("FULL", "NORMAL", "OFF"):
         raise ConfigError(f"--sync must be FULL, NORMAL or OFF, got {sync!r}")
-    result = run_memory_bench(quick=quick, sync=sync)  # type: ignore[arg-type]
+    with Phases("bench memory") as say:
+        say("log appends, long-term memory queries, text embeddings")
+        result = run_memory_bench(quick=quick, sync=sync)  # type: ignore[arg-type]
     if json_out:
         print_json(result)
         return
@@ -336,8 +339,8 @@ def overload(
     ):
         if value is not None:
             kw[key] = value
-    err = _progress()
-    result = run_overload_bench(OverloadOptions(**kw), progress=lambda m: err.print(f"[dim]{m}[/]"))
+    with Phases("bench overload") as say:
+        result = run_overload_bench(OverloadOptions(**kw), progress=say)
     if json_out:
         print_json(result)
     else:
@@ -394,8 +397,8 @@ def agent(
     if warmup is not None:
         kw["warmup_s"] = warmup
     options = AgentBenchOptions.make(quick=quick, **kw)
-    err = _progress()
-    result = run_agent_bench(options, progress=lambda m: err.print(f"[dim]{m}[/]"))
+    with Phases("bench agent") as say:
+        result = run_agent_bench(options, progress=say)
     if json_out:
         print_json(result)
     else:
@@ -455,8 +458,8 @@ def connectors(
     if warmup is not None:
         kw["warmup_s"] = warmup
     options = ConnectorsBenchOptions.make(quick=quick, **kw)
-    err = _progress()
-    result = run_connectors_bench(options, progress=lambda m: err.print(f"[dim]{m}[/]"))
+    with Phases("bench connectors") as say:
+        result = run_connectors_bench(options, progress=say)
     if json_out:
         print_json(result)
     else:

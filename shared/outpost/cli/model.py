@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from outpost.cli.output import print_json, stdout_console
+from outpost.cli.progress import Phases
 from outpost.cli.site import DataDirOpt, SiteOpt, find_site, group_options
 from outpost.errors import ConfigError, OutpostError
 
@@ -198,11 +199,14 @@ def quantize(
 ) -> None:
     """Make VERSION-int8 (dynamic INT8 weights) and report size, latency and held-out accuracy
     against the float model."""
+    from outpost.services.inference.quantize import STEPS
     from outpost.services.inference.quantize import quantize as run_quantize
 
     reg = _registry(data_dir, site, need_state=False)
     _known(reg, name, version)
-    report = run_quantize(reg, name, version, overwrite=overwrite).as_dict()
+    with Phases("quantize", total=STEPS) as say:  # on stderr: --json's last line stays the figures
+        report = run_quantize(reg, name, version, overwrite=overwrite, progress=say).as_dict()
+        say.done()
     if json_out:
         print_json(report)
         return

@@ -532,10 +532,12 @@ def status_report(mon: SiteMonitor, where: Where) -> dict[str, Any]:
             avg = counters.get("messages", 0) / up_s if up_s > 0 else None
         state = (metrics or {}).get("state", {})
         if name == "memory" and isinstance(state, dict):
-            if "uplink" in state:
+            streams = state.get("uplink")
+            if isinstance(streams, dict):  # outpost.streams: {stream: {backlog, age_s}}
                 uplink = {
-                    "up": bool(state["uplink"]),
-                    "backlog": {k: v.get("backlog") for k, v in state.items() if isinstance(v, dict)},
+                    "up": bool(state.get("uplink_up")),
+                    "backlog": {k: v.get("backlog") for k, v in streams.items() if isinstance(v, dict)},
+                    "age_s": {k: v.get("age_s") for k, v in streams.items() if isinstance(v, dict)},
                 }
             elif state.get("sync") == "off":
                 uplink = {"up": None, "sync": "off", "backlog": {}}
@@ -613,7 +615,15 @@ def print_status(report: dict[str, Any]) -> None:
     elif up.get("sync") == "off":
         out.print("uplink: none (uplink.cloud is not set; memory sync off)")
     else:
-        backlog = ", ".join(f"{k} {v:,}" for k, v in up["backlog"].items() if v is not None) or "none"
+        ages = up.get("age_s") or {}
+        backlog = (
+            ", ".join(
+                f"{k} {v:,}" + (f" (oldest {ages[k]:,.0f} s)" if v and ages.get(k) is not None else "")
+                for k, v in up["backlog"].items()
+                if v is not None
+            )
+            or "none"
+        )
         out.print(f"uplink: {'up' if up['up'] else 'DOWN'}; backlog not yet in the cloud: {backlog}")
 
 

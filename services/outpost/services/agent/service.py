@@ -20,6 +20,7 @@ wait, never lost.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Mapping
@@ -86,8 +87,9 @@ class Agent:
 class _Batch:
     """Asks collected for one batched action."""
 
-    items: list[tuple[str, str, int, dict[str, Any], float]] = field(default_factory=list)
-    """(input id, trace, collected at (wall ns), args, confidence)."""
+    items: list[tuple[str, str, int, dict[str, Any], float, int]] = field(default_factory=list)
+    """(input id, trace, collected at (wall ns), args, confidence, its reading's arrival at ingest
+    (wall ns; 0: not known, e.g. restored after a restart: the table does not keep it))."""
     proposal: Proposal | None = None
 
 
@@ -165,6 +167,8 @@ class AgentService:
         self._resumed = False
         self._sensing_cache: dict[str, list[Agent]] = {}
         self._latency = {a: self.metrics.histogram(f"decision_latency.{a}") for a in self.agents}
+        self._cost: dict[str, float] = {}
+        """Per agent, the cost of its settled actions since the process started (``cost_millis``)."""
         self.reported_topic = t.control(NAME, "reported")
 
         kinds = {p.split("/", 1)[0] for a in specs.values() for p in a.sense}
@@ -203,7 +207,7 @@ class AgentService:
         ):
             if agent in self.agents:
                 b = self._batches.setdefault((agent, rule, cap), _Batch())
-                b.items.append((inp, trace, ts, orjson.loads(args), confidence))
+                b.items.append((inp, trace, ts, orjson.loads(args), confidence, 0))
                 b.proposal = b.proposal or _declared_batch(self.agents[agent].spec, rule, cap)
         for a in self.agents.values():
             a.stats = figures(self.store.db, a.name)
@@ -258,14 +262,14 @@ class AgentService:
     def _on_results(self, inbound: Inbound[ActionResult]) -> None:
         for _, r in inbound.items:
             row = self.store.one(
-                "SELECT a.agent, a.capability, a.device, a.state, d.task, d.id FROM actions a "
+                "SELECT a.agent, a.capability, a.device, a.state, a.cost, d.task, d.id FROM actions a "
                 "JOIN decisions d ON d.id = a.decision WHERE a.key = ?",
                 (r.key,),
             )
             if row is None:
                 self.metrics.counters["results_unknown"] += 1  # another service's action
                 continue
-            agent, cap, device, state, task, decision = row
+            agent, cap, device, state, declared, task, decision = row
             if state != "pending":
                 self.metrics.counters["results_repeated"] += 1
                 continue
@@ -295,7 +299,9 @@ class AgentService:
                 continue
             ok = state in ("done", "duplicate")
             a.stats["done" if ok else "failed"] += 1
-            a.stats["cost"] += r.cost
+            cost = r.cost if r.cost > 0 else float(declared)  # what the row now says it cost
+            a.stats["cost"] += cost
+            self._count_cost(agent, cost)
             self.metrics.counters[f"results.{agent}.{state}"] += 1
             if a.governor.result(cap, ok, now):
                 self.metrics.counters[f"breaker_opened.{agent}"] += 1
@@ -304,6 +310,19 @@ class AgentService:
             if any(topic_matches_sub(f, inbound.topic) for f in a.filters):
                 steps = self.store.one("SELECT COUNT(*) FROM decisions WHERE task = ?", (task,))
                 self._decide(a, from_result(r, cap, agent, device), task, int(steps[0]) if steps else 0)
+
+    def _count_cost(self, agent: str, cost: float) -> None:
+        """``cost_millis.{agent}``: the cost of the agent's settled actions since the process
+        started, in thousandths (a counter is an integer), rounded once from the exact sum so that
+        many small costs do not drift. A cost too large to count is logged and left out."""
+        total = self._cost.get(agent, 0.0) + cost
+        millis = total * 1000.0
+        if not math.isfinite(millis) or millis >= 2**63:
+            self.metrics.counters[f"cost_uncounted.{agent}"] += 1
+            log.warning("action cost too large to count", extra={"agent": agent, "cost": cost})
+            return
+        self._cost[agent] = total
+        self.metrics.counters[f"cost_millis.{agent}"] = round(millis)
 
     # --- deciding (network thread) ---------------------------------------------------------------
     def _decide(self, a: Agent, obs: Observation, task: str | None = None, steps_before: int = 0) -> None:
@@ -635,7 +654,7 @@ class AgentService:
         if any(item[0] == obs.id for item in b.items):
             return  # a redelivered input
         now = time.time_ns()
-        b.items.append((obs.id, obs.trace, now, p.args, p.confidence))
+        b.items.append((obs.id, obs.trace, now, p.args, p.confidence, obs.arrived_ns))
         b.proposal = p
         self._writes.append(
             (
@@ -676,7 +695,9 @@ class AgentService:
             rule,
         )
         now = time.time_ns()
-        obs = Observation("event", batch_id, trace, now, "", {})
+        # its decision latency runs from the first of its readings to arrive (the longest wait)
+        arrived = min((i[5] for i in items if i[5]), default=0)
+        obs = Observation("event", batch_id, trace, now, "", {}, arrived)
         for inp in inputs:
             self._writes.append(
                 (

@@ -14,6 +14,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,11 @@ from outpost.services.inference.manifest import Manifest, sha256_of, write_manif
 from outpost.services.inference.registry import Registry
 
 HELD_OUT_SEED = 2
+BATCHES = (1, 32, 256)
+"""Batch sizes whose latency per call is measured, float and INT8."""
+STEPS = 4 + 2 * len(BATCHES)
+"""Steps :func:`quantize` announces to its ``progress`` (verify, quantize, held-out data, accuracy,
+then each latency measurement): what a progress bar counts to."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +86,16 @@ def _latency_us(sess: ort.InferenceSession, m: Manifest, batch: int, repeats: in
 
 
 def quantize(
-    registry: Registry, name: str, version: str, *, held_out_steps: int = 1500, overwrite: bool = False
+    registry: Registry,
+    name: str,
+    version: str,
+    *,
+    held_out_steps: int = 1500,
+    overwrite: bool = False,
+    progress: Callable[[str], None] = lambda _: None,
 ) -> QuantizeReport:
+    """``progress`` is told each of the :data:`STEPS` steps as it starts (the CLI shows a bar)."""
+    progress(f"loading the quantizer, verifying {name}@{version}")  # the imports take seconds
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -94,6 +108,7 @@ def quantize(
     dest = registry.folder(name, new_version)
     if dest.exists() and not overwrite:
         raise ModelLoadError(f"{name}@{new_version} exists already (use --overwrite to replace it)")
+    progress(f"quantizing {manifest.ref} (dynamic INT8 weights)")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / manifest.file
         prepared = Path(tmp) / "prepared.onnx"
@@ -117,7 +132,9 @@ def quantize(
         shutil.copyfile(out, dest / manifest.file)
         write_manifest(dest, q_manifest)
     f_sess, q_sess = _session(src), _session(dest / manifest.file)
+    progress(f"held-out data: {held_out_steps:,} simulator steps (seed {HELD_OUT_SEED})")
     x, y = dataset(manifest, seed=HELD_OUT_SEED, steps=held_out_steps)
+    progress(f"accuracy of float and INT8 on {len(y):,} held-out rows")
     f_pred = f_sess.run([manifest.output], {manifest.input: x})[0].argmax(axis=1)
     q_pred = q_sess.run([manifest.output], {manifest.input: x})[0].argmax(axis=1)
     q_accuracy = float(np.mean(q_pred == y))
@@ -131,13 +148,18 @@ def quantize(
             }
         ),
     )
+    latency: dict[str, dict[int, float]] = {"float": {}, "INT8": {}}
+    for kind, sess in (("float", f_sess), ("INT8", q_sess)):
+        for b in BATCHES:
+            progress(f"latency of {kind}, batch {b}")
+            latency[kind][b] = _latency_us(sess, manifest, b)
     return QuantizeReport(
         source=manifest.ref,
         result=q_manifest.ref,
         float_bytes=src.stat().st_size,
         int8_bytes=(dest / manifest.file).stat().st_size,
-        float_us={b: _latency_us(f_sess, manifest, b) for b in (1, 32, 256)},
-        int8_us={b: _latency_us(q_sess, manifest, b) for b in (1, 32, 256)},
+        float_us=latency["float"],
+        int8_us=latency["INT8"],
         float_accuracy=float(np.mean(f_pred == y)),
         int8_accuracy=q_accuracy,
         agreement=float(np.mean(f_pred == q_pred)),

@@ -37,6 +37,7 @@ from outpost.acks import Turn
 from outpost.contracts import EVENT, SCHEMA_VERSION, EventDict, Reject, derived_id, encode
 from outpost.errors import ConfigError, OutpostError
 from outpost.log import get_logger
+from outpost.metrics import Histogram
 from outpost.service import Ack, Inbound, ServiceRuntime, run_until, service_main
 from outpost.services.inference.backends.base import ModelLoadError
 from outpost.services.inference.batcher import MicroBatcher
@@ -161,6 +162,8 @@ class InferenceService:
         self._compute = m.histogram("compute")
         self._e2s = m.histogram("event_to_score")
         self._shadow_compute = m.histogram("shadow_compute")
+        self._infer: dict[str, Histogram] = {}
+        """Per model version (its ref), the histogram ``infer.{model}.{version}``."""
         self.rt.subscribe(
             self.topics.all_events,
             self._on_events,
@@ -482,6 +485,7 @@ class InferenceService:
         # model's own cost, without the wait for a core that another process holds.
         c["compute_cpu_ns"] += time.thread_time_ns() - cpu_start
         self._compute.record_ns(compute_ns)
+        self._infer_histogram(lm).record_ns(compute_ns, len(reqs))
         self._queue_wait.record_ns(start - reqs[0].enq_ns)  # the batch's longest wait
         compute_ms = round(compute_ns / 1e6, 4)
         labels = m.labels
@@ -513,6 +517,17 @@ class InferenceService:
         picked = [i for i, r in enumerate(reqs) if r.shadow is not None]
         if picked:
             self._run_shadow(lm, [reqs[i] for i in picked], best[picked])
+
+    def _infer_histogram(self, lm: LoadedModel) -> Histogram:
+        """``infer.{model}.{version}``: each scored row's compute time, i.e. its batch's session
+        call (the ``compute_ms`` its score carries), recorded once per row so its quantiles are per
+        request, not per batch (the telemetry's inference latency per model and version). A model
+        name has no dot, so the name splits at the first two."""
+        h = self._infer.get(lm.ref)
+        if h is None:
+            m = lm.manifest
+            h = self._infer[lm.ref] = self.metrics.histogram(f"infer.{m.name}.{m.version}")
+        return h
 
     def _run_shadow(
         self, active: LoadedModel, reqs: list[Request], active_best: np.ndarray[Any, Any]

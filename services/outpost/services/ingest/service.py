@@ -23,7 +23,7 @@ import hashlib
 import json
 import threading
 import time
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -36,8 +36,11 @@ from outpost.services.ingest.seqstore import SeqStore
 from outpost.services.ingest.seqtrack import Seen, SeqState, observe
 from outpost.services.ingest.units import UNITS
 from outpost.services.registry import OutpostSettings
+from outpost.topics import device_class
 
 NAME = "ingest"
+CLASSES_CACHED: Final = 100_000
+"""Device ids whose ``readings.{device_class}`` counter ingest remembers (cleared when full)."""
 log = get_logger("outpost.ingest")
 
 
@@ -76,6 +79,9 @@ class IngestService:
         self._committing = False
         self._oldest_ns = 0
         self._qos = cfg.qos
+        self._class_counter: dict[str, str] = {}
+        """device -> its counter ``readings.{device_class}`` (one dict lookup a message on the hot
+        path; bounded by :data:`CLASSES_CACHED`)."""
         self._lat = self.metrics.histogram("flush_wait")
         self._age = self.metrics.histogram("reading_age")
         # One ingest process per site: dedup and gap detection need every reading of a device in
@@ -154,6 +160,15 @@ class IngestService:
             "a retained telemetry message, replayed by the broker when ingest subscribed: readings "
             "must not be retained (clear it with an empty retained publish); dead-lettered once",
         )
+
+    def _count_class(self, device: str) -> str:
+        """The counter of accepted readings for ``device``'s class, remembered: a device's class is
+        a regular expression away, which costs more than the rest of a small message's counting.
+        The cache is cleared when full, so a flood of new device ids costs a match, never memory."""
+        if len(self._class_counter) >= CLASSES_CACHED:
+            self._class_counter.clear()
+        key = self._class_counter[device] = f"readings.{device_class(device)}"
+        return key
 
     def _charge(self, device: str, n: int) -> None:
         """Readings the decoder refused count against the device's rate like good ones, so a
@@ -300,6 +315,11 @@ class IngestService:
         if n == 0:
             del self._batches[device]
             return
+        if n > before:  # accepted readings, per device class
+            key = self._class_counter.get(device)
+            if key is None:
+                key = self._count_class(device)
+            m[key] += n - before
         if self._batched == 0:
             self._oldest_ns = recv_ns
         self._batched += n - before

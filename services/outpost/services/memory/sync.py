@@ -84,6 +84,9 @@ class _LtmSource:
     def snapshot(self) -> int:
         return self.ltm.snapshot_changes()
 
+    def pending(self, after: int) -> tuple[int, int | None]:
+        return self.ltm.pending_changes(after)
+
 
 @dataclass
 class Summaries:
@@ -107,6 +110,12 @@ class Summaries:
 
     def snapshot(self) -> int:
         return 0  # a summary the cloud acknowledged was forgotten: it cannot be made again
+
+    def pending(self, after: int) -> tuple[int, int | None]:
+        n, oldest = self.store.query(
+            'SELECT COUNT(*), MIN(made_ns) FROM summaries WHERE "offset" > ?', (after,)
+        )[0]
+        return int(n), None if oldest is None else int(oldest)
 
     def summarized(self) -> int:
         """The log offset the last summary ends at. Kept apart from the summaries, which go once
@@ -175,7 +184,8 @@ class MemorySync:
         self.streams.expire(self.cfg.retention_s)
 
     def status(self) -> dict[str, Any]:
-        """What the service's status shows: the link, and per stream the backlog not yet in the cloud."""
+        """What the service's metrics state shows: the link (``uplink_up``), per stream the backlog
+        not yet in the cloud and its age (``uplink``), and the acknowledged offsets (``sync_*``)."""
         return self.streams.status()
 
     def close(self) -> None:

@@ -376,6 +376,15 @@ class LongTermMemory:
     def last_change(self) -> int:
         return sequence(self.db, "changes")
 
+    def pending_changes(self, after: int) -> tuple[int, int | None]:
+        """How many changes after ``after`` are kept, and when the oldest of them was recorded
+        (wall ns, to the second: the trigger stamps ``unixepoch()``; None when there are none)."""
+        with self._lock:  # the request API's worker may be writing
+            n, oldest_s = self.db.execute(
+                'SELECT COUNT(*), MIN(at_s) FROM changes WHERE "offset" > ?', (after,)
+            ).fetchone()
+        return int(n), None if oldest_s is None else int(oldest_s) * 1_000_000_000
+
     # --- reading ---------------------------------------------------------------------------------
     def search(
         self,
