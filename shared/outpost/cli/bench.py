@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from outpost.benchmarks.clients import CLIENTS, run_clients_bench
 from outpost.benchmarks.ingest import IngestBenchOptions, plan, run_ingest_bench
 from outpost.benchmarks.report import clients_table, machine_line, print_ingest
 from outpost.cli.output import print_json, stdout_console
-from outpost.cli.progress import Phases, stderr_console
+from outpost.cli.progress import Phases
 from outpost.errors import ConfigError
 
 bench_app = typer.Typer(
@@ -27,12 +26,6 @@ bench_app = typer.Typer(
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")]
 QuickOpt = Annotated[bool, typer.Option("--quick", help="A short run (about 20 s): fewer, shorter phases.")]
-
-
-def _progress() -> Console:
-    """Progress goes to stderr, so that with --json stdout holds only the JSON object (the commands
-    here use :class:`outpost.cli.progress.Phases`, which draws a spinner there too)."""
-    return stderr_console()
 
 
 @bench_app.command("ingest")
@@ -505,8 +498,8 @@ def telemetry(
         if value is not None:
             kw[key] = value
     options = TelemetryBenchOptions.make(quick=quick, **kw)
-    err = _progress()
-    result = run_telemetry_bench(options, progress=lambda m: err.print(f"[dim]{m}[/]"))
+    with Phases("bench telemetry") as say:
+        result = run_telemetry_bench(options, progress=say)
     if json_out:
         print_json(result)
     else:
