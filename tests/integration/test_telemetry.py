@@ -268,3 +268,73 @@ def test_the_budget_holds_on_the_wire_diagnostics_give_way_and_alerts_go(
     assert wire <= per_min / 60 * (elapsed + 1) + 1024 + 2 * 300, (wire, elapsed, c)
     print(f"budget {per_min} B/min over {elapsed:.1f} s: {wire} bytes on the wire, counters {c}")
     assert series_sum(vm, "readings_count", device_class="fridge") > 0  # SLO points went
+
+
+def test_every_series_the_dashboards_query_is_one_the_service_writes(
+    broker: Mosquitto, settings: OutpostSettings, vm: VictoriaMetrics, tmp_path: Path, publisher: Bus
+) -> None:
+    """compose/grafana's dashboards against the real server: each service feeds what it really
+    publishes (the names in docs/metrics.md), a service goes down and comes back, and then every
+    `{measurement}_{field}` a dashboard's Flux names must be a series the telemetry service wrote."""
+    from tests.dashboards import victoria_series
+
+    svc = telemetry(settings, vm, tmp_path)
+    svc.start()
+    try:
+        wait_status(settings, "telemetry")
+        feeders = {n: Feeder(publisher, settings, n) for n in ("ingest", "inference", "agents", "memory")}
+        status = header() | {"version": "1", "config_hash": "x", "pid": 1, "started_ns": 1}
+        for state in ("online", "offline", "online"):  # one failure and its recovery
+            publisher.publish(
+                settings.topics.service_status("memory"),
+                orjson.dumps(status | {"service": "memory", "state": state}),
+                qos=1,
+            )
+            time.sleep(0.2)
+        for _ in range(3):
+            feeders["ingest"].send({"readings.fridge": 50, "rejected.bad_json": 1})
+            feeders["inference"].send({"scored": 5}, {"infer.fridge.1.2.0": [0.2, 0.3, 0.9]})
+            feeders["agents"].send(
+                {
+                    "results.triage.done": 3,
+                    "results.triage.failed": 1,
+                    "answered.triage": 2,
+                    "overrides.triage": 1,
+                    "cost_millis.triage": 40,
+                    "decisions.triage.act": 4,
+                    "escalations.triage": 1,
+                    "breaker_opened.triage": 1,
+                },
+                {"decision_latency.triage": [5.0, 7.5, 20.0]},
+            )
+            memory = feeders["memory"]
+            memory.send({"disk_full": 1})
+            memory.bus.publish(
+                memory.topic,
+                orjson.dumps(
+                    header()
+                    | {
+                        "service": "memory",
+                        "started": memory.started,
+                        "counters": dict(memory.counters),
+                        "histograms": {},
+                        "state": {
+                            "cpu_s": 2.0,
+                            "rss_mb": 80.0,
+                            "uplink": {"log": {"backlog": 12, "age_s": 3.5}},
+                        },
+                    }
+                ),
+                qos=1,
+            )
+            time.sleep(1.0)
+        wanted = victoria_series()
+
+        def missing() -> set[str]:
+            written = {s["metric"]["__name__"] for s in vm.export('{__name__=~".+"}')}
+            return wanted - written
+
+        assert wait_until(lambda: not missing(), 20), (missing(), svc.logs()[-2000:])
+    finally:
+        svc.terminate()
+        svc.close()
