@@ -52,7 +52,10 @@ def _settings(where: Where) -> OutpostSettings:
 
 
 def _services_table(stack: Stack, mon: SiteMonitor) -> Table:
-    t = Table(title=f"Outpost site {stack.settings.site!r} on broker {stack.broker_address}", expand=False)
+    page = f", status page {stack.status_page}" if stack.status_page else ""
+    t = Table(
+        title=f"Outpost site {stack.settings.site!r} on broker {stack.broker_address}{page}", expand=False
+    )
     for col in ("service", "process", "pid", "restarts", "uptime s", "MQTT status", "said last"):
         t.add_column(col, overflow="fold")
     assert stack.supervisor is not None
@@ -308,7 +311,12 @@ def demo(
     # a real time-series server for the telemetry service to write to (docs/telemetry.md)
     tsdb = VictoriaMetrics(tmp / "tsdb").start()
     env |= {"OUTPOST_TELEMETRY__INFLUX__URL": tsdb.url, "OUTPOST_TELEMETRY__ROLLUP_S": "5"}
-    with contextlib.ExitStack() as cleanup, Stack(settings, external_broker=broker, env=env) as stack:
+    page, page_env = status_page(settings)
+    env |= page_env
+    with (
+        contextlib.ExitStack() as cleanup,
+        Stack(settings, external_broker=broker, env=env, status_page=page) as stack,
+    ):
         cleanup.callback(tsdb.stop)
         cleanup.callback(shop.stop)
         mon = SiteMonitor(settings.mqtt, settings.topics, client_id=f"outpost-demo-{os.getpid()}")
@@ -371,6 +379,7 @@ def demo(
             summary["restarts"] = {r["service"]: r["restarts"] for r in rows}
             summary["exit_codes"] = {r["service"]: r["last_exit"] for r in rows}
             summary["telemetry"] = _telemetry_written(tsdb, settings.site)
+            summary["status_page"] = page
         finally:
             if sim is not None and sim.poll() is None:
                 sim.kill()
