@@ -26,7 +26,7 @@ def metric_name(*parts: str) -> str:
 
 
 class LiveCollector(Collector):
-    """The site's figures, as the status page shows them (names in docs/status-page.md)."""
+    """The site's figures, as the status page shows them (names in docs/telemetry.md, Status page)."""
 
     def __init__(self, view: LiveView) -> None:
         self.view = view

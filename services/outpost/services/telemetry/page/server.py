@@ -26,7 +26,7 @@ log = get_logger("outpost.telemetry.page")
 
 
 class StatusPage:
-    """The gateway's status page and Prometheus endpoint (docs/status-page.md)."""
+    """The gateway's status page and Prometheus endpoint (docs/telemetry.md, Status page)."""
 
     def __init__(self, page: PageSettings, settings: CoreSettings) -> None:
         self.page = page
