@@ -301,8 +301,8 @@ def _run(o: TelemetryBenchOptions, work: Path, say: Progress) -> dict[str, Any]:
     services = {k: v for k, v in known.items() if k not in o.without}
     service_runs = "telemetry" in services
     say("starting two VictoriaMetrics (rollups, raw)")
-    vm_up = VictoriaMetrics(work / "vm-rollups").start()
-    vm_raw = VictoriaMetrics(work / "vm-raw").start()
+    vm_up = VictoriaMetrics(work / "vm-rollups", die_with_parent=True).start()
+    vm_raw = VictoriaMetrics(work / "vm-raw", die_with_parent=True).start()
     stack: Stack | None = None
     ctx = spawn_context()
     ch = Channels.create(ctx)
