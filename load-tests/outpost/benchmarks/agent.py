@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -50,7 +49,7 @@ from typing import Any
 import orjson
 import yaml
 
-from outpost.benchmarks.channels import Channels, spawn_context
+from outpost.benchmarks.channels import Channels, reporting, spawn_context
 from outpost.benchmarks.ingest import machine
 from outpost.benchmarks.load import LoadSpec, Stamps, run_publisher
 from outpost.benchmarks.mqtt import connect, paho_client, subscribe
@@ -170,14 +169,8 @@ class DecisionSinkSpec:
 def run_decision_sink(spec: DecisionSinkSpec, ch: Channels, stamps: Stamps) -> None:
     """Process entry point: the agent's decisions (latency from the reading's send time), the
     services' metrics and statuses (``service_ready`` once every one is online)."""
-    result: dict[str, Any] = {"spec": asdict(spec)}
-    try:
+    with reporting(ch, "decision_sink", spec) as result:
         result.update(_decisions(spec, ch, stamps))
-    except BaseException:
-        result["error"] = traceback.format_exc()
-        raise
-    finally:
-        ch.results.put(("decision_sink", result))
 
 
 def reading_index(site: str, devices: int, capacity: int, prefix: str = DEVICE_PREFIX) -> dict[str, int]:

@@ -40,7 +40,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -52,7 +51,7 @@ import httpx
 import orjson
 
 from outpost.benchmarks.agent import _Profiler
-from outpost.benchmarks.channels import Channels, spawn_context
+from outpost.benchmarks.channels import Channels, reporting, spawn_context
 from outpost.benchmarks.ingest import machine
 from outpost.benchmarks.load import LoadSpec, Stamps, run_publisher
 from outpost.benchmarks.mqtt import connect, drain, paho_client, subscribe
@@ -144,14 +143,8 @@ class DirectSpec:
 
 def run_direct(spec: DirectSpec, ch: Channels) -> None:
     """Process entry point: ``concurrency`` threads calling the store API with one httpx.Client."""
-    result: dict[str, Any] = {"spec": asdict(spec)}
-    try:
+    with reporting(ch, "load", spec) as result:
         result.update(_direct(spec, ch))
-    except BaseException:
-        result["error"] = traceback.format_exc()
-        raise
-    finally:
-        ch.results.put(("load", result))
 
 
 def _direct(spec: DirectSpec, ch: Channels) -> dict[str, Any]:
@@ -251,14 +244,8 @@ def request_payload(key: str, k: int, ts: int) -> bytes:
 def run_requests(spec: RequestSpec, ch: Channels, stamps: Stamps) -> None:
     """Process entry point: ActionRequests at QoS 1, paced or windowed; request *k*'s publish time
     goes to ``stamps[k]``."""
-    result: dict[str, Any] = {"spec": asdict(spec)}
-    try:
+    with reporting(ch, "load", spec) as result:
         result.update(_requests(spec, ch, stamps))
-    except BaseException:
-        result["error"] = traceback.format_exc()
-        raise
-    finally:
-        ch.results.put(("load", result))
 
 
 def _requests(spec: RequestSpec, ch: Channels, stamps: Stamps) -> dict[str, Any]:
@@ -319,14 +306,8 @@ def run_result_sink(spec: ResultSinkSpec, ch: Channels, stamps: Stamps, arrivals
     """Process entry point: the phase's ActionResults (latency from the request's publish time; the
     arrival of result *k* in ``arrivals[k]``), and the gateway's status (``service_ready`` once it is
     online)."""
-    result: dict[str, Any] = {"spec": asdict(spec)}
-    try:
+    with reporting(ch, "sink", spec) as result:
         result.update(_results(spec, ch, stamps, arrivals))
-    except BaseException:
-        result["error"] = traceback.format_exc()
-        raise
-    finally:
-        ch.results.put(("sink", result))
 
 
 def _results(spec: ResultSinkSpec, ch: Channels, stamps: Stamps, arrivals: Stamps) -> dict[str, Any]:

@@ -37,7 +37,6 @@ import os
 import tempfile
 import threading
 import time
-import traceback
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -46,7 +45,7 @@ from typing import Any
 
 import orjson
 
-from outpost.benchmarks.channels import Channels, spawn_context
+from outpost.benchmarks.channels import Channels, reporting, spawn_context
 from outpost.benchmarks.ingest import machine
 from outpost.benchmarks.mqtt import connect, paho_client, subscribe
 from outpost.benchmarks.phase import BenchError, Procs, cpu_between, drain_until, stack_pids, wait_ready
@@ -113,14 +112,8 @@ class TelemetrySinkSpec:
 
 def run_telemetry_sink(spec: TelemetrySinkSpec, ch: Channels) -> None:
     """Process entry point: events (latency, raw forwarding), metrics batches and statuses."""
-    result: dict[str, Any] = {"spec": asdict(spec)}
-    try:
+    with reporting(ch, "sink", spec) as result:
         result.update(_sink(spec, ch))
-    except BaseException:
-        result["error"] = traceback.format_exc()
-        raise
-    finally:
-        ch.results.put(("sink", result))
 
 
 class _RawForwarder:
