@@ -37,7 +37,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -61,6 +60,7 @@ from outpost.benchmarks.phase import (
     stack_pids,
     take_result,
     wait_ready,
+    workdir,
 )
 from outpost.benchmarks.sinks import SinkSpec, latency_summary, run_raw_sink
 from outpost.contracts import reading_id_prefix
@@ -283,9 +283,7 @@ def run_agent_bench(options: AgentBenchOptions, *, progress: Progress | None = N
     say = progress or (lambda _m: None)
     started = time.monotonic()
     result: dict[str, Any] = {"bench": "agent", "machine": machine(), "options": _jsonable(asdict(options))}
-    with tempfile.TemporaryDirectory(prefix="outpost-bench-agent-") as tmp:
-        work = Path(tmp)
-        os.chmod(work, 0o711)  # Mosquitto, started as root, runs as user mosquitto and must reach it
+    with workdir("outpost-bench-agent-") as work:
         result.update(_run(options, work, say))
     result["summary"] = summarize(result)
     result["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)

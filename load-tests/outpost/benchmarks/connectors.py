@@ -37,7 +37,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -63,6 +62,7 @@ from outpost.benchmarks.phase import (
     stack_pids,
     take_result,
     wait_ready,
+    workdir,
 )
 from outpost.benchmarks.sinks import SinkSpec, latency_summary, run_raw_sink
 from outpost.broker import free_port
@@ -395,9 +395,7 @@ def run_connectors_bench(
     started = time.monotonic()
     opts = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}
     result: dict[str, Any] = {"bench": "connectors", "machine": machine(), "options": opts}
-    with tempfile.TemporaryDirectory(prefix="outpost-bench-connectors-") as tmp:
-        work = Path(tmp)
-        os.chmod(work, 0o711)  # Mosquitto, started as root, runs as user mosquitto and must reach it
+    with workdir("outpost-bench-connectors-") as work:
         result.update(_run(options, work, say))
     result["summary"] = summarize(result)
     result["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)

@@ -34,7 +34,6 @@ shares its cores with whatever else runs.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -48,7 +47,15 @@ import orjson
 from outpost.benchmarks.channels import Channels, reporting, spawn_context
 from outpost.benchmarks.ingest import machine
 from outpost.benchmarks.mqtt import connect, paho_client, subscribe
-from outpost.benchmarks.phase import BenchError, Procs, cpu_between, drain_until, stack_pids, wait_ready
+from outpost.benchmarks.phase import (
+    BenchError,
+    Procs,
+    cpu_between,
+    drain_until,
+    stack_pids,
+    wait_ready,
+    workdir,
+)
 from outpost.benchmarks.rollup_accuracy import Sample, rollup_accuracy
 from outpost.contracts import MetricsBatch
 from outpost.services.registry import OutpostSettings
@@ -264,9 +271,7 @@ def run_telemetry_bench(
         "machine": machine(),
         "options": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(options).items()},
     }
-    with tempfile.TemporaryDirectory(prefix="outpost-bench-telemetry-") as tmp:
-        work = Path(tmp)
-        os.chmod(work, 0o711)  # Mosquitto, started as root, runs as user mosquitto and must reach it
+    with workdir("outpost-bench-telemetry-") as work:
         result.update(_run(options, work, say))
     result["summary"] = summarize(result)
     result["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
