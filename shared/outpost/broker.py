@@ -11,7 +11,6 @@ import contextlib
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from outpost.errors import BrokerError
 from outpost.log import get_logger
 from outpost.settings import BrokerSettings, MqttSettings, UplinkSettings
+from outpost.supervisor import end_process
 from outpost.topics import Topics
 
 log = get_logger("outpost.broker")
@@ -286,16 +286,8 @@ class Mosquitto:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM: Mosquitto saves its persistence file and exits."""
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = None
-            self._reap_watchdog()
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            end_process(self.proc, timeout_s)
         self.proc = None
         self._reap_watchdog()
 

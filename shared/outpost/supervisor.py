@@ -42,7 +42,7 @@ _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
+def die_with_parent(parent: int) -> Callable[[], None]:
     """Run in the child between fork and exec: SIGTERM when the process that forked it dies.
 
     The kernel sends it when the *thread* that forked exits, not the process: the supervisor forks
@@ -56,6 +56,19 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
             os._exit(1)
 
     return setup
+
+
+def end_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM (a server saves what it holds and exits), then SIGKILL if it has not within
+    ``timeout_s``; reaped either way. Nothing to do for one that has exited."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @dataclass
@@ -128,7 +141,7 @@ class Supervisor:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509 - one prctl call, no locks
+            preexec_fn=die_with_parent(os.getpid()),  # noqa: PLW1509 - one prctl call, no locks
         )
         child.started = time.monotonic()
         child.next_start = 0.0

@@ -11,8 +11,8 @@ with the same client code. VictoriaMetrics stores field ``f`` of measurement ``m
 
 from __future__ import annotations
 
+import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.parse
@@ -25,6 +25,7 @@ import orjson
 
 from outpost.broker import free_port, port_open
 from outpost.errors import OutpostError
+from outpost.supervisor import die_with_parent, end_process
 
 BINARY = "victoria-metrics"
 
@@ -41,6 +42,9 @@ class VictoriaMetrics:
     port: int = 0
     host: str = "127.0.0.1"
     binary: str = BINARY
+    die_with_parent: bool = False
+    """Stopped (SIGTERM) when the process that started it dies, even by kill -9: the demo's and the
+    benchmark's own server must not outlive them."""
     proc: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -81,6 +85,7 @@ class VictoriaMetrics:
             stdout=logf,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent(os.getpid()) if self.die_with_parent else None,  # noqa: PLW1509 - one prctl call
         )
         logf.close()
         deadline = time.monotonic() + timeout_s
@@ -100,15 +105,8 @@ class VictoriaMetrics:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM: it flushes what it holds in memory to disk and exits."""
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = None
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            end_process(self.proc, timeout_s)
         self.proc = None
 
     def kill(self) -> None:

@@ -37,9 +37,7 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -50,7 +48,7 @@ from typing import Any
 import orjson
 import yaml
 
-from outpost.benchmarks.channels import Channels, spawn_context
+from outpost.benchmarks.channels import Channels, reporting, spawn_context
 from outpost.benchmarks.ingest import machine
 from outpost.benchmarks.load import LoadSpec, Stamps, run_publisher
 from outpost.benchmarks.mqtt import connect, paho_client, subscribe
@@ -62,6 +60,7 @@ from outpost.benchmarks.phase import (
     stack_pids,
     take_result,
     wait_ready,
+    workdir,
 )
 from outpost.benchmarks.sinks import SinkSpec, latency_summary, run_raw_sink
 from outpost.contracts import reading_id_prefix
@@ -170,14 +169,8 @@ class DecisionSinkSpec:
 def run_decision_sink(spec: DecisionSinkSpec, ch: Channels, stamps: Stamps) -> None:
     """Process entry point: the agent's decisions (latency from the reading's send time), the
     services' metrics and statuses (``service_ready`` once every one is online)."""
-    result: dict[str, Any] = {"spec": asdict(spec)}
-    try:
+    with reporting(ch, "decision_sink", spec) as result:
         result.update(_decisions(spec, ch, stamps))
-    except BaseException:
-        result["error"] = traceback.format_exc()
-        raise
-    finally:
-        ch.results.put(("decision_sink", result))
 
 
 def reading_index(site: str, devices: int, capacity: int, prefix: str = DEVICE_PREFIX) -> dict[str, int]:
@@ -290,9 +283,7 @@ def run_agent_bench(options: AgentBenchOptions, *, progress: Progress | None = N
     say = progress or (lambda _m: None)
     started = time.monotonic()
     result: dict[str, Any] = {"bench": "agent", "machine": machine(), "options": _jsonable(asdict(options))}
-    with tempfile.TemporaryDirectory(prefix="outpost-bench-agent-") as tmp:
-        work = Path(tmp)
-        os.chmod(work, 0o711)  # Mosquitto, started as root, runs as user mosquitto and must reach it
+    with workdir("outpost-bench-agent-") as work:
         result.update(_run(options, work, say))
     result["summary"] = summarize(result)
     result["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
-from dataclasses import dataclass
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, is_dataclass
 from multiprocessing.context import SpawnContext
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
@@ -72,3 +75,20 @@ class Channels:
                 break
             out[role] = result
         return out
+
+
+@contextmanager
+def reporting(ch: Channels, role: str, spec: object = None) -> Iterator[dict[str, Any]]:
+    """A benchmark process's result dict (with its ``spec`` when one is given), put on the results
+    channel under ``role`` however the body ends: a failure adds its traceback, since the parent
+    reports it and a child's traceback alone on stderr is easy to miss."""
+    result: dict[str, Any] = (
+        {"spec": asdict(spec)} if is_dataclass(spec) and not isinstance(spec, type) else {}
+    )
+    try:
+        yield result
+    except BaseException:
+        result["error"] = traceback.format_exc()
+        raise
+    finally:
+        ch.results.put((role, result))

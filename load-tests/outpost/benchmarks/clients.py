@@ -18,14 +18,13 @@ import os
 import socket
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from outpost.benchmarks.channels import Channels, spawn_context
+from outpost.benchmarks.channels import Channels, reporting, spawn_context
 from outpost.benchmarks.load import Fixed, LoadSpec, run_publisher
 from outpost.benchmarks.mqtt import connect, paho_client, subscribe
 from outpost.benchmarks.phase import BenchError, Procs, cpu_between, drain
@@ -84,8 +83,7 @@ def run_client_publisher(spec: ClientSpec, ch: Channels) -> None:
         )
         run_publisher(load, ch)
         return
-    result: dict[str, Any] = {}
-    try:
+    with reporting(ch, "load") as result:
         if spec.client == "bus":
             result["sent"] = _pub_bus(spec, ch)
         elif spec.client.startswith("aiomqtt"):
@@ -94,11 +92,6 @@ def run_client_publisher(spec: ClientSpec, ch: Channels) -> None:
             result["sent"] = asyncio.run(_pub_faststream(spec, ch))
         else:
             raise ValueError(f"unknown client {spec.client!r}")
-    except BaseException:  # the parent reports it: a child's traceback alone is easy to miss
-        result["error"] = traceback.format_exc()
-        raise
-    finally:
-        ch.results.put(("load", result))
 
 
 def _pub_bus(spec: ClientSpec, ch: Channels) -> int:
@@ -203,8 +196,7 @@ async def _pub_faststream(spec: ClientSpec, ch: Channels) -> int:
 
 def run_client_subscriber(spec: ClientSpec, ch: Channels) -> None:
     """Process entry point for every client's subscriber: counts messages into ``received``."""
-    result: dict[str, Any] = {}
-    try:
+    with reporting(ch, "sink") as result:
         if spec.client in ("paho", "paho-mqtt5"):
             result["received"] = _sub_paho(spec, ch, mqtt5=spec.client == "paho-mqtt5")
         elif spec.client == "bus":
@@ -215,11 +207,6 @@ def run_client_subscriber(spec: ClientSpec, ch: Channels) -> None:
             result["received"] = asyncio.run(_sub_faststream(spec, ch))
         else:
             raise ValueError(f"unknown client {spec.client!r}")
-    except BaseException:  # the parent reports it: a child's traceback alone is easy to miss
-        result["error"] = traceback.format_exc()
-        raise
-    finally:
-        ch.results.put(("sink", result))
 
 
 def _sub_paho(spec: ClientSpec, ch: Channels, *, mqtt5: bool) -> int:

@@ -37,10 +37,8 @@ import os
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -52,7 +50,7 @@ import httpx
 import orjson
 
 from outpost.benchmarks.agent import _Profiler
-from outpost.benchmarks.channels import Channels, spawn_context
+from outpost.benchmarks.channels import Channels, reporting, spawn_context
 from outpost.benchmarks.ingest import machine
 from outpost.benchmarks.load import LoadSpec, Stamps, run_publisher
 from outpost.benchmarks.mqtt import connect, drain, paho_client, subscribe
@@ -64,6 +62,7 @@ from outpost.benchmarks.phase import (
     stack_pids,
     take_result,
     wait_ready,
+    workdir,
 )
 from outpost.benchmarks.sinks import SinkSpec, latency_summary, run_raw_sink
 from outpost.broker import free_port
@@ -144,14 +143,8 @@ class DirectSpec:
 
 def run_direct(spec: DirectSpec, ch: Channels) -> None:
     """Process entry point: ``concurrency`` threads calling the store API with one httpx.Client."""
-    result: dict[str, Any] = {"spec": asdict(spec)}
-    try:
+    with reporting(ch, "load", spec) as result:
         result.update(_direct(spec, ch))
-    except BaseException:
-        result["error"] = traceback.format_exc()
-        raise
-    finally:
-        ch.results.put(("load", result))
 
 
 def _direct(spec: DirectSpec, ch: Channels) -> dict[str, Any]:
@@ -251,14 +244,8 @@ def request_payload(key: str, k: int, ts: int) -> bytes:
 def run_requests(spec: RequestSpec, ch: Channels, stamps: Stamps) -> None:
     """Process entry point: ActionRequests at QoS 1, paced or windowed; request *k*'s publish time
     goes to ``stamps[k]``."""
-    result: dict[str, Any] = {"spec": asdict(spec)}
-    try:
+    with reporting(ch, "load", spec) as result:
         result.update(_requests(spec, ch, stamps))
-    except BaseException:
-        result["error"] = traceback.format_exc()
-        raise
-    finally:
-        ch.results.put(("load", result))
 
 
 def _requests(spec: RequestSpec, ch: Channels, stamps: Stamps) -> dict[str, Any]:
@@ -319,14 +306,8 @@ def run_result_sink(spec: ResultSinkSpec, ch: Channels, stamps: Stamps, arrivals
     """Process entry point: the phase's ActionResults (latency from the request's publish time; the
     arrival of result *k* in ``arrivals[k]``), and the gateway's status (``service_ready`` once it is
     online)."""
-    result: dict[str, Any] = {"spec": asdict(spec)}
-    try:
+    with reporting(ch, "sink", spec) as result:
         result.update(_results(spec, ch, stamps, arrivals))
-    except BaseException:
-        result["error"] = traceback.format_exc()
-        raise
-    finally:
-        ch.results.put(("sink", result))
 
 
 def _results(spec: ResultSinkSpec, ch: Channels, stamps: Stamps, arrivals: Stamps) -> dict[str, Any]:
@@ -414,9 +395,7 @@ def run_connectors_bench(
     started = time.monotonic()
     opts = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}
     result: dict[str, Any] = {"bench": "connectors", "machine": machine(), "options": opts}
-    with tempfile.TemporaryDirectory(prefix="outpost-bench-connectors-") as tmp:
-        work = Path(tmp)
-        os.chmod(work, 0o711)  # Mosquitto, started as root, runs as user mosquitto and must reach it
+    with workdir("outpost-bench-connectors-") as work:
         result.update(_run(options, work, say))
     result["summary"] = summarize(result)
     result["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)

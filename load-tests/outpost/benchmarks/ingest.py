@@ -24,7 +24,6 @@ import os
 import platform
 import re
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -33,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from outpost.benchmarks.phase import PhaseSpec, run_phase
+from outpost.benchmarks.phase import PhaseSpec, run_phase, workdir
 from outpost.broker import Mosquitto
 
 TARGET_RATIO = 0.5
@@ -156,19 +155,16 @@ def run_ingest_bench(
     started = time.monotonic()
     result: dict[str, Any] = {"bench": "ingest", "machine": machine(), "options": _jsonable(asdict(options))}
     scenarios: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="outpost-bench-") as tmp:
-        work = Path(tmp)
-        os.chmod(work, 0o711)  # Mosquitto, started as root, runs as user mosquitto and must reach it
-        with Mosquitto(work / "broker") as broker:
-            for name, phases in plan(options).items():
-                if only is not None and name not in only:
-                    continue
-                done: dict[str, dict[str, Any]] = {}
-                for spec in phases:
-                    say(f"{spec.name}: {_describe(spec)}")
-                    done[spec.name] = run_phase(broker, spec, work)
-                    say(f"{spec.name}: {_brief(done[spec.name])}")
-                scenarios[name] = _scenario(name, done)
+    with workdir("outpost-bench-") as work, Mosquitto(work / "broker") as broker:
+        for name, phases in plan(options).items():
+            if only is not None and name not in only:
+                continue
+            done: dict[str, dict[str, Any]] = {}
+            for spec in phases:
+                say(f"{spec.name}: {_describe(spec)}")
+                done[spec.name] = run_phase(broker, spec, work)
+                say(f"{spec.name}: {_brief(done[spec.name])}")
+            scenarios[name] = _scenario(name, done)
     result["scenarios"] = scenarios
     result["summary"] = summarize(scenarios)
     result["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)

@@ -18,11 +18,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from outpost.benchmarks.channels import Channels
+from outpost.benchmarks.channels import Channels, reporting
 from outpost.benchmarks.mqtt import connect, drain, paho_client
 from outpost.errors import BrokerError
 from outpost.topics import Topics
@@ -150,14 +149,8 @@ def run_publisher(spec: LoadSpec, ch: Channels, stamps: Stamps | None = None) ->
     With ``stamps`` (paced mode), message *k*'s ``ts`` is written to ``stamps[k]`` while it fits:
     a far end that sees only an id derived from the reading (an agent's decision) finds its send
     time there."""
-    result: dict[str, Any] = {"spec": asdict(spec)}
-    try:
+    with reporting(ch, "load", spec) as result:
         result.update(_publish(spec, ch, stamps))
-    except BaseException:  # the parent reports it: a child's traceback alone is easy to miss
-        result["error"] = traceback.format_exc()
-        raise
-    finally:
-        ch.results.put(("load", result))
 
 
 def _publish(spec: LoadSpec, ch: Channels, stamps: Stamps | None = None) -> dict[str, Any]:

@@ -38,7 +38,6 @@ What the phase reports:
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -56,6 +55,7 @@ from outpost.benchmarks.phase import (
     drain_until,
     stack_pids,
     wait_ready,
+    workdir,
 )
 from outpost.benchmarks.sinks import (
     AccountSpec,
@@ -100,9 +100,7 @@ def run_overload_bench(options: OverloadOptions, *, progress: Progress | None = 
     started = time.monotonic()
     result: dict[str, Any] = {"bench": "overload", "machine": machine(), "options": asdict(options)}
     phases: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="outpost-bench-overload-") as tmp:
-        work = Path(tmp)
-        os.chmod(work, 0o711)  # Mosquitto, started as root, runs as user mosquitto and must reach it
+    with workdir("outpost-bench-overload-") as work:
         for name in options.phases:
             if name not in PHASES:
                 raise BenchError(f"unknown phase {name!r}; known: {', '.join(PHASES)}")

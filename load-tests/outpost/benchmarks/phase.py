@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -387,3 +388,13 @@ def run_phase(broker: Mosquitto, spec: PhaseSpec, workdir: Path) -> dict[str, An
     if spec.rate:
         out["saturated"] = rate < 0.95 * spec.rate
     return out
+
+
+@contextmanager
+def workdir(prefix: str) -> Iterator[Path]:
+    """A benchmark's temporary folder, removed afterwards; traversable by others because Mosquitto,
+    started as root, runs as the user mosquitto and must reach its folder inside."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(tmp)
+        os.chmod(work, 0o711)
+        yield work

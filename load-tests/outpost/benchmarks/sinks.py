@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-import traceback
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from outpost.benchmarks.channels import Channels
+from outpost.benchmarks.channels import Channels, reporting
 from outpost.benchmarks.mqtt import connect, paho_client, subscribe
 from outpost.contracts import DeadLetter
 from outpost.errors import TopicError
@@ -59,14 +58,8 @@ def run_event_sink(spec: SinkSpec, ch: Channels) -> None:
 
 
 def _run(role: str, spec: Any, ch: Channels, body: Any) -> None:
-    result: dict[str, Any] = {"spec": asdict(spec)}
-    try:
+    with reporting(ch, role, spec) as result:
         result.update(body(spec, ch))
-    except BaseException:  # the parent reports it: a child's traceback alone is easy to miss
-        result["error"] = traceback.format_exc()
-        raise
-    finally:
-        ch.results.put((role, result))
 
 
 def _loop_until_stopped(client: Any, ch: Channels) -> None:

@@ -34,10 +34,8 @@ shares its cores with whatever else runs.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
-import traceback
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -46,10 +44,18 @@ from typing import Any
 
 import orjson
 
-from outpost.benchmarks.channels import Channels, spawn_context
+from outpost.benchmarks.channels import Channels, reporting, spawn_context
 from outpost.benchmarks.ingest import machine
 from outpost.benchmarks.mqtt import connect, paho_client, subscribe
-from outpost.benchmarks.phase import BenchError, Procs, cpu_between, drain_until, stack_pids, wait_ready
+from outpost.benchmarks.phase import (
+    BenchError,
+    Procs,
+    cpu_between,
+    drain_until,
+    stack_pids,
+    wait_ready,
+    workdir,
+)
 from outpost.benchmarks.rollup_accuracy import Sample, rollup_accuracy
 from outpost.contracts import MetricsBatch
 from outpost.services.registry import OutpostSettings
@@ -113,14 +119,8 @@ class TelemetrySinkSpec:
 
 def run_telemetry_sink(spec: TelemetrySinkSpec, ch: Channels) -> None:
     """Process entry point: events (latency, raw forwarding), metrics batches and statuses."""
-    result: dict[str, Any] = {"spec": asdict(spec)}
-    try:
+    with reporting(ch, "sink", spec) as result:
         result.update(_sink(spec, ch))
-    except BaseException:
-        result["error"] = traceback.format_exc()
-        raise
-    finally:
-        ch.results.put(("sink", result))
 
 
 class _RawForwarder:
@@ -271,9 +271,7 @@ def run_telemetry_bench(
         "machine": machine(),
         "options": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(options).items()},
     }
-    with tempfile.TemporaryDirectory(prefix="outpost-bench-telemetry-") as tmp:
-        work = Path(tmp)
-        os.chmod(work, 0o711)  # Mosquitto, started as root, runs as user mosquitto and must reach it
+    with workdir("outpost-bench-telemetry-") as work:
         result.update(_run(options, work, say))
     result["summary"] = summarize(result)
     result["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
@@ -301,8 +299,8 @@ def _run(o: TelemetryBenchOptions, work: Path, say: Progress) -> dict[str, Any]:
     services = {k: v for k, v in known.items() if k not in o.without}
     service_runs = "telemetry" in services
     say("starting two VictoriaMetrics (rollups, raw)")
-    vm_up = VictoriaMetrics(work / "vm-rollups").start()
-    vm_raw = VictoriaMetrics(work / "vm-raw").start()
+    vm_up = VictoriaMetrics(work / "vm-rollups", die_with_parent=True).start()
+    vm_raw = VictoriaMetrics(work / "vm-raw", die_with_parent=True).start()
     stack: Stack | None = None
     ctx = spawn_context()
     ch = Channels.create(ctx)

@@ -309,7 +309,7 @@ def demo(
     SecretStore(site_path(tmp, settings.site, "connectors")).set(ShopPeers.SECRET, shop.api.client_secret)
     env = {"OUTPOST_CONNECTORS__DECLARED": orjson.dumps(shop.connectors()).decode()}
     # a real time-series server for the telemetry service to write to (docs/telemetry.md)
-    tsdb = VictoriaMetrics(tmp / "tsdb").start()
+    tsdb = VictoriaMetrics(tmp / "tsdb", die_with_parent=True).start()
     env |= {"OUTPOST_TELEMETRY__INFLUX__URL": tsdb.url, "OUTPOST_TELEMETRY__ROLLUP_S": "5"}
     page, page_env = status_page(settings)
     env |= page_env
