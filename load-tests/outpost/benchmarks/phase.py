@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from outpost.benchmarks.sinks import SinkSpec, run_event_sink, run_raw_sink
 from outpost.broker import Mosquitto
 from outpost.errors import OutpostError
 from outpost.stack import Stack
+from outpost.supervisor import end_process
 
 
 class BenchError(OutpostError):
@@ -172,13 +172,7 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 15.0) 
     """SIGTERM (ingest drains and exits), then SIGKILL if it has not exited in time."""
     if proc is None:
         return None
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    end_process(proc, timeout_s)
     return proc.returncode
 
 
