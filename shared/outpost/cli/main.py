@@ -10,7 +10,21 @@ import typer
 from typer.core import TyperOption
 from typer.models import CommandInfo
 
-from outpost.cli import actions, agents, bench, config, data, log, memory, model, secrets, sim, site, stack
+from outpost.cli import (
+    actions,
+    agents,
+    bench,
+    cloud,
+    config,
+    data,
+    log,
+    memory,
+    model,
+    secrets,
+    sim,
+    site,
+    stack,
+)
 from outpost.errors import OutpostError
 
 app = typer.Typer(
@@ -28,6 +42,7 @@ config.register(app)
 model.register(app)
 log.register(app)
 memory.register(app)
+cloud.register(app)
 data.register(app)
 agents.register(app)
 secrets.register(app)
