@@ -30,7 +30,7 @@ gives way first when the outbox is over its disk budget."""
 NEVER_DROPPED = frozenset(("alerts",))
 
 MESSAGE_BYTES = 1_000_000
-"""The records' bytes one message upstream carries at most (a record bigger than that goes alone)."""
+"""The records' bytes one message upstream carries at most by default (a bigger record goes alone)."""
 
 SCHEMA = (
     SENDER_SCHEMA
@@ -70,7 +70,10 @@ def drop_order() -> tuple[str, ...]:
 class Outbox:
     """The outbox's database. Every call is made on the uplink service's network thread."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, message_bytes: int = MESSAGE_BYTES) -> None:
+        """``message_bytes``: the records' bytes one message upstream carries at most (at least one
+        record): small messages keep a byte cap close over short spans."""
+        self.message_bytes = message_bytes
         self.store = Store(path, SCHEMA, synchronous="FULL")
         db = self.store.db
         self.offsets = {str(s): int(n) for s, n in db.execute("SELECT stream, last FROM offsets")}
@@ -109,8 +112,8 @@ class Outbox:
         return len(rows)
 
     def after(self, stream: str, offset: int, limit: int) -> Records:
-        """Up to ``limit`` records after ``offset``, and no more than :data:`MESSAGE_BYTES` of them
-        (at least one): one message upstream stays within what the brokers take."""
+        """Up to ``limit`` records after ``offset``, and no more than ``message_bytes`` of them (at
+        least one): one message upstream stays within what the brokers take."""
         rows = self.store.query(
             'SELECT "offset", size, topic, body FROM records WHERE stream = ? AND "offset" > ? '
             'ORDER BY "offset" LIMIT ?',
@@ -120,7 +123,7 @@ class Outbox:
         size = 0
         for o, n, t, b in rows:
             size += int(n)
-            if out and size > MESSAGE_BYTES:
+            if out and size > self.message_bytes:
                 break
             out.append((int(o), {"topic": t, "body": orjson.loads(b)}))
         return out

@@ -32,7 +32,7 @@ import orjson
 from outpost.log import get_logger
 from outpost.service import SKIP, Ack, Inbound, Peek, Rejected, ServiceRuntime, run_until, service_main
 from outpost.services.registry import OutpostSettings
-from outpost.services.uplink.outbox import STREAMS, Outbox, StreamSource, Taken
+from outpost.services.uplink.outbox import MESSAGE_BYTES, STREAMS, Outbox, StreamSource, Taken
 from outpost.store import DiskFull, log_failed_commit
 from outpost.streams import REASONS, ByteBucket, OffsetStreams
 from outpost.topics import device_class
@@ -45,6 +45,9 @@ COMMIT_AT = 1000
 """Records taken past which the outbox commits without waiting for ``uplink.commit_ms``."""
 
 MAX_ID = 128
+
+MIN_MESSAGE_BYTES = 4096
+"""The smallest a message upstream is made under a tight cap (fewer, larger messages cost less)."""
 
 
 def records_of(raw: bytes) -> list[tuple[dict[str, Any], bytes]]:
@@ -82,8 +85,15 @@ class Uplink:
             self.streams: OffsetStreams | None = None
             self.rt.extra_status = lambda: {"uplink_idle": "no uplink.cloud: nothing is kept for a cloud"}
             return
-        self.outbox = Outbox(self.rt.state_dir("uplink") / "outbox.db")
-        gate = ByteBucket(cfg.max_bytes_s, max(cfg.max_bytes_s / 10, 1.0)) if cfg.max_bytes_s else None
+        cap = cfg.max_bytes_s
+        # under a cap, a message is at most 1/20 s of it and the burst 1/4 s: the cap then holds over
+        # short spans too (one message and the burst are what a span can exceed it by), and a
+        # timer late by a tick (the kit's 50 ms) loses none of it
+        self.outbox = Outbox(
+            self.rt.state_dir("uplink") / "outbox.db",
+            message_bytes=min(MESSAGE_BYTES, max(cap // 20, MIN_MESSAGE_BYTES)) if cap else MESSAGE_BYTES,
+        )
+        gate = ByteBucket(cap, max(cap / 4, 1.0)) if cap else None
         self.streams = OffsetStreams(
             self.rt,
             self.outbox.store,
