@@ -467,3 +467,37 @@ def test_without_a_cloud_the_uplink_takes_nothing(edge: OutpostSettings) -> None
     finally:
         metrics.stop()
         up.stop()
+
+
+def test_outpost_cloud_run_on_sqlite_with_the_memory_replica(
+    edge: OutpostSettings, cloud: Mosquitto, tmp_path: Path
+) -> None:
+    """One process receives the uplink (into SQLite) and memory sync (its replica); a SIGTERM stops
+    both cleanly; ``outpost cloud status`` lists both."""
+    db = f"sqlite:///{tmp_path / 'cloud.db'}"
+    replica = tmp_path / "replica"
+    cs = cloud_settings(tmp_path, cloud)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
+    env.update(OUTPOST_SITE="cloud", OUTPOST_DATA_DIR=str(cs.data_dir))
+    cmd = [*OUTPOST, "cloud", "run", "--db", db, "--broker", cloud.address, "--replica", str(replica)]
+    side = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_status(cs, "cloud", pid=side.pid)
+        wait_status(cs, "replica", pid=side.pid)
+        up = start_uplink(edge)
+        try:
+            publish(edge, [(edge.topics.decisions("a1"), orjson.dumps(msg(agent="a1", kind="act")))])
+            assert wait_until(lambda: len(held(db, edge.site, "decisions")) == 1, 30)
+        finally:
+            up.stop()
+    finally:
+        side.send_signal(signal.SIGTERM)
+        out, err = side.communicate(timeout=30)
+    assert side.returncode == 0, err[-2000:]
+    assert "1 records stored" in out
+    r = outpost("cloud", "status", "--db", db, "--replica", str(replica), "--json")
+    assert r.returncode == 0, r.stderr
+    sites = orjson.loads(r.stdout.strip().splitlines()[-1])["sites"]
+    assert sites[edge.site]["streams"]["decisions"]["acked"] == 1
+    r = outpost("cloud", "status", "--db", db)
+    assert r.returncode == 0 and edge.site in r.stdout and "decisions" in r.stdout

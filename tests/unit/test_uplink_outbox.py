@@ -11,6 +11,7 @@ import pytest
 from outpost.service import Rejected
 from outpost.services.uplink.outbox import STREAMS, Outbox, StreamSource, Taken, drop_order
 from outpost.services.uplink.service import records_of
+from outpost.services.uplink.store import CloudStore, CloudStoreError
 from outpost.streams import ByteBucket
 
 
@@ -106,3 +107,18 @@ def test_the_byte_gate_holds_its_rate() -> None:
             sent += 100
         t += 0.01
     assert 10_000 <= sent <= 10_000 + 250 + 100
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://u@h/db", "sqlite:/relative", "postgresql://u:s3cret@127.0.0.1:1/x", "sqlite:///{file}/x.db"],
+)
+def test_a_database_that_cannot_be_used_is_one_clear_error_without_its_password(
+    url: str, tmp_path: Path
+) -> None:
+    file = tmp_path / "a-file"
+    file.write_text("")
+    with pytest.raises(CloudStoreError) as e:
+        CloudStore(url.format(file=file))
+    assert "s3cret" not in str(e.value)
+    assert "cannot use" in str(e.value) or "must be" in str(e.value)

@@ -86,7 +86,8 @@ def _seq(body: dict[str, Any]) -> int | None:
 
 
 class CloudStore:
-    """``postgresql://...`` (``postgres://``) or ``sqlite:///PATH``. ``readonly``: for what only
+    """``postgresql://...`` (``postgres://``) or ``sqlite:///PATH`` (``sqlite:////abs/path``, as
+    SQLAlchemy writes it, for an absolute one). ``readonly``: for what only
     looks (``outpost cloud status``): nothing is created or written."""
 
     def __init__(self, url: str, *, readonly: bool = False) -> None:
@@ -102,7 +103,7 @@ class CloudStore:
                 )
             elif url.startswith("sqlite:///"):
                 self.url_kind = "sqlite"
-                path = Path(url.removeprefix("sqlite://"))
+                path = Path(url.removeprefix("sqlite:///"))  # sqlite:////abs or sqlite:///relative
                 if readonly:
                     self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
                 else:
@@ -117,7 +118,7 @@ class CloudStore:
                 for statement in SCHEMA:
                     self.db.execute(statement)
             self.db.execute("SELECT count(*) FROM streams").fetchone()
-        except (psycopg.Error, sqlite3.Error) as exc:
+        except (psycopg.Error, sqlite3.Error, OSError) as exc:
             raise CloudStoreError(
                 f"cannot use the database {_shown(url)}: {str(exc).strip()[:300]}"
             ) from None
