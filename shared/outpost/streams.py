@@ -401,10 +401,15 @@ class ReceivedStreams(Generic[DbT]):
         begin: Callable[[DbT], AbstractContextManager[Any]] | None = None,
         *,
         paramstyle: Literal["qmark", "format"] = "qmark",
+        savepoints: bool = True,
     ) -> None:
+        """``savepoints`` False: ``apply_one`` writes nothing before it may refuse a record (it
+        checks, then writes, or collects what ``finish`` writes at once): a savepoint a record
+        costs two round trips to a database server."""
         self.db = db
         self._begin = begin or cast(Callable[[DbT], AbstractContextManager[Any]], transaction)
         self._fmt = paramstyle == "format"
+        self._savepoints = savepoints
 
     def _q(self, sql: str) -> str:
         return sql.replace("?", "%s") if self._fmt else sql
@@ -421,12 +426,15 @@ class ReceivedStreams(Generic[DbT]):
         apply_one: ApplyOne[DbT],
         *,
         reset: Callable[[DbT, StreamBatch], None] | None = None,
+        finish: Callable[[DbT], None] | None = None,
     ) -> Applied:
         """Apply what follows the last record held, in one transaction. A record that cannot be
         applied is skipped and reported (the caller dead-letters it), so one bad record never
         blocks its stream; offsets that do not grow make the whole message invalid (ValueError,
-        nothing written). ``reset`` drops what was held of a stream whose sender took a new epoch."""
+        nothing written). ``reset`` drops what was held of a stream whose sender took a new epoch;
+        ``finish`` runs in the transaction after the records (a bulk write of what they collected)."""
         db = self.db
+        savepoints = self._savepoints
         with self._begin(db):
             row = db.execute(
                 self._q("SELECT last, epoch FROM streams WHERE site = ? AND stream = ?"), (m.site, m.stream)
@@ -448,19 +456,24 @@ class ReceivedStreams(Generic[DbT]):
                     out.duplicates += 1
                 elif prev == out.last:
                     try:
-                        db.execute("SAVEPOINT record")
+                        if savepoints:
+                            db.execute("SAVEPOINT record")
                         apply_one(db, m, offset, body)
-                        db.execute("RELEASE record")
+                        if savepoints:
+                            db.execute("RELEASE record")
                         out.applied += 1
                     except (ValidationError, ValueError) as exc:
-                        db.execute("ROLLBACK TO record")
-                        db.execute("RELEASE record")
+                        if savepoints:
+                            db.execute("ROLLBACK TO record")
+                            db.execute("RELEASE record")
                         out.rejected.append((offset, str(exc)[:500]))
                     out.last = offset
                 else:
                     out.gap = True
                     break
                 prev = offset
+            if finish is not None:
+                finish(db)
             db.execute(
                 self._q(
                     "INSERT INTO streams (site, stream, last, epoch) VALUES (?, ?, ?, ?) "
