@@ -236,7 +236,10 @@ class OffsetStreams:
         first, last = records[0][0], records[-1][0]
         site = self.rt.topics.site
         msg = header(id=f"{site}-{st.name}-{first}-{last}")
-        msg.update(site=site, epoch=self.epoch, stream=st.name, prev=st.sent, records=records)
+        # behind: offsets the sender holds past this message (holes included: an upper bound), so
+        # the receiver can say how far each sender lags without asking it
+        behind = max(0, st.source.last() - last)
+        msg.update(site=site, epoch=self.epoch, stream=st.name, prev=st.sent, records=records, behind=behind)
         payload = orjson.dumps(msg)
         topic = self._topic[st.name]
         self.rt.publish(topic, payload)

@@ -203,7 +203,7 @@ def test_every_producer_topic_reaches_postgresql_once_in_order(
         r = outpost("cloud", "status", "--db", pg_url, "--json")
         assert r.returncode == 0, r.stderr
         st = orjson.loads(r.stdout.strip().splitlines()[-1])["sites"][edge.site]["streams"]
-        assert st["events"]["records"] == 400 and st["events"]["acked"] == 400
+        assert st["events"]["records"] == 400 and st["events"]["acked"] == 400 and st["events"]["behind"] == 0
         assert st["alerts"] == {**st["alerts"], "acked": 1, "records": 1}
     finally:
         up.stop()

@@ -102,7 +102,8 @@ def status(
     replica: ReplicaOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on the last line.")] = False,
 ) -> None:
-    """Per site and stream: the acknowledged offset, records held, when the last arrived."""
+    """Per site and stream: the acknowledged offset, records held, the lag (records the site held past
+    its last message, as it said), when the last arrived."""
     from outpost.services.uplink.store import CloudStore
 
     store = CloudStore(db, readonly=True)
@@ -128,13 +129,18 @@ def status(
         print_json({"sites": sites})
         return
     t = Table(title="the cloud side")
-    for col in ("site", "stream", "acked", "records", "last received (s ago)"):
+    for col in ("site", "stream", "acked", "records", "behind", "last (s ago)"):
         t.add_column(col, justify="left" if col in ("site", "stream") else "right")
     for site, d in sorted(sites.items()):
         for stream, s in sorted(d["streams"].items()):
-            since = s.get("since_s")
+            since, behind = s.get("since_s"), s.get("behind")
             t.add_row(
-                site, stream, str(s["acked"]), f"{s['records']:,}", "-" if since is None else f"{since:,.1f}"
+                site,
+                stream,
+                str(s["acked"]),
+                f"{s['records']:,}",
+                "-" if behind is None else f"{behind:,}",
+                "-" if since is None else f"{since:,.1f}",
             )
     stdout_console().print(t)
 

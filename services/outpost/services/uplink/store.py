@@ -46,6 +46,12 @@ SCHEMA = (
     UNIQUE (site, stream, id)
 )""",
     'CREATE INDEX IF NOT EXISTS records_order ON records (site, stream, "offset")',
+    """CREATE TABLE IF NOT EXISTS lag (
+    site TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    behind BIGINT NOT NULL,
+    PRIMARY KEY (site, stream)
+)""",
 )
 
 
@@ -149,6 +155,16 @@ class CloudStore:
         def finish(db: _Db) -> None:
             if rows:
                 inserted[0] = self._insert(db, rows)
+            # only a message that brought something new says where the site stands (a replay of old
+            # records would say it was further behind than it is)
+            if rows and m.behind is not None:
+                db.execute(
+                    self._q(
+                        "INSERT INTO lag (site, stream, behind) VALUES (?, ?, ?) "
+                        "ON CONFLICT (site, stream) DO UPDATE SET behind = excluded.behind"
+                    ),
+                    (m.site, m.stream, m.behind),
+                )
 
         done = self.streams.apply(m, one, finish=finish)
         return done, len(rows) - inserted[0]
@@ -182,7 +198,8 @@ class CloudStore:
 
     def overview(self) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
         """Per site, per stream: the acknowledged offset (``acked``), the records held, when the
-        last arrived (``last_ns``, wall ns) and the time since (``since_s``)."""
+        last arrived (``last_ns``, wall ns) and the time since (``since_s``), and the lag the site
+        reported with its last message (``behind``: records it held past it; None if never said)."""
         now = time.time_ns()
         sites: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
         for site, stream, last in self.db.execute(
@@ -193,14 +210,19 @@ class CloudStore:
                 "records": 0,
                 "last_ns": None,
                 "since_s": None,
+                "behind": None,
             }
         for site, stream, n, last_ns in self.db.execute(
             "SELECT site, stream, count(*), max(received_ns) FROM records GROUP BY site, stream"
         ).fetchall():
             d = sites.setdefault(site, {"streams": {}})["streams"].setdefault(
-                stream, {"acked": 0, "records": 0, "last_ns": None, "since_s": None}
+                stream, {"acked": 0, "records": 0, "last_ns": None, "since_s": None, "behind": None}
             )
             d.update(records=int(n), last_ns=int(last_ns), since_s=round((now - int(last_ns)) / 1e9, 3))
+        for site, stream, behind in self.db.execute("SELECT site, stream, behind FROM lag").fetchall():
+            held = sites.get(site, {}).get("streams", {}).get(stream)
+            if held is not None:
+                held["behind"] = int(behind)
         return sites
 
     def close(self) -> None:
