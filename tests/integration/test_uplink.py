@@ -502,3 +502,34 @@ def test_outpost_cloud_run_on_sqlite_with_the_memory_replica(
     assert sites[edge.site]["streams"]["decisions"]["acked"] == 1
     r = outpost("cloud", "status", "--db", db)
     assert r.returncode == 0 and edge.site in r.stdout and "decisions" in r.stdout
+
+
+def test_the_cloud_side_rides_out_a_lost_database_connection(
+    edge: OutpostSettings, cloud: Mosquitto, tmp_path: Path, pg_url: str
+) -> None:
+    """PostgreSQL drops the cloud side's connection: the message then is left unanswered (no dead
+    letter), the site sends it again, a new connection stores it; nothing lost."""
+    app = f"uplink-cloud-{edge.site}"
+    cs = cloud_settings(tmp_path, cloud)
+    side = start_cloud_side(cs, f"{pg_url}&application_name={app}")
+    up = start_uplink(edge)
+    metrics = Collector(cs.mqtt, cs.topics.metrics("cloud"), client_id="cloud-metrics").start()
+    dlq = Collector(cs.mqtt, cs.topics.dlq("cloud"), client_id="cloud-dlq").start()
+    decide = edge.topics.decisions("a1")
+    try:
+        publish(edge, [(decide, orjson.dumps(msg(agent="a1", kind="act")))])
+        assert wait_until(lambda: len(held(pg_url, edge.site, "decisions")) == 1, 30)
+        with psycopg.connect(PG, autocommit=True) as admin:
+            gone = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (app,)
+            ).fetchall()
+        assert gone == [(True,)]
+        publish(edge, [(decide, orjson.dumps(msg(agent="a1", kind="act")))])
+        assert wait_until(lambda: len(held(pg_url, edge.site, "decisions")) == 2, 30)
+        assert metrics.wait_for(lambda c: any(d["counters"].get("db_errors", 0) >= 1 for d in c.json()), 10)
+        assert dlq.json() == []
+    finally:
+        metrics.stop()
+        dlq.stop()
+        up.stop()
+        side.stop()

@@ -10,6 +10,9 @@ answers on that site's ``down/uplink/ack`` with the last offset it has committed
 site took twice (its producer's message redelivered after a kill) is recognised by its id and
 stored once.
 
+While the database fails, messages are left unanswered (counted ``db_errors``, the status says
+``degraded`` with the error): the sites send them again, and a new connection is made for the next.
+
 A message that is not a valid uplink message of the site its topic names is dead-lettered on the
 cloud side's own ``dlq/cloud`` (``bad_batch``); a record that cannot be stored alone, as
 ``bad_record``, and its stream goes on.
@@ -25,7 +28,7 @@ from outpost.log import get_logger
 from outpost.service import Ack, Inbound, Rejected, ServiceRuntime
 from outpost.services.registry import OutpostSettings
 from outpost.services.uplink.service import PART
-from outpost.services.uplink.store import CloudStore
+from outpost.services.uplink.store import CloudStore, CloudStoreError
 from outpost.streams import answer
 from outpost.topics import Topics
 
@@ -73,11 +76,19 @@ class CloudUplink:
             raise Rejected("bad_batch", str(exc)) from None
         if (m.site, m.stream) != (site, stream):
             raise Rejected("bad_batch", f"the message says {m.site}/{m.stream}, its topic {site}/{stream}")
+        c = self.metrics.counters
         try:
             done, seen = self.store.apply(m)
         except ValueError as exc:
             raise Rejected("bad_batch", str(exc)[:1000]) from None
-        c = self.metrics.counters
+        except CloudStoreError as exc:
+            # nothing was committed, so nothing is answered: the site sends it again after
+            # uplink.resend_s (its records stay on its disk until the cloud has them), by which time
+            # a new connection may be up; no dead letter, the message is not at fault
+            c["db_errors"] += 1
+            self.rt.set_problems([str(exc)])
+            return
+        self.rt.set_problems([])
         c[f"applied.{stream}"] += done.applied - seen
         c["duplicates"] += done.duplicates
         c["duplicate_ids"] += seen

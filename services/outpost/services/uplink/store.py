@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
@@ -71,6 +72,8 @@ class _Cur(Protocol):
 class _Db(Sql, Protocol):
     def execute(self, sql: str, params: Any = ..., /) -> _Cur: ...
 
+    def close(self) -> None: ...
+
 
 class Record(BaseModel):
     """One record as the site's uplink sends it: the topic it came on (below the site's root) and
@@ -97,16 +100,16 @@ class CloudStore:
     looks (``outpost cloud status``): nothing is created or written."""
 
     def __init__(self, url: str, *, readonly: bool = False) -> None:
+        self.url = url
         self.url_kind: Literal["postgresql", "sqlite"]
         self._store: Store | None = None
+        self._broken = False
+        self.db: _Db
+        self.streams: ReceivedStreams[_Db]
         try:
             if url.startswith(("postgresql://", "postgres://")):
                 self.url_kind = "postgresql"
-                pg: psycopg.Connection[Any] = psycopg.connect(url, autocommit=True, connect_timeout=10)
-                self.db: _Db = pg
-                self.streams: ReceivedStreams[_Db] = ReceivedStreams(
-                    self.db, lambda _db: pg.transaction(), paramstyle="format", savepoints=False
-                )
+                self._connect()
             elif url.startswith("sqlite:///"):
                 self.url_kind = "sqlite"
                 path = Path(url.removeprefix("sqlite:///"))  # sqlite:////abs or sqlite:///relative
@@ -128,6 +131,13 @@ class CloudStore:
             raise CloudStoreError(
                 f"cannot use the database {_shown(url)}: {str(exc).strip()[:300]}"
             ) from None
+
+    def _connect(self) -> None:
+        pg: psycopg.Connection[Any] = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        self.db = pg
+        self.streams = ReceivedStreams(
+            pg, lambda _db: pg.transaction(), paramstyle="format", savepoints=False
+        )
 
     def _q(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.url_kind == "postgresql" else sql
@@ -166,7 +176,16 @@ class CloudStore:
                     (m.site, m.stream, m.behind),
                 )
 
-        done = self.streams.apply(m, one, finish=finish)
+        try:
+            if self._broken:  # PostgreSQL went away: a new connection for this message
+                with suppress(psycopg.Error):
+                    self.db.close()
+                self._connect()
+                self._broken = False
+            done = self.streams.apply(m, one, finish=finish)
+        except (psycopg.OperationalError, psycopg.InterfaceError, sqlite3.OperationalError) as exc:
+            self._broken = self.url_kind == "postgresql"
+            raise CloudStoreError(f"the database failed: {str(exc).strip()[:300]}") from None
         return done, len(rows) - inserted[0]
 
     def _insert(self, db: _Db, rows: list[tuple[Any, ...]]) -> int:
@@ -229,7 +248,7 @@ class CloudStore:
         if self._store is not None:
             self._store.close()
         else:
-            self.db.close()  # type: ignore[attr-defined]
+            self.db.close()
 
 
 def _shown(url: str) -> str:
