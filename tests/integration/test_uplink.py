@@ -352,6 +352,7 @@ def test_the_disk_budget_drops_the_oldest_bulk_never_alerts(edge: OutpostSetting
         assert metrics.wait_for(
             lambda c: any(d["counters"].get("uplink_dropped.events", 0) > 0 for d in c.json()), 30
         )
+        assert wait_until(lambda: [s for s, _ in _outbox_rows(outbox)].count("actions") == 5, 30)
         kept = _outbox_rows(outbox)
         ev = [o for s, o in kept if s == "events"]
         assert ev and ev == sorted(ev) and min(ev) > 1  # the oldest went
@@ -360,10 +361,13 @@ def test_the_disk_budget_drops_the_oldest_bulk_never_alerts(edge: OutpostSetting
         publish(
             edge, [(t.telemetry_alerts, orjson.dumps(msg(measurement="alert", note=big))) for _ in range(40)]
         )
-        assert wait_until(lambda: [s for s, _ in _outbox_rows(outbox)].count("alerts") == 40, 30)
-        rows = _outbox_rows(outbox)
-        assert {s for s, _ in rows} == {"alerts"}  # everything else gave way; no alert did
-        metrics.messages.clear()
+        # everything else gives way (the commit that brings the last alerts is followed by the drops)
+        assert wait_until(lambda: {s for s, _ in _outbox_rows(outbox)} == {"alerts"}, 30), _outbox_rows(
+            outbox
+        )
+        assert wait_until(lambda: len(_outbox_rows(outbox)) == 40, 30)  # no alert did
+        with metrics.lock:
+            metrics.messages.clear()
         assert metrics.wait_for(lambda c: any(d["state"].get("outbox_over_budget") for d in c.json()), 30)
         last = metrics.json()[-1]
         assert last["counters"].get("uplink_dropped.actions") == 5
