@@ -390,6 +390,12 @@ class StreamBatch(BaseModel):
     stream: Segment
     prev: int = Field(ge=0, description="The offset just before the first record.")
     records: list[tuple[int, dict[str, Any]]] = Field(min_length=1, max_length=10_000)
+    behind: int | None = Field(
+        None,
+        ge=0,
+        lt=2**63,
+        description="Offsets the sender held past this message when it sent it (its lag).",
+    )
 
 
 class StreamAck(BaseModel):

@@ -23,18 +23,25 @@ answers ``unknown``, upon which the sender sends that stream again from its star
 ``link_topic`` it follows the retained up (``1``) / down state there (the edge broker's bridge
 reports itself so, :meth:`outpost.topics.Topics.uplink_state`), without one the link is taken as up.
 
-Memory sync (``outpost.services.memory.sync`` and ``.replica``) is the first user; the uplink and
-the connector outbox are meant to be the next.
+A **byte gate** (:class:`ByteBucket`, optional) caps what the sender publishes in bytes a second:
+streams are offered the bucket in the order they were given (the first one's records go first),
+and nothing is sent while the bucket is in debt.
+
+The receiving side works on SQLite or on any DB-API connection whose ``execute`` returns a cursor
+(PostgreSQL with psycopg 3): it is given how to open a transaction and the driver's placeholder.
+
+Memory sync (``outpost.services.memory.sync`` and ``.replica``) is the first user; the uplink
+(``outpost.services.uplink``, with its cloud side on PostgreSQL) the second.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar, cast
 
 import orjson
 from pydantic import ValidationError
@@ -106,6 +113,26 @@ class Source(Protocol):
         ...
 
 
+class ByteBucket:
+    """A token bucket over bytes: ``rate`` a second, at most ``burst`` saved up. A send is allowed
+    while the bucket is not in debt and charged in full after (a message is never split), so the
+    rate holds on average, overshooting by at most one message and the burst over any span."""
+
+    def __init__(self, rate: float, burst: float, now: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.at = time.monotonic() if now is None else now
+
+    def ready(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        return self.tokens > 0
+
+    def spend(self, nbytes: int) -> None:
+        self.tokens -= nbytes
+
+
 @dataclass
 class Stream:
     name: str
@@ -138,11 +165,14 @@ class OffsetStreams:
         link_topic: str | None,
         afresh: bool = False,
         counter_prefix: str = "sync",
+        gate: ByteBucket | None = None,
     ) -> None:
         """``store`` holds the sender's state (apply :data:`SENDER_SCHEMA` to it). ``afresh``: the
         caller cannot vouch that the sources recorded everything since the stored epoch began (a
-        new epoch is taken then, as when there is none)."""
+        new epoch is taken then, as when there is none). ``gate`` caps the bytes published (topic
+        and payload); ``sources`` are offered it in their order (the first is the most urgent)."""
         self.rt = rt
+        self.gate = gate
         self.store = store
         self.part = part
         self.window = window
@@ -193,6 +223,8 @@ class OffsetStreams:
                 st.progress_at = now
                 self._c[f"{self._p}_resends"] += 1
             while (room := self.window - (st.sent - st.acked)) > 0:
+                if self.gate is not None and not self.gate.ready(now):
+                    return  # what is more urgent keeps its turn: nothing after it goes first
                 records = st.source.after(st.sent, min(self.batch, room))
                 if not records:
                     break
@@ -204,8 +236,15 @@ class OffsetStreams:
         first, last = records[0][0], records[-1][0]
         site = self.rt.topics.site
         msg = header(id=f"{site}-{st.name}-{first}-{last}")
-        msg.update(site=site, epoch=self.epoch, stream=st.name, prev=st.sent, records=records)
-        self.rt.publish(self._topic[st.name], orjson.dumps(msg))
+        # behind: offsets the sender holds past this message (holes included: an upper bound), so
+        # the receiver can say how far each sender lags without asking it
+        behind = max(0, st.source.last() - last)
+        msg.update(site=site, epoch=self.epoch, stream=st.name, prev=st.sent, records=records, behind=behind)
+        payload = orjson.dumps(msg)
+        topic = self._topic[st.name]
+        self.rt.publish(topic, payload)
+        if self.gate is not None:
+            self.gate.spend(len(payload) + len(topic))
         st.sent = last
         self._c[f"{self._p}_sent.{st.name}"] += len(records)
         self._c[f"{self._p}_messages"] += 1
@@ -336,36 +375,72 @@ class Applied:
     first message was): the sender must send this stream again from its start."""
 
 
-ApplyOne = Callable[[sqlite3.Connection, StreamBatch, int, dict[str, Any]], None]
+class Cursor(Protocol):
+    def fetchone(self) -> Any: ...
+
+
+class Sql(Protocol):
+    """What the receiver needs of a database connection (sqlite3's, psycopg 3's)."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Cursor: ...
+
+
+DbT = TypeVar("DbT", bound=Sql)
+
+ApplyOne = Callable[[DbT, StreamBatch, int, dict[str, Any]], None]
 """Apply one record (db, message, offset, body); ValidationError or ValueError refuses it alone."""
 
 
-class ReceivedStreams:
-    """The receiving side's protocol on its SQLite database (with :data:`RECEIVER_SCHEMA`)."""
+class ReceivedStreams(Generic[DbT]):
+    """The receiving side's protocol on its database (with :data:`RECEIVER_SCHEMA` or a table
+    ``streams`` of the same columns). ``begin`` opens one transaction (SQLite's
+    :func:`~outpost.store.transaction` by default); ``paramstyle`` is the driver's placeholder
+    (``format``: psycopg's ``%s``); ``apply_one`` and ``reset`` get the same connection, and write
+    with its own placeholder."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(
+        self,
+        db: DbT,
+        begin: Callable[[DbT], AbstractContextManager[Any]] | None = None,
+        *,
+        paramstyle: Literal["qmark", "format"] = "qmark",
+        savepoints: bool = True,
+    ) -> None:
+        """``savepoints`` False: ``apply_one`` writes nothing before it may refuse a record (it
+        checks, then writes, or collects what ``finish`` writes at once): a savepoint a record
+        costs two round trips to a database server."""
         self.db = db
+        self._begin = begin or cast(Callable[[DbT], AbstractContextManager[Any]], transaction)
+        self._fmt = paramstyle == "format"
+        self._savepoints = savepoints
+
+    def _q(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self._fmt else sql
 
     def last(self, site: str, stream: str) -> int:
         row = self.db.execute(
-            "SELECT last FROM streams WHERE site = ? AND stream = ?", (site, stream)
+            self._q("SELECT last FROM streams WHERE site = ? AND stream = ?"), (site, stream)
         ).fetchone()
         return int(row[0]) if row else 0
 
     def apply(
         self,
         m: StreamBatch,
-        apply_one: ApplyOne,
+        apply_one: ApplyOne[DbT],
         *,
-        reset: Callable[[sqlite3.Connection, StreamBatch], None] | None = None,
+        reset: Callable[[DbT, StreamBatch], None] | None = None,
+        finish: Callable[[DbT], None] | None = None,
     ) -> Applied:
         """Apply what follows the last record held, in one transaction. A record that cannot be
         applied is skipped and reported (the caller dead-letters it), so one bad record never
         blocks its stream; offsets that do not grow make the whole message invalid (ValueError,
-        nothing written). ``reset`` drops what was held of a stream whose sender took a new epoch."""
-        with transaction(self.db) as db:
+        nothing written). ``reset`` drops what was held of a stream whose sender took a new epoch;
+        ``finish`` runs in the transaction after the records (a bulk write of what they collected)."""
+        db = self.db
+        savepoints = self._savepoints
+        with self._begin(db):
             row = db.execute(
-                "SELECT last, epoch FROM streams WHERE site = ? AND stream = ?", (m.site, m.stream)
+                self._q("SELECT last, epoch FROM streams WHERE site = ? AND stream = ?"), (m.site, m.stream)
             ).fetchone()
             if row is None or row[1] != m.epoch:
                 # a sender (or a history of it: wiped, replaced, paused) new to this receiver
@@ -384,22 +459,29 @@ class ReceivedStreams:
                     out.duplicates += 1
                 elif prev == out.last:
                     try:
-                        db.execute("SAVEPOINT record")
+                        if savepoints:
+                            db.execute("SAVEPOINT record")
                         apply_one(db, m, offset, body)
-                        db.execute("RELEASE record")
+                        if savepoints:
+                            db.execute("RELEASE record")
                         out.applied += 1
                     except (ValidationError, ValueError) as exc:
-                        db.execute("ROLLBACK TO record")
-                        db.execute("RELEASE record")
+                        if savepoints:
+                            db.execute("ROLLBACK TO record")
+                            db.execute("RELEASE record")
                         out.rejected.append((offset, str(exc)[:500]))
                     out.last = offset
                 else:
                     out.gap = True
                     break
                 prev = offset
+            if finish is not None:
+                finish(db)
             db.execute(
-                "INSERT INTO streams (site, stream, last, epoch) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(site, stream) DO UPDATE SET last = excluded.last, epoch = excluded.epoch",
+                self._q(
+                    "INSERT INTO streams (site, stream, last, epoch) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(site, stream) DO UPDATE SET last = excluded.last, epoch = excluded.epoch"
+                ),
                 (m.site, m.stream, out.last, m.epoch),
             )
         return out

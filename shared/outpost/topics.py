@@ -352,6 +352,17 @@ class Topics:
             raise self._not_ours("an action results", topic)
         return _level(topic[len(self._actions) : -len("/results")], "connector", topic)
 
+    # --- telemetry's own output, for the uplink ---------------------------------------------------
+    @property
+    def telemetry_alerts(self) -> str:
+        """The alerts of each closed rollup window (the telemetry service), one message each."""
+        return f"{self.root}/telemetry/alerts"
+
+    @property
+    def telemetry_rollups(self) -> str:
+        """The points of each closed rollup window (the telemetry service), one message a window."""
+        return f"{self.root}/telemetry/rollups"
+
     # --- every service ---------------------------------------------------------------------------
 
     def metrics(self, service: str) -> str:

@@ -40,7 +40,7 @@ def test_demo_runs_reports_and_stops_everything() -> None:
     assert summary["validated"] == summary["sent"]
     assert summary["rejected"] == sim["bad_total"] > 0
     assert summary["duplicates_dropped_by_consumer"] == 0
-    everyone = ("ingest", "inference", "memory", "agents", "connectors", "telemetry")
+    everyone = ("ingest", "inference", "memory", "agents", "connectors", "telemetry", "uplink")
     assert summary["restarts"] == dict.fromkeys(everyone, 0)
     # scores flow, each with its model and version, from both shipped models
     assert summary["scores"] > 0

@@ -31,7 +31,7 @@ from outpost.services.memory.replica import CloudReplica, ReplicaStore
 from outpost.services.memory.replica import run as run_replica
 from outpost.services.memory.service import run as run_memory
 from outpost.services.registry import OutpostSettings
-from outpost.settings import MqttSettings, UplinkSettings
+from outpost.settings import MqttSettings
 from tests.conftest import OUTPOST, Collector, ServiceThread, make_event, outpost, wait_status
 
 pytestmark = pytest.mark.integration
@@ -47,7 +47,7 @@ def cloud(tmp_path: Path) -> Iterator[Mosquitto]:
 @pytest.fixture
 def edge_settings(tmp_path: Path, site: str, cloud: Mosquitto) -> Iterator[OutpostSettings]:
     s = OutpostSettings(site=site, data_dir=tmp_path / "edge-data")
-    s.uplink = UplinkSettings(cloud=cloud.address)
+    s.uplink.cloud = cloud.address
     edge = Mosquitto(tmp_path / "edge-broker", extra_conf=uplink_bridge(s.topics, s.uplink)).start()
     s.mqtt.port = edge.port
     s.telemetry.metrics_interval_s = 0.5

@@ -27,7 +27,7 @@ from tests.conftest import OUTPOST, Collector, ServiceThread, make_reading, outp
 
 pytestmark = pytest.mark.integration
 
-SERVICES = {"ingest", "inference", "memory", "agents", "connectors", "telemetry"}
+SERVICES = {"ingest", "inference", "memory", "agents", "connectors", "telemetry", "uplink"}
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -53,7 +53,7 @@ def test_a_killed_service_is_restarted_counted_and_everything_stops(tmp_path: Pa
             )
         )
         rows = {r["service"]: r for r in stack.supervisor.status()}
-        assert set(rows) == {"ingest", "inference", "memory", "agents", "connectors", "telemetry"}
+        assert set(rows) == {"ingest", "inference", "memory", "agents", "connectors", "telemetry", "uplink"}
         row = rows["ingest"]
         assert row["state"] == "running" and row["restarts"] == 1 and row["last_exit"] == -signal.SIGKILL
         assert rows["inference"]["restarts"] == rows["memory"]["restarts"] == 0  # the others run on

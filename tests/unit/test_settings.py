@@ -279,11 +279,11 @@ def test_the_registry_composes_the_settings_and_the_services_to_run() -> None:
     """One row per service: its section is a field of OutpostSettings and its module is what
     ``outpost up`` supervises, in the table's order; the core alone knows no service."""
     names = [s.name for s in REGISTRY]
-    assert names == ["ingest", "inference", "memory", "agents", "connectors", "telemetry"]
+    assert names == ["ingest", "inference", "memory", "agents", "connectors", "telemetry", "uplink"]
     for row in REGISTRY:
         assert OutpostSettings.model_fields[row.name].annotation is row.settings
         core_field = CoreSettings.model_fields.get(row.name)
-        if core_field is not None:  # telemetry: the core's section widened by the service's own
+        if core_field is not None:  # telemetry, uplink: the core's section widened by the service's own
             assert row.settings is not None and isinstance(core_field.annotation, type)
             assert issubclass(row.settings, core_field.annotation)
     assert {s.name: s.module for s in REGISTRY} == OutpostSettings.SERVICES

@@ -15,7 +15,7 @@ import pytest
 from outpost.contracts import StreamAck
 from outpost.service import ServiceRuntime
 from outpost.store import Store
-from outpost.streams import SENDER_SCHEMA, OffsetStreams, Records
+from outpost.streams import SENDER_SCHEMA, ByteBucket, OffsetStreams, Records
 from outpost.topics import Topics
 
 
@@ -157,3 +157,28 @@ def test_the_epoch_survives_a_restart_unless_afresh(tmp_path: Path) -> None:
     fresh, _ = make(tmp_path, src, afresh=True)
     assert fresh.epoch != epoch and fresh.streams["ltm"].acked == 0 and src.snapshots == 1
     fresh.store.close()
+
+
+def test_the_byte_gate_lets_the_first_stream_go_first(tmp_path: Path) -> None:
+    """With a gate, the most urgent stream (the first given) takes what the bucket holds, and no
+    later stream is sent ahead of it; the bucket's debt holds everything until it refills."""
+    rt = FakeRuntime()
+    gate = ByteBucket(1000, 1, now=0.0)
+    s = OffsetStreams(
+        cast(ServiceRuntime, rt),
+        Store(tmp_path / "sync.db", SENDER_SCHEMA),
+        {"alerts": ListSource(5), "events": ListSource(100)},
+        part="memory",
+        window=100,
+        batch=10,
+        resend_s=10.0,
+        link_topic=None,
+        gate=gate,
+    )
+    gate.at = time.monotonic()  # the pump's clock
+    s.pump()
+    assert [m["stream"] for m in rt.sent] == ["alerts"]  # one message, then the bucket is in debt
+    assert gate.tokens < 0
+    gate.burst = gate.tokens = 1e9  # refilled
+    s.pump()
+    assert [m["stream"] for m in rt.sent][1:] == ["events"] * 10

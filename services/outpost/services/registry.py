@@ -37,6 +37,7 @@ from outpost.services.inference.settings import InferenceSettings
 from outpost.services.ingest.settings import IngestSettings
 from outpost.services.memory.settings import MemorySettings
 from outpost.services.telemetry.settings import TelemetryServiceSettings
+from outpost.services.uplink.settings import UplinkServiceSettings
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ REGISTRY: tuple[Service, ...] = (
     Service("agents", AgentSettings, "outpost.services.agent"),
     Service("connectors", ConnectorsSettings, "outpost.services.connectors"),
     Service("telemetry", TelemetryServiceSettings, "outpost.services.telemetry"),
+    Service("uplink", UplinkServiceSettings, "outpost.services.uplink"),
 )
 """Every service ``outpost up`` runs, in the order it starts them."""
 
@@ -73,6 +75,9 @@ class OutpostSettings(core.CoreSettings):
     telemetry: TelemetryServiceSettings = Field(default_factory=TelemetryServiceSettings)
     """The core's ``telemetry`` section (``metrics_interval_s``) widened by the telemetry service's own
     settings: the same key in the site file."""
+    uplink: UplinkServiceSettings = Field(default_factory=UplinkServiceSettings)
+    """The core's ``uplink`` section (the cloud broker, for the bridge) widened by the uplink
+    service's own settings: the same key in the site file."""
 
 
 def check_registry(table: tuple[Service, ...], composed: type[core.CoreSettings]) -> None:

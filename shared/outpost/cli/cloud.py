@@ -7,9 +7,19 @@ to run it for many sites.
 
 from __future__ import annotations
 
-import typer
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
-from outpost.cli.site import group_options
+import typer
+from rich.table import Table
+
+from outpost.cli.output import print_json, stdout_console
+from outpost.cli.site import find_site, group_options
+from outpost.errors import ConfigError
+
+if TYPE_CHECKING:
+    from outpost.service import Runnable
 
 cloud_app = typer.Typer(
     help="The cloud side of a fleet: receive every site's uplink, show where each stands, configure the "
@@ -19,6 +29,121 @@ cloud_app = typer.Typer(
 cloud_app.callback()(group_options)
 
 # --- the uplink's receiving end (run, status) -----------------------------------------------------
+DbOpt = Annotated[
+    str,
+    typer.Option(
+        "--db", help="Where the records go: postgresql://USER@HOST:PORT/DB (many sites) or sqlite:///PATH."
+    ),
+]
+CloudBrokerOpt = Annotated[
+    str | None, typer.Option("--broker", help="HOST:PORT of the cloud broker (default: mqtt.host/port).")
+]
+ReplicaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--replica",
+        help="Also run memory sync's replica in this process, its replica.db in this folder "
+        "(`outpost memory replica`); for status: list its offsets too.",
+        show_default=False,
+    ),
+]
+
+
+class _Together:
+    """Several receivers in one process, started and stopped together."""
+
+    def __init__(self, parts: list[Runnable]) -> None:
+        self.parts = parts
+
+    def start(self) -> None:
+        for p in self.parts:
+            p.start()
+
+    def stop(self) -> None:
+        for p in reversed(self.parts):
+            p.stop()
+
+
+@cloud_app.command("run")
+def run(db: DbOpt, broker: CloudBrokerOpt = None, replica: ReplicaOpt = None) -> None:
+    """Receive every site's uplink until Ctrl-C or SIGTERM: store each record once (PostgreSQL or
+    SQLite) and acknowledge to the site only what is committed."""
+    from outpost.service import install_stop_signals, run_until
+    from outpost.services.uplink.cloud import CloudUplink
+    from outpost.services.uplink.store import CloudStore
+
+    settings = find_site(None, None, broker).settings
+    store = CloudStore(db)
+    up = CloudUplink(settings, store)
+    parts: list[Runnable] = [up]
+    if replica is not None:
+        from outpost.services.memory.replica import CloudReplica
+
+        parts.append(CloudReplica(settings.model_copy(update={"data_dir": replica})))
+    stop = threading.Event()
+    install_stop_signals(stop)
+    mqtt = settings.mqtt
+    stdout_console().print(
+        f"cloud side on {mqtt.host}:{mqtt.port}, records in {store.url_kind}"
+        + (f", memory replica in {replica}" if replica is not None else "")
+    )
+    run_until(_Together(parts), stop)
+    c = up.metrics.counters
+    applied = sum(n for k, n in c.items() if k.startswith("applied."))
+    stdout_console().print(
+        f"stopped: {c['messages']:,} messages, {applied:,} records stored, "
+        f"{c['duplicates'] + c['duplicate_ids']:,} duplicates, {c['rejected']:,} refused"
+    )
+
+
+@cloud_app.command("status")
+def status(
+    db: DbOpt,
+    replica: ReplicaOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object on the last line.")] = False,
+) -> None:
+    """Per site and stream: the acknowledged offset, records held, the lag (records the site held past
+    its last message, as it said), when the last arrived."""
+    from outpost.services.uplink.store import CloudStore
+
+    store = CloudStore(db, readonly=True)
+    try:
+        sites: dict[str, Any] = store.overview()
+    finally:
+        store.close()
+    if replica is not None:
+        from outpost.services.memory.replica import ReplicaStore
+
+        path = replica / "replica.db"
+        if not path.is_file():
+            raise ConfigError(f"no memory replica at {path}")
+        rs = ReplicaStore(path, readonly=True)
+        try:
+            for site, d in rs.overview().items():
+                streams = sites.setdefault(site, {"streams": {}})["streams"]
+                streams["memory/ltm"] = {"acked": d["ltm_offset"], "records": d["items"]}
+                streams["memory/log"] = {"acked": d["log_offset"], "records": d["summaries"]}
+        finally:
+            rs.close()
+    if json_out:
+        print_json({"sites": sites})
+        return
+    t = Table(title="the cloud side")
+    for col in ("site", "stream", "acked", "records", "behind", "last (s ago)"):
+        t.add_column(col, justify="left" if col in ("site", "stream") else "right")
+    for site, d in sorted(sites.items()):
+        for stream, s in sorted(d["streams"].items()):
+            since, behind = s.get("since_s"), s.get("behind")
+            t.add_row(
+                site,
+                stream,
+                str(s["acked"]),
+                f"{s['records']:,}",
+                "-" if behind is None else f"{behind:,}",
+                "-" if since is None else f"{since:,.1f}",
+            )
+    stdout_console().print(t)
+
 
 # --- the cloud broker's configuration (broker-config) ---------------------------------------------
 

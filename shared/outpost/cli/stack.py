@@ -540,15 +540,22 @@ def status_report(mon: SiteMonitor, where: Where) -> dict[str, Any]:
             up_s = (metrics["ts"] - started) / 1e9
             avg = counters.get("messages", 0) / up_s if up_s > 0 else None
         state = (metrics or {}).get("state", {})
-        if name == "memory" and isinstance(state, dict):
+        if name in ("memory", "uplink") and isinstance(state, dict):
             streams = state.get("uplink")
-            if isinstance(streams, dict):  # outpost.streams: {stream: {backlog, age_s}}
+            if isinstance(streams, dict):  # outpost.streams: {stream: {backlog, age_s}}, both merged
+                had = uplink if uplink is not None and "sync" not in uplink else {"backlog": {}, "age_s": {}}
                 uplink = {
-                    "up": bool(state.get("uplink_up")),
-                    "backlog": {k: v.get("backlog") for k, v in streams.items() if isinstance(v, dict)},
-                    "age_s": {k: v.get("age_s") for k, v in streams.items() if isinstance(v, dict)},
+                    "up": bool(state.get("uplink_up")) or bool(had.get("up")),
+                    "backlog": {
+                        **had["backlog"],
+                        **{k: v.get("backlog") for k, v in streams.items() if isinstance(v, dict)},
+                    },
+                    "age_s": {
+                        **had["age_s"],
+                        **{k: v.get("age_s") for k, v in streams.items() if isinstance(v, dict)},
+                    },
                 }
-            elif state.get("sync") == "off":
+            elif state.get("sync") == "off" and uplink is None:
                 uplink = {"up": None, "sync": "off", "backlog": {}}
         services[name] = {
             "state": st.get("state"),

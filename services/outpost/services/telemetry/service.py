@@ -22,8 +22,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import orjson
+
 from outpost.backoff import backoff_delay
-from outpost.contracts import EVENT, METRICS, STATUS, EventDict, MetricsBatch, Status
+from outpost.contracts import EVENT, METRICS, STATUS, EventDict, MetricsBatch, Status, encode, header
 from outpost.errors import ConfigError
 from outpost.log import get_logger
 from outpost.service import SKIP, Ack, Inbound, Peek, ServiceRuntime, run_until, service_main
@@ -143,12 +145,30 @@ class Telemetry:
             self.metrics.counters["points"] += len(points)
             if self.page is not None:
                 self.page.on_rollup(points)
+            self._publish(points)
         if self.writer is None:
             return
         if points:
             self._submit(lambda: self._store(points, now))
         elif not self._in_flight and self._spooled[0] and time.monotonic() >= self._retry_at:
             self._submit(lambda: self._flush(time.time_ns(), Outcome()))
+
+    def _publish(self, points: list[Point]) -> None:
+        """A closed window on the bus, for the uplink (docs/uplink.md): each alert on its own
+        (``telemetry/alerts``, the uplink's most urgent stream), the other points in one message
+        (``telemetry/rollups``). QoS 1: the uplink acknowledges only what its outbox holds."""
+        rest: list[dict[str, object]] = []
+        for p in points:
+            doc = {"measurement": p.measurement, "tags": dict(p.tags), "fields": p.fields, "ts_ns": p.ts_ns}
+            if p.priority is Priority.ALERT:
+                self.rt.publish(self.topics.telemetry_alerts, encode("", **doc))
+                self.metrics.counters["alerts_published"] += 1
+            else:
+                rest.append(doc)
+        if rest:
+            msg = header()
+            msg.update(window_ns=points[0].ts_ns, points=rest)
+            self.rt.publish(self.topics.telemetry_rollups, orjson.dumps(msg))
 
     def _submit(self, job: Callable[[], Outcome]) -> None:
         self._in_flight += 1
@@ -249,6 +269,7 @@ class Telemetry:
             self.metrics.counters["points"] += len(points)
             if self.page is not None:
                 self.page.on_rollup(points)
+            self._publish(points)
             if self.writer is not None:
                 self._submit(lambda: self._store(points, now))
 

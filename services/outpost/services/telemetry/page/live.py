@@ -176,15 +176,20 @@ class LiveView(SiteMonitor):
     # --- what the page and /metrics read ----------------------------------------------------------
     def _uplink_streams(self) -> dict[str, dict[str, float | None]] | None:
         """Per stream, its backlog (records) and age (s, None when not said): a service's
-        ``state.uplink`` where one reports it, else memory sync's streams; None when nothing says."""
+        ``state.uplink`` of every service that reports one (memory sync's streams and the uplink
+        service's), else memory sync's older state; None when nothing says."""
+        merged: dict[str, dict[str, float | None]] | None = None
         for doc in self.metrics.values():
             up = _state(doc).get("uplink")
             if isinstance(up, dict):
-                return {
-                    str(s): {"backlog": _num(v.get("backlog")), "age_s": _num(v.get("age_s"))}
+                merged = merged or {}
+                merged.update(
+                    (str(s), {"backlog": _num(v.get("backlog")), "age_s": _num(v.get("age_s"))})
                     for s, v in up.items()
                     if isinstance(v, dict)
-                }
+                )
+        if merged is not None:
+            return merged
         state = _state(self.metrics.get("memory", {}))
         if "uplink" not in state:
             return None
@@ -200,7 +205,14 @@ class LiveView(SiteMonitor):
         with self.lock:
             streams = self._uplink_streams()
             memory_state = _state(self.metrics.get("memory", {}))
-            link = memory_state.get("uplink")
+            link = next(
+                (
+                    st["uplink_up"]
+                    for st in map(_state, self.metrics.values())
+                    if isinstance(st.get("uplink_up"), bool)
+                ),
+                memory_state.get("uplink"),
+            )
             rates = self._current_rates(now)
             return {
                 "site": self.topics.site,

@@ -1,0 +1,123 @@
+"""The uplink's cloud side: every site's uplink streams received, stored and acknowledged
+(``outpost cloud run``; docs/uplink.md).
+
+It subscribes to ``up/uplink/+`` of every site of the installation on the cloud broker (QoS 1,
+a durable session) and applies each message with the receiver protocol of :mod:`outpost.streams`
+(``prev`` must match what it holds; a record already held is skipped; a gap waits for the site's
+resend; a history it does not hold is answered ``unknown`` and the site sends the stream again),
+in one transaction of its :class:`~.store.CloudStore` (PostgreSQL or SQLite), and only then
+answers on that site's ``down/uplink/ack`` with the last offset it has committed. A record the
+site took twice (its producer's message redelivered after a kill) is recognised by its id and
+stored once.
+
+While the database fails, messages are left unanswered (counted ``db_errors``, the status says
+``degraded`` with the error): the sites send them again, and a new connection is made for the next.
+
+A message that is not a valid uplink message of the site its topic names is dead-lettered on the
+cloud side's own ``dlq/cloud`` (``bad_batch``); a record that cannot be stored alone, as
+``bad_record``, and its stream goes on.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from outpost.contracts import StreamBatch, model_contract
+from outpost.errors import TopicError
+from outpost.log import get_logger
+from outpost.service import Ack, Inbound, Rejected, ServiceRuntime
+from outpost.services.registry import OutpostSettings
+from outpost.services.uplink.service import PART
+from outpost.services.uplink.store import CloudStore, CloudStoreError
+from outpost.streams import answer
+from outpost.topics import Topics
+
+NAME = "cloud"
+log = get_logger("outpost.services.uplink.cloud")
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class UplinkBatch(StreamBatch):
+    """A :class:`~outpost.contracts.StreamBatch` of one of the uplink's streams."""
+
+    stream: Literal["alerts", "decisions", "actions", "metrics", "events"]
+
+
+UPLINK_BATCH = model_contract(UplinkBatch)
+
+
+class CloudUplink:
+    """Runs on its kit's network thread; the database calls block it (one transaction a message)."""
+
+    def __init__(self, settings: OutpostSettings, store: CloudStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.rt = ServiceRuntime(
+            NAME, settings, reasons=("bad_batch", "bad_record"), durable=True, mqtt5=False
+        )
+        self.metrics = self.rt.metrics
+        # committed before the handler returns; the answer is an output it waits for: a crash between
+        # the two has the broker redeliver the message, which is then a duplicate answered at once
+        self.rt.subscribe(
+            settings.topics.every_site_up(PART),
+            self._on_message,
+            contract=UPLINK_BATCH,
+            ack=Ack.AFTER_OUTPUTS,
+            invalid_reason="bad_batch",
+            max_bytes=MAX_MESSAGE_BYTES,
+        )
+
+    def _on_message(self, inbound: Inbound[UplinkBatch]) -> None:
+        m = inbound.items[0][1]
+        try:
+            site, _part, stream = self.settings.topics.site_up_of(inbound.topic)
+        except TopicError as exc:
+            raise Rejected("bad_batch", str(exc)) from None
+        if (m.site, m.stream) != (site, stream):
+            raise Rejected("bad_batch", f"the message says {m.site}/{m.stream}, its topic {site}/{stream}")
+        c = self.metrics.counters
+        try:
+            done, seen = self.store.apply(m)
+        except ValueError as exc:
+            raise Rejected("bad_batch", str(exc)[:1000]) from None
+        except CloudStoreError as exc:
+            # nothing was committed, so nothing is answered: the site sends it again after
+            # uplink.resend_s (its records stay on its disk until the cloud has them), by which time
+            # a new connection may be up; no dead letter, the message is not at fault
+            c["db_errors"] += 1
+            self.rt.set_problems([str(exc)])
+            return
+        self.rt.set_problems([])
+        c[f"applied.{stream}"] += done.applied - seen
+        c["duplicates"] += done.duplicates
+        c["duplicate_ids"] += seen
+        c["gaps"] += done.gap
+        c["resets"] += done.reset
+        c["unknown"] += done.unknown
+        for offset, why in done.rejected:
+            self.rt.dead_letter(
+                "bad_record",
+                f"{site}/{stream} record {offset}: {why}",
+                inbound.topic,
+                inbound.raw,
+                for_=inbound.turn,
+            )
+        to = Topics(site=site, prefix=self.settings.prefix).down(PART, "ack")
+        self.rt.publish(to, answer(m, done), for_=inbound.turn)
+
+    def start(self) -> None:
+        """Returns at once and keeps trying the cloud broker (it may come up later)."""
+        self.rt.start(wait_s=None)
+        mqtt = self.settings.mqtt
+        log.info(
+            "cloud side started", extra={"db": self.store.url_kind, "broker": f"{mqtt.host}:{mqtt.port}"}
+        )
+        if not self.rt.bus.wait_connected(5.0):
+            log.warning("no cloud broker answers yet; retrying", extra={"broker": f"{mqtt.host}:{mqtt.port}"})
+
+    def stop(self) -> None:
+        try:
+            self.rt.stop()
+        finally:
+            self.store.close()

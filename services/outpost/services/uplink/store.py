@@ -1,0 +1,261 @@
+"""The cloud side's storage: every site's uplink records, in PostgreSQL (many sites) or SQLite (one
+site, a test bench), with the receiver's ledger of :mod:`outpost.streams` beside them.
+
+``records`` holds each record once per (site, stream, id): a record sent again (a site that took
+it twice after a kill, a replay) is recognised by its id and dropped. Device and seq are kept
+where the record has them (events), so per-device order can be checked in SQL; ``offset`` is the
+site's offset of the record in its stream (its order of arrival at the site).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, Literal, Protocol, cast
+
+import orjson
+import psycopg
+from pydantic import BaseModel, ConfigDict, Field
+
+from outpost.contracts import StreamBatch
+from outpost.errors import OutpostError
+from outpost.store import Store
+from outpost.streams import Applied, ReceivedStreams, Sql
+from outpost.topics import SEGMENT_RE
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS streams (
+    site TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    last BIGINT NOT NULL,
+    epoch TEXT NOT NULL,
+    PRIMARY KEY (site, stream)
+)""",
+    """CREATE TABLE IF NOT EXISTS records (
+    site TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    id TEXT NOT NULL,
+    epoch TEXT NOT NULL,
+    "offset" BIGINT NOT NULL,
+    topic TEXT NOT NULL,
+    device TEXT,
+    seq BIGINT,
+    body TEXT NOT NULL,
+    received_ns BIGINT NOT NULL,
+    UNIQUE (site, stream, id)
+)""",
+    'CREATE INDEX IF NOT EXISTS records_order ON records (site, stream, "offset")',
+    """CREATE TABLE IF NOT EXISTS lag (
+    site TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    behind BIGINT NOT NULL,
+    PRIMARY KEY (site, stream)
+)""",
+)
+
+
+class CloudStoreError(OutpostError):
+    """The cloud side's database cannot be used (a bad URL, a server that does not answer)."""
+
+
+class _Cur(Protocol):
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    @property
+    def rowcount(self) -> int: ...
+
+
+class _Db(Sql, Protocol):
+    def execute(self, sql: str, params: Any = ..., /) -> _Cur: ...
+
+    def close(self) -> None: ...
+
+
+class Record(BaseModel):
+    """One record as the site's uplink sends it: the topic it came on (below the site's root) and
+    the producer's message."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    topic: str = Field(min_length=1, max_length=300)
+    body: dict[str, Any]
+
+
+def _device(body: dict[str, Any]) -> str | None:
+    d = body.get("device")
+    return d if isinstance(d, str) and SEGMENT_RE.fullmatch(d) else None
+
+
+def _seq(body: dict[str, Any]) -> int | None:
+    s = body.get("seq")
+    return s if isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 else None
+
+
+class CloudStore:
+    """``postgresql://...`` (``postgres://``) or ``sqlite:///PATH`` (``sqlite:////abs/path``, as
+    SQLAlchemy writes it, for an absolute one). ``readonly``: for what only
+    looks (``outpost cloud status``): nothing is created or written."""
+
+    def __init__(self, url: str, *, readonly: bool = False) -> None:
+        self.url = url
+        self.url_kind: Literal["postgresql", "sqlite"]
+        self._store: Store | None = None
+        self._broken = False
+        self.db: _Db
+        self.streams: ReceivedStreams[_Db]
+        try:
+            if url.startswith(("postgresql://", "postgres://")):
+                self.url_kind = "postgresql"
+                self._connect()
+            elif url.startswith("sqlite:///"):
+                self.url_kind = "sqlite"
+                path = Path(url.removeprefix("sqlite:///"))  # sqlite:////abs or sqlite:///relative
+                if readonly:
+                    self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+                else:
+                    self._store = Store(path, ";\n".join(SCHEMA) + ";", synchronous="FULL")
+                    self.db = self._store.db
+                self.streams = ReceivedStreams(self.db, savepoints=False)
+            else:
+                raise CloudStoreError(
+                    f"the database must be postgresql://... or sqlite:///PATH, got {_shown(url)}"
+                )
+            if self.url_kind == "postgresql" and not readonly:
+                for statement in SCHEMA:
+                    self.db.execute(statement)
+            self.db.execute("SELECT count(*) FROM streams").fetchone()
+        except (psycopg.Error, sqlite3.Error, OSError) as exc:
+            raise CloudStoreError(
+                f"cannot use the database {_shown(url)}: {str(exc).strip()[:300]}"
+            ) from None
+
+    def _connect(self) -> None:
+        pg: psycopg.Connection[Any] = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        self.db = pg
+        self.streams = ReceivedStreams(
+            pg, lambda _db: pg.transaction(), paramstyle="format", savepoints=False
+        )
+
+    def _q(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.url_kind == "postgresql" else sql
+
+    # --- the receiver (the cloud side's network thread) ---------------------------------------------
+    def apply(self, m: StreamBatch) -> tuple[Applied, int]:
+        """Apply a message's records that follow the last one held, in one transaction; also how
+        many were already held by id (sent twice by the site). Each record is checked, then all
+        are written in one bulk insert (psycopg pipelines it: one round trip, not three a record)."""
+        rows: list[tuple[Any, ...]] = []
+        now = time.time_ns()
+
+        def one(_db: _Db, m: StreamBatch, offset: int, body: dict[str, Any]) -> None:
+            r = Record.model_validate(body)
+            rid = r.body.get("id")
+            if not isinstance(rid, str) or not 0 < len(rid) <= 128:
+                raise ValueError(f"record {offset} has no string id of 1-128 characters")
+            doc = orjson.dumps(r.body).decode()
+            rows.append(
+                (m.site, m.stream, rid, m.epoch, offset, r.topic, _device(r.body), _seq(r.body), doc, now)
+            )
+
+        inserted = [0]
+
+        def finish(db: _Db) -> None:
+            if rows:
+                inserted[0] = self._insert(db, rows)
+            # only a message that brought something new says where the site stands (a replay of old
+            # records would say it was further behind than it is)
+            if rows and m.behind is not None:
+                db.execute(
+                    self._q(
+                        "INSERT INTO lag (site, stream, behind) VALUES (?, ?, ?) "
+                        "ON CONFLICT (site, stream) DO UPDATE SET behind = excluded.behind"
+                    ),
+                    (m.site, m.stream, m.behind),
+                )
+
+        try:
+            if self._broken:  # PostgreSQL went away: a new connection for this message
+                with suppress(psycopg.Error):
+                    self.db.close()
+                self._connect()
+                self._broken = False
+            done = self.streams.apply(m, one, finish=finish)
+        except (psycopg.OperationalError, psycopg.InterfaceError, sqlite3.OperationalError) as exc:
+            self._broken = self.url_kind == "postgresql"
+            raise CloudStoreError(f"the database failed: {str(exc).strip()[:300]}") from None
+        return done, len(rows) - inserted[0]
+
+    def _insert(self, db: _Db, rows: list[tuple[Any, ...]]) -> int:
+        """Insert, skipping ids held already; how many were new."""
+        sql = self._q(
+            'INSERT INTO records (site, stream, id, epoch, "offset", topic, device, seq, body, received_ns) '
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, stream, id) DO NOTHING"
+        )
+        if isinstance(db, sqlite3.Connection):
+            return db.executemany(sql, rows).rowcount
+        with cast("psycopg.Connection[Any]", db).cursor() as cur:
+            cur.executemany(sql, rows)
+            return cur.rowcount
+
+    # --- what the cloud reads -----------------------------------------------------------------------
+    def records(self, site: str, stream: str) -> list[dict[str, Any]]:
+        """A site's records of a stream, in the site's order: offset, id, topic, device, seq, body."""
+        rows = self.db.execute(
+            self._q(
+                'SELECT "offset", id, topic, device, seq, body FROM records WHERE site = ? AND stream = ? '
+                'ORDER BY "offset"'
+            ),
+            (site, stream),
+        ).fetchall()
+        return [
+            {"offset": int(o), "id": i, "topic": t, "device": d, "seq": s, "body": orjson.loads(b)}
+            for o, i, t, d, s, b in rows
+        ]
+
+    def overview(self) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+        """Per site, per stream: the acknowledged offset (``acked``), the records held, when the
+        last arrived (``last_ns``, wall ns) and the time since (``since_s``), and the lag the site
+        reported with its last message (``behind``: records it held past it; None if never said)."""
+        now = time.time_ns()
+        sites: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+        for site, stream, last in self.db.execute(
+            "SELECT site, stream, last FROM streams ORDER BY site, stream"
+        ).fetchall():
+            sites.setdefault(site, {"streams": {}})["streams"][stream] = {
+                "acked": int(last),
+                "records": 0,
+                "last_ns": None,
+                "since_s": None,
+                "behind": None,
+            }
+        for site, stream, n, last_ns in self.db.execute(
+            "SELECT site, stream, count(*), max(received_ns) FROM records GROUP BY site, stream"
+        ).fetchall():
+            d = sites.setdefault(site, {"streams": {}})["streams"].setdefault(
+                stream, {"acked": 0, "records": 0, "last_ns": None, "since_s": None, "behind": None}
+            )
+            d.update(records=int(n), last_ns=int(last_ns), since_s=round((now - int(last_ns)) / 1e9, 3))
+        for site, stream, behind in self.db.execute("SELECT site, stream, behind FROM lag").fetchall():
+            held = sites.get(site, {}).get("streams", {}).get(stream)
+            if held is not None:
+                held["behind"] = int(behind)
+        return sites
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+        else:
+            self.db.close()
+
+
+def _shown(url: str) -> str:
+    """A database URL for a message: its password never shown."""
+    head, at, tail = url.rpartition("@")
+    if at and "://" in head:
+        scheme, _, userinfo = head.partition("://")
+        user = userinfo.split(":", 1)[0]
+        return repr(f"{scheme}://{user}:***@{tail}"[:200] if ":" in userinfo else url[:200])
+    return repr(url[:200])
