@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typer
 
+from outpost.cli import cloud_broker
 from outpost.cli.site import group_options
 
 cloud_app = typer.Typer(
@@ -21,6 +22,7 @@ cloud_app.callback()(group_options)
 # --- the uplink's receiving end (run, status) -----------------------------------------------------
 
 # --- the cloud broker's configuration (broker-config) ---------------------------------------------
+cloud_app.command("broker-config")(cloud_broker.broker_config)
 
 
 def register(app: typer.Typer) -> None:
