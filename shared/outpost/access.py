@@ -156,6 +156,9 @@ OPERATOR_TOPICS: tuple[tuple[Access, str], ...] = (
     # outpost escalations reply, outpost agents pause/resume
     ("write", "escalations/+/+/reply"),
     ("write", "control/+/desired"),
+    # an operator's own tools asking the memory service (MemoryClient)
+    ("write", "memory/req/+"),
+    ("read", "memory/resp/+"),
 )
 
 
