@@ -217,6 +217,23 @@ def cloud_principals(prefix: str, sites: Iterable[str]) -> list[Principal]:
     return out
 
 
+def rules_markdown() -> str:
+    """The table of docs/security.md: every principal's reads and writes under ``{root}/``, for
+    the registry's services as the caller names them and an example device."""
+    t = Topics(site="SITE")
+    root = t.root + "/"
+
+    def short(topic: str) -> str:
+        return "`" + topic.removeprefix(root).replace(t.uplink_state(), "$SYS/.../uplink/state") + "`"
+
+    rows = ["| user | kind | reads | writes |", "| --- | --- | --- | --- |"]
+    for p in site_principals(t, SERVICE_TOPICS, ["DEVICE"]):
+        reads = ", ".join(short(r.topic) for r in p.rules if r.access != "write")
+        writes = ", ".join(short(r.topic) for r in p.rules if r.access != "read")
+        rows.append(f"| `{p.user}` | {p.kind} | {reads} | {writes} |")
+    return "\n".join(rows) + "\n"
+
+
 # --- the files --------------------------------------------------------------------------------------
 
 
