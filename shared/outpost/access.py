@@ -153,9 +153,9 @@ OPERATOR_TOPICS: tuple[tuple[Access, str], ...] = (
     ("read", "control/+/reported"),
     ("read", "escalations/+"),
     ("read", "$uplink"),
-    # outpost escalations reply, outpost agents pause/resume
+    # outpost escalations reply; outpost agents stop/resume (reads the retained desired state first)
     ("write", "escalations/+/+/reply"),
-    ("write", "control/+/desired"),
+    ("readwrite", "control/+/desired"),
     # an operator's own tools asking the memory service (MemoryClient)
     ("write", "memory/req/+"),
     ("read", "memory/resp/+"),

@@ -35,8 +35,10 @@ from outpost.access import (
 from outpost.broker import Mosquitto, free_port, port_open, uplink_bridge
 from outpost.services.registry import OutpostSettings
 from outpost.settings import BrokerSettings, UplinkSettings
+from outpost.stack import Stack
 from outpost.supervisor import end_process
 from outpost.topics import Topics
+from tests.conftest import outpost, wait_status
 from tests.tls import CA
 
 pytestmark = pytest.mark.integration
@@ -380,3 +382,21 @@ def test_site_bridge_confined_on_the_cloud_broker(tmp_path: Path) -> None:
             c.close()
         edge.stop()
         end_process(proc)
+
+
+def test_the_operator_commands_work_on_the_site_broker(tmp_path: Path) -> None:
+    """``outpost up``'s broker with auth on (the default): the commands find the operator's
+    credentials in the site's folder and may do what they publish and read (agents' desired state,
+    retained, and what the service reports) and read the site's status."""
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
+    settings = OutpostSettings(site="ops", data_dir=data)
+    with Stack(settings, services={"agents": OutpostSettings.SERVICES["agents"]}):
+        assert settings.mqtt.username == OPERATOR
+        wait_status(settings, "agents")
+        for verb, state in (("stop", "stopped"), ("resume", "running")):
+            r = outpost("--data-dir", str(data), "agents", verb, "--all", env=env)
+            assert r.returncode == 0 and f"restock: {state}" in r.stdout, r.stdout + r.stderr  # confirmed
+        r = outpost("--data-dir", str(data), "status", "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        assert '"agents":{"state":"online"' in r.stdout

@@ -168,7 +168,8 @@ def find_site(data_dir: Path | None = None, site: str | None = None, broker: str
     if broker:
         s.mqtt.host, s.mqtt.port = parse_broker(broker)
         broker_from = "--broker"
-    elif "mqtt" in configured:
+    elif "mqtt" in configured and {"host", "port"} & s.mqtt.model_fields_set:
+        # (a user name alone, OUTPOST_MQTT__USERNAME, still aims at the running site's broker)
         broker_from = "OUTPOST_MQTT__HOST/PORT / site file"
     elif live is not None and live.site == s.site:
         s.mqtt.host, s.mqtt.port = parse_broker(live.broker)
