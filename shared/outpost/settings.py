@@ -157,6 +157,14 @@ class UplinkSettings(Section):
             conf_safe(str(v), "a certificate path")
         return v
 
+    @model_validator(mode="after")
+    def _pair(self) -> UplinkSettings:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("uplink.cert and uplink.key go together")
+        if self.cert is not None and self.ca is None:
+            raise ValueError("uplink.cert needs uplink.ca (the client certificate is sent over TLS)")
+        return self
+
     @field_validator("cloud")
     @classmethod
     def _host_port(cls, v: str) -> str:
