@@ -289,6 +289,18 @@ def write_broker_files(
     return pwfile, aclfile
 
 
+def asks_passwords(workdir: Path, address: str) -> bool:
+    """Whether the broker config in ``workdir`` (``outpost up``'s) listens on ``address``
+    (HOST:PORT) and checks passwords: then the commands aimed there use the site's credentials.
+    False for an external broker (``outpost up --broker``), one with auth off, or no config."""
+    try:
+        lines = (workdir / "mosquitto.conf").read_text().splitlines()
+    except OSError:
+        return False
+    host, _, port = address.rpartition(":")
+    return f"listener {port} {host}" in lines and any(line.startswith("password_file ") for line in lines)
+
+
 def reload_broker(workdir: Path) -> bool:
     """SIGHUP the broker of ``workdir`` (its pid file): Mosquitto rereads its password and ACL files.
     False when no broker runs there."""

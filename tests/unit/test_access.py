@@ -17,6 +17,7 @@ from outpost.access import (
     CloudBroker,
     SiteAccess,
     acl_text,
+    asks_passwords,
     bridge_user,
     cloud_principals,
     hash_password,
@@ -170,3 +171,13 @@ def test_tls_settings_and_the_bridge_lines() -> None:
         "bridge_keyfile /c/s.key",
         "bridge_insecure false",
     } <= set(tls)
+
+
+def test_commands_use_the_credentials_only_for_the_sites_own_broker_with_auth(tmp_path: Path) -> None:
+    conf = tmp_path / "mosquitto.conf"
+    assert not asks_passwords(tmp_path, "127.0.0.1:1883")  # no broker of outpost up's there
+    conf.write_text("listener 41234 127.0.0.1\nallow_anonymous true\n")
+    assert not asks_passwords(tmp_path, "127.0.0.1:41234")  # auth off
+    conf.write_text("listener 41234 127.0.0.1\nallow_anonymous false\npassword_file /x/passwd\n")
+    assert asks_passwords(tmp_path, "127.0.0.1:41234")
+    assert not asks_passwords(tmp_path, "10.0.0.5:1883")  # outpost up --broker: someone else's

@@ -27,7 +27,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import SecretStr
 
-from outpost.access import OPERATOR, SiteAccess
+from outpost.access import OPERATOR, SiteAccess, asks_passwords
 from outpost.datadir import RUN_FILE, RunInfo, check_folder, read_run, site_path, sites
 from outpost.errors import ConfigError
 from outpost.services.registry import OutpostSettings, load_settings
@@ -79,8 +79,9 @@ class Where:
     broker_from: str
     access: SiteAccess | None = None
     """The site's broker credentials when the command aims at the broker its ``outpost up`` started
-    with auth on (docs/security.md); the settings' ``mqtt`` then holds the operator's user unless
-    ``OUTPOST_MQTT__USERNAME`` names another."""
+    with auth on (its config listens at that address and checks passwords; docs/security.md); the
+    settings' ``mqtt`` then holds the operator's user unless ``OUTPOST_MQTT__USERNAME`` names
+    another. None for an external broker (``outpost up --broker``) or auth off."""
 
     @property
     def data_dir(self) -> Path:
@@ -177,7 +178,13 @@ def find_site(data_dir: Path | None = None, site: str | None = None, broker: str
     else:
         broker_from = "the default"
     access = None
-    if live is not None and live.site == s.site and live.broker == f"{s.mqtt.host}:{s.mqtt.port}":
+    address = f"{s.mqtt.host}:{s.mqtt.port}"
+    if (
+        live is not None
+        and live.site == s.site
+        and live.broker == address
+        and asks_passwords(site_path(s.data_dir, s.site, "mosquitto"), address)
+    ):
         found = SiteAccess.of(site_path(s.data_dir, s.site), s.topics)
         password = found.known_password(OPERATOR) if found.exists else None
         if password is not None:
