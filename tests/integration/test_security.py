@@ -387,7 +387,7 @@ def test_site_bridge_confined_on_the_cloud_broker(tmp_path: Path) -> None:
 def test_the_operator_commands_work_on_the_site_broker(tmp_path: Path) -> None:
     """``outpost up``'s broker with auth on (the default): the commands find the operator's
     credentials in the site's folder and may do what they publish and read (agents' desired state,
-    retained, and what the service reports) and read the site's status."""
+    retained, and what the service reports) and read the site's status; a wrong password is refused."""
     data = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
     settings = OutpostSettings(site="ops", data_dir=data)
@@ -400,3 +400,8 @@ def test_the_operator_commands_work_on_the_site_broker(tmp_path: Path) -> None:
         r = outpost("--data-dir", str(data), "status", "--json", env=env)
         assert r.returncode == 0, r.stderr
         assert '"agents":{"state":"online"' in r.stdout
+        # OUTPOST_MQTT__USERNAME/PASSWORD win; a wrong password is a clear, quick error
+        wrong = env | {"OUTPOST_MQTT__USERNAME": OPERATOR, "OUTPOST_MQTT__PASSWORD": "not-it"}
+        r = outpost("--data-dir", str(data), "agents", "stop", "--all", env=wrong)
+        assert r.returncode != 0 and "refused the connection" in r.stderr, r.stdout + r.stderr
+        assert "not-it" not in r.stdout + r.stderr
