@@ -323,7 +323,8 @@ def _run_mosquitto(conf: Path, port: int) -> subprocess.Popen[bytes]:
 
 def test_site_bridge_confined_on_the_cloud_broker(tmp_path: Path) -> None:
     """``outpost cloud broker-config``'s broker, TLS on, with a real bridge from site sec1's edge
-    broker: sec1's up/ arrives, and sec1's credentials cannot write or read sec2's topics."""
+    broker (auth on): sec1's up/ arrives and its down/ comes back, and sec1's credentials cannot
+    write or read sec2's topics."""
     ca = CA.create(tmp_path / "ca", "cloud")
     server = ca.issue(tmp_path / "ca", "cloud-broker", server=True)
     port = free_port()
@@ -345,13 +346,19 @@ def test_site_bridge_confined_on_the_cloud_broker(tmp_path: Path) -> None:
         password=secret[bridge_user("sec1")],
         ca=ca.path,
     )
-    edge = Mosquitto(tmp_path / "edge", extra_conf=uplink_bridge(T, uplink)).start()
+    site = SiteAccess.of(tmp_path / "site", T)  # the edge broker with auth on, as outpost up starts it
+    edge = Mosquitto(
+        tmp_path / "edge",
+        users=site.passwords(SERVICES),
+        acl=acl_text(site.principals(SERVICES)).splitlines(),
+        extra_conf=uplink_bridge(T, uplink),
+    ).start()
     trust = _trust(ca.path)
     made: list[Client] = []
     try:
         receiver = Client(port, CLOUD_USER, secret[CLOUD_USER], tls=trust)
         as_site = Client(port, bridge_user("sec1"), secret[bridge_user("sec1")], tls=trust)
-        local = Client(edge.port, None, None)
+        local = Client(edge.port, service_user("memory"), site.password(service_user("memory")))
         made += [receiver, as_site, local]
         assert receiver.connect() and as_site.connect() and local.connect()
         assert receiver.subscribe("outpost/v1/+/up/#")
@@ -376,6 +383,14 @@ def test_site_bridge_confined_on_the_cloud_broker(tmp_path: Path) -> None:
         assert receiver.publish(T.down("memory", "ack"), b"for sec1") == 0
         assert as_site.wait_for(T.down("memory", "ack"), b"for sec1")
         assert as_site.topics() == {T.down("memory", "ack")}
+        # and down through the bridge into the edge broker, to the service that reads it
+        assert local.subscribe(T.down("memory", "ack"))
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            receiver.publish(T.down("memory", "ack"), b"acked")
+            if local.wait_for(T.down("memory", "ack"), b"acked", timeout=0.5):
+                break
+        assert (T.down("memory", "ack"), b"acked") in local.got
         assert not Client(port, bridge_user("sec1"), "wrong", tls=trust).connect()
     finally:
         for c in made:
