@@ -22,6 +22,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
+from outpost.access import PID_FILE, write_broker_files
 from outpost.errors import BrokerError
 from outpost.log import get_logger
 from outpost.settings import BrokerSettings, MqttSettings, UplinkSettings
@@ -139,6 +140,10 @@ def uplink_bridge(topics: Topics, uplink: UplinkSettings) -> list[str]:
         lines.append(f"remote_username {uplink.username}")
     if uplink.password is not None:
         lines.append(f"remote_password {uplink.password.get_secret_value()}")
+    if uplink.ca is not None:  # TLS to the cloud broker; its certificate must name the host
+        lines += [f"bridge_cafile {uplink.ca}", "bridge_insecure false", "bridge_tls_version tlsv1.2"]
+    if uplink.cert is not None and uplink.key is not None:
+        lines += [f"bridge_certfile {uplink.cert}", f"bridge_keyfile {uplink.key}"]
     return lines  # every value was checked by UplinkSettings: one token each, no line breaks
 
 
@@ -149,6 +154,7 @@ class Mosquitto:
     workdir: Path
     settings: BrokerSettings = field(default_factory=BrokerSettings)
     users: dict[str, str] = field(default_factory=dict)
+    """user -> password: the password file (hashes) and ``allow_anonymous false``; empty: anyone."""
     acl: list[str] | None = None
     extra_conf: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
@@ -194,23 +200,21 @@ class Mosquitto:
             "log_type notice",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
             "connection_messages true",
+            f"pid_file {self.workdir / PID_FILE}",  # outpost broker enroll reloads it (SIGHUP)
         ]
         if self.users:
-            pwfile = self.workdir / "passwd"
-            pwfile.write_text("")
-            for user, password in self.users.items():
-                subprocess.run(
-                    ["mosquitto_passwd", "-b", str(pwfile), user, password],
-                    check=True,
-                    capture_output=True,
-                )
+            acl = None if self.acl is None else "\n".join(self.acl) + "\n"
+            pwfile, aclfile = write_broker_files(self.workdir, self.users, acl)
             lines += ["allow_anonymous false", f"password_file {pwfile}"]
+            if aclfile is not None:
+                lines.append(f"acl_file {aclfile}")
         else:
             lines.append("allow_anonymous true")
-        if self.acl is not None:
-            aclfile = self.workdir / "acl"
-            aclfile.write_text("\n".join(self.acl) + "\n")
-            lines.append(f"acl_file {aclfile}")
+            if self.acl is not None:
+                aclfile = self.workdir / "acl"
+                aclfile.write_text("\n".join(self.acl) + "\n")
+                lines.append(f"acl_file {aclfile}")
+        lines += self._tls_listener()
         if not self._hand_to_broker_user():
             lines.append("user root")
         lines += self.extra_conf
@@ -218,7 +222,27 @@ class Mosquitto:
         conf.touch(mode=0o600)  # it may hold the uplink's password
         conf.chmod(0o600)
         conf.write_text("\n".join(line for line in lines if line) + "\n")
+        st = self.workdir.stat()  # the broker, dropped to its user, rereads it on SIGHUP (enrolment)
+        with contextlib.suppress(OSError):
+            os.chown(conf, st.st_uid, st.st_gid)
         return conf
+
+    def _tls_listener(self) -> list[str]:
+        """A TLS listener for devices (``broker.tls_port``), the same users and ACL as the plain one;
+        with ``require_certificate`` a client must show a certificate signed by ``tls_ca``."""
+        s = self.settings
+        if not s.tls_port:
+            return []
+        lines = [
+            f"listener {s.tls_port} {self.host}",
+            f"certfile {s.tls_cert}",
+            f"keyfile {s.tls_key}",
+            "tls_version tlsv1.2",
+        ]
+        if s.tls_ca is not None:
+            lines.append(f"cafile {s.tls_ca}")
+        lines.append(f"require_certificate {'true' if s.require_certificate else 'false'}")
+        return lines
 
     def _hand_to_broker_user(self) -> bool:
         """Mosquitto started as root drops to the user ``mosquitto``; without access to its

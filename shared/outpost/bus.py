@@ -61,6 +61,10 @@ from outpost.settings import MqttSettings
 
 log = logging.getLogger("outpost.bus")
 
+_REFUSED_CREDENTIALS = (0x86, 0x87)
+"""CONNACK reasons no retry can change: bad user name or password, not authorized (paho maps
+MQTT 3.1.1's return codes 4 and 5 to them)."""
+
 Message = paho.MQTTMessage
 Handler = Callable[[Message], None]
 
@@ -147,6 +151,9 @@ class Bus:
         self._pending_lock = threading.Lock()
         self._connected = threading.Event()
         self._subscribed = threading.Event()
+        self._refused: str | None = None
+        """Why the broker refused these credentials (bad user name or password, not authorized):
+        retrying cannot help, so :meth:`start` says so at once instead of waiting it out."""
         """Set when the broker has acknowledged every subscription made at the last connect."""
         self._suback_waiting: set[int] = set()
         self._stop = threading.Event()
@@ -400,9 +407,16 @@ class Bus:
         if wait_s is None:
             return
         deadline = time.monotonic() + wait_s
-        if not self._connected.wait(wait_s) or not self._subscribed.wait(
-            max(0.0, deadline - time.monotonic())
+        while self._refused is None and not self._connected.wait(
+            min(0.05, max(0.0, deadline - time.monotonic()))
         ):
+            if time.monotonic() >= deadline:
+                break
+        if self._refused is not None and not self._connected.is_set():
+            self.stop(drain_s=0)
+            where = f"{self._settings.host}:{self._settings.port}"
+            raise BrokerError(f"the MQTT broker at {where} refused the connection: {self._refused}")
+        if not self._connected.is_set() or not self._subscribed.wait(max(0.0, deadline - time.monotonic())):
             self.stop(drain_s=0)
             what = "connect to" if not self._connected.is_set() else "get its subscriptions acknowledged by"
             raise BrokerError(
@@ -579,6 +593,8 @@ class Bus:
     def _on_connect(self, client: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
             log.error("broker refused connection", extra={"client": self.client_id, "reason": str(reason)})
+            if reason.value in _REFUSED_CREDENTIALS:
+                self._refused = str(reason)
             return
         self._connects += 1
         self._subscribed.clear()

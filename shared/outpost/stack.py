@@ -15,6 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import SecretStr
+
+from outpost.access import OPERATOR, SiteAccess, acl_text, service_user
 from outpost.broker import Mosquitto, check_broker, uplink_bridge
 from outpost.datadir import DataDirLock, refuse_legacy, site_dir
 from outpost.errors import ConfigError
@@ -31,6 +34,22 @@ def parse_broker(value: str) -> tuple[str, int]:
         return parse_host_port(value)
     except ValueError as exc:
         raise ConfigError(f"--broker: {exc}") from None
+
+
+def _credentials(
+    s: CoreSettings, services: dict[str, str], users: dict[str, str]
+) -> dict[str, dict[str, str]]:
+    """Each service's own user and password for its environment; none when the settings name a user
+    (``OUTPOST_MQTT__USERNAME``/``PASSWORD`` win: every service then connects as that user)."""
+    if s.mqtt.username is not None:
+        return {}
+    return {
+        name: {
+            "OUTPOST_MQTT__USERNAME": service_user(name),
+            "OUTPOST_MQTT__PASSWORD": users[service_user(name)],
+        }
+        for name in services
+    }
 
 
 @dataclass
@@ -75,13 +94,27 @@ class Stack:
     def _start(self) -> None:
         s = self.settings
         refuse_legacy(self.data_dir)
+        services = dict(type(s).SERVICES if self.services is None else self.services)
+        child_env: dict[str, dict[str, str]] = {}
+        users: dict[str, str] = {}
         if self.external_broker is not None:
             s.mqtt.host, s.mqtt.port = parse_broker(self.external_broker)
             check_broker(s.mqtt)
         else:
             bridge = uplink_bridge(s.topics, s.uplink)
+            acl: list[str] | None = None
+            if s.broker.auth:
+                access = SiteAccess.of(self.site_dir, s.topics)
+                users = access.passwords(services)
+                acl = acl_text(access.principals(services)).splitlines()
+                child_env = _credentials(s, services, users)
             self.broker = Mosquitto(
-                self.site_dir / "mosquitto", settings=s.broker, extra_conf=bridge, die_with_parent=True
+                self.site_dir / "mosquitto",
+                settings=s.broker,
+                users=users,
+                acl=acl,
+                extra_conf=bridge,
+                die_with_parent=True,
             ).start()
             s.mqtt.host, s.mqtt.port = self.broker.host, self.broker.port
             log.info(
@@ -101,10 +134,12 @@ class Stack:
         if s.mqtt.password is not None:
             env["OUTPOST_MQTT__PASSWORD"] = s.mqtt.password.get_secret_value()
         env.update(self.env)
+        if OPERATOR in users and s.mqtt.username is None:
+            # what runs in this process (outpost up's and the demo's live views) is the operator
+            s.mqtt.username, s.mqtt.password = OPERATOR, SecretStr(users[OPERATOR])
         assert self.lock is not None
         self.lock.write_run(s.site, self.broker_address, self.status_page)
-        services = dict(type(s).SERVICES if self.services is None else self.services)
-        self.supervisor = Supervisor(env=env, log_dir=self.log_dir, services=services)
+        self.supervisor = Supervisor(env=env, log_dir=self.log_dir, services=services, child_env=child_env)
         self.supervisor.start()
 
     @property

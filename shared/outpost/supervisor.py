@@ -120,6 +120,8 @@ class Supervisor:
     log_dir: Path
     services: dict[str, str]
     """name -> module run with ``python -m``, started in this order."""
+    child_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    """More variables for one service, by name, over ``env`` (its own broker credentials)."""
     children: dict[str, Child] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -136,7 +138,7 @@ class Supervisor:
             child._reader.join(1)  # the last run's output is all read before the next one's
         child.proc = subprocess.Popen(
             [sys.executable, "-m", child.module],
-            env={**os.environ, **self.env},
+            env={**os.environ, **self.env, **self.child_env.get(child.name, {})},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

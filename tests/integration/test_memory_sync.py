@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from pydantic import SecretStr
 
+from outpost.access import OPERATOR, SiteAccess
 from outpost.broker import Mosquitto, uplink_bridge
 from outpost.bus import Bus
 from outpost.datadir import site_path
@@ -432,6 +434,9 @@ def test_outpost_up_bridges_to_the_cloud_and_memory_arrives_there(
         assert f"address {cloud.address}" in conf and f"topic outpost/v1/{site}/up/# out 1" in conf
         edge = OutpostSettings(site=site, data_dir=tmp_path / "site")
         edge.mqtt.port = port
+        # a program of one's own connects as the operator (docs/security.md)
+        password = SiteAccess.of(site_path(edge.data_dir, site), edge.topics).known_password(OPERATOR)
+        edge.mqtt.username, edge.mqtt.password = OPERATOR, SecretStr(password or "")
         wait_status(edge, "memory")
         with MemoryClient(edge, "readme") as mem:
             mem.request(

@@ -24,6 +24,7 @@ from outpost.bus import Bus
 from outpost.datadir import read_run
 from outpost.services.registry import OutpostSettings
 from outpost.services.telemetry.page import PageSettings, StatusPage
+from outpost.settings import BrokerSettings
 from outpost.sim import SimOptions, run
 from outpost.stack import Stack
 from tests.conftest import wait_until
@@ -82,7 +83,9 @@ def stack(tmp_path: Path, site: str) -> Iterator[Stack]:
     data = tmp_path / "site"
     data.mkdir()
     data.chmod(0o755)  # the broker drops to the user mosquitto and must reach its data folder
-    s = Stack(OutpostSettings(site=site, data_dir=data), env={"OUTPOST_TELEMETRY__METRICS_INTERVAL_S": "0.5"})
+    # auth off: the test plays a hostile publisher that got onto the broker (docs/security.md)
+    settings = OutpostSettings(site=site, data_dir=data, broker=BrokerSettings(auth=False))
+    s = Stack(settings, env={"OUTPOST_TELEMETRY__METRICS_INTERVAL_S": "0.5"})
     s.start()
     yield s
     s.stop()

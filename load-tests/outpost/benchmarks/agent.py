@@ -66,6 +66,7 @@ from outpost.benchmarks.sinks import SinkSpec, latency_summary, run_raw_sink
 from outpost.contracts import reading_id_prefix
 from outpost.metrics import Histogram
 from outpost.services.registry import OutpostSettings
+from outpost.settings import BrokerSettings
 from outpost.stack import Stack
 from outpost.topics import Topics
 
@@ -299,7 +300,9 @@ def _run(o: AgentBenchOptions, work: Path, say: Progress) -> dict[str, Any]:
     site = "bench-agent"
     site_file = work / "outpost.yaml"
     site_file.write_text(yaml.safe_dump(site_document(o.act), sort_keys=False))
-    settings = OutpostSettings(site=site, data_dir=work / "data", log_level="WARNING")
+    settings = OutpostSettings(
+        site=site, data_dir=work / "data", log_level="WARNING", broker=BrokerSettings(auth=False)
+    )
     env = {
         "OUTPOST_CONFIG": str(site_file),
         "OUTPOST_TELEMETRY__METRICS_INTERVAL_S": str(o.metrics_interval_s),

@@ -68,6 +68,7 @@ from outpost.benchmarks.sinks import SinkSpec, latency_summary, run_raw_sink
 from outpost.broker import free_port
 from outpost.metrics import Histogram
 from outpost.services.registry import OutpostSettings
+from outpost.settings import BrokerSettings
 from outpost.stack import Stack
 from outpost.topics import Topics
 
@@ -431,7 +432,9 @@ def _start_store_api(work: Path) -> tuple[subprocess.Popen[bytes], str]:
 def _run(o: ConnectorsBenchOptions, work: Path, say: Progress) -> dict[str, Any]:
     site = "bench-connectors"
     api, url = _start_store_api(work)
-    settings = OutpostSettings(site=site, data_dir=work / "data", log_level="WARNING")
+    settings = OutpostSettings(
+        site=site, data_dir=work / "data", log_level="WARNING", broker=BrokerSettings(auth=False)
+    )
     env = {
         "OUTPOST_CONNECTORS__DECLARED": json.dumps(connector_declaration(url, o.concurrency)),
         "OUTPOST_CONNECTORS__LOG_SYNC": o.log_sync,

@@ -66,6 +66,7 @@ from outpost.benchmarks.sinks import (
 )
 from outpost.services.ingest.settings import IngestSettings
 from outpost.services.registry import OutpostSettings
+from outpost.settings import BrokerSettings
 from outpost.stack import Stack
 
 TARGET_P99_MS = 100.0
@@ -171,7 +172,9 @@ def run_overload_phase(name: str, o: OverloadOptions, workdir: Path, say: Progre
     site_file = workdir / "outpost.yaml"
     site_file.write_text("{}\n")  # the services must not pick up an outpost.yaml of the caller's
     site = f"ov-{name.replace('_', '-')}"
-    settings = OutpostSettings(site=site, data_dir=workdir / "data", log_level="WARNING")
+    settings = OutpostSettings(
+        site=site, data_dir=workdir / "data", log_level="WARNING", broker=BrokerSettings(auth=False)
+    )
     env = {
         "OUTPOST_CONFIG": str(site_file),
         "OUTPOST_TELEMETRY__METRICS_INTERVAL_S": str(o.metrics_interval_s),

@@ -61,6 +61,7 @@ from outpost.contracts import MetricsBatch
 from outpost.services.registry import OutpostSettings
 from outpost.services.telemetry.catalog import point
 from outpost.services.telemetry.rollup import Rollups
+from outpost.settings import BrokerSettings
 from outpost.stack import Stack
 from outpost.topics import Topics, device_class
 from outpost.tsdb import VictoriaMetrics
@@ -290,7 +291,9 @@ def _run(o: TelemetryBenchOptions, work: Path, say: Progress) -> dict[str, Any]:
     from outpost.sim import SimOptions
     from outpost.sim import run as run_sim
 
-    settings = OutpostSettings(site=SITE, data_dir=work / "data", log_level="WARNING")
+    settings = OutpostSettings(
+        site=SITE, data_dir=work / "data", log_level="WARNING", broker=BrokerSettings(auth=False)
+    )
     known = dict(type(settings).SERVICES)
     if set(o.without) - set(known):
         raise BenchError(f"unknown service {sorted(set(o.without) - set(known))}; known: {', '.join(known)}")

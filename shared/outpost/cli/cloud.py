@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
+from outpost.cli import cloud_broker
 from outpost.cli.output import print_json, stdout_console
 from outpost.cli.site import find_site, group_options
 from outpost.errors import ConfigError
@@ -146,6 +147,7 @@ def status(
 
 
 # --- the cloud broker's configuration (broker-config) ---------------------------------------------
+cloud_app.command("broker-config")(cloud_broker.broker_config)
 
 
 def register(app: typer.Typer) -> None:

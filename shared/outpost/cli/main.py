@@ -14,6 +14,7 @@ from outpost.cli import (
     actions,
     agents,
     bench,
+    broker,
     cloud,
     config,
     data,
@@ -43,6 +44,7 @@ model.register(app)
 log.register(app)
 memory.register(app)
 cloud.register(app)
+broker.register(app)
 data.register(app)
 agents.register(app)
 secrets.register(app)

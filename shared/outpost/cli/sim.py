@@ -13,17 +13,24 @@ import contextlib
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from enum import StrEnum
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
-from outpost.cli.site import DataDirOpt, SiteOpt, find_site
-from outpost.errors import ConfigError
+from outpost.access import OPERATOR
+from outpost.broker import check_broker
+from outpost.cli.site import DataDirOpt, SiteOpt, Where, find_site
+from outpost.errors import BrokerError, ConfigError
+from outpost.settings import MqttSettings
+
+if TYPE_CHECKING:
+    from outpost.sim import SimOptions
 
 
 class ScenarioName(StrEnum):
@@ -128,10 +135,15 @@ def sim(
         fields["processes"] = processes
     if bad_kinds:
         fields["bad_kinds"] = tuple(k.strip() for k in bad_kinds.split(",") if k.strip())
+    access = where.access if username is None and settings.mqtt.username == OPERATOR else None
+    if access is not None:  # the site's own broker: each device connects as itself
+        fields |= {"username": None, "password": None, "credentials": access.folder}
     try:
         options = SimOptions.model_validate(fields)
     except ValidationError as exc:
         raise _options_error(exc) from None
+    if access is not None:
+        _enroll(where, options)
 
     stop = threading.Event()
     with _stop_on_signals(stop):  # Ctrl-C / SIGTERM end the run early; the report still comes
@@ -148,6 +160,32 @@ def sim(
         sys.stdout.flush()
     else:
         render(report, Console())
+
+
+def _enroll(where: Where, options: SimOptions) -> None:
+    """Enroll the simulated devices on the site's broker (each then connects as itself, with the
+    password derived from the site key) and wait until the broker has reread its files."""
+    from outpost.sim.scenario import fleet_specs
+
+    assert where.access is not None
+    ids = [spec.id for spec in fleet_specs(options.devices, options.scenario)]
+    if not where.access.enroll_and_reload(where.site_path("mosquitto"), ids):
+        return
+    device = MqttSettings(
+        host=options.host,
+        port=options.port,
+        username=ids[-1],
+        password=SecretStr(where.access.device_password(ids[-1])),
+    )
+    deadline = time.monotonic() + 10
+    while True:  # Mosquitto rereads its files on SIGHUP in its main loop, soon after
+        try:
+            check_broker(device, timeout_s=2)
+            return
+        except BrokerError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 @contextlib.contextmanager

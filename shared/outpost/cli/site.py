@@ -9,7 +9,10 @@ nearest the command wins. Then, for what none of them gives:
 2. the site: ``OUTPOST_SITE`` or the site file, else the site of the ``outpost up`` that owns the
    data folder (its run file, ``{data_dir}/run.json``), else the folder's only site, else ``site1``;
 3. the broker: ``--broker``, else ``OUTPOST_MQTT__HOST``/``PORT`` or the site file, else the run
-   file's broker when it runs that site, else 127.0.0.1:1883.
+   file's broker when it runs that site, else 127.0.0.1:1883;
+4. the broker credentials: ``OUTPOST_MQTT__USERNAME``/``PASSWORD`` or the site file, else, when the
+   broker is the one the run file's ``outpost up`` started, the operator's user from the site's
+   credentials folder (docs/security.md).
 
 :class:`Where` says which of these gave each value, so a command that finds nothing can say where
 it looked. Nothing here creates a file or a folder.
@@ -22,7 +25,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import SecretStr
 
+from outpost.access import OPERATOR, SiteAccess, asks_passwords
 from outpost.datadir import RUN_FILE, RunInfo, check_folder, read_run, site_path, sites
 from outpost.errors import ConfigError
 from outpost.services.registry import OutpostSettings, load_settings
@@ -72,6 +77,11 @@ class Where:
     data_dir_from: str
     site_from: str
     broker_from: str
+    access: SiteAccess | None = None
+    """The site's broker credentials when the command aims at the broker its ``outpost up`` started
+    with auth on (its config listens at that address and checks passwords; docs/security.md); the
+    settings' ``mqtt`` then holds the operator's user unless ``OUTPOST_MQTT__USERNAME`` names
+    another. None for an external broker (``outpost up --broker``) or auth off."""
 
     @property
     def data_dir(self) -> Path:
@@ -159,11 +169,26 @@ def find_site(data_dir: Path | None = None, site: str | None = None, broker: str
     if broker:
         s.mqtt.host, s.mqtt.port = parse_broker(broker)
         broker_from = "--broker"
-    elif "mqtt" in configured:
+    elif "mqtt" in configured and {"host", "port"} & s.mqtt.model_fields_set:
+        # (a user name alone, OUTPOST_MQTT__USERNAME, still aims at the running site's broker)
         broker_from = "OUTPOST_MQTT__HOST/PORT / site file"
     elif live is not None and live.site == s.site:
         s.mqtt.host, s.mqtt.port = parse_broker(live.broker)
         broker_from = f"the run file of outpost up PID {live.pid}"
     else:
         broker_from = "the default"
-    return Where(s, run, data_dir_from, site_from, broker_from)
+    access = None
+    address = f"{s.mqtt.host}:{s.mqtt.port}"
+    if (
+        live is not None
+        and live.site == s.site
+        and live.broker == address
+        and asks_passwords(site_path(s.data_dir, s.site, "mosquitto"), address)
+    ):
+        found = SiteAccess.of(site_path(s.data_dir, s.site), s.topics)
+        password = found.known_password(OPERATOR) if found.exists else None
+        if password is not None:
+            access = found
+            if s.mqtt.username is None:  # OUTPOST_MQTT__USERNAME/PASSWORD win
+                s.mqtt.username, s.mqtt.password = OPERATOR, SecretStr(password)
+    return Where(s, run, data_dir_from, site_from, broker_from, access)

@@ -261,6 +261,8 @@ def _run_sim(
         settings.site,
         "--prefix",
         settings.prefix,
+        "--data-dir",  # the devices find their credentials in the site's folder
+        str(settings.data_dir),
         "--json",
     ]
     for key, value in args.items():

@@ -7,6 +7,7 @@ to every publisher process) and because a bad value should fail before any conne
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -60,6 +61,11 @@ class SimOptions(BaseModel):
     keepalive: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive of each device connection.")
     username: str | None = Field(default=None, description="Broker user name.")
     password: SecretStr | None = Field(default=None, description="Broker password (never printed).")
+    credentials: Path | None = Field(
+        default=None,
+        description="A site's broker credentials folder (outpost.access): each device connects as "
+        "itself with the password derived from the site key, in place of username/password.",
+    )
 
     @field_validator("site", "prefix")
     @classmethod

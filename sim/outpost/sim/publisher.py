@@ -34,6 +34,7 @@ import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
+from outpost.access import SiteAccess
 from outpost.contracts import SCHEMA_VERSION, new_id, now_ns
 from outpost.errors import BrokerError
 from outpost.sim.churn import Churn
@@ -116,6 +117,7 @@ class Publisher:
         self.track_acks = options.qos > 0
         self.finishing = False
         self._closed = False
+        self.access = None if options.credentials is None else SiteAccess(options.credentials, self.topics)
         self.report = WorkerReport(index=index, devices=len(specs))
         self.devices = [self._make(spec) for spec in specs]
 
@@ -135,7 +137,9 @@ class Publisher:
         )
         client.max_inflight_messages_set(MAX_PENDING)
         client.max_queued_messages_set(0)
-        if o.username is not None:
+        if self.access is not None:
+            client.username_pw_set(spec.id, self.access.device_password(spec.id))
+        elif o.username is not None:
             pw = o.password.get_secret_value() if o.password is not None else None
             client.username_pw_set(o.username, pw)
         d = _Device(stream, client, self.topics.telemetry(spec.id), self.topics.device_status(spec.id))
