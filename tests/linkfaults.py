@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from outpost.broker import Mosquitto, free_port, uplink_bridge
-from outpost.settings import BrokerSettings, MqttSettings, UplinkSettings
+from outpost.settings import BrokerSettings, UplinkSettings
 from outpost.topics import Topics
-from tests.conftest import Collector, wait_until
+from tests.conftest import wait_until
 from tests.linkfaults_ends import SourceFeed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -508,19 +508,14 @@ class Rig:
         assert ok, self.explain(f"not settled: fed {self.fed}, held {self.held().records} of {total}")
         return self.held()
 
-    def bridge_state(self, want: str, timeout: float = 60.0) -> None:
-        """Wait until the edge broker's bridge reports the link ``want`` (``1`` up, ``0`` down)."""
-        c = Collector(
-            MqttSettings(port=self.edge.port), self.topics.uplink_state(), client_id=f"state-{self.site}"
-        )
-        c.start()
-        try:
-            ok = c.wait_for(
-                lambda c: bool(c.messages) and c.messages[-1][1].strip() == want.encode(), timeout
-            )
-        finally:
-            c.stop()
-        assert ok, self.explain(f"the bridge never said {want}")
+    def bridge_connected(self, want: bool, timeout: float = 60.0) -> None:
+        """Wait until the edge broker's bridge holds a TCP connection to the cloud broker (``want``)
+        or has dropped it (its keepalive found the link dead). Read from the kernel's sockets, not
+        from the bridge's notifications: Mosquitto 2.0.11 publishes no ``0`` when its keepalive
+        finds the link dead (the state still reads ``1``), only a ``1`` again once it is back."""
+        query = ["ss", "-Htn", "state", "established", f"( dst {self.link.cloud_host} )"]
+        ok = wait_until(lambda: bool(_run(query).strip()) == want, timeout)
+        assert ok, self.explain(f"the bridge never {'connected' if want else 'dropped its connection'}")
 
     def explain(self, what: str) -> str:
         return f"{what}\n{self.sender.logs()}\n{self.receiver.logs()}"
