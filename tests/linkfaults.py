@@ -27,6 +27,7 @@ import itertools
 import os
 import queue
 import random
+import shutil
 import signal
 import socket
 import sqlite3
@@ -50,9 +51,8 @@ NETNS_PREFIX = "outpost-faults-"
 """Namespaces made here are named ``outpost-faults-{K}-{pid}`` (the pid of the test process)."""
 
 
-def _ip(*args: str, netns: str | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = ["ip", *(["netns", "exec", netns] if netns else []), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, check=False)
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
 
 
 def _run(cmd: list[str]) -> str:
@@ -131,6 +131,7 @@ class Veth:
         self.netns = f"{NETNS_PREFIX}{self.k}-{os.getpid()}"
         self.host_dev, self.cloud_dev = f"opf{self.k}", f"opf{self.k}c"
         self.host_ip, self.cloud_host = f"10.213.{self.k}.1", f"10.213.{self.k}.2"
+        self._chain: str | None = None
         try:
             _run(["ip", "netns", "add", self.netns])
             _run(["ip", "link", "set", self.cloud_dev, "netns", self.netns])
@@ -143,7 +144,6 @@ class Veth:
         except BaseException:
             self.close()
             raise
-        self._chain: str | None = None
 
     def prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.netns]
@@ -178,10 +178,13 @@ class Veth:
         if self._chain is None:
             return
         ipt = [*self.prefix(), "iptables"]
-        _ip("iptables", "-D", "INPUT", "-i", self.cloud_dev, "-j", self._chain, netns=self.netns)
-        _ip("iptables", "-D", "OUTPUT", "-o", self.cloud_dev, "-j", self._chain, netns=self.netns)
-        subprocess.run([*ipt, "-F", self._chain], capture_output=True, check=False)
-        subprocess.run([*ipt, "-X", self._chain], capture_output=True, check=False)
+        for args in (
+            ["-D", "INPUT", "-i", self.cloud_dev, "-j", self._chain],
+            ["-D", "OUTPUT", "-o", self.cloud_dev, "-j", self._chain],
+            ["-F", self._chain],
+            ["-X", self._chain],
+        ):
+            subprocess.run([*ipt, *args], capture_output=True, check=False)
         self._chain = None
 
     def close(self) -> None:
@@ -192,9 +195,9 @@ class Veth:
 
 
 def iptables_missing() -> str | None:
-    from shutil import which
-
-    return None if which("iptables") else "iptables is not installed (the Makefile's APT_PACKAGES has it)"
+    return (
+        None if shutil.which("iptables") else "iptables is not installed (the Makefile's APT_PACKAGES has it)"
+    )
 
 
 # --- latency -----------------------------------------------------------------------------------------
