@@ -9,7 +9,9 @@ forgets what the receiver acknowledged.
 ``python -m tests.linkfaults_ends receiver DB``: on the cloud broker, it applies every stream of
 every site with :class:`outpost.streams.ReceivedStreams` into ``DB`` (table ``received``, one row per
 record applied, in the order applied) and tallies, per message, the copies it was given, those it
-applied, the duplicates it recognised and those a gap made it leave for a resend.
+applied, the duplicates it recognised and those a gap made it leave for a resend. The tally is
+committed just after the records, in a transaction of its own (``ReceivedStreams.apply`` holds
+one): a kill -9 between the two loses one message's tally, never a record.
 
 Both take the site, the prefix and the broker from ``OUTPOST_*`` as every service does.
 """
