@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PACKAGES := mosquitto victoria-metrics chromium
+APT_PACKAGES := mosquitto victoria-metrics chromium iptables
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DURATION ?= 60
 

@@ -410,6 +410,33 @@ class StreamAck(BaseModel):
     unknown: bool = Field(False, description="The receiver holds nothing of this history: resend all.")
 
 
+# --- the downlink: commands from the cloud (outpost.downlink) -----------------------------------------
+class Command(Envelope):
+    """A command from the cloud for the site, on ``.../down/cmd/{target}``: applied at most once
+    (by ``id``), never after ``expires_ns``; what came of it goes up as a :class:`CommandResult`.
+    The target says what local input it becomes: ``escalation-reply`` (``body`` is an
+    :class:`EscalationReply`'s fields, to ``decision`` of agent ``to``) or ``action`` (``body`` is an
+    :class:`ActionRequest`'s fields, to connector ``to``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    expires_ns: EpochNs = Field(description="Refused (and reported expired) if it arrives after this.")
+    to: Segment = Field(description="The agent (escalation-reply) or connector (action) it is for.")
+    decision: Segment | None = Field(None, description="The escalation's decision (escalation-reply).")
+    body: dict[str, Any] = Field(description="The local input's fields, without its envelope.")
+
+
+class CommandResult(Envelope):
+    """What came of a command from the cloud, on ``.../up/cmd/results``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    command: Id = Field(description="The command's id.")
+    target: str = Field(max_length=64)
+    outcome: Literal["applied", "expired", "duplicate", "rejected"]
+    detail: str = Field("", max_length=2000)
+
+
 # --- decoding ---------------------------------------------------------------------------------------
 DECODE_REASONS: Final = (
     "too_large",
@@ -616,6 +643,8 @@ METRICS: Final = model_contract(MetricsBatch)
 MEMORY_RESPONSE: Final = model_contract(MemoryResponse)
 STREAM_BATCH: Final = model_contract(StreamBatch)
 STREAM_ACK: Final = model_contract(StreamAck)
+COMMAND: Final = model_contract(Command)
+COMMAND_RESULT: Final = model_contract(CommandResult)
 
 CONTRACTS: Final[dict[str, tuple[Contract[Any], str]]] = {
     "reading": (READING, "outpost/v1/{site}/dev/{device}/telemetry"),
@@ -632,6 +661,8 @@ CONTRACTS: Final[dict[str, tuple[Contract[Any], str]]] = {
     "memory-response": (MEMORY_RESPONSE, "(the request's MQTT 5 response topic)"),
     "stream-batch": (STREAM_BATCH, "outpost/v1/{site}/up/{part}/{stream}"),
     "stream-ack": (STREAM_ACK, "outpost/v1/{site}/down/{part}/ack"),
+    "command": (COMMAND, "outpost/v1/{site}/down/cmd/{target}"),
+    "command-result": (COMMAND_RESULT, "outpost/v1/{site}/up/cmd/results"),
 }
 """Every contract by name, with the topic that carries it (docs/contracts/ is generated from it)."""
 

@@ -11,7 +11,14 @@ it holds already (replays are harmless), stops at a gap, and answers on ``{root}
 (:class:`~outpost.contracts.StreamAck`) with the last offset it has *committed*: a PUBACK from a
 broker or a bridge is not taken as delivery. The sender then forgets what was acknowledged. With
 no acknowledgement for ``resend_s``, or when the link comes back, it sends again from the last
-acknowledged offset (go-back-N), which is also where a restarted sender resumes.
+acknowledged offset (go-back-N), which is also where a restarted sender resumes. Each resend in a
+row without progress doubles the wait for the next (up to ``2**BACKOFF_DOUBLINGS`` times
+``resend_s``): over a link that is gone before the bridge notices (a cut; its keepalive takes
+15-20 s, and Mosquitto 2.0.11 does not report a link its keepalive found dead on
+:meth:`~outpost.topics.Topics.uplink_state`), every resend is a window queued in the edge broker
+for the bridge, delivered as duplicates once the link is back: a 20 s cut with a 1 s resend and a
+2,000-record window cost 80,000 duplicate copies of a 10,000-record stream, 16,000-19,000 with the
+backoff (tests/integration/test_link_faults.py).
 
 An **epoch** names one history of the sender's streams. A sender that starts afresh (no state, or
 state it cannot vouch for) takes a new epoch and offers each source the chance to queue all it has
@@ -81,6 +88,9 @@ CREATE TABLE IF NOT EXISTS streams (
 
 Records = list[tuple[int, dict[str, Any]]]
 
+BACKOFF_DOUBLINGS = 4
+"""Resends in a row without progress double the wait this many times at most (16 x ``resend_s``)."""
+
 
 class Source(Protocol):
     """A stream's records, from durable state."""
@@ -143,6 +153,8 @@ class Stream:
     """The last offset sent (go-back-N sets it back to ``acked``)."""
     progress_at: float
     """monotonic time of the last progress (or of the first send after none was in flight)."""
+    resends: int = 0
+    """Resends in a row without progress since (the next waits ``resend_s * 2**resends``)."""
 
 
 class OffsetStreams:
@@ -218,9 +230,11 @@ class OffsetStreams:
             return
         now = time.monotonic()
         for st in self.streams.values():
-            if st.sent > st.acked and now - st.progress_at > self.resend_s:
+            wait_s = self.resend_s * 2 ** min(st.resends, BACKOFF_DOUBLINGS)
+            if st.sent > st.acked and now - st.progress_at > wait_s:
                 st.sent = st.acked
                 st.progress_at = now
+                st.resends += 1
                 self._c[f"{self._p}_resends"] += 1
             while (room := self.window - (st.sent - st.acked)) > 0:
                 if self.gate is not None and not self.gate.ready(now):
@@ -304,19 +318,24 @@ class OffsetStreams:
         st.acked = offset
         st.sent = max(st.sent, offset)
         st.progress_at = time.monotonic()
+        st.resends = 0
 
     def _on_link(self, inbound: Inbound[bytes]) -> None:
         self.link(inbound.raw.strip() == b"1")
 
     def link(self, up: bool) -> None:
-        """The link went up or down."""
+        """The link went up or down. Every ``up`` is a new connection of the bridge (or of this
+        sender to its broker), also one not preceded by a ``down``: Mosquitto 2.0.11 reports no
+        ``0`` when its keepalive finds the link dead, only a ``1`` again once it is back."""
         was, self.link_up = self.link_up, up
-        if up and not was:
+        if up:
             for st in self.streams.values():  # what was sent while the link flapped may be lost
                 st.sent = st.acked
                 st.progress_at = time.monotonic()
-            log.info("link up: sending from the last acknowledged offsets", extra=self.status())
-        elif not up and was:
+                st.resends = 0
+            if not was:
+                log.info("link up: sending from the last acknowledged offsets", extra=self.status())
+        elif was:
             log.info("link down: sending waits", extra=self.status())
         self._c["uplink_changes"] += 1
 

@@ -280,6 +280,43 @@ class Topics:
         bridge's client id is ``{prefix}-{site}-uplink`` (:mod:`outpost.broker`)."""
         return f"$SYS/broker/connection/{self.prefix}-{self.site}-uplink/state"
 
+    # --- downlink: what the cloud sends the site (outpost.downlink), and what the site answers
+    def down_desired(self, service: str) -> str:
+        """A service's desired state from the cloud (retained there), republished on the site's
+        :meth:`control` ``desired`` topic when newer than what was applied."""
+        return f"{self.root}/down/desired/{check_segment(service, 'service')}"
+
+    @property
+    def all_down_desired(self) -> str:
+        return f"{self.root}/down/desired/+"
+
+    def down_desired_service(self, topic: str) -> str:
+        """The service of a ``.../down/desired/{service}`` topic."""
+        head = f"{self.root}/down/desired/"
+        if not topic.startswith(head):
+            raise self._not_ours("a desired-state", topic)
+        return _level(topic[len(head) :], "service", topic)
+
+    def down_cmd(self, target: str) -> str:
+        """A command from the cloud for ``target`` (a kind of local input: ``action``, ...)."""
+        return f"{self.root}/down/cmd/{check_segment(target, 'target')}"
+
+    @property
+    def all_down_cmds(self) -> str:
+        return f"{self.root}/down/cmd/+"
+
+    def down_cmd_target(self, topic: str) -> str:
+        """The target of a ``.../down/cmd/{target}`` topic."""
+        head = f"{self.root}/down/cmd/"
+        if not topic.startswith(head):
+            raise self._not_ours("a command", topic)
+        return _level(topic[len(head) :], "target", topic)
+
+    @property
+    def cmd_results(self) -> str:
+        """What came of each command from the cloud (applied, expired, duplicate, rejected)."""
+        return f"{self.root}/up/cmd/results"
+
     # --- agents and connectors -------------------------------------------------------------------
     def decisions(self, agent: str) -> str:
         return f"{self.root}/decisions/{check_segment(agent, 'agent')}"

@@ -182,3 +182,43 @@ def test_the_byte_gate_lets_the_first_stream_go_first(tmp_path: Path) -> None:
     gate.burst = gate.tokens = 1e9  # refilled
     s.pump()
     assert [m["stream"] for m in rt.sent][1:] == ["events"] * 10
+
+
+def test_resends_in_a_row_without_progress_wait_longer_each_time(tmp_path: Path) -> None:
+    """Over a link that is gone before the bridge notices, each resend is a window queued for the
+    bridge: they back off (doubling, up to 16 x resend_s) until an acknowledgement comes."""
+    s, rt = make(tmp_path, ListSource(10))
+    s.link(True)
+    s.pump()
+    st = s.streams["ltm"]
+    waits = []
+    for n in range(1, 7):
+        for late_s in range(1, 200):  # the first pump past the wait resends
+            st.progress_at = time.monotonic() - (late_s - 0.5)
+            s.pump()
+            if rt.metrics.counters["sync_resends"] == n:
+                waits.append(late_s)
+                break
+    assert waits == [11, 21, 41, 81, 161, 161]
+    assert rt.metrics.counters["sync_resends"] == 6
+    # progress: the next resend waits resend_s again
+    s.take(st, StreamAck(stream="ltm", offset=2, epoch=s.epoch))
+    st.progress_at = time.monotonic() - 11
+    s.pump()
+    assert rt.metrics.counters["sync_resends"] == 7
+
+
+def test_a_link_up_again_without_a_down_goes_back_to_the_last_acknowledged_offset(tmp_path: Path) -> None:
+    """Mosquitto says ``1`` again when its bridge reconnects after its keepalive found the link dead,
+    with no ``0`` before: what was in flight may be lost, so it is sent again at once."""
+    s, rt = make(tmp_path, ListSource(10))
+    s.link(True)
+    s.pump()
+    st = s.streams["ltm"]
+    assert st.sent == 4
+    st.resends = 3
+    s.link(True)
+    assert (st.sent, st.resends) == (0, 0)
+    rt.sent.clear()
+    s.pump()
+    assert rt.sent[0]["prev"] == 0

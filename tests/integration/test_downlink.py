@@ -1,0 +1,159 @@
+"""The downlink for real: an edge Mosquitto bridged to a cloud Mosquitto (the lines ``outpost up``
+writes), a service on the edge with a :class:`outpost.downlink.Downlink` mounted. What the cloud
+sends while the link is down arrives once it is back and is applied once; an expired command is
+refused and reported; the agents' desired state reaches ``control/agents/desired``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from outpost.broker import Mosquitto, uplink_bridge
+from outpost.bus import Bus
+from outpost.contracts import derived_id, header
+from outpost.downlink import REASONS, Downlink
+from outpost.service import ServiceRuntime
+from outpost.settings import CoreSettings, MqttSettings, UplinkSettings
+from outpost.topics import Topics
+from tests.conftest import Collector
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Site:
+    topics: Topics
+    cloud: Mosquitto
+    edge: Mosquitto
+    rt: ServiceRuntime
+    cloud_pub: Bus
+
+    def send(self, topic: str, doc: dict[str, Any], *, retain: bool = False) -> None:
+        """Publish on the cloud broker, confirmed."""
+        self.cloud_pub.publish(topic, orjson.dumps(doc), qos=1, retain=retain)
+        assert self.cloud_pub.drain(10)
+
+    def on_edge(self, pattern: str, name: str) -> Collector:
+        """A durable subscriber on the edge broker (it outlives the edge broker's restart)."""
+        return Collector(
+            MqttSettings(port=self.edge.port), pattern, client_id=f"{name}-{self.topics.site}", durable=True
+        ).start()
+
+    def on_cloud(self, pattern: str, name: str) -> Collector:
+        return Collector(
+            MqttSettings(port=self.cloud.port), pattern, client_id=f"{name}-{self.topics.site}"
+        ).start()
+
+    def bridge_up(self) -> None:
+        state = Collector(
+            MqttSettings(port=self.edge.port), self.topics.uplink_state(), client_id=f"st-{self.topics.site}"
+        ).start()
+        try:
+            assert state.wait_for(lambda c: bool(c.messages) and c.messages[-1][1] == b"1")
+        finally:
+            state.stop()
+
+
+@pytest.fixture
+def site_rig(tmp_path: Path, site: str) -> Iterator[Site]:
+    topics = Topics(site=site)
+    cloud = Mosquitto(tmp_path / "cloud").start()
+    edge = Mosquitto(
+        tmp_path / "edge", extra_conf=uplink_bridge(topics, UplinkSettings(cloud=cloud.address))
+    ).start()
+    settings = CoreSettings(site=site, data_dir=tmp_path / "data")
+    settings.mqtt.port = edge.port
+    rt = ServiceRuntime("uplink", settings, reasons=REASONS, durable=True, mqtt5=False)
+    downlink = Downlink(rt, rt.state_dir("uplink"))
+    rt.start()
+    pub = Bus(MqttSettings(port=cloud.port), client_id=f"cloud-pub-{site}")
+    pub.start()
+    s = Site(topics, cloud, edge, rt, pub)
+    s.bridge_up()
+    yield s
+    pub.stop()
+    rt.stop()
+    downlink.close()
+    edge.stop()
+    cloud.stop()
+
+
+def command(cid: str, expires_ns: int, **fields: Any) -> dict[str, Any]:
+    doc = header(id=cid)
+    doc.update(expires_ns=expires_ns, **fields)
+    return doc
+
+
+def reply_command(cid: str, expires_ns: int) -> dict[str, Any]:
+    return command(cid, expires_ns, to="shelf", decision="d1", body={"choice": "approve", "by": "ops@cloud"})
+
+
+def test_a_command_sent_while_the_link_is_down_is_applied_once_it_is_back(site_rig: Site) -> None:
+    s, t = site_rig, site_rig.topics
+    replies = s.on_edge(t.escalation_reply("shelf", "d1"), "replies")
+    results = s.on_cloud(t.cmd_results, "results")
+    s.edge.stop()  # the link is down: the cloud broker keeps what comes for the bridge's session
+    cmd = reply_command("cmd-1", time.time_ns() + 300 * 10**9)
+    s.send(t.down_cmd("escalation-reply"), cmd)
+    s.send(t.down_cmd("escalation-reply"), cmd)  # the cloud tried again: a copy
+    s.edge.start()
+    assert results.wait_for(lambda c: len(c.json()) >= 2), results.json()
+    assert [r["outcome"] for r in results.json()] == ["applied", "duplicate"]
+    assert all(r["command"] == "cmd-1" for r in results.json())
+    assert replies.wait_for(lambda c: len(c.json()) >= 1)
+    (reply,) = replies.json()  # the copy became nothing locally
+    assert reply["choice"] == "approve" and reply["id"] == derived_id("downlink", "cmd-1")
+    replies.stop()
+
+
+def test_an_expired_command_is_refused_and_reported_never_applied(site_rig: Site) -> None:
+    s, t = site_rig, site_rig.topics
+    actions = s.on_edge(t.all_actions, "actions")
+    dlq = s.on_edge(t.dlq("uplink"), "dlq")
+    results = s.on_cloud(t.cmd_results, "results")
+    body = {"key": "k1", "agent": "cloud", "capability": "notify.staff", "args": {}}
+    s.send(t.down_cmd("action"), command("late", time.time_ns() - 10**9, to="email", body=body))
+    s.send(t.down_cmd("action"), command("ok", time.time_ns() + 300 * 10**9, to="email", body=body))
+    assert results.wait_for(lambda c: len(c.json()) >= 2), results.json()
+    assert {r["command"]: r["outcome"] for r in results.json()} == {"late": "expired", "ok": "applied"}
+    assert dlq.wait_for(lambda c: any(d["reason"] == "expired" for d in c.json()))
+    assert actions.wait_for(lambda c: len(c.json()) >= 1)
+    assert [a["id"] for a in actions.json()] == [derived_id("downlink", "ok")]  # in order: late never came
+    for c in (actions, dlq):
+        c.stop()
+
+
+def test_a_malformed_command_is_dead_lettered(site_rig: Site) -> None:
+    s, t = site_rig, site_rig.topics
+    dlq = s.on_edge(t.dlq("uplink"), "dlq")
+    results = s.on_cloud(t.cmd_results, "results")
+    s.cloud_pub.publish(t.down_cmd("action"), b"{not json", qos=1)
+    s.send(t.down_cmd("reboot"), command("r1", time.time_ns() + 10**11, to="x", body={}))
+    assert dlq.wait_for(lambda c: len(c.json()) >= 2), dlq.json()
+    assert sorted(d["reason"] for d in dlq.json()) == ["bad_command", "not_json"]
+    assert results.wait_for(lambda c: len(c.json()) >= 1)
+    assert [(r["command"], r["outcome"]) for r in results.json()] == [("r1", "rejected")]
+    dlq.stop()
+
+
+def test_desired_state_for_the_agents_reaches_their_control_topic_only_when_newer(site_rig: Site) -> None:
+    s, t = site_rig, site_rig.topics
+    control = s.on_edge(t.control("agents", "desired"), "control")
+    down = t.down_desired("agents")
+    s.send(down, {"all": "paused", "agents": {}, "ts": 2}, retain=True)
+    s.send(down, {"all": "stopped", "agents": {}, "ts": 1}, retain=True)  # older: not applied
+    s.send(down, {"all": "running", "agents": {}, "resume": ["*"], "ts": 3}, retain=True)
+    assert control.wait_for(lambda c: len(c.json()) >= 2), control.json()
+    assert [d["ts"] for d in control.json()] == [2, 3]
+    control.stop()
+    # retained on the site: what a starting agent service reads
+    late = s.on_edge(t.control("agents", "desired"), "late")
+    assert late.wait_for(lambda c: len(c.json()) >= 1)
+    assert late.json()[-1]["ts"] == 3
+    late.stop()
