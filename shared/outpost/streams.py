@@ -54,9 +54,11 @@ import orjson
 from pydantic import ValidationError
 
 from outpost.contracts import StreamAck, StreamBatch, encode, header
+from outpost.errors import TopicError
 from outpost.log import get_logger
 from outpost.service import Ack, Inbound, Rejected, ServiceRuntime
 from outpost.store import Store, transaction
+from outpost.topics import Topics
 
 log = get_logger("outpost.streams")
 
@@ -510,3 +512,15 @@ def answer(m: StreamBatch, done: Applied) -> bytes:
     """The acknowledgement of one message: where the receiver stands on its stream, always (a lost
     acknowledgement costs one resend), ``unknown`` when it holds nothing of that history."""
     return encode("", stream=m.stream, offset=done.last, epoch=m.epoch, unknown=done.unknown)
+
+
+def sender_of(topics: Topics, topic: str, m: StreamBatch, reason: str) -> tuple[str, str]:
+    """The site and stream a received message comes from: its topic's, which the message must
+    repeat (a site cannot write as another); :class:`Rejected` with ``reason`` otherwise."""
+    try:
+        site, _part, stream = topics.site_up_of(topic)
+    except TopicError as exc:
+        raise Rejected(reason, str(exc)) from None
+    if (m.site, m.stream) != (site, stream):
+        raise Rejected(reason, f"the message says {m.site}/{m.stream}, its topic {site}/{stream}")
+    return site, stream

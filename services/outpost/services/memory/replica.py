@@ -28,13 +28,13 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from outpost.contracts import StreamBatch, model_contract
-from outpost.errors import OutpostError, TopicError
+from outpost.errors import OutpostError
 from outpost.log import get_logger
 from outpost.service import Ack, Inbound, Rejected, ServiceRuntime, run_until, service_main
 from outpost.services.memory.sync import PART
 from outpost.services.registry import OutpostSettings
 from outpost.store import Store
-from outpost.streams import RECEIVER_SCHEMA, Applied, ReceivedStreams, answer
+from outpost.streams import RECEIVER_SCHEMA, Applied, ReceivedStreams, answer, sender_of
 from outpost.topics import Topics
 
 __all__ = ["Applied", "CloudReplica", "ReplicaError", "ReplicaStore", "SyncMessage", "main", "run"]
@@ -260,12 +260,7 @@ class CloudReplica:
 
     def _on_message(self, inbound: Inbound[SyncMessage]) -> None:
         m = inbound.items[0][1]
-        try:
-            site, _part, stream = self.topics.site_up_of(inbound.topic)
-        except TopicError as exc:
-            raise Rejected("bad_sync", str(exc)) from None
-        if (m.site, m.stream) != (site, stream):
-            raise Rejected("bad_sync", f"the message says {m.site}/{m.stream}, its topic {site}/{stream}")
+        site, stream = sender_of(self.topics, inbound.topic, m, "bad_sync")
         try:
             done = self.store.apply(m)
         except ValueError as exc:

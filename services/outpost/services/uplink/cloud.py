@@ -23,13 +23,12 @@ from __future__ import annotations
 from typing import Literal
 
 from outpost.contracts import StreamBatch, model_contract
-from outpost.errors import TopicError
 from outpost.log import get_logger
 from outpost.service import Ack, Inbound, Rejected, ServiceRuntime
 from outpost.services.registry import OutpostSettings
 from outpost.services.uplink.service import PART
 from outpost.services.uplink.store import CloudStore, CloudStoreError
-from outpost.streams import answer
+from outpost.streams import answer, sender_of
 from outpost.topics import Topics
 
 NAME = "cloud"
@@ -70,12 +69,7 @@ class CloudUplink:
 
     def _on_message(self, inbound: Inbound[UplinkBatch]) -> None:
         m = inbound.items[0][1]
-        try:
-            site, _part, stream = self.settings.topics.site_up_of(inbound.topic)
-        except TopicError as exc:
-            raise Rejected("bad_batch", str(exc)) from None
-        if (m.site, m.stream) != (site, stream):
-            raise Rejected("bad_batch", f"the message says {m.site}/{m.stream}, its topic {site}/{stream}")
+        site, stream = sender_of(self.settings.topics, inbound.topic, m, "bad_batch")
         c = self.metrics.counters
         try:
             done, seen = self.store.apply(m)
