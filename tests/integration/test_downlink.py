@@ -15,7 +15,6 @@ from typing import Any
 
 import orjson
 import pytest
-
 from pydantic import SecretStr
 
 from outpost.access import OPERATOR, SiteAccess, acl_text, service_user
