@@ -35,8 +35,9 @@ streams are offered the bucket in the order they were given (the first one's rec
 and nothing is sent while the bucket is in debt.
 
 A cloud side mounts the receiving end with :func:`receive_streams` (every site's messages applied,
-answered, counted, dead-lettered the same way); the receiving side works on SQLite or on any DB-API connection whose ``execute`` returns a cursor
-(PostgreSQL with psycopg 3): it is given how to open a transaction and the driver's placeholder.
+answered, counted and dead-lettered the same way). The receiving side works on SQLite or on any
+DB-API connection whose ``execute`` returns a cursor (PostgreSQL with psycopg 3): it is given how to
+open a transaction and the driver's placeholder.
 
 Memory sync (``outpost.services.memory.sync`` and ``.replica``) is the first user; the uplink
 (``outpost.services.uplink``, with its cloud side on PostgreSQL) the second.
