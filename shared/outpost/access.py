@@ -136,7 +136,10 @@ SERVICE_TOPICS: dict[str, tuple[tuple[Access, str], ...]] = {
         ("read", "down/#"),
         ("read", "$uplink"),
         ("write", "up/#"),
+        # the downlink (outpost.downlink): desired state, and what a command becomes on the site
         ("write", "control/+/desired"),
+        ("write", "escalations/+/+/reply"),
+        ("write", "actions/+"),
     ),
 }
 """What each service reads and writes beyond what every service does (:func:`service_rules`): its

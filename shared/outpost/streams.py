@@ -34,8 +34,10 @@ A **byte gate** (:class:`ByteBucket`, optional) caps what the sender publishes i
 streams are offered the bucket in the order they were given (the first one's records go first),
 and nothing is sent while the bucket is in debt.
 
-The receiving side works on SQLite or on any DB-API connection whose ``execute`` returns a cursor
-(PostgreSQL with psycopg 3): it is given how to open a transaction and the driver's placeholder.
+A cloud side mounts the receiving end with :func:`receive_streams` (every site's messages applied,
+answered, counted and dead-lettered the same way). The receiving side works on SQLite or on any
+DB-API connection whose ``execute`` returns a cursor (PostgreSQL with psycopg 3): it is given how to
+open a transaction and the driver's placeholder.
 
 Memory sync (``outpost.services.memory.sync`` and ``.replica``) is the first user; the uplink
 (``outpost.services.uplink``, with its cloud side on PostgreSQL) the second.
@@ -53,7 +55,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar, cast
 import orjson
 from pydantic import ValidationError
 
-from outpost.contracts import StreamAck, StreamBatch, encode, header
+from outpost.contracts import Contract, StreamAck, StreamBatch, encode, header
 from outpost.errors import TopicError
 from outpost.log import get_logger
 from outpost.service import Ack, Inbound, Rejected, ServiceRuntime
@@ -394,6 +396,9 @@ class Applied:
     unknown: bool = False
     """The message goes on from a history this receiver does not hold (its state was lost, or the
     first message was): the sender must send this stream again from its start."""
+    same_id: int = 0
+    """Of ``applied``, records already held under another offset, recognised by their id (the
+    sender took them twice) and so stored once: for receivers that keep records by id."""
 
 
 class Cursor(Protocol):
@@ -524,3 +529,75 @@ def sender_of(topics: Topics, topic: str, m: StreamBatch, reason: str) -> tuple[
     if (m.site, m.stream) != (site, stream):
         raise Rejected(reason, f"the message says {m.site}/{m.stream}, its topic {site}/{stream}")
     return site, stream
+
+
+B = TypeVar("B", bound=StreamBatch)
+
+
+class StoreUnavailableError(Exception):
+    """What a receiver's ``apply`` raises when its database failed and nothing was committed: the
+    message is left unanswered (the sender sends it again) and not dead-lettered."""
+
+
+def receive_streams(
+    rt: ServiceRuntime,
+    part: str,
+    contract: Contract[B],
+    apply: Callable[[B], Applied],
+    *,
+    bad: str,
+    max_bytes: int,
+) -> None:
+    """Receive ``part``'s streams of every site of the installation on ``rt`` (the cloud side):
+    each message applied by ``apply`` (one transaction), then answered on its site's
+    ``down/{part}/ack``. ``bad``: the dead-letter reason of a message that is not a valid one of the
+    site its topic names (and of ``apply``'s ValueError); a record refused alone is dead-lettered
+    ``bad_record``. Counted: ``applied.{stream}``, ``duplicates``, ``duplicate_ids``, ``gaps``,
+    ``resets``, ``unknown``, ``db_errors`` (while :class:`StoreUnavailableError`: the status says the
+    error, nothing is answered).
+
+    Committed before the handler returns, and the answer is an output it waits for
+    (``AFTER_OUTPUTS``): the message is acknowledged only once the broker holds that answer. A crash
+    between the commit and the answer has the broker redeliver the message, which is then a
+    duplicate answered at once; acknowledged at once, the answer would be lost and the site would
+    learn where the receiver stands only after its resend time, by resending a window of records
+    across the uplink."""
+    topics, c = rt.topics, rt.metrics.counters
+
+    def on_message(inbound: Inbound[B]) -> None:
+        m = inbound.items[0][1]
+        site, stream = sender_of(topics, inbound.topic, m, bad)
+        try:
+            done = apply(m)
+        except ValueError as exc:
+            raise Rejected(bad, str(exc)[:1000]) from None
+        except StoreUnavailableError as exc:
+            c["db_errors"] += 1
+            rt.set_problems([str(exc)])
+            return
+        rt.set_problems([])
+        c[f"applied.{stream}"] += done.applied - done.same_id
+        c["duplicates"] += done.duplicates
+        c["duplicate_ids"] += done.same_id
+        c["gaps"] += done.gap
+        c["resets"] += done.reset
+        c["unknown"] += done.unknown
+        for offset, why in done.rejected:
+            rt.dead_letter(
+                "bad_record",
+                f"{site}/{stream} record {offset}: {why}",
+                inbound.topic,
+                inbound.raw,
+                for_=inbound.turn,
+            )
+        to = Topics(site=site, prefix=topics.prefix).down(part, "ack")
+        rt.publish(to, answer(m, done), for_=inbound.turn)
+
+    rt.subscribe(
+        topics.every_site_up(part),
+        on_message,
+        contract=contract,
+        ack=Ack.AFTER_OUTPUTS,
+        invalid_reason=bad,
+        max_bytes=max_bytes,
+    )

@@ -1,7 +1,9 @@
 """The downlink for real: an edge Mosquitto bridged to a cloud Mosquitto (the lines ``outpost up``
-writes), a service on the edge with a :class:`outpost.downlink.Downlink` mounted. What the cloud
-sends while the link is down arrives once it is back and is applied once; an expired command is
-refused and reported; the agents' desired state reaches ``control/agents/desired``."""
+writes), the uplink service on the edge (its :class:`outpost.downlink.Downlink` mounted), with the
+users and ACL ``outpost up`` generates (:mod:`outpost.access`), so each publish the downlink makes is
+one its user may make. What the cloud sends while the link is down arrives once it is back and is
+applied once; an expired command is refused and reported; the agents' desired state reaches
+``control/agents/desired``."""
 
 from __future__ import annotations
 
@@ -13,15 +15,18 @@ from typing import Any
 
 import orjson
 import pytest
+from pydantic import SecretStr
 
+from outpost.access import OPERATOR, SiteAccess, acl_text, service_user
 from outpost.broker import Mosquitto, uplink_bridge
 from outpost.bus import Bus
 from outpost.contracts import derived_id, header
-from outpost.downlink import REASONS, Downlink
-from outpost.service import ServiceRuntime
-from outpost.settings import CoreSettings, MqttSettings, UplinkSettings
+from outpost.services.registry import OutpostSettings
+from outpost.services.uplink.service import Uplink
+from outpost.services.uplink.service import run as run_uplink
+from outpost.settings import MqttSettings
 from outpost.topics import Topics
-from tests.conftest import Collector
+from tests.conftest import Collector, ServiceThread, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -31,18 +36,25 @@ class Site:
     topics: Topics
     cloud: Mosquitto
     edge: Mosquitto
-    rt: ServiceRuntime
+    uplink: ServiceThread[Uplink]
     cloud_pub: Bus
+    access: SiteAccess
 
     def send(self, topic: str, doc: dict[str, Any], *, retain: bool = False) -> None:
         """Publish on the cloud broker, confirmed."""
         self.cloud_pub.publish(topic, orjson.dumps(doc), qos=1, retain=retain)
         assert self.cloud_pub.drain(10)
 
-    def on_edge(self, pattern: str, name: str) -> Collector:
-        """A durable subscriber on the edge broker (it outlives the edge broker's restart)."""
+    def as_user(self, user: str) -> MqttSettings:
+        return MqttSettings(
+            port=self.edge.port, username=user, password=SecretStr(self.access.password(user))
+        )
+
+    def on_edge(self, pattern: str, name: str, user: str = service_user("memory")) -> Collector:
+        """A durable subscriber on the edge broker (it outlives the edge broker's restart), as a
+        user that may read it (the memory service reads what every stage publishes)."""
         return Collector(
-            MqttSettings(port=self.edge.port), pattern, client_id=f"{name}-{self.topics.site}", durable=True
+            self.as_user(user), pattern, client_id=f"{name}-{self.topics.site}", durable=True
         ).start()
 
     def on_cloud(self, pattern: str, name: str) -> Collector:
@@ -52,7 +64,7 @@ class Site:
 
     def bridge_up(self) -> None:
         state = Collector(
-            MqttSettings(port=self.edge.port), self.topics.uplink_state(), client_id=f"st-{self.topics.site}"
+            self.as_user(OPERATOR), self.topics.uplink_state(), client_id=f"st-{self.topics.site}"
         ).start()
         try:
             assert state.wait_for(lambda c: bool(c.messages) and c.messages[-1][1] == b"1")
@@ -62,24 +74,31 @@ class Site:
 
 @pytest.fixture
 def site_rig(tmp_path: Path, site: str) -> Iterator[Site]:
-    topics = Topics(site=site)
     cloud = Mosquitto(tmp_path / "cloud").start()
+    settings = OutpostSettings(site=site, data_dir=tmp_path / "data")
+    settings.uplink.cloud = cloud.address
+    access = SiteAccess.of(tmp_path / "site", settings.topics)
+    services = list(OutpostSettings.SERVICES)
     edge = Mosquitto(
-        tmp_path / "edge", extra_conf=uplink_bridge(topics, UplinkSettings(cloud=cloud.address))
+        tmp_path / "edge",
+        users=access.passwords(services),
+        acl=acl_text(access.principals(services)).splitlines(),
+        extra_conf=uplink_bridge(settings.topics, settings.uplink),
     ).start()
-    settings = CoreSettings(site=site, data_dir=tmp_path / "data")
     settings.mqtt.port = edge.port
-    rt = ServiceRuntime("uplink", settings, reasons=REASONS, durable=True, mqtt5=False)
-    downlink = Downlink(rt, rt.state_dir("uplink"))
-    rt.start()
+    settings.mqtt.username = service_user("uplink")
+    settings.mqtt.password = SecretStr(access.password(service_user("uplink")))
+    uplink = ServiceThread(run_uplink, settings).start()
+    operator = settings.model_copy(deep=True)
+    operator.mqtt.username, operator.mqtt.password = OPERATOR, SecretStr(access.password(OPERATOR))
+    wait_status(operator, "uplink")
     pub = Bus(MqttSettings(port=cloud.port), client_id=f"cloud-pub-{site}")
     pub.start()
-    s = Site(topics, cloud, edge, rt, pub)
+    s = Site(settings.topics, cloud, edge, uplink, pub, access)
     s.bridge_up()
     yield s
     pub.stop()
-    rt.stop()
-    downlink.close()
+    uplink.stop()
     edge.stop()
     cloud.stop()
 
@@ -144,7 +163,7 @@ def test_a_malformed_command_is_dead_lettered(site_rig: Site) -> None:
 
 def test_desired_state_for_the_agents_reaches_their_control_topic_only_when_newer(site_rig: Site) -> None:
     s, t = site_rig, site_rig.topics
-    control = s.on_edge(t.control("agents", "desired"), "control")
+    control = s.on_edge(t.control("agents", "desired"), "control", OPERATOR)
     down = t.down_desired("agents")
     s.send(down, {"all": "paused", "agents": {}, "ts": 2}, retain=True)
     s.send(down, {"all": "stopped", "agents": {}, "ts": 1}, retain=True)  # older: not applied
@@ -153,7 +172,7 @@ def test_desired_state_for_the_agents_reaches_their_control_topic_only_when_newe
     assert [d["ts"] for d in control.json()] == [2, 3]
     control.stop()
     # retained on the site: what a starting agent service reads
-    late = s.on_edge(t.control("agents", "desired"), "late")
+    late = s.on_edge(t.control("agents", "desired"), "late", OPERATOR)
     assert late.wait_for(lambda c: len(c.json()) >= 1)
     assert late.json()[-1]["ts"] == 3
     late.stop()

@@ -17,13 +17,12 @@ import orjson
 import typer
 from rich.table import Table
 
-from outpost.cli.output import print_json, stdout_console
+from outpost.cli.output import JsonOpt, print_json, stdout_console
 from outpost.cli.site import DataDirOpt, SiteOpt, Where, find_site, group_options
 from outpost.errors import ConfigError
 
 actions_app = typer.Typer(help="Action requests and their outcomes: list, trace.", no_args_is_help=True)
 actions_app.callback()(group_options)
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object on the last line.")]
 
 
 def _db(path: Path) -> sqlite3.Connection | None:

@@ -26,9 +26,9 @@ from rich.table import Table
 from outpost.broker import port_open
 from outpost.bus import Bus, Message
 from outpost.cli.log import when_ns
-from outpost.cli.output import print_json, stdout_console
+from outpost.cli.output import JsonOpt, print_json, stdout_console
 from outpost.cli.progress import Phases
-from outpost.cli.site import DataDirOpt, SiteOpt, Where, find_site, group_options
+from outpost.cli.site import DataDirOpt, SiteBrokerOpt, SiteOpt, Where, find_site, group_options
 from outpost.contracts import header
 from outpost.errors import BrokerError, ConfigError
 
@@ -41,13 +41,6 @@ escalations_app = typer.Typer(
 agents_app.callback()(group_options)
 escalations_app.callback()(group_options)
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")]
-BrokerOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--broker", help="The site's broker, HOST:PORT (default: the settings, then the running site's)."
-    ),
-]
 NameArg = Annotated[str | None, typer.Argument(help="The agent (or --all).", show_default=False)]
 AllOpt = Annotated[bool, typer.Option("--all", help="Every agent of the site.")]
 WaitOpt = Annotated[
@@ -173,7 +166,7 @@ def _agents_table(agents: dict[str, Any], title: str) -> Table:
 
 @agents_app.command("list")
 def list_agents(
-    json_out: JsonOpt = False, broker: BrokerOpt = None, data_dir: DataDirOpt = None, site: SiteOpt = None
+    json_out: JsonOpt = False, broker: SiteBrokerOpt = None, data_dir: DataDirOpt = None, site: SiteOpt = None
 ) -> None:
     """Each agent's state, budgets used against their limits, breakers, drift, decisions,
     escalations open and override rate: what the running agent service reports
@@ -253,7 +246,7 @@ def stop(
     name: NameArg = None,
     every: AllOpt = False,
     wait_s: WaitOpt = 5.0,
-    broker: BrokerOpt = None,
+    broker: SiteBrokerOpt = None,
     data_dir: DataDirOpt = None,
     site: SiteOpt = None,
 ) -> None:
@@ -266,7 +259,7 @@ def pause(
     name: NameArg = None,
     every: AllOpt = False,
     wait_s: WaitOpt = 5.0,
-    broker: BrokerOpt = None,
+    broker: SiteBrokerOpt = None,
     data_dir: DataDirOpt = None,
     site: SiteOpt = None,
 ) -> None:
@@ -279,7 +272,7 @@ def resume(
     name: NameArg = None,
     every: AllOpt = False,
     wait_s: WaitOpt = 5.0,
-    broker: BrokerOpt = None,
+    broker: SiteBrokerOpt = None,
     data_dir: DataDirOpt = None,
     site: SiteOpt = None,
 ) -> None:
@@ -430,7 +423,7 @@ def approve(
     note: NoteOpt = "",
     wait_s: WaitOpt = 5.0,
     json_out: JsonOpt = False,
-    broker: BrokerOpt = None,
+    broker: SiteBrokerOpt = None,
     data_dir: DataDirOpt = None,
     site: SiteOpt = None,
 ) -> None:
@@ -446,7 +439,7 @@ def reject(
     note: NoteOpt = "",
     wait_s: WaitOpt = 5.0,
     json_out: JsonOpt = False,
-    broker: BrokerOpt = None,
+    broker: SiteBrokerOpt = None,
     data_dir: DataDirOpt = None,
     site: SiteOpt = None,
 ) -> None:
@@ -463,7 +456,7 @@ def edit(
     note: NoteOpt = "",
     wait_s: WaitOpt = 5.0,
     json_out: JsonOpt = False,
-    broker: BrokerOpt = None,
+    broker: SiteBrokerOpt = None,
     data_dir: DataDirOpt = None,
     site: SiteOpt = None,
 ) -> None:

@@ -14,7 +14,7 @@ import typer
 from outpost.benchmarks.clients import CLIENTS, run_clients_bench
 from outpost.benchmarks.ingest import IngestBenchOptions, plan, run_ingest_bench
 from outpost.benchmarks.report import clients_table, machine_line, print_ingest
-from outpost.cli.output import print_json, stdout_console
+from outpost.cli.output import JsonOpt, print_json, stdout_console
 from outpost.cli.progress import Phases
 from outpost.errors import ConfigError
 
@@ -24,7 +24,6 @@ bench_app = typer.Typer(
     no_args_is_help=True,
 )
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")]
 QuickOpt = Annotated[bool, typer.Option("--quick", help="A short run (about 20 s): fewer, shorter phases.")]
 
 

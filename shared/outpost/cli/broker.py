@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from outpost.access import SiteAccess
-from outpost.cli.output import print_json, stdout_console
+from outpost.cli.output import JsonOpt, print_json, stdout_console
 from outpost.cli.site import DataDirOpt, SiteOpt, Where, find_site, group_options
 from outpost.errors import ConfigError, TopicError
 from outpost.services.registry import OutpostSettings
@@ -23,8 +23,6 @@ broker_app = typer.Typer(
     help="The site broker's users: enroll devices, list principals.", no_args_is_help=True
 )
 broker_app.callback()(group_options)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object on the last line.")]
 
 
 def _access(where: Where) -> SiteAccess:

@@ -15,8 +15,8 @@ import typer
 from rich.table import Table
 
 from outpost.cli import cloud_broker
-from outpost.cli.output import print_json, stdout_console
-from outpost.cli.site import find_site, group_options
+from outpost.cli.output import JsonOpt, print_json, stdout_console
+from outpost.cli.site import CloudBrokerOpt, find_site, group_options
 from outpost.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -35,9 +35,6 @@ DbOpt = Annotated[
     typer.Option(
         "--db", help="Where the records go: postgresql://USER@HOST:PORT/DB (many sites) or sqlite:///PATH."
     ),
-]
-CloudBrokerOpt = Annotated[
-    str | None, typer.Option("--broker", help="HOST:PORT of the cloud broker (default: mqtt.host/port).")
 ]
 ReplicaOpt = Annotated[
     Path | None,
@@ -101,7 +98,7 @@ def run(db: DbOpt, broker: CloudBrokerOpt = None, replica: ReplicaOpt = None) ->
 def status(
     db: DbOpt,
     replica: ReplicaOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object on the last line.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Per site and stream: the acknowledged offset, records held, the lag (records the site held past
     its last message, as it said), when the last arrived."""

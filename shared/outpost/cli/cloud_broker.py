@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from outpost.access import CLOUD_USER, CloudBroker, bridge_user
-from outpost.cli.output import print_json, stdout_console
+from outpost.cli.output import JsonOpt, print_json, stdout_console
 from outpost.cli.site import find_site
 from outpost.errors import ConfigError, TopicError
 
@@ -39,7 +39,7 @@ def broker_config(
     run_as: Annotated[
         str | None, typer.Option(help="The user Mosquitto runs as when started as root (default: mosquitto).")
     ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object on the last line.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Write the cloud broker's config for a fleet of SITES: each site's bridge confined to its own
     up/ and down/, the cloud side's user reading every site's up/. Run it again to add a site:

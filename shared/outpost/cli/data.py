@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from outpost.cli.output import print_json, stdout_console
+from outpost.cli.output import JsonOpt, print_json, stdout_console
 from outpost.cli.site import DataDirOpt, SiteOpt, find_site, group_options
 from outpost.datadir import legacy_state, migrate, sites
 
@@ -21,7 +21,7 @@ data_app.callback()(group_options)
 def where(
     data_dir: DataDirOpt = None,
     site: SiteOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Where the commands look (data folder, site, broker, and what gave each), the sites the
     folder holds, and whether an outpost up runs there."""

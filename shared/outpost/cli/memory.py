@@ -15,8 +15,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from outpost.cli.output import print_json, stdout_console
-from outpost.cli.site import find_site, group_options
+from outpost.cli.output import JsonOpt, print_json, stdout_console
+from outpost.cli.site import CloudBrokerOpt, find_site, group_options
 from outpost.errors import ConfigError
 from outpost.services.registry import OutpostSettings
 
@@ -24,9 +24,6 @@ memory_app = typer.Typer(
     help="Memory sync, the cloud side: run the replica, see what it holds.", no_args_is_help=True
 )
 
-BrokerOpt = Annotated[
-    str | None, typer.Option("--broker", help="HOST:PORT of the cloud broker (default: mqtt.host/port).")
-]
 DataOpt = Annotated[
     Path | None,
     typer.Option(
@@ -43,7 +40,7 @@ def _settings(broker: str | None, data_dir: Path | None) -> OutpostSettings:
 
 
 @memory_app.command("replica")
-def replica(broker: BrokerOpt = None, data_dir: DataOpt = None) -> None:
+def replica(broker: CloudBrokerOpt = None, data_dir: DataOpt = None) -> None:
     """Run the cloud replica until Ctrl-C or SIGTERM: it applies every site's sync messages and
     acknowledges what it has stored."""
     from outpost.service import install_stop_signals, run_until
@@ -66,7 +63,7 @@ def replica(broker: BrokerOpt = None, data_dir: DataOpt = None) -> None:
 @memory_app.command("cloud")
 def cloud(
     data_dir: DataOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object on the last line.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """What the replica holds per site: items, log summaries, entries summarised, last offsets."""
     from outpost.services.memory.replica import ReplicaStore

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from outpost.cli.output import print_json, stdout_console
+from outpost.cli.output import JsonOpt, print_json, stdout_console
 from outpost.cli.progress import Phases
 from outpost.cli.site import DataDirOpt, SiteOpt, find_site, group_options
 from outpost.errors import ConfigError, OutpostError
@@ -23,7 +23,6 @@ model_app = typer.Typer(
     help="Model registry: list, verify, activate, shadow, rollback, quantize.", no_args_is_help=True
 )
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")]
 NameArg = Annotated[str, typer.Argument(help="Model name, e.g. fridge-anomaly.")]
 VersionArg = Annotated[str, typer.Argument(help="Version, e.g. 1.1.0.")]
 model_app.callback()(group_options)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated
 
 import orjson
+import typer
 from rich.console import Console
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")]
+"""``--json`` of every command whose figures a script reads (:func:`print_json`)."""
 
 
 def stdout_console() -> Console:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from outpost.cli.output import print_json, stdout_console
+from outpost.cli.output import JsonOpt, print_json, stdout_console
 from outpost.cli.site import DataDirOpt, SiteOpt, find_site, group_options
 from outpost.errors import ConfigError
 
@@ -55,7 +55,7 @@ def set_(
 
 @secrets_app.command("list")
 def list_(
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object on the last line.")] = False,
+    json_out: JsonOpt = False,
     data_dir: DataDirOpt = None,
     site: SiteOpt = None,
 ) -> None:

@@ -25,6 +25,7 @@ from rich.console import Console
 
 from outpost.access import OPERATOR
 from outpost.broker import check_broker
+from outpost.cli.output import JsonOpt
 from outpost.cli.site import DataDirOpt, SiteOpt, Where, find_site
 from outpost.errors import BrokerError, ConfigError
 from outpost.settings import MqttSettings
@@ -101,9 +102,7 @@ def sim(
             show_default=False,
         ),
     ] = None,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print the report as one JSON object on the last line.")
-    ] = False,
+    json_out: JsonOpt = False,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Simulate a fleet of devices publishing telemetry (with bad input, anomalies and churn)."""

@@ -49,6 +49,16 @@ SiteOpt = Annotated[
     ),
 ]
 
+SiteBrokerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--broker", help="The site's broker, HOST:PORT (default: the settings, then the running site's)."
+    ),
+]
+CloudBrokerOpt = Annotated[
+    str | None, typer.Option("--broker", help="HOST:PORT of the cloud broker (default: mqtt.host/port).")
+]
+
 _given: dict[str, Any] = {"data_dir": None, "site": None}
 """``--data-dir`` and ``--site`` given before the subcommand (set anew on every invocation)."""
 

@@ -23,8 +23,8 @@ from rich.live import Live
 from rich.table import Table
 
 from outpost.broker import free_port, port_open
-from outpost.cli.output import print_json
-from outpost.cli.site import DataDirOpt, SiteOpt, Where, find_site
+from outpost.cli.output import JsonOpt, print_json
+from outpost.cli.site import DataDirOpt, SiteBrokerOpt, SiteOpt, Where, find_site
 from outpost.datadir import site_path
 from outpost.errors import BrokerError, OutpostError
 from outpost.log import setup_logging
@@ -39,10 +39,9 @@ from outpost.tsdb import VictoriaMetrics
 
 console = Console()
 
-BrokerOpt = Annotated[
+RunningBrokerOpt = Annotated[
     str | None, typer.Option("--broker", help="Use a running broker HOST:PORT instead of starting one.")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")]
 
 
 def _settings(where: Where) -> OutpostSettings:
@@ -205,7 +204,7 @@ def _can_listen(host: str, port: int) -> bool:
 
 
 def up(
-    broker: BrokerOpt = None,
+    broker: RunningBrokerOpt = None,
     site: SiteOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
@@ -290,7 +289,7 @@ def demo(
     rate: Annotated[float, typer.Option(help="Readings/s offered by the simulator.", min=1)] = 2000.0,
     bad_ratio: Annotated[float, typer.Option(help="Fraction of bad payloads.", min=0, max=1)] = 0.02,
     seed: Annotated[int, typer.Option(help="Simulator seed (reproducible runs).")] = 7,
-    broker: BrokerOpt = None,
+    broker: RunningBrokerOpt = None,
     site: SiteOpt = None,
     json_out: JsonOpt = False,
     keep: Annotated[
@@ -470,12 +469,7 @@ def _settle(mon: SiteMonitor, quiet_s: float = 1.5, limit_s: float = 15.0) -> No
 
 
 def status(
-    broker: Annotated[
-        str | None,
-        typer.Option(
-            "--broker", help="The site's broker, HOST:PORT (default: the settings, then the running site's)."
-        ),
-    ] = None,
+    broker: SiteBrokerOpt = None,
     site: SiteOpt = None,
     data_dir: DataDirOpt = None,
     wait_s: Annotated[float, typer.Option("--wait", help="Seconds to listen for metrics.", min=0.5)] = 6.0,

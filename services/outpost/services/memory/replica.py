@@ -30,12 +30,11 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from outpost.contracts import StreamBatch, model_contract
 from outpost.errors import OutpostError
 from outpost.log import get_logger
-from outpost.service import Ack, Inbound, Rejected, ServiceRuntime, run_until, service_main
+from outpost.service import ServiceRuntime, run_until, service_main
 from outpost.services.memory.sync import PART
 from outpost.services.registry import OutpostSettings
 from outpost.store import Store
-from outpost.streams import RECEIVER_SCHEMA, Applied, ReceivedStreams, answer, sender_of
-from outpost.topics import Topics
+from outpost.streams import RECEIVER_SCHEMA, Applied, ReceivedStreams, receive_streams
 
 __all__ = ["Applied", "CloudReplica", "ReplicaError", "ReplicaStore", "SyncMessage", "main", "run"]
 
@@ -242,45 +241,9 @@ class CloudReplica:
         self.metrics = self.rt.metrics
         self.topics = settings.topics
         self.store = ReplicaStore(Path(settings.data_dir) / "replica.db")
-        # A message is applied and committed (SQLite, synchronous=FULL) before its handler returns,
-        # and its answer to the site is an output it waits for (AFTER_OUTPUTS): acknowledged only
-        # once the cloud broker holds that answer. A crash between the commit and the answer then
-        # has the broker redeliver the message, which the replica already holds and answers again
-        # at once (duplicates); acknowledged at once, the answer would be lost and the site would
-        # learn where the replica stands only after memory.sync_resend_s, by resending a window of
-        # records across the uplink.
-        self.rt.subscribe(
-            self.topics.every_site_up(PART),
-            self._on_message,
-            contract=SYNC_MESSAGE,
-            ack=Ack.AFTER_OUTPUTS,
-            invalid_reason="bad_sync",
-            max_bytes=MAX_MESSAGE_BYTES,
+        receive_streams(
+            self.rt, PART, SYNC_MESSAGE, self.store.apply, bad="bad_sync", max_bytes=MAX_MESSAGE_BYTES
         )
-
-    def _on_message(self, inbound: Inbound[SyncMessage]) -> None:
-        m = inbound.items[0][1]
-        site, stream = sender_of(self.topics, inbound.topic, m, "bad_sync")
-        try:
-            done = self.store.apply(m)
-        except ValueError as exc:
-            raise Rejected("bad_sync", str(exc)[:1000]) from None
-        c = self.metrics.counters
-        c[f"applied.{stream}"] += done.applied
-        c["duplicates"] += done.duplicates
-        c["gaps"] += done.gap
-        for offset, why in done.rejected:
-            self.rt.dead_letter(
-                "bad_record",
-                f"{site}/{stream} record {offset}: {why}",
-                inbound.topic,
-                inbound.raw,
-                for_=inbound.turn,
-            )
-        c["resets"] += done.reset
-        c["unknown"] += done.unknown
-        to = Topics(site=site, prefix=self.settings.prefix).down(PART, "ack")
-        self.rt.publish(to, answer(m, done), for_=inbound.turn)
 
     def start(self) -> None:
         """Returns at once and keeps trying the cloud broker (it may come up later); a stop

@@ -24,12 +24,11 @@ from typing import Literal
 
 from outpost.contracts import StreamBatch, model_contract
 from outpost.log import get_logger
-from outpost.service import Ack, Inbound, Rejected, ServiceRuntime
+from outpost.service import ServiceRuntime
 from outpost.services.registry import OutpostSettings
 from outpost.services.uplink.service import PART
-from outpost.services.uplink.store import CloudStore, CloudStoreError
-from outpost.streams import answer, sender_of
-from outpost.topics import Topics
+from outpost.services.uplink.store import CloudStore
+from outpost.streams import receive_streams
 
 NAME = "cloud"
 log = get_logger("outpost.services.uplink.cloud")
@@ -56,49 +55,9 @@ class CloudUplink:
             NAME, settings, reasons=("bad_batch", "bad_record"), durable=True, mqtt5=False
         )
         self.metrics = self.rt.metrics
-        # committed before the handler returns; the answer is an output it waits for: a crash between
-        # the two has the broker redeliver the message, which is then a duplicate answered at once
-        self.rt.subscribe(
-            settings.topics.every_site_up(PART),
-            self._on_message,
-            contract=UPLINK_BATCH,
-            ack=Ack.AFTER_OUTPUTS,
-            invalid_reason="bad_batch",
-            max_bytes=MAX_MESSAGE_BYTES,
+        receive_streams(
+            self.rt, PART, UPLINK_BATCH, store.apply, bad="bad_batch", max_bytes=MAX_MESSAGE_BYTES
         )
-
-    def _on_message(self, inbound: Inbound[UplinkBatch]) -> None:
-        m = inbound.items[0][1]
-        site, stream = sender_of(self.settings.topics, inbound.topic, m, "bad_batch")
-        c = self.metrics.counters
-        try:
-            done, seen = self.store.apply(m)
-        except ValueError as exc:
-            raise Rejected("bad_batch", str(exc)[:1000]) from None
-        except CloudStoreError as exc:
-            # nothing was committed, so nothing is answered: the site sends it again after
-            # uplink.resend_s (its records stay on its disk until the cloud has them), by which time
-            # a new connection may be up; no dead letter, the message is not at fault
-            c["db_errors"] += 1
-            self.rt.set_problems([str(exc)])
-            return
-        self.rt.set_problems([])
-        c[f"applied.{stream}"] += done.applied - seen
-        c["duplicates"] += done.duplicates
-        c["duplicate_ids"] += seen
-        c["gaps"] += done.gap
-        c["resets"] += done.reset
-        c["unknown"] += done.unknown
-        for offset, why in done.rejected:
-            self.rt.dead_letter(
-                "bad_record",
-                f"{site}/{stream} record {offset}: {why}",
-                inbound.topic,
-                inbound.raw,
-                for_=inbound.turn,
-            )
-        to = Topics(site=site, prefix=self.settings.prefix).down(PART, "ack")
-        self.rt.publish(to, answer(m, done), for_=inbound.turn)
 
     def start(self) -> None:
         """Returns at once and keeps trying the cloud broker (it may come up later)."""

@@ -16,8 +16,11 @@ cloud side (:mod:`.cloud`) answers on ``down/uplink/ack``. The outbox is kept wi
 ``uplink.max_outbox_mb`` and ``uplink.max_age_s`` (:mod:`.outbox`), counted.
 
 Without ``uplink.cloud`` the service takes nothing (a site with no cloud keeps nothing for one).
-It only ever subscribes: nothing local waits for it or for the cloud. The downlink (commands and
-desired state coming down) belongs beside the streams in :class:`Uplink`.
+It only ever subscribes: nothing local waits for it or for the cloud.
+
+The downlink (:class:`outpost.downlink.Downlink`: commands and desired state coming down the
+bridge, docs/downlink.md) is mounted here too, its state beside the outbox: the uplink's session is
+the durable one that a site with a cloud always runs.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from typing import Any
 
 import orjson
 
+from outpost.downlink import REASONS as DOWNLINK_REASONS
+from outpost.downlink import Downlink
 from outpost.log import get_logger
 from outpost.service import SKIP, Ack, Inbound, Peek, Rejected, ServiceRuntime, run_until, service_main
 from outpost.services.registry import OutpostSettings
@@ -75,7 +80,7 @@ def records_of(raw: bytes) -> list[tuple[dict[str, Any], bytes]]:
 class Uplink:
     def __init__(self, settings: OutpostSettings) -> None:
         cfg = self.cfg = settings.uplink
-        self.rt = ServiceRuntime(NAME, settings, reasons=REASONS, durable=True)
+        self.rt = ServiceRuntime(NAME, settings, reasons=REASONS + DOWNLINK_REASONS, durable=True)
         self.metrics = self.rt.metrics
         self._root = self.rt.topics.root + "/"
         self.pending: list[Taken] = []
@@ -83,6 +88,7 @@ class Uplink:
         if not cfg.cloud:
             self.outbox: Outbox | None = None
             self.streams: OffsetStreams | None = None
+            self.downlink: Downlink | None = None
             self.rt.extra_status = lambda: {"uplink_idle": "no uplink.cloud: nothing is kept for a cloud"}
             return
         cap = cfg.max_bytes_s
@@ -106,6 +112,7 @@ class Uplink:
             counter_prefix="uplink",
             gate=gate,
         )
+        self.downlink = Downlink(self.rt, self.rt.state_dir("uplink"))
         t = self.rt.topics
         self._take(t.telemetry_alerts, "alerts")
         self._take(t.all_decisions, "decisions")
@@ -209,6 +216,8 @@ class Uplink:
                 self.streams.close()
             if self.outbox is not None:
                 self.outbox.close()
+            if self.downlink is not None:
+                self.downlink.close()
 
 
 def run(settings: OutpostSettings, stop: threading.Event) -> Uplink:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from contextlib import suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from outpost.contracts import StreamBatch
 from outpost.errors import OutpostError
 from outpost.store import Store
-from outpost.streams import Applied, ReceivedStreams, Sql
+from outpost.streams import Applied, ReceivedStreams, Sql, StoreUnavailableError
 from outpost.topics import SEGMENT_RE
 
 SCHEMA = (
@@ -56,7 +57,7 @@ SCHEMA = (
 )
 
 
-class CloudStoreError(OutpostError):
+class CloudStoreError(OutpostError, StoreUnavailableError):
     """The cloud side's database cannot be used (a bad URL, a server that does not answer)."""
 
 
@@ -143,9 +144,9 @@ class CloudStore:
         return sql.replace("?", "%s") if self.url_kind == "postgresql" else sql
 
     # --- the receiver (the cloud side's network thread) ---------------------------------------------
-    def apply(self, m: StreamBatch) -> tuple[Applied, int]:
+    def apply(self, m: StreamBatch) -> Applied:
         """Apply a message's records that follow the last one held, in one transaction; also how
-        many were already held by id (sent twice by the site). Each record is checked, then all
+        many were already held by id (sent twice by the site: ``same_id``). Each record is checked, then all
         are written in one bulk insert (psycopg pipelines it: one round trip, not three a record)."""
         rows: list[tuple[Any, ...]] = []
         now = time.time_ns()
@@ -186,7 +187,7 @@ class CloudStore:
         except (psycopg.OperationalError, psycopg.InterfaceError, sqlite3.OperationalError) as exc:
             self._broken = self.url_kind == "postgresql"
             raise CloudStoreError(f"the database failed: {str(exc).strip()[:300]}") from None
-        return done, len(rows) - inserted[0]
+        return replace(done, same_id=len(rows) - inserted[0])
 
     def _insert(self, db: _Db, rows: list[tuple[Any, ...]]) -> int:
         """Insert, skipping ids held already; how many were new."""
