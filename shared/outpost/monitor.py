@@ -232,6 +232,8 @@ class SiteMonitor:
                 "devices_seen": len(self.devices_online),
                 "ingest_counters": ingest,
                 "memory_counters": self.metrics.get("memory", {}).get("counters", {}),
+                "uplink_counters": self.metrics.get("uplink", {}).get("counters", {}),
+                "uplink_state": self.metrics.get("uplink", {}).get("state", {}),
                 "scores": self.scores,
                 "scores_by_model": dict(self.scores_by_model.most_common()),
                 "score_labels": dict(sorted(self.labels.items())),

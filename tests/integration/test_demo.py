@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import orjson
 import pytest
+
+from outpost.broker import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -76,3 +79,36 @@ def test_demo_runs_reports_and_stops_everything() -> None:
     tel = summary["telemetry"]
     assert tel["points"] > 0 and tel["bytes_upstream"] > 0
     assert {"process", "service_counter", "dlq"} <= set(tel["measurements"])
+
+
+def test_with_the_cloud_gone_the_site_decides_and_acts_and_keeps_what_the_cloud_must_get() -> None:
+    """Offline operation: ``uplink.cloud`` names a cloud broker that does not answer (nothing
+    listens there) for the whole run. The agents still decide and the connectors still act on the
+    shop's local peers; the uplink takes the decisions, action results and events into its outbox,
+    which holds them for the cloud: nothing upstream blocks a local decision."""
+    env = {
+        **os.environ,
+        "OUTPOST_UPLINK__CLOUD": f"127.0.0.1:{free_port()}",
+        "OUTPOST_UPLINK__EVENTS": '["*"]',
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "outpost.cli.main", "demo", "--duration", "6", "--devices", "12", "--json"],
+        capture_output=True,
+        timeout=180,
+        check=False,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    summary = orjson.loads(proc.stdout.decode().strip().splitlines()[-1])
+    assert summary["stopped_cleanly"] is True
+    assert summary["validated"] == summary["sent"] > 0
+    agents = summary["agents"]
+    assert sum(a["decisions"] for a in agents.values()) > 0
+    done = sum(a["outcomes"].get("done", 0) for a in summary["actions"].values())
+    assert done > 0, summary["actions"]
+    taken, state = summary["uplink_counters"], summary["uplink_state"]
+    assert state["uplink_up"] is False
+    for stream in ("decisions", "actions", "events"):
+        assert taken.get(f"uplink_taken.{stream}", 0) > 0, taken
+    assert taken.get("uplink_acked.events", 0) == 0
+    assert state["outbox_records"] == sum(v for k, v in taken.items() if k.startswith("uplink_taken."))
