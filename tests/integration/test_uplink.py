@@ -372,6 +372,17 @@ def test_the_disk_budget_drops_the_oldest_bulk_never_alerts(edge: OutpostSetting
         last = metrics.json()[-1]
         assert last["counters"].get("uplink_dropped.actions") == 5
         assert "uplink_dropped.alerts" not in last["counters"]
+        # and the operator sees it: outpost status, its table and its JSON
+        shown = outpost(
+            "status", "--broker", f"127.0.0.1:{edge.mqtt.port}", "--site", edge.site, "--wait", "2", "--json"
+        )
+        assert shown.returncode == 0, shown.stderr
+        box = orjson.loads(shown.stdout.strip().splitlines()[-1])["uplink"]["outbox"]
+        assert box["over_budget"] is True and box["budget_bytes"] == 50_000 and box["records"] == 40
+        assert (
+            box["dropped"]["actions"] == 5 and box["dropped"]["events"] > 0 and "alerts" not in box["dropped"]
+        )
+        assert "over budget" in shown.stdout and "dropped: " in shown.stdout
     finally:
         metrics.stop()
         up.stop()

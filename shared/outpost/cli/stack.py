@@ -518,6 +518,22 @@ def status(
         print_json(report)
 
 
+def _outbox(state: dict[str, Any], counters: dict[str, int]) -> dict[str, Any]:
+    """The uplink's outbox against its disk budget, and what the budget and the age limit cost."""
+
+    def per_stream(prefix: str) -> dict[str, int]:
+        return {k.removeprefix(prefix): int(v) for k, v in counters.items() if k.startswith(prefix) and v}
+
+    return {
+        "bytes": state.get("outbox_bytes"),
+        "records": state.get("outbox_records"),
+        "budget_bytes": state.get("outbox_budget_bytes"),
+        "over_budget": bool(state.get("outbox_over_budget")),
+        "dropped": per_stream("uplink_dropped."),
+        "expired": per_stream("uplink_expired."),
+    }
+
+
 def status_report(mon: SiteMonitor, where: Where) -> dict[str, Any]:
     """Everything ``outpost status`` shows, as the JSON it prints with ``--json``."""
     services: dict[str, Any] = {}
@@ -553,6 +569,8 @@ def status_report(mon: SiteMonitor, where: Where) -> dict[str, Any]:
                 }
             elif state.get("sync") == "off" and uplink is None:
                 uplink = {"up": None, "sync": "off", "backlog": {}}
+            if name == "uplink" and uplink is not None and "outbox_bytes" in state:
+                uplink["outbox"] = _outbox(state, counters)
         services[name] = {
             "state": st.get("state"),
             "health": st.get("health"),
@@ -637,6 +655,17 @@ def print_status(report: dict[str, Any]) -> None:
             or "none"
         )
         out.print(f"uplink: {'up' if up['up'] else 'DOWN'}; backlog not yet in the cloud: {backlog}")
+        box = up.get("outbox")
+        if box is not None:
+            line = f"outbox: {box['records'] or 0:,} records, {(box['bytes'] or 0) / 1e6:,.1f} MB"
+            if box["budget_bytes"]:
+                line += f" of a {box['budget_bytes'] / 1e6:,.0f} MB budget"
+            if box["over_budget"]:
+                line += " [red](over budget: only alerts left, kept)[/]"
+            for what in ("dropped", "expired"):
+                if box[what]:
+                    line += f"; {what}: " + ", ".join(f"{k} {v:,}" for k, v in box[what].items())
+            out.print(line)
 
 
 def register(app: typer.Typer) -> None:

@@ -199,6 +199,7 @@ class Uplink:
             **self.streams.status(),
             "outbox_bytes": self.outbox.bytes,
             "outbox_records": self.outbox.count,
+            "outbox_budget_bytes": int(self.cfg.max_outbox_mb * 1_000_000),
             "outbox_over_budget": self.outbox.bytes > self.cfg.max_outbox_mb * 1_000_000,
         }
 
