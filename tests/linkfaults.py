@@ -14,10 +14,9 @@ edge broker and a receiver process on the cloud broker. The link between the bro
 A :class:`DelayProxy` between the edge's bridge and the cloud broker adds latency.
 
 What runs at the ends is pluggable (:class:`Ends`): how to start the sender and the receiver
-(argv and environment, :class:`End`), how records reach the sender (a :class:`Feed`) and how to
-read what the receiver holds (:class:`Held`). :class:`TestEnds` runs the two small processes of
-:mod:`tests.linkfaults_ends`; the uplink service and ``outpost cloud run`` plug in the same way
-(their feed publishes on ``{root}/events/{device}``, their reader reads the cloud's database).
+(argv and environment, :class:`End`) and, once they run, a :class:`Probe` that puts records into
+the sender and reads what the receiver holds (:class:`Held`) and what the sender still holds. The
+tests run the uplink service and its cloud side (:mod:`tests.linkfaults_ends`).
 """
 
 from __future__ import annotations
@@ -30,9 +29,7 @@ import random
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -44,7 +41,6 @@ from outpost.broker import Mosquitto, free_port, uplink_bridge
 from outpost.settings import BrokerSettings, UplinkSettings
 from outpost.topics import Topics
 from tests.conftest import wait_until
-from tests.linkfaults_ends import SourceFeed
 
 REPO = Path(__file__).resolve().parents[1]
 NETNS_PREFIX = "outpost-faults-"
@@ -283,17 +279,30 @@ class Held:
 
     by_device: dict[str, list[int]]
     duplicates: int
+    notes: str = ""
+    """What else the ends have to say about the run (printed with the figures)."""
 
     @property
     def records(self) -> int:
         return sum(len(s) for s in self.by_device.values())
 
 
-class Feed(Protocol):
-    """How records reach the sender: ``put`` returns once they are durably the sender's."""
+class Probe(Protocol):
+    """The test's hands on the ends of one rig, made once both run."""
 
-    def put(self, records: list[tuple[str, str, int]]) -> None:
-        """(stream, device, seq) records."""
+    def put(self, records: list[tuple[str, int]]) -> None:
+        """(device, seq) records; returns once they are durably the sender's."""
+        ...
+
+    def held(self) -> Held: ...
+
+    def backlog(self) -> int:
+        """Records the sender still holds (not acknowledged by the receiver)."""
+        ...
+
+    def settle(self) -> None:
+        """Once everything arrived: until the figures the ends report (``Held.duplicates``) count
+        all of it."""
         ...
 
     def close(self) -> None: ...
@@ -306,65 +315,7 @@ class Ends(Protocol):
 
     def receiver(self, rig: Rig) -> End: ...
 
-    def feed(self, rig: Rig) -> Feed: ...
-
-    def held(self, rig: Rig) -> Held: ...
-
-    def backlog(self, rig: Rig) -> int:
-        """Records the sender still holds (not acknowledged by the receiver)."""
-        ...
-
-
-class TestEnds:
-    """The small ends of :mod:`tests.linkfaults_ends` (the harness's own proof)."""
-
-    __test__ = False  # not a pytest class
-
-    def __init__(self, *, window: int = 2000, batch: int = 100, resend_s: float = 1.0) -> None:
-        self.window, self.batch, self.resend_s = window, batch, resend_s
-
-    def sender(self, rig: Rig) -> End:
-        args = [str(rig.workdir / "sender.db"), ",".join(rig.streams), str(self.window), str(self.batch)]
-        return End(
-            [sys.executable, "-m", "tests.linkfaults_ends", "sender", *args, str(self.resend_s)],
-            rig.env("127.0.0.1", rig.edge.port),
-        )
-
-    def receiver(self, rig: Rig) -> End:
-        return End(
-            [sys.executable, "-m", "tests.linkfaults_ends", "receiver", str(rig.workdir / "receiver.db")],
-            rig.env(rig.link.cloud_host, rig.cloud.port, site="cloud"),
-        )
-
-    def feed(self, rig: Rig) -> Feed:
-        return SourceFeed(rig.workdir / "sender.db")
-
-    def held(self, rig: Rig) -> Held:
-        path = rig.workdir / "receiver.db"
-        if not path.exists():
-            return Held({}, 0)
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            db.execute("PRAGMA busy_timeout=5000")
-            by_device: dict[str, list[int]] = {}
-            try:
-                rows = db.execute("SELECT device, seq FROM received WHERE site = ? ORDER BY id", (rig.site,))
-                for device, seq in rows:
-                    by_device.setdefault(device, []).append(int(seq))
-                dup = db.execute("SELECT n FROM tally WHERE key = 'duplicates'").fetchone()
-            except sqlite3.OperationalError:  # the receiver has not made its tables yet
-                return Held({}, 0)
-        finally:
-            db.close()
-        return Held(by_device, int(dup[0]) if dup else 0)
-
-    def backlog(self, rig: Rig) -> int:
-        db = sqlite3.connect(f"file:{rig.workdir / 'sender.db'}?mode=ro", uri=True)
-        try:
-            db.execute("PRAGMA busy_timeout=5000")
-            return int(db.execute("SELECT count(*) FROM records").fetchone()[0])
-        finally:
-            db.close()
+    def probe(self, rig: Rig) -> Probe: ...
 
 
 class EndProcess:
@@ -421,14 +372,16 @@ class Rig:
     link: Link
     delay_s: float = 0.0
     devices: int = 8
-    streams: tuple[str, ...] = ("s0", "s1")
     proxy: DelayProxy | None = None
     edge: Mosquitto = field(init=False)
     cloud: Mosquitto = field(init=False)
     sender: EndProcess = field(init=False)
     receiver: EndProcess = field(init=False)
+    probe: Probe = field(init=False)
     fed: int = 0
-    """Records the feed has taken so far."""
+    """Records the sender has taken so far."""
+    feed_error: BaseException | None = None
+    """What stopped the producer, if anything did."""
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -443,20 +396,25 @@ class Rig:
         self.cloud = Mosquitto(
             self.workdir / "cloud-broker", settings=cloud_settings, host=self.link.cloud_host
         )
-        cloud_at = f"{self.link.cloud_host}:{self.cloud.port}"
+        self.cloud_at = f"{self.link.cloud_host}:{self.cloud.port}"
+        """Where the edge's bridge reaches the cloud broker (through the proxy, if any)."""
         if self.delay_s:
             self.proxy = DelayProxy((self.link.cloud_host, self.cloud.port), self.delay_s)
-            cloud_at = f"127.0.0.1:{self.proxy.port}"
-        bridge = uplink_bridge(self.topics, UplinkSettings(cloud=cloud_at))
+            self.cloud_at = f"127.0.0.1:{self.proxy.port}"
+        bridge = uplink_bridge(self.topics, UplinkSettings(cloud=self.cloud_at))
         self.edge = Mosquitto(self.workdir / "edge-broker", extra_conf=bridge)
         self.sender = EndProcess("sender", self.ends.sender(self), [], self.workdir)
         self.receiver = EndProcess("receiver", self.ends.receiver(self), prefix, self.workdir)
+
+    def data_dir(self, site: str | None = None) -> Path:
+        """The data folder of this rig's processes of ``site`` (the rig's own by default)."""
+        return self.workdir / f"data-{site or self.site}"
 
     def env(self, host: str, port: int, *, site: str | None = None) -> dict[str, str]:
         """The ``OUTPOST_*`` settings of a process of this rig on the broker at ``host:port``."""
         return {
             "OUTPOST_SITE": site or self.site,
-            "OUTPOST_DATA_DIR": str(self.workdir / f"data-{site or self.site}"),
+            "OUTPOST_DATA_DIR": str(self.data_dir(site)),
             "OUTPOST_MQTT__HOST": host,
             "OUTPOST_MQTT__PORT": str(port),
             "OUTPOST_TELEMETRY__METRICS_INTERVAL_S": "1",
@@ -466,18 +424,14 @@ class Rig:
         self.cloud.start()
         self.receiver.start()
         self.edge.start()
-        self.feed = self.ends.feed(self)
         self.sender.start()
+        self.probe = self.ends.probe(self)
         return self
 
-    def plan(self, total: int) -> list[tuple[str, str, int]]:
-        """``total`` records of ``devices`` devices, interleaved, each device's seq from 1, device
-        ``i`` on stream ``i mod len(streams)`` (so each stream carries several devices)."""
-        out = []
-        for n in range(total):
-            i = n % self.devices
-            out.append((self.streams[i % len(self.streams)], f"dev{i}", n // self.devices + 1))
-        return out
+    def plan(self, total: int) -> list[tuple[str, int]]:
+        """``total`` (device, seq) records of ``devices`` devices, interleaved, each device's seq
+        from 1."""
+        return [(f"dev{n % self.devices}", n // self.devices + 1) for n in range(total)]
 
     def produce(self, total: int, *, per_s: float = 2500.0, chunk: int = 100) -> threading.Thread:
         """Feed ``total`` records at about ``per_s`` a second, on a thread (join it)."""
@@ -485,18 +439,22 @@ class Rig:
 
         def run() -> None:
             t0 = time.monotonic()
-            for i in range(0, total, chunk):
-                if (ahead := t0 + i / per_s - time.monotonic()) > 0:
-                    time.sleep(ahead)  # the producer's pace, not a wait for a condition
-                self.feed.put(plan[i : i + chunk])
-                self.fed = i + len(plan[i : i + chunk])
+            try:
+                for i in range(0, total, chunk):
+                    if (ahead := t0 + i / per_s - time.monotonic()) > 0:
+                        time.sleep(ahead)  # the producer's pace, not a wait for a condition
+                    self.probe.put(plan[i : i + chunk])
+                    self.fed = i + len(plan[i : i + chunk])
+            except BaseException as exc:  # for wait_settled to say, at once
+                self.feed_error = exc
+                raise
 
         t = threading.Thread(target=run, daemon=True)
         t.start()
         return t
 
     def held(self) -> Held:
-        return self.ends.held(self)
+        return self.probe.held()
 
     def wait_held(self, n: int, timeout: float = 60.0) -> None:
         assert wait_until(lambda: self.held().records >= n, timeout), self.explain(f"never held {n}")
@@ -505,19 +463,28 @@ class Rig:
         """Until the feed is done, the receiver holds ``total`` records and the sender holds
         nothing unacknowledged; what the receiver then holds."""
         ok = wait_until(
-            lambda: self.fed >= total and self.held().records >= total and self.ends.backlog(self) == 0,
+            lambda: (
+                self.feed_error is not None
+                or (self.fed >= total and self.held().records >= total and self.probe.backlog() == 0)
+            ),
             timeout,
         )
+        assert self.feed_error is None, self.explain(f"the producer stopped: {self.feed_error}")
         assert ok, self.explain(f"not settled: fed {self.fed}, held {self.held().records} of {total}")
+        self.probe.settle()
         return self.held()
 
     def bridge_connected(self, want: bool, timeout: float = 60.0) -> None:
         """Wait until the edge broker's bridge holds a TCP connection to the cloud broker (``want``)
         or has dropped it (its keepalive found the link dead). Read from the kernel's sockets, not
         from the bridge's notifications: Mosquitto 2.0.11 publishes no ``0`` when its keepalive
-        finds the link dead (the state still reads ``1``), only a ``1`` again once it is back."""
-        query = ["ss", "-Htn", "state", "established", f"( dst {self.link.cloud_host} )"]
-        ok = wait_until(lambda: bool(_run(query).strip()) == want, timeout)
+        finds the link dead (the state still reads ``1``), only a ``1`` again once it is back.
+        Only the edge broker's own sockets count (the test's clients of the cloud broker, which
+        find the link dead later, are not the bridge)."""
+        assert self.edge.proc is not None
+        owner = f"pid={self.edge.proc.pid},"
+        query = ["ss", "-Htnp", "state", "established", f"( dst {self.link.cloud_host} )"]
+        ok = wait_until(lambda: (owner in _run(query)) == want, timeout)
         assert ok, self.explain(f"the bridge never {'connected' if want else 'dropped its connection'}")
 
     def explain(self, what: str) -> str:
@@ -526,8 +493,8 @@ class Rig:
     def close(self) -> None:
         for p in (self.sender, self.receiver):
             p.close()
-        with contextlib.suppress(AttributeError):
-            self.feed.close()
+        with contextlib.suppress(AttributeError):  # none when the rig failed to start
+            self.probe.close()
         self.edge.stop()
         self.cloud.stop()
         if self.proxy is not None:
@@ -538,7 +505,7 @@ class Rig:
 def check(held: Held, rig: Rig, total: int) -> None:
     """Zero loss, nothing twice, each device's order kept: every device holds exactly 1..n, in order."""
     want: dict[str, list[int]] = {}
-    for _, device, seq in rig.plan(total):
+    for device, seq in rig.plan(total):
         want.setdefault(device, []).append(seq)
     problems = []
     for device, seqs in sorted(want.items()):

@@ -1,228 +1,225 @@
-"""The two small ends the link-fault harness (:mod:`tests.linkfaults`) runs when it proves itself
-without the uplink service and the cloud side: real processes, each on the core's offset streams.
+"""The ends the link-fault tests (tests/integration/test_link_faults.py) run in the harness of
+:mod:`tests.linkfaults`: the uplink service and its cloud side, each a real process.
 
-``python -m tests.linkfaults_ends sender DB STREAMS WINDOW BATCH RESEND_S``: on the edge broker, it
-sends the records of the durable source in ``DB`` (SQLite, filled by :class:`SourceFeed` from another
-process) with :class:`outpost.streams.OffsetStreams`, following the bridge's link state, and
-forgets what the receiver acknowledged.
+* The sender: ``python -m outpost.services.uplink`` on the edge broker, taking every device's events
+  (``uplink.events: ["*"]``), its outbox in the rig's folder (a kill -9 and a start find it again),
+  ``uplink.resend_s`` 1 (the default 5 s would only make each fault take longer to settle), the rest
+  its defaults. ``uplink.cloud`` names the cloud broker as the edge's bridge reaches it.
+* The receiver: ``outpost cloud run --db sqlite:////{workdir}/cloud.db --broker HOST:PORT`` on the
+  cloud broker, under the link's prefix (in the namespace of a veth link), site ``cloud``.
 
-``python -m tests.linkfaults_ends receiver DB``: on the cloud broker, it applies every stream of
-every site with :class:`outpost.streams.ReceivedStreams` into ``DB`` (table ``received``, one row per
-record applied, in the order applied) and tallies, per message, the copies it was given, those it
-applied, the duplicates it recognised and those a gap made it leave for a resend. The tally is
-committed just after the records, in a transaction of its own (``ReceivedStreams.apply`` holds
-one): a kill -9 between the two loses one message's tally, never a record.
-
-Both take the site, the prefix and the broker from ``OUTPOST_*`` as every service does.
+:class:`UplinkProbe` publishes the records as ingest does (per device a JSON list of its events,
+each with the id ``{device}-{seq}``, on ``{root}/events/{device}`` at QoS 1) and reads both ends'
+databases: the cloud's ``records`` (what it holds, in the order it stored them) and the outbox (what
+the site still holds).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import sys
-import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from outpost.contracts import STREAM_BATCH, StreamBatch
-from outpost.log import setup_logging
-from outpost.service import Ack, Inbound, Rejected, ServiceRuntime, install_stop_signals, wait
-from outpost.settings import CoreSettings, load_settings
-from outpost.store import Store, transaction
-from outpost.streams import RECEIVER_SCHEMA, SENDER_SCHEMA, OffsetStreams, ReceivedStreams, Records, answer
-from outpost.topics import Topics
+import orjson
 
-PART = "faults"
-"""The ``up/{part}/{stream}`` part of the test streams (``down/faults/ack`` for the answers)."""
+from outpost.bus import Bus
+from outpost.datadir import site_path
+from outpost.services.registry import OutpostSettings
+from outpost.settings import MqttSettings
+from tests.conftest import OUTPOST, Collector, make_event, wait_status, wait_until
+from tests.linkfaults import End, Held, Rig
 
-SOURCE_SCHEMA = (
-    SENDER_SCHEMA
-    + """
-CREATE TABLE IF NOT EXISTS records (
-    stream TEXT NOT NULL,
-    "offset" INTEGER NOT NULL,
-    device TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    made_ns INTEGER NOT NULL,
-    PRIMARY KEY (stream, "offset")
-);
-CREATE TABLE IF NOT EXISTS heads (
-    stream TEXT PRIMARY KEY,
-    "last" INTEGER NOT NULL
-);
-"""
-)
-"""The sender's database: its own state, the records not yet acknowledged, and per stream the last
-offset handed out (kept apart from the records, which go once acknowledged)."""
+CLOUD_SITE = "cloud"
+"""The cloud side's own site: its status and metrics are under it on the cloud broker."""
 
-RECEIVED_SCHEMA = (
-    RECEIVER_SCHEMA
-    + """
-CREATE TABLE IF NOT EXISTS received (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    site TEXT NOT NULL,
-    stream TEXT NOT NULL,
-    "offset" INTEGER NOT NULL,
-    device TEXT NOT NULL,
-    seq INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tally (
-    key TEXT PRIMARY KEY,
-    n INTEGER NOT NULL
-);
-"""
-)
-"""The receiver's database. ``received`` has no unique key on purpose: a record applied twice would
-show as two rows."""
+CLOUD_DB = "cloud.db"
+STREAM = "events"
+
+TAKE_S = 3.0
+"""How long the uplink is given to take a message before a probe that saw the edge broker restart
+publishes it again (the restarted broker may have lost it)."""
+
+PUT_TIMEOUT_S = 120.0
 
 
-@dataclass
-class SourceTable:
-    """One stream of the sender's durable source (:class:`outpost.streams.Source`)."""
+@dataclass(frozen=True)
+class UplinkEnds:
+    """The uplink service and ``outpost cloud run``."""
 
-    store: Store
-    stream: str
+    resend_s: float = 1.0
 
-    def after(self, offset: int, limit: int) -> Records:
-        rows = self.store.query(
-            'SELECT "offset", device, seq FROM records WHERE stream = ? AND "offset" > ? '
-            'ORDER BY "offset" LIMIT ?',
-            (self.stream, offset, limit),
+    def sender(self, rig: Rig) -> End:
+        env = rig.env("127.0.0.1", rig.edge.port) | {
+            "OUTPOST_UPLINK__CLOUD": rig.cloud_at,
+            "OUTPOST_UPLINK__EVENTS": '["*"]',
+            "OUTPOST_UPLINK__RESEND_S": str(self.resend_s),
+        }
+        return End([sys.executable, "-m", "outpost.services.uplink"], env)
+
+    def receiver(self, rig: Rig) -> End:
+        db = f"sqlite:///{(rig.workdir / CLOUD_DB).resolve()}"  # an absolute path: four slashes
+        broker = f"{rig.link.cloud_host}:{rig.cloud.port}"
+        return End(
+            [*OUTPOST, "cloud", "run", "--db", db, "--broker", broker],
+            rig.env(rig.link.cloud_host, rig.cloud.port, site=CLOUD_SITE),
         )
-        return [(int(o), {"device": d, "seq": int(s)}) for o, d, s in rows]
 
-    def trim(self, upto: int) -> None:
-        self.store.db.execute('DELETE FROM records WHERE stream = ? AND "offset" <= ?', (self.stream, upto))
+    def probe(self, rig: Rig) -> UplinkProbe:
+        return UplinkProbe(rig)
 
-    def last(self) -> int:
-        row = self.store.one('SELECT "last" FROM heads WHERE stream = ?', (self.stream,))
+
+class RunCounters(Collector):
+    """The cloud side's metrics: each run's counters as it last published them (a run's counters
+    start from 0; one killed with kill -9 loses what it counted after its last publish, 1 s)."""
+
+    def __init__(self, mqtt: MqttSettings, pattern: str, *, client_id: str) -> None:
+        self.runs: dict[int, dict[str, int]] = {}
+        self.last_ns = 0
+        """When the last metrics message was made (wall ns)."""
+        super().__init__(mqtt, pattern, client_id=client_id)
+
+    def _on(self, msg: Any) -> None:
+        doc = orjson.loads(msg.payload)
+        with self.lock:
+            self.runs[int(doc["started"])] = doc["counters"]
+            self.last_ns = max(self.last_ns, int(doc["ts"]))
+
+    def total(self, *names: str) -> int:
+        with self.lock:
+            return sum(c.get(n, 0) for c in self.runs.values() for n in names)
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    ids: frozenset[str]
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to another process's SQLite database (WAL: it never blocks it)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        db.execute("PRAGMA busy_timeout=5000")
+        yield db
+    finally:
+        db.close()
+
+
+class UplinkProbe:
+    """Made once both ends run: it waits until both said they are online (subscribed), so the
+    first records go to the uplink's session and its first messages to the cloud side's."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.rig = rig
+        self.outbox = site_path(rig.data_dir(), rig.site, "uplink", "outbox.db")
+        self.cloud_db = rig.workdir / CLOUD_DB
+        edge = OutpostSettings(site=rig.site, data_dir=rig.data_dir())
+        edge.mqtt.port = rig.edge.port
+        cloud = OutpostSettings(site=CLOUD_SITE, data_dir=rig.data_dir(CLOUD_SITE))
+        cloud.mqtt.host, cloud.mqtt.port = rig.link.cloud_host, rig.cloud.port
+        wait_status(cloud, "cloud")
+        wait_status(edge, "uplink")
+        self.topics = edge.topics
+        self.counters = RunCounters(
+            cloud.mqtt, cloud.topics.metrics("cloud"), client_id=f"counters-{rig.site}"
+        )
+        self.counters.start()
+        self.bus = Bus(edge.mqtt, client_id=f"producer-{rig.site}")
+        self.bus.start()
+        assert rig.edge.proc is not None
+        self.edge_pid = rig.edge.proc.pid
+        self.republished = 0
+
+    def put(self, records: list[tuple[str, int]]) -> None:
+        """Publish the records, then wait until the uplink has taken every one into its outbox (as
+        a producer that must not lose them would: the edge broker's PUBACK is not durability). Once
+        the edge broker has been restarted, a message still not taken after :data:`TAKE_S` is
+        published again (the broker lost it, or the uplink's session with it); never otherwise, so
+        a record the uplink acknowledged without keeping it shows as lost. A copy it then takes
+        twice is the cloud's to recognise by its id."""
+        events: dict[str, list[dict[str, Any]]] = {}
+        for device, seq in records:
+            events.setdefault(device, []).append(make_event(device, seq, "temperature", float(seq)))
+        messages = [
+            Message(self.topics.events(d), orjson.dumps(evs), frozenset(e["id"] for e in evs))
+            for d, evs in events.items()
+        ]
+        mark = self._outbox_last()  # whatever the outbox takes from here on has a later offset
+        for m in messages:
+            self.bus.publish(m.topic, m.payload, qos=1)
+        deadline = time.monotonic() + PUT_TIMEOUT_S
+        left = messages
+        while True:
+            wait_until(lambda: not self._missing(left, mark), TAKE_S)
+            if not (left := self._missing(left, mark)):
+                return
+            assert time.monotonic() < deadline, f"the uplink never took {sum(len(m.ids) for m in left)}"
+            assert self.rig.edge.proc is not None
+            if self.rig.edge.proc.pid != self.edge_pid:
+                for m in left:
+                    self.bus.publish(m.topic, m.payload, qos=1)
+                self.republished += len(left)
+
+    def _missing(self, messages: list[Message], mark: int) -> list[Message]:
+        taken = self._taken_after(mark)
+        return [m for m in messages if not m.ids <= taken]
+
+    def _outbox_last(self) -> int:
+        with reading(self.outbox) as db:
+            row = db.execute("SELECT last FROM offsets WHERE stream = ?", (STREAM,)).fetchone()
         return int(row[0]) if row else 0
 
-    def expire(self, before_ns: int) -> int:
-        return 0  # the fault tests lose nothing on purpose
+    def _taken_after(self, mark: int) -> set[str]:
+        """The ids of what the uplink took after offset ``mark``: in its outbox, or gone from it
+        because the cloud has them. The outbox is read first: the cloud commits a record before
+        the outbox lets it go, so one read from neither was not taken when the outbox was read."""
+        with reading(self.outbox) as db:
+            rows = db.execute(
+                'SELECT body FROM records WHERE stream = ? AND "offset" > ?', (STREAM, mark)
+            ).fetchall()
+        ids = {str(orjson.loads(body)["id"]) for (body,) in rows}
+        with reading(self.cloud_db) as db:
+            rows = db.execute(
+                'SELECT id FROM records WHERE site = ? AND stream = ? AND "offset" > ?',
+                (self.rig.site, STREAM, mark),
+            ).fetchall()
+        return ids | {str(i) for (i,) in rows}
 
-    def snapshot(self) -> int:
-        return 0  # what was acknowledged and forgotten cannot be made again
+    def held(self) -> Held:
+        """The cloud's records in the order it stored them (``rowid``: the table only grows). Its
+        ``records`` are unique per (site, stream, id), so a copy that got past the receiver's offsets
+        is dropped by its id, not stored twice; both kinds of copies count as recognised."""
+        with reading(self.cloud_db) as db:
+            rows = db.execute(
+                "SELECT device, seq FROM records WHERE site = ? AND stream = ? ORDER BY rowid",
+                (self.rig.site, STREAM),
+            ).fetchall()
+        by_device: dict[str, list[int]] = {}
+        for device, seq in rows:
+            by_device.setdefault(str(device), []).append(int(seq))
+        taken = self._outbox_last()
+        return Held(
+            by_device,
+            self.counters.total("duplicates", "duplicate_ids"),
+            f"the site took {taken - len(rows)} records twice; {self.republished} messages published again",
+        )
 
-    def pending(self, after: int) -> tuple[int, int | None]:
-        n, oldest = self.store.query(
-            'SELECT COUNT(*), MIN(made_ns) FROM records WHERE stream = ? AND "offset" > ?',
-            (self.stream, after),
-        )[0]
-        return int(n), None if oldest is None else int(oldest)
+    def backlog(self) -> int:
+        with reading(self.outbox) as db:
+            return int(db.execute("SELECT count(*) FROM records").fetchone()[0])
 
-
-class SourceFeed:
-    """The producer of the test sender: appends records to its source, durably, from the test."""
-
-    def __init__(self, path: Path) -> None:
-        self.store = Store(path, SOURCE_SCHEMA)
-
-    def put(self, records: list[tuple[str, str, int]]) -> None:
-        """(stream, device, seq) records, in one transaction, each stream's offsets following on."""
+    def settle(self) -> None:
+        """Until the cloud side has published its counters once more (every second)."""
         now = time.time_ns()
-        with transaction(self.store.db) as db:
-            for stream, device, seq in records:
-                row = db.execute('SELECT "last" FROM heads WHERE stream = ?', (stream,)).fetchone()
-                offset = (int(row[0]) if row else 0) + 1
-                db.execute(
-                    'INSERT INTO records (stream, "offset", device, seq, made_ns) VALUES (?, ?, ?, ?, ?)',
-                    (stream, offset, device, seq, now),
-                )
-                db.execute('INSERT OR REPLACE INTO heads (stream, "last") VALUES (?, ?)', (stream, offset))
+        assert wait_until(lambda: self.counters.last_ns > now, 15), "the cloud side published no metrics"
 
     def close(self) -> None:
-        self.store.close()
-
-
-def run_sender(settings: CoreSettings, stop: threading.Event, argv: list[str]) -> None:
-    db, streams, window, batch, resend_s = Path(argv[0]), argv[1].split(","), *argv[2:5]
-    rt = ServiceRuntime("lfsender", settings, mqtt5=False, reasons=("bad_ack",))
-    store = Store(db, SOURCE_SCHEMA)
-    OffsetStreams(
-        rt,
-        store,
-        {name: SourceTable(store, name) for name in streams},
-        part=PART,
-        window=int(window),
-        batch=int(batch),
-        resend_s=float(resend_s),
-        link_topic=rt.topics.uplink_state(),
-        counter_prefix="faults",
-    )
-    rt.start(wait_s=None)
-    wait(stop, 0.1)
-    rt.stop()
-    store.close()
-
-
-class Receiver:
-    """Applies every site's test streams into its database and answers each message."""
-
-    def __init__(self, settings: CoreSettings, db: Path) -> None:
-        self.rt = ServiceRuntime("lfreceiver", settings, durable=True, mqtt5=False, reasons=("bad_batch",))
-        self.prefix = settings.prefix
-        self.store = Store(db, RECEIVED_SCHEMA)
-        self.streams = ReceivedStreams(self.store.db)
-        # committed before the handler returns; acknowledged once its answer is on the broker, so a
-        # kill -9 between the two has the broker redeliver it (recognised as duplicates)
-        self.rt.subscribe(
-            settings.topics.every_site_up(PART),
-            self._on_batch,
-            contract=STREAM_BATCH,
-            ack=Ack.AFTER_OUTPUTS,
-            invalid_reason="bad_batch",
-        )
-
-    def _on_batch(self, inbound: Inbound[StreamBatch]) -> None:
-        m = inbound.items[0][1]
-        try:
-            done = self.streams.apply(m, self._apply_one)
-        except ValueError as exc:
-            raise Rejected("bad_batch", str(exc)[:500]) from None
-        left = len(m.records) - done.applied - done.duplicates - len(done.rejected)
-        with transaction(self.store.db) as db:
-            for key, n in (
-                ("copies", len(m.records)),
-                ("applied", done.applied),
-                ("duplicates", done.duplicates),
-                ("after_gap", left),
-                ("unknown", int(done.unknown)),
-            ):
-                db.execute(
-                    "INSERT INTO tally (key, n) VALUES (?, ?) "
-                    "ON CONFLICT(key) DO UPDATE SET n = n + excluded.n",
-                    (key, n),
-                )
-        to = Topics(site=m.site, prefix=self.prefix).down(PART, "ack")
-        self.rt.publish(to, answer(m, done), for_=inbound.turn)
-
-    @staticmethod
-    def _apply_one(db: sqlite3.Connection, m: StreamBatch, offset: int, body: dict[str, Any]) -> None:
-        db.execute(
-            'INSERT INTO received (site, stream, "offset", device, seq) VALUES (?, ?, ?, ?, ?)',
-            (m.site, m.stream, offset, str(body["device"]), int(body["seq"])),
-        )
-
-
-def run_receiver(settings: CoreSettings, stop: threading.Event, argv: list[str]) -> None:
-    r = Receiver(settings, Path(argv[0]))
-    r.rt.start(wait_s=None)
-    wait(stop, 0.1)
-    r.rt.stop()
-    r.store.close()
-
-
-def main() -> None:
-    role, *argv = sys.argv[1:]
-    settings = load_settings(CoreSettings)
-    setup_logging(settings.log_level, json=settings.log_json)
-    stop = threading.Event()
-    install_stop_signals(stop)
-    {"sender": run_sender, "receiver": run_receiver}[role](settings, stop, argv)
-
-
-if __name__ == "__main__":
-    main()
+        self.bus.stop(drain_s=1)
+        self.counters.stop()

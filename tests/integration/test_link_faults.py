@@ -1,12 +1,13 @@
-"""A 10,000-record stream (8 devices, each with its own seq, over two streams) from a sender on an
-edge Mosquitto to a receiver on a cloud Mosquitto across the bridge ``outpost up`` writes, through
-one real fault each: a cloud broker restart, an edge broker restart, kill -9 of the edge broker, of
-the sender and of the receiver, a real link cut (a veth pair taken down in a network namespace)
-and 10% packet loss with 200 ms delay. Each ends with zero loss, every duplicate recognised (the
-receiver skips it; no record is twice in its table) and each device's order kept.
+"""A 10,000-record stream (8 devices, each with its own seq) from the uplink service on an edge
+Mosquitto to its cloud side (``outpost cloud run``) on a cloud Mosquitto across the bridge
+``outpost up`` writes, each end a real process, through one real fault each: a cloud broker
+restart, an edge broker restart, kill -9 of the edge broker, of the uplink and of the cloud side,
+a real link cut (a veth pair taken down in a network namespace) and 10% packet loss with 200 ms
+delay. Each ends with zero loss, every duplicate recognised (the cloud side skips it; no record is
+twice in its table) and each device's order kept.
 
-The ends are a parameter (:class:`tests.linkfaults.Ends`): the harness's own small processes now;
-the uplink service and ``outpost cloud run`` plug in the same way. docs/link-faults.md says more.
+The ends are a parameter (:class:`tests.linkfaults.Ends`, here :class:`tests.linkfaults_ends.UplinkEnds`);
+docs/link-faults.md says more.
 """
 
 from __future__ import annotations
@@ -21,21 +22,21 @@ from tests.linkfaults import (
     Link,
     Loopback,
     Rig,
-    TestEnds,
     Veth,
     check,
     iptables_missing,
     rig,
     veth_refused,
 )
+from tests.linkfaults_ends import UplinkEnds
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TOTAL = 10_000
 FAULT_AT = 3_000
-"""The fault strikes once the receiver holds this many: mid-stream, with the producer still going."""
+"""The fault strikes once the cloud holds this many: mid-stream, with the producer still going."""
 
-ENDS = [pytest.param(TestEnds(), id="test-ends")]
+ENDS = [pytest.param(UplinkEnds(), id="uplink")]
 
 
 def loopback() -> Link:
@@ -68,7 +69,10 @@ def run(
         producer.join()
         held = r.wait_settled(TOTAL)
         check(held, r, TOTAL)
-        print(f"{site}: {held.records} records held, {held.duplicates} duplicates recognised and skipped")
+        print(
+            f"{site}: {held.records} records held, {held.duplicates} duplicates recognised and skipped"
+            + (f"; {held.notes}" if held.notes else "")
+        )
         if after is not None:
             after(r)
 
