@@ -106,9 +106,12 @@ def test_memory_commands_on_bad_files_say_so_and_change_nothing(tmp_path: Path) 
     before = (other / "replica.db").read_bytes()
     port = str(free_port())
     for args, says in (
-        (["memory", "cloud", "--data-dir", str(junk)], "cannot be used"),
+        (["memory", "cloud", "--data-dir", str(junk)], "cannot use the database"),
         (["memory", "cloud", "--data-dir", str(other)], "is not a memory replica's database"),
-        (["memory", "replica", "--broker", f"127.0.0.1:{port}", "--data-dir", str(junk)], "cannot be used"),
+        (
+            ["memory", "replica", "--broker", f"127.0.0.1:{port}", "--data-dir", str(junk)],
+            "cannot use the database",
+        ),
         (["log", "--data-dir", str(tmp_path / "none"), "tail"], "no operational log for site"),
         (["memory", "replica", "--broker", "127.0.0.1 :1"], "name or an IPv4"),
     ):

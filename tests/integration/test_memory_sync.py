@@ -26,6 +26,7 @@ from pydantic import SecretStr
 from outpost.access import OPERATOR, SiteAccess
 from outpost.broker import Mosquitto, uplink_bridge
 from outpost.bus import Bus
+from outpost.clouddb import sqlite_url
 from outpost.datadir import site_path
 from outpost.services.memory.client import MemoryClient
 from outpost.services.memory.oplog import OpLog
@@ -105,7 +106,7 @@ def traces_logged(settings: OutpostSettings) -> int:
 def in_cloud(
     cloud_settings: OutpostSettings, site: str
 ) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
-    store = ReplicaStore(Path(cloud_settings.data_dir) / "replica.db", readonly=True)
+    store = ReplicaStore(sqlite_url(Path(cloud_settings.data_dir) / "replica.db"), readonly=True)
     try:
         return store.items(site), store.summaries(site)
     finally:

@@ -28,6 +28,9 @@ from outpost.broker import Mosquitto, uplink_bridge
 from outpost.bus import Bus
 from outpost.datadir import site_path
 from outpost.service import run_until
+from outpost.services.memory.client import MemoryClient
+from outpost.services.memory.replica import ReplicaStore
+from outpost.services.memory.service import run as run_memory
 from outpost.services.registry import OutpostSettings
 from outpost.services.uplink.cloud import CloudUplink
 from outpost.services.uplink.service import Uplink
@@ -488,38 +491,56 @@ def test_without_a_cloud_the_uplink_takes_nothing(edge: OutpostSettings) -> None
         up.stop()
 
 
-def test_outpost_cloud_run_on_sqlite_with_the_memory_replica(
-    edge: OutpostSettings, cloud: Mosquitto, tmp_path: Path
+def test_outpost_cloud_run_stores_the_uplink_and_memory_sync_in_one_database(
+    edge: OutpostSettings, cloud: Mosquitto, tmp_path: Path, pg_url: str
 ) -> None:
-    """One process receives the uplink (into SQLite) and memory sync (its replica); a SIGTERM stops
-    both cleanly; ``outpost cloud status`` lists both."""
-    db = f"sqlite:///{tmp_path / 'cloud.db'}"
-    replica = tmp_path / "replica"
+    """One process receives every stream of the site into PostgreSQL: the uplink's records and
+    memory sync's long-term memory; a SIGTERM stops it cleanly; ``outpost cloud status`` lists
+    both. The same on SQLite for a single site is the link-fault tests' cloud side."""
     cs = cloud_settings(tmp_path, cloud)
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
     env.update(OUTPOST_SITE="cloud", OUTPOST_DATA_DIR=str(cs.data_dir))
-    cmd = [*OUTPOST, "cloud", "run", "--db", db, "--broker", cloud.address, "--replica", str(replica)]
+    cmd = [*OUTPOST, "cloud", "run", "--db", pg_url, "--broker", cloud.address]
     side = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_status(cs, "cloud", pid=side.pid)
         wait_status(cs, "replica", pid=side.pid)
-        up = start_uplink(edge)
+        up, memory = start_uplink(edge), ServiceThread(run_memory, edge).start()
         try:
+            wait_status(edge, "memory")
             publish(edge, [(edge.topics.decisions("a1"), orjson.dumps(msg(agent="a1", kind="act")))])
-            assert wait_until(lambda: len(held(db, edge.site, "decisions")) == 1, 30)
+            with MemoryClient(edge, "agent") as mem:
+                for i in range(3):
+                    mem.request(
+                        "ltm-add", {"namespace": "notes", "vector": [float(i + 1)] * 384, "payload": {"n": i}}
+                    )
+            assert wait_until(lambda: len(held(pg_url, edge.site, "decisions")) == 1, 30)
+            assert wait_until(lambda: len(replica_items(pg_url, edge.site)) == 3, 30)
         finally:
+            memory.stop()
             up.stop()
     finally:
         side.send_signal(signal.SIGTERM)
         out, err = side.communicate(timeout=30)
     assert side.returncode == 0, err[-2000:]
-    assert "1 records stored" in out
-    r = outpost("cloud", "status", "--db", db, "--replica", str(replica), "--json")
+    assert "4 records stored" in out, out
+    assert sorted(it["payload"]["n"] for it in replica_items(pg_url, edge.site).values()) == [0, 1, 2]
+    r = outpost("cloud", "status", "--db", pg_url, "--json")
     assert r.returncode == 0, r.stderr
-    sites = orjson.loads(r.stdout.strip().splitlines()[-1])["sites"]
-    assert sites[edge.site]["streams"]["decisions"]["acked"] == 1
-    r = outpost("cloud", "status", "--db", db)
-    assert r.returncode == 0 and edge.site in r.stdout and "decisions" in r.stdout
+    streams = orjson.loads(r.stdout.strip().splitlines()[-1])["sites"][edge.site]["streams"]
+    assert streams["decisions"]["acked"] == 1
+    assert streams["memory/ltm"] == {"acked": 3, "records": 3}
+    assert "ltm" not in streams
+    r = outpost("cloud", "status", "--db", pg_url)
+    assert r.returncode == 0 and edge.site in r.stdout and "memory/ltm" in r.stdout
+
+
+def replica_items(url: str, site: str) -> dict[int, dict[str, Any]]:
+    store = ReplicaStore(url, readonly=True)
+    try:
+        return store.items(site)
+    finally:
+        store.close()
 
 
 def test_the_cloud_side_rides_out_a_lost_database_connection(

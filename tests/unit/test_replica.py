@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from outpost.clouddb import sqlite_url
 from outpost.services.memory.replica import Applied, ReplicaStore, SyncMessage
 
 
@@ -47,7 +48,7 @@ def msg(
 
 @pytest.fixture
 def store(tmp_path: Path) -> ReplicaStore:
-    return ReplicaStore(tmp_path / "replica.db")
+    return ReplicaStore(sqlite_url(tmp_path / "replica.db"))
 
 
 def test_records_apply_in_order_and_a_replay_changes_nothing(store: ReplicaStore) -> None:

@@ -8,7 +8,6 @@ to run it for many sites.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -17,7 +16,7 @@ from rich.table import Table
 from outpost.cli import cloud_broker
 from outpost.cli.output import JsonOpt, print_json, stdout_console
 from outpost.cli.site import CloudBrokerOpt, find_site, group_options
-from outpost.errors import ConfigError
+from outpost.clouddb import WrongDatabaseError
 
 if TYPE_CHECKING:
     from outpost.service import Runnable
@@ -34,15 +33,6 @@ DbOpt = Annotated[
     str,
     typer.Option(
         "--db", help="Where the records go: postgresql://USER@HOST:PORT/DB (many sites) or sqlite:///PATH."
-    ),
-]
-ReplicaOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--replica",
-        help="Also run memory sync's replica in this process, its replica.db in this folder "
-        "(`outpost memory replica`); for status: list its offsets too.",
-        show_default=False,
     ),
 ]
 
@@ -63,45 +53,41 @@ class _Together:
 
 
 @cloud_app.command("run")
-def run(db: DbOpt, broker: CloudBrokerOpt = None, replica: ReplicaOpt = None) -> None:
-    """Receive every site's uplink until Ctrl-C or SIGTERM: store each record once (PostgreSQL or
-    SQLite) and acknowledge to the site only what is committed."""
+def run(db: DbOpt, broker: CloudBrokerOpt = None) -> None:
+    """Receive every site's uplink and memory sync until Ctrl-C or SIGTERM: store each record once
+    (PostgreSQL or SQLite) and acknowledge to the site only what is committed."""
     from outpost.service import install_stop_signals, run_until
+    from outpost.services.memory.replica import CloudReplica, ReplicaStore
     from outpost.services.uplink.cloud import CloudUplink
     from outpost.services.uplink.store import CloudStore
 
     settings = find_site(None, None, broker).settings
     store = CloudStore(db)
     up = CloudUplink(settings, store)
-    parts: list[Runnable] = [up]
-    if replica is not None:
-        from outpost.services.memory.replica import CloudReplica
-
-        parts.append(CloudReplica(settings.model_copy(update={"data_dir": replica})))
+    # memory sync's replica, in the same database on a connection of its own (its own thread)
+    replica = CloudReplica(settings, ReplicaStore(db))
     stop = threading.Event()
     install_stop_signals(stop)
     mqtt = settings.mqtt
     stdout_console().print(
-        f"cloud side on {mqtt.host}:{mqtt.port}, records in {store.url_kind}"
-        + (f", memory replica in {replica}" if replica is not None else "")
+        f"cloud side on {mqtt.host}:{mqtt.port}: uplink and memory sync of every site, in {store.url_kind}"
     )
-    run_until(_Together(parts), stop)
-    c = up.metrics.counters
-    applied = sum(n for k, n in c.items() if k.startswith("applied."))
+    run_until(_Together([up, replica]), stop)
+    c, m = up.metrics.counters, replica.metrics.counters
+    applied = sum(n for k, n in [*c.items(), *m.items()] if k.startswith("applied."))
     stdout_console().print(
-        f"stopped: {c['messages']:,} messages, {applied:,} records stored, "
-        f"{c['duplicates'] + c['duplicate_ids']:,} duplicates, {c['rejected']:,} refused"
+        f"stopped: {c['messages'] + m['messages']:,} messages, {applied:,} records stored, "
+        f"{c['duplicates'] + c['duplicate_ids'] + m['duplicates']:,} duplicates, "
+        f"{c['rejected'] + m['rejected']:,} refused"
     )
 
 
 @cloud_app.command("status")
-def status(
-    db: DbOpt,
-    replica: ReplicaOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Per site and stream: the acknowledged offset, records held, the lag (records the site held past
-    its last message, as it said), when the last arrived."""
+def status(db: DbOpt, json_out: JsonOpt = False) -> None:
+    """Per site and stream (the uplink's, and memory sync's as ``memory/ltm`` and ``memory/log``):
+    the acknowledged offset, records held, the lag (records the site held past its last message, as
+    it said), when the last arrived."""
+    from outpost.services.memory.replica import ReplicaStore
     from outpost.services.uplink.store import CloudStore
 
     store = CloudStore(db, readonly=True)
@@ -109,13 +95,11 @@ def status(
         sites: dict[str, Any] = store.overview()
     finally:
         store.close()
-    if replica is not None:
-        from outpost.services.memory.replica import ReplicaStore
-
-        path = replica / "replica.db"
-        if not path.is_file():
-            raise ConfigError(f"no memory replica at {path}")
-        rs = ReplicaStore(path, readonly=True)
+    try:
+        rs = ReplicaStore(db, readonly=True)
+    except WrongDatabaseError:  # no memory sync was ever received there
+        rs = None
+    if rs is not None:
         try:
             for site, d in rs.overview().items():
                 streams = sites.setdefault(site, {"streams": {}})["streams"]

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from outpost.cli.output import JsonOpt, print_json, stdout_console
 from outpost.cli.site import CloudBrokerOpt, find_site, group_options
+from outpost.clouddb import sqlite_url
 from outpost.errors import ConfigError
 from outpost.services.registry import OutpostSettings
 
@@ -44,13 +45,16 @@ def replica(broker: CloudBrokerOpt = None, data_dir: DataOpt = None) -> None:
     """Run the cloud replica until Ctrl-C or SIGTERM: it applies every site's sync messages and
     acknowledges what it has stored."""
     from outpost.service import install_stop_signals, run_until
-    from outpost.services.memory.replica import CloudReplica
+    from outpost.services.memory.replica import REPLICA_FILE, CloudReplica
 
     settings = _settings(broker, data_dir)
     stop = threading.Event()
     install_stop_signals(stop)
     rep = CloudReplica(settings)
-    stdout_console().print(f"replica on {settings.mqtt.host}:{settings.mqtt.port}, state in {rep.store.path}")
+    stdout_console().print(
+        f"replica on {settings.mqtt.host}:{settings.mqtt.port}, "
+        f"state in {Path(settings.data_dir) / REPLICA_FILE}"
+    )
     run_until(rep, stop)
     c = rep.metrics.counters
     stdout_console().print(
@@ -66,12 +70,12 @@ def cloud(
     json_out: JsonOpt = False,
 ) -> None:
     """What the replica holds per site: items, log summaries, entries summarised, last offsets."""
-    from outpost.services.memory.replica import ReplicaStore
+    from outpost.services.memory.replica import REPLICA_FILE, ReplicaStore
 
-    path = Path(_settings(None, data_dir).data_dir) / "replica.db"
+    path = Path(_settings(None, data_dir).data_dir) / REPLICA_FILE
     if not path.is_file():
         raise ConfigError(f"no replica at {path} (run `outpost memory replica` there first)")
-    store = ReplicaStore(path, readonly=True)
+    store = ReplicaStore(sqlite_url(path), readonly=True)
     try:
         sites = store.overview()
     finally:

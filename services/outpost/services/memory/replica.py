@@ -11,15 +11,15 @@ hold (a new sync state of the site must start from offset 0) is answered ``unkno
 sends that stream again from its start. The protocol is :mod:`outpost.streams`' (its receiving
 side); what is memory's here is what a record does (an item added or removed, a log summary).
 
-Its state (``{data_dir}/replica.db``): per site and stream the last offset, the long-term memory
-items (vector included), and the log summaries. A message that is not a valid sync message is
-dead-lettered on the replica's own ``dlq/replica``.
+Its state, in the cloud side's database (``outpost cloud run --db URL``: PostgreSQL or SQLite, beside
+the uplink's records; ``outpost memory replica``: ``{data_dir}/replica.db``): per site and stream the
+last offset, the long-term memory items (vector included), and the log summaries. A message that
+is not a valid sync message is dead-lettered on the replica's own ``dlq/replica``.
 """
 
 from __future__ import annotations
 
 import base64
-import sqlite3
 import threading
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,14 +27,13 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from outpost.clouddb import CloudDb, CloudDbError, Db, sqlite_url
 from outpost.contracts import StreamBatch, model_contract
-from outpost.errors import OutpostError
 from outpost.log import get_logger
 from outpost.service import ServiceRuntime, run_until, service_main
 from outpost.services.memory.sync import PART
 from outpost.services.registry import OutpostSettings
-from outpost.store import Store
-from outpost.streams import RECEIVER_SCHEMA, Applied, ReceivedStreams, receive_streams
+from outpost.streams import Applied, receive_streams
 
 __all__ = ["Applied", "CloudReplica", "ReplicaError", "ReplicaStore", "SyncMessage", "main", "run"]
 
@@ -43,33 +42,34 @@ log = get_logger("outpost.memory.replica")
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
-_SCHEMA = (
-    RECEIVER_SCHEMA
-    + """
-CREATE TABLE IF NOT EXISTS items (
+REPLICA_FILE = "replica.db"
+"""``outpost memory replica``'s database in its data folder (``outpost cloud run`` uses its ``--db``)."""
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS items (
     site TEXT NOT NULL,
-    key INTEGER NOT NULL,
+    key BIGINT NOT NULL,
     namespace TEXT NOT NULL,
     subject TEXT NOT NULL,
-    meta BLOB NOT NULL,
-    payload BLOB NOT NULL,
-    vector BLOB NOT NULL,
-    created_ns INTEGER NOT NULL,
-    expires_ns INTEGER,
+    meta TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    vector {blob} NOT NULL,
+    created_ns BIGINT NOT NULL,
+    expires_ns BIGINT,
     PRIMARY KEY (site, key)
-);
-CREATE TABLE IF NOT EXISTS summaries (
+)""",
+    """CREATE TABLE IF NOT EXISTS summaries (
     site TEXT NOT NULL,
     epoch TEXT NOT NULL,
-    "offset" INTEGER NOT NULL,
-    from_offset INTEGER NOT NULL,
-    to_offset INTEGER NOT NULL,
-    entries INTEGER NOT NULL,
-    doc BLOB NOT NULL,
+    "offset" BIGINT NOT NULL,
+    from_offset BIGINT NOT NULL,
+    to_offset BIGINT NOT NULL,
+    entries BIGINT NOT NULL,
+    doc TEXT NOT NULL,
     PRIMARY KEY (site, epoch, "offset")
-);
-"""
+)""",
 )
+"""The replica's tables, beside the receivers' ledger in the cloud side's database."""
 
 Segment = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
@@ -109,56 +109,51 @@ class SyncMessage(StreamBatch):
 SYNC_MESSAGE = model_contract(SyncMessage)
 
 
-class ReplicaError(OutpostError):
-    """The replica's database cannot be used."""
+ReplicaError = CloudDbError
 
 
-class ReplicaStore:
-    """The replica's SQLite state; :meth:`apply` is the whole protocol."""
+class ReplicaStore(CloudDb):
+    """The replica in the cloud side's database (:class:`~outpost.clouddb.CloudDb`: the URL of
+    ``outpost cloud run --db``, or ``sqlite:///{data_dir}/replica.db`` for ``outpost memory
+    replica``); :meth:`apply` is the whole protocol. ``readonly``: for what only looks (``outpost
+    memory cloud``, ``outpost cloud status``): nothing is created or written."""
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
-        """``readonly``: for what only looks (``outpost memory cloud``): the file must already be a
-        replica's, and nothing is written to it."""
-        self.path = path
-        self.store: Store | None = None
-        try:
-            if readonly:
-                self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-                tables = {
-                    r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-                }
-                if not {"streams", "items", "summaries"} <= tables:
-                    self.db.close()
-                    raise ReplicaError(f"{path} is not a memory replica's database")
-            else:
-                self.store = Store(path, _SCHEMA, synchronous="FULL")
-                self.db = self.store.db
-        except sqlite3.DatabaseError as exc:
-            raise ReplicaError(f"replica state {path} cannot be used ({exc})") from None
-        self.streams = ReceivedStreams(self.db)
+    def __init__(self, url: str, *, readonly: bool = False) -> None:
+        # a record is written as it is applied (an add replaces, a removal deletes): a savepoint
+        # each, so that one the database refuses is undone alone (memory sync is not a hot path)
+        super().__init__(
+            url,
+            SCHEMA,
+            tables=("items", "summaries"),
+            what="a memory replica",
+            readonly=readonly,
+            savepoints=True,
+        )
 
     def last(self, site: str, stream: str) -> int:
         return self.streams.last(site, stream)
 
     def apply(self, m: SyncMessage) -> Applied:
-        """Apply what follows the last record held, in one transaction (:meth:`ReceivedStreams.apply`):
+        """Apply what follows the last record held, in one transaction (:meth:`CloudDb.receive`):
         a bad record is refused alone, offsets that do not grow refuse the whole message."""
-        return self.streams.apply(m, self._apply_one, reset=self._reset)
+        return self.receive(m, self._apply_one, reset=self._reset)
 
-    @staticmethod
-    def _reset(db: sqlite3.Connection, m: StreamBatch) -> None:
+    def _reset(self, db: Db, m: StreamBatch) -> None:
         if m.stream == "ltm":  # a new sync state of the site: its memory comes again, whole
-            db.execute("DELETE FROM items WHERE site = ?", (m.site,))
+            db.execute(self.q("DELETE FROM items WHERE site = ?"), (m.site,))
 
-    @staticmethod
-    def _apply_one(db: sqlite3.Connection, m: StreamBatch, offset: int, body: dict[str, Any]) -> None:
+    def _apply_one(self, db: Db, m: StreamBatch, offset: int, body: dict[str, Any]) -> None:
         site = m.site
         if m.stream == "log":
             s = _Summary.model_validate(body)
             db.execute(
-                'INSERT OR REPLACE INTO summaries (site, epoch, "offset", from_offset, to_offset, entries, '
-                "doc) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (site, m.epoch, offset, s.from_offset, s.to_offset, s.entries, orjson.dumps(body)),
+                self.q(
+                    'INSERT INTO summaries (site, epoch, "offset", from_offset, to_offset, entries, doc) '
+                    'VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, epoch, "offset") DO UPDATE SET '
+                    "from_offset = excluded.from_offset, to_offset = excluded.to_offset, "
+                    "entries = excluded.entries, doc = excluded.doc"
+                ),
+                (site, m.epoch, offset, s.from_offset, s.to_offset, s.entries, orjson.dumps(body).decode()),
             )
             return
         if body.get("op") == "add":
@@ -170,15 +165,20 @@ class ReplicaStore:
             if not vector or len(vector) % 4:
                 raise ValueError(f"record {offset}: the vector is not float32 bytes")
             db.execute(
-                "INSERT OR REPLACE INTO items (site, key, namespace, subject, meta, payload, vector, "
-                "created_ns, expires_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                self.q(
+                    "INSERT INTO items (site, key, namespace, subject, meta, payload, vector, created_ns, "
+                    "expires_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, key) DO UPDATE SET "
+                    "namespace = excluded.namespace, subject = excluded.subject, meta = excluded.meta, "
+                    "payload = excluded.payload, vector = excluded.vector, "
+                    "created_ns = excluded.created_ns, expires_ns = excluded.expires_ns"
+                ),
                 (
                     site,
                     a.key,
                     a.namespace,
                     a.subject,
-                    orjson.dumps(a.meta),
-                    orjson.dumps(a.payload),
+                    orjson.dumps(a.meta).decode(),
+                    orjson.dumps(a.payload).decode(),
                     vector,
                     a.created_ns,
                     a.expires_ns,
@@ -187,13 +187,14 @@ class ReplicaStore:
         else:
             r = _Remove.model_validate(body)
             if r.op == "del":
-                db.execute("DELETE FROM items WHERE site = ? AND key = ?", (site, r.key))
+                db.execute(self.q("DELETE FROM items WHERE site = ? AND key = ?"), (site, r.key))
 
     # --- what the cloud reads ---------------------------------------------------------------------
     def items(self, site: str) -> dict[int, dict[str, Any]]:
         rows = self.db.execute(
-            "SELECT key, namespace, subject, meta, payload FROM items WHERE site = ? ORDER BY key", (site,)
-        )
+            self.q("SELECT key, namespace, subject, meta, payload FROM items WHERE site = ? ORDER BY key"),
+            (site,),
+        ).fetchall()
         return {
             int(k): {"namespace": ns, "subject": sub, "meta": orjson.loads(meta), "payload": orjson.loads(p)}
             for k, ns, sub, meta, p in rows
@@ -201,38 +202,40 @@ class ReplicaStore:
 
     def summaries(self, site: str) -> list[dict[str, Any]]:
         rows = self.db.execute(
-            "SELECT doc FROM summaries s WHERE site = ? AND epoch = (SELECT epoch FROM streams "
-            "WHERE site = s.site AND stream = 'log') ORDER BY \"offset\"",
+            self.q(
+                "SELECT doc FROM summaries s WHERE site = ? AND epoch = (SELECT epoch FROM streams "
+                "WHERE site = s.site AND stream = 'log') ORDER BY \"offset\""
+            ),
             (site,),
-        )
+        ).fetchall()
         return [orjson.loads(d) for (d,) in rows]
 
     def overview(self) -> dict[str, dict[str, int]]:
         """Per site: items held, log summaries, log entries they cover, last offset per stream."""
         out: dict[str, dict[str, int]] = {}
-        for site, stream, last in self.db.execute("SELECT site, stream, last FROM streams ORDER BY site"):
-            d = out.setdefault(
+
+        def of(site: str) -> dict[str, int]:
+            return out.setdefault(
                 site, {"items": 0, "summaries": 0, "entries": 0, "ltm_offset": 0, "log_offset": 0}
             )
-            d[f"{stream}_offset"] = int(last)
-        for site, n in self.db.execute("SELECT site, count(*) FROM items GROUP BY site"):
-            out.setdefault(site, {"items": 0, "summaries": 0, "entries": 0, "ltm_offset": 0, "log_offset": 0})
-            out[site]["items"] = int(n)
+
+        for site, stream, last in self.db.execute(
+            "SELECT site, stream, last FROM streams WHERE stream IN ('ltm', 'log') ORDER BY site"
+        ).fetchall():
+            of(site)[f"{stream}_offset"] = int(last)
+        for site, n in self.db.execute("SELECT site, count(*) FROM items GROUP BY site").fetchall():
+            of(site)["items"] = int(n)
         for site, n, entries in self.db.execute(
             "SELECT site, count(*), sum(entries) FROM summaries GROUP BY site"
-        ):
-            out[site]["summaries"], out[site]["entries"] = int(n), int(entries or 0)
+        ).fetchall():
+            of(site)["summaries"], of(site)["entries"] = int(n), int(entries or 0)
         return out
-
-    def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
-        else:
-            self.db.close()
 
 
 class CloudReplica:
-    def __init__(self, settings: OutpostSettings) -> None:
+    """Runs on its kit's network thread; ``store`` defaults to ``{data_dir}/replica.db`` (SQLite)."""
+
+    def __init__(self, settings: OutpostSettings, store: ReplicaStore | None = None) -> None:
         self.settings = settings
         self.rt = ServiceRuntime(
             NAME, settings, reasons=("bad_sync", "bad_record"), durable=True, mqtt5=False
@@ -240,7 +243,9 @@ class CloudReplica:
         self.bus = self.rt.bus
         self.metrics = self.rt.metrics
         self.topics = settings.topics
-        self.store = ReplicaStore(Path(settings.data_dir) / "replica.db")
+        self.store = (
+            store if store is not None else ReplicaStore(sqlite_url(Path(settings.data_dir) / REPLICA_FILE))
+        )
         receive_streams(
             self.rt, PART, SYNC_MESSAGE, self.store.apply, bad="bad_sync", max_bytes=MAX_MESSAGE_BYTES
         )
@@ -250,7 +255,7 @@ class CloudReplica:
         request is heard meanwhile."""
         self.rt.start(wait_s=None)
         mqtt = self.settings.mqtt
-        log.info("replica started", extra={"db": str(self.store.path), "broker": f"{mqtt.host}:{mqtt.port}"})
+        log.info("replica started", extra={"db": self.store.url_kind, "broker": f"{mqtt.host}:{mqtt.port}"})
         if not self.bus.wait_connected(5.0):
             log.warning("no cloud broker answers yet; retrying", extra={"broker": f"{mqtt.host}:{mqtt.port}"})
 

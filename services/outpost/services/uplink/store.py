@@ -11,29 +11,20 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from contextlib import suppress
 from dataclasses import replace
-from pathlib import Path
-from typing import Any, Literal, Protocol, cast
+from typing import Any, cast
 
 import orjson
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field
 
+from outpost.clouddb import CloudDb, CloudDbError, Db
 from outpost.contracts import StreamBatch
-from outpost.errors import OutpostError
-from outpost.store import Store
-from outpost.streams import Applied, ReceivedStreams, Sql, StoreUnavailableError
+from outpost.services.uplink.outbox import STREAMS
+from outpost.streams import Applied
 from outpost.topics import SEGMENT_RE
 
 SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS streams (
-    site TEXT NOT NULL,
-    stream TEXT NOT NULL,
-    last BIGINT NOT NULL,
-    epoch TEXT NOT NULL,
-    PRIMARY KEY (site, stream)
-)""",
     """CREATE TABLE IF NOT EXISTS records (
     site TEXT NOT NULL,
     stream TEXT NOT NULL,
@@ -56,24 +47,7 @@ SCHEMA = (
 )""",
 )
 
-
-class CloudStoreError(OutpostError, StoreUnavailableError):
-    """The cloud side's database cannot be used (a bad URL, a server that does not answer)."""
-
-
-class _Cur(Protocol):
-    def fetchone(self) -> Any: ...
-
-    def fetchall(self) -> list[Any]: ...
-
-    @property
-    def rowcount(self) -> int: ...
-
-
-class _Db(Sql, Protocol):
-    def execute(self, sql: str, params: Any = ..., /) -> _Cur: ...
-
-    def close(self) -> None: ...
+CloudStoreError = CloudDbError
 
 
 class Record(BaseModel):
@@ -95,55 +69,14 @@ def _seq(body: dict[str, Any]) -> int | None:
     return s if isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 else None
 
 
-class CloudStore:
-    """``postgresql://...`` (``postgres://``) or ``sqlite:///PATH`` (``sqlite:////abs/path``, as
-    SQLAlchemy writes it, for an absolute one). ``readonly``: for what only
-    looks (``outpost cloud status``): nothing is created or written."""
+class CloudStore(CloudDb):
+    """The uplink's records in the cloud side's database (:class:`~outpost.clouddb.CloudDb`:
+    ``postgresql://...`` or ``sqlite:///PATH``). ``readonly``: for what only looks (``outpost cloud
+    status``): nothing is created or written."""
 
     def __init__(self, url: str, *, readonly: bool = False) -> None:
-        self.url = url
-        self.url_kind: Literal["postgresql", "sqlite"]
-        self._store: Store | None = None
-        self._broken = False
-        self.db: _Db
-        self.streams: ReceivedStreams[_Db]
-        try:
-            if url.startswith(("postgresql://", "postgres://")):
-                self.url_kind = "postgresql"
-                self._connect()
-            elif url.startswith("sqlite:///"):
-                self.url_kind = "sqlite"
-                path = Path(url.removeprefix("sqlite:///"))  # sqlite:////abs or sqlite:///relative
-                if readonly:
-                    self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-                else:
-                    self._store = Store(path, ";\n".join(SCHEMA) + ";", synchronous="FULL")
-                    self.db = self._store.db
-                self.streams = ReceivedStreams(self.db, savepoints=False)
-            else:
-                raise CloudStoreError(
-                    f"the database must be postgresql://... or sqlite:///PATH, got {_shown(url)}"
-                )
-            if self.url_kind == "postgresql" and not readonly:
-                for statement in SCHEMA:
-                    self.db.execute(statement)
-            self.db.execute("SELECT count(*) FROM streams").fetchone()
-        except (psycopg.Error, sqlite3.Error, OSError) as exc:
-            raise CloudStoreError(
-                f"cannot use the database {_shown(url)}: {str(exc).strip()[:300]}"
-            ) from None
+        super().__init__(url, SCHEMA, tables=("records", "lag"), what="the uplink", readonly=readonly)
 
-    def _connect(self) -> None:
-        pg: psycopg.Connection[Any] = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-        self.db = pg
-        self.streams = ReceivedStreams(
-            pg, lambda _db: pg.transaction(), paramstyle="format", savepoints=False
-        )
-
-    def _q(self, sql: str) -> str:
-        return sql.replace("?", "%s") if self.url_kind == "postgresql" else sql
-
-    # --- the receiver (the cloud side's network thread) ---------------------------------------------
     def apply(self, m: StreamBatch) -> Applied:
         """Apply a message's records that follow the last one held, in one transaction; also how
         many were already held by id (sent twice by the site: ``same_id``). Each record is checked, then all
@@ -151,7 +84,7 @@ class CloudStore:
         rows: list[tuple[Any, ...]] = []
         now = time.time_ns()
 
-        def one(_db: _Db, m: StreamBatch, offset: int, body: dict[str, Any]) -> None:
+        def one(_db: Db, m: StreamBatch, offset: int, body: dict[str, Any]) -> None:
             r = Record.model_validate(body)
             rid = r.body.get("id")
             if not isinstance(rid, str) or not 0 < len(rid) <= 128:
@@ -163,35 +96,26 @@ class CloudStore:
 
         inserted = [0]
 
-        def finish(db: _Db) -> None:
+        def finish(db: Db) -> None:
             if rows:
                 inserted[0] = self._insert(db, rows)
             # only a message that brought something new says where the site stands (a replay of old
             # records would say it was further behind than it is)
             if rows and m.behind is not None:
                 db.execute(
-                    self._q(
+                    self.q(
                         "INSERT INTO lag (site, stream, behind) VALUES (?, ?, ?) "
                         "ON CONFLICT (site, stream) DO UPDATE SET behind = excluded.behind"
                     ),
                     (m.site, m.stream, m.behind),
                 )
 
-        try:
-            if self._broken:  # PostgreSQL went away: a new connection for this message
-                with suppress(psycopg.Error):
-                    self.db.close()
-                self._connect()
-                self._broken = False
-            done = self.streams.apply(m, one, finish=finish)
-        except (psycopg.OperationalError, psycopg.InterfaceError, sqlite3.OperationalError) as exc:
-            self._broken = self.url_kind == "postgresql"
-            raise CloudStoreError(f"the database failed: {str(exc).strip()[:300]}") from None
+        done = self.receive(m, one, finish=finish)
         return replace(done, same_id=len(rows) - inserted[0])
 
-    def _insert(self, db: _Db, rows: list[tuple[Any, ...]]) -> int:
+    def _insert(self, db: Db, rows: list[tuple[Any, ...]]) -> int:
         """Insert, skipping ids held already; how many were new."""
-        sql = self._q(
+        sql = self.q(
             'INSERT INTO records (site, stream, id, epoch, "offset", topic, device, seq, body, received_ns) '
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, stream, id) DO NOTHING"
         )
@@ -205,7 +129,7 @@ class CloudStore:
     def records(self, site: str, stream: str) -> list[dict[str, Any]]:
         """A site's records of a stream, in the site's order: offset, id, topic, device, seq, body."""
         rows = self.db.execute(
-            self._q(
+            self.q(
                 'SELECT "offset", id, topic, device, seq, body FROM records WHERE site = ? AND stream = ? '
                 'ORDER BY "offset"'
             ),
@@ -225,6 +149,8 @@ class CloudStore:
         for site, stream, last in self.db.execute(
             "SELECT site, stream, last FROM streams ORDER BY site, stream"
         ).fetchall():
+            if stream not in STREAMS:  # another receiver's (memory sync's) in the same ledger
+                continue
             sites.setdefault(site, {"streams": {}})["streams"][stream] = {
                 "acked": int(last),
                 "records": 0,
@@ -244,19 +170,3 @@ class CloudStore:
             if held is not None:
                 held["behind"] = int(behind)
         return sites
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-        else:
-            self.db.close()
-
-
-def _shown(url: str) -> str:
-    """A database URL for a message: its password never shown."""
-    head, at, tail = url.rpartition("@")
-    if at and "://" in head:
-        scheme, _, userinfo = head.partition("://")
-        user = userinfo.split(":", 1)[0]
-        return repr(f"{scheme}://{user}:***@{tail}"[:200] if ":" in userinfo else url[:200])
-    return repr(url[:200])
