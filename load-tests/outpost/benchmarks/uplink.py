@@ -432,6 +432,8 @@ def _bridge_setup(name: str, work: Path, tag: str) -> Setup:
 
 
 def _start_processes(s: Setup, o: UplinkBenchOptions, tag: str) -> None:
+    """The producer and the cloud's subscriber; ids ``{tag}{setup's index}-{device}-{seq}``: the
+    same size in every setup, so are the messages."""
     ctx = spawn_context()
     devices = tuple(f"bench-dev-{i}" for i in range(o.devices))
     if s.kind == "uplink":
@@ -445,7 +447,14 @@ def _start_processes(s: Setup, o: UplinkBenchOptions, tag: str) -> None:
             s.cloud.host, s.cloud.port, f"{s.topics.root}/up/events/+", "records", f"sub-{s.name}"
         )
     load = ProducerSpec(
-        s.edge.host, s.edge.port, topics, devices, o.rate, o.per_message, f"{tag}{s.name}", f"load-{s.name}"
+        s.edge.host,
+        s.edge.port,
+        topics,
+        devices,
+        o.rate,
+        o.per_message,
+        f"{tag}{SETUPS.index(s.name)}",
+        f"load-{s.name}",
     )
     for role, fn, spec in (("sink", run_cloud_sink, sink), ("load", run_producer, load)):
         p = ctx.Process(target=fn, args=(spec, s.ch), name=f"{s.name}-{role}", daemon=True)
@@ -678,9 +687,13 @@ def run_uplink_bench(options: UplinkBenchOptions, *, progress: Progress | None =
                 figures[s.name] = _figures(s, o, loads[s.name], drained)
                 f = figures[s.name]
                 say(
-                    f"{s.name}: held {f['held']:,} of {f['offered']:,} (lost {f['lost']:,}), "
-                    f"drain {f['drain_per_s'] or 0:,} records/s, "
-                    f"the last {f['last_after_back_s']} s after link back"
+                    f"{s.name}: held {f['held']:,} of {f['offered']:,} (lost {f['lost']:,})"
+                    + (
+                        f", drain {f['drain_per_s'] or 0:,} records/s, the last {f['last_after_back_s']} s "
+                        "after link back"
+                        if f["held"]
+                        else ""
+                    )
                 )
         finally:
             for s in setups:
