@@ -78,7 +78,7 @@ from outpost.broker import Mosquitto, uplink_bridge
 from outpost.datadir import site_path
 from outpost.services.registry import OutpostSettings
 from outpost.services.uplink.store import CloudStore
-from outpost.settings import BrokerSettings
+from outpost.settings import BrokerSettings, UplinkSettings
 from outpost.stack import Stack
 from outpost.topics import Topics
 
@@ -310,7 +310,6 @@ class Setup:
     db: str = ""
     procs: list[BaseProcess] = field(default_factory=list)
     back_ns: int = 0
-    figures: dict[str, Any] = field(default_factory=dict)
 
     def dead(self) -> str | None:
         for p in self.procs:
@@ -376,7 +375,10 @@ def _uplink_setup(name: str, o: UplinkBenchOptions, work: Path, tag: str) -> Set
     }
     stack = Stack(settings, env=env, services={"uplink": OutpostSettings.SERVICES["uplink"]})
     db = f"sqlite:///{work / 'cloud.db'}" if o.db == "sqlite" else o.db
-    s = Setup(name, "uplink", work, settings.topics, Channels.create(spawn_context()), cloud, cloud, db=db)
+    ch = Channels.create(spawn_context())
+    s = Setup(
+        name, "uplink", work, settings.topics, ch, cloud, edge=cloud, db=db
+    )  # edge: once the stack is up
     try:
         stack.start()
         assert stack.broker is not None
@@ -414,8 +416,6 @@ def _uplink_setup(name: str, o: UplinkBenchOptions, work: Path, tag: str) -> Set
 def _bridge_setup(name: str, work: Path, tag: str) -> Setup:
     """An edge Mosquitto with Mosquitto's defaults (``bridge_kill9``: an unbounded queue) and the
     uplink's bridge lines; the events go out on ``up/events/{device}``."""
-    from outpost.settings import UplinkSettings
-
     site = f"b-{name.replace('_', '-')}-{tag}"
     topics = Topics(site=site)
     cloud = Mosquitto(work / "cloud-broker", settings=BrokerSettings(auth=False)).start()
