@@ -765,10 +765,10 @@ def print_uplink(result: dict[str, Any], console: Console) -> None:
         return "[green]met[/]" if ok else "[red]MISSED[/]"
 
     z = tg["zero_loss"]
+    bridges = ", ".join(f"{n} {v:,}" for n, v in z["bridge_lost"].items()) or "not in this run"
     parts = [
-        f"zero loss: {met(z['met'])} (uplink lost {sum(z['uplink_lost'].values()):,}; the plain bridge "
-        + ", ".join(f"{n} {v:,}" for n, v in z["bridge_lost"].items())
-        + ")"
+        f"zero loss: {met(z['met'])} (uplink lost {sum(z['uplink_lost'].values()):,}; "
+        f"the plain bridge lost: {bridges})"
     ]
     if "catch_up" in tg:
         c = tg["catch_up"]

@@ -542,7 +542,7 @@ def uplink(
     (its default queue; and an unbounded one whose edge broker is killed), in one run.
 
     Each setup has its own edge and cloud Mosquitto; the outages run at once, the drains one at a
-    time. The defaults take about 10 minutes.
+    time. The defaults take about 8 minutes.
     """
     from outpost.benchmarks.uplink import SETUPS, UplinkBenchOptions, print_uplink, run_uplink_bench
 
