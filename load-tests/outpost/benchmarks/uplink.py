@@ -26,13 +26,13 @@ started again ("link back") and the harness waits until the cloud holds every re
 broker acknowledged to the producer, or nothing new arrived for ``stall_s``.
 
 Figures per setup: records offered (acknowledged by the edge broker), held at the cloud (distinct
-ids), lost, duplicates; link back -> first record stored (the bridge's reconnect: ``restart_timeout
-1 15``, up to 15 s after a long outage, comes first); drain rate = records stored / (last stored -
-first stored); time to empty = link back -> last record stored (the uplink: the cloud side's
-``received_ns``; the bridge: the subscriber's arrival times); for the uplink setups the bytes the
-cloud broker delivered on ``up/uplink/+`` to a subscriber (topic and payload, after the first
-message, as ``tests/integration/test_uplink.py`` measures the cap) against the cap; CPU of every
-process during the drain.
+ids), lost, duplicates; link back -> the edge broker reporting its bridge up (its reconnect:
+``restart_timeout 1 15``, up to 15 s after a long outage) and -> the first record stored; drain
+rate = records stored / (last stored - first stored); time to empty = link back -> last record
+stored (the uplink: the cloud side's ``received_ns``; the bridge: the subscriber's arrival times);
+for the uplink setups the bytes the cloud broker delivered on ``up/uplink/+`` to a subscriber
+(topic and payload, after the first message, as ``tests/integration/test_uplink.py`` measures the
+cap) against the cap; CPU of every process during the drain.
 
 Targets (issue 11): zero loss where the plain bridge loses; catch-up of at least 10,000 records/s
 uncapped; the cap held within 5%.
