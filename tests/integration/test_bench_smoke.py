@@ -329,3 +329,46 @@ def test_connectors_bench_prints_its_figures_as_json() -> None:
     table = io.StringIO()
     print_connectors(result, Console(file=table, width=200))  # the form without --json
     assert "added by the gateway" in table.getvalue()
+
+
+UPLINK_SETUP_KEYS = {
+    "offered",
+    "held",
+    "lost",
+    "duplicates",
+    "bridge_up_after_back_s",
+    "first_after_back_s",
+    "drain_per_s",
+    "empty_s",
+    "cpu_pct",
+}
+
+
+def test_uplink_bench_holds_everything_after_an_outage() -> None:
+    """A 2 s outage at 100 records/s: the uplink, capped or not, holds at the cloud every record the
+    edge broker acknowledged, once; every setup reports its figures on the last line."""
+    p = outpost(
+        "bench", "uplink", "--outage-s", "2", "--rate", "100", "--cap", "20000", "--stall-s", "3", "--json"
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = orjson.loads(p.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "uplink"
+    setups = result["setups"]
+    assert set(setups) == {"uplink", "uplink_capped", "bridge", "bridge_kill9"}
+    for name, s in setups.items():
+        assert set(s) >= UPLINK_SETUP_KEYS, name
+        assert s["offered"] > 0 and s["producer_flushed"], (name, s)
+    for name in ("uplink", "uplink_capped"):
+        s = setups[name]
+        assert s["held"] == s["offered"] and s["lost"] == 0 and s["duplicates"] == 0, s
+        assert s["outbox_left"] == 0 and s["wire"]["messages"] > 0, s
+    assert setups["uplink_capped"]["cap"] == 20_000 and setups["uplink_capped"]["cap_over_pct"] is not None
+    assert result["targets"]["zero_loss"]["met"] is True
+
+    from rich.console import Console
+
+    from outpost.benchmarks.uplink import print_uplink
+
+    table = io.StringIO()
+    print_uplink(result, Console(file=table, width=200))  # the form without --json
+    assert "held at the cloud" in table.getvalue()

@@ -25,12 +25,14 @@ def _nodelay(_c: Any, _u: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def paho_client(client_id: str, *, mqtt5: bool = False) -> paho.Client:
-    """A paho client with TCP_NODELAY and no limit on its own publish queue."""
+def paho_client(client_id: str, *, mqtt5: bool = False, persistent: bool = False) -> paho.Client:
+    """A paho client with TCP_NODELAY and no limit on its own publish queue. ``persistent`` (MQTT
+    3.1.1 only): a session the broker keeps while the client is away (``clean_session`` false)."""
     c = paho.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=MQTTProtocolVersion.MQTTv5 if mqtt5 else MQTTProtocolVersion.MQTTv311,
+        clean_session=None if mqtt5 else not persistent,
     )
     c.on_socket_open = _nodelay
     c.max_queued_messages_set(0)

@@ -505,6 +505,60 @@ def telemetry(
         print_telemetry(result, stdout_console())
 
 
+@bench_app.command("uplink")
+def uplink(
+    outage: Annotated[
+        float,
+        typer.Option("--outage-s", min=1.0, help="Seconds the link is down while the producers publish."),
+    ] = 300.0,
+    rate: Annotated[
+        float, typer.Option("--rate", min=10.0, help="Records/s each setup's producer offers (10 a message).")
+    ] = 1000.0,
+    cap: Annotated[
+        int, typer.Option("--cap", min=1000, help="uplink.max_bytes_s of the capped setup, bytes/s.")
+    ] = 1_000_000,
+    db: Annotated[
+        str,
+        typer.Option(
+            "--db",
+            help="The cloud side's database: sqlite (a file per setup in the temp folder) or a "
+            "postgresql:// URL (each setup a site of its own, its rows deleted after).",
+        ),
+    ] = "sqlite",
+    stall: Annotated[
+        float, typer.Option("--stall-s", min=1.0, help="A drain ends when nothing new arrived for this long.")
+    ] = 30.0,
+    setup: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--setup", help="Only these setups (repeatable): uplink, uplink_capped, bridge, bridge_kill9."
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """After an outage at a fixed offered load: what the cloud holds (loss, duplicates), the drain
+    rate and the time to empty, for the uplink uncapped and capped next to a plain Mosquitto bridge
+    (its default queue; and an unbounded one whose edge broker is killed), in one run.
+
+    Each setup has its own edge and cloud Mosquitto; the outages run at once, the drains one at a
+    time. The defaults take about 8 minutes.
+    """
+    from outpost.benchmarks.uplink import SETUPS, UplinkBenchOptions, print_uplink, run_uplink_bench
+
+    setups = tuple(setup) if setup else SETUPS
+    if set(setups) - set(SETUPS):
+        raise ConfigError(f"unknown setup {sorted(set(setups) - set(SETUPS))}; known: {', '.join(SETUPS)}")
+    if db != "sqlite" and not db.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"--db must be sqlite or a postgresql:// URL, got {db[:80]!r}")
+    options = UplinkBenchOptions(outage_s=outage, rate=rate, cap=cap, db=db, stall_s=stall, setups=setups)
+    with Phases("bench uplink") as say:
+        result = run_uplink_bench(options, progress=say)
+    if json_out:
+        print_json(result)
+    else:
+        print_uplink(result, stdout_console())
+
+
 def register(app: typer.Typer) -> None:
     """Add ``outpost bench`` and its commands to the root app."""
     app.add_typer(bench_app, name="bench")
