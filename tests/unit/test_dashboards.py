@@ -140,7 +140,7 @@ def test_the_datasource_is_influxdb_2_in_flux_with_its_secrets_from_the_environm
 def test_the_dashboard_provider_reads_the_mounted_dashboards_folder() -> None:
     [provider] = _yaml(PROVISIONING / "dashboards" / "outpost.yaml")["providers"]
     assert provider["type"] == "file"
-    compose = _yaml(COMPOSE / "docker-compose.yml")["services"]
+    compose = _yaml(COMPOSE / "compose.yaml")["services"]
     mounts = dict(m.split(":", 1) for m in compose["grafana"]["volumes"] if m.startswith("./"))
     assert mounts["./grafana/dashboards"] == provider["options"]["path"] + ":ro"
     assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning:ro"
@@ -148,7 +148,7 @@ def test_the_dashboard_provider_reads_the_mounted_dashboards_folder() -> None:
 
 
 def test_compose_runs_influxdb_2_and_gives_the_site_its_telemetry_settings() -> None:
-    services = _yaml(COMPOSE / "docker-compose.yml")["services"]
+    services = _yaml(COMPOSE / "compose.yaml")["services"]
     influx = services["influxdb"]
     assert influx["image"] == "influxdb:2"
     init = influx["environment"]
@@ -160,7 +160,7 @@ def test_compose_runs_influxdb_2_and_gives_the_site_its_telemetry_settings() -> 
     for key in ("ORG", "BUCKET", "TOKEN"):
         assert env[f"OUTPOST_TELEMETRY__INFLUX__{key}"].startswith("${"), key
     published = {name for name, s in services.items() if s.get("ports")}
-    assert published == {"mosquitto", "grafana", "outpost"}  # broker, Grafana, the status page
+    assert published == {"mosquitto", "outpost"}  # the broker and the status page (test_compose.py)
 
 
 def test_the_sites_telemetry_variables_in_compose_are_settings_it_reads(
@@ -172,7 +172,7 @@ def test_the_sites_telemetry_variables_in_compose_are_settings_it_reads(
 
     from outpost.services.registry import OutpostSettings
 
-    env = _yaml(COMPOSE / "docker-compose.yml")["services"]["outpost"]["environment"]
+    env = _yaml(COMPOSE / "compose.yaml")["services"]["outpost"]["environment"]
     filled = {
         k: re.sub(r"\$\{(\w+)(?::-([^}]*)|:\?[^}]*)?\}", lambda m: m.group(2) or f"from-{m.group(1)}", str(v))
         for k, v in env.items()
