@@ -329,9 +329,10 @@ class ServiceRuntime:
         ``contract`` decodes the payload (without one the handler gets the raw bytes as its only
         item). ``invalid_reason`` names every schema violation with one reason of the service's
         (inference says ``bad_event``) instead of the precise one; ``lenient`` reads NaN and
-        Infinity so they are refused as ``not_finite``. ``counter`` counts the messages. ``lane``
-        names an acknowledgement order of the subscription's own (:mod:`outpost.acks`), for
-        messages independent of the rest whose work may take long (memory's requests).
+        Infinity so they are refused as ``not_finite``. ``counter`` counts the subscription's
+        messages (``messages`` counts every message of the service). ``lane`` names an
+        acknowledgement order of the subscription's own (:mod:`outpost.acks`), for messages
+        independent of the rest whose work may take long (memory's requests).
         ``topic_key`` may return None for a topic the pattern matches that is not the service's
         (counted ``ignored``). ``screen`` (:data:`Screen`) sees each message before it is decoded;
         ``charge(key, n)`` is told of the ``n`` items of a message the decoder refused (a rate
@@ -382,13 +383,21 @@ class ServiceRuntime:
         return path
 
     # --- the path of one message -----------------------------------------------------------------
+    def _count(self, sub: Subscription) -> None:
+        """``messages`` counts every message the service receives (``outpost status`` shows it);
+        a subscription's own counter, where it has one, counts its part of them too."""
+        c = self.metrics.counters
+        c["messages"] += 1
+        if sub.counter != "messages":
+            c[sub.counter] += 1
+
     def _deliver(self, sub: Subscription, msg: Message) -> None:
         c = self.metrics.counters
         if self._draining:
             # left unacknowledged: the broker redelivers it when the service is back
             c["left_for_redelivery"] += 1
             return
-        c[sub.counter] += 1
+        self._count(sub)
         qos = msg.qos
         turn = (
             self.acks.batched(msg.mid, qos)
@@ -492,9 +501,8 @@ class ServiceRuntime:
         if not shed:
             del self._shed_topics[topic_b]
             return False
-        c = self.metrics.counters
-        c[sub.counter] += 1
-        c["shed_unread"] += 1
+        self._count(sub)
+        self.metrics.counters["shed_unread"] += 1
         self._shed(shed, key, topic, payload, None)
         return True
 
