@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import hmac
 import os
+import pwd
 import secrets
 import signal
 from collections.abc import Iterable, Mapping
@@ -497,4 +498,25 @@ class CloudBroker:
         _write_private(self.folder / "acl", acl_text(principals))
         conf = self.folder / "mosquitto.conf"
         _write_private(conf, self.config())
+        self._hand_to_broker_user()
         return conf
+
+    def _hand_to_broker_user(self) -> None:
+        """Mosquitto started as root drops to ``run_as`` (``mosquitto``) before it reads its
+        password file and ACL and writes its log and data: give that user the folder and those files
+        (never ``credentials/``, which only the operator reads)."""
+        if os.geteuid() != 0:
+            return
+        try:
+            pw = pwd.getpwnam(self.run_as or "mosquitto")
+        except KeyError:
+            return
+        for path in (
+            self.folder,
+            self.folder / "mosquitto.conf",
+            self.folder / "passwd",
+            self.folder / "acl",
+        ):
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+        for path in [self.folder / "data", *(self.folder / "data").rglob("*")]:
+            os.chown(path, pw.pw_uid, pw.pw_gid)

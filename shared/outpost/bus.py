@@ -394,6 +394,11 @@ class Bus:
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
+    @property
+    def refused(self) -> str | None:
+        """Why the broker refused these credentials, if it did (no retry changes that)."""
+        return None if self._connected.is_set() else self._refused
+
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self, *, wait_s: float | None = 10.0) -> None:
         """Start the network thread; with ``wait_s``, wait that long for the first connection and

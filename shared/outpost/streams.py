@@ -56,7 +56,7 @@ import orjson
 from pydantic import ValidationError
 
 from outpost.contracts import Contract, StreamAck, StreamBatch, encode, header
-from outpost.errors import TopicError
+from outpost.errors import BrokerError, TopicError
 from outpost.log import get_logger
 from outpost.service import Ack, Inbound, Rejected, ServiceRuntime
 from outpost.store import Store, transaction
@@ -601,3 +601,25 @@ def receive_streams(
         invalid_reason=bad,
         max_bytes=max_bytes,
     )
+
+
+def start_receiving(rt: ServiceRuntime, what: str, db_kind: str) -> None:
+    """Start a cloud side's receiver: it returns at once and keeps trying the cloud broker (which
+    may come up later; a stop request is heard meanwhile), but a broker that refuses its
+    credentials is a :class:`~outpost.errors.BrokerError` at once, with what to set."""
+    rt.start(wait_s=None)
+    mqtt = rt.settings.mqtt
+    where = f"{mqtt.host}:{mqtt.port}"
+    log.info("receiver started", extra={"receiver": what, "db": db_kind, "broker": where})
+    deadline = time.monotonic() + 5.0
+    while not rt.bus.wait_connected(0.05) and rt.bus.refused is None and time.monotonic() < deadline:
+        pass
+    if rt.bus.refused is not None:
+        rt.stop()
+        raise BrokerError(
+            f"the cloud broker at {where} refused {what}: {rt.bus.refused}; give its user "
+            "(OUTPOST_MQTT__USERNAME=outpost.cloud, OUTPOST_MQTT__PASSWORD from the credentials/ "
+            "folder that `outpost cloud broker-config` wrote)"
+        )
+    if not rt.bus.wait_connected(0):
+        log.warning("no cloud broker answers yet; retrying", extra={"broker": where})

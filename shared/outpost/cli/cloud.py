@@ -44,8 +44,15 @@ class _Together:
         self.parts = parts
 
     def start(self) -> None:
-        for p in self.parts:
-            p.start()
+        started: list[Runnable] = []
+        try:
+            for p in self.parts:
+                p.start()
+                started.append(p)
+        except BaseException:
+            for p in reversed(started):
+                p.stop()
+            raise
 
     def stop(self) -> None:
         for p in reversed(self.parts):

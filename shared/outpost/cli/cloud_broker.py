@@ -78,7 +78,10 @@ def broker_config(
     say = stdout_console().print
     say(f"cloud broker config for {len(users)} site(s): mosquitto -c {conf}")
     cloud = broker.credentials(CLOUD_USER)
-    say(f"the cloud side (outpost cloud run) connects as {CLOUD_USER}, password in {cloud}")
+    say(
+        f"the cloud side: OUTPOST_MQTT__USERNAME={CLOUD_USER} OUTPOST_MQTT__PASSWORD=$(cat {cloud}) "
+        "outpost cloud run ..."
+    )
     for site, user in users.items():
         secret = broker.credentials(user)
         say(

@@ -33,7 +33,7 @@ from outpost.log import get_logger
 from outpost.service import ServiceRuntime, run_until, service_main
 from outpost.services.memory.sync import PART
 from outpost.services.registry import OutpostSettings
-from outpost.streams import Applied, receive_streams
+from outpost.streams import Applied, receive_streams, start_receiving
 
 __all__ = ["Applied", "CloudReplica", "ReplicaError", "ReplicaStore", "SyncMessage", "main", "run"]
 
@@ -251,13 +251,7 @@ class CloudReplica:
         )
 
     def start(self) -> None:
-        """Returns at once and keeps trying the cloud broker (it may come up later); a stop
-        request is heard meanwhile."""
-        self.rt.start(wait_s=None)
-        mqtt = self.settings.mqtt
-        log.info("replica started", extra={"db": self.store.url_kind, "broker": f"{mqtt.host}:{mqtt.port}"})
-        if not self.bus.wait_connected(5.0):
-            log.warning("no cloud broker answers yet; retrying", extra={"broker": f"{mqtt.host}:{mqtt.port}"})
+        start_receiving(self.rt, "the memory replica", self.store.url_kind)
 
     def stop(self) -> None:
         self.rt.stop()

@@ -28,7 +28,7 @@ from outpost.service import ServiceRuntime
 from outpost.services.registry import OutpostSettings
 from outpost.services.uplink.service import PART
 from outpost.services.uplink.store import CloudStore
-from outpost.streams import receive_streams
+from outpost.streams import receive_streams, start_receiving
 
 NAME = "cloud"
 log = get_logger("outpost.services.uplink.cloud")
@@ -60,14 +60,7 @@ class CloudUplink:
         )
 
     def start(self) -> None:
-        """Returns at once and keeps trying the cloud broker (it may come up later)."""
-        self.rt.start(wait_s=None)
-        mqtt = self.settings.mqtt
-        log.info(
-            "cloud side started", extra={"db": self.store.url_kind, "broker": f"{mqtt.host}:{mqtt.port}"}
-        )
-        if not self.rt.bus.wait_connected(5.0):
-            log.warning("no cloud broker answers yet; retrying", extra={"broker": f"{mqtt.host}:{mqtt.port}"})
+        start_receiving(self.rt, "the cloud side", self.store.url_kind)
 
     def stop(self) -> None:
         try:
