@@ -437,6 +437,37 @@ class CommandResult(Envelope):
     detail: str = Field("", max_length=2000)
 
 
+AgentState = Literal["running", "paused", "stopped"]
+
+
+class AgentsControl(BaseModel):
+    """The agents' switch, ``control/agents/desired`` (retained): written by ``outpost agents
+    stop|pause|resume`` and by the cloud (``down/desired/agents``, republished by
+    :mod:`outpost.downlink`), read by the agent service. An agent's state is the stricter of
+    ``all`` and its own entry; ``resume`` clears the halt of the agents it names (``*``: all) when
+    ``ts`` is newer than the halt."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    all: AgentState = Field("running", description="Every agent at least this held.")
+    agents: dict[str, AgentState] = Field(default_factory=dict, description="Per agent: its own state.")
+    resume: list[str] = Field(default_factory=list, description="Agents whose halt is cleared, or *.")
+    ts: int = Field(0, ge=0, description="Version, epoch ns (the cloud's and the CLI's clock).")
+
+
+DESIRED: Final[dict[str, type[BaseModel]]] = {"agents": AgentsControl}
+"""The desired-state document of each service that has one (``control/{service}/desired``)."""
+
+
+def validation_summary(exc: ValidationError, limit: int = 5) -> str:
+    """A ValidationError in one line for a person: each field and what is wrong with it."""
+    parts = [
+        f"{'.'.join(str(x) for x in e['loc']) or 'the document'}: {e['msg']}" for e in exc.errors()[:limit]
+    ]
+    more = len(exc.errors()) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
 # --- decoding ---------------------------------------------------------------------------------------
 DECODE_REASONS: Final = (
     "too_large",
@@ -663,6 +694,10 @@ CONTRACTS: Final[dict[str, tuple[Contract[Any], str]]] = {
     "stream-ack": (STREAM_ACK, "outpost/v1/{site}/down/{part}/ack"),
     "command": (COMMAND, "outpost/v1/{site}/down/cmd/{target}"),
     "command-result": (COMMAND_RESULT, "outpost/v1/{site}/up/cmd/results"),
+    "agents-control": (
+        model_contract(AgentsControl),
+        "outpost/v1/{site}/control/agents/desired (from the cloud: outpost/v1/{site}/down/desired/agents)",
+    ),
 }
 """Every contract by name, with the topic that carries it (docs/contracts/ is generated from it)."""
 

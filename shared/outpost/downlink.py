@@ -34,18 +34,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from pydantic import ValidationError
 
 from outpost.contracts import (
     COMMAND,
+    DESIRED,
     ActionRequest,
     Command,
     EscalationReply,
     derived_id,
     header,
+    validation_summary,
 )
 from outpost.errors import TopicError
 from outpost.log import get_logger
@@ -145,6 +147,17 @@ class Downlink:
         ts = doc.get("ts") if isinstance(doc, dict) else None
         if not isinstance(ts, int) or isinstance(ts, bool):
             raise Rejected("bad_desired", "a desired state is a JSON object with an integer version ts")
+        contract = DESIRED.get(service)
+        if (
+            contract is not None
+        ):  # refused here, and said upward, rather than dead-lettered unseen on the site
+            try:
+                contract.model_validate(doc)
+            except ValidationError as exc:
+                detail = f"desired state of {service} (ts {ts}) not applied: {validation_summary(exc)}"
+                self.rt.dead_letter("bad_desired", detail, inbound.topic, inbound.raw, for_=inbound.turn)
+                self._result(inbound, f"desired-{service}-{ts}", "desired", "rejected", detail)
+                return
         row = self.store.one("SELECT ts FROM desired WHERE service = ?", (service,))
         if not newer(ts, None if row is None else int(row[0])):
             self.rt.metrics.counters["downlink_desired_older"] += 1
@@ -179,7 +192,8 @@ class Downlink:
         try:
             topic, payload = local_input(cmd, target, self.topics)
         except (ValidationError, ValueError, TopicError) as exc:
-            detail = f"command {cmd.id} for {target}: {str(exc)[:500]}"
+            why = validation_summary(exc) if isinstance(exc, ValidationError) else str(exc)
+            detail = f"command {cmd.id} for {target}: {why[:500]}"
             self._decide(cmd, target, "rejected")
             self.rt.dead_letter("bad_command", detail, inbound.topic, inbound.raw, for_=inbound.turn)
             self._report(inbound, target, cmd, "rejected", detail)
@@ -202,9 +216,14 @@ class Downlink:
     def _report(
         self, inbound: Inbound[Command], target: str, cmd: Command, outcome: str, detail: str
     ) -> None:
+        self._result(inbound, cmd.id, target, outcome, detail, trace=cmd.trace)
+
+    def _result(
+        self, inbound: Inbound[Any], command: str, target: str, outcome: str, detail: str, *, trace: str = ""
+    ) -> None:
         self.rt.metrics.counters[f"downlink_{outcome}"] += 1
-        result = header(cmd.trace, id=derived_id("downlink-result", cmd.id, outcome))
-        result.update(command=cmd.id, target=target, outcome=outcome, detail=detail[:2000])
+        result = header(trace, id=derived_id("downlink-result", command, outcome))
+        result.update(command=command, target=target, outcome=outcome, detail=detail[:2000])
         self.rt.publish(self.topics.cmd_results, orjson.dumps(result), for_=inbound.turn)
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ the core never imports a service. :func:`load_settings` loads whichever root it 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -353,4 +354,24 @@ def load_settings(settings_cls: type[S], /, **overrides: Any) -> S:
             lines.append(f"  {loc}: {err['msg']}")
         raise ConfigError("invalid settings:\n" + "\n".join(lines)) from None
     except (OSError, ValueError) as exc:  # YAML syntax errors surface as ValueError subclasses
+        if "EnvSettingsSource" in str(exc):  # a list or mapping given as a plain string, most likely
+            raise ConfigError(
+                f"cannot read settings: {exc}; an environment variable of that section holds a list or "
+                f"a mapping that is not JSON (e.g. OUTPOST_UPLINK__EVENTS='[\"*\"]'): {_not_json_env()}"
+            ) from None
         raise ConfigError(f"cannot read settings: {exc}") from None
+
+
+def _not_json_env() -> str:
+    """The ``OUTPOST_*`` variables whose value is not JSON, for the message above."""
+    bad = []
+    for name, value in sorted(os.environ.items()):
+        if not name.startswith("OUTPOST_") or (
+            not value.strip().startswith(("[", "{")) and "," not in value and value != "*"
+        ):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            bad.append(name)
+    return ", ".join(bad) or "(none looks like one: see docs/settings.md)"

@@ -176,3 +176,24 @@ def test_desired_state_for_the_agents_reaches_their_control_topic_only_when_newe
     assert late.wait_for(lambda c: len(c.json()) >= 1)
     assert late.json()[-1]["ts"] == 3
     late.stop()
+
+
+def test_a_desired_state_the_service_would_refuse_is_refused_here_and_said_upward(site_rig: Site) -> None:
+    """The agents' switch is checked against its contract before it is republished: a bad one is
+    dead-lettered ``bad_desired`` and its refusal goes up, so the cloud learns of it."""
+    s, t = site_rig, site_rig.topics
+    control = s.on_edge(t.control("agents", "desired"), "control", OPERATOR)
+    dlq = s.on_edge(t.dlq("uplink"), "dlq")
+    results = s.on_cloud(t.cmd_results, "results")
+    down = t.down_desired("agents")
+    s.send(down, {"all": None, "agents": {"restock": "asleep"}, "resume": [], "ts": 5}, retain=True)
+    assert results.wait_for(lambda c: len(c.json()) >= 1), results.json()
+    (r,) = results.json()
+    assert (r["target"], r["outcome"]) == ("desired", "rejected")
+    assert "all" in r["detail"] and "agents.restock" in r["detail"] and "pydantic" not in r["detail"]
+    assert dlq.wait_for(lambda c: [d["reason"] for d in c.json()] == ["bad_desired"])
+    s.send(down, {"all": "running", "agents": {"restock": "paused"}, "resume": [], "ts": 6}, retain=True)
+    assert control.wait_for(lambda c: len(c.json()) >= 1)
+    assert [d["ts"] for d in control.json()] == [6]  # the refused one never reached the agents
+    for c in (control, dlq):
+        c.stop()

@@ -91,9 +91,9 @@ def run(db: DbOpt, broker: CloudBrokerOpt = None) -> None:
 
 @cloud_app.command("status")
 def status(db: DbOpt, json_out: JsonOpt = False) -> None:
-    """Per site and stream (the uplink's, and memory sync's as ``memory/ltm`` and ``memory/log``):
-    the acknowledged offset, records held, the lag (records the site held past its last message, as
-    it said), when the last arrived."""
+    """Per site and stream (the uplink's, and memory sync's as memory/ltm and memory/log): the
+    acknowledged offset, records held, the lag (records the site held past its last message, as it
+    said), when the last arrived."""
     from outpost.services.memory.replica import ReplicaStore
     from outpost.services.uplink.store import CloudStore
 
@@ -116,6 +116,9 @@ def status(db: DbOpt, json_out: JsonOpt = False) -> None:
             rs.close()
     if json_out:
         print_json({"sites": sites})
+        return
+    if not sites:
+        stdout_console().print("the cloud side holds nothing yet: no site has sent anything to this database")
         return
     t = Table(title="the cloud side")
     for col in ("site", "stream", "acked", "records", "behind", "last (s ago)"):

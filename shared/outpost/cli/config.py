@@ -25,7 +25,8 @@ def reference_markdown() -> str:
         "each service's `services/outpost/services/{name}/settings.py`; do not edit by hand.",
         "",
         "Precedence: defaults < site file `outpost.yaml` (path in `OUTPOST_CONFIG`) < `OUTPOST_*` "
-        "environment variables (nested with `__`). Unknown keys and bad values stop the service at start.",
+        "environment variables (nested with `__`; a list or a mapping as JSON, e.g. "
+        "`OUTPOST_UPLINK__EVENTS='[\"*\"]'`). Unknown keys and bad values stop the service at start.",
         "",
         "| setting (YAML path) | environment variable | default | description |",
         "| --- | --- | --- | --- |",

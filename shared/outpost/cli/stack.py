@@ -518,6 +518,11 @@ def status(
         print_json(report)
 
 
+def _mb(n: int) -> str:
+    mb = n / 1e6
+    return f"{mb:,.0f}" if mb >= 10 else f"{mb:.2g}"
+
+
 def _outbox(state: dict[str, Any], counters: dict[str, int]) -> dict[str, Any]:
     """The uplink's outbox against its disk budget, and what the budget and the age limit cost."""
 
@@ -657,9 +662,9 @@ def print_status(report: dict[str, Any]) -> None:
         out.print(f"uplink: {'up' if up['up'] else 'DOWN'}; backlog not yet in the cloud: {backlog}")
         box = up.get("outbox")
         if box is not None:
-            line = f"outbox: {box['records'] or 0:,} records, {(box['bytes'] or 0) / 1e6:,.1f} MB"
+            line = f"outbox: {box['records'] or 0:,} records, {_mb(box['bytes'] or 0)} MB"
             if box["budget_bytes"]:
-                line += f" of a {box['budget_bytes'] / 1e6:,.0f} MB budget"
+                line += f" of a {_mb(box['budget_bytes'])} MB budget"
             if box["over_budget"]:
                 line += " [red](over budget: only alerts left, kept)[/]"
             for what in ("dropped", "expired"):

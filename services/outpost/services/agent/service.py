@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 from paho.mqtt.client import topic_matches_sub
+from pydantic import ValidationError
 
 from outpost.contracts import (
     ACTION_RESULT,
@@ -37,12 +38,14 @@ from outpost.contracts import (
     EVENT,
     SCORE,
     ActionResult,
+    AgentsControl,
     Decision,
     EscalationReply,
     EventDict,
     Score,
     derived_id,
     header,
+    validation_summary,
 )
 from outpost.errors import ConfigError, TopicError
 from outpost.log import get_logger
@@ -54,7 +57,7 @@ from outpost.services.agent.policy import Observation, Policy, Proposal, make_po
 from outpost.services.agent.report import DB_NAME, FOLDER, figures, open_escalations, operating, supervision
 from outpost.services.agent.spec import AgentSpec
 from outpost.services.agent.store import open_agent_db
-from outpost.services.agent.supervisor import STATES, Governor, desired_state
+from outpost.services.agent.supervisor import Governor, desired_state
 from outpost.services.registry import OutpostSettings
 from outpost.store import Statement, log_failed_commit
 
@@ -841,24 +844,12 @@ class AgentService:
 
     # --- the operator's switch (network thread) --------------------------------------------------
     def _on_control(self, inbound: Inbound[bytes]) -> None:
-        """``control/agents/desired`` (retained): ``{"all": state, "agents": {name: state}, "resume":
-        [names or "*"], "ts": ns}``; states: running, paused, stopped."""
+        """``control/agents/desired`` (retained): an :class:`~outpost.contracts.AgentsControl`."""
         try:
-            doc = orjson.loads(inbound.raw) if inbound.raw else {}
-        except orjson.JSONDecodeError as exc:
-            raise Rejected("bad_control", f"not JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise Rejected("bad_control", "not an object")
-        wanted = doc.get("agents") or {}
-        if not isinstance(wanted, dict):
-            raise Rejected("bad_control", "agents must be an object of name: state")
-        states = [doc.get("all", "running"), *wanted.values()]
-        if any(s not in STATES for s in states):
-            raise Rejected("bad_control", f"states must be one of {', '.join(STATES)}")
-        ts = doc.get("ts", 0)
-        resume = doc.get("resume") or []
-        if not isinstance(ts, int) or not isinstance(resume, list):
-            raise Rejected("bad_control", "ts must be an integer and resume a list")
+            ctl = AgentsControl.model_validate_json(inbound.raw or b"{}")
+        except ValidationError as exc:
+            raise Rejected("bad_control", validation_summary(exc)) from None
+        doc, ts, resume = ctl.model_dump(), ctl.ts, ctl.resume
         for a in self.agents.values():
             before = a.governor.state
             a.governor.desired = desired_state(doc, a.name)
