@@ -21,6 +21,8 @@ from typing import Annotated, Any, TypeVar
 
 import orjson
 import typer
+from pydantic import ValidationError
+from rich.console import Console
 from rich.table import Table
 
 from outpost.broker import port_open
@@ -29,7 +31,7 @@ from outpost.cli.log import when_ns
 from outpost.cli.output import JsonOpt, print_json, stdout_console
 from outpost.cli.progress import Phases
 from outpost.cli.site import DataDirOpt, SiteBrokerOpt, SiteOpt, Where, find_site, group_options
-from outpost.contracts import header
+from outpost.contracts import AgentsControl, header, validation_summary
 from outpost.errors import BrokerError, ConfigError
 
 T = TypeVar("T")
@@ -213,7 +215,17 @@ def _switch(verb: str, name: str | None, every: bool, wait_s: float, where: Wher
             raise ConfigError(
                 f"no agent {name!r} on site {where.site!r} (agents: {', '.join(sorted(known)) or 'none'})"
             )
-        doc = command(current if isinstance(current, dict) else {}, verb, name)
+        try:  # a retained document the agents refuse is not built upon
+            base = AgentsControl.model_validate(current if isinstance(current, dict) else {}).model_dump()
+        except ValidationError as exc:
+            Console(stderr=True).print(
+                f"the retained {desired} is not a valid agents control ({validation_summary(exc)}): "
+                "replaced, starting from every agent running",
+                markup=False,
+                highlight=False,
+            )
+            base = {}
+        doc = command(base, verb, name)
         doc["ts"] = time.time_ns()
         r.bus.publish(desired, orjson.dumps(doc), qos=1, retain=True)
         if not r.bus.drain(10):
@@ -237,7 +249,8 @@ def _switch(verb: str, name: str | None, every: bool, wait_s: float, where: Wher
     else:
         stdout_console().print(
             f"{verb} {target}: published (retained on {desired}); the agent service has not confirmed "
-            f"it within {wait_s:g} s: it applies it when it runs"
+            f"it within {wait_s:g} s: it applies it when it runs (if it refused it, `outpost log tail "
+            "--kind dlq` says why)"
         )
 
 
