@@ -29,6 +29,8 @@ cloud_app = typer.Typer(
 cloud_app.callback()(group_options)
 
 # --- the uplink's receiving end (run, status) -----------------------------------------------------
+CLOUD_SITE = "cloud"
+"""The site name the cloud side runs under (its client ids, status and metrics on the cloud broker)."""
 DbOpt = Annotated[
     str,
     typer.Option(
@@ -68,7 +70,10 @@ def run(db: DbOpt, broker: CloudBrokerOpt = None) -> None:
     from outpost.services.uplink.cloud import CloudUplink
     from outpost.services.uplink.store import CloudStore
 
-    settings = find_site(None, None, broker).settings
+    # its durable sessions on the cloud broker are named after the site of its settings: always
+    # the same one, whatever the shell's OUTPOST_SITE, or a session left behind would queue every
+    # site's traffic for nobody
+    settings = find_site(None, CLOUD_SITE, broker).settings
     store = CloudStore(db)
     up = CloudUplink(settings, store)
     # memory sync's replica, in the same database on a connection of its own (its own thread)
