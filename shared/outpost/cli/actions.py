@@ -117,9 +117,17 @@ def list_(
             "by connector and state: " + ", ".join(f"{c['connector']} {c['state']} {c['n']}" for c in counts)
         )
     if untaken:
+        declared = set(w.settings.connectors.declared)
+        missing = sorted({r["connector"] for r in untaken} - declared)
+        why = (
+            f"no connector {', '.join(repr(c) for c in missing)} is declared (connectors.declared, "
+            "docs/connectors.md)"
+            if missing
+            else "is the connectors service running?"
+        )
         stdout_console().print(
             f"{len(untaken)} requests wait in the agents' outbox for a gateway "
-            f"(re-sent every agents.resend_s; is the connectors service running?)"
+            f"(re-sent every agents.resend_s; {why})"
         )
 
 
