@@ -320,3 +320,29 @@ def test_agents_list_reads_agent_db_when_the_site_does_not_run(running: Site) ->
     restock = doc["agents"]["restock"]
     assert (restock["state"], restock["decisions"], restock["escalations_open"]) == ("paused", 8, 2)
     assert restock["actions_per_minute"] == 1000
+
+
+def test_actions_list_says_which_waiting_requests_no_declared_connector_takes(
+    tmp_path: Path, site: str
+) -> None:
+    """Requests the agents hold for a connector the site does not declare: ``outpost actions list``
+    names that connector, rather than asking whether the connectors service runs."""
+    from outpost.services.agent.store import SCHEMA
+
+    path = db_path(tmp_path, site)
+    path.parent.mkdir(parents=True)
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA)
+    db.execute(
+        "INSERT INTO actions (key, id, decision, agent, connector, capability, device, trace, created_ns, "
+        "sent_ns, attempts, state, detail, cost, payload) VALUES "
+        "('k1', 'a1', 'd1', 'restock', 'nowhere', 'store.reorder', 'shelf-1', 't1', 1, 1, 1, 'pending', "
+        "NULL, 0, x'7b7d')"
+    )
+    db.commit()
+    db.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
+    p = outpost("actions", "list", "--data-dir", str(tmp_path), "--site", site, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "1 requests wait in the agents' outbox" in p.stdout
+    assert "no connector 'nowhere' is declared" in p.stdout, p.stdout
