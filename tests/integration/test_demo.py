@@ -78,7 +78,10 @@ def test_demo_runs_reports_and_stops_everything() -> None:
     # the telemetry service wrote its rollups to the demo's time-series server
     tel = summary["telemetry"]
     assert tel["points"] > 0 and tel["bytes_upstream"] > 0
-    assert {"process", "service_counter", "dlq"} <= set(tel["measurements"])
+    # dead letters always go; diagnostics go within the byte budget, thinned per series (a hash of
+    # the series picks its windows), so which of them a 4 s run shows varies: at least one does
+    assert "dlq" in tel["measurements"]
+    assert {"process", "service_counter", "service_latency"} & set(tel["measurements"])
 
 
 def test_with_the_cloud_gone_the_site_decides_and_acts_and_keeps_what_the_cloud_must_get() -> None:
