@@ -26,7 +26,7 @@ import psycopg
 from outpost.contracts import StreamBatch
 from outpost.errors import OutpostError
 from outpost.store import Store
-from outpost.streams import Applied, ApplyOne, ReceivedStreams, Sql, StoreUnavailableError
+from outpost.streams import RECEIVER_SCHEMA, Applied, ApplyOne, ReceivedStreams, Sql, StoreUnavailableError
 
 
 class CloudDbError(OutpostError, StoreUnavailableError):
@@ -56,16 +56,6 @@ class Db(Sql, Protocol):
 
 
 Kind = Literal["postgresql", "sqlite"]
-
-LEDGER = """CREATE TABLE IF NOT EXISTS streams (
-    site TEXT NOT NULL,
-    stream TEXT NOT NULL,
-    last BIGINT NOT NULL,
-    epoch TEXT NOT NULL,
-    PRIMARY KEY (site, stream)
-)"""
-"""The receivers' ledger (:data:`outpost.streams.RECEIVER_SCHEMA`'s columns, offsets 64-bit on
-PostgreSQL too): each receiver's streams have names of their own (memory's ``ltm`` and ``log``)."""
 
 
 def url_kind(url: str) -> Kind:
@@ -107,7 +97,7 @@ class CloudDb:
         self.db: Db
         self.streams: ReceivedStreams[Db]
         blob = "BYTEA" if self.url_kind == "postgresql" else "BLOB"
-        statements = [LEDGER, *(s.replace("{blob}", blob) for s in schema)]
+        statements = [RECEIVER_SCHEMA, *(s.replace("{blob}", blob) for s in schema)]
         try:
             if self.url_kind == "postgresql":
                 self._connect()

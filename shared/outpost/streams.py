@@ -79,16 +79,16 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 """The sender's own state (in the store it is given, beside the sources' tables)."""
 
-RECEIVER_SCHEMA = """
-CREATE TABLE IF NOT EXISTS streams (
+RECEIVER_SCHEMA = """CREATE TABLE IF NOT EXISTS streams (
     site TEXT NOT NULL,
     stream TEXT NOT NULL,
-    last INTEGER NOT NULL,
+    last BIGINT NOT NULL,
     epoch TEXT NOT NULL,
     PRIMARY KEY (site, stream)
-);
-"""
-"""The receiver's ledger: per sender (site) and stream, the last offset held and its epoch."""
+)"""
+"""The receiver's ledger: per sender (site) and stream, the last offset held and its epoch (one
+statement, 64-bit offsets on PostgreSQL too; :mod:`outpost.clouddb` makes it for every receiver,
+each with stream names of its own)."""
 
 Records = list[tuple[int, dict[str, Any]]]
 

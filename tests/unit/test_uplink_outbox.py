@@ -8,10 +8,11 @@ from pathlib import Path
 import orjson
 import pytest
 
+from outpost.clouddb import CloudDbError
 from outpost.service import Rejected
 from outpost.services.uplink.outbox import STREAMS, Outbox, StreamSource, Taken, drop_order
 from outpost.services.uplink.service import records_of
-from outpost.services.uplink.store import CloudStore, CloudStoreError
+from outpost.services.uplink.store import CloudStore
 from outpost.streams import ByteBucket
 
 
@@ -118,7 +119,7 @@ def test_a_database_that_cannot_be_used_is_one_clear_error_without_its_password(
 ) -> None:
     file = tmp_path / "a-file"
     file.write_text("")
-    with pytest.raises(CloudStoreError) as e:
+    with pytest.raises(CloudDbError) as e:
         CloudStore(url.format(file=file))
     assert "s3cret" not in str(e.value)
     assert "cannot use" in str(e.value) or "must be" in str(e.value)

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from outpost.clouddb import CloudDb, CloudDbError, Db, sqlite_url
+from outpost.clouddb import CloudDb, Db, sqlite_url
 from outpost.contracts import StreamBatch, model_contract
 from outpost.log import get_logger
 from outpost.service import ServiceRuntime, run_until, service_main
@@ -35,7 +35,7 @@ from outpost.services.memory.sync import PART
 from outpost.services.registry import OutpostSettings
 from outpost.streams import Applied, receive_streams, start_receiving
 
-__all__ = ["Applied", "CloudReplica", "ReplicaError", "ReplicaStore", "SyncMessage", "main", "run"]
+__all__ = ["Applied", "CloudReplica", "ReplicaStore", "SyncMessage", "main", "run"]
 
 NAME = "replica"
 log = get_logger("outpost.memory.replica")
@@ -107,9 +107,6 @@ class SyncMessage(StreamBatch):
 
 
 SYNC_MESSAGE = model_contract(SyncMessage)
-
-
-ReplicaError = CloudDbError
 
 
 class ReplicaStore(CloudDb):

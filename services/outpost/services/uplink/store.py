@@ -18,7 +18,7 @@ import orjson
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field
 
-from outpost.clouddb import CloudDb, CloudDbError, Db
+from outpost.clouddb import CloudDb, Db
 from outpost.contracts import StreamBatch
 from outpost.services.uplink.outbox import STREAMS
 from outpost.streams import Applied
@@ -46,8 +46,6 @@ SCHEMA = (
     PRIMARY KEY (site, stream)
 )""",
 )
-
-CloudStoreError = CloudDbError
 
 
 class Record(BaseModel):
