@@ -95,9 +95,9 @@ SERVICE_TOPICS: dict[str, tuple[tuple[Access, str], ...]] = {
         ("read", "dlq/+"),
         ("read", "memory/req/+"),
         ("write", "memory/resp/+"),
-        ("write", "up/memory/+"),
-        ("read", "down/memory/ack"),
-        ("read", "$uplink"),
+        # memory sync, handed to the uplink service's outbox
+        ("write", "outbox/memory/+"),
+        ("read", "outbox/memory/+/ack"),
     ),
     "agents": (
         ("read", "events/+"),
@@ -137,6 +137,9 @@ SERVICE_TOPICS: dict[str, tuple[tuple[Access, str], ...]] = {
         ("read", "down/#"),
         ("read", "$uplink"),
         ("write", "up/#"),
+        # memory sync's streams, taken into the outbox
+        ("read", "outbox/memory/+"),
+        ("write", "outbox/memory/+/ack"),
         # the downlink (outpost.downlink): desired state, and what a command becomes on the site
         ("write", "control/+/desired"),
         ("write", "escalations/+/+/reply"),

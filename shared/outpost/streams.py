@@ -96,6 +96,63 @@ BACKOFF_DOUBLINGS = 4
 """Resends in a row without progress double the wait this many times at most (16 x ``resend_s``)."""
 
 
+@dataclass(frozen=True)
+class Hop:
+    """The topics of one hop of offset streams: where the sender publishes each stream (``to``)
+    and hears the acknowledgements (``acks``), what the receiver subscribes (``inbound``), whom a
+    message it received comes from (``origin``: site and stream, TopicError otherwise) and where it
+    answers (``ack_to``, by site and stream). Two hops exist: the site's uplink to the cloud
+    (:func:`cloud_hop`) and a part of the site to the uplink service's outbox (:func:`outbox_hop`)."""
+
+    to: Callable[[str], str]
+    acks: str
+    inbound: str
+    origin: Callable[[str], tuple[str, str]]
+    ack_to: Callable[[str, str], str]
+    to_cloud: bool
+    """The uplink to the cloud: its sender's status is the uplink's (``uplink_up``, ``uplink``)."""
+
+
+def cloud_hop(topics: Topics, part: str) -> Hop:
+    """``up/{part}/{stream}`` to the cloud (over the bridge), answered on ``down/{part}/ack``;
+    the receiver (the cloud side) hears every site of the installation."""
+
+    def origin(topic: str) -> tuple[str, str]:
+        site, of, stream = topics.site_up_of(topic)
+        if of != part:
+            raise TopicError(f"not a topic of {part!r}: {topic[:200]!r}")
+        return site, stream
+
+    return Hop(
+        to=lambda stream: topics.up(part, stream),
+        acks=topics.down(part, "ack"),
+        inbound=topics.every_site_up(part),
+        origin=origin,
+        ack_to=lambda site, _stream: Topics(site=site, prefix=topics.prefix).down(part, "ack"),
+        to_cloud=True,
+    )
+
+
+def outbox_hop(topics: Topics, part: str) -> Hop:
+    """``outbox/{part}/{stream}`` on the site's own broker (never bridged), answered on
+    ``outbox/{part}/{stream}/ack``: a part handing its streams to the uplink service's outbox."""
+
+    def origin(topic: str) -> tuple[str, str]:
+        of, stream = topics.outbox_of(topic)
+        if of != part:
+            raise TopicError(f"not a topic of {part!r}: {topic[:200]!r}")
+        return topics.site, stream
+
+    return Hop(
+        to=lambda stream: topics.outbox(part, stream),
+        acks=topics.all_outbox_acks(part),
+        inbound=topics.all_outbox(part),
+        origin=origin,
+        ack_to=lambda _site, stream: topics.outbox_ack(part, stream),
+        to_cloud=False,
+    )
+
+
 class Source(Protocol):
     """A stream's records, from durable state."""
 
@@ -182,11 +239,13 @@ class OffsetStreams:
         afresh: bool = False,
         counter_prefix: str = "sync",
         gate: ByteBucket | None = None,
+        hop: Hop | None = None,
     ) -> None:
         """``store`` holds the sender's state (apply :data:`SENDER_SCHEMA` to it). ``afresh``: the
         caller cannot vouch that the sources recorded everything since the stored epoch began (a
         new epoch is taken then, as when there is none). ``gate`` caps the bytes published (topic
-        and payload); ``sources`` are offered it in their order (the first is the most urgent)."""
+        and payload); ``sources`` are offered it in their order (the first is the most urgent).
+        ``hop``: the topics (:func:`cloud_hop` of ``part`` by default)."""
         self.rt = rt
         self.gate = gate
         self.store = store
@@ -205,13 +264,13 @@ class OffsetStreams:
         }
         self.link_up = link_topic is None
         self._final: dict[str, Any] | None = None
-        topics = rt.topics
-        self._topic = {name: topics.up(part, name) for name in self.streams}
-        # An acknowledgement is taken (sync.db written, synchronous=FULL) before its handler returns,
-        # and the link state changes nothing durable: AT_ONCE is "after its commit" for both.
-        rt.subscribe(
-            topics.down(part, "ack"), self._on_ack, ack=Ack.AT_ONCE, counter=f"{counter_prefix}_acks"
-        )
+        hop = hop or cloud_hop(rt.topics, part)
+        self._to_cloud = hop.to_cloud
+        self._topic = {name: hop.to(name) for name in self.streams}
+        # An acknowledgement is taken (the sender's store written, synchronous=FULL) before its
+        # handler returns, and the link state changes nothing durable: AT_ONCE is "after its commit"
+        # for both.
+        rt.subscribe(hop.acks, self._on_ack, ack=Ack.AT_ONCE, counter=f"{counter_prefix}_acks")
         if link_topic is not None:
             rt.subscribe(link_topic, self._on_link, ack=Ack.AT_ONCE, counter="uplink_messages")
         rt.every(min(0.2, resend_s / 4), self.pump)
@@ -358,11 +417,12 @@ class OffsetStreams:
                 )
 
     def status(self) -> dict[str, Any]:
-        """For the sending service's metrics state (docs/metrics.md): ``uplink_up``, whether the
-        link is up; ``uplink``, per stream the records the receiver has not acknowledged
-        (``backlog``) and the age in seconds of the oldest of them (``age_s``, 0 without a
-        backlog), which the telemetry service rolls up; ``{prefix}_{stream}``, the acknowledged
-        offset and the same backlog. Records that expired unsent are not in the backlog."""
+        """For the sending service's metrics state (docs/metrics.md): ``{prefix}_{stream}``, the
+        acknowledged offset and the records the receiver has not acknowledged (``backlog``); for
+        the hop to the cloud also ``uplink_up``, whether the link is up, and ``uplink``, per stream
+        the same backlog and the age in seconds of its oldest record (``age_s``, 0 without a
+        backlog), which the telemetry service rolls up. Records that expired unsent are not in the
+        backlog."""
         if self._final is not None:
             return self._final
         now = time.time_ns()
@@ -373,6 +433,8 @@ class OffsetStreams:
             age_s = 0.0 if oldest_ns is None or not backlog else max(0.0, (now - oldest_ns) / 1e9)
             uplink[st.name] = {"backlog": backlog, "age_s": round(age_s, 3)}
             offsets[f"{self._p}_{st.name}"] = {"acked": st.acked, "backlog": backlog}
+        if not self._to_cloud:
+            return offsets
         return {"uplink_up": self.link_up, "uplink": uplink, **offsets}
 
     def close(self) -> None:
@@ -519,11 +581,11 @@ def answer(m: StreamBatch, done: Applied) -> bytes:
     return encode("", stream=m.stream, offset=done.last, epoch=m.epoch, unknown=done.unknown)
 
 
-def sender_of(topics: Topics, topic: str, m: StreamBatch, reason: str) -> tuple[str, str]:
+def sender_of(hop: Hop, topic: str, m: StreamBatch, reason: str) -> tuple[str, str]:
     """The site and stream a received message comes from: its topic's, which the message must
     repeat (a site cannot write as another); :class:`Rejected` with ``reason`` otherwise."""
     try:
-        site, _part, stream = topics.site_up_of(topic)
+        site, stream = hop.origin(topic)
     except TopicError as exc:
         raise Rejected(reason, str(exc)) from None
     if (m.site, m.stream) != (site, stream):
@@ -547,14 +609,17 @@ def receive_streams(
     *,
     bad: str,
     max_bytes: int,
+    hop: Hop | None = None,
 ) -> None:
-    """Receive ``part``'s streams of every site of the installation on ``rt`` (the cloud side):
-    each message applied by ``apply`` (one transaction), then answered on its site's
-    ``down/{part}/ack``. ``bad``: the dead-letter reason of a message that is not a valid one of the
-    site its topic names (and of ``apply``'s ValueError); a record refused alone is dead-lettered
-    ``bad_record``. Counted: ``applied.{stream}``, ``duplicates``, ``duplicate_ids``, ``gaps``,
-    ``resets``, ``unknown``, ``db_errors`` (while :class:`StoreUnavailableError`: the status says the
-    error, nothing is answered).
+    """Receive ``part``'s streams on ``rt``: of every site of the installation (the cloud side,
+    :func:`cloud_hop`, the default), or of this site (``hop``: the uplink service's outbox,
+    :func:`outbox_hop`). Each message is applied by ``apply`` (one transaction), then answered
+    where ``hop`` says (the cloud: the site's ``down/{part}/ack``). ``bad``: the dead-letter reason
+    of a message that is not a valid one of the site its topic names (and of ``apply``'s
+    ValueError); a record refused alone is dead-lettered ``bad_record``. Counted:
+    ``applied.{stream}``, ``duplicates``, ``duplicate_ids``, ``gaps``, ``resets``, ``unknown``,
+    ``db_errors`` (while :class:`StoreUnavailableError`: the status says the error, nothing is
+    answered).
 
     Committed before the handler returns, and the answer is an output it waits for
     (``AFTER_OUTPUTS``): the message is acknowledged only once the broker holds that answer. A crash
@@ -562,11 +627,12 @@ def receive_streams(
     duplicate answered at once; acknowledged at once, the answer would be lost and the site would
     learn where the receiver stands only after its resend time, by resending a window of records
     across the uplink."""
-    topics, c = rt.topics, rt.metrics.counters
+    c = rt.metrics.counters
+    hop = hop or cloud_hop(rt.topics, part)
 
     def on_message(inbound: Inbound[B]) -> None:
         m = inbound.items[0][1]
-        site, stream = sender_of(topics, inbound.topic, m, bad)
+        site, stream = sender_of(hop, inbound.topic, m, bad)
         try:
             done = apply(m)
         except ValueError as exc:
@@ -590,11 +656,10 @@ def receive_streams(
                 inbound.raw,
                 for_=inbound.turn,
             )
-        to = Topics(site=site, prefix=topics.prefix).down(part, "ack")
-        rt.publish(to, answer(m, done), for_=inbound.turn)
+        rt.publish(hop.ack_to(site, stream), answer(m, done), for_=inbound.turn)
 
     rt.subscribe(
-        topics.every_site_up(part),
+        hop.inbound,
         on_message,
         contract=contract,
         ack=Ack.AFTER_OUTPUTS,

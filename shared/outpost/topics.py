@@ -242,11 +242,11 @@ class Topics:
 
     # --- uplink: what crosses to and from the cloud (the edge broker's bridge carries up/ and down/)
     def up(self, part: str, stream: str) -> str:
-        """What a part of the site sends to the cloud (memory sync: ``up/memory/{stream}``)."""
+        """What a part of the site sends to the cloud (the uplink: ``up/uplink/{stream}``)."""
         return f"{self.root}/up/{check_segment(part, 'part')}/{check_segment(stream, 'stream')}"
 
     def down(self, part: str, name: str) -> str:
-        """What the cloud sends to a part of the site (memory sync: ``down/memory/ack``)."""
+        """What the cloud sends to a part of the site (the uplink: ``down/uplink/ack``)."""
         return f"{self.root}/down/{check_segment(part, 'part')}/{check_segment(name, 'name')}"
 
     @property
@@ -274,6 +274,32 @@ class Topics:
             _level(levels[2], "part", topic),
             _level(levels[3], "stream", topic),
         )
+
+    # --- the outbox: what a part hands the uplink service to take to the cloud (never bridged)
+    def outbox(self, part: str, stream: str) -> str:
+        """What a part of the site hands the uplink service's outbox (memory sync:
+        ``outbox/memory/{stream}``); the uplink takes it to the cloud on ``up/uplink/memory``."""
+        return f"{self.root}/outbox/{check_segment(part, 'part')}/{check_segment(stream, 'stream')}"
+
+    def outbox_ack(self, part: str, stream: str) -> str:
+        """Where the uplink service says how far its outbox holds a part's stream."""
+        return f"{self.outbox(part, stream)}/ack"
+
+    def all_outbox(self, part: str) -> str:
+        return f"{self.root}/outbox/{check_segment(part, 'part')}/+"
+
+    def all_outbox_acks(self, part: str) -> str:
+        return f"{self.all_outbox(part)}/ack"
+
+    def outbox_of(self, topic: str) -> tuple[str, str]:
+        """(part, stream) of an ``.../outbox/{part}/{stream}`` topic of this site."""
+        head = f"{self.root}/outbox/"
+        if not topic.startswith(head):
+            raise self._not_ours("an outbox", topic)
+        part, sep, stream = topic[len(head) :].partition("/")
+        if not sep:
+            raise TopicError(f"outbox topic has no stream level: {_shown(topic)}")
+        return _level(part, "part", topic), _level(stream, "stream", topic)
 
     def uplink_state(self) -> str:
         """Where Mosquitto reports its bridge to the cloud up (``1``) or down (``0``), retained: the

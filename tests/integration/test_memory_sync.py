@@ -1,8 +1,10 @@
-"""Memory sync for real: an edge Mosquitto bridged to a cloud Mosquitto (the uplink), the memory
-service on the edge, the replica on the cloud. Long-term memory and the log's summaries reach the
-cloud; the link is cut by stopping the cloud broker and comes back; the memory service is killed
-with SIGKILL mid-sync; old messages are replayed. The cloud ends up holding exactly what the site
-holds, with nothing lost and nothing applied twice."""
+"""Memory sync for real: an edge Mosquitto bridged to a cloud Mosquitto, the memory service and
+the uplink service on the edge (memory hands its streams to the uplink's outbox), the cloud side
+(``outpost cloud run``: the uplink's receiver with the memory replica) on the cloud. Long-term
+memory and the log's summaries reach the cloud; the link is cut by stopping the cloud broker and
+comes back; the memory service, the uplink and the cloud side are killed with SIGKILL mid-sync; old
+messages are replayed. The cloud ends up holding exactly what the site holds, with nothing lost and
+nothing applied twice."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,12 +31,16 @@ from outpost.broker import Mosquitto, uplink_bridge
 from outpost.bus import Bus
 from outpost.clouddb import sqlite_url
 from outpost.datadir import site_path
+from outpost.service import run_until
 from outpost.services.memory.client import MemoryClient
 from outpost.services.memory.oplog import OpLog
-from outpost.services.memory.replica import CloudReplica, ReplicaStore
-from outpost.services.memory.replica import run as run_replica
+from outpost.services.memory.replica import ReplicaStore
 from outpost.services.memory.service import run as run_memory
 from outpost.services.registry import OutpostSettings
+from outpost.services.uplink.cloud import CloudUplink
+from outpost.services.uplink.service import Uplink
+from outpost.services.uplink.service import run as run_uplink
+from outpost.services.uplink.store import CloudStore
 from outpost.settings import MqttSettings
 from tests.conftest import OUTPOST, Collector, ServiceThread, make_event, outpost, wait_status
 
@@ -51,6 +58,7 @@ def cloud(tmp_path: Path) -> Iterator[Mosquitto]:
 def edge_settings(tmp_path: Path, site: str, cloud: Mosquitto) -> Iterator[OutpostSettings]:
     s = OutpostSettings(site=site, data_dir=tmp_path / "edge-data")
     s.uplink.cloud = cloud.address
+    s.uplink.resend_s = 1.0
     edge = Mosquitto(tmp_path / "edge-broker", extra_conf=uplink_bridge(s.topics, s.uplink)).start()
     s.mqtt.port = edge.port
     s.telemetry.metrics_interval_s = 0.5
@@ -61,16 +69,52 @@ def edge_settings(tmp_path: Path, site: str, cloud: Mosquitto) -> Iterator[Outpo
 
 
 @pytest.fixture
-def replica(
-    tmp_path: Path, cloud: Mosquitto
-) -> Iterator[tuple[OutpostSettings, ServiceThread[CloudReplica]]]:
+def uplink(edge_settings: OutpostSettings) -> Iterator[ServiceThread[Uplink]]:
+    t = start_uplink(edge_settings)
+    yield t
+    if t.thread.is_alive():
+        t.stop()
+
+
+def start_uplink(settings: OutpostSettings) -> ServiceThread[Uplink]:
+    t = ServiceThread(run_uplink, settings).start()
+    wait_status(settings, "uplink")
+    return t
+
+
+@pytest.fixture
+def cloud_settings(tmp_path: Path, cloud: Mosquitto) -> OutpostSettings:
     s = OutpostSettings(site="cloud", data_dir=tmp_path / "cloud-data")
     s.mqtt.port = cloud.port
-    r = ServiceThread(run_replica, s).start()
-    wait_status(s, "replica")
-    yield s, r
-    if r.thread.is_alive():
-        r.stop()
+    s.telemetry.metrics_interval_s = 0.5
+    return s
+
+
+def cloud_db(cloud_settings: OutpostSettings) -> Path:
+    return Path(cloud_settings.data_dir) / "cloud.db"
+
+
+def start_cloud_side(cloud_settings: OutpostSettings) -> ServiceThread[CloudUplink]:
+    """What ``outpost cloud run --db sqlite:///...`` runs: the uplink's receiver, the replica's
+    tables in its database."""
+    url = sqlite_url(cloud_db(cloud_settings))
+
+    def run(s: OutpostSettings, stop: threading.Event) -> CloudUplink:
+        replica = ReplicaStore(url)
+        replica.close()  # its tables made; it writes on the cloud side's connection
+        return run_until(CloudUplink(s, CloudStore(url, relay=replica.apply_relayed)), stop)
+
+    t = ServiceThread(run, cloud_settings).start()
+    wait_status(cloud_settings, "cloud")
+    return t
+
+
+@pytest.fixture
+def cloud_side(cloud_settings: OutpostSettings) -> Iterator[ServiceThread[CloudUplink]]:
+    t = start_cloud_side(cloud_settings)
+    yield t
+    if t.thread.is_alive():
+        t.stop()
 
 
 def edge_items(settings: OutpostSettings) -> dict[int, dict[str, Any]]:
@@ -106,7 +150,7 @@ def traces_logged(settings: OutpostSettings) -> int:
 def in_cloud(
     cloud_settings: OutpostSettings, site: str
 ) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
-    store = ReplicaStore(sqlite_url(Path(cloud_settings.data_dir) / "replica.db"), readonly=True)
+    store = ReplicaStore(sqlite_url(cloud_db(cloud_settings)), readonly=True)
     try:
         return store.items(site), store.summaries(site)
     finally:
@@ -172,29 +216,25 @@ def check_summaries(summaries: list[dict[str, Any]], edge: OutpostSettings) -> N
     assert sum(s["by_kind"].get("event", 0) for s in summaries) == count
 
 
-@pytest.mark.parametrize("mode", ["uplink", "always"])
-def test_sync_reaches_the_cloud_and_catches_up_after_the_link_is_cut(
+def test_sync_reaches_the_cloud_through_the_uplink_and_catches_up_after_the_link_is_cut(
     edge_settings: OutpostSettings,
     cloud: Mosquitto,
-    replica: tuple[OutpostSettings, ServiceThread[CloudReplica]],
-    mode: str,
+    cloud_settings: OutpostSettings,
+    cloud_side: ServiceThread[CloudUplink],
+    uplink: ServiceThread[Uplink],
 ) -> None:
-    """``uplink``: nothing is sent while the bridge reports the link down. ``always``: the site
-    keeps sending into the edge broker's queue for the bridge and resends what goes unacknowledged,
-    so the cloud sees old, repeated and out-of-order messages when the link returns."""
-    cloud_settings, _ = replica
-    edge_settings.memory.sync = mode  # type: ignore[assignment]
-    up = Collector(
-        MqttSettings(port=cloud.port), edge_settings.topics.root + "/up/memory/+", client_id="up-tap"
-    )
+    """Memory hands its records to the uplink's outbox at once, link or not; the outbox holds them
+    (its ``memory`` stream, in the uplink's status) until the cloud side has committed them, and
+    the cloud sees only the uplink's stream, never memory's own topics."""
+    up = Collector(MqttSettings(port=cloud.port), edge_settings.topics.root + "/up/#", client_id="up-tap")
     up.start()
-    metrics = Collector(edge_settings.mqtt, edge_settings.topics.metrics("memory"), client_id="m-tap")
+    metrics = Collector(edge_settings.mqtt, edge_settings.topics.metrics("uplink"), client_id="m-tap")
     metrics.start()
     mem_service = ServiceThread(run_memory, edge_settings).start()
     wait_status(edge_settings, "memory")
 
-    def uplink(pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        """The first ``state`` of a metrics batch of memory for which ``pred`` holds."""
+    def uplink_state(pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """The first ``state`` of a metrics batch of the uplink for which ``pred`` holds."""
         assert metrics.wait_for(lambda c: any(pred(d["state"]) for d in c.json()), 30), metrics.json()[-1:]
         return next(d["state"] for d in metrics.json() if pred(d["state"]))
 
@@ -209,30 +249,30 @@ def test_sync_reaches_the_cloud_and_catches_up_after_the_link_is_cut(
         add_items(mem, 30, 30)
         assert mem.request("ltm-forget-subject", {"subject": "s1"}) == 20  # a privacy request, offline
         publish_events(edge_settings, "fridge-2", range(1, 101))
-        time.sleep(1.5)
         status = mem.request("log-trace", {"trace": "fridge-2-1"})
         assert status and status[0]["kind"] == "event"  # the site works on without the cloud
-        # the backlog the cloud has not acknowledged, and its age, in the metrics state
+        # the backlog is the uplink's now (memory's is handed over), and its age, in its status
         with metrics.lock:  # only what comes from now on
             metrics.messages.clear()
-        down = uplink(lambda st: st["uplink"]["ltm"]["backlog"] >= 50 and st["uplink"]["ltm"]["age_s"] >= 1)
-        assert down["sync_ltm"]["backlog"] == down["uplink"]["ltm"]["backlog"]
-        if mode == "uplink":
-            assert down["uplink_up"] is False
+        down = uplink_state(
+            lambda st: st["uplink"]["memory"]["backlog"] >= 2 and st["uplink"]["memory"]["age_s"] >= 1
+        )
+        assert down["uplink_up"] is False
         cloud.start()
         assert converged(edge_settings, cloud_settings, logged=200)
         items, summaries = in_cloud(cloud_settings, edge_settings.site)
         assert len(items) == 40 and not any(i["subject"] == "s1" for i in items.values())
         check_summaries(summaries, edge_settings)
-        with metrics.lock:  # only what comes from now on
+        with metrics.lock:
             metrics.messages.clear()
-        caught_up = uplink(lambda st: all(v["backlog"] == 0 for v in st["uplink"].values()))
-        nothing = {"backlog": 0, "age_s": 0.0}
-        assert caught_up["uplink"] == {"ltm": nothing, "log": nothing}
-        assert caught_up["uplink_up"] is True
+        caught_up = uplink_state(lambda st: st["uplink"]["memory"]["backlog"] == 0)
+        assert (
+            caught_up["uplink"]["memory"] == {"backlog": 0, "age_s": 0.0} and caught_up["uplink_up"] is True
+        )
 
-        # replaying what went up changes nothing in the cloud
+        # only the uplink's stream crossed; replaying it changes nothing in the cloud
         assert up.wait_for(lambda c: len(c.messages) >= 2, 10)
+        assert {t.removeprefix(edge_settings.topics.root) for t, _ in up.messages} == {"/up/uplink/memory"}
         replay = Bus(MqttSettings(port=cloud.port), client_id="replayer")
         replay.start()
         for topic, payload in list(up.messages)[:5]:
@@ -243,24 +283,22 @@ def test_sync_reaches_the_cloud_and_catches_up_after_the_link_is_cut(
     up.stop()
     metrics.stop()
     svc = mem_service.stop()
-    c = svc.metrics.counters
-    if mode == "uplink":
-        assert c["uplink_changes"] >= 3  # up, down, up
-    else:
-        assert c["sync_resends"] >= 1  # nothing acknowledged while the cloud was away
-    assert svc.sync is not None  # sync is on in every mode here
+    assert svc.sync is not None
     status = svc.sync.status()
     assert status["sync_ltm"]["backlog"] == 0 and status["sync_log"]["backlog"] == 0
-    rep: CloudReplica = replica[1].stop()
-    assert rep.metrics.counters["duplicates"] >= 1 and rep.metrics.counters["rejected"] == 0
+    assert "uplink_up" not in status  # memory's hop is local: the link is the uplink's to report
+    assert uplink.stop().metrics.counters["uplink_changes"] >= 3  # up, down, up
+    side = cloud_side.stop().metrics.counters
+    assert side["duplicates"] >= 1 and side["rejected"] == 0
 
 
-def test_sigkill_on_either_side_mid_sync_loses_and_doubles_nothing(
-    edge_settings: OutpostSettings, cloud: Mosquitto, tmp_path: Path
+def test_sigkill_of_memory_uplink_and_cloud_side_mid_sync_loses_and_doubles_nothing(
+    edge_settings: OutpostSettings, cloud: Mosquitto, cloud_settings: OutpostSettings
 ) -> None:
-    """The memory service and the replica (``outpost memory replica``) run as processes; each is
-    killed with SIGKILL while changes are going up, and restarted: the site resumes from the last
-    offset the cloud acknowledged, the replica from what it had committed."""
+    """The memory service, the uplink service and the cloud side (``outpost cloud run``) run as
+    processes; each is killed with SIGKILL while changes are going up, and restarted: memory
+    resumes from what the outbox acknowledged, the uplink from what the cloud acknowledged, the
+    cloud side from what it had committed."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_") or "EMBEDDER" in k}
     edge_env = {
         **base,
@@ -268,68 +306,66 @@ def test_sigkill_on_either_side_mid_sync_loses_and_doubles_nothing(
         "OUTPOST_DATA_DIR": str(edge_settings.data_dir),
         "OUTPOST_MQTT__PORT": str(edge_settings.mqtt.port),
         "OUTPOST_UPLINK__CLOUD": cloud.address,
+        "OUTPOST_UPLINK__RESEND_S": "1",
         "OUTPOST_MEMORY__SUMMARY_S": "0.3",
         "OUTPOST_MEMORY__SYNC_RESEND_S": "1",
         "OUTPOST_MEMORY__SYNC_BATCH": "20",
         "OUTPOST_MEMORY__SYNC_WINDOW": "100",
         "OUTPOST_TELEMETRY__METRICS_INTERVAL_S": "0.5",
     }
-    cloud_settings = OutpostSettings(site="cloud", data_dir=tmp_path / "cloud-data")
-    cloud_settings.mqtt.port = cloud.port
-    cloud_env = {**base, "OUTPOST_SITE": "cloud", "OUTPOST_TELEMETRY__METRICS_INTERVAL_S": "0.5"}
-    replica_cmd = [
-        *OUTPOST,
-        "memory",
-        "replica",
-        "--broker",
-        cloud.address,
-        "--data-dir",
-        str(cloud_settings.data_dir),
-    ]
+    url = sqlite_url(cloud_db(cloud_settings))
+    cloud_env = {**base, "OUTPOST_TELEMETRY__METRICS_INTERVAL_S": "0.5"}
+    cloud_cmd = [*OUTPOST, "cloud", "run", "--db", url, "--broker", cloud.address]
 
-    def start_memory() -> subprocess.Popen[bytes]:
+    def start_service(name: str) -> subprocess.Popen[bytes]:
         p = subprocess.Popen(
-            [sys.executable, "-m", "outpost.services.memory"], env=edge_env, stderr=subprocess.DEVNULL
+            [sys.executable, "-m", f"outpost.services.{name}"], env=edge_env, stderr=subprocess.DEVNULL
         )
-        wait_status(edge_settings, "memory", pid=p.pid)
+        wait_status(edge_settings, name, pid=p.pid)
         return p
 
-    def start_replica() -> subprocess.Popen[str]:
+    def start_cloud_side() -> subprocess.Popen[str]:
         p = subprocess.Popen(
-            replica_cmd, env=cloud_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            cloud_cmd, env=cloud_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        wait_status(cloud_settings, "replica", pid=p.pid)
+        wait_status(cloud_settings, "cloud", pid=p.pid)
         return p
 
-    memory, replica = start_memory(), start_replica()
+    def kill(p: subprocess.Popen[Any]) -> None:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(10)
+
+    memory, uplink, side = start_service("memory"), start_service("uplink"), start_cloud_side()
     try:
         with MemoryClient(edge_settings, "agent") as mem:
             add_items(mem, 0, 150, subjects=7)
             publish_events(edge_settings, "till-1", range(1, 301))
-            os.kill(memory.pid, signal.SIGKILL)  # while changes are still going up
-            memory.wait(10)
-            memory = start_memory()
+            kill(memory)  # while changes are still going up
+            memory = start_service("memory")
             add_items(mem, 150, 50, subjects=7)
-            os.kill(replica.pid, signal.SIGKILL)  # and the cloud side, mid-stream
-            replica.wait(10)
-            add_items(mem, 200, 50, subjects=7)
-            replica = start_replica()
+            kill(uplink)  # the outbox's owner, mid-stream
+            add_items(mem, 200, 25, subjects=7)
+            uplink = start_service("uplink")
+            kill(side)  # and the cloud side
+            add_items(mem, 225, 25, subjects=7)
+            side = start_cloud_side()
             mem.request("ltm-forget-subject", {"subject": "s3"})
             publish_events(edge_settings, "till-2", range(1, 101))
             assert converged(edge_settings, cloud_settings, logged=400)
     finally:
-        memory.send_signal(signal.SIGTERM)
-        memory.wait(30)
-        replica.send_signal(signal.SIGTERM)
-        out, err = replica.communicate(timeout=30)
-    assert replica.returncode == 0, err[-2000:]
+        for p in (memory, uplink):
+            p.send_signal(signal.SIGTERM)
+            p.wait(30)
+        side.send_signal(signal.SIGTERM)
+        out, err = side.communicate(timeout=30)
+    assert side.returncode == 0, err[-2000:]
     assert "stopped:" in out and "0 refused" in out
     items, summaries = in_cloud(cloud_settings, edge_settings.site)
     assert len(items) == 250 - sum(1 for i in range(250) if i % 7 == 3)
     assert sorted(i["payload"]["n"] for i in items.values()) == [i for i in range(250) if i % 7 != 3]
     check_summaries(summaries, edge_settings)
     # what the operator sees of it
-    shown = outpost("memory", "cloud", "--json", "--data-dir", str(cloud_settings.data_dir), env=cloud_env)
+    shown = outpost("memory", "cloud", "--json", "--db", url, env=cloud_env)
     assert shown.returncode == 0, shown.stderr
     site = orjson.loads(shown.stdout.strip().splitlines()[-1])["sites"][edge_settings.site]
     assert site["items"] == len(items) and site["entries"] == edge_log(edge_settings)[1]
@@ -338,49 +374,74 @@ def test_sigkill_on_either_side_mid_sync_loses_and_doubles_nothing(
 def test_hostile_sync_messages_and_acks_are_dead_lettered(
     edge_settings: OutpostSettings,
     cloud: Mosquitto,
-    replica: tuple[OutpostSettings, ServiceThread[CloudReplica]],
+    cloud_settings: OutpostSettings,
+    cloud_side: ServiceThread[CloudUplink],
+    uplink: ServiceThread[Uplink],
 ) -> None:
-    cloud_settings, _ = replica
-    site = "forger"  # not the edge's site: what lands on a site's up/ is taken as that site's (ACLs guard it)
-    cloud_mqtt = MqttSettings(port=cloud.port)
-    cloud_dlq = Collector(cloud_mqtt, cloud_settings.topics.dlq("replica"), client_id="cloud-dlq").start()
-    good = {"v": 1, "id": "x", "site": site, "epoch": "e1", "stream": "ltm", "prev": 0}
-    hostile: list[tuple[str, bytes, str]] = [
-        (f"outpost/v1/{site}/up/memory/ltm", b"{not json", "not_json"),
-        (f"outpost/v1/{site}/up/memory/ltm", b"\xff\xfe", "not_json"),
-        (f"outpost/v1/{site}/up/memory/ltm", orjson.dumps({**good, "records": "x"}), "bad_sync"),
+    """On each hop: what the uplink's outbox is handed on ``outbox/memory/+``, what the cloud side
+    receives as relayed memory records, and acknowledgements memory did not ask for."""
+    t = edge_settings.topics
+    good = {"v": 1, "id": "x", "site": t.site, "epoch": "e1", "stream": "ltm", "prev": 0}
+    edge_dlq = Collector(edge_settings.mqtt, t.dlq("uplink"), client_id="uplink-dlq").start()
+    to_outbox: list[tuple[str, bytes, str]] = [
+        (t.outbox("memory", "ltm"), b"{not json", "not_json"),
+        (t.outbox("memory", "ltm"), b"\xff\xfe", "not_json"),
+        (t.outbox("memory", "ltm"), orjson.dumps({**good, "records": "x"}), "bad_sync"),
         (
-            f"outpost/v1/{site}/up/memory/ltm",
+            t.outbox("memory", "ltm"),
             orjson.dumps({**good, "site": "elsewhere", "records": [[1, {}]]}),
             "bad_sync",
         ),
-        (f"outpost/v1/{site}/up/memory/log", orjson.dumps({**good, "records": [[1, {}]]}), "bad_sync"),
-        (
-            "outpost/v1/a.b/up/memory/ltm",
-            orjson.dumps({**good, "site": "a.b", "records": [[1, {}]]}),
-            "bad_sync",
-        ),
-        (f"outpost/v1/{site}/up/memory/ltm", b"[" * 100_000 + b"]" * 100_000, "not_json"),
-        (
-            f"outpost/v1/{site}/up/memory/ltm",
-            orjson.dumps({**good, "records": [[1, {"op": "add", "key": 1}]]}),
-            "bad_record",
-        ),
+        (t.outbox("memory", "log"), orjson.dumps({**good, "records": [[1, {}]]}), "bad_sync"),
+        (t.outbox("memory", "ltm"), b"[" * 100_000 + b"]" * 100_000, "not_json"),
     ]
-    pub = Bus(cloud_mqtt, client_id="hostile-cloud")
+    pub = Bus(edge_settings.mqtt, client_id="hostile-edge")
     pub.start()
-    for topic, payload, _ in hostile:
+    for topic, payload, _ in to_outbox:
         pub.publish(topic, payload, qos=1)
-    pub.stop(drain_s=5)
-    cloud_dlq.wait_for(lambda c: len(c.json()) >= len(hostile), 20)
-    reasons = sorted(d["reason"] for d in cloud_dlq.json())
-    assert reasons == sorted(r for _, _, r in hostile)
+    assert edge_dlq.wait_for(lambda c: len(c.json()) >= len(to_outbox), 20)
+    assert sorted(d["reason"] for d in edge_dlq.json()) == sorted(r for _, _, r in to_outbox)
+    edge_dlq.stop()
+
+    # relayed records the cloud side cannot apply: dead-lettered there, the stream goes on
+    site = "forger"  # what lands on a site's up/ is taken as that site's (the cloud broker's ACLs guard it)
+    cloud_mqtt = MqttSettings(port=cloud.port)
+    cloud_dlq = Collector(cloud_mqtt, cloud_settings.topics.dlq("cloud"), client_id="cloud-dlq").start()
+
+    def relayed(prev: int, body: dict[str, Any]) -> bytes:
+        record = {"topic": "outbox/memory/ltm", "body": body}
+        return orjson.dumps(
+            {
+                "v": 1,
+                "id": "y",
+                "site": site,
+                "epoch": "u1",
+                "stream": "memory",
+                "prev": prev,
+                "records": [[prev + 1, record]],
+            }
+        )
+
+    ok = {"id": "r", "stream": "ltm", "epoch": "e1", "start": True}
+    to_cloud: list[tuple[bytes, str]] = [
+        (relayed(0, {**ok, "records": "x"}), "bad_record"),
+        (relayed(1, {**ok, "stream": "secrets", "records": [[1, {}]]}), "bad_record"),
+        (relayed(2, {**ok, "records": [[1, {"op": "add", "key": 1}]]}), "bad_record"),
+        (relayed(3, {**ok, "records": [[1, {"op": "del", "key": 1}], [2, {"op": "nope"}]]}), "bad_record"),
+    ]
+    pub2 = Bus(cloud_mqtt, client_id="hostile-cloud")
+    pub2.start()
+    for payload, _ in to_cloud:
+        pub2.publish(f"outpost/v1/{site}/up/uplink/memory", payload, qos=1)
+    pub2.stop(drain_s=5)
+    assert cloud_dlq.wait_for(lambda c: len(c.json()) >= len(to_cloud), 20)
+    assert [d["reason"] for d in cloud_dlq.json()] == [r for _, r in to_cloud]
     cloud_dlq.stop()
 
-    # acknowledgements the site did not ask for
+    # acknowledgements memory did not ask for
     mem_service = ServiceThread(run_memory, edge_settings).start()
     wait_status(edge_settings, "memory")
-    edge_dlq = Collector(edge_settings.mqtt, edge_settings.topics.dlq("memory"), client_id="edge-dlq").start()
+    mem_dlq = Collector(edge_settings.mqtt, t.dlq("memory"), client_id="memory-dlq").start()
     acks = [
         b"nope",
         b'{"stream": "secrets", "offset": 1}',
@@ -388,14 +449,12 @@ def test_hostile_sync_messages_and_acks_are_dead_lettered(
         b'{"stream": "ltm", "offset": 999999}',
         b'{"stream": "ltm", "offset": "1"}',
     ]
-    pub = Bus(edge_settings.mqtt, client_id="hostile-edge")
-    pub.start()
     for a in acks:
-        pub.publish(edge_settings.topics.down("memory", "ack"), a, qos=1)
+        pub.publish(t.outbox_ack("memory", "ltm"), a, qos=1)
     pub.stop(drain_s=5)
-    assert edge_dlq.wait_for(lambda c: len(c.json()) >= len(acks), 20)
-    assert {d["reason"] for d in edge_dlq.json()} == {"bad_ack"}
-    edge_dlq.stop()
+    assert mem_dlq.wait_for(lambda c: len(c.json()) >= len(acks), 20)
+    assert {d["reason"] for d in mem_dlq.json()} == {"bad_ack"}
+    mem_dlq.stop()
     # and the site still syncs
     with MemoryClient(edge_settings, "agent") as mem:
         add_items(mem, 0, 5)
@@ -403,15 +462,19 @@ def test_hostile_sync_messages_and_acks_are_dead_lettered(
     assert len(in_cloud(cloud_settings, edge_settings.site)[0]) == 5
     svc = mem_service.stop()
     assert svc.bus.stats()["handler_errors"] == 0
-    assert replica[1].stop().bus.stats()["handler_errors"] == 0
+    assert uplink.stop().rt.bus.stats()["handler_errors"] == 0
+    assert cloud_side.stop().rt.bus.stats()["handler_errors"] == 0
 
 
 def test_outpost_up_bridges_to_the_cloud_and_memory_arrives_there(
-    cloud: Mosquitto, replica: tuple[OutpostSettings, ServiceThread[CloudReplica]], tmp_path: Path, site: str
+    cloud: Mosquitto,
+    cloud_settings: OutpostSettings,
+    cloud_side: ServiceThread[CloudUplink],
+    tmp_path: Path,
+    site: str,
 ) -> None:
     """What the README says: ``uplink.cloud`` set, ``outpost up``, and the site's memory reaches the
-    replica on the cloud broker."""
-    cloud_settings, _ = replica
+    replica of the cloud side."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_") or "EMBEDDER" in k}
     env |= {
         "OUTPOST_SITE": site,
@@ -456,19 +519,13 @@ def test_outpost_up_bridges_to_the_cloud_and_memory_arrives_there(
     assert "stopped cleanly" in out
 
 
-def test_the_cloud_follows_a_wiped_gateway_a_paused_sync_and_its_own_lost_state(
-    edge_settings: OutpostSettings, cloud: Mosquitto, tmp_path: Path
+def test_the_cloud_follows_a_wiped_gateway_a_paused_sync_a_full_outbox_and_its_own_lost_state(
+    edge_settings: OutpostSettings, cloud_settings: OutpostSettings
 ) -> None:
     """The replica mirrors the site's long-term memory whatever happened in between: sync turned
     off for a while (items added then were never recorded as changes), the gateway's data wiped
-    (same site id, a new memory), and the replica's own database lost."""
-    cloud_settings = OutpostSettings(site="cloud", data_dir=tmp_path / "cloud-data")
-    cloud_settings.mqtt.port = cloud.port
-
-    def start_replica() -> ServiceThread[CloudReplica]:
-        r = ServiceThread(run_replica, cloud_settings).start()
-        wait_status(cloud_settings, "replica")
-        return r
+    (same site id, a new memory), the outbox over its disk budget, and the cloud side's own
+    database lost."""
 
     def phase(sync: str, start: int, n: int) -> None:
         edge_settings.memory.sync = sync  # type: ignore[assignment]
@@ -480,34 +537,55 @@ def test_the_cloud_follows_a_wiped_gateway_a_paused_sync_and_its_own_lost_state(
             assert converged(edge_settings, cloud_settings)
         svc.stop()
 
-    replica = start_replica()
+    def held() -> list[int]:
+        return sorted(i["payload"]["n"] for i in in_cloud(cloud_settings, edge_settings.site)[0].values())
+
+    side, up = start_cloud_side(cloud_settings), start_uplink(edge_settings)
     phase("auto", 0, 10)
     phase("off", 10, 5)  # not recorded for the cloud
     assert len(in_cloud(cloud_settings, edge_settings.site)[0]) == 10
     phase("auto", 15, 1)  # sync back on: the whole memory again
-    assert sorted(
-        i["payload"]["n"] for i in in_cloud(cloud_settings, edge_settings.site)[0].values()
-    ) == list(range(16))
+    assert held() == list(range(16))
+    up.stop()
     shutil.rmtree(edge_settings.data_dir)  # a wiped (or replaced) gateway, same site id
+    up = start_uplink(edge_settings)
     phase("auto", 100, 3)
-    assert sorted(i["payload"]["n"] for i in in_cloud(cloud_settings, edge_settings.site)[0].values()) == [
-        100,
-        101,
-        102,
-    ]
-    # the replica loses its database: the site notices and sends its memory again
-    rep = replica.stop()
-    assert rep.metrics.counters["resets"] >= 1
-    (cloud_settings.data_dir / "replica.db").unlink()
-    for leftover in cloud_settings.data_dir.glob("replica.db-*"):
-        leftover.unlink()
-    replica = start_replica()
+    assert held() == [100, 101, 102]
+    assert side.stop().metrics.counters["resets"] >= 1  # the new outbox's history
+
+    # the outbox over its disk budget takes nothing of memory's: memory keeps its records (and
+    # says so), the budget never cuts this stream, and it all arrives once there is room
+    up.stop()
+    edge_settings.uplink.max_outbox_mb = 0.000_001
+    up = start_uplink(edge_settings)
+    mem_metrics = Collector(edge_settings.mqtt, edge_settings.topics.metrics("memory"), client_id="mm")
+    mem_metrics.start()
+    svc = ServiceThread(run_memory, edge_settings).start()
+    wait_status(edge_settings, "memory")
+    with MemoryClient(edge_settings, "agent") as mem:
+        add_items(mem, 103, 5)  # taken into the empty outbox, which is then over its budget
+        time.sleep(1.0)
+        assert mem.request("ltm-forget-subject", {"subject": "s1"}) == 3  # these wait at memory
+
+    def waiting(c: Collector) -> bool:
+        return any(d["state"].get("sync_ltm", {}).get("backlog", 0) >= 3 for d in c.json())
+
+    assert mem_metrics.wait_for(waiting, 30)
+    mem_metrics.stop()
+    assert up.stop().metrics.counters["relay_waits"] >= 1
+    edge_settings.uplink.max_outbox_mb = 500.0
+    up, side = start_uplink(edge_settings), start_cloud_side(cloud_settings)
+    svc.stop()
+    phase("auto", 110, 1)
+    kept = [n for n in [100, 101, 102, *range(103, 108), 110] if n % 3 != 1]
+    assert held() == kept
+
+    # the cloud side loses its database: the site notices and sends its memory again
+    side.stop()
+    for f in Path(cloud_settings.data_dir).glob("cloud.db*"):
+        f.unlink()
+    side = start_cloud_side(cloud_settings)
     phase("auto", 200, 2)
-    assert sorted(i["payload"]["n"] for i in in_cloud(cloud_settings, edge_settings.site)[0].values()) == [
-        100,
-        101,
-        102,
-        200,
-        201,
-    ]
-    assert replica.stop().metrics.counters["unknown"] >= 1
+    assert held() == [*kept, 200, 201]
+    assert side.stop().metrics.counters["unknown"] >= 1
+    assert up.stop().metrics.counters["relay_forgotten"] >= 1

@@ -1,5 +1,6 @@
-"""The replica's protocol on real SQLite: records apply in order, a replay changes nothing, a gap
-stops everything after it until the site resends, and a bad record rolls back its whole message."""
+"""The replica on real SQLite, as the cloud side applies what the uplink relays: records apply in
+order, a replay changes nothing, a record that starts the stream (or another epoch) replaces the
+site's memory, and a bad record is refused alone."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from pydantic import ValidationError
 
 from outpost.clouddb import sqlite_url
-from outpost.services.memory.replica import Applied, ReplicaStore, SyncMessage
+from outpost.services.memory.replica import ReplicaStore
+from outpost.services.uplink.relay import Relayed
+from outpost.store import transaction
+
+Records = list[tuple[int, dict[str, Any]]]
 
 
 def add(key: int, subject: str = "s") -> dict[str, Any]:
@@ -30,137 +36,90 @@ def add(key: int, subject: str = "s") -> dict[str, Any]:
     }
 
 
-def msg(
-    prev: int, records: list[tuple[int, dict[str, Any]]], stream: str = "ltm", epoch: str = "e1"
-) -> SyncMessage:
-    return SyncMessage.model_validate(
-        {
-            "v": 1,
-            "id": "x",
-            "site": "shop-1",
-            "epoch": epoch,
-            "stream": stream,
-            "prev": prev,
-            "records": records,
-        }
-    )
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> ReplicaStore:
     return ReplicaStore(sqlite_url(tmp_path / "replica.db"))
 
 
+def relay(
+    store: ReplicaStore,
+    records: Records,
+    *,
+    start: bool = False,
+    stream: str = "ltm",
+    epoch: str = "e1",
+    site: str = "shop-1",
+) -> list[tuple[int, str]]:
+    assert store._store is not None
+    with transaction(store._store.db) as db:
+        return store.apply_relayed(db, site, stream, epoch, start, records)
+
+
 def test_records_apply_in_order_and_a_replay_changes_nothing(store: ReplicaStore) -> None:
-    assert store.apply(msg(0, [(1, add(1)), (2, add(2)), (4, add(4))])) == Applied(4, applied=3)
-    assert store.apply(msg(4, [(5, {"op": "del", "key": 2}), (6, {"op": "gone", "key": 9})])) == Applied(6, 2)
-    assert sorted(store.items("shop-1")) == [1, 4]
-    # the same messages again: all duplicates, nothing changes
-    assert store.apply(msg(0, [(1, add(1)), (2, add(2)), (4, add(4))])) == Applied(6, duplicates=3)
+    assert relay(store, [(1, add(1)), (2, add(2)), (4, add(4))], start=True) == []
+    assert relay(store, [(5, {"op": "del", "key": 2}), (6, {"op": "gone", "key": 9})]) == []
+    assert sorted(store.items("shop-1")) == [1, 4] and store.last("shop-1", "ltm") == 6
+    # the same records again (sent twice on the way): nothing changes
+    relay(store, [(1, add(1)), (2, add(2)), (4, add(4))])
     assert sorted(store.items("shop-1")) == [1, 4]
     # overlapping: the held part is skipped, the rest applies
-    overlap = [(5, {"op": "del", "key": 2}), (6, {"op": "gone", "key": 9}), (7, add(7))]
-    assert store.apply(msg(4, overlap)) == Applied(7, applied=1, duplicates=2)
-    assert sorted(store.items("shop-1")) == [1, 4, 7]
+    relay(store, [(5, {"op": "del", "key": 2}), (6, add(2)), (7, add(7))])
+    assert sorted(store.items("shop-1")) == [1, 4, 7] and store.last("shop-1", "ltm") == 7
     assert store.items("other-site") == {}
 
 
-def test_history_the_replica_never_had_is_asked_for_again(store: ReplicaStore) -> None:
-    # the site trimmed 1..40 (this replica's state was lost, or the first message was): not taken
-    assert store.apply(msg(40, [(41, add(41))])) == Applied(0, unknown=True)
-    assert store.items("shop-1") == {} and store.last("shop-1", "ltm") == 0
-    # the site sends the stream again from its start
-    assert store.apply(msg(0, [(41, add(41)), (42, add(42))])) == Applied(42, applied=2)
-    # a new sync state that does not start at 0 is not taken either
-    assert store.apply(msg(7, [(8, add(8))], epoch="e2")) == Applied(0, unknown=True)
-    assert sorted(store.items("shop-1")) == [41, 42]
-
-
-def test_a_new_sync_state_of_the_site_replaces_its_memory(store: ReplicaStore) -> None:
-    store.apply(msg(0, [(1, add(1)), (2, add(2)), (3, add(3))]))
-    store.apply(msg(0, [(1, {"from_offset": 0, "to_offset": 5, "entries": 5})], stream="log"))
+def test_a_start_or_a_new_epoch_replaces_the_sites_memory(store: ReplicaStore) -> None:
+    relay(store, [(1, add(1)), (2, add(2)), (3, add(3))], start=True)
+    relay(store, [(1, {"from_offset": 0, "to_offset": 5, "entries": 5})], stream="log", start=True)
+    relay(store, [(1, add(1))], site="shop-2", start=True)
+    # the outbox forgot the stream and memory sent it whole again, at later offsets
+    relay(store, [(10, add(2)), (11, add(3))], start=True)
+    assert sorted(store.items("shop-1")) == [2, 3]
     # the gateway was wiped (or sync was off): a new epoch, its memory from the start again
-    assert store.apply(msg(0, [(1, add(7))], epoch="e2")) == Applied(1, applied=1, reset=True)
-    assert sorted(store.items("shop-1")) == [7]
-    store.apply(msg(0, [(1, {"from_offset": 0, "to_offset": 2, "entries": 2})], stream="log", epoch="e2"))
+    relay(store, [(1, add(7))], epoch="e2")
+    assert sorted(store.items("shop-1")) == [7] and store.last("shop-1", "ltm") == 1
+    relay(
+        store, [(1, {"from_offset": 0, "to_offset": 2, "entries": 2})], stream="log", epoch="e2", start=True
+    )
     assert [s["to_offset"] for s in store.summaries("shop-1")] == [2]  # the current history
     assert store.overview()["shop-1"]["summaries"] == 2  # the old one is kept
-
-
-def test_a_gap_stops_what_follows_until_it_is_resent(store: ReplicaStore) -> None:
-    store.apply(msg(0, [(1, add(1))]))
-    # the message with 2..3 was lost; 4..5 (prev 3) must wait
-    assert store.apply(msg(3, [(4, add(4)), (5, add(5))])) == Applied(1, gap=True)
-    assert sorted(store.items("shop-1")) == [1]
-    assert store.apply(msg(1, [(2, add(2)), (3, add(3)), (4, add(4)), (5, add(5))])) == Applied(5, applied=4)
+    assert sorted(store.items("shop-2")) == [1]  # another site is not touched
 
 
 def test_a_bad_record_is_refused_alone_and_never_blocks_its_stream(store: ReplicaStore) -> None:
     bad = add(2)
     bad["vector"] = "not base64!"
-    done = store.apply(msg(0, [(1, add(1)), (2, bad), (3, {"op": "add", "key": 3}), (4, add(4))]))
-    assert done.last == 4 and done.applied == 2 and [o for o, _ in done.rejected] == [2, 3]
-    assert "base64" in done.rejected[0][1]
-    assert sorted(store.items("shop-1")) == [1, 4]
-    # offsets that do not grow: the whole message is invalid and nothing of it stays
-    with pytest.raises(ValueError, match="offsets must grow"):
-        store.apply(msg(4, [(6, add(6)), (6, add(6))]))
-    assert store.last("shop-1", "ltm") == 4 and sorted(store.items("shop-1")) == [1, 4]
+    refused = relay(store, [(1, add(1)), (2, bad), (3, {"op": "add", "key": 3}), (4, add(4))], start=True)
+    assert [o for o, _ in refused] == [2, 3] and "base64" in refused[0][1]
+    assert sorted(store.items("shop-1")) == [1, 4] and store.last("shop-1", "ltm") == 4
+    assert relay(store, [(5, add(5))], stream="secrets") == [(5, "not a stream of memory sync: 'secrets'")]
 
 
 def test_log_summaries_are_kept_per_site(store: ReplicaStore) -> None:
     s1 = {"from_offset": 0, "to_offset": 10, "entries": 10, "by_kind": {"event": 10}, "by_topic": {}}
     s2 = {"from_offset": 10, "to_offset": 12, "entries": 2, "by_kind": {"score": 2}, "by_topic": {}}
-    store.apply(msg(0, [(1, s1), (2, s2)], stream="log"))
+    relay(store, [(1, s1), (2, s2)], stream="log", start=True)
     assert [s["to_offset"] for s in store.summaries("shop-1")] == [10, 12]
     assert store.last("shop-1", "log") == 2 and store.last("shop-1", "ltm") == 0
 
 
+GOOD = {"id": "e1-ltm-1-1", "stream": "ltm", "epoch": "e1", "start": False, "records": [[1, {}]]}
+
+
 @pytest.mark.parametrize(
-    "doc",
+    "change",
     [
-        {"v": 2, "id": "x", "site": "shop-1", "epoch": "e", "stream": "ltm", "prev": 0, "records": [[1, {}]]},
-        {"v": 1, "id": "x", "site": "shop-1", "stream": "ltm", "prev": 0, "records": [[1, {}]]},  # no epoch
-        {"v": 1, "id": "x", "site": "shop/1", "epoch": "e", "stream": "ltm", "prev": 0, "records": [[1, {}]]},
-        {
-            "v": 1,
-            "id": "x",
-            "site": "shop-1",
-            "epoch": "e",
-            "stream": "secrets",
-            "prev": 0,
-            "records": [[1, {}]],
-        },
-        {
-            "v": 1,
-            "id": "x",
-            "site": "shop-1",
-            "epoch": "e",
-            "stream": "ltm",
-            "prev": -1,
-            "records": [[1, {}]],
-        },
-        {"v": 1, "id": "x", "site": "shop-1", "epoch": "e", "stream": "ltm", "prev": 0, "records": []},
-        {
-            "v": 1,
-            "id": "x",
-            "site": "shop-1",
-            "epoch": "e",
-            "stream": "ltm",
-            "prev": 0,
-            "records": [["1", {}]],
-        },
-        {
-            "v": 1,
-            "id": "x",
-            "site": "shop-1",
-            "epoch": "e",
-            "stream": "ltm",
-            "prev": 0,
-            "records": [[1, {}]] * 10_001,
-        },
+        {"stream": "ltm/x"},
+        {"epoch": ""},
+        {"start": "yes"},
+        {"records": []},
+        {"records": [["1", {}]]},
+        {"records": [[1, "not an object"]]},
+        {"id": None},
+        {"extra": 1},
     ],
 )
-def test_malformed_messages_are_refused(doc: dict[str, Any]) -> None:
+def test_malformed_relayed_records_are_refused(change: dict[str, Any]) -> None:
+    Relayed.model_validate_json(orjson.dumps(GOOD))  # as the cloud side reads it
     with pytest.raises(ValidationError):
-        SyncMessage.model_validate(doc)
+        Relayed.model_validate_json(orjson.dumps({**GOOD, **change}))

@@ -24,7 +24,7 @@ def take(stream: str, n: int, size: int = 100, made_ns: int = 1) -> list[Taken]:
 
 
 def test_priority_order_and_what_gives_way() -> None:
-    assert STREAMS == ("alerts", "decisions", "actions", "metrics", "events")
+    assert STREAMS == ("alerts", "decisions", "actions", "memory", "metrics", "events")
     assert drop_order() == ("events", "metrics", "actions", "decisions")
 
 

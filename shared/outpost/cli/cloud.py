@@ -8,7 +8,7 @@ to run it for many sites.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -17,9 +17,6 @@ from outpost.cli import cloud_broker
 from outpost.cli.output import JsonOpt, print_json, stdout_console
 from outpost.cli.site import CloudBrokerOpt, find_site, group_options
 from outpost.clouddb import WrongDatabaseError
-
-if TYPE_CHECKING:
-    from outpost.service import Runnable
 
 cloud_app = typer.Typer(
     help="The cloud side of a fleet: receive every site's uplink, show where each stands, configure the "
@@ -39,34 +36,12 @@ DbOpt = Annotated[
 ]
 
 
-class _Together:
-    """Several receivers in one process, started and stopped together."""
-
-    def __init__(self, parts: list[Runnable]) -> None:
-        self.parts = parts
-
-    def start(self) -> None:
-        started: list[Runnable] = []
-        try:
-            for p in self.parts:
-                p.start()
-                started.append(p)
-        except BaseException:
-            for p in reversed(started):
-                p.stop()
-            raise
-
-    def stop(self) -> None:
-        for p in reversed(self.parts):
-            p.stop()
-
-
 @cloud_app.command("run")
 def run(db: DbOpt, broker: CloudBrokerOpt = None) -> None:
-    """Receive every site's uplink and memory sync until Ctrl-C or SIGTERM: store each record once
-    (PostgreSQL or SQLite) and acknowledge to the site only what is committed."""
+    """Receive every site's uplink (memory sync included) until Ctrl-C or SIGTERM: store each
+    record once (PostgreSQL or SQLite) and acknowledge to the site only what is committed."""
     from outpost.service import install_stop_signals, run_until
-    from outpost.services.memory.replica import CloudReplica, ReplicaStore
+    from outpost.services.memory.replica import ReplicaStore
     from outpost.services.uplink.cloud import CloudUplink
     from outpost.services.uplink.store import CloudStore
 
@@ -74,23 +49,24 @@ def run(db: DbOpt, broker: CloudBrokerOpt = None) -> None:
     # the same one, whatever the shell's OUTPOST_SITE, or a session left behind would queue every
     # site's traffic for nobody
     settings = find_site(None, CLOUD_SITE, broker).settings
-    store = CloudStore(db)
-    up = CloudUplink(settings, store)
-    # memory sync's replica, in the same database on a connection of its own (its own thread)
-    replica = CloudReplica(settings, ReplicaStore(db))
+    # memory sync's replica: its tables in the same database, written in the uplink's transactions
+    replica = ReplicaStore(db)
+    try:
+        up = CloudUplink(settings, CloudStore(db, relay=replica.apply_relayed))
+    finally:
+        replica.close()
     stop = threading.Event()
     install_stop_signals(stop)
     mqtt = settings.mqtt
     stdout_console().print(
-        f"cloud side on {mqtt.host}:{mqtt.port}: uplink and memory sync of every site, in {store.url_kind}"
+        f"cloud side on {mqtt.host}:{mqtt.port}: uplink and memory sync of every site, in {up.store.url_kind}"
     )
-    run_until(_Together([up, replica]), stop)
-    c, m = up.metrics.counters, replica.metrics.counters
-    applied = sum(n for k, n in [*c.items(), *m.items()] if k.startswith("applied."))
+    run_until(up, stop)
+    c = up.metrics.counters
+    applied = sum(n for k, n in c.items() if k.startswith("applied."))
     stdout_console().print(
-        f"stopped: {c['messages'] + m['messages']:,} messages, {applied:,} records stored, "
-        f"{c['duplicates'] + c['duplicate_ids'] + m['duplicates']:,} duplicates, "
-        f"{c['rejected'] + m['rejected']:,} refused"
+        f"stopped: {c['messages']:,} messages, {applied:,} records stored, "
+        f"{c['duplicates'] + c['duplicate_ids']:,} duplicates, {c['rejected']:,} refused"
     )
 
 

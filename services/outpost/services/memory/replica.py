@@ -1,49 +1,31 @@
 """Memory sync, the cloud's side: a replica of every site's long-term memory and log summaries.
 
-It runs beside the cloud broker (``outpost memory replica``), subscribes to ``up/memory/+`` of every
-site of the installation (QoS 1, persistent session), and for each message of a site's stream
-applies, in one transaction, the records that follow the last one it holds (``prev`` must match: a
-gap means a message was lost on the way, and everything after it waits for the site to resend),
-skips those it already holds (a replay is harmless), and then answers on that site's
-``down/memory/ack`` with the last offset it has stored, always, so the site can forget what is safe
-in the cloud and resend what is not. A message that goes on from a history the replica does not
-hold (a new sync state of the site must start from offset 0) is answered ``unknown``: the site then
-sends that stream again from its start. The protocol is :mod:`outpost.streams`' (its receiving
-side); what is memory's here is what a record does (an item added or removed, a log summary).
+Memory's two streams reach the cloud through the uplink (:mod:`outpost.services.uplink.relay`):
+the site's uplink service takes them into its outbox, and the cloud side (``outpost cloud run``)
+hands each relayed record, in the same transaction as the uplink's own ledger, to
+:meth:`ReplicaStore.apply_relayed`. The uplink's protocol has already put the records in order,
+once each; what is memory's here is the epoch (a relayed record that **starts** a stream, or one of
+another epoch, drops what the replica held of the site's long-term memory: the whole memory comes
+again), the offsets (a record at or below the last one held is a duplicate and skipped) and what a
+record does (an item added or removed, a log summary).
 
-Its state, in the cloud side's database (``outpost cloud run --db URL``: PostgreSQL or SQLite, beside
-the uplink's records; ``outpost memory replica``: ``{data_dir}/replica.db``): per site and stream the
-last offset, the long-term memory items (vector included), and the log summaries. A message that
-is not a valid sync message is dead-lettered on the replica's own ``dlq/replica``.
+Its state, in the cloud side's database (``outpost cloud run --db URL``: PostgreSQL or SQLite,
+beside the uplink's records): per site and stream the last offset and its epoch (the receivers'
+ledger), the long-term memory items (vector included), and the log summaries.
 """
 
 from __future__ import annotations
 
 import base64
-import threading
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from outpost.clouddb import CloudDb, Db, sqlite_url
-from outpost.contracts import StreamBatch, model_contract
-from outpost.log import get_logger
-from outpost.service import ServiceRuntime, run_until, service_main
-from outpost.services.memory.sync import PART
-from outpost.services.registry import OutpostSettings
-from outpost.streams import Applied, receive_streams, start_receiving
+from outpost.clouddb import CloudDb, Db
 
-__all__ = ["Applied", "CloudReplica", "ReplicaStore", "SyncMessage", "main", "run"]
-
-NAME = "replica"
-log = get_logger("outpost.memory.replica")
-
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-
-REPLICA_FILE = "replica.db"
-"""``outpost memory replica``'s database in its data folder (``outpost cloud run`` uses its ``--db``)."""
+STREAMS = ("ltm", "log")
+"""Memory sync's streams (:mod:`.sync`)."""
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS items (
@@ -100,48 +82,71 @@ class _Summary(BaseModel):
     entries: int = Field(ge=0)
 
 
-class SyncMessage(StreamBatch):
-    """A :class:`~outpost.contracts.StreamBatch` of one of memory's two streams."""
-
-    stream: Literal["ltm", "log"]
-
-
-SYNC_MESSAGE = model_contract(SyncMessage)
-
-
 class ReplicaStore(CloudDb):
     """The replica in the cloud side's database (:class:`~outpost.clouddb.CloudDb`: the URL of
-    ``outpost cloud run --db``, or ``sqlite:///{data_dir}/replica.db`` for ``outpost memory
-    replica``); :meth:`apply` is the whole protocol. ``readonly``: for what only looks (``outpost
-    memory cloud``, ``outpost cloud status``): nothing is created or written."""
+    ``outpost cloud run --db``); :meth:`apply_relayed` is what the cloud side calls. ``readonly``:
+    for what only looks (``outpost memory cloud``, ``outpost cloud status``): nothing is created or
+    written."""
 
     def __init__(self, url: str, *, readonly: bool = False) -> None:
-        # a record is written as it is applied (an add replaces, a removal deletes): a savepoint
-        # each, so that one the database refuses is undone alone (memory sync is not a hot path)
         super().__init__(
-            url,
-            SCHEMA,
-            tables=("items", "summaries"),
-            what="a memory replica",
-            readonly=readonly,
-            savepoints=True,
+            url, SCHEMA, tables=("items", "summaries"), what="a memory replica", readonly=readonly
         )
 
     def last(self, site: str, stream: str) -> int:
         return self.streams.last(site, stream)
 
-    def apply(self, m: SyncMessage) -> Applied:
-        """Apply what follows the last record held, in one transaction (:meth:`CloudDb.receive`):
-        a bad record is refused alone, offsets that do not grow refuse the whole message."""
-        return self.receive(m, self._apply_one, reset=self._reset)
+    def apply_relayed(
+        self,
+        db: Db,
+        site: str,
+        stream: str,
+        epoch: str,
+        start: bool,
+        records: list[tuple[int, dict[str, Any]]],
+    ) -> list[tuple[int, str]]:
+        """Apply one relayed record of a site's memory stream on ``db`` (the cloud side's
+        connection, in its transaction): drop the site's long-term memory first when it starts the
+        stream or comes from another epoch, skip records at or below the last one held, apply the
+        rest (each under a savepoint: one the replica refuses is undone alone). The records
+        refused, (offset, why)."""
+        if stream not in STREAMS:
+            return [(records[0][0] if records else 0, f"not a stream of memory sync: {stream[:64]!r}")]
+        row = db.execute(
+            self.q("SELECT last, epoch FROM streams WHERE site = ? AND stream = ?"), (site, stream)
+        ).fetchone()
+        last = 0
+        if start or row is None or row[1] != epoch:
+            if stream == "ltm":  # the site's memory comes again, whole
+                db.execute(self.q("DELETE FROM items WHERE site = ?"), (site,))
+        else:
+            last = int(row[0])
+        refused: list[tuple[int, str]] = []
+        for offset, body in records:
+            if offset <= last:
+                continue  # held already
+            db.execute("SAVEPOINT record")
+            try:
+                self._apply_one(db, site, stream, epoch, offset, body)
+                db.execute("RELEASE record")
+            except (ValidationError, ValueError) as exc:
+                db.execute("ROLLBACK TO record")
+                db.execute("RELEASE record")
+                refused.append((offset, str(exc)[:500]))
+            last = offset
+        db.execute(
+            self.q(
+                "INSERT INTO streams (site, stream, last, epoch) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(site, stream) DO UPDATE SET last = excluded.last, epoch = excluded.epoch"
+            ),
+            (site, stream, last, epoch),
+        )
+        return refused
 
-    def _reset(self, db: Db, m: StreamBatch) -> None:
-        if m.stream == "ltm":  # a new sync state of the site: its memory comes again, whole
-            db.execute(self.q("DELETE FROM items WHERE site = ?"), (m.site,))
-
-    def _apply_one(self, db: Db, m: StreamBatch, offset: int, body: dict[str, Any]) -> None:
-        site = m.site
-        if m.stream == "log":
+    def _apply_one(
+        self, db: Db, site: str, stream: str, epoch: str, offset: int, body: dict[str, Any]
+    ) -> None:
+        if stream == "log":
             s = _Summary.model_validate(body)
             db.execute(
                 self.q(
@@ -150,7 +155,7 @@ class ReplicaStore(CloudDb):
                     "from_offset = excluded.from_offset, to_offset = excluded.to_offset, "
                     "entries = excluded.entries, doc = excluded.doc"
                 ),
-                (site, m.epoch, offset, s.from_offset, s.to_offset, s.entries, orjson.dumps(body).decode()),
+                (site, epoch, offset, s.from_offset, s.to_offset, s.entries, orjson.dumps(body).decode()),
             )
             return
         if body.get("op") == "add":
@@ -227,37 +232,3 @@ class ReplicaStore(CloudDb):
         ).fetchall():
             of(site)["summaries"], of(site)["entries"] = int(n), int(entries or 0)
         return out
-
-
-class CloudReplica:
-    """Runs on its kit's network thread; ``store`` defaults to ``{data_dir}/replica.db`` (SQLite)."""
-
-    def __init__(self, settings: OutpostSettings, store: ReplicaStore | None = None) -> None:
-        self.settings = settings
-        self.rt = ServiceRuntime(
-            NAME, settings, reasons=("bad_sync", "bad_record"), durable=True, mqtt5=False
-        )
-        self.bus = self.rt.bus
-        self.metrics = self.rt.metrics
-        self.topics = settings.topics
-        self.store = (
-            store if store is not None else ReplicaStore(sqlite_url(Path(settings.data_dir) / REPLICA_FILE))
-        )
-        receive_streams(
-            self.rt, PART, SYNC_MESSAGE, self.store.apply, bad="bad_sync", max_bytes=MAX_MESSAGE_BYTES
-        )
-
-    def start(self) -> None:
-        start_receiving(self.rt, "the memory replica", self.store.url_kind)
-
-    def stop(self) -> None:
-        self.rt.stop()
-        self.store.close()
-
-
-def run(settings: OutpostSettings, stop: threading.Event) -> CloudReplica:
-    return run_until(CloudReplica(settings), stop)
-
-
-def main() -> None:
-    service_main(CloudReplica, OutpostSettings)

@@ -43,7 +43,7 @@ from outpost.services.memory.context import ShortTermContext
 from outpost.services.memory.embedding.embedder import embedder_for
 from outpost.services.memory.lane import FairLane
 from outpost.services.memory.oplog import OpLog, Record
-from outpost.services.memory.sync import start_sync, sync_mode
+from outpost.services.memory.sync import start_sync, sync_on
 from outpost.services.memory.vectors import LongTermMemory
 from outpost.services.registry import OutpostSettings
 from outpost.store import DiskFull, log_failed_commit
@@ -125,9 +125,7 @@ class MemoryService:
             max_entries=cfg.context_max_entries, max_bytes=cfg.context_max_mb * 1024 * 1024
         )
         self.checkpoints = Checkpoints(folder / "checkpoints.db")
-        self.ltm = LongTermMemory(
-            folder / "ltm", dim=cfg.vector_dim, track_changes=sync_mode(settings) != "off"
-        )
+        self.ltm = LongTermMemory(folder / "ltm", dim=cfg.vector_dim, track_changes=sync_on(settings))
         self.embedder, no_embedder = embedder_for(settings)
         if self.embedder is None and cfg.text_embeddings:
             rt.set_problems([no_embedder])  # everything else serves; text requests are refused

@@ -78,15 +78,14 @@ class MemorySettings(Section):
         description="Requests of one client (response topic) waiting, at most: past either bound "
         "a request is refused as overloaded.",
     )
-    sync: Literal["auto", "uplink", "always", "off"] = Field(
+    sync: Literal["auto", "off"] = Field(
         "auto",
-        description="Replicate long-term memory and log summaries to the cloud: auto (when "
-        "uplink.cloud is set) and uplink send while the uplink bridge reports itself connected; "
-        "always sends regardless; off keeps nothing for the cloud.",
+        description="Replicate long-term memory and log summaries to the cloud through the uplink "
+        "service: auto when uplink.cloud is set; off keeps nothing for the cloud.",
     )
     sync_batch: int = Field(200, ge=1, le=10_000, description="Sync records per message up.")
     sync_window: int = Field(
-        2000, ge=1, description="Sync records sent but not yet acknowledged by the cloud, at most."
+        2000, ge=1, description="Sync records handed to the uplink but not yet in its outbox, at most."
     )
     sync_resend_s: float = Field(
         10.0, gt=0, description="No acknowledgement for this long: resend from the last acknowledged."

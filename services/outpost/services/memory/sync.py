@@ -10,20 +10,23 @@ with epochs), kept in SQLite until the cloud has them:
   topic over an offset range, :meth:`OpLog.summary`): the log itself stays on the site, what it
   amounts to goes up. The log keeps what is not yet summarised (consumer ``sync``).
 
-Records go up on ``{root}/up/memory/{stream}``, ``memory.sync_batch`` a message, at most
+Records are handed to the uplink service on ``{root}/outbox/memory/{stream}`` (the site's own
+broker, :func:`outpost.streams.outbox_hop`), ``memory.sync_batch`` a message, at most
 ``memory.sync_window`` offsets in flight, resent after ``memory.sync_resend_s`` without an
-acknowledgement on ``{root}/down/memory/ack`` from the replica (:mod:`.replica`).
+acknowledgement on ``{root}/outbox/memory/{stream}/ack``: the uplink acknowledges what its outbox
+holds on disk, takes it to the cloud with its other streams (:mod:`outpost.services.uplink.relay`),
+and the cloud side applies it to the replica (:mod:`.replica`).
 
 A new epoch (and the whole of long-term memory queued again) is taken when there was no sync
 state, or long-term memory was not recording its changes (sync was off): the replica then drops
 what it held of this site's long-term memory and takes the new history from its start, so a wiped
 or replaced gateway, or one whose sync was off for a while, never leaves the cloud holding a
-different memory.
+different memory. The same happens, within the epoch, when the uplink's outbox lost memory's
+records (its disk budget, its age limit, a cloud side that lost its state): it answers ``unknown``
+and memory sends its whole long-term memory again.
 
-"When the uplink is there": with ``memory.sync: uplink`` records are sent only while the edge
-broker's bridge reports itself connected (:meth:`Topics.uplink_state`); ``auto`` (the default) is
-``uplink`` when ``uplink.cloud`` is set and ``off`` when it is not; ``always`` sends regardless (a
-cloud broker reached some other way); ``off`` keeps nothing for the cloud.
+``memory.sync``: ``auto`` (the default) syncs when ``uplink.cloud`` is set (the uplink service then
+runs), ``off`` keeps nothing for the cloud.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
@@ -41,7 +44,7 @@ from outpost.services.memory.oplog import OpLog
 from outpost.services.memory.vectors import LongTermMemory
 from outpost.services.registry import OutpostSettings
 from outpost.store import Store, sequence, transaction
-from outpost.streams import SENDER_SCHEMA, OffsetStreams, Records
+from outpost.streams import SENDER_SCHEMA, OffsetStreams, Records, outbox_hop
 
 log = get_logger("outpost.memory.sync")
 
@@ -156,8 +159,9 @@ class MemorySync:
             window=cfg.sync_window,
             batch=cfg.sync_batch,
             resend_s=cfg.sync_resend_s,
-            link_topic=rt.topics.uplink_state() if sync_mode(settings) == "uplink" else None,
+            link_topic=None,  # the uplink service is on the same broker; it waits for the link
             afresh=ltm.tracking_started,
+            hop=outbox_hop(rt.topics, PART),
         )
         rt.every(cfg.summary_s, self.summarize)
 
@@ -193,18 +197,15 @@ class MemorySync:
         self.store.close()
 
 
-def sync_mode(settings: OutpostSettings) -> Literal["uplink", "always", "off"]:
+def sync_on(settings: OutpostSettings) -> bool:
     """``memory.sync`` with ``auto`` resolved: a site without an uplink keeps nothing for a cloud."""
-    mode = settings.memory.sync
-    if mode == "auto":
-        return "uplink" if settings.uplink.cloud else "off"
-    return mode
+    return settings.memory.sync == "auto" and bool(settings.uplink.cloud)
 
 
 def start_sync(
     rt: ServiceRuntime, settings: OutpostSettings, oplog: OpLog, ltm: LongTermMemory, folder: Path
 ) -> MemorySync | None:
     """The sync of this memory, or None when it is off."""
-    if sync_mode(settings) == "off":
+    if not sync_on(settings):
         return None
     return MemorySync(rt, settings, oplog, ltm, folder)

@@ -39,7 +39,7 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 class UplinkBatch(StreamBatch):
     """A :class:`~outpost.contracts.StreamBatch` of one of the uplink's streams."""
 
-    stream: Literal["alerts", "decisions", "actions", "metrics", "events"]
+    stream: Literal["alerts", "decisions", "actions", "memory", "metrics", "events"]
 
 
 UPLINK_BATCH = model_contract(UplinkBatch)

@@ -9,25 +9,33 @@ records are trimmed, dropped or expire: the receiver needs only ``prev`` to matc
 without holes.
 
 The disk budget (:meth:`Outbox.enforce`) counts the records' bytes: over it, the oldest records of
-the lowest-priority stream that holds any go first, then the next one up, never alerts.
+the lowest-priority stream that holds any go first, then the next one up, never alerts nor memory
+sync's (which waits for room instead).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import sqlite3
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
 from outpost.store import Store, transaction
-from outpost.streams import SENDER_SCHEMA, Records
+from outpost.streams import RECEIVER_SCHEMA, SENDER_SCHEMA, Records
 
-STREAMS = ("alerts", "decisions", "actions", "metrics", "events")
+STREAMS = ("alerts", "decisions", "actions", "memory", "metrics", "events")
 """The uplink's streams, most urgent first: what is sent first, and (reversed, alerts never) what
 gives way first when the outbox is over its disk budget."""
 
 NEVER_DROPPED = frozenset(("alerts",))
+"""Streams whose records neither expire nor give way to the disk budget."""
+
+WAITS_FOR_ROOM = frozenset(("memory",))
+"""Streams that do not give way to the disk budget either: while the outbox is over it they are
+not taken (memory sync keeps its records in its own store meanwhile, :mod:`.relay`), so a stream
+that must arrive whole is never cut to make room."""
 
 MESSAGE_BYTES = 1_000_000
 """The records' bytes one message upstream carries at most by default (a bigger record goes alone)."""
@@ -49,7 +57,11 @@ CREATE TABLE IF NOT EXISTS offsets (
     last INTEGER NOT NULL
 );
 """
+    + RECEIVER_SCHEMA
+    + ";\n"
 )
+"""The sender's state, the records and their offsets, and the ledger of the streams the outbox
+receives from the site's parts (memory sync's, :mod:`.relay`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +74,18 @@ class Taken:
     made_ns: int
 
 
+@dataclass(frozen=True, slots=True)
+class Added:
+    """What :meth:`Outbox.write` wrote: the streams' offsets after it, records and their bytes."""
+
+    offsets: dict[str, int]
+    count: int
+    size: int
+
+
 def drop_order() -> tuple[str, ...]:
     """The streams whose records may give way to the disk budget, first to go first."""
-    return tuple(s for s in reversed(STREAMS) if s not in NEVER_DROPPED)
+    return tuple(s for s in reversed(STREAMS) if s not in NEVER_DROPPED | WAITS_FOR_ROOM)
 
 
 class Outbox:
@@ -84,6 +105,13 @@ class Outbox:
 
     def add(self, taken: Iterable[Taken]) -> int:
         """Commit records, in one transaction (one fsync); how many."""
+        with transaction(self.store.db) as db:
+            added = self.write(db, taken)
+        return self.took(added)
+
+    def write(self, db: sqlite3.Connection, taken: Iterable[Taken]) -> Added:
+        """Write records in the caller's transaction on :attr:`store`'s connection; once it is
+        committed, :meth:`took` counts them (and not before: a rollback writes nothing)."""
         rows = []
         last = dict(self.offsets)
         size = 0
@@ -93,9 +121,7 @@ class Outbox:
             n = len(t.body) + len(t.topic)
             size += n
             rows.append((t.stream, o, t.made_ns, n, t.topic, t.body))
-        if not rows:
-            return 0
-        with transaction(self.store.db) as db:
+        if rows:
             db.executemany(
                 'INSERT INTO records (stream, "offset", made_ns, size, topic, body) '
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -106,10 +132,14 @@ class Outbox:
                 "ON CONFLICT(stream) DO UPDATE SET last = excluded.last",
                 [(s, o) for s, o in last.items() if o != self.offsets.get(s)],
             )
-        self.offsets = last
-        self.count += len(rows)
-        self.bytes += size
-        return len(rows)
+        return Added(last, len(rows), size)
+
+    def took(self, added: Added) -> int:
+        """Count records :meth:`write` wrote, once committed; how many."""
+        self.offsets = added.offsets
+        self.count += added.count
+        self.bytes += added.size
+        return added.count
 
     def after(self, stream: str, offset: int, limit: int) -> Records:
         """Up to ``limit`` records after ``offset``, and no more than ``message_bytes`` of them (at
@@ -190,10 +220,13 @@ class Outbox:
 
 @dataclass(frozen=True, slots=True)
 class StreamSource:
-    """One stream of the outbox as :class:`outpost.streams.Source`."""
+    """One stream of the outbox as :class:`outpost.streams.Source`. ``lost``: told when records of
+    the stream are lost before the cloud took them (expired, or asked for again by a cloud side
+    that lost them), with why."""
 
     outbox: Outbox
     stream: str
+    lost: Callable[[str], None] | None = None
 
     def after(self, offset: int, limit: int) -> Records:
         return self.outbox.after(self.stream, offset, limit)
@@ -207,9 +240,14 @@ class StreamSource:
     def expire(self, before_ns: int) -> int:
         if self.stream in NEVER_DROPPED:
             return 0
-        return self.outbox.expire(self.stream, before_ns)
+        n = self.outbox.expire(self.stream, before_ns)
+        if n and self.lost is not None:
+            self.lost("expired")
+        return n
 
     def snapshot(self) -> int:
+        if self.lost is not None:
+            self.lost("the cloud side lost the stream")
         return 0  # what the cloud acknowledged is gone from the site: it cannot be made again
 
     def pending(self, after: int) -> tuple[int, int | None]:

@@ -7,6 +7,7 @@ once the outbox's batched commit, ``synchronous=FULL``, holds it), by stream, mo
 * ``alerts``: ``telemetry/alerts``;
 * ``decisions``: ``decisions/+`` and ``escalations/+``;
 * ``actions``: ``actions/+/results`` (the action audit records);
+* ``memory``: memory sync's two streams, handed over on ``outbox/memory/+`` (:mod:`.relay`);
 * ``metrics``: ``telemetry/rollups``;
 * ``events``: ``events/+`` of the device classes ``uplink.events`` names (none by default).
 
@@ -38,6 +39,9 @@ from outpost.log import get_logger
 from outpost.service import SKIP, Ack, Inbound, Peek, Rejected, ServiceRuntime, run_until, service_main
 from outpost.services.registry import OutpostSettings
 from outpost.services.uplink.outbox import MESSAGE_BYTES, STREAMS, Outbox, StreamSource, Taken
+from outpost.services.uplink.relay import PART as RELAYED
+from outpost.services.uplink.relay import REASONS as RELAY_REASONS
+from outpost.services.uplink.relay import Relay
 from outpost.store import DiskFull, log_failed_commit
 from outpost.streams import REASONS, ByteBucket, OffsetStreams
 from outpost.topics import device_class
@@ -80,7 +84,9 @@ def records_of(raw: bytes) -> list[tuple[dict[str, Any], bytes]]:
 class Uplink:
     def __init__(self, settings: OutpostSettings) -> None:
         cfg = self.cfg = settings.uplink
-        self.rt = ServiceRuntime(NAME, settings, reasons=REASONS + DOWNLINK_REASONS, durable=True)
+        self.rt = ServiceRuntime(
+            NAME, settings, reasons=REASONS + DOWNLINK_REASONS + RELAY_REASONS, durable=True
+        )
         self.metrics = self.rt.metrics
         self._root = self.rt.topics.root + "/"
         self.pending: list[Taken] = []
@@ -100,10 +106,14 @@ class Uplink:
             message_bytes=min(MESSAGE_BYTES, max(cap // 20, MIN_MESSAGE_BYTES)) if cap else MESSAGE_BYTES,
         )
         gate = ByteBucket(cap, max(cap / 4, 1.0)) if cap else None
+        self.relay = Relay(
+            self.rt, self.outbox, budget=int(cfg.max_outbox_mb * 1_000_000), after=self._enforce
+        )
+        lost = {RELAYED: self.relay.forget}
         self.streams = OffsetStreams(
             self.rt,
             self.outbox.store,
-            {s: StreamSource(self.outbox, s) for s in STREAMS},
+            {s: StreamSource(self.outbox, s, lost.get(s)) for s in STREAMS},
             part=PART,
             window=cfg.window,
             batch=cfg.batch,
@@ -185,7 +195,8 @@ class Uplink:
         if self.outbox.bytes > limit and not self._over_warned:
             self._over_warned = True
             log.warning(
-                "outbox over its disk budget with only alerts left: they are kept",
+                "outbox over its disk budget with only alerts and memory sync left: they are kept, and "
+                "memory sync waits for room",
                 extra={"bytes": self.outbox.bytes, "limit": limit},
             )
 

@@ -26,7 +26,8 @@ class UplinkServiceSettings(UplinkSettings):
         500.0,
         gt=0,
         description="Disk budget of the outbox (records' bytes). Over it the oldest records of the "
-        "lowest-priority stream go first (events, metrics, actions, decisions), never alerts.",
+        "lowest-priority stream go first (events, metrics, actions, decisions), never alerts; memory "
+        "sync waits for room.",
     )
     max_age_s: float = Field(
         WEEK_S, gt=0, description="Records the cloud has not taken within this expire (never alerts)."

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import orjson
 import psycopg
@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from outpost.clouddb import CloudDb, Db
 from outpost.contracts import StreamBatch
 from outpost.services.uplink.outbox import STREAMS
+from outpost.services.uplink.relay import PART as RELAYED
+from outpost.services.uplink.relay import Relayed
 from outpost.streams import Applied
 from outpost.topics import SEGMENT_RE
 
@@ -67,23 +69,49 @@ def _seq(body: dict[str, Any]) -> int | None:
     return s if isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 else None
 
 
+class RelaySink(Protocol):
+    """Where the cloud side applies a relayed stream's records (memory sync's replica,
+    :meth:`outpost.services.memory.replica.ReplicaStore.apply_relayed`): on the cloud side's
+    connection, in its transaction; the records it refused, (offset, why)."""
+
+    def __call__(
+        self,
+        db: Db,
+        site: str,
+        stream: str,
+        epoch: str,
+        start: bool,
+        records: list[tuple[int, dict[str, Any]]],
+    ) -> list[tuple[int, str]]: ...
+
+
 class CloudStore(CloudDb):
     """The uplink's records in the cloud side's database (:class:`~outpost.clouddb.CloudDb`:
     ``postgresql://...`` or ``sqlite:///PATH``). ``readonly``: for what only looks (``outpost cloud
-    status``): nothing is created or written."""
+    status``): nothing is created or written. ``relay``: where the ``memory`` stream's records
+    (:class:`~.relay.Relayed`) are applied; without one they are refused."""
 
-    def __init__(self, url: str, *, readonly: bool = False) -> None:
+    def __init__(self, url: str, *, readonly: bool = False, relay: RelaySink | None = None) -> None:
         super().__init__(url, SCHEMA, tables=("records", "lag"), what="the uplink", readonly=readonly)
+        self.relay = relay
 
     def apply(self, m: StreamBatch) -> Applied:
         """Apply a message's records that follow the last one held, in one transaction; also how
         many were already held by id (sent twice by the site: ``same_id``). Each record is checked, then all
         are written in one bulk insert (psycopg pipelines it: one round trip, not three a record)."""
         rows: list[tuple[Any, ...]] = []
+        relayed: list[tuple[int, Relayed]] = []
+        refused: list[tuple[int, str]] = []
         now = time.time_ns()
 
         def one(_db: Db, m: StreamBatch, offset: int, body: dict[str, Any]) -> None:
             r = Record.model_validate(body)
+            if m.stream == RELAYED:
+                if self.relay is None:
+                    raise ValueError("this cloud side keeps no memory replica")
+                # JSON mode: strict, with the records' pairs as the arrays they are on the wire
+                relayed.append((offset, Relayed.model_validate_json(orjson.dumps(r.body))))
+                return
             rid = r.body.get("id")
             if not isinstance(rid, str) or not 0 < len(rid) <= 128:
                 raise ValueError(f"record {offset} has no string id of 1-128 characters")
@@ -97,9 +125,13 @@ class CloudStore(CloudDb):
         def finish(db: Db) -> None:
             if rows:
                 inserted[0] = self._insert(db, rows)
+            for offset, r in relayed:
+                assert self.relay is not None
+                for o, why in self.relay(db, m.site, r.stream, r.epoch, r.start, r.records):
+                    refused.append((offset, f"{RELAYED} {r.stream} record {o}: {why}"))
             # only a message that brought something new says where the site stands (a replay of old
             # records would say it was further behind than it is)
-            if rows and m.behind is not None:
+            if (rows or relayed) and m.behind is not None:
                 db.execute(
                     self.q(
                         "INSERT INTO lag (site, stream, behind) VALUES (?, ?, ?) "
@@ -109,7 +141,7 @@ class CloudStore(CloudDb):
                 )
 
         done = self.receive(m, one, finish=finish)
-        return replace(done, same_id=len(rows) - inserted[0])
+        return replace(done, same_id=len(rows) - inserted[0], rejected=done.rejected + refused)
 
     def _insert(self, db: Db, rows: list[tuple[Any, ...]]) -> int:
         """Insert, skipping ids held already; how many were new."""
