@@ -90,7 +90,7 @@ def test_password_never_printed(tmp_path: Path) -> None:
 
 
 def test_memory_commands_on_bad_files_say_so_and_change_nothing(tmp_path: Path) -> None:
-    """``memory cloud`` and ``memory replica`` on a file that is not a replica's database, and
+    """``memory cloud`` and ``cloud run`` on a file that is not the cloud side's database, and
     ``log`` on a folder without a log: exit 2 and a message, no traceback, no file touched."""
     import sqlite3
 
@@ -106,14 +106,17 @@ def test_memory_commands_on_bad_files_say_so_and_change_nothing(tmp_path: Path) 
     before = (other / "replica.db").read_bytes()
     port = str(free_port())
     for args, says in (
-        (["memory", "cloud", "--data-dir", str(junk)], "cannot use the database"),
-        (["memory", "cloud", "--data-dir", str(other)], "is not a memory replica's database"),
+        (["memory", "cloud", "--db", f"sqlite:///{junk}/replica.db"], "cannot use the database"),
+        (["memory", "cloud", "--db", f"sqlite:///{other}/replica.db"], "no memory replica in"),
         (
-            ["memory", "replica", "--broker", f"127.0.0.1:{port}", "--data-dir", str(junk)],
+            ["cloud", "run", "--broker", f"127.0.0.1:{port}", "--db", f"sqlite:///{junk}/replica.db"],
             "cannot use the database",
         ),
         (["log", "--data-dir", str(tmp_path / "none"), "tail"], "no operational log for site"),
-        (["memory", "replica", "--broker", "127.0.0.1 :1"], "name or an IPv4"),
+        (
+            ["cloud", "run", "--db", f"sqlite:///{tmp_path}/c.db", "--broker", "127.0.0.1 :1"],
+            "name or an IPv4",
+        ),
     ):
         proc = _outpost(*args, cwd=tmp_path)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)

@@ -367,39 +367,39 @@ def test_site_bridge_confined_on_the_cloud_broker(tmp_path: Path) -> None:
     try:
         receiver = Client(port, CLOUD_USER, secret[CLOUD_USER], tls=trust)
         as_site = Client(port, bridge_user("sec1"), secret[bridge_user("sec1")], tls=trust)
-        local = Client(edge.port, service_user("memory"), site.password(service_user("memory")))
+        local = Client(edge.port, service_user("uplink"), site.password(service_user("uplink")))
         made += [receiver, as_site, local]
         assert receiver.connect() and as_site.connect() and local.connect()
         assert receiver.subscribe("outpost/v1/+/up/#")
         # through the real bridge: what sec1 sends up arrives (the bridge may still be connecting)
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
-            local.publish(T.up("memory", "ltm"), b"via bridge")
-            if receiver.wait_for(T.up("memory", "ltm"), b"via bridge", timeout=0.5):
+            local.publish(T.up("uplink", "alerts"), b"via bridge")
+            if receiver.wait_for(T.up("uplink", "alerts"), b"via bridge", timeout=0.5):
                 break
-        assert (T.up("memory", "ltm"), b"via bridge") in receiver.got
+        assert (T.up("uplink", "alerts"), b"via bridge") in receiver.got
         # sec1's credentials, used directly: nothing of sec2's
-        assert as_site.publish(OTHER.up("memory", "ltm"), b"forged") == NOT_AUTHORIZED
-        assert as_site.publish(OTHER.down("memory", "ack"), b"forged") == NOT_AUTHORIZED
-        assert as_site.publish(T.down("memory", "ack"), b"to itself") == NOT_AUTHORIZED
-        assert as_site.publish(T.up("memory", "log"), b"own") == 0
-        assert receiver.wait_for(T.up("memory", "log"), b"own")
-        assert receiver.topics() == {T.up("memory", "ltm"), T.up("memory", "log")}
+        assert as_site.publish(OTHER.up("uplink", "alerts"), b"forged") == NOT_AUTHORIZED
+        assert as_site.publish(OTHER.down("uplink", "ack"), b"forged") == NOT_AUTHORIZED
+        assert as_site.publish(T.down("uplink", "ack"), b"to itself") == NOT_AUTHORIZED
+        assert as_site.publish(T.up("uplink", "events"), b"own") == 0
+        assert receiver.wait_for(T.up("uplink", "events"), b"own")
+        assert receiver.topics() == {T.up("uplink", "alerts"), T.up("uplink", "events")}
         # what the cloud sends sec2 never reaches sec1's credentials, whatever they subscribe to
         for pattern in (f"{OTHER.root}/down/#", "outpost/v1/+/up/#", "#"):
             as_site.subscribe(pattern)
-        assert receiver.publish(OTHER.down("memory", "ack"), b"for sec2") == 0
-        assert receiver.publish(T.down("memory", "ack"), b"for sec1") == 0
-        assert as_site.wait_for(T.down("memory", "ack"), b"for sec1")
-        assert as_site.topics() == {T.down("memory", "ack")}
+        assert receiver.publish(OTHER.down("uplink", "ack"), b"for sec2") == 0
+        assert receiver.publish(T.down("uplink", "ack"), b"for sec1") == 0
+        assert as_site.wait_for(T.down("uplink", "ack"), b"for sec1")
+        assert as_site.topics() == {T.down("uplink", "ack")}
         # and down through the bridge into the edge broker, to the service that reads it
-        assert local.subscribe(T.down("memory", "ack"))
+        assert local.subscribe(T.down("uplink", "ack"))
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
-            receiver.publish(T.down("memory", "ack"), b"acked")
-            if local.wait_for(T.down("memory", "ack"), b"acked", timeout=0.5):
+            receiver.publish(T.down("uplink", "ack"), b"acked")
+            if local.wait_for(T.down("uplink", "ack"), b"acked", timeout=0.5):
                 break
-        assert (T.down("memory", "ack"), b"acked") in local.got
+        assert (T.down("uplink", "ack"), b"acked") in local.got
         assert not accepted(port, bridge_user("sec1"), "wrong", tls=trust)
     finally:
         for c in made:

@@ -133,7 +133,7 @@ class Relay:
             raise StoreUnavailableError(f"the outbox cannot take memory's records: {exc}") from None
         for a in added:
             self.outbox.took(a)
-            self.rt.metrics.counters[f"uplink_taken.{PART}"] += len(taken)
+            self.rt.metrics.counters[f"uplink_taken.{PART}"] += a.count
             self.after()
         return done
 
