@@ -110,10 +110,17 @@ def _run_site(site: Site, batches: int = 5) -> None:
         site.publish(
             "memory",
             ts,
+            {"sync_ltm": {"acked": 3, "backlog": 0}, "sync_log": {"acked": 1, "backlog": 0}},
+        )
+        site.publish(
+            "uplink",
+            ts,
             {
-                "uplink": False,
-                "sync_ltm": {"acked": 3, "backlog": 7 + i},
-                "sync_log": {"acked": 1, "backlog": 2},
+                "uplink_up": False,
+                "uplink": {
+                    "memory": {"backlog": 7 + i, "age_s": 1.5},
+                    "alerts": {"backlog": 2, "age_s": 0.5},
+                },
             },
         )
     agents = {
@@ -154,19 +161,19 @@ def test_live_json_holds_what_the_site_published(site: Site, client: TestClient)
     up = live["uplink"]
     assert up["connected"] is False and up["backlog"] == 13.0
     assert up["streams"] == [
-        {"stream": "sync_log", "backlog": 2.0, "age_s": None},
-        {"stream": "sync_ltm", "backlog": 11.0, "age_s": None},
+        {"stream": "alerts", "backlog": 2.0, "age_s": 0.5},
+        {"stream": "memory", "backlog": 11.0, "age_s": 1.5},
     ]
     assert up["chart"]["backlog"] == [9.0, 10.0, 11.0, 12.0, 13.0]
     assert live["ignored_metrics"] == 0
 
 
-def test_a_service_state_uplink_is_preferred_with_its_age(site: Site, client: TestClient) -> None:
+def test_every_services_state_uplink_is_shown_with_its_age(site: Site, client: TestClient) -> None:
     _run_site(site, batches=2)
     site.publish("telemetry", T0 + 20_000_000_000, {"uplink": {"influx": {"backlog": 120, "age_s": 33.5}}})
     up = client.get("/api/live").json()["uplink"]
-    assert up["streams"] == [{"stream": "influx", "backlog": 120.0, "age_s": 33.5}]
-    assert up["backlog"] == 120.0
+    assert {"stream": "influx", "backlog": 120.0, "age_s": 33.5} in up["streams"]
+    assert up["backlog"] == 120.0 + 8 + 2
 
 
 def test_a_restarted_process_starts_a_new_rate(site: Site, client: TestClient) -> None:
@@ -226,7 +233,7 @@ def test_prometheus_exposition(site: Site, view: LiveView, client: TestClient) -
     assert get("outpost_dead_letters_total", service="ingest", reason="not_json") == 15
     assert abs(get("outpost_latency_ms", service="ingest", histogram="reading_age", quantile="0.99") - 99) < 2
     assert get("outpost_escalations_waiting", agent="restock") == 2
-    assert get("outpost_uplink_backlog_records", stream="sync_ltm") == 11
+    assert get("outpost_uplink_backlog_records", stream="memory") == 11
     assert get("outpost_uplink_connected") == 0
     assert get("outpost_service_rss_megabytes", service="memory") == 80.5
     assert get("outpost_rollup_decision_latency_p99_ms", agent="restock") == 12.5

@@ -559,18 +559,11 @@ def status_report(mon: SiteMonitor, where: Where) -> dict[str, Any]:
         state = (metrics or {}).get("state", {})
         if name in ("memory", "uplink") and isinstance(state, dict):
             streams = state.get("uplink")
-            if isinstance(streams, dict):  # outpost.streams: {stream: {backlog, age_s}}, both merged
-                had = uplink if uplink is not None and "sync" not in uplink else {"backlog": {}, "age_s": {}}
+            if isinstance(streams, dict):  # the uplink's outpost.streams: {stream: {backlog, age_s}}
                 uplink = {
-                    "up": bool(state.get("uplink_up")) or bool(had.get("up")),
-                    "backlog": {
-                        **had["backlog"],
-                        **{k: v.get("backlog") for k, v in streams.items() if isinstance(v, dict)},
-                    },
-                    "age_s": {
-                        **had["age_s"],
-                        **{k: v.get("age_s") for k, v in streams.items() if isinstance(v, dict)},
-                    },
+                    "up": bool(state.get("uplink_up")),
+                    "backlog": {k: v.get("backlog") for k, v in streams.items() if isinstance(v, dict)},
+                    "age_s": {k: v.get("age_s") for k, v in streams.items() if isinstance(v, dict)},
                 }
             elif state.get("sync") == "off" and uplink is None:
                 uplink = {"up": None, "sync": "off", "backlog": {}}

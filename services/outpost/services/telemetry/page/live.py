@@ -175,9 +175,9 @@ class LiveView(SiteMonitor):
 
     # --- what the page and /metrics read ----------------------------------------------------------
     def _uplink_streams(self) -> dict[str, dict[str, float | None]] | None:
-        """Per stream, its backlog (records) and age (s, None when not said): a service's
-        ``state.uplink`` of every service that reports one (memory sync's streams and the uplink
-        service's), else memory sync's older state; None when nothing says."""
+        """Per stream, its backlog (records) and age (s, None when not said), from the
+        ``state.uplink`` of every service that reports one (the uplink service: every stream to
+        the cloud, memory sync's included); None when nothing says."""
         merged: dict[str, dict[str, float | None]] | None = None
         for doc in self.metrics.values():
             up = _state(doc).get("uplink")
@@ -188,30 +188,20 @@ class LiveView(SiteMonitor):
                     for s, v in up.items()
                     if isinstance(v, dict)
                 )
-        if merged is not None:
-            return merged
-        state = _state(self.metrics.get("memory", {}))
-        if "uplink" not in state:
-            return None
-        return {
-            k: {"backlog": _num(v.get("backlog")), "age_s": None}
-            for k, v in state.items()
-            if isinstance(v, dict) and "backlog" in v
-        }
+        return merged
 
     def snapshot(self) -> dict[str, Any]:
         """Everything the page shows, as the JSON of ``/api/live``."""
         now = time.monotonic()
         with self.lock:
             streams = self._uplink_streams()
-            memory_state = _state(self.metrics.get("memory", {}))
             link = next(
                 (
                     st["uplink_up"]
                     for st in map(_state, self.metrics.values())
                     if isinstance(st.get("uplink_up"), bool)
                 ),
-                memory_state.get("uplink"),
+                None,
             )
             rates = self._current_rates(now)
             return {
@@ -336,7 +326,7 @@ class LiveView(SiteMonitor):
 
 def _is_uplink_source(batch: MetricsBatch) -> bool:
     state = batch.state or {}
-    return isinstance(state.get("uplink"), dict) or (batch.service == "memory" and "uplink" in state)
+    return isinstance(state.get("uplink"), dict)
 
 
 def _backlog_total(streams: Mapping[str, Mapping[str, float | None]] | None) -> float | None:
