@@ -39,8 +39,10 @@ answered, counted and dead-lettered the same way). The receiving side works on S
 DB-API connection whose ``execute`` returns a cursor (PostgreSQL with psycopg 3): it is given how to
 open a transaction and the driver's placeholder.
 
-Memory sync (``outpost.services.memory.sync`` and ``.replica``) is the first user; the uplink
-(``outpost.services.uplink``, with its cloud side on PostgreSQL) the second.
+Two hops use it (:class:`Hop`): the uplink service to the cloud side (``outpost.services.uplink``,
+its cloud side on PostgreSQL or SQLite: :func:`cloud_hop`), and memory sync into the uplink
+service's outbox on the site's own broker (``outpost.services.memory.sync`` to
+``outpost.services.uplink.relay``: :func:`outbox_hop`).
 """
 
 from __future__ import annotations
