@@ -74,7 +74,8 @@ def run(db: DbOpt, broker: CloudBrokerOpt = None) -> None:
 def status(db: DbOpt, json_out: JsonOpt = False) -> None:
     """Per site and stream (the uplink's, and memory sync's as memory/ltm and memory/log): the
     acknowledged offset, records held, the lag (records the site held past its last message, as it
-    said), when the last arrived."""
+    said), when the last arrived. The uplink's ``memory`` stream carries memory sync: its records
+    are the replica's (``-`` here)."""
     from outpost.services.memory.replica import ReplicaStore
     from outpost.services.uplink.store import CloudStore
 
@@ -111,7 +112,7 @@ def status(db: DbOpt, json_out: JsonOpt = False) -> None:
                 site,
                 stream,
                 str(s["acked"]),
-                f"{s['records']:,}",
+                "-" if s["records"] is None else f"{s['records']:,}",
                 "-" if behind is None else f"{behind:,}",
                 "-" if since is None else f"{since:,.1f}",
             )

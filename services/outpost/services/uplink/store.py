@@ -173,7 +173,8 @@ class CloudStore(CloudDb):
     def overview(self) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
         """Per site, per stream: the acknowledged offset (``acked``), the records held, when the
         last arrived (``last_ns``, wall ns) and the time since (``since_s``), and the lag the site
-        reported with its last message (``behind``: records it held past it; None if never said)."""
+        reported with its last message (``behind``: records it held past it; None if never said).
+        The ``memory`` stream's records are held in the replica, not here: None."""
         now = time.time_ns()
         sites: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
         for site, stream, last in self.db.execute(
@@ -183,7 +184,7 @@ class CloudStore(CloudDb):
                 continue
             sites.setdefault(site, {"streams": {}})["streams"][stream] = {
                 "acked": int(last),
-                "records": 0,
+                "records": None if stream == RELAYED else 0,
                 "last_ns": None,
                 "since_s": None,
                 "behind": None,
