@@ -25,6 +25,7 @@ from rich.table import Table
 from outpost.broker import free_port, port_open
 from outpost.cli.output import JsonOpt, print_json
 from outpost.cli.site import DataDirOpt, SiteBrokerOpt, SiteOpt, Where, find_site
+from outpost.containers import site_containers
 from outpost.datadir import site_path
 from outpost.errors import BrokerError, OutpostError
 from outpost.log import setup_logging
@@ -500,6 +501,8 @@ def status(
         time.sleep(0.1)
     mon.stop()
     report = status_report(mon, where)
+    found = site_containers()
+    report["containers"] = None if found is None else [c.as_dict() for c in found]
     if not mon.status:
         err = Console(stderr=True)
         err.print(
@@ -637,9 +640,22 @@ def print_status(report: dict[str, Any]) -> None:
         out.print(d)
     else:
         out.print("dead letters: none")
+    containers = report.get("containers")
+    if containers:  # the site runs under docker compose (outpost.containers)
+        out.print(
+            "containers: "
+            + "; ".join(
+                f"{c['service'] or c['name']} {c['state']}"
+                + (f", {c['health']}" if c["health"] else "")
+                + (f", restarted {c['restarts']}x" if c["restarts"] else "")
+                for c in containers
+            ),
+            markup=False,
+            highlight=False,
+        )
     up = report["uplink"]
     if up is None:
-        out.print("uplink: no metrics from memory yet")
+        out.print("uplink: no metrics from the uplink yet")
     elif up.get("sync") == "off":
         out.print("uplink: none (uplink.cloud is not set; memory sync off)")
     else:
