@@ -168,11 +168,12 @@ def project(base_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
             logs = p.compose("logs", "--no-color", "--tail", "40", timeout=60)
             print(f"[compose] last logs:\n{logs}")
-        # everything the project made goes: containers, its network, its named volumes; the images
-        # stay under their fixed tags (outpost-test/*), the next run's build cache
+        # everything the project made goes: containers, its network, its named volumes, the images an
+        # earlier build left untagged; the images under their fixed tags (outpost-test/*) and the
+        # build stage stay, the next run's build cache
         p.compose("down", "-v", "--remove-orphans", "-t", "20", timeout=300)
         with contextlib.suppress(AssertionError):
-            _run(DOCKER, "image", "prune", "-f")
+            _run(DOCKER, "image", "prune", "-f", "--filter", "label=org.outpost.image")
 
 
 def _monitor(p: Project) -> SiteMonitor:
@@ -200,16 +201,21 @@ def _sim(p: Project, seed: int, seq_start: int) -> dict[str, Any]:
 
 
 def _resident_mb(p: Project) -> dict[str, float]:
-    """Each container's resident memory: the RSS of its processes, read on the host (as the issue's
-    figure for `outpost up` was), not the cgroup's usage, which counts page cache too."""
+    """Resident memory: the RSS of each container's processes, read on the host (as the issue's
+    figure for `outpost up` was: the sum of the processes' RSS, so what they share counts in each),
+    not the cgroup's usage, which counts page cache too; per process and per container."""
     out: dict[str, float] = {}
     for service in ("mosquitto", "outpost"):
-        top = _run(DOCKER, "top", p.container(service), "-eo", "pid").split()[1:]
-        rss = 0
-        for pid in top:
+        total = 0
+        for pid in _run(DOCKER, "top", p.container(service), "-eo", "pid").split()[1:]:
             with contextlib.suppress(psutil.Error):
-                rss += psutil.Process(int(pid)).memory_info().rss
-        out[service] = round(rss / 2**20, 1)
+                proc = psutil.Process(int(pid))
+                rss = proc.memory_info().rss
+                total += rss
+                args = proc.cmdline()
+                name = args[2].rsplit(".", 1)[-1] if args[1:2] == ["-m"] else Path(args[0]).name
+                out[f"{service}/{name}"] = out.get(f"{service}/{name}", 0) + round(rss / 2**20, 1)
+        out[service] = round(total / 2**20, 1)
     return out
 
 
