@@ -239,6 +239,12 @@ def test_compose_stack_runs_keeps_state_and_restarts(
     try:
         assert _wait(lambda: _online(mon)), f"not every service came online: {mon.status}"
         figures["cold_start_s"] = round(time.monotonic() - t0, 1)
+        # nothing leaves the machine: the engine runs without IP forwarding (compose/engine.sh)
+        probe = "import socket; socket.create_connection(('192.0.2.1', 80), timeout=3)"  # TEST-NET-1
+        leaked = subprocess.run(
+            [DOCKER, "exec", p.container("outpost"), "python", "-c", probe], capture_output=True, check=False
+        )
+        assert leaked.returncode != 0, "a container reached an address beyond the machine"
         # the image's healthcheck (the status page's /healthz) says healthy
         assert _wait(lambda: p.inspect("outpost")["State"].get("Health", {}).get("Status") == "healthy")
         time.sleep(3)
