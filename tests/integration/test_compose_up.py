@@ -246,7 +246,7 @@ def test_compose_stack_runs_keeps_state_and_restarts(
             [DOCKER, "exec", p.container("outpost"), "python", "-c", probe], capture_output=True, check=False
         )
         assert leaked.returncode != 0, "a container reached an address beyond the machine"
-        # the image's healthcheck (the status page's /healthz) says healthy
+        # the image's healthcheck (the status page: connected, every service online) says healthy
         assert _wait(lambda: p.inspect("outpost")["State"].get("Health", {}).get("Status") == "healthy")
         time.sleep(3)
         figures["resident_idle_mb"] = _resident_mb(p)
@@ -289,6 +289,7 @@ def test_compose_stack_runs_keeps_state_and_restarts(
         assert _wait(lambda: p.inspect("outpost")["State"]["Running"])
         mon.status.clear()
         assert _wait(lambda: _online(mon)), f"not online after the restart: {mon.status}"
+        assert _wait(lambda: p.inspect("outpost")["State"].get("Health", {}).get("Status") == "healthy")
     finally:
         mon.stop()
     print(f"[compose] figures: {orjson.dumps(figures).decode()}")
