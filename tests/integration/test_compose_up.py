@@ -295,6 +295,37 @@ def test_compose_stack_runs_keeps_state_and_restarts(
         mon.status.clear()
         assert _wait(lambda: _online(mon)), f"not online after the restart: {mon.status}"
         assert _wait(lambda: p.inspect("outpost")["State"].get("Health", {}).get("Status") == "healthy")
+        # what the operator sees of it: `outpost status` reads the containers through the engine
+        shown = subprocess.run(
+            [
+                str(BIN / "outpost"),
+                "status",
+                "--json",
+                "--broker",
+                f"127.0.0.1:{p.broker_port}",
+                "--site",
+                "site1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={
+                **os.environ,
+                "OUTPOST_MQTT__USERNAME": "outpost",
+                "OUTPOST_MQTT__PASSWORD": p.password,
+                "COLUMNS": "300",  # the containers' line unwrapped
+            },
+        )
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        mine = {
+            c["service"]: c
+            for c in orjson.loads(shown.stdout.strip().splitlines()[-1])["containers"]
+            if c["project"] == p.name
+        }
+        assert mine["outpost"]["health"] == "healthy" and mine["outpost"]["restarts"] == restarts + 1
+        assert mine["mosquitto"]["state"] == "running" and mine["mosquitto"]["image"] == "mosquitto"
+        assert f"outpost running, healthy, restarted {restarts + 1}x" in shown.stdout
     finally:
         mon.stop()
     print(f"[compose] figures: {orjson.dumps(figures).decode()}")
