@@ -296,6 +296,17 @@ def write_broker_files(
     return pwfile, aclfile
 
 
+def publish_broker_files(folder: Path, passwords: Mapping[str, str], acl: str) -> None:
+    """The password file and ACL of a broker that runs elsewhere and watches ``folder`` (compose's
+    broker container: compose/Dockerfile.mosquitto rereads them when they change). Each is written
+    beside and renamed over the old one, so the watcher never copies half a file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("passwd", passwd_text(passwords)), ("acl", acl)):
+        tmp = folder / f".{name}.tmp"
+        _write_private(tmp, text)
+        os.replace(tmp, folder / name)
+
+
 def asks_passwords(workdir: Path, address: str) -> bool:
     """Whether the broker config in ``workdir`` (``outpost up``'s) listens on ``address``
     (HOST:PORT) and checks passwords: then the commands aimed there use the site's credentials.
@@ -408,11 +419,20 @@ class SiteAccess:
         names = list(services)
         write_broker_files(workdir, self.passwords(names), acl_text(self.principals(names)))
 
-    def enroll_and_reload(self, workdir: Path, devices: Iterable[str]) -> list[str]:
+    def publish(self, folder: Path, services: Iterable[str]) -> None:
+        """(Re)write a watching broker's password and ACL files in ``folder`` (``broker.files``)."""
+        names = list(services)
+        publish_broker_files(folder, self.passwords(names), acl_text(self.principals(names)))
+
+    def enroll_and_reload(self, workdir: Path, devices: Iterable[str], *, watched: bool = False) -> list[str]:
         """Enroll ``devices`` and, when some are new, rewrite the running broker's files (for the
-        services of its last start) and have it reread them; the devices that were new."""
+        services of its last start) and have it reread them; the devices that were new. ``watched``:
+        ``workdir`` is ``broker.files``, whose broker rereads the files itself when they change (it
+        runs in another container, where no signal of ours reaches)."""
         new = self.enroll(devices)
-        if new and (workdir / "passwd").exists():
+        if new and watched:
+            self.publish(workdir, self.services())
+        elif new and (workdir / "passwd").exists():
             self.write(workdir, self.services())
             if not reload_broker(workdir):
                 raise ConfigError(f"enrolled {len(new)} device(s), but no broker runs in {workdir} to reload")

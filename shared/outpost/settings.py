@@ -89,6 +89,13 @@ class BrokerSettings(Section):
         "each service, the operator and each enrolled device confined to its topics. false: anyone may "
         "do anything (benchmarks only).",
     )
+    files: Path | None = Field(
+        None,
+        description="With `outpost up --broker`: the folder where outpost writes that broker's generated "
+        "password file and ACL (`passwd`, `acl`), shared with the broker, which rereads them when they "
+        "change (compose/Dockerfile.mosquitto); each service then connects as its own user. None: an "
+        "external broker's users are its own business and every service connects as mqtt.username.",
+    )
     tls_port: int = Field(0, ge=0, le=65535, description="A TLS listener for devices on this port; 0: none.")
     tls_ca: Path | None = Field(None, description="CA file of the TLS listener (checks client certificates).")
     tls_cert: Path | None = Field(None, description="The TLS listener's certificate file.")

@@ -12,6 +12,7 @@ The services are those of the settings' class (``SERVICES``: the service registr
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +21,15 @@ from pydantic import SecretStr
 from outpost.access import OPERATOR, SiteAccess, acl_text, service_user
 from outpost.broker import Mosquitto, check_broker, uplink_bridge
 from outpost.datadir import DataDirLock, refuse_legacy, site_dir
-from outpost.errors import ConfigError
+from outpost.errors import BrokerError, ConfigError
 from outpost.log import get_logger
 from outpost.settings import CoreSettings, parse_host_port
 from outpost.supervisor import Supervisor
 
 log = get_logger("outpost.stack")
+BROKER_WAIT_S = 60.0
+"""How long ``outpost up --broker`` with ``broker.files`` waits for that broker to take the files it
+wrote (compose's starts Mosquitto once they appear, then rereads them within a second or two)."""
 
 
 def parse_broker(value: str) -> tuple[str, int]:
@@ -99,7 +103,10 @@ class Stack:
         users: dict[str, str] = {}
         if self.external_broker is not None:
             s.mqtt.host, s.mqtt.port = parse_broker(self.external_broker)
-            check_broker(s.mqtt)
+            if s.broker.files is not None and s.broker.auth:
+                users, child_env = self._publish_broker_files(services)
+            else:
+                check_broker(s.mqtt)
         else:
             bridge = uplink_bridge(s.topics, s.uplink)
             acl: list[str] | None = None
@@ -141,6 +148,33 @@ class Stack:
         self.lock.write_run(s.site, self.broker_address, self.status_page)
         self.supervisor = Supervisor(env=env, log_dir=self.log_dir, services=services, child_env=child_env)
         self.supervisor.start()
+
+    def _publish_broker_files(
+        self, services: dict[str, str]
+    ) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+        """An external broker that reads its users from ``broker.files`` (compose's): write its
+        password file and ACL there, as for a broker of our own, and wait for it to answer the
+        operator (it may be starting: compose's waits for these very files); every user's password
+        and each service's credentials."""
+        s = self.settings
+        assert s.broker.files is not None
+        access = SiteAccess.of(self.site_dir, s.topics)
+        users = access.passwords(services)
+        access.publish(Path(s.broker.files), services)
+        log.info("broker files written", extra={"folder": str(s.broker.files), "users": len(users)})
+        probe = s.mqtt.model_copy()
+        if probe.username is None:
+            probe.username, probe.password = OPERATOR, SecretStr(users[OPERATOR])
+        deadline = time.monotonic() + BROKER_WAIT_S
+        while True:
+            try:
+                check_broker(probe)
+                break
+            except BrokerError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        return users, _credentials(s, services, users)
 
     @property
     def broker_address(self) -> str:

@@ -41,7 +41,8 @@ def enroll(
     where = find_site(data_dir, site)
     access = _access(where)
     try:
-        access.enroll_and_reload(where.site_path("mosquitto"), [device])
+        folder, watched = where.broker_files()
+        access.enroll_and_reload(folder, [device], watched=watched)
         password = access.device_password(device)
     except TopicError as exc:
         raise ConfigError(f"cannot enroll {device[:64]!r}: {exc}") from None

@@ -168,7 +168,8 @@ def _enroll(where: Where, options: SimOptions) -> None:
 
     assert where.access is not None
     ids = [spec.id for spec in fleet_specs(options.devices, options.scenario)]
-    if not where.access.enroll_and_reload(where.site_path("mosquitto"), ids):
+    folder, watched = where.broker_files()
+    if not where.access.enroll_and_reload(folder, ids, watched=watched):
         return
     device = MqttSettings(
         host=options.host,
@@ -177,7 +178,8 @@ def _enroll(where: Where, options: SimOptions) -> None:
         password=SecretStr(where.access.device_password(ids[-1])),
     )
     deadline = time.monotonic() + 10
-    while True:  # Mosquitto rereads its files on SIGHUP in its main loop, soon after
+    while True:  # Mosquitto rereads its files on SIGHUP in its main loop, soon after (compose's
+        # broker container sends it within a second or two of the files' change)
         try:
             check_broker(device, timeout_s=2)
             return

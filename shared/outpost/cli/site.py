@@ -91,7 +91,8 @@ class Where:
     """The site's broker credentials when the command aims at the broker its ``outpost up`` started
     with auth on (its config listens at that address and checks passwords; docs/security.md); the
     settings' ``mqtt`` then holds the operator's user unless ``OUTPOST_MQTT__USERNAME`` names
-    another. None for an external broker (``outpost up --broker``) or auth off."""
+    another. None for an external broker (``outpost up --broker``) or auth off, unless that broker
+    reads the files outpost writes (``broker.files``, compose's)."""
 
     @property
     def data_dir(self) -> Path:
@@ -107,6 +108,14 @@ class Where:
 
     def site_path(self, *parts: str) -> Path:
         return site_path(self.data_dir, self.site, *parts)
+
+    def broker_files(self) -> tuple[Path, bool]:
+        """Where the site's broker reads its password file and ACL, and whether it watches them
+        itself (``broker.files``, compose's broker) rather than being sent SIGHUP (``outpost up``'s)."""
+        files = self.settings.broker.files
+        if files is not None:
+            return Path(files), True
+        return self.site_path("mosquitto"), False
 
     def running(self) -> str:
         """One line on what runs in the data folder, for messages."""
@@ -193,7 +202,10 @@ def find_site(data_dir: Path | None = None, site: str | None = None, broker: str
         live is not None
         and live.site == s.site
         and live.broker == address
-        and asks_passwords(site_path(s.data_dir, s.site, "mosquitto"), address)
+        and (
+            asks_passwords(site_path(s.data_dir, s.site, "mosquitto"), address)
+            or (s.broker.files is not None and s.broker.auth and (s.broker.files / "passwd").is_file())
+        )
     ):
         found = SiteAccess.of(site_path(s.data_dir, s.site), s.topics)
         password = found.known_password(OPERATOR) if found.exists else None
