@@ -6,9 +6,11 @@
 # sends Mosquitto SIGHUP, which rereads them: a signal from the Outpost container could not reach it.
 # outpost renames each file into place, so a copy is never of half a file. POSIX sh: Debian's dash
 # and the BusyBox of Eclipse's image.
+# (The paths can be moved for tests/integration/test_security.py, which runs it without a container.)
 set -eu
-src=/mosquitto/auth
-run=/mosquitto/run
+src=${MOSQUITTO_AUTH:-/mosquitto/auth}
+run=${MOSQUITTO_RUN:-/mosquitto/run}
+conf=${MOSQUITTO_CONF:-/mosquitto/config/mosquitto.conf}
 stamp() { cat "$src/passwd" "$src/acl" 2>/dev/null | cksum; }
 install_files() {
     for f in passwd acl; do
@@ -26,7 +28,7 @@ if ! [ -s "$src/passwd" ] || ! [ -s "$src/acl" ]; then
 fi
 last=$(stamp)
 install_files
-mosquitto -c /mosquitto/config/mosquitto.conf &
+mosquitto -c "$conf" &
 pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null || true' TERM INT
 while kill -0 "$pid" 2>/dev/null; do

@@ -429,3 +429,67 @@ def test_the_operator_commands_work_on_the_site_broker(tmp_path: Path) -> None:
         r = outpost("--data-dir", str(data), "agents", "stop", "--all", env=wrong)
         assert r.returncode != 0 and "refused the connection" in r.stderr, r.stdout + r.stderr
         assert "not-it" not in r.stdout + r.stderr
+
+
+def test_outpost_up_writes_the_files_of_a_broker_that_watches_them(tmp_path: Path) -> None:
+    """``outpost up --broker`` with ``broker.files`` (compose's broker, run here by its own entry point
+    compose/mosquitto-run.sh without a container): the broker waits for the files outpost writes, each
+    service connects as its own user, anonymous clients are refused, and ``outpost broker enroll``
+    takes effect on the running broker (the script sees the files change and sends SIGHUP)."""
+    if os.geteuid() != 0:
+        pytest.skip("the broker's entry point hands its files to the user mosquitto: needs root")
+    root = Path(__file__).resolve().parents[2]
+    port = free_port()
+    files, run = tmp_path / "files", tmp_path / "run"
+    conf = (root / "compose" / "mosquitto" / "mosquitto.conf").read_text()
+    conf = conf.replace("listener 1883 0.0.0.0", f"listener {port} 127.0.0.1")
+    conf = conf.replace("/mosquitto/data/", f"{tmp_path}/mdata/").replace("/mosquitto/run/", f"{run}/")
+    conf = conf.replace("log_dest stdout", f"log_dest file {tmp_path}/mosquitto.log\nuser root")
+    (tmp_path / "mdata").mkdir()
+    (tmp_path / "m.conf").write_text(conf)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
+    broker = subprocess.Popen(
+        ["sh", str(root / "compose" / "mosquitto-run.sh")],
+        env=env
+        | {
+            "MOSQUITTO_AUTH": str(files),
+            "MOSQUITTO_RUN": str(run),
+            "MOSQUITTO_CONF": str(tmp_path / "m.conf"),
+        },
+        stdout=subprocess.DEVNULL,
+    )
+    data = tmp_path / "data"
+    settings = OutpostSettings(site="box", data_dir=data)
+    settings.broker.files = files
+    try:
+        with Stack(
+            settings,
+            external_broker=f"127.0.0.1:{port}",
+            services={"agents": OutpostSettings.SERVICES["agents"]},
+        ) as stack:
+            assert settings.mqtt.username == OPERATOR
+            wait_status(settings, "agents")
+            access = SiteAccess.of(stack.site_dir, settings.topics)
+            assert "user svc.agents" in (files / "acl").read_text()
+            assert accepted(port, service_user("agents"), access.password(service_user("agents")))
+            assert not accepted(port, None, None)
+            assert not accepted(port, service_user("agents"), "wrong")
+            # enrolment on the running broker, from another process as the operator would
+            r = outpost(
+                "--data-dir", str(data), "broker", "enroll", "dev-z", "--json",
+                env=env | {"OUTPOST_BROKER__FILES": str(files)},
+            )  # fmt: skip
+            assert r.returncode == 0, r.stdout + r.stderr
+            deadline = time.monotonic() + WAIT
+            while not accepted(port, "dev-z", access.device_password("dev-z")):
+                assert time.monotonic() < deadline, "the broker never took the enrolled device"
+                time.sleep(0.2)
+            dev = Client(port, "dev-z", access.device_password("dev-z"))
+            assert dev.connect()
+            try:  # the device's own rows, nothing else
+                assert dev.publish(settings.topics.telemetry("dev-z"), b"{}") == 0
+                assert dev.publish(settings.topics.telemetry("dev-y"), b"{}") == NOT_AUTHORIZED
+            finally:
+                dev.close()
+    finally:
+        end_process(broker)
