@@ -4,8 +4,11 @@ supervised. ``outpost up`` and ``outpost demo`` are thin layers over :class:`Sta
 Starting takes the data folder (:class:`outpost.datadir.DataDirLock`: a second stack on the same
 folder is refused, naming the first one's PID), refuses a folder of the layout before sites, checks
 a given broker before anything starts (a wrong address fails in seconds), and writes the run file
-once the broker listens. The broker and every service stop when the process that started them
-dies, even by kill -9; stopping releases the folder on every path out, a failed start included.
+once the broker listens. A given broker that reads its users from ``broker.files`` (compose's) gets
+the password file and ACL written there, and the services their own users, as a broker of our own
+does; ``outpost up`` then waits for it to answer rather than failing at once. The broker and every
+service stop when the process that started them dies, even by kill -9; stopping releases the
+folder on every path out, a failed start included.
 
 The services are those of the settings' class (``SERVICES``: the service registry's
 ``OutpostSettings`` names every service) unless the caller gives its own; the core knows none."""
