@@ -298,7 +298,7 @@ def write_broker_files(
 
 def publish_broker_files(folder: Path, passwords: Mapping[str, str], acl: str) -> None:
     """The password file and ACL of a broker that runs elsewhere and watches ``folder`` (compose's
-    broker container: compose/Dockerfile.mosquitto rereads them when they change). Each is written
+    broker container: compose/mosquitto-run.sh has it reread them when they change). Each is written
     beside and renamed over the old one, so the watcher never copies half a file."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in (("passwd", passwd_text(passwords)), ("acl", acl)):

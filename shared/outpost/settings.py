@@ -93,7 +93,7 @@ class BrokerSettings(Section):
         None,
         description="With `outpost up --broker`: the folder where outpost writes that broker's generated "
         "password file and ACL (`passwd`, `acl`), shared with the broker, which rereads them when they "
-        "change (compose/Dockerfile.mosquitto); each service then connects as its own user. None: an "
+        "change (compose/mosquitto-run.sh); each service then connects as its own user. None: an "
         "external broker's users are its own business and every service connects as mqtt.username.",
     )
     tls_port: int = Field(0, ge=0, le=65535, description="A TLS listener for devices on this port; 0: none.")

@@ -274,6 +274,14 @@ def test_compose_stack_runs_keeps_state_and_restarts(
         )
         first = mon.summary()
         assert first["rejected"] > 0  # the bad payloads went to the dead letters, not into events
+        # the operator's commands in the container find the site's broker and the operator's user
+        in_outpost = ("exec", "-T", "outpost", "outpost")
+        users = orjson.loads(_last(p.compose(*in_outpost, "broker", "users", "--json")))
+        kinds = {u["user"]: u["kind"] for u in users["users"]}
+        assert {service_user(n) for n in SERVICES} <= set(kinds) and kinds[OPERATOR] == "operator", kinds
+        assert sum(k == "device" for k in kinds.values()) == 20, kinds  # the simulator's, enrolled
+        inside = orjson.loads(_last(p.compose(*in_outpost, "status", "--json")))
+        assert all(inside["services"][n]["state"] == "online" for n in SERVICES), inside
     finally:
         mon.stop()
 
@@ -350,6 +358,10 @@ def _try_start(mon: SiteMonitor) -> bool:
     except BrokerError:  # the broker may not accept yet (it stops its thread): the caller retries
         return False
     return True
+
+
+def _last(out: str) -> str:
+    return out.strip().splitlines()[-1]
 
 
 def _try_password(p: Project, user: str) -> bool:

@@ -112,10 +112,10 @@ class Where:
     def broker_files(self) -> tuple[Path, bool]:
         """Where the site's broker reads its password file and ACL, and whether it watches them
         itself (``broker.files``, compose's broker) rather than being sent SIGHUP (``outpost up``'s)."""
-        files = self.settings.broker.files
-        if files is not None:
-            return Path(files), True
-        return self.site_path("mosquitto"), False
+        files, own = self.settings.broker.files, self.site_path("mosquitto")
+        if files is None or asks_passwords(own, self.broker):  # outpost up's own broker runs there
+            return own, False
+        return Path(files), True
 
     def running(self) -> str:
         """One line on what runs in the data folder, for messages."""
