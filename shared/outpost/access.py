@@ -286,25 +286,18 @@ def _write_private(path: Path, text: str, owner_of: Path | None = None) -> None:
 def write_broker_files(
     workdir: Path, passwords: Mapping[str, str], acl: str | None
 ) -> tuple[Path, Path | None]:
-    """The broker's password file (and ACL file) in its folder; their paths."""
-    pwfile = workdir / "passwd"
-    _write_private(pwfile, passwd_text(passwords), owner_of=workdir)
-    aclfile = None
-    if acl is not None:
-        aclfile = workdir / "acl"
-        _write_private(aclfile, acl, owner_of=workdir)
-    return pwfile, aclfile
+    """The broker's password file (and ACL file) in its folder, made if missing; their paths. Each
+    is written beside and renamed over the old one: a broker that rereads them (on SIGHUP, or
+    compose's, which watches its folder: compose/mosquitto-run.sh) never reads half a file."""
+    workdir.mkdir(parents=True, exist_ok=True)
 
+    def put(name: str, text: str) -> Path:
+        tmp, path = workdir / f".{name}.tmp", workdir / name
+        _write_private(tmp, text, owner_of=workdir)
+        os.replace(tmp, path)
+        return path
 
-def publish_broker_files(folder: Path, passwords: Mapping[str, str], acl: str) -> None:
-    """The password file and ACL of a broker that runs elsewhere and watches ``folder`` (compose's
-    broker container: compose/mosquitto-run.sh has it reread them when they change). Each is written
-    beside and renamed over the old one, so the watcher never copies half a file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, text in (("passwd", passwd_text(passwords)), ("acl", acl)):
-        tmp = folder / f".{name}.tmp"
-        _write_private(tmp, text)
-        os.replace(tmp, folder / name)
+    return put("passwd", passwd_text(passwords)), None if acl is None else put("acl", acl)
 
 
 def asks_passwords(workdir: Path, address: str) -> bool:
@@ -415,14 +408,10 @@ class SiteAccess:
         return out
 
     def write(self, workdir: Path, services: Iterable[str]) -> None:
-        """(Re)write the broker's password and ACL files in ``workdir`` from the table."""
+        """(Re)write the broker's password and ACL files in ``workdir`` from the table (the folder of
+        ``outpost up``'s own broker, or ``broker.files``, which compose's broker watches)."""
         names = list(services)
         write_broker_files(workdir, self.passwords(names), acl_text(self.principals(names)))
-
-    def publish(self, folder: Path, services: Iterable[str]) -> None:
-        """(Re)write a watching broker's password and ACL files in ``folder`` (``broker.files``)."""
-        names = list(services)
-        publish_broker_files(folder, self.passwords(names), acl_text(self.principals(names)))
 
     def enroll_and_reload(self, workdir: Path, devices: Iterable[str], *, watched: bool = False) -> list[str]:
         """Enroll ``devices`` and, when some are new, rewrite the running broker's files (for the
@@ -430,11 +419,9 @@ class SiteAccess:
         ``workdir`` is ``broker.files``, whose broker rereads the files itself when they change (it
         runs in another container, where no signal of ours reaches)."""
         new = self.enroll(devices)
-        if new and watched:
-            self.publish(workdir, self.services())
-        elif new and (workdir / "passwd").exists():
+        if new and (watched or (workdir / "passwd").exists()):
             self.write(workdir, self.services())
-            if not reload_broker(workdir):
+            if not watched and not reload_broker(workdir):
                 raise ConfigError(f"enrolled {len(new)} device(s), but no broker runs in {workdir} to reload")
         return new
 

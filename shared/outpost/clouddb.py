@@ -26,7 +26,15 @@ import psycopg
 from outpost.contracts import StreamBatch
 from outpost.errors import OutpostError
 from outpost.store import Store
-from outpost.streams import RECEIVER_SCHEMA, Applied, ApplyOne, ReceivedStreams, Sql, StoreUnavailableError
+from outpost.streams import (
+    RECEIVER_SCHEMA,
+    Applied,
+    ApplyOne,
+    ReceivedStreams,
+    Records,
+    Sql,
+    StoreUnavailableError,
+)
 
 
 class CloudDbError(OutpostError, StoreUnavailableError):
@@ -56,6 +64,16 @@ class Db(Sql, Protocol):
 
 
 Kind = Literal["postgresql", "sqlite"]
+
+
+class RelaySink(Protocol):
+    """Where the cloud side applies the records of a stream relayed inside the uplink's (memory
+    sync's, :meth:`outpost.services.memory.replica.ReplicaStore.apply_relayed`): on the uplink's
+    connection, in its transaction; the records it refused, (offset, why)."""
+
+    def __call__(
+        self, db: Db, site: str, stream: str, epoch: str, start: bool, records: Records
+    ) -> list[tuple[int, str]]: ...
 
 
 def url_kind(url: str) -> Kind:

@@ -163,7 +163,7 @@ class Stack:
         assert s.broker.files is not None
         access = SiteAccess.of(self.site_dir, s.topics)
         users = access.passwords(services)
-        access.publish(Path(s.broker.files), services)
+        access.write(Path(s.broker.files), services)
         log.info("broker files written", extra={"folder": str(s.broker.files), "users": len(users)})
         probe = s.mqtt.model_copy()
         if probe.username is None:

@@ -38,7 +38,7 @@ def compose_broker(tmp_path: Path) -> Iterator[Broker]:
     (tmp_path / "data").mkdir()
     access = SiteAccess.of(tmp_path / "site", TOPICS)
     access.enroll(["fridge-1", "fridge-2"])
-    access.publish(tmp_path / "run", OutpostSettings.SERVICES)  # what outpost up writes
+    access.write(tmp_path / "run", OutpostSettings.SERVICES)  # what outpost up writes
     conf = (COMPOSE / "mosquitto.conf").read_text()
     assert "/mosquitto/run/passwd" in conf and "/mosquitto/run/acl" in conf
     conf = conf.replace("listener 1883 0.0.0.0", f"listener {port} 127.0.0.1")

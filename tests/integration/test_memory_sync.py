@@ -100,9 +100,7 @@ def start_cloud_side(cloud_settings: OutpostSettings) -> ServiceThread[CloudUpli
     url = sqlite_url(cloud_db(cloud_settings))
 
     def run(s: OutpostSettings, stop: threading.Event) -> CloudUplink:
-        replica = ReplicaStore(url)
-        replica.close()  # its tables made; it writes on the cloud side's connection
-        return run_until(CloudUplink(s, CloudStore(url, relay=replica.apply_relayed)), stop)
+        return run_until(CloudUplink(s, CloudStore(url, relay=ReplicaStore.relay_into(url))), stop)
 
     t = ServiceThread(run, cloud_settings).start()
     wait_status(cloud_settings, "cloud")

@@ -50,11 +50,7 @@ def run(db: DbOpt, broker: CloudBrokerOpt = None) -> None:
     # site's traffic for nobody
     settings = find_site(None, CLOUD_SITE, broker).settings
     # memory sync's replica: its tables in the same database, written in the uplink's transactions
-    replica = ReplicaStore(db)
-    try:
-        up = CloudUplink(settings, CloudStore(db, relay=replica.apply_relayed))
-    finally:
-        replica.close()
+    up = CloudUplink(settings, CloudStore(db, relay=ReplicaStore.relay_into(db)))
     stop = threading.Event()
     install_stop_signals(stop)
     mqtt = settings.mqtt

@@ -17,12 +17,14 @@ ledger), the long-term memory items (vector included), and the log summaries.
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from outpost.clouddb import CloudDb, Db
+from outpost.clouddb import CloudDb, Db, RelaySink
+from outpost.contracts import Segment
+from outpost.streams import Records
 
 STREAMS = ("ltm", "log")
 """Memory sync's streams (:mod:`.sync`)."""
@@ -52,8 +54,6 @@ SCHEMA = (
 )""",
 )
 """The replica's tables, beside the receivers' ledger in the cloud side's database."""
-
-Segment = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 class _Add(BaseModel):
@@ -96,14 +96,17 @@ class ReplicaStore(CloudDb):
     def last(self, site: str, stream: str) -> int:
         return self.streams.last(site, stream)
 
+    @classmethod
+    def relay_into(cls, url: str) -> RelaySink:
+        """The replica's tables made in the cloud side's database at ``url``, and what applies the
+        relayed records to them (:meth:`apply_relayed`, on the cloud side's own connection: this
+        store's is closed at once)."""
+        store = cls(url)
+        store.close()
+        return store.apply_relayed
+
     def apply_relayed(
-        self,
-        db: Db,
-        site: str,
-        stream: str,
-        epoch: str,
-        start: bool,
-        records: list[tuple[int, dict[str, Any]]],
+        self, db: Db, site: str, stream: str, epoch: str, start: bool, records: Records
     ) -> list[tuple[int, str]]:
         """Apply one relayed record of a site's memory stream on ``db`` (the cloud side's
         connection, in its transaction): drop the site's long-term memory first when it starts the

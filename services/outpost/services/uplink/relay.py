@@ -32,12 +32,12 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 
-from outpost.contracts import StreamBatch, encode, model_contract
+from outpost.contracts import Segment, StreamBatch, encode, model_contract
 from outpost.log import get_logger
 from outpost.service import ServiceRuntime
 from outpost.services.uplink.outbox import Added, Outbox, Taken
@@ -54,8 +54,6 @@ REASONS = ("bad_sync",)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Memory's messages carry ``memory.sync_batch`` items with their vectors: more than an event."""
-
-Segment = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 class Relayed(BaseModel):

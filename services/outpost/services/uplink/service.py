@@ -106,9 +106,9 @@ class Uplink:
             message_bytes=min(MESSAGE_BYTES, max(cap // 20, MIN_MESSAGE_BYTES)) if cap else MESSAGE_BYTES,
         )
         gate = ByteBucket(cap, max(cap / 4, 1.0)) if cap else None
-        self.relay = Relay(
-            self.rt, self.outbox, budget=int(cfg.max_outbox_mb * 1_000_000), after=self._enforce
-        )
+        self.budget = int(cfg.max_outbox_mb * 1_000_000)
+        """The outbox's disk budget, bytes of records."""
+        self.relay = Relay(self.rt, self.outbox, budget=self.budget, after=self._enforce)
         lost = {RELAYED: self.relay.forget}
         self.streams = OffsetStreams(
             self.rt,
@@ -183,21 +183,20 @@ class Uplink:
     def _enforce(self) -> None:
         """The disk budget: the oldest bulk first, never alerts (counted, logged)."""
         assert self.outbox is not None
-        limit = int(self.cfg.max_outbox_mb * 1_000_000)
-        if self.outbox.bytes <= limit:
+        if self.outbox.bytes <= self.budget:
             self._over_warned = False
             return
-        dropped = self.outbox.enforce(limit)
+        dropped = self.outbox.enforce(self.budget)
         for stream, n in dropped.items():
             self.metrics.counters[f"uplink_dropped.{stream}"] += n
         if dropped:
             log.warning("outbox over its disk budget: oldest records dropped", extra={"dropped": dropped})
-        if self.outbox.bytes > limit and not self._over_warned:
+        if self.outbox.bytes > self.budget and not self._over_warned:
             self._over_warned = True
             log.warning(
                 "outbox over its disk budget with only alerts and memory sync left: they are kept, and "
                 "memory sync waits for room",
-                extra={"bytes": self.outbox.bytes, "limit": limit},
+                extra={"bytes": self.outbox.bytes, "limit": self.budget},
             )
 
     def _expire(self, max_age_s: float) -> None:
@@ -210,8 +209,8 @@ class Uplink:
             **self.streams.status(),
             "outbox_bytes": self.outbox.bytes,
             "outbox_records": self.outbox.count,
-            "outbox_budget_bytes": int(self.cfg.max_outbox_mb * 1_000_000),
-            "outbox_over_budget": self.outbox.bytes > self.cfg.max_outbox_mb * 1_000_000,
+            "outbox_budget_bytes": self.budget,
+            "outbox_over_budget": self.outbox.bytes > self.budget,
         }
 
     # --- lifecycle -------------------------------------------------------------------------------

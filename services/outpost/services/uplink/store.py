@@ -12,13 +12,13 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import replace
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import orjson
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field
 
-from outpost.clouddb import CloudDb, Db
+from outpost.clouddb import CloudDb, Db, RelaySink
 from outpost.contracts import StreamBatch
 from outpost.services.uplink.outbox import STREAMS
 from outpost.services.uplink.relay import PART as RELAYED
@@ -67,22 +67,6 @@ def _device(body: dict[str, Any]) -> str | None:
 def _seq(body: dict[str, Any]) -> int | None:
     s = body.get("seq")
     return s if isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 else None
-
-
-class RelaySink(Protocol):
-    """Where the cloud side applies a relayed stream's records (memory sync's replica,
-    :meth:`outpost.services.memory.replica.ReplicaStore.apply_relayed`): on the cloud side's
-    connection, in its transaction; the records it refused, (offset, why)."""
-
-    def __call__(
-        self,
-        db: Db,
-        site: str,
-        stream: str,
-        epoch: str,
-        start: bool,
-        records: list[tuple[int, dict[str, Any]]],
-    ) -> list[tuple[int, str]]: ...
 
 
 class CloudStore(CloudDb):
