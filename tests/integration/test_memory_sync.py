@@ -570,6 +570,14 @@ def test_the_cloud_follows_a_wiped_gateway_a_paused_sync_a_full_outbox_and_its_o
 
     assert mem_metrics.wait_for(waiting, 30)
     mem_metrics.stop()
+    # memory's next message is refused (its backlog may be counted before it is sent): the uplink
+    # says why in its status
+    up_status = Collector(edge_settings.mqtt, edge_settings.topics.service_status("uplink"), client_id="us")
+    up_status.start()
+    assert up_status.wait_for(
+        lambda c: any("disk budget" in " ".join(d.get("problems", [])) for d in c.json()), 30
+    ), up_status.json()[-1:]
+    up_status.stop()
     assert up.stop().metrics.counters["relay_waits"] >= 1
     edge_settings.uplink.max_outbox_mb = 500.0
     up, side = start_uplink(edge_settings), start_cloud_side(cloud_settings)
