@@ -227,6 +227,9 @@ class CoreSettings(BaseSettings):
     """The services this settings class configures, name -> module run with ``python -m``, in the
     order they start; what :class:`outpost.stack.Stack` supervises. None in the core; the service
     registry's class names its own."""
+    PRELOAD: ClassVar[dict[str, str]] = {}
+    """name -> the module that holds the service, imported by the zygote before any service is
+    forked (:mod:`outpost.zygote`), so that what the services import is in memory once."""
 
     site: str = Field("site1", description="Site id, the third topic level.")
     prefix: str = Field("outpost", description="Topic prefix, so installations can share a broker.")

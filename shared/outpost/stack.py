@@ -149,7 +149,10 @@ class Stack:
             s.mqtt.username, s.mqtt.password = OPERATOR, SecretStr(users[OPERATOR])
         assert self.lock is not None
         self.lock.write_run(s.site, self.broker_address, self.status_page)
-        self.supervisor = Supervisor(env=env, log_dir=self.log_dir, services=services, child_env=child_env)
+        preload = [type(s).PRELOAD[name] for name in services if name in type(s).PRELOAD]
+        self.supervisor = Supervisor(
+            env=env, log_dir=self.log_dir, services=services, child_env=child_env, preload=preload
+        )
         self.supervisor.start()
 
     def _publish_broker_files(

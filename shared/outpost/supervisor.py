@@ -9,8 +9,13 @@ memory and appends them to the service's log file when it can, so a service that
 why (:attr:`Child.reason`) even when its log file cannot be written. A child gets SIGTERM when the
 supervisor's process dies, even by kill -9 (PR_SET_PDEATHSIG), so none is left running.
 
-Which services is the caller's to say (name -> module run with ``python -m``): the core knows none;
-``outpost up`` takes them from the service registry (:mod:`outpost.services.registry`).
+Each service is forked by a zygote that has imported what the services import (:mod:`outpost.zygote`:
+most of a service's memory is then shared, and it starts without importing it again); to the
+service it is what ``python -m MODULE`` would have been.
+
+Which services is the caller's to say (name -> module run with ``python -m``), and what the zygote
+imports first (``preload``): the core knows none; ``outpost up`` takes both from the service
+registry (:mod:`outpost.services.registry`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import ctypes
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import IO
 
 from outpost.log import get_logger
+from outpost.zygote import Forked, Zygote, ZygoteError
 
 log = get_logger("outpost.supervisor")
 
@@ -75,7 +80,7 @@ def end_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
 class Child:
     name: str
     module: str
-    proc: subprocess.Popen[bytes] | None = None
+    proc: Forked | None = None
     started: float = 0.0
     restarts: int = 0
     last_exit: int | None = None
@@ -122,11 +127,15 @@ class Supervisor:
     """name -> module run with ``python -m``, started in this order."""
     child_env: dict[str, dict[str, str]] = field(default_factory=dict)
     """More variables for one service, by name, over ``env`` (its own broker credentials)."""
+    preload: list[str] = field(default_factory=list)
+    """Modules the zygote imports before it forks the services (theirs, for them to share)."""
     children: dict[str, Child] = field(default_factory=dict)
+    _zygote: Zygote | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def start(self) -> None:
+        self._zygote = Zygote(self.preload, {**os.environ, **self.env}, preexec=die_with_parent(os.getpid()))
         for name, module in self.services.items():
             child = self.children[name] = Child(name, module, log_path=self.log_dir / f"{name}.log")
             self._spawn(child)
@@ -136,24 +145,28 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         if child._reader is not None:
             child._reader.join(1)  # the last run's output is all read before the next one's
-        child.proc = subprocess.Popen(
-            [sys.executable, "-m", child.module],
-            env={**os.environ, **self.env, **self.child_env.get(child.name, {})},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent(os.getpid()),  # noqa: PLW1509 - one prctl call, no locks
-        )
+        assert self._zygote is not None
         child.started = time.monotonic()
         child.next_start = 0.0
+        try:
+            child.proc = self._zygote.spawn(
+                child.name, child.module, {**os.environ, **self.env, **self.child_env.get(child.name, {})}
+            )
+        except (OSError, ZygoteError) as exc:  # tried again with backoff, as for a service that died
+            child.proc = None
+            child.last_exit = 1
+            child.lines.append(f"error: {exc}")
+            child.next_start = child.started + child.backoff
+            child.backoff = min(child.backoff * 2, BACKOFF_MAX_S)
+            log.warning("service not started", extra={"service": child.name, "error": str(exc)})
+            return
         child._reader = threading.Thread(
             target=self._read, args=(child, child.proc), name=f"output-{child.name}", daemon=True
         )
         child._reader.start()
         log.info("started", extra={"service": child.name, "pid": child.proc.pid})
 
-    def _read(self, child: Child, proc: subprocess.Popen[bytes]) -> None:
+    def _read(self, child: Child, proc: Forked) -> None:
         """Keep the child's lines and append them to its log file, best effort: a log that cannot
         be written (a full disk, a folder that is a file) loses the file's copy, never the output
         in memory, and never blocks the child on a full pipe."""
@@ -226,6 +239,8 @@ class Supervisor:
             child.next_start = 0.0
             if child._reader is not None:
                 child._reader.join(2)
+        if self._zygote is not None:
+            self._zygote.stop()
 
     def status(self) -> list[dict[str, object]]:
         return [

@@ -18,6 +18,7 @@ import pytest
 from outpost.broker import Mosquitto
 from outpost.bus import Bus
 from outpost.datadir import site_path
+from outpost.services.memory.client import MemoryClient, MemoryRequestError
 from outpost.services.memory.oplog import OpLog
 from outpost.services.registry import OutpostSettings
 from tests.conftest import Collector, ServiceProcess, make_event, wait_until
@@ -148,9 +149,9 @@ def test_a_full_disk_is_reported_survived_and_recovered_from_with_nothing_lost_o
 def test_a_data_folder_too_small_for_the_encoder_leaves_no_temporary_file_and_the_log_works(
     small_disk: Path, broker: Mosquitto, tmp_path: Path, site: str
 ) -> None:
-    """The encoder's 90 MB graph is built under the data folder by default: on 20 MB the build
-    fails (ENOSPC). Its temporary file goes with it, memory says why it embeds no texts
-    (degraded), and logs every event."""
+    """The encoder's 90 MB graph is built under the data folder by default, at the first text
+    request: on 20 MB the build fails (ENOSPC). That request is told why, its temporary file goes
+    with it, memory says why it embeds no texts (degraded), and logs every event."""
     data = small_disk / "data"
     settings = OutpostSettings(site=site, data_dir=data)
     settings.mqtt.port = broker.port
@@ -167,6 +168,10 @@ def test_a_data_folder_too_small_for_the_encoder_leaves_no_temporary_file_and_th
     memory = ServiceProcess("outpost.services.memory", "memory", env, tmp_path / "proc")
     memory.start()
     try:
+        assert status.wait_for(lambda c: any(d.get("state") == "online" for d in statuses(c)), 60)
+        with MemoryClient(settings, "probe") as mem, pytest.raises(MemoryRequestError) as refused:
+            mem.request("ltm-add", {"namespace": "n", "text": "the fridge door is open"}, timeout_s=120)
+        assert refused.value.reason == "no_embedder" and "No space left" in refused.value.detail
 
         def no_encoder(c: Collector) -> bool:
             return any(

@@ -71,16 +71,17 @@ def _online(env: dict[str, str], cwd: Path) -> bool:
     return {n for n, s in doc["services"].items() if s["state"] == "online"} == SERVICES
 
 
-def _children(pid: int) -> set[int]:
-    """The processes whose parent is ``pid`` (from /proc)."""
-    found = set()
+def _descendants(pid: int) -> set[int]:
+    """The processes under ``pid``: its children, theirs, ... (from /proc)."""
+    parent: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
-        if int(fields[1]) == pid:
-            found.add(int(stat.parent.name))
+    found: set[int] = set()
+    while new := {p for p, pp in parent.items() if (pp == pid or pp in found) and p not in found}:
+        found |= new
     return found
 
 
@@ -146,8 +147,8 @@ def test_up_owns_its_folder_the_cli_finds_it_from_anywhere_and_kill_9_leaves_not
             }
 
         # kill -9 of `outpost up`: its broker, the broker's watchdog and every service go with it
-        family = _children(first.pid)
-        assert len(family) >= 5, family  # mosquitto, its watchdog, three services
+        family = _descendants(first.pid)
+        assert len(family) >= 6, family  # mosquitto, its watchdog, the zygote, three services
         os.kill(first.pid, signal.SIGKILL)
         first.wait(30)
         assert wait_until(lambda: not any(_alive(p) for p in family), 60), [p for p in family if _alive(p)]

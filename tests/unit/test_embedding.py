@@ -15,7 +15,12 @@ from outpost.errors import ConfigError
 from outpost.services.memory.api import MemoryApi
 from outpost.services.memory.checkpoints import Checkpoints
 from outpost.services.memory.context import ShortTermContext
-from outpost.services.memory.embedding.embedder import TextEmbedder, default_model_folder, embedder_for
+from outpost.services.memory.embedding.embedder import (
+    RETRY_AFTER_S,
+    TextEmbedder,
+    default_model_folder,
+    embedder_for,
+)
 from outpost.services.memory.embedding.graph import EmbeddingModelError, build_from_folder
 from outpost.services.memory.vectors import LongTermMemory
 from outpost.services.registry import OutpostSettings
@@ -53,8 +58,12 @@ def test_similar_meanings_are_near(embedder: TextEmbedder) -> None:
 
 def test_the_graph_is_built_once_and_a_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
     first = TextEmbedder(default_model_folder(), tmp_path)
+    assert first.path is None and not list(tmp_path.iterdir())  # nothing built before it is needed
+    first.embed_one("x")
+    assert first.path is not None
     built = first.path.stat().st_mtime_ns
     again = TextEmbedder(default_model_folder(), tmp_path)
+    again.embed_one("x")
     assert again.path == first.path and again.path.stat().st_mtime_ns == built
     assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temp file left behind
     first.path.write_bytes(first.path.read_bytes()[:1000])
@@ -91,8 +100,8 @@ def test_bad_model_files_are_clear_errors(
     model_copy: Path, tmp_path: Path, damage: object, message: str
 ) -> None:
     damage(model_copy)  # type: ignore[operator]
-    with pytest.raises(EmbeddingModelError, match=message):
-        TextEmbedder(model_copy, tmp_path / "cache")
+    with pytest.raises(EmbeddingModelError, match=message):  # at the start, or at the first text
+        TextEmbedder(model_copy, tmp_path / "cache").embed_one("x")
 
 
 def _replace(path: Path, data: bytes) -> None:
@@ -131,9 +140,7 @@ def test_the_site_settings_choose_the_encoder(tmp_path: Path) -> None:
     s.memory.vector_dim = 384
     got, why = embedder_for(s)
     assert (
-        got is not None
-        and why == ""
-        and got.path.parent == Path(os.environ["OUTPOST_MEMORY__EMBEDDER_CACHE"])
+        got is not None and why == "" and got.cache_dir == Path(os.environ["OUTPOST_MEMORY__EMBEDDER_CACHE"])
     )
 
 
@@ -205,3 +212,28 @@ def test_a_build_removes_what_a_killed_build_left(tmp_path: Path) -> None:
     orphan.write_bytes(b"half a graph")
     cached_graph(default_model_folder(), cache)
     assert not orphan.exists() and [p.suffix for p in cache.iterdir()] == [".onnx"]
+
+
+def test_a_failed_build_is_reported_refused_for_a_while_then_tried_again(
+    model_copy: Path, tmp_path: Path
+) -> None:
+    """The encoder is built at its first use: a failure there is what each text request is told
+    and what the status says, and is not tried again (seconds of work, 90 MB of disk) for
+    RETRY_AFTER_S; after that a mended model loads and the problem is cleared."""
+    weights = model_copy / "model.safetensors"
+    good = weights.resolve()
+    _replace(weights, b"\x00" * 64)
+    now = [1000.0]
+    reports: list[list[str]] = []
+    emb = TextEmbedder(model_copy, tmp_path / "cache", report=reports.append, clock=lambda: now[0])
+    with pytest.raises(EmbeddingModelError, match="cannot read the weights"):
+        emb.embed_one("x")
+    assert len(reports) == 1 and reports[0][0].startswith("no text encoder: ")
+    weights.unlink()
+    weights.symlink_to(good)  # mended, but within RETRY_AFTER_S the answer stands
+    now[0] += RETRY_AFTER_S / 2
+    with pytest.raises(EmbeddingModelError, match="cannot read the weights"):
+        emb.embed_one("x")
+    now[0] += RETRY_AFTER_S
+    assert emb.embed_one("x").shape == (384,)
+    assert reports[-1] == [] and len(reports) == 2

