@@ -24,7 +24,7 @@ mkdir -p "$run"
 chown mosquitto:mosquitto "$run"
 if ! [ -s "$src/passwd" ] || ! [ -s "$src/acl" ]; then
     echo "waiting for outpost up to write $src/passwd and $src/acl (OUTPOST_BROKER__FILES)"
-    until [ -s "$src/passwd" ] && [ -s "$src/acl" ]; do sleep 1; done
+    until [ -s "$src/passwd" ] && [ -s "$src/acl" ]; do sleep 0.2; done
 fi
 last=$(stamp)
 install_files

@@ -27,7 +27,8 @@ from outpost.datadir import DataDirLock, refuse_legacy, site_dir
 from outpost.errors import BrokerError, ConfigError
 from outpost.log import get_logger
 from outpost.settings import CoreSettings, parse_host_port
-from outpost.supervisor import Supervisor
+from outpost.supervisor import Supervisor, zygote_for
+from outpost.zygote import Zygote
 
 log = get_logger("outpost.stack")
 BROKER_WAIT_S = 60.0
@@ -65,6 +66,7 @@ class Stack:
     external_broker: str | None = None
     broker: Mosquitto | None = None
     supervisor: Supervisor | None = None
+    zygote: Zygote | None = None
     services: dict[str, str] | None = None
     """name -> module run with ``python -m``; None: ``type(settings).SERVICES``."""
     env: dict[str, str] = field(default_factory=dict)
@@ -102,6 +104,9 @@ class Stack:
         s = self.settings
         refuse_legacy(self.data_dir)
         services = dict(type(s).SERVICES if self.services is None else self.services)
+        # the zygote imports what the services share while the broker starts (outpost.zygote)
+        preload = [type(s).PRELOAD[name] for name in services if name in type(s).PRELOAD]
+        self.zygote = zygote_for(preload, self.env)
         child_env: dict[str, dict[str, str]] = {}
         users: dict[str, str] = {}
         if self.external_broker is not None:
@@ -149,9 +154,8 @@ class Stack:
             s.mqtt.username, s.mqtt.password = OPERATOR, SecretStr(users[OPERATOR])
         assert self.lock is not None
         self.lock.write_run(s.site, self.broker_address, self.status_page)
-        preload = [type(s).PRELOAD[name] for name in services if name in type(s).PRELOAD]
         self.supervisor = Supervisor(
-            env=env, log_dir=self.log_dir, services=services, child_env=child_env, preload=preload
+            env=env, log_dir=self.log_dir, services=services, child_env=child_env, zygote=self.zygote
         )
         self.supervisor.start()
 
@@ -179,7 +183,7 @@ class Stack:
             except BrokerError:
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.5)
+                time.sleep(0.2)
         return users, _credentials(s, services, users)
 
     @property
@@ -188,9 +192,12 @@ class Stack:
 
     def stop(self) -> None:
         if self.supervisor is not None:
-            self.supervisor.stop()
+            self.supervisor.stop()  # its zygote with it
             self.final_status = self.supervisor.status()
             self.supervisor = None
+        elif self.zygote is not None:
+            self.zygote.stop()
+        self.zygote = None
         if self.broker is not None:
             self.broker.stop()
             self.broker = None

@@ -76,6 +76,11 @@ def end_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
         proc.wait()
 
 
+def zygote_for(preload: list[str], env: dict[str, str]) -> Zygote:
+    """A zygote for a supervisor's services, started: it stops when this process dies."""
+    return Zygote(preload, {**os.environ, **env}, preexec=die_with_parent(os.getpid())).start()
+
+
 @dataclass
 class Child:
     name: str
@@ -129,13 +134,16 @@ class Supervisor:
     """More variables for one service, by name, over ``env`` (its own broker credentials)."""
     preload: list[str] = field(default_factory=list)
     """Modules the zygote imports before it forks the services (theirs, for them to share)."""
+    zygote: Zygote | None = None
+    """What forks the services; None: one of the supervisor's own, importing ``preload``. A caller
+    may start it earlier, so that it imports while the caller does other things."""
     children: dict[str, Child] = field(default_factory=dict)
-    _zygote: Zygote | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._zygote = Zygote(self.preload, {**os.environ, **self.env}, preexec=die_with_parent(os.getpid()))
+        if self.zygote is None:
+            self.zygote = zygote_for(self.preload, self.env)
         for name, module in self.services.items():
             child = self.children[name] = Child(name, module, log_path=self.log_dir / f"{name}.log")
             self._spawn(child)
@@ -145,11 +153,11 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         if child._reader is not None:
             child._reader.join(1)  # the last run's output is all read before the next one's
-        assert self._zygote is not None
+        assert self.zygote is not None
         child.started = time.monotonic()
         child.next_start = 0.0
         try:
-            child.proc = self._zygote.spawn(
+            child.proc = self.zygote.spawn(
                 child.name, child.module, {**os.environ, **self.env, **self.child_env.get(child.name, {})}
             )
         except (OSError, ZygoteError) as exc:  # tried again with backoff, as for a service that died
@@ -239,8 +247,8 @@ class Supervisor:
             child.next_start = 0.0
             if child._reader is not None:
                 child._reader.join(2)
-        if self._zygote is not None:
-            self._zygote.stop()
+        if self.zygote is not None:
+            self.zygote.stop()
 
     def status(self) -> list[dict[str, object]]:
         return [

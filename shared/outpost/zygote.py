@@ -243,6 +243,7 @@ class Zygote:
     """Run in the zygote between fork and exec (:func:`outpost.supervisor.die_with_parent`)."""
     _proc: subprocess.Popen[bytes] | None = None
     _sock: socket.socket | None = None
+    _ready: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _replies: dict[int, dict[str, Any]] = field(default_factory=dict)
     _replied: threading.Condition = field(default_factory=threading.Condition)
@@ -288,9 +289,15 @@ class Zygote:
                 raise ZygoteError("the zygote did not answer")
             return self._replies.pop(ident)
 
-    def _ensure(self) -> socket.socket:
-        if self._proc is not None and self._proc.poll() is None and self._sock is not None:
-            return self._sock
+    def start(self) -> Zygote:
+        """Start the zygote without waiting for it: it imports while the caller goes on (the first
+        :meth:`spawn` waits for it to be ready)."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._launch()
+        return self
+
+    def _launch(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(
@@ -303,21 +310,32 @@ class Zygote:
             )
         finally:
             theirs.close()
-        ours.settimeout(START_TIMEOUT_S)
+        self._sock, self._ready = ours, False
+
+    def _ensure(self) -> socket.socket:
+        """The socket of a zygote that is ready, started (again) if need be (under ``_lock``)."""
+        if self._proc is None or self._proc.poll() is not None or self._sock is None:
+            self._launch()
+        assert self._proc is not None and self._sock is not None
+        if self._ready:
+            return self._sock
+        sock, proc = self._sock, self._proc
+        sock.settimeout(START_TIMEOUT_S)
         try:
-            hello = orjson.loads(ours.recv(MAX_MESSAGE) or b"{}")
+            hello = orjson.loads(sock.recv(MAX_MESSAGE) or b"{}")
         except (OSError, orjson.JSONDecodeError) as exc:
             hello = {"error": str(exc)}
         if "ready" not in hello:
-            ours.close()
-            self._proc.kill()
-            self._proc.wait()
+            sock.close()
+            self._sock = None
+            proc.kill()
+            proc.wait()
             raise ZygoteError(f"the zygote did not start: {hello.get('error', 'it exited')}")
-        ours.settimeout(None)
-        self._sock = ours
-        threading.Thread(target=self._listen, args=(ours, self._proc), name="zygote", daemon=True).start()
-        log.info("zygote started", extra={"pid": self._proc.pid, "preloaded": len(self.preload)})
-        return ours
+        sock.settimeout(None)
+        self._ready = True
+        threading.Thread(target=self._listen, args=(sock, proc), name="zygote", daemon=True).start()
+        log.info("zygote ready", extra={"pid": proc.pid, "preloaded": len(self.preload)})
+        return sock
 
     def _listen(self, sock: socket.socket, proc: subprocess.Popen[bytes]) -> None:
         """Replies and exits from one zygote, until it is gone; then its orphans, until they are."""
@@ -356,11 +374,17 @@ class Zygote:
             threading.Event().wait(0.2)
 
     def stop(self) -> None:
-        """Close the zygote (its children are the supervisor's to stop first)."""
+        """Close the zygote (its children are the supervisor's to stop first); one still importing
+        has none, and is just ended."""
         with self._lock:
+            if self._proc is not None and not self._ready:
+                self._proc.terminate()
             if self._sock is not None:
                 with contextlib.suppress(OSError):
                     self._sock.shutdown(socket.SHUT_RDWR)
+                if not self._ready:
+                    self._sock.close()
+                self._sock = None
             if self._proc is not None:
                 try:
                     self._proc.wait(5)

@@ -216,27 +216,40 @@ def _sim(p: Project, seed: int, seq_start: int) -> dict[str, Any]:
 
 
 def _resident_mb(p: Project, *, leave_out: str | None = None) -> dict[str, float]:
-    """Resident memory: the RSS of each container's processes, read on the host (as the issue's
-    figure for `outpost up` was: the sum of the processes' RSS, so what they share counts in each),
-    not the cgroup's usage, which counts page cache too; per process and per container. A process
-    whose command line (or its parent's) has the word ``leave_out`` is not counted (the load's own)."""
+    """Resident memory of each container's processes, read on the host, per process and per
+    container: PSS (each shared page split among the processes that share it, so the sum is what the
+    stack holds: the services share their zygote's imports, outpost.zygote) and, as the issue's
+    figure for `outpost up` was, the RSS sum (shared pages counted in every process). Not the
+    cgroup's usage, which counts page cache too. A process whose command line (or its parent's)
+    has the word ``leave_out`` is not counted (the load's own)."""
     out: dict[str, float] = {}
     for service in ("mosquitto", "outpost"):
-        total = 0
+        pss = rss = 0
         for pid in _run(DOCKER, "top", p.container(service), "-eo", "pid").split()[1:]:
             with contextlib.suppress(psutil.Error):
                 proc = psutil.Process(int(pid))
                 parent = proc.parent()
-                if leave_out is not None and (
-                    leave_out in proc.cmdline() or (parent is not None and leave_out in parent.cmdline())
+                if leave_out is not None and any(
+                    leave_out in " ".join(q.cmdline()).split() for q in (proc, parent) if q is not None
                 ):
                     continue
-                rss = proc.memory_info().rss
-                total += rss
+                mem = proc.memory_full_info()
+                pss, rss = pss + mem.pss, rss + mem.rss
                 args = proc.cmdline()
-                name = args[2].rsplit(".", 1)[-1] if args[1:2] == ["-m"] else Path(args[0]).name
-                out[f"{service}/{name}"] = out.get(f"{service}/{name}", 0) + round(rss / 2**20, 1)
-        out[service] = round(total / 2**20, 1)
+                name = (
+                    args[0].removeprefix("outpost: ")
+                    if args[0].startswith("outpost: ")
+                    else Path(args[0]).name
+                )
+                if args[1:3] == ["-m", "outpost.zygote"]:  # before it names itself
+                    name = "zygote"
+                elif (
+                    Path(args[0]).name.startswith("python") and args[1:2] and Path(args[1]).name == "outpost"
+                ):
+                    name = "outpost " + " ".join(args[2:3])  # the console script: `outpost up`
+                out[f"{service}/{name}"] = out.get(f"{service}/{name}", 0) + round(mem.pss / 2**20, 1)
+        out[service] = round(pss / 2**20, 1)
+        out[f"{service} (RSS sum)"] = round(rss / 2**20, 1)
     return out
 
 

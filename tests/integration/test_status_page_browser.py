@@ -23,7 +23,8 @@ from outpost.broker import Mosquitto, port_open
 from outpost.bus import Bus
 from outpost.datadir import read_run
 from outpost.services.registry import OutpostSettings
-from outpost.services.telemetry.page import PageSettings, StatusPage
+from outpost.services.telemetry.page.server import StatusPage
+from outpost.services.telemetry.page.settings import PageSettings
 from outpost.settings import BrokerSettings
 from outpost.sim import SimOptions, run
 from outpost.stack import Stack

@@ -25,7 +25,11 @@ def zygote() -> Iterator[Zygote]:
 
 
 def _env(do: str) -> dict[str, str]:
-    return {"PATH": os.environ.get("PATH", ""), "ZYGOTE_DO": do, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "ZYGOTE_DO": do,
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+    }
 
 
 def _output(child: Forked) -> list[str]:

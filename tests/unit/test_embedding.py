@@ -15,13 +15,14 @@ from outpost.errors import ConfigError
 from outpost.services.memory.api import MemoryApi
 from outpost.services.memory.checkpoints import Checkpoints
 from outpost.services.memory.context import ShortTermContext
+from outpost.services.memory.embedding.config import EmbeddingModelError
 from outpost.services.memory.embedding.embedder import (
     RETRY_AFTER_S,
     TextEmbedder,
     default_model_folder,
     embedder_for,
 )
-from outpost.services.memory.embedding.graph import EmbeddingModelError, build_from_folder
+from outpost.services.memory.embedding.graph import build_from_folder
 from outpost.services.memory.vectors import LongTermMemory
 from outpost.services.registry import OutpostSettings
 

@@ -19,9 +19,10 @@ from outpost.bus import Message
 from outpost.contracts import header
 from outpost.errors import ConfigError
 from outpost.metrics import Metrics
-from outpost.services.telemetry.page import PageSettings, StatusPage, page_url
 from outpost.services.telemetry.page.app import make_app
 from outpost.services.telemetry.page.live import CHART_POINTS, MAX_POINTS, MAX_SERIES, MAX_SERVICES, LiveView
+from outpost.services.telemetry.page.server import StatusPage
+from outpost.services.telemetry.page.settings import PageSettings, page_url
 from outpost.settings import CoreSettings, MqttSettings
 from outpost.topics import Topics
 

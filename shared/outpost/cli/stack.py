@@ -33,7 +33,7 @@ from outpost.monitor import SiteMonitor
 from outpost.service import install_stop_signals
 from outpost.services.connectors.secrets import SecretStore
 from outpost.services.registry import OutpostSettings
-from outpost.services.telemetry.page import page_url
+from outpost.services.telemetry.page.settings import page_url
 from outpost.sim.shop import ShopPeers
 from outpost.stack import Stack, parse_broker
 from outpost.tsdb import VictoriaMetrics

@@ -41,8 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from outpost.errors import OutpostError
 from outpost.services.memory.checkpoints import CheckpointConflict, Checkpoints
 from outpost.services.memory.context import ShortTermContext
+from outpost.services.memory.embedding.config import EmbeddingModelError
 from outpost.services.memory.embedding.embedder import TextEmbedder
-from outpost.services.memory.embedding.graph import EmbeddingModelError
 from outpost.services.memory.oplog import OpLog
 from outpost.services.memory.vectors import LongTermMemory
 from outpost.store import DiskFull

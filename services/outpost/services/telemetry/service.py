@@ -32,7 +32,7 @@ from outpost.service import SKIP, Ack, Inbound, Peek, ServiceRuntime, run_until,
 from outpost.services.registry import OutpostSettings
 from outpost.services.telemetry.budget import Budget
 from outpost.services.telemetry.catalog import Point, Priority
-from outpost.services.telemetry.page import StatusPage
+from outpost.services.telemetry.page.server import StatusPage
 from outpost.services.telemetry.rollup import Rollups
 from outpost.services.telemetry.spool import Spool
 from outpost.services.telemetry.writer import WriteFailed, Writer

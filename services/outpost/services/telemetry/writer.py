@@ -14,11 +14,6 @@ import logging
 from collections.abc import Sequence
 from typing import cast
 
-from influxdb_client.client.influxdb_client import InfluxDBClient
-from influxdb_client.client.write_api import SYNCHRONOUS
-from influxdb_client.domain.write_precision import WritePrecision
-from influxdb_client.rest import ApiException
-
 from outpost.errors import OutpostError
 from outpost.services.telemetry.settings import InfluxSettings
 
@@ -41,6 +36,11 @@ class Writer:
             raise ValueError("no influx.url: nothing to write to")
         self.cfg = cfg
         self._token = cfg.token.get_secret_value() if cfg.token is not None else ""
+        # imported here, after the telemetry service is forked: a third of a second less for the
+        # zygote to import before any service can start (outpost.zygote)
+        from influxdb_client.client.influxdb_client import InfluxDBClient
+        from influxdb_client.client.write_api import SYNCHRONOUS
+
         self.client = InfluxDBClient(
             url=cfg.url,
             token=self._token,
@@ -58,6 +58,9 @@ class Writer:
 
     def write(self, lines: Sequence[str]) -> int:
         """Write ``lines`` (one request); returns the bytes of the body sent. Raises WriteFailed."""
+        from influxdb_client.domain.write_precision import WritePrecision
+        from influxdb_client.rest import ApiException
+
         body = "\n".join(lines)
         try:
             self.api.write(

@@ -27,19 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import onnx
 import onnxruntime as ort
 import orjson
 from tokenizers import Tokenizer
 
 from outpost.errors import ConfigError
 from outpost.log import get_logger
-from outpost.services.memory.embedding.graph import (
-    GRAPH_VERSION,
-    BertConfig,
-    EmbeddingModelError,
-    build_from_folder,
-)
+from outpost.services.memory.embedding.config import BertConfig, EmbeddingModelError
 from outpost.services.registry import OutpostSettings
 
 log = get_logger("outpost.memory.embedding")
@@ -76,6 +70,11 @@ def _weights_key(path: Path) -> str:
 def cached_graph(folder: Path, cache_dir: Path, *, rebuild: bool = False) -> Path:
     """The ONNX file of the model in ``folder``, built into ``cache_dir`` if it is not there yet
     (or ``rebuild``)."""
+    # the builder and onnx only now, when first needed (a second of imports and 30 MB otherwise)
+    import onnx
+
+    from outpost.services.memory.embedding.graph import GRAPH_VERSION, build_from_folder
+
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise EmbeddingModelError(f"{folder}: no model.safetensors")

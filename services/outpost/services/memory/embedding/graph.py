@@ -14,66 +14,23 @@ normalisation. In: ``input_ids`` and ``attention_mask`` (int64, batch x tokens);
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import onnx
-import orjson
 from onnx import TensorProto, helper, numpy_helper
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from outpost.errors import OutpostError
+from outpost.services.memory.embedding.config import BertConfig, EmbeddingModelError
 
 OPSET = 17
 GRAPH_VERSION = 1
 """Bumped when the graph built from the same weights changes, so cached files are rebuilt."""
 
 Weights = dict[str, npt.NDArray[Any]]
-
-
-class EmbeddingModelError(OutpostError):
-    """The embedding model's files are missing, damaged or not a BERT this builder knows."""
-
-
-@dataclass(frozen=True, slots=True)
-class BertConfig:
-    hidden: int
-    layers: int
-    heads: int
-    intermediate: int
-    eps: float
-    max_positions: int
-
-    @classmethod
-    def read(cls, path: Path) -> BertConfig:
-        try:
-            c = orjson.loads(path.read_bytes())
-        except (OSError, orjson.JSONDecodeError) as exc:
-            raise EmbeddingModelError(f"{path}: cannot read the model config: {exc}") from exc
-        if c.get("model_type") != "bert" or c.get("hidden_act") != "gelu":
-            raise EmbeddingModelError(f"{path}: not a BERT with GELU (model_type {c.get('model_type')!r})")
-        if c.get("position_embedding_type", "absolute") != "absolute":
-            raise EmbeddingModelError(f"{path}: only absolute position embeddings are supported")
-        try:
-            cfg = cls(
-                hidden=int(c["hidden_size"]),
-                layers=int(c["num_hidden_layers"]),
-                heads=int(c["num_attention_heads"]),
-                intermediate=int(c["intermediate_size"]),
-                eps=float(c["layer_norm_eps"]),
-                max_positions=int(c["max_position_embeddings"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise EmbeddingModelError(f"{path}: incomplete BERT config: {exc}") from exc
-        if cfg.hidden % cfg.heads:
-            raise EmbeddingModelError(
-                f"{path}: hidden size {cfg.hidden} is not a multiple of {cfg.heads} heads"
-            )
-        return cfg
 
 
 class _Builder:

@@ -1,7 +1,7 @@
 """The gateway's status page and Prometheus endpoint, run by the telemetry service
-(docs/telemetry.md, Status page): :class:`StatusPage` with its :class:`PageSettings` (``telemetry.page``)."""
+(docs/telemetry.md, Status page): :class:`~.server.StatusPage` with its
+:class:`~.settings.PageSettings` (``telemetry.page``).
 
-from outpost.services.telemetry.page.server import StatusPage
-from outpost.services.telemetry.page.settings import PageSettings, page_url
-
-__all__ = ["PageSettings", "StatusPage", "page_url"]
+Kept free of imports: the service registry imports the page's settings, and the CLI the registry;
+neither needs the web server (starlette, uvicorn) that :mod:`.server` imports.
+"""
