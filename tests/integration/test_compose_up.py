@@ -196,6 +196,13 @@ def _monitor(p: Project) -> SiteMonitor:
     return SiteMonitor(s.mqtt, s.topics, client_id=f"compose-test-{os.getpid()}-{time.monotonic_ns()}")
 
 
+def _online_after_s(mon: SiteMonitor, t0_ns: int) -> float:
+    """From ``t0_ns`` to the last service's ``online`` status, by the time each service wrote in it
+    (the containers share the host's clock): what the test's own checks and polling took until it
+    looked is not counted."""
+    return round((max(int(mon.status[n]["ts"]) for n in SERVICES) - t0_ns) / 1e9, 1)
+
+
 def _online(mon: SiteMonitor) -> bool:
     return all(mon.status.get(n, {}).get("state") == "online" for n in SERVICES)
 
@@ -265,7 +272,7 @@ def test_compose_stack_runs_keeps_state_and_restarts(
         "image_mb": {t: _image_mb(t) for t in (base_image, "outpost-test/outpost", "outpost-test/mosquitto")}
     }
     # cold start: compose up to every service `online` on the containerised broker
-    t0 = time.monotonic()
+    t0, t0_ns = time.monotonic(), time.time_ns()
     p.compose("up", "-d")
     assert _wait(lambda: port_open("127.0.0.1", p.broker_port)), "the broker's port never opened"
     assert _wait(lambda: _try_password(p, OPERATOR), 60), "outpost up made no operator password"
@@ -275,7 +282,8 @@ def test_compose_stack_runs_keeps_state_and_restarts(
     assert _wait(lambda: _try_start(mon), 30), "the monitor could not connect to the broker"
     try:
         assert _wait(lambda: _online(mon)), f"not every service came online: {mon.status}"
-        figures["cold_start_s"] = round(time.monotonic() - t0, 1)
+        figures["cold_start_s"] = _online_after_s(mon, t0_ns)
+        figures["cold_start_seen_s"] = round(time.monotonic() - t0, 1)  # the checks above included
         # nothing leaves the machine: the engine runs without IP forwarding (compose/engine.sh)
         probe = "import socket; socket.create_connection(('192.0.2.1', 80), timeout=3)"  # TEST-NET-1
         leaked = subprocess.run(
@@ -320,13 +328,14 @@ def test_compose_stack_runs_keeps_state_and_restarts(
     site_files = _run(DOCKER, "exec", p.container("outpost"), "ls", "/var/lib/outpost/sites/site1").split()
     assert site_files, "the site wrote nothing in its data folder"
     p.compose("down", "-t", "20")
-    t0 = time.monotonic()
+    t0, t0_ns = time.monotonic(), time.time_ns()
     p.compose("up", "-d")
     mon = _monitor(p)
     assert _wait(lambda: _try_start(mon), 30), "the monitor could not connect to the broker"
     try:
         assert _wait(lambda: _online(mon)), f"not every service came back online: {mon.status}"
-        figures["warm_start_s"] = round(time.monotonic() - t0, 1)
+        figures["warm_start_s"] = _online_after_s(mon, t0_ns)
+        figures["warm_start_seen_s"] = round(time.monotonic() - t0, 1)
         again = _run(DOCKER, "exec", p.container("outpost"), "ls", "/var/lib/outpost/sites/site1").split()
         assert set(site_files) <= set(again), (site_files, again)
         assert "mosquitto.db" in _run(DOCKER, "exec", p.container("mosquitto"), "ls", "/mosquitto/data")
