@@ -26,6 +26,7 @@ held); the supervisor's side (:class:`Zygote`) is thread-safe.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import gc
@@ -104,9 +105,22 @@ def _run_child(name: str, module: str, env: dict[str, str], out: int, zygote: in
         traceback.print_exc()
         code = 1
     finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
+        _exit_as_python_does(code)
+
+
+def _exit_as_python_does(code: int) -> None:
+    """End the child as the interpreter ends ``python -m``: wait for its non-daemon threads, run
+    its atexit functions (logging's flush among them), flush, exit; never back into the zygote's
+    loop."""
+    try:
+        me = threading.current_thread()
+        for thread in threading.enumerate():
+            if thread is not me and not thread.daemon:
+                thread.join()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
         os._exit(code)
 
 

@@ -58,6 +58,12 @@ def test_exit_codes_come_back_as_from_python(zygote: Zygote, do: str, code: int,
     assert said in out and ("Traceback" in out) == (do == "raise")
 
 
+def test_the_child_ends_as_python_ends(zygote: Zygote) -> None:
+    child = zygote.spawn("probe", CHILD, _env("atexit"))
+    assert _output(child) == ["thread done", "atexit ran"]
+    assert child.wait(30) == 0
+
+
 def test_signals_reach_the_child_and_come_back_as_negative_codes(zygote: Zygote) -> None:
     term, killed = (zygote.spawn(f"s{i}", CHILD, _env("sleep")) for i in range(2))
     for c in (term, killed):

@@ -3,12 +3,19 @@ tests.zygote_child``, as ``outpost.services.X``): it does what ``ZYGOTE_DO`` say
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
 import orjson
+
+
+def _late() -> None:
+    time.sleep(0.3)
+    print("thread done", flush=True)
 
 
 def main() -> None:
@@ -25,6 +32,9 @@ def main() -> None:
             "argv": sys.argv,
         }
         print(orjson.dumps(doc).decode(), file=sys.stderr)
+    elif do == "atexit":  # a non-daemon thread finishes and the atexit functions run, as in python
+        atexit.register(lambda: print("atexit ran", flush=True))
+        threading.Thread(target=_late).start()
     elif do.startswith("exit:"):
         sys.exit(int(do.removeprefix("exit:")))
     elif do == "raise":
