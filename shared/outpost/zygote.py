@@ -40,6 +40,7 @@ import subprocess
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -253,7 +254,7 @@ class Zygote:
 
     preload: list[str]
     env: dict[str, str]
-    preexec: Any = None
+    preexec: Callable[[], None] | None = None
     """Run in the zygote between fork and exec (:func:`outpost.supervisor.die_with_parent`)."""
     _proc: subprocess.Popen[bytes] | None = None
     _sock: socket.socket | None = None
