@@ -19,6 +19,7 @@ import contextlib
 import copy
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ from outpost.broker import free_port, port_open
 from outpost.errors import BrokerError
 from outpost.monitor import SiteMonitor
 from outpost.services.registry import OutpostSettings
+from tests.tls import CA
 
 pytestmark = [pytest.mark.integration, pytest.mark.compose, pytest.mark.timeout(1200)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,6 +82,11 @@ class Project:
     broker_port: int
     page_port: int
     env: dict[str, str]
+    tls_port: int = 0
+    """The broker's TLS listener (compose/tls's files: the test's own CA, see :func:`_tls_files`)."""
+    tls: Path = Path()
+    """The folder of the test's CA: ``ca.pem``, a device's ``device.pem``/``device.key``, and a
+    rogue CA's ``rogue.pem``, ``rogue-device.pem``/``.key``."""
     password: str = ""
     """The operator's (``outpost.cli``), which ``outpost up`` made in the site's folder."""
 
@@ -114,7 +121,27 @@ def base_image() -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def _compose_file(tmp: Path, base: str, broker_port: int, page_port: int) -> Path:
+def _tls_files(tmp: Path) -> tuple[Path, Path]:
+    """The broker's TLS folder as an operator fills it (compose/tls/README.md): the broker's
+    certificate and key, and the CA that signs devices' certificates; and beside it, the test's
+    client files: a device's certificate from that CA, and another from a rogue CA."""
+    served, mine = tmp / "tls", tmp / "tls-client"
+    served.mkdir(mode=0o755)
+    ca, rogue = CA.create(mine / "ca", "site"), CA.create(mine / "rogue", "rogue")
+    broker = ca.issue(mine / "ca", "broker", server=True)
+    shutil.copy(broker.cert, served / "broker.pem")
+    shutil.copy(broker.key, served / "broker.key")
+    shutil.copy(ca.path, served / "devices-ca.pem")
+    for source, name in ((ca, "device"), (rogue, "rogue-device")):
+        issued = source.issue(mine / source.name, name, server=False)
+        shutil.copy(issued.cert, mine / f"{name}.pem")
+        shutil.copy(issued.key, mine / f"{name}.key")
+    shutil.copy(ca.path, mine / "ca.pem")
+    shutil.copy(rogue.path, mine / "rogue.pem")
+    return served, mine
+
+
+def _compose_file(tmp: Path, base: str, broker_port: int, page_port: int, tls_port: int) -> Path:
     """compose.yaml as the test runs it: the broker and Outpost (the services with no image here,
     InfluxDB and Grafana, left out, and so Outpost's InfluxDB settings), the images on the local base,
     the build context made absolute, the ports published on the host's loopback only, on free ports
@@ -130,7 +157,7 @@ def _compose_file(tmp: Path, base: str, broker_port: int, page_port: int) -> Pat
     services["mosquitto"]["image"] = "outpost-test/mosquitto:latest"
     services["outpost"]["image"] = "outpost-test/outpost:latest"
     services["outpost"]["depends_on"] = ["mosquitto"]
-    services["mosquitto"]["ports"] = [f"127.0.0.1:{broker_port}:1883"]
+    services["mosquitto"]["ports"] = [f"127.0.0.1:{broker_port}:1883", f"127.0.0.1:{tls_port}:8883"]
     services["outpost"]["ports"] = [f"127.0.0.1:{page_port}:8787"]
     services["mosquitto"]["volumes"] = [
         f"{tmp / 'mosquitto'}:/mosquitto/config:ro" if v.startswith("./mosquitto:") else v
@@ -161,16 +188,18 @@ def project(base_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     t0 = time.monotonic()
     _run("bash", str(COMPOSE / "wheelhouse.sh"), env={**os.environ, "PIP": str(BIN / "pip")}, timeout=600)
     print(f"[compose] wheelhouse: {time.monotonic() - t0:.1f} s")
-    broker_port, page_port = free_port(), free_port()
+    broker_port, page_port, tls_port = free_port(), free_port(), free_port()
+    served, mine = _tls_files(tmp)
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ.get("HOME", "/root"),
         "OUTPOST_SITE": "site1",
         "INFLUX_TOKEN": "unused",  # required by compose.yaml's interpolation; InfluxDB is not run here
+        "BROKER_TLS_DIR": str(served),
     }
     p = Project(
-        f"outposttest{os.getpid()}", _compose_file(tmp, base_image, broker_port, page_port),
-        broker_port, page_port, env,
+        f"outposttest{os.getpid()}", _compose_file(tmp, base_image, broker_port, page_port, tls_port),
+        broker_port, page_port, env, tls_port=tls_port, tls=mine,
     )  # fmt: skip
     t0 = time.monotonic()
     p.compose("build", timeout=900)
@@ -278,6 +307,7 @@ def test_compose_stack_runs_keeps_state_and_restarts(
     assert _wait(lambda: _try_password(p, OPERATOR), 60), "outpost up made no operator password"
     p.password = p.password_of(OPERATOR)
     _check_broker_users(p)
+    _check_tls(p)
     mon = _monitor(p)
     assert _wait(lambda: _try_start(mon), 30), "the monitor could not connect to the broker"
     try:
@@ -409,6 +439,43 @@ def _try_password(p: Project, user: str) -> bool:
         return bool(p.password_of(user))
     except AssertionError:  # the container is starting, or outpost up has not written it yet
         return False
+
+
+def _tls_accepted(p: Project, user: str, password: str, *, ca: str, client: str | None) -> bool:
+    """Whether the broker's TLS listener lets ``user`` in, the client trusting ``ca`` (a file of
+    ``p.tls``) and showing ``client``'s certificate (None: none)."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(p.tls / ca))
+    if client is not None:
+        ctx.load_cert_chain(str(p.tls / f"{client}.pem"), str(p.tls / f"{client}.key"))
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"compose-tls-{time.monotonic_ns()}")
+    c.tls_set_context(ctx)
+    c.username_pw_set(user, password)
+    answer: list[Any] = []
+    c.on_connect = lambda _c, _u, _f, reason, _p: answer.append(reason)
+    try:
+        c.connect("localhost", p.tls_port)  # the name the broker's certificate carries
+    except (ssl.SSLError, OSError):  # the handshake refused (either side)
+        return False
+    c.loop_start()
+    try:
+        # a broker that refuses the client's certificate may close the connection after the
+        # handshake: no CONNACK then, which is a refusal too
+        _wait(lambda: bool(answer), 10)
+        return bool(answer) and not answer[0].is_failure
+    finally:
+        c.loop_stop()
+        c.disconnect()
+
+
+def _check_tls(p: Project) -> None:
+    """The TLS listener (compose/tls's files given): the same users over TLS, a device certificate
+    from the devices' CA required, and the broker's own certificate checked by the client."""
+    user, password = OPERATOR, p.password
+    assert _tls_accepted(p, user, password, ca="ca.pem", client="device")
+    assert not _tls_accepted(p, user, "wrong", ca="ca.pem", client="device")  # the users still apply
+    assert not _tls_accepted(p, user, password, ca="ca.pem", client=None)  # no certificate
+    assert not _tls_accepted(p, user, password, ca="ca.pem", client="rogue-device")  # not the site's CA
+    assert not _tls_accepted(p, user, password, ca="rogue.pem", client="device")  # the broker is not trusted
 
 
 def _connect(p: Project, user: str | None, password: str | None) -> tuple[paho.Client, list[Any]]:

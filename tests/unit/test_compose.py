@@ -92,14 +92,18 @@ def test_every_outpost_variable_in_compose_is_a_setting_and_a_valid_value(
 
 
 def test_published_ports_and_volumes_are_the_ones_outpost_uses() -> None:
-    """Only the broker and the status page are published; Outpost's data folder is a named volume."""
+    """Only the broker (plain, and TLS where its files are given: the entry script's listener) and
+    the status page are published; Outpost's data folder is a named volume; a host folder is one of
+    compose/ (its default) or a named volume."""
     doc = _load(COMPOSE / "compose.yaml")
     services = doc["services"]
     defaults = OutpostSettings()
     published = {
         (name, str(p).rsplit(":", 1)[-1]) for name, s in services.items() for p in s.get("ports") or []
     }
-    assert published == {("mosquitto", "1883"), ("outpost", str(defaults.telemetry.page.port))}
+    page = ("outpost", str(defaults.telemetry.page.port))
+    assert published == {("mosquitto", "1883"), ("mosquitto", "8883"), page}
+    assert "listener 8883 0.0.0.0" in (COMPOSE / "mosquitto-run.sh").read_text()
     outpost = services["outpost"]
     image_env = re.findall(r"^ENV OUTPOST_DATA_DIR=(\S+)", (COMPOSE / "Dockerfile").read_text(), re.M)
     data_dir = _environment(outpost).get("OUTPOST_DATA_DIR") or image_env[0]
@@ -108,6 +112,8 @@ def test_published_ports_and_volumes_are_the_ones_outpost_uses() -> None:
     for name, service in services.items():
         assert service.get("restart") == "unless-stopped", name
         for volume in service.get("volumes") or []:
-            source = str(volume).split(":", 1)[0]
-            if not source.startswith((".", "/")):
+            source = _resolved(str(volume)).split(":", 1)[0]
+            if source.startswith("."):
+                assert (COMPOSE / source).is_dir(), f"{name}: {source} is not a folder of compose/"
+            elif not source.startswith("/"):
                 assert source in (doc.get("volumes") or {}), f"{name}: {source} is not a named volume"
