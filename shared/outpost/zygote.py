@@ -21,7 +21,9 @@ child's output pipe passed along with the request):
   for each child it reaps (``c`` as :attr:`subprocess.Popen.returncode`: negative for a signal).
 
 The zygote is single-threaded (forking a process with threads can copy a lock that some thread
-held); the supervisor's side (:class:`Zygote`) is thread-safe.
+held); the supervisor's side (:class:`Zygote`) is thread-safe. What it imports must not start a GPU
+context (a CUDA context does not survive a fork): the inference service imports TensorRT and pycuda
+when it first builds or loads an engine, in its own process (tests/unit/test_preload.py checks).
 """
 
 from __future__ import annotations
