@@ -132,8 +132,8 @@ def _tls_files(tmp: Path) -> tuple[Path, Path]:
     shutil.copy(broker.cert, served / "broker.pem")
     shutil.copy(broker.key, served / "broker.key")
     shutil.copy(ca.path, served / "devices-ca.pem")
-    for source, name in ((ca, "device"), (rogue, "rogue-device")):
-        issued = source.issue(mine / source.name, name, server=False)
+    for source, folder, name in ((ca, "ca", "device"), (rogue, "rogue", "rogue-device")):
+        issued = source.issue(mine / folder, name, server=False)
         shutil.copy(issued.cert, mine / f"{name}.pem")
         shutil.copy(issued.key, mine / f"{name}.key")
     shutil.copy(ca.path, mine / "ca.pem")
