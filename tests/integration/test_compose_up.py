@@ -451,7 +451,9 @@ def _tls_accepted(p: Project, user: str, password: str, *, ca: str, client: str 
     c.tls_set_context(ctx)
     c.username_pw_set(user, password)
     answer: list[Any] = []
+    closed: list[bool] = []
     c.on_connect = lambda _c, _u, _f, reason, _p: answer.append(reason)
+    c.on_disconnect = lambda *_: closed.append(True)
     try:
         c.connect("localhost", p.tls_port)  # the name the broker's certificate carries
     except (ssl.SSLError, OSError):  # the handshake refused (either side)
@@ -459,8 +461,8 @@ def _tls_accepted(p: Project, user: str, password: str, *, ca: str, client: str 
     c.loop_start()
     try:
         # a broker that refuses the client's certificate may close the connection after the
-        # handshake: no CONNACK then, which is a refusal too
-        _wait(lambda: bool(answer), 10)
+        # handshake (TLS 1.3): no CONNACK then, which is a refusal too
+        _wait(lambda: bool(answer or closed), 30)
         return bool(answer) and not answer[0].is_failure
     finally:
         c.loop_stop()
