@@ -126,7 +126,7 @@ def collect(settings: OutpostSettings) -> Iterator[Callable[..., Collector]]:
         c.stop()
 
 
-OUTPOST = [sys.executable, "-m", "outpost.cli.main"]
+OUTPOST = [sys.executable, "-m", "outpost.cli.entry"]
 """The ``outpost`` command, run by the tests' own interpreter."""
 
 

@@ -76,8 +76,25 @@ def end_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
         proc.wait()
 
 
+_early: Zygote | None = None
+
+
+def start_zygote_early(preload: list[str]) -> None:
+    """For a command that is about to start the services (``outpost up``): the zygote starts
+    importing them now, while the command imports the rest of itself (a second and a half each; on
+    a gateway's cores the two overlap); :func:`zygote_for` hands it to the stack. ``preload`` may
+    name them without importing anything here (``@module:attr``, :func:`outpost.zygote._preload`)."""
+    global _early
+    _early = Zygote(preload, dict(os.environ), preexec=die_with_parent(os.getpid())).start()
+
+
 def zygote_for(preload: list[str], env: dict[str, str]) -> Zygote:
-    """A zygote for a supervisor's services, started: it stops when this process dies."""
+    """A zygote for a supervisor's services, started: it stops when this process dies. The one
+    :func:`start_zygote_early` started, if any (once)."""
+    global _early
+    if _early is not None:
+        early, _early = _early, None
+        return early
     return Zygote(preload, {**os.environ, **env}, preexec=die_with_parent(os.getpid())).start()
 
 

@@ -187,17 +187,34 @@ def serve(sock: socket.socket) -> None:
         _reap(sock)
 
 
+def _preload(spec: str) -> None:
+    """Import ``spec``: a module, or ``@module:attr`` for the modules that ``module.attr`` names
+    (its values if it is a dict), for a caller that should not import ``module`` itself first."""
+    try:
+        if not spec.startswith("@"):
+            importlib.import_module(spec)
+            return
+        module, _, attr = spec[1:].partition(":")
+        named: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            named = getattr(named, part)
+        for each in named.values() if isinstance(named, dict) else named:
+            _preload(str(each))
+    except Exception as exc:  # noqa: BLE001 - its service will fail with its own error
+        print(f"zygote: not preloading {spec}: {exc!r}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str]) -> None:
     sock = socket.socket(fileno=int(argv[0]))
     setproctitle("outpost: zygote")
-    for module in argv[1:]:
-        try:
-            importlib.import_module(module)
-        except Exception as exc:  # noqa: BLE001 - its service will fail with its own error
-            print(f"zygote: not preloading {module}: {exc!r}", file=sys.stderr, flush=True)
+    for spec in argv[1:]:
+        _preload(spec)
     gc.collect()
     gc.freeze()  # what is imported now stays shared: the collector never writes to it
-    serve(sock)
+    try:
+        serve(sock)
+    except (ConnectionError, BrokenPipeError):
+        pass  # the supervisor is gone (a command that failed before it needed the services)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,6 +149,8 @@ def test_up_owns_its_folder_the_cli_finds_it_from_anywhere_and_kill_9_leaves_not
         # kill -9 of `outpost up`: its broker, the broker's watchdog and every service go with it
         family = _descendants(first.pid)
         assert len(family) >= 6, family  # mosquitto, its watchdog, the zygote, three services
+        titles = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] for pid in family if _alive(pid)]
+        assert titles.count(b"outpost: zygote") == 1, titles  # the one the entry point started early
         os.kill(first.pid, signal.SIGKILL)
         first.wait(30)
         assert wait_until(lambda: not any(_alive(p) for p in family), 60), [p for p in family if _alive(p)]
