@@ -211,10 +211,9 @@ def main(argv: list[str]) -> None:
         _preload(spec)
     gc.collect()
     gc.freeze()  # what is imported now stays shared: the collector never writes to it
-    try:
+    # the supervisor may be gone already: a command that failed before it needed the services
+    with contextlib.suppress(ConnectionError):
         serve(sock)
-    except (ConnectionError, BrokenPipeError):
-        pass  # the supervisor is gone (a command that failed before it needed the services)
 
 
 # ---------------------------------------------------------------------------------------------
