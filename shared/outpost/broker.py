@@ -25,8 +25,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from outpost.access import PID_FILE, write_broker_files
 from outpost.errors import BrokerError
 from outpost.log import get_logger
+from outpost.process import end_process
 from outpost.settings import BrokerSettings, MqttSettings, UplinkSettings
-from outpost.supervisor import end_process
 from outpost.topics import Topics
 
 log = get_logger("outpost.broker")

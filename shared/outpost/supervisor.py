@@ -20,19 +20,18 @@ registry (:mod:`outpost.services.registry`).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from outpost.log import get_logger
+from outpost.process import die_with_parent
 from outpost.zygote import Forked, Zygote, ZygoteError
 
 log = get_logger("outpost.supervisor")
@@ -42,39 +41,6 @@ BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
 KEPT_LINES = 50
 """Lines of each child's output kept in memory (the reason it stopped is among the last)."""
-
-_PR_SET_PDEATHSIG = 1
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-
-def die_with_parent(parent: int) -> Callable[[], None]:
-    """Run in the child between fork and exec: SIGTERM when the process that forked it dies.
-
-    The kernel sends it when the *thread* that forked exits, not the process: the supervisor forks
-    from the caller's thread at start and from its watcher thread for restarts; both live until
-    :meth:`Supervisor.stop`, which stops the children anyway. The parent may have died before the
-    call (then the child is the init's already): it exits at once."""
-
-    def setup() -> None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return setup
-
-
-def end_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    """SIGTERM (a server saves what it holds and exits), then SIGKILL if it has not within
-    ``timeout_s``; reaped either way. Nothing to do for one that has exited."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
 
 _early: Zygote | None = None
 
@@ -114,6 +80,14 @@ class Child:
     log_error: str | None = None
     """Why the log file cannot be written (None: it can); the output is still kept in ``lines``."""
     _reader: threading.Thread | None = None
+
+    def retry_later(self, now: float) -> float:
+        """Start it again after the current backoff, which doubles (to its cap) for the next time;
+        the wait."""
+        wait = self.backoff
+        self.next_start = now + wait
+        self.backoff = min(wait * 2, BACKOFF_MAX_S)
+        return wait
 
     @property
     def reason(self) -> str:
@@ -181,8 +155,7 @@ class Supervisor:
             child.proc = None
             child.last_exit = 1
             child.lines.append(f"error: {exc}")
-            child.next_start = child.started + child.backoff
-            child.backoff = min(child.backoff * 2, BACKOFF_MAX_S)
+            child.retry_later(child.started)
             log.warning("service not started", extra={"service": child.name, "error": str(exc)})
             return
         child._reader = threading.Thread(
@@ -226,7 +199,7 @@ class Supervisor:
                     child.last_exit = child.proc.returncode
                     if now - child.started > STABLE_AFTER_S:
                         child.backoff = BACKOFF_MIN_S
-                    child.next_start = now + child.backoff
+                    wait = child.retry_later(now)
                     if child._reader is not None:
                         child._reader.join(1)  # its last lines say why it exited
                     log.warning(
@@ -234,11 +207,10 @@ class Supervisor:
                         extra={
                             "service": child.name,
                             "code": child.last_exit,
-                            "in_s": child.backoff,
+                            "in_s": wait,
                             "said": child.reason[:300],
                         },
                     )
-                    child.backoff = min(child.backoff * 2, BACKOFF_MAX_S)
                 elif child.next_start and now >= child.next_start and not self._stop.is_set():
                     child.restarts += 1
                     self._spawn(child)

@@ -25,7 +25,7 @@ import orjson
 
 from outpost.broker import free_port, port_open
 from outpost.errors import OutpostError
-from outpost.supervisor import die_with_parent, end_process
+from outpost.process import die_with_parent, end_process
 
 BINARY = "victoria-metrics"
 

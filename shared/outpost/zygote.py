@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import gc
 import importlib
 import os
@@ -41,6 +40,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +50,7 @@ import orjson
 from setproctitle import setproctitle
 
 from outpost.log import get_logger
+from outpost.process import die_with_parent, end_process
 
 log = get_logger("outpost.zygote")
 
@@ -57,8 +58,6 @@ MAX_MESSAGE = 1 << 20
 """The largest request (a service's whole environment) or reply."""
 START_TIMEOUT_S = 120.0
 """How long the zygote may take to import what it preloads and say it is ready."""
-_PR_SET_PDEATHSIG = 1
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
 class ZygoteError(RuntimeError):
@@ -84,9 +83,7 @@ def _run_child(name: str, module: str, env: dict[str, str], out: int, zygote: in
     code = 1
     try:
         os.setsid()
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != zygote:  # the zygote died before the call: nobody would stop this one
-            os._exit(1)
+        die_with_parent(zygote)()
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
@@ -273,7 +270,7 @@ class Zygote:
     preload: list[str]
     env: dict[str, str]
     preexec: Callable[[], None] | None = None
-    """Run in the zygote between fork and exec (:func:`outpost.supervisor.die_with_parent`)."""
+    """Run in the zygote between fork and exec (:func:`outpost.process.die_with_parent`)."""
     _proc: subprocess.Popen[bytes] | None = None
     _sock: socket.socket | None = None
     _ready: bool = False
@@ -326,7 +323,7 @@ class Zygote:
         """Start the zygote without waiting for it: it imports while the caller goes on (the first
         :meth:`spawn` waits for it to be ready)."""
         with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
+            if self.pid is None:
                 self._launch()
         return self
 
@@ -347,7 +344,7 @@ class Zygote:
 
     def _ensure(self) -> socket.socket:
         """The socket of a zygote that is ready, started (again) if need be (under ``_lock``)."""
-        if self._proc is None or self._proc.poll() is not None or self._sock is None:
+        if self.pid is None or self._sock is None:
             self._launch()
         assert self._proc is not None and self._sock is not None
         if self._ready:
@@ -404,26 +401,17 @@ class Zygote:
                         self._children.pop(pid, None)
                     child.exited(code)
                     del orphans[pid]
-            threading.Event().wait(0.2)
+            time.sleep(0.2)
 
     def stop(self) -> None:
-        """Close the zygote (its children are the supervisor's to stop first); one still importing
-        has none, and is just ended."""
+        """End the zygote (its children are the supervisor's to stop first). A ready one's socket
+        is closed by its listener once the zygote is gone."""
         with self._lock:
-            if self._proc is not None and not self._ready:
-                self._proc.terminate()
-            if self._sock is not None:
-                with contextlib.suppress(OSError):
-                    self._sock.shutdown(socket.SHUT_RDWR)
-                if not self._ready:
-                    self._sock.close()
-                self._sock = None
+            if self._sock is not None and not self._ready:
+                self._sock.close()
+            self._sock = None
             if self._proc is not None:
-                try:
-                    self._proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
+                end_process(self._proc, 5)
 
 
 if __name__ == "__main__":

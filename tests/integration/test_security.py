@@ -33,10 +33,10 @@ from outpost.access import (
     service_user,
 )
 from outpost.broker import Mosquitto, free_port, port_open, uplink_bridge
+from outpost.process import end_process
 from outpost.services.registry import OutpostSettings
 from outpost.settings import BrokerSettings, UplinkSettings
 from outpost.stack import Stack
-from outpost.supervisor import end_process
 from outpost.topics import Topics
 from tests.conftest import outpost, wait_status
 from tests.tls import CA

@@ -28,8 +28,8 @@ from outpost.benchmarks.load import LoadSpec, run_publisher
 from outpost.benchmarks.sinks import SinkSpec, run_event_sink, run_raw_sink
 from outpost.broker import Mosquitto
 from outpost.errors import OutpostError
+from outpost.process import end_process
 from outpost.stack import Stack
-from outpost.supervisor import end_process
 
 
 class BenchError(OutpostError):
