@@ -279,8 +279,8 @@ CONNECTOR_GATEWAY_KEYS = {
 
 
 def test_connectors_bench_prints_its_figures_as_json() -> None:
-    """Direct calls, the broker hop and the gateway in one run: every request of the gateway phases
-    has its result and its effect at the peer once."""
+    """Direct calls, the broker hop and the gateway in one run, the paced direct and gateway phases
+    in turns: every request of the gateway phases has its result and its effect at the peer once."""
     p = outpost(
         "bench",
         "connectors",
@@ -293,6 +293,8 @@ def test_connectors_bench_prints_its_figures_as_json() -> None:
         "100",
         "--window",
         "200",
+        "--rounds",
+        "2",
         "--json",
     )
     assert p.returncode == 0, p.stderr[-3000:]
@@ -300,6 +302,7 @@ def test_connectors_bench_prints_its_figures_as_json() -> None:
     assert result["bench"] == "connectors"
     phases = result["phases"]
     assert set(phases) == {"direct", "direct_max", "hops", "gateway", "gateway_max"}
+    assert phases["direct"]["spans"] == phases["gateway"]["spans"] == 2  # the paced pair took turns
     for name in ("direct", "direct_max"):
         d = phases[name]
         assert d["answered"] == d["sent"] > 0 and set(d["statuses"]) == {"201"}, d

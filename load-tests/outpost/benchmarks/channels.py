@@ -7,6 +7,7 @@ and the sinks can count every message without a pipe or a lock on the hot path.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import queue
 import traceback
@@ -81,7 +82,14 @@ class Channels:
 def reporting(ch: Channels, role: str, spec: object = None) -> Iterator[dict[str, Any]]:
     """A benchmark process's result dict (with its ``spec`` when one is given), put on the results
     channel under ``role`` however the body ends: a failure adds its traceback, since the parent
-    reports it and a child's traceback alone on stderr is easy to miss."""
+    reports it and a child's traceback alone on stderr is easy to miss.
+
+    What the process has imported and made so far is frozen out of the garbage collector
+    (:func:`gc.freeze`): a full collection over httpx's or paho's objects stalls the process for
+    tens of milliseconds, and one landing in a window counts as the latency of whatever it
+    measures there (seen as an 80 ms stall in the connectors bench's direct calls)."""
+    gc.collect()
+    gc.freeze()
     result: dict[str, Any] = (
         {"spec": asdict(spec)} if is_dataclass(spec) and not isinstance(spec, type) else {}
     )

@@ -9,20 +9,24 @@ one ``http`` connector declared through ``OUTPOST_CONNECTORS__DECLARED``: the ca
 phase's threads), a bucket far above the load, the durable outbox on (``log_sync`` FULL, the
 gateway's default, unless told otherwise).
 
-Phases, one after the other, every request with a key of its own:
+Phases, every request with a key of its own:
 
 * ``direct``: ``concurrency`` threads of one process, one ``httpx.Client``, ``POST /reorders``
   at ``rate`` calls/s (slot *k* is due at ``start + k / rate``; latency is due time -> answer, so a
   call that waits for a free thread counts its wait, as a request waiting in the gateway does);
-* ``direct_max``: the same threads flat out (closed loop): what the peer and httpx manage;
-* ``hops``: the broker alone at ``rate`` messages/s, QoS 1, to a topic no service reads, straight
-  back to a subscriber: one MQTT hop, publish -> subscriber;
 * ``gateway``: ActionRequests at ``rate``/s, QoS 1, to ``actions/bench``; latency is publish ->
   the request's ActionResult at a subscriber of ``actions/bench/results`` (two hops through the
   broker, the outbox commit, the call);
+* ``hops``: the broker alone at ``rate`` messages/s, QoS 1, to a topic no service reads, straight
+  back to a subscriber: one MQTT hop, publish -> subscriber;
+* ``direct_max``: the direct threads flat out (closed loop): what the peer and httpx manage;
 * ``gateway_max``: ActionRequests with at most ``window`` of them unanswered: the most actions/s.
 
-The gateway's added latency is gateway - direct at each percentile. Every request is accounted for:
+The gateway's added latency is gateway - direct at each percentile. The two paced phases are
+compared, so they take turns: ``rounds`` slices of each, ``duration_s / rounds`` long, direct then
+gateway, each slice starting once the other's calls have all been answered. Whatever else the
+machine does during the run (the two cores are shared) then weighs on both alike, where two
+windows one after the other could catch it in one and not the other. Every request is accounted for:
 results by outcome, missing, duplicated, and the peer's own count of effects per key (each key of
 the gateway phases must have had its effect exactly once). CPU per process (the gateway, Mosquitto,
 the store API, the benchmark's own processes) over each window; with ``profile_dir``, py-spy samples
@@ -57,6 +61,7 @@ from outpost.benchmarks.mqtt import connect, drain, paho_client, subscribe
 from outpost.benchmarks.phase import (
     BenchError,
     Procs,
+    Sample,
     cpu_between,
     drain_until,
     stack_pids,
@@ -87,6 +92,7 @@ class ConnectorsBenchOptions:
     rate: float = 1000.0  # actions/s offered in the paced phases (direct, hops, gateway)
     concurrency: int = 8  # the connector's calls in flight, and the direct phase's threads
     duration_s: float = 10.0  # the measurement window of each phase
+    rounds: int = 5  # the paced direct and gateway phases take turns: this many slices of each
     warmup_s: float = 2.0  # load before the window opens
     window: int = 2000  # gateway_max: most requests unanswered at once
     log_sync: str = "FULL"  # the outbox's SQLite synchronous (connectors.log_sync)
@@ -104,6 +110,7 @@ class ConnectorsBenchOptions:
             kw.setdefault("warmup_s", 1.0)
             kw.setdefault("drain_s", 30.0)
             kw.setdefault("settle_s", 1.0)
+            kw.setdefault("rounds", 3)
         return cls(**kw)
 
     @property
@@ -160,18 +167,28 @@ def _direct(spec: DirectSpec, ch: Channels) -> dict[str, Any]:
     statuses: Counter[int] = Counter()
     errors: Counter[str] = Counter()
     slot = [0]
-    t0 = time.time_ns()
+    pace = Pace(time.time_ns())
     step = 1e9 / spec.rate if spec.rate > 0 else 0.0
-    sent, received, lat_from, lat_to, stop = ch.sent, ch.received, ch.lat_from, ch.lat_to, ch.stop_pub
+    go, sent, received, stop = ch.go, ch.sent, ch.received, ch.stop_pub
+    lat_from, lat_to = ch.lat_from, ch.lat_to
 
     def worker() -> None:
         while not stop.value:
             with lock:
-                k = slot[0]
-                slot[0] += 1
-                sent.value = k + 1
+                if not go.value:  # paused: the gateway's turn
+                    pace.paused = True
+                    k = -1
+                else:
+                    k = slot[0]
+                    slot[0] += 1
+                    sent.value = k + 1
+                    if pace.paused:  # resumed: the schedule starts again from now
+                        pace.restart(time.time_ns(), k)
+            if k < 0:
+                time.sleep(0.001)
+                continue
             if step:
-                due = t0 + int(k * step)
+                due = int(pace.t0) + int((k - pace.k0) * step)
                 wait = due - time.time_ns()
                 if wait > 0:
                     time.sleep(wait / 1e9)
@@ -211,6 +228,20 @@ def _direct(spec: DirectSpec, ch: Channels) -> dict[str, Any]:
         "errors": dict(errors),
         "latency": latency_summary(hist),
     }
+
+
+@dataclass
+class Pace:
+    """A paced load's schedule: slot *k* is due at ``t0 + (k - k0) / rate``; a pause (the other
+    phase's turn) restarts it from the slot and the time it resumes at, so no backlog of slots that
+    fell due while it was paused is sent at once."""
+
+    t0: float
+    k0: int = 0
+    paused: bool = False
+
+    def restart(self, t0: float, k0: int) -> None:
+        self.t0, self.k0, self.paused = t0, k0, False
 
 
 # --- the gateway phases: requests in, results out ------------------------------------------------
@@ -266,13 +297,21 @@ def _requests(spec: RequestSpec, ch: Channels, stamps: Stamps) -> dict[str, Any]
         client.loop(0.002)
     topic = Topics(site=spec.site).actions(CONNECTOR)
     publish, loop, stop, sent_cell, received = client.publish, client.loop, ch.stop_pub, ch.sent, ch.received
+    go = ch.go
     cap = len(stamps)
     interval = 1.0 / spec.rate if spec.rate > 0 else 0.0
     k = errors = 0
     start = time.perf_counter()
+    pace = Pace(start)
     while not stop.value and k < cap:
+        if not go.value:  # paused: the direct phase's turn
+            pace.paused = True
+            loop(0.002)
+            continue
+        if pace.paused:
+            pace.restart(time.perf_counter(), k)
         if interval:
-            wait = start + k * interval - time.perf_counter()
+            wait = pace.t0 + (k - pace.k0) * interval - time.perf_counter()
             if wait > 0:
                 loop(min(wait, 0.002))
                 continue
@@ -442,7 +481,7 @@ def _run(o: ConnectorsBenchOptions, work: Path, say: Progress) -> dict[str, Any]
     }
     stack = Stack(settings, env=env, services={SERVICE: OutpostSettings.SERVICES[SERVICE]})
     ctx = spawn_context()
-    names = ("direct", "direct_max", "hops", "gateway", "gateway_max")
+    names = ("direct", "gateway", "hops", "direct_max", "gateway_max")
     chans = {n: Channels.create(ctx) for n in names}
     stamps = {n: cast(Stamps, ctx.RawArray("q", o.capacity)) for n in ("gateway", "gateway_max")}
     arrivals = {n: cast(Stamps, ctx.RawArray("q", o.capacity)) for n in ("gateway", "gateway_max")}
@@ -561,17 +600,25 @@ def _run(o: ConnectorsBenchOptions, work: Path, say: Progress) -> dict[str, Any]
         profile = (
             _Profiler(cast(Any, o), {SERVICE: stack_pids(stack).get(SERVICE)}) if o.profile_dir else None
         )
-        for name in names:
+        say(
+            f"direct and gateway, taking turns: {o.rate:,.0f} calls/s straight to the store API "
+            f"({o.concurrency} threads), then {o.rate:,.0f} ActionRequests/s through the gateway (QoS 1); "
+            f"{o.warmup_s:g} s each, then {o.rounds} x {o.duration_s / o.rounds:g} s each"
+        )
+        paced = ("direct", "gateway")
+        phases.update(
+            _turns(o, {n: chans[n] for n in paced}, {n: byname[f"{n}_load"] for n in paced}, cpu, profile)
+        )
+        for name in paced:
+            say(f"{name}: {_brief(phases[name])}")
+        for name in ("hops", "direct_max", "gateway_max"):
             what = {
-                "direct": f"{o.rate:,.0f} calls/s straight to the store API, {o.concurrency} threads",
-                "direct_max": f"flat out straight to the store API, {o.concurrency} threads",
                 "hops": f"{o.rate:,.0f} messages/s through Mosquitto alone (QoS 1)",
-                "gateway": f"{o.rate:,.0f} ActionRequests/s through the gateway (QoS 1)",
+                "direct_max": f"flat out straight to the store API, {o.concurrency} threads",
                 "gateway_max": f"ActionRequests flat out, at most {o.window:,} unanswered",
             }[name]
             say(f"{name}: {what}, {o.warmup_s:g} s + {o.duration_s:g} s")
-            prof = profile if name == "gateway" else None
-            phases[name] = _phase(name, o, chans[name], byname[f"{name}_load"], cpu, prof)
+            phases[name] = _phase(o, chans[name], byname[f"{name}_load"], cpu)
             say(f"{name}: {_brief(phases[name])}")
         for c in chans.values():
             c.stop_sink.value = 1
@@ -642,40 +689,84 @@ def stages(
     return {n: latency_summary(h) for n, h in hs.items()}
 
 
-def _phase(
-    name: str,
-    o: ConnectorsBenchOptions,
-    ch: Channels,
-    load: BaseProcess,
-    cpu: Procs,
-    profile: _Profiler | None,
-) -> dict[str, Any]:
+def _phase(o: ConnectorsBenchOptions, ch: Channels, load: BaseProcess, cpu: Procs) -> dict[str, Any]:
+    """One phase on its own: its load for ``warmup_s``, then the ``duration_s`` window."""
     ch.go.value = 1
     time.sleep(o.warmup_s)
     ch.lat_from.value = time.time_ns()
     a = cpu.sample(ch)
-    if profile is not None:
-        profile.start()
     time.sleep(o.duration_s)
     b = cpu.sample(ch)
     ch.lat_to.value = time.time_ns()
+    return _finish(o, ch, load, [(a, b)])
+
+
+def _turns(
+    o: ConnectorsBenchOptions,
+    chans: dict[str, Channels],
+    loads: dict[str, BaseProcess],
+    cpu: Procs,
+    profile: _Profiler | None,
+) -> dict[str, dict[str, Any]]:
+    """Phases to be compared, taking turns: a warm-up of each, then ``rounds`` slices of each in
+    the same order, each started once the previous one's requests have all been answered (the
+    loads pause while ``go`` is 0). With ``profile``, py-spy runs from the first slice to the last."""
+    for ch in chans.values():  # warm-ups, outside the window
+        ch.go.value = 1
+        time.sleep(o.warmup_s)
+        ch.go.value = 0
+        _answered(o, ch)
+    start = time.time_ns()
+    for ch in chans.values():
+        ch.lat_from.value = start
+    spans: dict[str, list[tuple[Sample, Sample]]] = {name: [] for name in chans}
+    if profile is not None:
+        profile.start()
+    for _ in range(o.rounds):
+        for name, ch in chans.items():
+            a = cpu.sample(ch)
+            ch.go.value = 1
+            time.sleep(o.duration_s / o.rounds)
+            ch.go.value = 0
+            spans[name].append((a, cpu.sample(ch)))
+            _answered(o, ch)
+    if profile is not None:
+        profile.stop()
+    end = time.time_ns()
+    for ch in chans.values():
+        ch.lat_to.value = end
+    return {name: _finish(o, ch, loads[name], spans[name]) for name, ch in chans.items()}
+
+
+def _answered(o: ConnectorsBenchOptions, ch: Channels) -> dict[str, Any]:
+    """Wait until everything the phase's load sent is answered (or stalled: see drain_until)."""
+    sent = ch.sent.value
+    return drain_until(lambda: ch.received.value, lambda got: got >= sent, o.drain_s, o.stall_s)
+
+
+def _finish(
+    o: ConnectorsBenchOptions, ch: Channels, load: BaseProcess, spans: list[tuple[Sample, Sample]]
+) -> dict[str, Any]:
+    """Stop the phase's load, wait for its answers, and its figures over the measured spans."""
     ch.stop_pub.value = 1
     load.join(60.0)
     ld = take_result(ch, "load")
-    sent = ch.sent.value
-    drained = drain_until(lambda: ch.received.value, lambda got: got >= sent, o.drain_s, o.stall_s)
-    if profile is not None:
-        profile.stop()
-    dt = b.t - a.t
+    drained = _answered(o, ch)
+    dt = sum(b.t - a.t for a, b in spans)
+    cpu: dict[str, float] = {}
+    for a, b in spans:  # each span's % of a core, weighted by its length
+        for role, pct in cpu_between(a, b).items():
+            cpu[role] = cpu.get(role, 0.0) + pct * (b.t - a.t) / dt
     return {
-        "sent": sent,
+        "sent": ch.sent.value,
         "received": ch.received.value,
         "window_s": round(dt, 3),
-        "offered_per_s": round((b.sent - a.sent) / dt, 1),
-        "out_per_s": round((b.received - a.received) / dt, 1),
-        "cpu_pct": cpu_between(a, b),
+        "offered_per_s": round(sum(b.sent - a.sent for a, b in spans) / dt, 1),
+        "out_per_s": round(sum(b.received - a.received for a, b in spans) / dt, 1),
+        "cpu_pct": {role: round(pct, 1) for role, pct in cpu.items()},
         "drain": drained,
         "load": ld,
+        "spans": len(spans),
     }
 
 
@@ -688,6 +779,7 @@ def _figures(
         "offered_per_s": p["offered_per_s"],
         "out_per_s": p["out_per_s"],
         "window_s": p["window_s"],
+        "spans": p["spans"],
         "cpu_pct": p["cpu_pct"],
         "drain": p["drain"],
     }

@@ -299,10 +299,10 @@ def print_agent(result: dict[str, Any], console: Console) -> None:
 
 
 CONNECTOR_PHASES = (
-    ("direct", "direct, paced"),
-    ("direct_max", "direct, flat out"),
+    ("direct", "direct, paced (in turns)"),
+    ("gateway", "gateway, paced (in turns)"),
     ("hops", "broker hop alone"),
-    ("gateway", "gateway, paced"),
+    ("direct_max", "direct, flat out"),
     ("gateway_max", "gateway, flat out"),
 )
 

@@ -418,6 +418,15 @@ def connectors(
     window: Annotated[
         int, typer.Option("--window", min=1, help="Flat-out gateway phase: most requests unanswered.")
     ] = 2000,
+    rounds: Annotated[
+        int | None,
+        typer.Option(
+            "--rounds",
+            min=1,
+            max=100,
+            help="The paced direct and gateway phases take turns, this many each (5; --quick: 3).",
+        ),
+    ] = None,
     log_sync: Annotated[
         str, typer.Option("--log-sync", help="The outbox's SQLite synchronous: FULL (default), NORMAL, OFF.")
     ] = "FULL",
@@ -449,6 +458,8 @@ def connectors(
         kw["duration_s"] = duration
     if warmup is not None:
         kw["warmup_s"] = warmup
+    if rounds is not None:
+        kw["rounds"] = rounds
     options = ConnectorsBenchOptions.make(quick=quick, **kw)
     with Phases("bench connectors") as say:
         result = run_connectors_bench(options, progress=say)
