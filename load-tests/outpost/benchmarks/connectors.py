@@ -163,14 +163,12 @@ def _direct(spec: DirectSpec, ch: Channels) -> dict[str, Any]:
     client = httpx.Client(base_url=spec.url, timeout=10.0, limits=limits)
     client.post(PATH, json={"sku": "warm", "qty": 1}, headers={"Idempotency-Key": f"{spec.prefix}-warm"})
     ch.pub_ready.set()
-    while not ch.go.value:
-        time.sleep(0.002)
     lock = threading.Lock()
     hist = Histogram()
     statuses: Counter[int] = Counter()
     errors: Counter[str] = Counter()
     slot = [0]
-    pace = Pace(time.time_ns())
+    pace = Pace(0, paused=True)  # it starts at the first go
     step = 1e9 / spec.rate if spec.rate > 0 else 0.0
     go, sent, received, stop = ch.go, ch.sent, ch.received, ch.stop_pub
     lat_from, lat_to = ch.lat_from, ch.lat_to
@@ -178,7 +176,7 @@ def _direct(spec: DirectSpec, ch: Channels) -> dict[str, Any]:
     def worker() -> None:
         while not stop.value:
             with lock:
-                if not go.value:  # paused: the gateway's turn
+                if not go.value:  # paused: before its phase, or the other phase's turn
                     pace.paused = True
                     k = -1
                 else:
@@ -294,10 +292,6 @@ def _requests(spec: RequestSpec, ch: Channels, stamps: Stamps) -> dict[str, Any]
     client.on_publish = on_publish
     connect(client, spec.host, spec.port)
     ch.pub_ready.set()
-    while not ch.go.value:
-        if ch.stop_pub.value:
-            return {"sent": 0}
-        client.loop(0.002)
     topic = Topics(site=spec.site).actions(CONNECTOR)
     publish, loop, stop, sent_cell, received = client.publish, client.loop, ch.stop_pub, ch.sent, ch.received
     go = ch.go
@@ -305,9 +299,9 @@ def _requests(spec: RequestSpec, ch: Channels, stamps: Stamps) -> dict[str, Any]
     interval = 1.0 / spec.rate if spec.rate > 0 else 0.0
     k = errors = 0
     start = time.perf_counter()
-    pace = Pace(start)
+    pace = Pace(start, paused=True)  # it starts at the first go
     while not stop.value and k < cap:
-        if not go.value:  # paused: the direct phase's turn
+        if not go.value:  # paused: before its phase, or the other phase's turn
             pace.paused = True
             loop(PAUSED_POLL_S)
             continue
