@@ -11,8 +11,10 @@ What the loop adds to paho:
   reconnect in lock-step);
 * subscriptions (QoS per subscription, shared subscriptions) re-made on every connect;
 * TCP_NODELAY on the socket (paho never sets it; Nagle costs ~40 ms per request/reply);
-* timers run on the network thread, so a service's handlers, flushes and commits share one thread
-  and need no locks;
+* timers and one-shot calls (:meth:`Bus.every`, :meth:`Bus.call_later`) run on the network
+  thread, so a service's handlers, flushes and commits share one thread and need no locks; the
+  thread sleeps until the next of them is due or a packet or posted call wakes it, never polls
+  (a site of eight idle services woke ~2,900 times a second on fixed ticks; docs/benchmarks.md);
 * an optional retained status with a last will, and a drain that waits for unacknowledged
   publishes before disconnecting;
 * publishes from any thread: only the network thread writes to the socket. (paho, driven by a loop
@@ -39,6 +41,8 @@ paho's private attributes are used only through :mod:`outpost.paho_internals`.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import socket
 import threading
@@ -83,6 +87,19 @@ class _Timer:
     due: float = field(default=0.0)
 
 
+@dataclass(slots=True)
+class Later:
+    """A one-shot call :meth:`Bus.call_later` scheduled; :meth:`Bus.cancel_later` drops it."""
+
+    due: float
+    seq: int
+    fn: Callable[[], None]
+    cancelled: bool = False
+
+    def __lt__(self, other: Later) -> bool:
+        return (self.due, self.seq) < (other.due, other.seq)
+
+
 @dataclass(frozen=True, slots=True)
 class Will:
     topic: str
@@ -114,7 +131,7 @@ class Bus:
         manual_ack: bool = False,
         will: Will | None = None,
         receive_maximum: int = 1000,
-        tick_s: float = 0.05,
+        tick_s: float = 0.5,
         mqtt5: bool = True,
         max_pending: int = 10_000,
     ) -> None:
@@ -128,7 +145,10 @@ class Bus:
         ``max_inflight_messages`` takes the place of ``receive_maximum``.
 
         ``max_pending``: QoS 1 publishes waiting for the broker's acknowledgement beyond which the
-        bus says it is :attr:`backlogged` (paho refuses a publish at 65,535)."""
+        bus says it is :attr:`backlogged` (paho refuses a publish at 65,535).
+
+        ``tick_s``: the longest the network thread sleeps with nothing due (paho's keepalive and
+        retries are checked at least that often); timers and :meth:`call_later` wake it sooner."""
         if not client_id:
             raise ValueError("client_id must not be empty")
         self._settings = settings
@@ -138,6 +158,9 @@ class Bus:
         self._subs: list[_Subscription] = []
         self._dispatchers: list[tuple[str, Callable[[paho.Client, Any, Message], None]]] = []
         self._timers: list[_Timer] = []
+        self._laters: list[Later] = []
+        self._later_seq = itertools.count()
+        self._later_lock = threading.Lock()
         self._calls: deque[Callable[[], None]] = deque()
         self._on_connect_hooks: list[Callable[[bool], None]] = []
         self._after_reading: list[Callable[[], None]] = []
@@ -236,6 +259,23 @@ class Bus:
     def every(self, interval_s: float, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the network thread about every ``interval_s`` seconds."""
         self._timers.append(_Timer(interval_s, fn, time.monotonic() + interval_s))
+        self._wake_thread()
+
+    def call_later(self, delay_s: float, fn: Callable[[], None]) -> Later:
+        """Run ``fn`` once on the network thread ``delay_s`` seconds from now (0: after what the
+        thread is doing). A service asks for a wake-up when it has something due (a partial batch,
+        a retry, a commit) instead of polling for it with a fast timer. From any thread."""
+        entry = Later(time.monotonic() + max(0.0, delay_s), next(self._later_seq), fn)
+        with self._later_lock:
+            heapq.heappush(self._laters, entry)
+        if threading.current_thread() is not self._thread:
+            self._wake_thread()
+        return entry
+
+    def cancel_later(self, entry: Later | None) -> None:
+        """Drop a call :meth:`call_later` scheduled, if it has not run (None: nothing)."""
+        if entry is not None:
+            entry.cancelled = True
 
     def on_connect(self, hook: Callable[[bool], None]) -> None:
         """Call ``hook(session_present)`` on the network thread after each (re)connect."""
@@ -254,6 +294,7 @@ class Bus:
     def set_read_gate(self, gate: Callable[[], bool] | None) -> None:
         """While ``gate()`` is False the network thread reads no new packets (backpressure)."""
         self._read_gate = gate
+        self._wake_thread()
 
     def set_shedder(self, topics: Collection[bytes], shed: Callable[[bytes, bytes], bool]) -> None:
         """Offer ``shed(topic, payload)`` every QoS 0 publish, neither retained nor empty, that
@@ -447,7 +488,7 @@ class Bus:
         if final and self.connected:
             self.drain(min(2.0, max(drain_s, 0.5)))
         self._stop.set()
-        self._wake.set()
+        self._wake_thread()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -471,6 +512,7 @@ class Bus:
                 done.set()
 
         self._calls.append(wrapped)
+        self._wake_thread()
         return done.wait(timeout_s)
 
     def post(self, fn: Callable[[], None]) -> None:
@@ -478,7 +520,13 @@ class Bus:
         results to the handlers' thread this way, so their state needs no locks. Wakes the
         thread's select() through paho's socketpair, as paho does for its own packets."""
         self._calls.append(fn)
-        internals.wake(self._client)
+        self._wake_thread()
+
+    def _wake_thread(self) -> None:
+        """Cut the network thread's wait short: its select() on the socket through paho's
+        socketpair (as paho does for its own packets), its offline or gated wait through the event."""
+        with contextlib.suppress(Exception):
+            internals.wake(self._client)
         self._wake.set()
 
     def run_posted(self) -> None:
@@ -539,13 +587,13 @@ class Bus:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            self._wake.wait(min(left, 0.1))
+            self._wake.wait(left)  # a post() sets it
             self._wake.clear()
 
     def _loop_until_disconnected(self) -> None:
         client = self._client
-        tick = self._tick_s
         while not self._stop.is_set():
+            tick = 0.0 if self._calls else self._wait_s()
             gate = self._read_gate
             if gate is None or gate():
                 rc = client.loop(timeout=tick)
@@ -557,6 +605,8 @@ class Bus:
                 rc = self._loop_without_reading(client, tick)
             if self._timers:
                 self._run_timers()
+            if self._laters:
+                self._run_laters()
             if self._calls:
                 self.run_posted()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -572,6 +622,31 @@ class Bus:
         self._wake.wait(tick)
         self._wake.clear()
         return rc
+
+    def _wait_s(self) -> float:
+        """How long the thread may sleep: until the next timer or one-shot call is due, at most
+        ``tick_s``."""
+        due = time.monotonic() + self._tick_s
+        for t in self._timers:
+            due = min(due, t.due)
+        laters = self._laters
+        while laters and laters[0].cancelled:
+            with self._later_lock:
+                if laters and laters[0].cancelled:
+                    heapq.heappop(laters)
+        if laters:
+            due = min(due, laters[0].due)
+        return max(0.0, due - time.monotonic())
+
+    def _run_laters(self) -> None:
+        now = time.monotonic()
+        laters = self._laters
+        while laters and laters[0].due <= now:
+            with self._later_lock:
+                entry = heapq.heappop(laters)
+            if not entry.cancelled:
+                entry.cancelled = True  # ran: a cancel from now on is a no-op
+                self._run_call(entry.fn)
 
     def _run_timers(self) -> None:
         now = time.monotonic()

@@ -58,7 +58,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from outpost.acks import AckTracker, Turn
-from outpost.bus import Bus, Message, Will
+from outpost.bus import Bus, Later, Message, Will
 from outpost.contracts import (
     DECODE_REASONS,
     DLQ_PAYLOAD_MAX,
@@ -236,7 +236,7 @@ class ServiceRuntime:
         reasons: Sequence[str] = (),
         durable: bool = False,
         receive_maximum: int = 1000,
-        tick_s: float = 0.05,
+        tick_s: float = 0.5,
         mqtt5: bool = True,
         worker_threads: int = 1,
         worker_bound: int = 64,
@@ -247,8 +247,8 @@ class ServiceRuntime:
     ) -> None:
         """``reasons``: the service's own dead-letter reasons, beside :data:`KIT_REASONS`.
         ``durable`` keeps the broker session (subscriptions and unacknowledged messages) across a
-        restart. ``tick_s`` bounds how late a timer can run when no message arrives: services with
-        millisecond flush timers pass a small one. ``mqtt5=False`` speaks MQTT 3.1.1 (cheaper to
+        restart. ``tick_s``: the longest the network thread sleeps with nothing due (timers and
+        :meth:`later` wake it when they are due). ``mqtt5=False`` speaks MQTT 3.1.1 (cheaper to
         decode on a hot path; no response topics). ``dlq_qos`` 0 trades the dead letters' delivery
         guarantee for speed (they then hold nothing). ``max_pending``: QoS 1 publishes waiting for
         the broker past which QoS 0 input is shed as ``overloaded`` (:attr:`Bus.backlogged`).
@@ -362,6 +362,16 @@ class ServiceRuntime:
         """Run ``fn`` on the network thread about every ``interval_s`` seconds, until the stop has
         drained the service (a timer must not start work once the worker has finished)."""
         self.bus.every(interval_s, self._until_stopped(fn))
+
+    def later(self, delay_s: float, fn: Callable[[], None]) -> Later:
+        """Run ``fn`` once on the network thread ``delay_s`` seconds from now, unless the stop has
+        drained the service first (:meth:`Bus.call_later`): a service asks to be woken when
+        something of its own falls due (a partial batch, a retry, a commit) rather than poll."""
+        return self.bus.call_later(delay_s, self._until_stopped(fn))
+
+    def cancel_later(self, entry: Later | None) -> None:
+        """Drop a call :meth:`later` scheduled, if it has not run."""
+        self.bus.cancel_later(entry)
 
     def after_reading(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the network thread each time the messages waiting on the socket have been

@@ -208,6 +208,61 @@ def test_timers_and_calls_run_on_the_network_thread(
     assert set(ticks) == set(seen) == {f"bus-timers-{settings.site}"}
 
 
+def test_call_later_runs_once_when_due_and_a_cancelled_one_never(
+    settings: OutpostSettings, buses: Callable[..., Bus]
+) -> None:
+    """With nothing else due the thread sleeps ``tick_s`` (30 s here): a one-shot call must wake it
+    when due, and a call from another thread must not wait out the sleep."""
+    b = buses("later", tick_s=30.0)
+    b.start()
+    ran: list[str] = []
+    b.call_later(0.2, lambda: ran.append(threading.current_thread().name))
+    dropped = b.call_later(0.1, lambda: ran.append("cancelled"))
+    b.cancel_later(dropped)
+    assert wait_until(lambda: bool(ran), 10.0)
+    seen: list[int] = []
+    assert b.call(lambda: seen.append(1), timeout_s=10.0)
+    time.sleep(0.3)
+    assert ran == [f"bus-later-{settings.site}"] and seen == [1]
+    b.cancel_later(dropped)  # twice, or after it ran: nothing happens
+
+
+def test_an_idle_bus_sleeps_until_something_is_due(
+    settings: OutpostSettings, buses: Callable[..., Bus]
+) -> None:
+    """No polling: with a 1 s timer and a 0.5 s tick the thread turns a few times a second, where
+    a fixed 50 ms tick turned it twenty."""
+    b = buses("idle", tick_s=0.5)
+    b.every(1.0, lambda: None)
+    turns = 0
+    wait_s = b._wait_s
+
+    def counted() -> float:
+        nonlocal turns
+        turns += 1
+        return wait_s()
+
+    b._wait_s = counted  # type: ignore[method-assign]
+    b.start()
+    time.sleep(0.5)
+    before = turns
+    time.sleep(2.0)
+    assert 0 < turns - before <= 12
+
+
+def test_stop_ends_the_network_thread_out_of_a_long_wait(
+    settings: OutpostSettings, buses: Callable[..., Bus]
+) -> None:
+    """A stop wakes the thread's select() rather than waiting out its sleep (each stop waited
+    ~0.45 s of a 0.5 s tick, minutes over the suite)."""
+    b = buses("stopping", tick_s=30.0)
+    b.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    b.stop(drain_s=0)
+    assert time.monotonic() - started < 8.0  # the join gives up at 10 s; the sleep is 30 s
+
+
 def test_start_fails_clearly_without_a_broker(settings: OutpostSettings, broker: Mosquitto) -> None:
     broker.stop()
     b = Bus(settings.mqtt, client_id=f"nobroker-{settings.site}")

@@ -28,6 +28,18 @@ def test_due_after_the_first_waited_max_wait() -> None:
     assert len(b) == 0
 
 
+def test_next_due_is_when_the_oldest_waiting_batch_falls_due() -> None:
+    b: MicroBatcher[str, int] = MicroBatcher(2, 1000)
+    assert b.next_due_ns() is None
+    b.add("a", 1, 300)
+    b.add("b", 2, 100)
+    assert b.next_due_ns() == 1100
+    assert b.add("b", 3, 200) == [2, 3]  # full: taken, no longer waits
+    assert b.next_due_ns() == 1300
+    assert b.due(1300) == [("a", [1])]
+    assert b.next_due_ns() is None
+
+
 def test_pending_never_exceeds_max_batch_and_drain_returns_everything() -> None:
     b: MicroBatcher[str, int] = MicroBatcher(4, 10**9)
     out: list[int] = []

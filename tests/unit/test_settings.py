@@ -165,10 +165,10 @@ def test_bad_nested_json_env_is_a_config_error(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_every_bad_field_is_named(site_file: Callable[[str], Path]) -> None:
-    site_file("mqtt:\n  port: -1\ningest:\n  max_batch: 0\n  flush_ms: 0\n")
+    site_file("mqtt:\n  port: -1\ningest:\n  max_batch: 0\n  flush_max: 0\n")
     with pytest.raises(ConfigError) as exc:
         load_settings()
-    for field in ("mqtt.port", "ingest.max_batch", "ingest.flush_ms"):
+    for field in ("mqtt.port", "ingest.max_batch", "ingest.flush_max"):
         assert field in str(exc.value)
 
 

@@ -8,7 +8,8 @@ protected capabilities, drift), and becomes a decision: ``act`` (an action reque
 ``escalate`` (a question to a person), ``ignore``, or ``halt`` (a breach stopped the agent).
 
 Durability: decisions, escalations and action requests are written to ``agent.db`` in one
-transaction per commit (every ``agents.commit_ms``) and only then published; the inputs that caused
+transaction per commit (at most one per ``agents.commit_ms``, right after the read that brought
+the inputs: nothing polls) and only then published; the inputs that caused
 them are acknowledged after that (``Ack.AFTER_COMMIT``). A decision's id is derived from the agent,
 its input's id and its step, so a redelivered input (a crash before the acknowledgement) finds its
 decision already written and publishes the stored messages again instead of deciding twice; an
@@ -31,6 +32,7 @@ import orjson
 from paho.mqtt.client import topic_matches_sub
 from pydantic import ValidationError
 
+from outpost.bus import Later
 from outpost.contracts import (
     ACTION_RESULT,
     DECISION,
@@ -127,7 +129,7 @@ class AgentService:
         cfg = self.cfg = settings.agents
         specs = cfg.agents()  # a bad declaration or pack: ConfigError naming the field
         self.offered = offered_capabilities(settings, specs)
-        self.rt = ServiceRuntime(NAME, settings, reasons=REASONS, durable=True, tick_s=0.002)
+        self.rt = ServiceRuntime(NAME, settings, reasons=REASONS, durable=True)
         t = self.topics = self.rt.topics
         self.metrics = self.rt.metrics
         self.store = open_agent_db(self.rt.state_dir(FOLDER) / DB_NAME, synchronous=cfg.log_sync)
@@ -166,6 +168,8 @@ class AgentService:
         self._answered: dict[str, str] = {}
         """Escalations answered since the last commit: decision -> the reply's id."""
         self._retry_at = 0.0
+        self._last_commit = 0.0
+        self._commit_due: Later | None = None
         self._recovered_ms: float | None = None
         self._resumed = False
         self._sensing_cache: dict[str, list[Agent]] = {}
@@ -187,7 +191,7 @@ class AgentService:
         self.rt.subscribe(t.all_action_results, self._on_results, contract=ACTION_RESULT, ack=ack)
         self.rt.subscribe(t.all_escalation_replies, self._on_reply, contract=ESCALATION_REPLY, ack=ack)
         self.rt.subscribe(t.control(NAME, "desired"), self._on_control, ack=Ack.AT_ONCE)
-        self.rt.every(cfg.commit_ms / 1000.0, self._commit_if_due)
+        self.rt.after_reading(self._after_reading)
         self.rt.every(cfg.check_s, self._check)
         self.rt.every(cfg.report_s, self._report)
         self.rt.every(60.0, self._forget)
@@ -861,23 +865,39 @@ class AgentService:
         self._report()
 
     # --- commit (network thread) -----------------------------------------------------------------
-    def _commit_if_due(self) -> None:
+    def _after_reading(self) -> None:
+        """Once what waited on the socket is handled: what it decided is committed (at once, or
+        when ``commit_ms`` has passed since the last commit, so a flood commits in batches);
+        inputs that decided nothing are acknowledged as they are."""
         if self._writes or self._publishes:
-            if time.monotonic() >= self._retry_at:
-                self.commit()
+            self._commit_soon()
+        elif self._commit_due is None:
+            self.rt.committed()
+
+    def _commit_soon(self) -> None:
+        if self._commit_due is None:
+            at = max(self._last_commit + self.cfg.commit_ms / 1000.0, self._retry_at)
+            self._commit_due = self.rt.later(max(0.0, at - time.monotonic()), self._commit_now)
+
+    def _commit_now(self) -> None:
+        self._commit_due = None
+        if self._writes or self._publishes:
+            self.commit()
         else:
-            self.rt.committed()  # inputs that decided nothing: acknowledged as they are
+            self.rt.committed()
 
     def commit(self) -> None:
         """Write what waits in one transaction, then publish it, then let its inputs be acknowledged.
         A failed write (a full disk) keeps it all for the next try and acknowledges nothing."""
         writes = self._writes + self._agent_states()
+        self._last_commit = time.monotonic()
         try:
             self.store.commit(writes)
         except Exception as exc:  # noqa: BLE001 - log_failed_commit logs it, with its traceback
             self.metrics.counters["commit_failures"] += 1
             self._retry_at = time.monotonic() + 1.0
             log_failed_commit(log, "agent.db", exc)
+            self._commit_soon()  # again in a second (a full disk may clear)
             return
         publishes, self._writes, self._publishes = self._publishes, [], []
         docs, self._decision_docs = self._decision_docs, {}
@@ -957,8 +977,11 @@ class AgentService:
                 self._flush_batch(a, key, b)
         self._resend(now)
         dirty = any(a.dirty for a in self.agents.values()) or self._features_dirty
-        if (dirty or self._writes or self._publishes) and time.monotonic() >= self._retry_at:
-            self.commit()
+        if dirty or self._writes or self._publishes:
+            if time.monotonic() >= self._retry_at:
+                self.commit()
+            else:
+                self._commit_soon()
 
     def _resend(self, now: int, *, everything: bool = False) -> None:
         """Action requests with no result yet go out again (same bytes, same key); past their age
@@ -1011,6 +1034,7 @@ class AgentService:
                 ),
             ]
         )
+        self._commit_soon()
 
     def _report(self) -> None:
         """Each agent's state, budgets used, breakers, drift and operating figures, retained on

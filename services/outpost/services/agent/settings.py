@@ -33,7 +33,11 @@ class AgentSettings(Section):
         description="Capability -> connector, where it is not the capability's first part.",
     )
     commit_ms: float = Field(
-        2.0, gt=0, le=1000, description="Longest a decision waits for its commit (and so to be published)."
+        2.0,
+        gt=0,
+        le=1000,
+        description="Least time between two commits (what a flood decides meanwhile shares one), and "
+        "so the longest a decision waits to be committed and published.",
     )
     log_sync: Literal["OFF", "NORMAL", "FULL"] = Field(
         "FULL", description="SQLite synchronous for agent.db: FULL survives power loss, NORMAL a crash."

@@ -51,6 +51,13 @@ class MicroBatcher(Generic[K, T]):
         keys = [k for k, t in self._since.items() if now_ns - t >= self.max_wait_ns]
         return [(k, self.take(k)) for k in keys]
 
+    def next_due_ns(self) -> int | None:
+        """When the oldest waiting batch falls due (None: nothing waits): the caller sleeps until
+        then instead of polling :meth:`due`."""
+        if not self._since:
+            return None
+        return min(self._since.values()) + self.max_wait_ns
+
     def drain(self) -> list[tuple[K, list[T]]]:
         """Every waiting batch, whatever its age (on stop, or before a model is closed)."""
         return [(k, self.take(k)) for k in list(self._pending)]

@@ -11,7 +11,8 @@ Delivery: at-least-once on the wire, exactly-once in effect.
 * Which seqs were seen is committed to SQLite, in batches, only once their events are confirmed.
 
 Messages are processed as they arrive (decoded by the kit against the reading contract), their
-events are batched per device and published when ``flush_ms`` passes or ``flush_max`` events wait.
+events are batched per device and published once what waited on the socket is read, or sooner when
+``flush_max`` events wait.
 A flush seals the kit's batch turn: once its publishes are confirmed, its messages are acknowledged
 and its seq state is queued for the SQLite commit. Everything runs on the bus's network thread, so
 there are no locks.
@@ -27,6 +28,7 @@ from typing import Any, Final
 
 import orjson
 
+from outpost.bus import Later
 from outpost.contracts import READING, SCHEMA_VERSION, ReadingDict, Reject, reading_id, reading_id_prefix
 from outpost.log import get_logger
 from outpost.ratelimit import RateLimiter
@@ -54,7 +56,6 @@ class IngestService:
             settings,
             reasons=OWN_REASONS,
             durable=cfg.qos > 0,
-            tick_s=min(0.05, cfg.flush_ms / 1000.0),
             mqtt5=cfg.mqtt5,
             dlq_qos=cfg.dlq_qos,
         )
@@ -77,6 +78,7 @@ class IngestService:
         self._states: dict[str, SeqState] = {}  # seq state of the batch turn, committed once it is acked
         self._to_commit: dict[str, SeqState] = {}
         self._committing = False
+        self._commit_due: Later | None = None
         self._oldest_ns = 0
         self._qos = cfg.qos
         self._class_counter: dict[str, str] = {}
@@ -111,11 +113,9 @@ class IngestService:
             f"{cfg.quarantine_qos0_messages_per_s} QoS 0 messages, within a second) and is quarantined for "
             f"{cfg.quarantine_s}s; its messages are not read"
         )
-        # flushed once what waited on the socket is read (a light load waits for nothing, a heavy
-        # one batches what a burst brought), and every flush_ms at the latest
+        # flushed once what waited on the socket is read: a light load waits for nothing, a heavy
+        # one batches what a burst brought. No timer: every reading arrives through a read.
         self.rt.after_reading(self.flush)
-        self.rt.every(cfg.flush_ms / 1000.0, self.flush)
-        self.rt.every(cfg.commit_ms / 1000.0, self._commit)
         self.rt.extra_status = lambda: {
             "devices": len(self.seq),
             "quarantined": self.limiter.quarantined_devices(time.monotonic()),
@@ -155,6 +155,7 @@ class IngestService:
             return SKIP
         self._retained[topic] = digest
         self._retained_new[topic] = digest
+        self._commit_soon()
         raise Rejected(
             "retained",
             "a retained telemetry message, replayed by the broker when ingest subscribed: readings "
@@ -388,11 +389,22 @@ class IngestService:
             self._lat.record_ns(time.time_ns() - self._oldest_ns)
         self._batched = 0
         states, self._states = self._states, {}
-        self.rt.committed((lambda: self._to_commit.update(states)) if states else None)
+        self.rt.committed((lambda: self._confirmed(states)) if states else None)
+
+    def _confirmed(self, states: dict[str, SeqState]) -> None:
+        self._to_commit.update(states)
+        self._commit_soon()
+
+    def _commit_soon(self) -> None:
+        """Commit ``commit_ms`` from now, once for everything confirmed meanwhile (the thread is
+        woken only when there is state to commit, not polled)."""
+        if self._commit_due is None:
+            self._commit_due = self.rt.later(self.cfg.commit_ms / 1000.0, self._commit)
 
     def _commit(self) -> None:
         """Commit the acknowledged seq state on the kit's worker: an fsync on the network thread
         would hold up every reading behind it (it was most of ingest's p99: docs/benchmarks.md)."""
+        self._commit_due = None
         if not (self._to_commit or self._retained_new) or self._committing:
             return
         states, self._to_commit = self._to_commit, {}
@@ -406,6 +418,8 @@ class IngestService:
 
     def _committed(self, states: dict[str, SeqState], retained: dict[str, bytes], result: object) -> None:
         self._committing = False
+        if isinstance(result, BaseException) or self._to_commit or self._retained_new:
+            self._commit_soon()  # what came meanwhile, or this again (a full disk may clear)
         if isinstance(result, BaseException):
             # kept for the next try (a full disk may clear); newer state queued meanwhile wins
             log.error("seq state commit failed; will retry", extra={"error": str(result)})

@@ -34,9 +34,8 @@ class IngestSettings(Section):
             "readings' burst is spent; QoS 1 messages (a backlog the broker kept) do not count."
         ),
     )
-    flush_ms: float = Field(5.0, gt=0, le=1000, description="Longest time a validated event waits.")
     flush_max: int = Field(500, ge=1, description="Events per device batch that trigger a flush.")
-    commit_ms: float = Field(100.0, gt=0, description="How often confirmed dedup state is committed.")
+    commit_ms: float = Field(100.0, gt=0, description="How long confirmed dedup state waits for its commit.")
     mqtt5: bool = Field(
         False,
         description="Speak MQTT 5 instead of 3.1.1 (3.1.1 is ~10% cheaper per message in paho).",

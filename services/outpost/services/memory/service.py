@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict
 
+from outpost.bus import Later
 from outpost.contracts import Contract
 from outpost.errors import TopicError
 from outpost.log import get_logger
@@ -107,7 +108,6 @@ class MemoryService:
             settings,
             reasons=REASONS,
             durable=True,
-            tick_s=min(0.05, cfg.commit_ms / 2000.0),
             mqtt5=True,  # the request API needs response topics and correlation data
             worker_threads=cfg.request_workers,
         )
@@ -121,6 +121,7 @@ class MemoryService:
         self._retry_at = 0.0
         self._backoff = 0.0
         """0 while commits succeed; else the wait before the next try (doubling to its cap)."""
+        self._commit_due: Later | None = None
         self.context = ShortTermContext(
             max_entries=cfg.context_max_entries, max_bytes=cfg.context_max_mb * 1024 * 1024
         )
@@ -168,7 +169,7 @@ class MemoryService:
         # a dead letter that is not JSON is still what happened: no contract, its bytes are kept
         rt.subscribe(t.all_dlq, self._log("dlq"), ack=Ack.AFTER_COMMIT)
         rt.every(5.0, lambda: self.metrics.inc("context_expired", self.context.sweep()))
-        rt.every(cfg.commit_ms / 2000.0, self._commit_if_due)
+        rt.after_reading(self._after_reading)
         rt.every(cfg.compact_s, self.compact)
         self._commit_hist = self.metrics.histogram("commit")
         self.sync = start_sync(rt, settings, self.oplog, self.ltm, folder)
@@ -340,12 +341,30 @@ class MemoryService:
             )
         return out
 
-    def _commit_if_due(self) -> None:
+    def _after_reading(self) -> None:
+        """Once what waited on the socket is handled: entries are committed when the oldest has
+        waited ``commit_ms`` (the thread is woken then, not polled); messages that made no entry
+        (dead-lettered whole) are acknowledged as they are."""
         if self._pending:
-            if (time.monotonic() - self._oldest) * 1000.0 >= self.cfg.commit_ms:
-                self.commit()
+            self._commit_soon()
+        elif self._commit_due is None:
+            self.rt.committed()
+
+    def _commit_soon(self) -> None:
+        if self._commit_due is None:
+            at = self._oldest + self.cfg.commit_ms / 1000.0
+            if self._backoff:
+                at = max(at, self._retry_at)
+            self._commit_due = self.rt.later(max(0.0, at - time.monotonic()), self._commit_when_due)
+
+    def _commit_when_due(self) -> None:
+        self._commit_due = None
+        if self._pending:
+            self.commit()
         else:
-            self.rt.committed()  # messages that made no entry (dead-lettered whole): nothing to write
+            self.rt.committed()
+        if self._pending:  # a failed try (or one backing off): again when its backoff ends
+            self._commit_soon()
 
     def commit(self, *, force: bool = False) -> None:
         """Append what waits, ``memory.commit_max`` entries a transaction; once all of it is
