@@ -330,3 +330,43 @@ class ServiceProcess:
             self.proc.wait(30)
         if self._log is not None:
             self._log.close()
+
+
+# --- a disk that fills up ---------------------------------------------------------------------------
+MB = 1024 * 1024
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 20 MB file system of the test's own (tmpfs, mounted as root; skipped, saying why, where
+    mounting is refused): a full disk made for real."""
+    folder = tmp_path / "fs"
+    folder.mkdir()
+    p = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a 20 MB tmpfs (needs root): {p.stderr.strip() or p.returncode}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Fill the file system to its last byte; the filler file."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as f:
+        for size in (MB, 4096, 512):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                continue
+    return filler
+
+
+def free(filler: Path, nbytes: int) -> None:
+    with filler.open("r+b") as f:
+        f.truncate(max(0, filler.stat().st_size - nbytes))

@@ -93,6 +93,19 @@ class RateLimiter:
                 self.quarantines += 1
         return granted
 
+    def wait_s(self, device: str, n: int, now: float) -> float:
+        """Seconds until ``n`` tokens of ``device`` are there (0: now): a caller refused a token
+        sleeps that long rather than polling. More than the burst never fits: infinite."""
+        if n > self.burst:
+            return float("inf")
+        b = self._buckets.get(device)
+        if b is None:
+            return 0.0
+        tokens = min(self.burst, b.tokens + (now - b.at) * self.rate)
+        if tokens >= n:
+            return 0.0
+        return (n - tokens) / self.rate if self.rate > 0 else float("inf")
+
     def give_back(self, device: str, n: int) -> None:
         """Return ``n`` tokens taken but not used (the connector gateway takes a capability's token,
         then its connector's: when the second is refused, the first goes back)."""

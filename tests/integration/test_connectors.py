@@ -33,7 +33,16 @@ from outpost.services.connectors.service import Gateway, run
 from outpost.services.connectors.settings import ConnectorsSettings
 from outpost.services.registry import OutpostSettings
 from outpost.sim.store_api import StoreAPI
-from tests.conftest import Collector, ServiceProcess, ServiceThread, wait_status, wait_until
+from tests.conftest import (
+    MB,
+    Collector,
+    ServiceProcess,
+    ServiceThread,
+    fill,
+    free,
+    wait_status,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -330,6 +339,47 @@ def test_a_burst_of_200_is_held_to_the_bucket(
         most = max(sum(1 for x in t[i:] if x < t[i] + w) for i in range(len(t)))
         assert most <= burst + per_s * (w + 0.25) + 2, f"{most} calls within {w} s"
     assert t[-1] - t[0] >= (n - burst) / per_s * 0.9, "the burst went through faster than the rate"
+
+
+def test_a_full_disk_holds_requests_without_spinning_then_each_is_done_once(
+    small_disk: Path, settings: OutpostSettings, api: StoreAPI, collect: Any, publisher: Bus
+) -> None:
+    """With the outbox's disk full (a real 20 MB tmpfs, filled) requests cannot be put on disk, so
+    none is called or acknowledged; the gateway tries again about once a second, sleeping between
+    tries (no wake-ups spent on nothing), and once space is freed each request takes effect once."""
+    settings.data_dir = small_disk / "data"
+    declare(settings, store=store_connector(api.url))
+    g = Gateway(settings)
+    ticks = 0
+    tick = g._tick
+
+    def counted() -> None:
+        nonlocal ticks
+        ticks += 1
+        tick()
+
+    g._tick = counted  # type: ignore[method-assign]
+    g.start()
+    try:
+        wait_status(settings, "connectors")
+        res = collect(settings.topics.all_action_results)
+        filler = fill(small_disk)
+        keys = [f"full-{i}" for i in range(20)]
+        for k in keys:
+            send(publisher, settings, request(k, args={"shelf": k, "quantity": 1}))
+        assert wait_until(lambda: g.metrics.counters["commit_failures"] >= 2, WAIT)
+        before, failures = ticks, g.metrics.counters["commit_failures"]
+        time.sleep(3.0)
+        assert api.arrivals() == [] and res.messages == []
+        assert g.metrics.counters["commit_failures"] - failures <= 6  # about one try a second
+        assert ticks - before <= 30, f"{ticks - before} turns in 3 s with nothing it could do"
+        free(filler, 6 * MB)
+        assert res.wait_for(lambda c: set(keys) <= set(final(c)), WAIT), g.metrics.counters
+        assert set(final(res)[k] for k in keys) == {"done"}
+        effects = api.effects()
+        assert {k: effects[k]["effects"] for k in keys} == dict.fromkeys(keys, 1)
+    finally:
+        g.stop()
 
 
 def test_requests_with_the_same_order_value_arrive_in_order_despite_failures(

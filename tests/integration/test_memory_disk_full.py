@@ -7,8 +7,6 @@ event published exactly once (docs/memory.md, "A full disk")."""
 from __future__ import annotations
 
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,45 +19,9 @@ from outpost.datadir import site_path
 from outpost.services.memory.client import MemoryClient, MemoryRequestError
 from outpost.services.memory.oplog import OpLog
 from outpost.services.registry import OutpostSettings
-from tests.conftest import Collector, ServiceProcess, make_event, wait_until
+from tests.conftest import MB, Collector, ServiceProcess, fill, free, make_event, wait_until
 
 pytestmark = pytest.mark.integration
-
-MB = 1024 * 1024
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    folder = tmp_path / "fs"
-    folder.mkdir()
-    p = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a 20 MB tmpfs (needs root): {p.stderr.strip() or p.returncode}")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(folder: Path) -> Path:
-    """Fill the file system to its last byte; the filler file."""
-    filler = folder / "filler"
-    with filler.open("wb", buffering=0) as f:
-        for size in (MB, 4096, 512):
-            try:
-                while True:
-                    f.write(b"\0" * size)
-            except OSError:
-                continue
-    return filler
-
-
-def free(filler: Path, nbytes: int) -> None:
-    with filler.open("r+b") as f:
-        f.truncate(max(0, filler.stat().st_size - nbytes))
 
 
 def events_logged(data: Path, site: str) -> tuple[int, int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from outpost.ratelimit import RateLimiter
 
 
@@ -94,3 +96,14 @@ def test_a_token_given_back_can_be_taken_again() -> None:
     rl.give_back("cap", 5)  # never past the burst
     assert rl.take("cap", 5, 0.0) == 2
     rl.give_back("never-seen", 1)  # a bucket that took nothing has nothing to get back
+
+
+def test_wait_s_is_how_long_until_the_tokens_are_there() -> None:
+    rl = RateLimiter(10.0, 2.0, 1000, 1.0)
+    assert rl.wait_s("d", 1, 0.0) == 0.0  # a new bucket starts full
+    assert rl.take("d", 2, 0.0) == 2
+    assert rl.wait_s("d", 1, 0.0) == pytest.approx(0.1)
+    assert rl.wait_s("d", 1, 0.05) == pytest.approx(0.05)
+    assert rl.wait_s("d", 2, 0.05) == pytest.approx(0.15)
+    assert rl.wait_s("d", 1, 0.1) == 0.0
+    assert rl.wait_s("d", 3, 0.0) == float("inf")  # more than the burst never fits

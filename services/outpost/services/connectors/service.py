@@ -32,6 +32,7 @@ import orjson
 from pydantic import BaseModel
 
 from outpost.backoff import backoff_delay
+from outpost.bus import Later
 from outpost.contracts import ACTION_REQUEST, ActionRequest, derived_id, header
 from outpost.errors import ConfigError
 from outpost.log import get_logger
@@ -115,7 +116,6 @@ class Gateway:
             settings,
             reasons=REASONS,
             durable=True,
-            tick_s=0.002,
             worker_threads=cfg.threads,
             worker_bound=max(64, cfg.threads * 4),
         )
@@ -168,6 +168,8 @@ class Gateway:
         """The outbox's recent keys: a new key (nearly every request) is known new without a query;
         a key seen before is looked up for its stored result."""
         self._flush_posted = False
+        self._wake: tuple[int, Later] | None = None
+        """When the next wake-up for a lane is set (wall-clock ns), and its call."""
         self._draining = False
         self._restore()
         if self.connectors:
@@ -183,7 +185,7 @@ class Gateway:
             # stay in their outbox (re-sent until a gateway takes them), rather than each being
             # refused as unknown_connector, which would count as failures and open their breakers.
             log.info("no connectors declared: action requests wait in the agents' outbox")
-        self.rt.every(cfg.commit_ms / 1000.0, self._tick)
+        self.rt.after_reading(self._after_reading)
         self.rt.every(60.0, self._forget)
         self.rt.extra_status = self._state
 
@@ -366,12 +368,23 @@ class Gateway:
         )
 
     # --- commit and dispatch (network thread) ----------------------------------------------------
+    def _after_reading(self) -> None:
+        """Requests that wrote nothing (a copy of one in the same commit) are acknowledged at once."""
+        if not (self._writes or self._publishes):
+            self.rt.committed()
+
     def _tick(self) -> None:
+        """Commit what waits (then queue what it accepted), and dispatch. Runs when something
+        happened (a read, a call's end) or when :meth:`_dispatch` asked to be woken, never on a
+        fixed tick: an idle gateway sleeps."""
         if (self._writes or self._publishes) and time.monotonic() >= self._retry_at:
             self._commit()
         elif not self._writes:
             self.rt.committed()
+        before = len(self._writes)
         self._dispatch()
+        if len(self._writes) > before and time.monotonic() >= self._retry_at:
+            self._soon()  # dispatch settled some (expired): on disk without waiting
 
     def _soon(self) -> None:
         """Commit and dispatch once the network thread has done what it is doing (a read's
@@ -392,6 +405,7 @@ class Gateway:
             self.metrics.counters["commit_failures"] += 1
             self._retry_at = time.monotonic() + 1.0
             log_failed_commit(log, "outbox", exc)
+            self._wake_at(time.time_ns() + 1_000_000_000)  # again in a second (a full disk may clear)
             return
         publishes, self._writes, self._publishes = self._publishes, [], []
         accepted, self._accepted = self._accepted, []
@@ -403,6 +417,14 @@ class Gateway:
         for q in accepted:
             self.lanes[q.connector].queue.append(q)
 
+    def _token_wait_s(self, conn: Connector, cap: Capability, mono: float) -> float:
+        """How long until both buckets a call of ``cap`` takes from have a token (at least 1 ms)."""
+        wait = self.buckets[conn.name].wait_s(conn.name, 1, mono)
+        capb = self.buckets.get(f"{conn.name}/{cap.name}")
+        if capb is not None:
+            wait = max(wait, capb.wait_s(cap.name, 1, mono))
+        return min(max(wait, 0.001), 60.0)
+
     def _take(self, conn: Connector, cap: Capability, mono: float) -> bool:
         capb = self.buckets.get(f"{conn.name}/{cap.name}")
         if capb is not None and not capb.take(cap.name, 1, mono):
@@ -413,11 +435,28 @@ class Gateway:
             capb.give_back(cap.name, 1)
         return False
 
+    def _wake_at(self, at_ns: int) -> None:
+        """Have :meth:`_tick` run at ``at_ns`` (wall clock), unless a wake-up is set sooner."""
+        if self._wake is not None:
+            if self._wake[0] <= at_ns:
+                return
+            self.rt.cancel_later(self._wake[1])
+        self._wake = (at_ns, self.rt.later(max(0.0, (at_ns - time.time_ns()) / 1e9), self._woken))
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._tick()
+
     def _dispatch(self) -> None:
+        """Start the calls each lane may make now; for what must wait (a paused lane, a retry's
+        backoff, a partial batch, a rate limit's next token) ask to be woken when it is due."""
         now = time.time_ns()
         mono = time.monotonic()
         for lane in self.lanes.values():
-            if not lane.queue or now < lane.paused_until:
+            if not lane.queue:
+                continue
+            if now < lane.paused_until:
+                self._wake_at(lane.paused_until)
                 continue
             conn = lane.conn
             limit = 1 if lane.probing else conn.spec.concurrency
@@ -430,6 +469,7 @@ class Gateway:
                     i += 1
                     continue
                 if q.next_ns > now:
+                    self._wake_at(q.next_ns)
                     if q.order is not None:
                         blocked.add(q.order)  # a later request with its order value waits behind it
                     i += 1
@@ -465,11 +505,13 @@ class Gateway:
                             picked.append(j)
                     if len(picked) < batch_max and now - q.received_ns < cap.spec.batch.wait_s * 1e9:
                         waiting_caps.add(q.capability)  # a partial batch waits a little for more
+                        self._wake_at(q.received_ns + int(cap.spec.batch.wait_s * 1e9))
                         i += 1
                         continue
                 if not self._take(conn, cap, mono):
                     self.metrics.counters[f"rate_limited.{conn.name}"] += 1
-                    break  # no token: this connector waits for the next tick
+                    self._wake_at(now + int(self._token_wait_s(conn, cap, mono) * 1e9))
+                    break  # no token: this connector waits for the next one
                 batch = [lane.queue[j] for j in picked]
                 for j in reversed(picked):
                     lane.queue.pop(j)
@@ -605,6 +647,7 @@ class Gateway:
     def _forget(self) -> None:
         cutoff = time.time_ns() - int(self.cfg.retention_s * 1e9)
         self._writes.append(("DELETE FROM requests WHERE state != 'queued' AND settled_ns < ?", (cutoff,)))
+        self._soon()
 
     def _state(self) -> dict[str, Any]:
         return {

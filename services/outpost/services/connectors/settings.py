@@ -19,7 +19,6 @@ class ConnectorsSettings(Section):
     declared: dict[Segment, ConnectorSpec] = Field(
         default_factory=dict, description="The site's connectors, by name (docs/connectors.md)."
     )
-    commit_ms: float = Field(2.0, gt=0, le=1000, description="Longest a request waits to be on disk.")
     log_sync: Literal["OFF", "NORMAL", "FULL"] = Field(
         "FULL", description="SQLite synchronous for the outbox: FULL survives power loss, NORMAL a crash."
     )
