@@ -57,6 +57,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar, cast
 import orjson
 from pydantic import ValidationError
 
+from outpost.bus import Later
 from outpost.contracts import Contract, StreamAck, StreamBatch, encode, header
 from outpost.errors import BrokerError, TopicError
 from outpost.log import get_logger
@@ -205,6 +206,13 @@ class ByteBucket:
     def spend(self, nbytes: int) -> None:
         self.tokens -= nbytes
 
+    def wait_s(self, now: float) -> float:
+        """Seconds until the bucket is out of debt (0: it is now): the sender sleeps that long."""
+        tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        if tokens > 0:
+            return 0.0
+        return -tokens / self.rate + 0.001 if self.rate > 0 else float("inf")
+
 
 @dataclass
 class Stream:
@@ -225,7 +233,12 @@ class OffsetStreams:
     state), timers (send, resend) and metrics (``{prefix}_sent.{stream}``, ``{prefix}_messages``,
     ``{prefix}_resends``, ``{prefix}_acked.{stream}``, ``{prefix}_again.{stream}``,
     ``{prefix}_stale_acks``, ``{prefix}_expired.{stream}``, ``uplink_changes``). Every call is made
-    on the service's network thread."""
+    on the service's network thread.
+
+    It sends when there is something to send: the owner calls :meth:`pump` (or :meth:`pump_soon`)
+    once new records are on disk, an acknowledgement or the link coming up pumps, and a byte gate
+    in debt wakes it when the debt is paid; a slow timer (``resend_s / 4``, at most 0.2 s) only
+    looks for streams whose answer is overdue."""
 
     def __init__(
         self,
@@ -265,6 +278,7 @@ class OffsetStreams:
             for name, src in sources.items()
         }
         self.link_up = link_topic is None
+        self._pump_due: Later | None = None
         self._final: dict[str, Any] | None = None
         hop = hop or cloud_hop(rt.topics, part)
         self._to_cloud = hop.to_cloud
@@ -289,6 +303,16 @@ class OffsetStreams:
         return epoch
 
     # --- sending ---------------------------------------------------------------------------------
+    def pump_soon(self, delay_s: float = 0.0) -> None:
+        """Pump once the network thread has finished what it is doing (or ``delay_s`` from now),
+        once for everything that asked meanwhile."""
+        if self._pump_due is None:
+            self._pump_due = self.rt.later(delay_s, self._pump_now)
+
+    def _pump_now(self) -> None:
+        self._pump_due = None
+        self.pump()
+
     def pump(self) -> None:
         """Send what the window allows; go back to the last acknowledged offset on a timeout."""
         if not self.link_up:
@@ -303,6 +327,7 @@ class OffsetStreams:
                 self._c[f"{self._p}_resends"] += 1
             while (room := self.window - (st.sent - st.acked)) > 0:
                 if self.gate is not None and not self.gate.ready(now):
+                    self.pump_soon(self.gate.wait_s(now))  # woken when the debt is paid
                     return  # what is more urgent keeps its turn: nothing after it goes first
                 records = st.source.after(st.sent, min(self.batch, room))
                 if not records:
@@ -336,6 +361,7 @@ class OffsetStreams:
         except (ValidationError, ValueError) as exc:
             raise Rejected("bad_ack", str(exc)[:500]) from None
         self.take(st, ack)
+        self.pump_soon()  # the window has room again
 
     def _stream_of(self, ack: StreamAck) -> Stream:
         """The stream an acknowledgement is about; ValueError for one this sender never sent."""
@@ -398,6 +424,7 @@ class OffsetStreams:
                 st.sent = st.acked
                 st.progress_at = time.monotonic()
                 st.resends = 0
+            self.pump_soon()
             if not was:
                 log.info("link up: sending from the last acknowledged offsets", extra=self.status())
         elif was:

@@ -53,6 +53,16 @@ class FakeRuntime:
         self.metrics = type("M", (), {"counters": Counter()})()
         self.sent: list[dict[str, Any]] = []
         self.subscribed: list[str] = []
+        self.laters: list[tuple[float, Any]] = []
+
+    def later(self, delay_s: float, fn: Any) -> object:
+        self.laters.append((delay_s, fn))
+        return object()
+
+    def run_laters(self) -> None:
+        laters, self.laters = self.laters, []
+        for _delay, fn in laters:
+            fn()
 
     def subscribe(self, pattern: str, handler: Any, **_: Any) -> None:
         self.subscribed.append(pattern)
@@ -90,7 +100,8 @@ def test_window_acks_resend_and_link(tmp_path: Path) -> None:
     s.pump()
     assert rt.sent == []  # the link is down until the bridge says up
     s.link(True)
-    s.pump()
+    assert [d for d, _ in rt.laters] == [0.0]  # the link coming up pumps at once, not at a tick
+    rt.run_laters()
     assert [(m["prev"], [o for o, _ in m["records"]]) for m in rt.sent] == [(0, [1, 2, 3]), (3, [4])]
     assert rt.sent[0]["id"] == "shop-1-ltm-1-3" and rt.sent[0]["v"] == 1 and rt.sent[0]["epoch"] == s.epoch
     st = s.streams["ltm"]
@@ -179,6 +190,9 @@ def test_the_byte_gate_lets_the_first_stream_go_first(tmp_path: Path) -> None:
     s.pump()
     assert [m["stream"] for m in rt.sent] == ["alerts"]  # one message, then the bucket is in debt
     assert gate.tokens < 0
+    # the sender asks to be woken when the debt is paid (at 1,000 bytes/s), not polled
+    [(delay, _)] = rt.laters
+    assert delay == pytest.approx(-gate.tokens / 1000, abs=0.01)
     gate.burst = gate.tokens = 1e9  # refilled
     s.pump()
     assert [m["stream"] for m in rt.sent][1:] == ["events"] * 10

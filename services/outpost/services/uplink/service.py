@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from outpost.bus import Later
 from outpost.downlink import REASONS as DOWNLINK_REASONS
 from outpost.downlink import Downlink
 from outpost.log import get_logger
@@ -90,6 +91,7 @@ class Uplink:
         self.metrics = self.rt.metrics
         self._root = self.rt.topics.root + "/"
         self.pending: list[Taken] = []
+        self._commit_due: Later | None = None
         self._over_warned = False
         if not cfg.cloud:
             self.outbox: Outbox | None = None
@@ -100,7 +102,7 @@ class Uplink:
         cap = cfg.max_bytes_s
         # under a cap, a message is at most 1/20 s of it and the burst 1/4 s: the cap then holds over
         # short spans too (one message and the burst are what a span can exceed it by), and a
-        # timer late by a tick (the kit's 50 ms) loses none of it
+        # wake-up a little late loses none of it
         self.outbox = Outbox(
             self.rt.state_dir("uplink") / "outbox.db",
             message_bytes=min(MESSAGE_BYTES, max(cap // 20, MIN_MESSAGE_BYTES)) if cap else MESSAGE_BYTES,
@@ -108,7 +110,7 @@ class Uplink:
         gate = ByteBucket(cap, max(cap / 4, 1.0)) if cap else None
         self.budget = int(cfg.max_outbox_mb * 1_000_000)
         """The outbox's disk budget, bytes of records."""
-        self.relay = Relay(self.rt, self.outbox, budget=self.budget, after=self._enforce)
+        self.relay = Relay(self.rt, self.outbox, budget=self.budget, after=self._relayed)
         lost = {RELAYED: self.relay.forget}
         self.streams = OffsetStreams(
             self.rt,
@@ -136,9 +138,7 @@ class Uplink:
                 return None if "*" in classes or device_class(device) in classes else SKIP
 
             self._take(t.all_events, "events", topic_key=t.event_device, screen=wanted)
-        self.rt.every(cfg.commit_ms / 1000, self._commit)
-        self.rt.after_reading(self._commit_if_many)
-        self.rt.every(0.02, self.streams.pump)
+        self.rt.after_reading(self._after_reading)
         self.rt.every(min(60.0, cfg.max_age_s / 4), lambda: self._expire(cfg.max_age_s))
         self.rt.extra_status = self._state
 
@@ -159,9 +159,29 @@ class Uplink:
         )
 
     # --- the outbox (network thread) -------------------------------------------------------------
-    def _commit_if_many(self) -> None:
+    def _after_reading(self) -> None:
+        """Once what waited on the socket is handled: what was taken is committed ``commit_ms``
+        later, with what comes meanwhile (at once past ``COMMIT_AT`` records); nothing polls."""
         if len(self.pending) >= COMMIT_AT:
             self._commit()
+        elif self.pending:
+            self._commit_soon(self.cfg.commit_ms / 1000)
+        elif self._commit_due is None:
+            self.rt.committed()
+
+    def _commit_soon(self, delay_s: float) -> None:
+        if self._commit_due is None:
+            self._commit_due = self.rt.later(delay_s, self._commit_when_due)
+
+    def _commit_when_due(self) -> None:
+        self._commit_due = None
+        self._commit()
+
+    def _relayed(self) -> None:
+        """Memory's records are in the outbox: keep the budget, send them."""
+        assert self.streams is not None
+        self._enforce()
+        self.streams.pump_soon()
 
     def _commit(self) -> None:
         """Commit what was taken (one fsync), then acknowledge it to the local broker."""
@@ -169,8 +189,9 @@ class Uplink:
         if self.pending:
             try:
                 self.outbox.add(self.pending)
-            except (sqlite3.Error, OSError, DiskFull) as exc:  # held, retried on the next tick
+            except (sqlite3.Error, OSError, DiskFull) as exc:  # held, retried in a second
                 log_failed_commit(log, "outbox", exc)
+                self._commit_soon(1.0)
                 return
             c = self.metrics.counters
             for t in self.pending:
