@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -32,7 +33,33 @@ from outpost.topics import Topics
 log = get_logger("outpost.broker")
 
 
+LISTEN_PORTS = (20000, 32767)
+"""Where :func:`free_port` looks: below Linux's default ephemeral range (32768-60999). A port the
+kernel hands out (``bind`` to 0) is in that range, and so can be taken by an outgoing connection's
+local end while its broker is down: a restarted test broker then failed with "Address already in
+use" (the uplink benchmark's cloud broker did, once)."""
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A loopback TCP port free now, outside the range the kernel gives outgoing connections (a
+    broker stopped and started again gets its port back), picked at random so that processes
+    picking at once rarely try the same one; the kernel's own pick where that range is all taken."""
+    lo, hi = LISTEN_PORTS[0], min(LISTEN_PORTS[1], _ephemeral_low() - 1)
+    for _ in range(100 if hi > lo else 0):
+        port = random.randint(lo, hi)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
