@@ -375,3 +375,19 @@ def test_uplink_bench_holds_everything_after_an_outage() -> None:
     table = io.StringIO()
     print_uplink(result, Console(file=table, width=200))  # the form without --json
     assert "held at the cloud" in table.getvalue()
+
+
+def test_idle_bench_measures_every_process_of_the_site() -> None:
+    p = outpost("bench", "idle", "--quick", "--duration", "2", "--json")
+    assert p.returncode == 0, p.stderr[-2000:]
+    result = orjson.loads(p.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "idle"
+    services = {"agents", "connectors", "inference", "ingest", "memory", "telemetry", "uplink"}
+    assert set(result["processes"]) == services | {"mosquitto", "cloud broker"}
+    for role, proc in result["processes"].items():
+        assert proc["cpu_pct"] >= 0 and proc["wakeups_s"] >= 0 and proc["threads"] >= 1, role
+    s = result["summary"]
+    assert s["restarts"] == 0
+    site = [p for role, p in result["processes"].items() if role != "cloud broker"]
+    assert s["site_wakeups_s"] == pytest.approx(sum(p["wakeups_s"] for p in site), abs=0.5)
+    assert s["site_wakeups_s"] > 0  # the services' timers (status, metrics, disk checks) do run

@@ -570,6 +570,40 @@ def uplink(
         print_uplink(result, stdout_console())
 
 
+@bench_app.command("idle")
+def idle(
+    quick: QuickOpt = False,
+    duration: Annotated[
+        float | None, typer.Option("--duration", min=1.0, help="Seconds measured (30; --quick: 5).")
+    ] = None,
+    cloud: Annotated[
+        bool,
+        typer.Option(
+            "--cloud/--no-cloud", help="A cloud broker of its own for the bridge and the uplink service."
+        ),
+    ] = True,
+    json_out: JsonOpt = False,
+) -> None:
+    """What a site costs while nothing happens: CPU and wake-ups a second of every service and of
+    Mosquitto, with nothing sent.
+
+    Starts the real site (its own Mosquitto and every service, as ``outpost up``) and, unless
+    --no-cloud, a cloud broker of its own; waits until every service is online, then measures.
+    """
+    from outpost.benchmarks.idle import IdleBenchOptions, print_idle, run_idle_bench
+
+    kw: dict[str, Any] = {"cloud": cloud}
+    if duration is not None:
+        kw["duration_s"] = duration
+    options = IdleBenchOptions.make(quick=quick, **kw)
+    with Phases("bench idle") as say:
+        result = run_idle_bench(options, progress=say)
+    if json_out:
+        print_json(result)
+    else:
+        print_idle(result, stdout_console())
+
+
 def register(app: typer.Typer) -> None:
     """Add ``outpost bench`` and its commands to the root app."""
     app.add_typer(bench_app, name="bench")
