@@ -78,6 +78,12 @@ DROP TRIGGER IF EXISTS items_removed;
 DELETE FROM changes;
 """
 
+EXACT_UP_TO = 1024
+"""An index of at most this many items is searched exhaustively: exact results (HNSW missed an
+item's own vector 1 time in 200 on 300 random 16-dimensional vectors, and failed a test so), at
+this size as fast as walking the graph (~60-70 us at 300 items; at 2,048 x 384 dimensions exact
+takes 390 us against 310)."""
+
 MAX_PAYLOAD_BYTES = 64 * 1024
 Vector = npt.NDArray[np.float32]
 
@@ -407,7 +413,7 @@ class LongTermMemory:
                 return []
             want = min(total, k * 4)
             while True:
-                matches = self.index.search(q, want)
+                matches = self.index.search(q, want, exact=total <= EXACT_UP_TO)
                 keys = [int(x) for x in matches.keys]
                 dists = {int(x): float(d) for x, d in zip(matches.keys, matches.distances, strict=True)}
                 hits = self._filtered(keys, dists, namespace, subject, where, now)
