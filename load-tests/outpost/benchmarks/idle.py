@@ -36,7 +36,7 @@ from rich.table import Table
 
 from outpost.benchmarks.ingest import machine
 from outpost.benchmarks.mqtt import connect, paho_client, subscribe
-from outpost.benchmarks.phase import BenchError, stack_pids, workdir
+from outpost.benchmarks.phase import BenchError, stack_pids, wait_ready, workdir
 from outpost.broker import Mosquitto
 from outpost.services.registry import OutpostSettings
 from outpost.settings import BrokerSettings
@@ -110,14 +110,12 @@ def wait_online(
     connect(client, settings.mqtt.host, settings.mqtt.port)
     try:
         subscribe(client, [(topics.all_service_status, 1)])
-        deadline = time.monotonic() + timeout_s
-        while not online >= services:
-            dead = alive()
-            if dead:
-                raise BenchError(f"every service online: {dead}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"not online within {timeout_s:g} s: {', '.join(sorted(services - online))}")
+
+        def all_online() -> bool:
             client.loop(0.1)
+            return online >= services
+
+        wait_ready(f"every service online ({', '.join(sorted(services))})", all_online, timeout_s, alive)
     finally:
         client.disconnect()
 
