@@ -40,7 +40,12 @@ def test_the_main_thread_wakes_at_the_signal_not_at_its_poll() -> None:
 def test_off_the_main_thread_it_waits_for_the_event() -> None:
     stop = threading.Event()
     done = threading.Event()
-    t = threading.Thread(target=lambda: (wait(stop), done.set()), daemon=True)
+
+    def waiter() -> None:
+        wait(stop)
+        done.set()
+
+    t = threading.Thread(target=waiter, daemon=True)
     t.start()
     assert not done.wait(0.3)
     stop.set()
