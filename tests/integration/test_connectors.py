@@ -463,6 +463,31 @@ def test_while_the_peer_is_down_requests_wait_then_are_done_once_and_old_ones_ex
     assert max(d["attempts"] for k in keys for d in results(res)[k]) >= 2
 
 
+def test_requests_queued_at_a_stop_are_done_after_the_restart_with_nothing_new_arriving(
+    settings: OutpostSettings, api: StoreAPI, gateway: list[Any], collect: Any, publisher: Bus
+) -> None:
+    """What the outbox held at a stop is dispatched as soon as the gateway is back, though no new
+    request arrives to wake it (the gateway has no tick: its upkeep timer runs once a minute)."""
+    declare(settings, store=store_connector(api.url))
+    g = start_gateway(gateway, settings)
+    res = collect(settings.topics.all_action_results)
+    metrics = collect(settings.topics.metrics("connectors"))
+    api.down()
+    keys = [f"held-{i}" for i in range(5)]
+    for k in keys:
+        send(publisher, settings, request(k, args={"shelf": k, "quantity": 1}))
+    assert metrics.wait_for(
+        lambda c: any(d["state"]["connectors"]["store"]["queued"] >= len(keys) for d in c.json()), WAIT
+    )
+    g.stop()  # drained: the requests stay queued in the outbox
+    api.up()
+    start_gateway(gateway, settings)
+    assert res.wait_for(lambda c: set(keys) <= set(final(c)), 30), results(res)
+    assert {final(res)[k] for k in keys} == {"done"}
+    effects = api.effects()
+    assert {k: effects[k]["effects"] for k in keys} == dict.fromkeys(keys, 1)
+
+
 class NetnsPeer:
     """The store API as a process in a network namespace of the test's own, reached over a veth
     pair whose link the test takes down and up: a real network cut (packets go nowhere)."""

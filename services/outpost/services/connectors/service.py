@@ -186,6 +186,7 @@ class Gateway:
             # refused as unknown_connector, which would count as failures and open their breakers.
             log.info("no connectors declared: action requests wait in the agents' outbox")
         self.rt.after_reading(self._after_reading)
+        self.rt.later(0.0, self._tick)  # what the outbox held at the last stop goes out now
         self.rt.every(60.0, self._forget)
         self.rt.extra_status = self._state
 
