@@ -99,6 +99,68 @@ class Later:
     def __lt__(self, other: Later) -> bool:
         return (self.due, self.seq) < (other.due, other.seq)
 
+    def cancel(self) -> None:
+        """Never run (a no-op once it has run)."""
+        self.cancelled = True
+
+
+class Alarm:
+    """One pending wake-up for ``fn``, however often it is asked for: a service that has something
+    falling due (a commit, a partial batch, a retry, a send) holds one Alarm rather than a
+    ``Later`` and a flag of its own.
+
+    :meth:`soon` keeps a wake-up already set (what asks meanwhile shares it: a flood's commits come
+    in one go); :meth:`at` keeps the earlier of the two (the oldest item's deadline wins). ``later``
+    schedules on the network thread (:meth:`Bus.call_later`, or the kit's ``rt.later``); ``clock``
+    is the clock :meth:`at`'s times are on, so a service keeps its own (integers compare exactly:
+    the same deadline asked again does not reschedule)."""
+
+    __slots__ = ("_clock", "_due", "_entry", "_fn", "_later")
+
+    def __init__(
+        self,
+        later: Callable[[float, Callable[[], None]], Later],
+        fn: Callable[[], None],
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self._later = later
+        self._fn = fn
+        self._clock = clock
+        self._entry: Later | None = None
+        self._due = 0
+
+    @property
+    def pending(self) -> bool:
+        """A wake-up is set and has not run."""
+        return self._entry is not None
+
+    def soon(self, delay_s: float = 0.0) -> None:
+        """Run ``fn`` ``delay_s`` from now (0: once the thread has done what it is doing), unless
+        a wake-up is already set."""
+        if self._entry is None:
+            delay_s = max(0.0, delay_s)
+            self._due = self._clock() + int(delay_s * 1e9)
+            self._entry = self._later(delay_s, self._ring)
+
+    def at(self, due: int) -> None:
+        """Run ``fn`` at ``due`` (on ``clock``, in ns), unless a wake-up is set for no later."""
+        if self._entry is not None:
+            if self._due <= due:
+                return
+            self._entry.cancel()
+        self._due = due
+        self._entry = self._later(max(0.0, (due - self._clock()) / 1e9), self._ring)
+
+    def cancel(self) -> None:
+        """Drop the wake-up, if one is set."""
+        if self._entry is not None:
+            self._entry.cancel()
+            self._entry = None
+
+    def _ring(self) -> None:
+        self._entry = None
+        self._fn()
+
 
 @dataclass(frozen=True, slots=True)
 class Will:
@@ -275,7 +337,7 @@ class Bus:
     def cancel_later(self, entry: Later | None) -> None:
         """Drop a call :meth:`call_later` scheduled, if it has not run (None: nothing)."""
         if entry is not None:
-            entry.cancelled = True
+            entry.cancel()
 
     def on_connect(self, hook: Callable[[bool], None]) -> None:
         """Call ``hook(session_present)`` on the network thread after each (re)connect."""

@@ -60,7 +60,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from outpost.acks import AckTracker, Turn
-from outpost.bus import Bus, Later, Message, Will
+from outpost.bus import Alarm, Bus, Later, Message, Will
 from outpost.contracts import (
     DECODE_REASONS,
     DLQ_PAYLOAD_MAX,
@@ -371,9 +371,10 @@ class ServiceRuntime:
         something of its own falls due (a partial batch, a retry, a commit) rather than poll."""
         return self.bus.call_later(delay_s, self._until_stopped(fn))
 
-    def cancel_later(self, entry: Later | None) -> None:
-        """Drop a call :meth:`later` scheduled, if it has not run."""
-        self.bus.cancel_later(entry)
+    def alarm(self, fn: Callable[[], None], clock: Callable[[], int] = time.monotonic_ns) -> Alarm:
+        """One pending wake-up for ``fn`` on the network thread (:class:`outpost.bus.Alarm`, run
+        through :meth:`later`): what a service holds for its commit, partial batch or retry."""
+        return Alarm(self.later, fn, clock)
 
     def after_reading(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the network thread each time the messages waiting on the socket have been

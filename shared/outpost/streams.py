@@ -57,7 +57,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar, cast
 import orjson
 from pydantic import ValidationError
 
-from outpost.bus import Later
+from outpost.bus import Alarm
 from outpost.contracts import Contract, StreamAck, StreamBatch, encode, header
 from outpost.errors import BrokerError, TopicError
 from outpost.log import get_logger
@@ -278,7 +278,7 @@ class OffsetStreams:
             for name, src in sources.items()
         }
         self.link_up = link_topic is None
-        self._pump_due: Later | None = None
+        self._pump_due: Alarm = rt.alarm(self.pump)
         self._final: dict[str, Any] | None = None
         hop = hop or cloud_hop(rt.topics, part)
         self._to_cloud = hop.to_cloud
@@ -306,12 +306,7 @@ class OffsetStreams:
     def pump_soon(self, delay_s: float = 0.0) -> None:
         """Pump once the network thread has finished what it is doing (or ``delay_s`` from now),
         once for everything that asked meanwhile."""
-        if self._pump_due is None:
-            self._pump_due = self.rt.later(delay_s, self._pump_now)
-
-    def _pump_now(self) -> None:
-        self._pump_due = None
-        self.pump()
+        self._pump_due.soon(delay_s)
 
     def pump(self) -> None:
         """Send what the window allows; go back to the last acknowledged offset on a timeout."""

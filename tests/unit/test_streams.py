@@ -12,6 +12,7 @@ from typing import Any, cast
 import orjson
 import pytest
 
+from outpost.bus import Alarm, Later
 from outpost.contracts import StreamAck
 from outpost.service import ServiceRuntime
 from outpost.store import Store
@@ -55,9 +56,12 @@ class FakeRuntime:
         self.subscribed: list[str] = []
         self.laters: list[tuple[float, Any]] = []
 
-    def later(self, delay_s: float, fn: Any) -> object:
+    def later(self, delay_s: float, fn: Any) -> Later:
         self.laters.append((delay_s, fn))
-        return object()
+        return Later(delay_s, len(self.laters), fn)
+
+    def alarm(self, fn: Any) -> Alarm:
+        return Alarm(self.later, fn)
 
     def run_laters(self) -> None:
         laters, self.laters = self.laters, []

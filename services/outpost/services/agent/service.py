@@ -32,7 +32,7 @@ import orjson
 from paho.mqtt.client import topic_matches_sub
 from pydantic import ValidationError
 
-from outpost.bus import Later
+from outpost.bus import Alarm
 from outpost.contracts import (
     ACTION_RESULT,
     DECISION,
@@ -169,7 +169,7 @@ class AgentService:
         """Escalations answered since the last commit: decision -> the reply's id."""
         self._retry_at = 0.0
         self._last_commit = 0.0
-        self._commit_due: Later | None = None
+        self._commit_due: Alarm = self.rt.alarm(self._commit_now)
         self._recovered_ms: float | None = None
         self._resumed = False
         self._sensing_cache: dict[str, list[Agent]] = {}
@@ -871,16 +871,15 @@ class AgentService:
         inputs that decided nothing are acknowledged as they are."""
         if self._writes or self._publishes:
             self._commit_soon()
-        elif self._commit_due is None:
+        elif not self._commit_due.pending:
             self.rt.committed()
 
     def _commit_soon(self) -> None:
-        if self._commit_due is None:
+        if not self._commit_due.pending:
             at = max(self._last_commit + self.cfg.commit_ms / 1000.0, self._retry_at)
-            self._commit_due = self.rt.later(max(0.0, at - time.monotonic()), self._commit_now)
+            self._commit_due.soon(at - time.monotonic())
 
     def _commit_now(self) -> None:
-        self._commit_due = None
         if self._writes or self._publishes:
             self.commit()
         else:

@@ -32,7 +32,7 @@ import orjson
 from pydantic import BaseModel
 
 from outpost.backoff import backoff_delay
-from outpost.bus import Later
+from outpost.bus import Alarm
 from outpost.contracts import ACTION_REQUEST, ActionRequest, derived_id, header
 from outpost.errors import ConfigError
 from outpost.log import get_logger
@@ -168,7 +168,7 @@ class Gateway:
         """The outbox's recent keys: a new key (nearly every request) is known new without a query;
         a key seen before is looked up for its stored result."""
         self._flush_posted = False
-        self._wake: tuple[int, Later] | None = None
+        self._wake: Alarm = self.rt.alarm(self._tick, clock=time.time_ns)
         """When the next wake-up for a lane is set (wall-clock ns), and its call."""
         self._draining = False
         self._restore()
@@ -186,7 +186,7 @@ class Gateway:
             # refused as unknown_connector, which would count as failures and open their breakers.
             log.info("no connectors declared: action requests wait in the agents' outbox")
         self.rt.after_reading(self._after_reading)
-        self.rt.later(0.0, self._tick)  # what the outbox held at the last stop goes out now
+        self._wake.soon()  # what the outbox held at the last stop goes out now
         self.rt.every(60.0, self._forget)
         self.rt.extra_status = self._state
 
@@ -406,7 +406,7 @@ class Gateway:
             self.metrics.counters["commit_failures"] += 1
             self._retry_at = time.monotonic() + 1.0
             log_failed_commit(log, "outbox", exc)
-            self._wake_at(time.time_ns() + 1_000_000_000)  # again in a second (a full disk may clear)
+            self._wake.at(time.time_ns() + 1_000_000_000)  # again in a second (a full disk may clear)
             return
         publishes, self._writes, self._publishes = self._publishes, [], []
         accepted, self._accepted = self._accepted, []
@@ -436,18 +436,6 @@ class Gateway:
             capb.give_back(cap.name, 1)
         return False
 
-    def _wake_at(self, at_ns: int) -> None:
-        """Have :meth:`_tick` run at ``at_ns`` (wall clock), unless a wake-up is set sooner."""
-        if self._wake is not None:
-            if self._wake[0] <= at_ns:
-                return
-            self.rt.cancel_later(self._wake[1])
-        self._wake = (at_ns, self.rt.later(max(0.0, (at_ns - time.time_ns()) / 1e9), self._woken))
-
-    def _woken(self) -> None:
-        self._wake = None
-        self._tick()
-
     def _dispatch(self) -> None:
         """Start the calls each lane may make now; for what must wait (a paused lane, a retry's
         backoff, a partial batch, a rate limit's next token) ask to be woken when it is due."""
@@ -457,7 +445,7 @@ class Gateway:
             if not lane.queue:
                 continue
             if now < lane.paused_until:
-                self._wake_at(lane.paused_until)
+                self._wake.at(lane.paused_until)
                 continue
             conn = lane.conn
             limit = 1 if lane.probing else conn.spec.concurrency
@@ -470,7 +458,7 @@ class Gateway:
                     i += 1
                     continue
                 if q.next_ns > now:
-                    self._wake_at(q.next_ns)
+                    self._wake.at(q.next_ns)
                     if q.order is not None:
                         blocked.add(q.order)  # a later request with its order value waits behind it
                     i += 1
@@ -506,12 +494,12 @@ class Gateway:
                             picked.append(j)
                     if len(picked) < batch_max and now - q.received_ns < cap.spec.batch.wait_s * 1e9:
                         waiting_caps.add(q.capability)  # a partial batch waits a little for more
-                        self._wake_at(q.received_ns + int(cap.spec.batch.wait_s * 1e9))
+                        self._wake.at(q.received_ns + int(cap.spec.batch.wait_s * 1e9))
                         i += 1
                         continue
                 if not self._take(conn, cap, mono):
                     self.metrics.counters[f"rate_limited.{conn.name}"] += 1
-                    self._wake_at(now + int(self._token_wait_s(conn, cap, mono) * 1e9))
+                    self._wake.at(now + int(self._token_wait_s(conn, cap, mono) * 1e9))
                     break  # no token: this connector waits for the next one
                 batch = [lane.queue[j] for j in picked]
                 for j in reversed(picked):

@@ -28,7 +28,7 @@ from typing import Any, Final
 
 import orjson
 
-from outpost.bus import Later
+from outpost.bus import Alarm
 from outpost.contracts import READING, SCHEMA_VERSION, ReadingDict, Reject, reading_id, reading_id_prefix
 from outpost.log import get_logger
 from outpost.ratelimit import RateLimiter
@@ -78,7 +78,7 @@ class IngestService:
         self._states: dict[str, SeqState] = {}  # seq state of the batch turn, committed once it is acked
         self._to_commit: dict[str, SeqState] = {}
         self._committing = False
-        self._commit_due: Later | None = None
+        self._commit_due: Alarm = self.rt.alarm(self._commit)
         self._oldest_ns = 0
         self._qos = cfg.qos
         self._class_counter: dict[str, str] = {}
@@ -398,13 +398,11 @@ class IngestService:
     def _commit_soon(self) -> None:
         """Commit ``commit_ms`` from now, once for everything confirmed meanwhile (the thread is
         woken only when there is state to commit, not polled)."""
-        if self._commit_due is None:
-            self._commit_due = self.rt.later(self.cfg.commit_ms / 1000.0, self._commit)
+        self._commit_due.soon(self.cfg.commit_ms / 1000.0)
 
     def _commit(self) -> None:
         """Commit the acknowledged seq state on the kit's worker: an fsync on the network thread
         would hold up every reading behind it (it was most of ingest's p99: docs/benchmarks.md)."""
-        self._commit_due = None
         if not (self._to_commit or self._retained_new) or self._committing:
             return
         states, self._to_commit = self._to_commit, {}

@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-from outpost.bus import Later
+from outpost.bus import Alarm
 from outpost.contracts import Contract
 from outpost.errors import TopicError
 from outpost.log import get_logger
@@ -121,7 +121,7 @@ class MemoryService:
         self._retry_at = 0.0
         self._backoff = 0.0
         """0 while commits succeed; else the wait before the next try (doubling to its cap)."""
-        self._commit_due: Later | None = None
+        self._commit_due: Alarm = rt.alarm(self._commit_when_due)
         self.context = ShortTermContext(
             max_entries=cfg.context_max_entries, max_bytes=cfg.context_max_mb * 1024 * 1024
         )
@@ -347,18 +347,17 @@ class MemoryService:
         (dead-lettered whole) are acknowledged as they are."""
         if self._pending:
             self._commit_soon()
-        elif self._commit_due is None:
+        elif not self._commit_due.pending:
             self.rt.committed()
 
     def _commit_soon(self) -> None:
-        if self._commit_due is None:
+        if not self._commit_due.pending:
             at = self._oldest + self.cfg.commit_ms / 1000.0
             if self._backoff:
                 at = max(at, self._retry_at)
-            self._commit_due = self.rt.later(max(0.0, at - time.monotonic()), self._commit_when_due)
+            self._commit_due.soon(at - time.monotonic())
 
     def _commit_when_due(self) -> None:
-        self._commit_due = None
         if self._pending:
             self.commit()
         else:

@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from outpost.bus import Later
+from outpost.bus import Alarm
 from outpost.downlink import REASONS as DOWNLINK_REASONS
 from outpost.downlink import Downlink
 from outpost.log import get_logger
@@ -91,7 +91,7 @@ class Uplink:
         self.metrics = self.rt.metrics
         self._root = self.rt.topics.root + "/"
         self.pending: list[Taken] = []
-        self._commit_due: Later | None = None
+        self._commit_due: Alarm = self.rt.alarm(self._commit)
         self._over_warned = False
         if not cfg.cloud:
             self.outbox: Outbox | None = None
@@ -165,17 +165,9 @@ class Uplink:
         if len(self.pending) >= COMMIT_AT:
             self._commit()
         elif self.pending:
-            self._commit_soon(self.cfg.commit_ms / 1000)
-        elif self._commit_due is None:
+            self._commit_due.soon(self.cfg.commit_ms / 1000)
+        elif not self._commit_due.pending:
             self.rt.committed()
-
-    def _commit_soon(self, delay_s: float) -> None:
-        if self._commit_due is None:
-            self._commit_due = self.rt.later(delay_s, self._commit_when_due)
-
-    def _commit_when_due(self) -> None:
-        self._commit_due = None
-        self._commit()
 
     def _relayed(self) -> None:
         """Memory's records are in the outbox: keep the budget, send them."""
@@ -191,7 +183,7 @@ class Uplink:
                 self.outbox.add(self.pending)
             except (sqlite3.Error, OSError, DiskFull) as exc:  # held, retried in a second
                 log_failed_commit(log, "outbox", exc)
-                self._commit_soon(1.0)
+                self._commit_due.soon(1.0)
                 return
             c = self.metrics.counters
             for t in self.pending:
