@@ -206,12 +206,12 @@ class ByteBucket:
     def spend(self, nbytes: int) -> None:
         self.tokens -= nbytes
 
-    def wait_s(self, now: float) -> float:
-        """Seconds until the bucket is out of debt (0: it is now): the sender sleeps that long."""
-        tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        if tokens > 0:
+    def wait_s(self) -> float:
+        """Seconds until the bucket is out of debt, as :meth:`ready` last left it (0: it is not):
+        the sender sleeps that long."""
+        if self.tokens > 0:
             return 0.0
-        return -tokens / self.rate + 0.001 if self.rate > 0 else float("inf")
+        return -self.tokens / self.rate + 0.001 if self.rate > 0 else float("inf")
 
 
 @dataclass
@@ -322,7 +322,7 @@ class OffsetStreams:
                 self._c[f"{self._p}_resends"] += 1
             while (room := self.window - (st.sent - st.acked)) > 0:
                 if self.gate is not None and not self.gate.ready(now):
-                    self.pump_soon(self.gate.wait_s(now))  # woken when the debt is paid
+                    self.pump_soon(self.gate.wait_s())  # woken when the debt is paid
                     return  # what is more urgent keeps its turn: nothing after it goes first
                 records = st.source.after(st.sent, min(self.batch, room))
                 if not records:

@@ -110,6 +110,18 @@ def test_the_byte_gate_holds_its_rate() -> None:
     assert 10_000 <= sent <= 10_000 + 250 + 100
 
 
+def test_the_byte_gate_says_how_long_its_debt_lasts() -> None:
+    gate = ByteBucket(1000, 250, now=0.0)
+    assert gate.ready(0.0) and gate.wait_s() == 0.0
+    gate.spend(750)  # 500 bytes in debt: half a second at 1,000 bytes/s
+    assert not gate.ready(0.0)
+    assert gate.wait_s() == pytest.approx(0.501)
+    assert not gate.ready(0.25)
+    assert gate.wait_s() == pytest.approx(0.251)
+    assert gate.ready(0.501) and gate.wait_s() == 0.0
+    assert ByteBucket(0, 0, now=0.0).wait_s() == float("inf")
+
+
 @pytest.mark.parametrize(
     "url",
     ["mysql://u@h/db", "sqlite:/relative", "postgresql://u:s3cret@127.0.0.1:1/x", "sqlite:///{file}/x.db"],
