@@ -33,6 +33,9 @@ from outpost.topics import Topics
 log = get_logger("outpost.broker")
 
 
+PORT_FILE = "port"
+"""In the broker's folder: the port it listens on, kept for its next start (:func:`port_of_last_run`)."""
+
 LISTEN_PORTS = (20000, 32767)
 """Where :func:`free_port` looks: below Linux's default ephemeral range (32768-60999). A port the
 kernel hands out (``bind`` to 0) is in that range, and so can be taken by an outgoing connection's
@@ -63,6 +66,30 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def can_listen(host: str, port: int) -> bool:
+    """Whether a listener could bind ``host:port`` now (as the broker and uvicorn bind it, with
+    SO_REUSEADDR: a port a stopped process left in TIME_WAIT counts as free)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def port_of_last_run(workdir: Path, host: str) -> int:
+    """The port the broker of ``workdir`` listened on when it last started, if it is free now
+    (0: none): a site restarted with ``broker.port`` 0 keeps its address, so its devices, a
+    simulator still running and scripts that found it once keep finding it."""
+    try:
+        port = int((workdir / PORT_FILE).read_text())
+    except (OSError, ValueError):
+        return 0
+    return port if 0 < port < 65536 and can_listen(host, port) else 0
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
@@ -194,7 +221,7 @@ class Mosquitto:
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
         if not self.port:
-            self.port = self.settings.port or free_port()
+            self.port = self.settings.port or port_of_last_run(self.workdir, self.host) or free_port()
 
     @property
     def address(self) -> str:
@@ -323,6 +350,7 @@ class Mosquitto:
                     f"mosquitto exited with {self.proc.returncode}: {err.strip()} {log[-2000:]}"
                 )
             if port_open(self.host, self.port):
+                (self.workdir / PORT_FILE).write_text(f"{self.port}\n")
                 if self.die_with_parent:
                     self._watchdog = subprocess.Popen(
                         [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self.proc.pid)],

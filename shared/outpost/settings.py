@@ -76,7 +76,15 @@ class BrokerSettings(Section):
     """The Mosquitto that ``outpost up`` starts when no external broker is given."""
 
     binary: str = Field("mosquitto", description="Mosquitto executable.")
-    port: int = Field(0, ge=0, le=65535, description="Port to listen on; 0 picks a free one.")
+    port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description=(
+            "Port to listen on; 0 picks a free one the first time and keeps it for the next "
+            "starts while it is free (the broker folder's `port` file)."
+        ),
+    )
     max_queued_messages: int = Field(1_000_000, ge=0, description="Per-client queue (0 = unlimited).")
     max_inflight_messages: int = Field(
         1000, ge=0, description="Per-client unacknowledged QoS 1 deliveries (0 = unlimited)."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -153,6 +154,30 @@ def test_stop_and_kill(tmp_path: Path) -> None:
     m.stop()
     assert not m.running
     m.stop()  # stopping twice is harmless
+
+
+def test_a_broker_started_again_in_its_folder_keeps_its_port_while_it_is_free(tmp_path: Path) -> None:
+    """With no port set, the first start picks one and the next starts in the same folder take it
+    again (a site's devices and a running simulator keep finding it); if something else holds it
+    by then, a free one, kept from then on."""
+    first = Mosquitto(tmp_path / "b").start()
+    port = first.port
+    first.stop()
+    again = Mosquitto(tmp_path / "b").start()
+    try:
+        assert again.port == port
+    finally:
+        again.stop()
+    with socket.socket() as holder:  # another program takes the port meanwhile
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        moved = Mosquitto(tmp_path / "b").start()
+        try:
+            assert moved.port != port and port_open(moved.host, moved.port)
+        finally:
+            moved.stop()
+    assert Mosquitto(tmp_path / "b").port == moved.port
+    assert Mosquitto(tmp_path / "other").port != moved.port  # another folder: its own
 
 
 def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from outpost.broker import free_port, port_open
+from outpost.broker import can_listen, free_port, port_open
 from outpost.cli.output import JsonOpt, print_json
 from outpost.cli.site import DataDirOpt, SiteBrokerOpt, SiteOpt, Where, find_site
 from outpost.containers import site_containers
@@ -185,23 +184,12 @@ def status_page(settings: OutpostSettings) -> tuple[str | None, dict[str, str]]:
     page = settings.telemetry.page
     if not page.enabled:
         return None, {}
-    if page.port and _can_listen(page.host, page.port):
+    if page.port and can_listen(page.host, page.port):
         return page_url(page.host, page.port), {}
     if page.port:
         console.print(f"[yellow]status page: port {page.port} is in use; serving on a free port[/]")
     port = free_port()
     return page_url(page.host, port), {"OUTPOST_TELEMETRY__PAGE__PORT": str(port)}
-
-
-def _can_listen(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def up(
