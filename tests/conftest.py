@@ -19,6 +19,7 @@ import pytest
 
 from outpost.broker import Mosquitto
 from outpost.bus import Bus
+from outpost.contracts import event_dict
 from outpost.services.ingest.service import IngestService, run
 from outpost.services.registry import OutpostSettings
 from outpost.settings import MqttSettings
@@ -246,24 +247,7 @@ def make_reading(device: str, seq: int, /, *, ts: int | None = None, **fields: A
 def make_event(device: str, seq: int, metric: str, value: Any, **fields: Any) -> dict[str, Any]:
     """An event as ingest publishes it (id ``{device}-{seq}``, stamped now); ``fields`` override or
     add fields."""
-    eid = f"{device}-{seq}"
-    ts = time.time_ns()
-    ev: dict[str, Any] = {
-        "v": 1,
-        "id": eid,
-        "ts": ts,
-        "trace": eid,
-        "device": device,
-        "seq": seq,
-        "metric": metric,
-        "value": value,
-        "unit": "kg",
-        "ingest_ns": ts,
-        "gap": 0,
-        "late": False,
-    }
-    ev.update(fields)
-    return ev
+    return event_dict(device, seq, metric, value, fields.pop("unit", "kg"), **fields)
 
 
 def kill_9_after(script: str, arg: str, acked_at_least: int) -> int:

@@ -166,6 +166,32 @@ class EventDict(TypedDict):
     late: NotRequired[bool]
 
 
+def event_dict(
+    device: str, seq: int, metric: str, value: float, unit: str, *, ts: int | None = None, **fields: Any
+) -> dict[str, Any]:
+    """An event as ingest publishes it (id and trace ``{device}-{seq}``, stamped ``ts`` or now), for
+    what stands in for ingest (tests, benchmarks); ``fields`` override or add fields. Ingest's own
+    hot path builds its events inline."""
+    eid = f"{device}-{seq}"
+    ts = now_ns() if ts is None else ts
+    ev: dict[str, Any] = {
+        "v": SCHEMA_VERSION,
+        "id": eid,
+        "ts": ts,
+        "trace": eid,
+        "device": device,
+        "seq": seq,
+        "metric": metric,
+        "value": value,
+        "unit": unit,
+        "ingest_ns": ts,
+        "gap": 0,
+        "late": False,
+    }
+    ev.update(fields)
+    return ev
+
+
 # --- inference --------------------------------------------------------------------------------------
 class Score(Envelope):
     """One model's verdict on one event, on ``.../inference/{model}/{device}`` (a JSON list). Its id

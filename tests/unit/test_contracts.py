@@ -41,6 +41,7 @@ from outpost.contracts import (
     dead_letter,
     derived_id,
     encode,
+    event_dict,
     header,
     item_bytes,
     new_id,
@@ -291,7 +292,14 @@ def _ingest_event(seq: int = 1) -> dict[str, object]:
     }
 
 
-@pytest.mark.parametrize("make", [_ingest_event, lambda: make_event("d1", 3, "shelf_weight", 4.25)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        _ingest_event,
+        lambda: make_event("d1", 3, "shelf_weight", 4.25),
+        lambda: event_dict("d1", 3, "temperature", 4.2, "C", ts=10**18, id="run7-d1-3", trace="run7-d1-3"),
+    ],
+)
 def test_event_as_ingest_and_the_tests_build_it_fits_both_decoders(
     make: Callable[[], dict[str, Any]],
 ) -> None:

@@ -75,6 +75,7 @@ from outpost.benchmarks.phase import (
 )
 from outpost.benchmarks.report import machine_line
 from outpost.broker import Mosquitto, uplink_bridge
+from outpost.contracts import event_dict
 from outpost.datadir import site_path
 from outpost.services.registry import OutpostSettings
 from outpost.services.uplink.store import CloudStore
@@ -137,22 +138,11 @@ def run_producer(spec: ProducerSpec, ch: Channels) -> None:
 
 
 def _event(spec: ProducerSpec, device: str, seq: int, ts: int) -> dict[str, Any]:
-    """An event as ingest publishes it (``tests.conftest.make_event``'s shape)."""
+    """An event as ingest publishes it, its id unique to the run (``spec.tag``)."""
     eid = f"{spec.tag}-{device}-{seq}"
-    return {
-        "v": 1,
-        "id": eid,
-        "ts": ts,
-        "trace": eid,
-        "device": device,
-        "seq": seq,
-        "metric": "temperature",
-        "value": round(3.0 + (seq % 40) / 10, 1),
-        "unit": "C",
-        "ingest_ns": ts,
-        "gap": 0,
-        "late": False,
-    }
+    return event_dict(
+        device, seq, "temperature", round(3.0 + (seq % 40) / 10, 1), "C", ts=ts, id=eid, trace=eid
+    )
 
 
 def _produce(spec: ProducerSpec, ch: Channels) -> dict[str, Any]:
