@@ -313,8 +313,10 @@ class Mosquitto:
             st = parent.stat()
             if not (st.st_mode & 0o001 or (st.st_uid == pw.pw_uid and st.st_mode & 0o100)):
                 log.warning(
-                    "the broker runs as root, not as the user mosquitto, which cannot reach its "
-                    "folder; to run it unprivileged, give a data folder outside it (--data-dir)",
+                    f"the broker runs as root, not as the user mosquitto, which cannot enter "
+                    f"{parent} (mode {st.st_mode & 0o777:03o}) on the way to its folder; to run it "
+                    f"unprivileged, open that folder to others (chmod o+x {parent}) or give a data "
+                    "folder (--data-dir) whose parents others may enter",
                     extra={"closed_folder": str(parent)},
                 )
                 return False

@@ -67,9 +67,12 @@ def _services_table(stack: Stack, mon: SiteMonitor) -> Table:
         said = str(row["reason"] or "")
         if row["log_error"]:
             said = f"{said} [{row['log_error']}]" if said else str(row["log_error"])
+        process = str(row["state"])
+        if process == "stopped" and row["last_exit"] is not None:
+            process += f" (exit {row['last_exit']})"  # at the end: it ran, and how it ended
         t.add_row(
             name,
-            str(row["state"]),
+            process,
             str(row["pid"] or "-"),
             str(row["restarts"]),
             str(row["uptime_s"]),
@@ -186,10 +189,18 @@ def status_page(settings: OutpostSettings) -> tuple[str | None, dict[str, str]]:
         return None, {}
     if page.port and can_listen(page.host, page.port):
         return page_url(page.host, page.port), {}
-    if page.port:
-        console.print(f"[yellow]status page: port {page.port} is in use; serving on a free port[/]")
-    port = free_port()
+    port = free_port()  # where page.port was in use, up's first line says so (_page_said)
     return page_url(page.host, port), {"OUTPOST_TELEMETRY__PAGE__PORT": str(port)}
+
+
+def _page_said(settings: OutpostSettings, page: str | None, env: dict[str, str]) -> str:
+    """The status page's address as ``up`` states it, with why it is not the configured port (said
+    once the site has started: a second ``up`` on the same folder is refused first, not told
+    about a port its twin holds)."""
+    configured = settings.telemetry.page.port
+    if page is None:
+        return "none"
+    return f"{page} (port {configured} was in use)" if env and configured else page
 
 
 def up(
@@ -211,7 +222,7 @@ def up(
         # where its broker and status page listen; the live table below refreshes only on a terminal
         console.print(
             f"Outpost site {settings.site!r}: broker {settings.mqtt.host}:{settings.mqtt.port}, "
-            f"status page: {page or 'none'}, "
+            f"status page: {_page_said(settings, page, env)}, "
             f"state in {stack.site_dir}, uplink {settings.uplink.cloud or 'none'}, PID {os.getpid()}; "
             "Ctrl-C or SIGTERM stops it",
             soft_wrap=True,
