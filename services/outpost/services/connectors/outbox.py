@@ -37,7 +37,15 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_state ON requests (state, received_ns);
 CREATE INDEX IF NOT EXISTS requests_trace ON requests (trace);
+CREATE INDEX IF NOT EXISTS requests_settled ON requests (settled_ns) WHERE state != 'queued';
 """
+
+FORGET = "DELETE FROM requests WHERE state != 'queued' AND settled_ns < ?"
+"""Settled requests older than the retention (``connectors.retention_s``) leave the outbox; queued
+ones stay however old. It reads what it deletes through ``requests_settled`` (a partial index that
+a request enters when it settles, so intake writes no more than before): the minute's upkeep runs
+on the gateway's network thread, and a scan of a month's requests there held up every request
+behind it (15 ms at 100,000 rows on the 2-core machine, growing with the table)."""
 
 
 def open_outbox(path: Path, *, synchronous: Sync = "FULL") -> Store:

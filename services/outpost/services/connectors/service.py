@@ -40,7 +40,7 @@ from outpost.ratelimit import RateLimiter
 from outpost.recent import RecentIds
 from outpost.service import Ack, Inbound, ServiceRuntime, run_until, service_main
 from outpost.services.connectors.kinds.base import Client, Context, Outcome, Request, SecretRef
-from outpost.services.connectors.outbox import open_outbox
+from outpost.services.connectors.outbox import FORGET, open_outbox
 from outpost.services.connectors.secrets import SecretStore, redact_tree
 from outpost.services.connectors.spec import Capability, Connector
 from outpost.services.registry import OutpostSettings
@@ -635,7 +635,7 @@ class Gateway:
     # --- upkeep ----------------------------------------------------------------------------------
     def _forget(self) -> None:
         cutoff = time.time_ns() - int(self.cfg.retention_s * 1e9)
-        self._writes.append(("DELETE FROM requests WHERE state != 'queued' AND settled_ns < ?", (cutoff,)))
+        self._writes.append((FORGET, (cutoff,)))
         self._soon()
 
     def _state(self) -> dict[str, Any]:
