@@ -58,7 +58,7 @@ from outpost.services.agent.inputs import from_decision, from_event, from_result
 from outpost.services.agent.policy import Observation, Policy, Proposal, make_policy
 from outpost.services.agent.report import DB_NAME, FOLDER, figures, open_escalations, operating, supervision
 from outpost.services.agent.spec import AgentSpec
-from outpost.services.agent.store import open_agent_db
+from outpost.services.agent.store import FORGET, open_agent_db
 from outpost.services.agent.supervisor import Governor, desired_state
 from outpost.services.registry import OutpostSettings
 from outpost.store import Statement, log_failed_commit
@@ -1019,20 +1019,9 @@ class AgentService:
             self.metrics.counters["actions_resent"] += 1
 
     def _forget(self) -> None:
-        """Retention (``agents.retention_s``): what is settled and old goes; an open escalation, a
-        pending action and the decisions they belong to stay however old."""
+        """Retention (``agents.retention_s``): :data:`~outpost.services.agent.store.FORGET`."""
         cutoff = time.time_ns() - int(self.cfg.retention_s * 1e9)
-        self._writes.extend(
-            [
-                ("DELETE FROM actions WHERE created_ns < ? AND state != 'pending'", (cutoff,)),
-                ("DELETE FROM escalations WHERE created_ns < ? AND state != 'open'", (cutoff,)),
-                (
-                    "DELETE FROM decisions WHERE ts < ? AND id NOT IN (SELECT decision FROM actions) "
-                    "AND id NOT IN (SELECT decision FROM escalations)",
-                    (cutoff,),
-                ),
-            ]
-        )
+        self._writes.extend((sql, (cutoff,)) for sql in FORGET)
         self._commit_soon()
 
     def _report(self) -> None:

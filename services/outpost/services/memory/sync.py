@@ -60,12 +60,26 @@ CREATE TABLE IF NOT EXISTS summaries (
     made_ns INTEGER NOT NULL,
     doc BLOB NOT NULL
 );
+CREATE INDEX IF NOT EXISTS summaries_made ON summaries (made_ns);
 CREATE TABLE IF NOT EXISTS summarized (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     log_to INTEGER NOT NULL
 );
 """
 )
+
+
+EXPIRE_SUMMARIES = "DELETE FROM summaries WHERE made_ns < ?"
+"""Summaries the cloud never took within the retention go (through summaries_made)."""
+
+SUMMARIZED = (
+    "SELECT max(coalesce((SELECT log_to FROM summarized WHERE id = 0), 0), "
+    'coalesce((SELECT log_to FROM summaries WHERE "offset" = (SELECT max("offset") FROM summaries)), 0))'
+)
+"""Where the last summary ends: the mark, or the newest summary (a store from before the mark
+existed). Two lookups, not a scan of every summary kept (run each ``memory.summary_s`` on the
+network thread; a week's backlog of the uplink being down is 10,000); ``log_to`` grows with the
+offset."""
 
 
 @dataclass
@@ -109,7 +123,7 @@ class Summaries:
         return sequence(self.store.db, "summaries")
 
     def expire(self, before_ns: int) -> int:
-        return self.store.db.execute("DELETE FROM summaries WHERE made_ns < ?", (before_ns,)).rowcount
+        return self.store.db.execute(EXPIRE_SUMMARIES, (before_ns,)).rowcount
 
     def snapshot(self) -> int:
         return 0  # a summary the cloud acknowledged was forgotten: it cannot be made again
@@ -124,10 +138,7 @@ class Summaries:
         """The log offset the last summary ends at. Kept apart from the summaries, which go once
         the cloud has them: the log's own mark (its ``sync`` consumer) is moved after the summary is
         stored, so a crash in between would otherwise make the next summary start again from it."""
-        row = self.store.query(
-            "SELECT max(log_to) FROM (SELECT log_to FROM summarized UNION ALL SELECT log_to FROM summaries)"
-        )
-        return int(row[0][0] or 0)
+        return int(self.store.query(SUMMARIZED)[0][0])
 
     def add(self, upto: int, doc: bytes) -> None:
         """Store the summary of the log up to ``upto`` and move the mark, in one transaction."""

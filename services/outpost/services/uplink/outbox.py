@@ -64,6 +64,18 @@ CREATE TABLE IF NOT EXISTS offsets (
 receives from the site's parts (memory sync's, :mod:`.relay`)."""
 
 
+EXPIRED = (
+    'stream = ?1 AND "offset" < coalesce((SELECT "offset" FROM records WHERE stream = ?1 '
+    'AND made_ns >= ?2 ORDER BY "offset" LIMIT 1), 9223372036854775807)'
+)
+"""Which records of a stream are past their age: those before the first made at or after the
+cutoff. ``made_ns`` is the wall clock when a record was taken, so it grows with the offset; read
+this way the expiry walks only what it deletes, where ``made_ns < ?`` read the whole stream (15 ms
+at 80,000 held events, on the network thread each minute) without a second index on every record
+taken. A clock stepped back can leave a record past its age for a later pass, never take one
+that is not."""
+
+
 @dataclass(frozen=True, slots=True)
 class Taken:
     """One record taken from the local broker, to be committed."""
@@ -174,7 +186,9 @@ class Outbox:
         return self._delete('stream = ? AND "offset" <= ?', (stream, upto))
 
     def expire(self, stream: str, before_ns: int) -> int:
-        return self._delete("stream = ? AND made_ns < ?", (stream, before_ns))
+        """The stream's records made before ``before_ns``, oldest first up to the first that is
+        not (:data:`EXPIRED`)."""
+        return self._delete(EXPIRED, (stream, before_ns))
 
     def last(self, stream: str) -> int:
         return self.offsets.get(stream, 0)
