@@ -113,7 +113,8 @@ class Alarm:
     in one go); :meth:`at` keeps the earlier of the two (the oldest item's deadline wins). ``later``
     schedules on the network thread (:meth:`Bus.call_later`, or the kit's ``rt.later``); ``clock``
     is the clock :meth:`at`'s times are on, so a service keeps its own (integers compare exactly:
-    the same deadline asked again does not reschedule)."""
+    the same deadline asked again does not reschedule). Use it on the network thread, where what
+    it schedules runs: it holds no lock."""
 
     __slots__ = ("_clock", "_due", "_entry", "_fn", "_later")
 

@@ -236,9 +236,10 @@ class OffsetStreams:
     on the service's network thread.
 
     It sends when there is something to send: the owner calls :meth:`pump` (or :meth:`pump_soon`)
-    once new records are on disk, an acknowledgement or the link coming up pumps, and a byte gate
-    in debt wakes it when the debt is paid; a slow timer (``resend_s / 4``, at most 0.2 s) only
-    looks for streams whose answer is overdue."""
+    once new records are on disk, the start, an acknowledgement or the link coming up pumps, a byte
+    gate in debt wakes it when the debt is paid, and a stream with records in flight wakes it when
+    its answer falls overdue. Nothing polls (a 0.2 s look for overdue answers was most of an idle
+    uplink's and memory sync's wake-ups)."""
 
     def __init__(
         self,
@@ -289,7 +290,9 @@ class OffsetStreams:
         rt.subscribe(hop.acks, self._on_ack, ack=Ack.AT_ONCE, counter=f"{counter_prefix}_acks")
         if link_topic is not None:
             rt.subscribe(link_topic, self._on_link, ack=Ack.AT_ONCE, counter="uplink_messages")
-        rt.every(min(0.2, resend_s / 4), self.pump)
+        self._resend_due: Alarm = rt.alarm(self.pump)
+        if self.link_up:
+            self.pump_soon()  # what was held at the last stop (or a new epoch's snapshot) goes now
 
     def _epoch(self, sources: Mapping[str, Source], afresh: bool) -> str:
         row = self.store.query("SELECT value FROM meta WHERE key = 'epoch'")
@@ -313,23 +316,40 @@ class OffsetStreams:
         if not self.link_up:
             return
         now = time.monotonic()
-        for st in self.streams.values():
-            wait_s = self.resend_s * 2 ** min(st.resends, BACKOFF_DOUBLINGS)
-            if st.sent > st.acked and now - st.progress_at > wait_s:
-                st.sent = st.acked
-                st.progress_at = now
-                st.resends += 1
-                self._c[f"{self._p}_resends"] += 1
-            while (room := self.window - (st.sent - st.acked)) > 0:
-                if self.gate is not None and not self.gate.ready(now):
-                    self.pump_soon(self.gate.wait_s())  # woken when the debt is paid
-                    return  # what is more urgent keeps its turn: nothing after it goes first
-                records = st.source.after(st.sent, min(self.batch, room))
-                if not records:
-                    break
-                if st.sent == st.acked:
-                    st.progress_at = now  # the clock for an answer starts with the first in flight
-                self._send(st, records)
+        try:
+            for st in self.streams.values():
+                if st.sent > st.acked and now - st.progress_at > self._answer_wait(st):
+                    st.sent = st.acked
+                    st.progress_at = now
+                    st.resends += 1
+                    self._c[f"{self._p}_resends"] += 1
+                while (room := self.window - (st.sent - st.acked)) > 0:
+                    if self.gate is not None and not self.gate.ready(now):
+                        self.pump_soon(self.gate.wait_s())  # woken when the debt is paid
+                        return  # what is more urgent keeps its turn: nothing after it goes first
+                    records = st.source.after(st.sent, min(self.batch, room))
+                    if not records:
+                        break
+                    if st.sent == st.acked:
+                        st.progress_at = now  # the clock for an answer starts with the first in flight
+                    self._send(st, records)
+        finally:
+            self._wake_when_overdue()
+
+    def _answer_wait(self, st: Stream) -> float:
+        """How long a stream's answer may take before it is sent again from its acknowledged offset
+        (doubling with each resend in a row without progress)."""
+        return self.resend_s * float(2 ** min(st.resends, BACKOFF_DOUBLINGS))
+
+    def _wake_when_overdue(self) -> None:
+        """Pump when the first answer now in flight falls overdue (a millisecond past it: overdue is
+        "longer than"); an answer that comes first leaves it nothing to do but set the next."""
+        due = min(
+            (st.progress_at + self._answer_wait(st) for st in self.streams.values() if st.sent > st.acked),
+            default=None,
+        )
+        if due is not None:
+            self._resend_due.at(int(due * 1e9) + 1_000_000)
 
     def _send(self, st: Stream, records: Records) -> None:
         first, last = records[0][0], records[-1][0]

@@ -191,15 +191,41 @@ def test_the_byte_gate_lets_the_first_stream_go_first(tmp_path: Path) -> None:
         gate=gate,
     )
     gate.at = time.monotonic()  # the pump's clock
-    s.pump()
+    assert [d for d, _ in rt.laters] == [0.0]  # no link to wait for: the start pumps at once
+    rt.run_laters()
     assert [m["stream"] for m in rt.sent] == ["alerts"]  # one message, then the bucket is in debt
     assert gate.tokens < 0
-    # the sender asks to be woken when the debt is paid (at 1,000 bytes/s), not polled
-    [(delay, _)] = rt.laters
-    assert delay == pytest.approx(-gate.tokens / 1000, abs=0.01)
+    # the sender asks to be woken when the debt is paid (at 1,000 bytes/s) and when the answer in
+    # flight falls overdue (resend_s), not polled
+    debt, overdue = sorted(d for d, _ in rt.laters)
+    assert debt == pytest.approx(-gate.tokens / 1000, abs=0.01)
+    assert overdue == pytest.approx(10.001, abs=0.05)
     gate.burst = gate.tokens = 1e9  # refilled
     s.pump()
     assert [m["stream"] for m in rt.sent][1:] == ["events"] * 10
+
+
+def test_an_answer_in_flight_wakes_the_sender_when_it_falls_overdue(tmp_path: Path) -> None:
+    """No timer looks for overdue answers: the sender asks to be woken when the first falls due,
+    and that wake-up sends again from the acknowledged offset."""
+    s, rt = make(tmp_path, ListSource(10))
+    s.link(True)
+    rt.run_laters()
+    assert len(rt.sent) == 2  # the window (4) in batches of 3
+    [(delay, wake)] = rt.laters
+    assert delay == pytest.approx(10.001, abs=0.05)  # resend_s after the first send
+    rt.laters.clear()
+    s.streams["ltm"].progress_at -= 11  # as if those 10 s had passed without an answer
+    rt.sent.clear()
+    wake()
+    assert rt.metrics.counters["sync_resends"] == 1 and rt.sent[0]["prev"] == 0
+    [(delay, _)] = rt.laters
+    assert delay == pytest.approx(20.001, abs=0.05)  # the next waits twice as long
+    s.take(s.streams["ltm"], StreamAck(stream="ltm", offset=4, epoch=s.epoch))
+    rt.laters.clear()
+    s.pump()  # what the acknowledgement's pump does: the rest goes, and its answer is awaited
+    [(delay, _)] = rt.laters
+    assert delay == pytest.approx(10.001, abs=0.05)
 
 
 def test_resends_in_a_row_without_progress_wait_longer_each_time(tmp_path: Path) -> None:

@@ -269,6 +269,8 @@ class MemoryService:
         for copy in req.copies:
             self.rt.reply(copy, payload)
             self.rt.release(copy.turn)
+        if self.sync is not None:
+            self.sync.pump_soon()  # what the request changed in long-term memory goes to the cloud
         self._next()
 
     def _answer(self, inbound: Inbound[bytes], answer: Answer, payload: bytes = b"") -> bytes:
@@ -433,6 +435,8 @@ class MemoryService:
         result = self.oplog.compact(max_age_s=cfg.retention_s, max_bytes=cfg.budget_mb * 1024 * 1024)
         if self.sync is not None:
             self.sync.compact()
+            if ev.expired + ev.aged + ev.over_budget:
+                self.sync.pump_soon()  # the evictions' deletions go to the cloud's replica
         c = self.metrics.counters
         c["compacted"] += result.removed
         if result.forced:

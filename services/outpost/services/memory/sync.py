@@ -192,6 +192,12 @@ class MemorySync:
         self.summaries.add(upto, orjson.dumps(doc))
         self.oplog.ack(LOG_CONSUMER, upto)  # after the summary is stored: a crash between redoes nothing
         self.metrics.counters["sync_summaries"] += 1
+        self.pump_soon()
+
+    def pump_soon(self) -> None:
+        """Send what long-term memory or the log's summaries recorded since: the memory service calls
+        it after each request and eviction (the streams do not poll for new records)."""
+        self.streams.pump_soon()
 
     def compact(self) -> None:
         """Records the cloud has not taken within ``memory.retention_s`` go (counted and logged): a
