@@ -24,7 +24,12 @@ bench_app = typer.Typer(
     no_args_is_help=True,
 )
 
-QuickOpt = Annotated[bool, typer.Option("--quick", help="A short run (about 20 s): fewer, shorter phases.")]
+QuickOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quick", help="A short run (seconds to a minute): fewer, shorter phases; a check, not a figure."
+    ),
+]
 
 
 @bench_app.command("ingest")
