@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import gc
 import secrets
 import socket
 import threading
@@ -395,6 +396,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": f"no {self.path}"})
 
 
+def keep_collections_short(interval_s: float = 1.0) -> threading.Thread:
+    """In a process of its own (``main``), the API's state (an effect per key) grows with every
+    request, and Python's full collections walk all of it: 25-73 ms pauses late in a benchmark run,
+    which read as the connector gateway's tail (its p99.9 fell from 8-58 ms to 6-7 ms with them
+    gone; docs/benchmarks.md). Every ``interval_s`` the young generations are collected (so the
+    last second's garbage cycles go) and what survives is frozen: never walked again."""
+
+    def run() -> None:
+        while True:
+            time.sleep(interval_s)
+            gc.collect(1)
+            gc.freeze()
+
+    t = threading.Thread(target=run, name="gc-freeze", daemon=True)
+    t.start()
+    return t
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m outpost.sim.store_api", description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1")
@@ -412,6 +431,7 @@ def main(argv: list[str] | None = None) -> None:
         client_secret=a.client_secret,
         token_ttl_s=a.token_ttl,
     ).start()
+    keep_collections_short()
     print(f"store api on {api.url}", flush=True)
     try:
         threading.Event().wait()
