@@ -396,7 +396,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": f"no {self.path}"})
 
 
-def keep_collections_short(interval_s: float = 1.0) -> threading.Thread:
+def keep_collections_short(interval_s: float = 1.0) -> None:
     """In a process of its own (``main``), the API's state (an effect per key) grows with every
     request, and Python's full collections walk all of it: 25-73 ms pauses late in a benchmark run,
     which read as the connector gateway's tail (its p99.9 fell from 8-58 ms to 6-7 ms with them
@@ -409,9 +409,7 @@ def keep_collections_short(interval_s: float = 1.0) -> threading.Thread:
             gc.collect(1)
             gc.freeze()
 
-    t = threading.Thread(target=run, name="gc-freeze", daemon=True)
-    t.start()
-    return t
+    threading.Thread(target=run, name="gc-freeze", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -875,9 +875,8 @@ class AgentService:
             self.rt.committed()
 
     def _commit_soon(self) -> None:
-        if not self._commit_due.pending:
-            at = max(self._last_commit + self.cfg.commit_ms / 1000.0, self._retry_at)
-            self._commit_due.soon(at - time.monotonic())
+        at = max(self._last_commit + self.cfg.commit_ms / 1000.0, self._retry_at)
+        self._commit_due.soon(at - time.monotonic())
 
     def _commit_now(self) -> None:
         if self._writes or self._publishes:

@@ -169,7 +169,8 @@ class Gateway:
         a key seen before is looked up for its stored result."""
         self._flush_posted = False
         self._wake: Alarm = self.rt.alarm(self._tick, clock=time.time_ns)
-        """When the next wake-up for a lane is set (wall-clock ns), and its call."""
+        """The one wake-up for :meth:`_tick`: the earliest a lane needs (on the wall clock, as the
+        outbox's times are)."""
         self._draining = False
         self._restore()
         if self.connectors:

@@ -149,7 +149,7 @@ class InferenceService:
             cfg.max_batch, int(cfg.max_wait_ms * 1e6)
         )
         self._due: Alarm = self.rt.alarm(self._score_due, clock=time.perf_counter_ns)
-        """When the wake-up for the oldest partial batch is set, and its call."""
+        """The one wake-up for the oldest partial batch (on the batcher's clock)."""
         # loader
         self._stop = threading.Event()
         self._loader = threading.Thread(target=self._load_loop, name="inference-loader", daemon=True)

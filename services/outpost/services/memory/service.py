@@ -353,11 +353,10 @@ class MemoryService:
             self.rt.committed()
 
     def _commit_soon(self) -> None:
-        if not self._commit_due.pending:
-            at = self._oldest + self.cfg.commit_ms / 1000.0
-            if self._backoff:
-                at = max(at, self._retry_at)
-            self._commit_due.soon(at - time.monotonic())
+        at = self._oldest + self.cfg.commit_ms / 1000.0
+        if self._backoff:
+            at = max(at, self._retry_at)
+        self._commit_due.soon(at - time.monotonic())
 
     def _commit_when_due(self) -> None:
         if self._pending:
